@@ -1,0 +1,24 @@
+"""SafetyPairs: counterfactual image pairs that isolate safety-critical image features."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# Public names -> defining module; imported on first use so `import safetypairs` stays light.
+_EXPORTS = {
+    "load_policy": "safetypairs.policy",
+    "render_policy": "safetypairs.policy",
+    "Policy": "safetypairs.policy",
+    "compute_metrics": "safetypairs.metrics",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'safetypairs' has no attribute {name!r}")

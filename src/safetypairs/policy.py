@@ -1,0 +1,181 @@
+"""Safety policies as data: YAML files with categories, "should not" and "can" lists."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+_BUILTIN_PACKAGE = "safetypairs.policies"
+
+
+class PolicyError(ValueError):
+    """A policy file is malformed; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class Category:
+    """One policy category (e.g. ``O1``)."""
+
+    code: str
+    name: str
+    should_not: tuple[str, ...]
+    can: tuple[str, ...]
+    lexicon: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A named, versioned set of categories."""
+
+    name: str
+    version: str
+    description: str
+    categories: dict[str, Category] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        """``name@version``, recorded next to every row the policy touched."""
+        return f"{self.name}@{self.version}"
+
+    def category(self, code: str) -> Category:
+        """Return a category by code.
+
+        Raises:
+            KeyError: naming the allowed codes.
+        """
+        if code not in self.categories:
+            raise KeyError(
+                f"unknown category {code!r} for policy {self.id}; allowed: {', '.join(self.categories)}"
+            )
+        return self.categories[code]
+
+    def lexicon_matches(self, text: str, code: str | None = None) -> list[str]:
+        """Return the lexicon words (of one category, or of all) found as whole words in ``text``."""
+        words = set(re.findall(r"[a-z]+", text.lower()))
+        cats = [self.categories[code]] if code in self.categories else self.categories.values()
+        return sorted({w for cat in cats for w in cat.lexicon if w in words})
+
+
+def builtin_policies() -> list[str]:
+    """Names of the policies shipped with the package."""
+    return sorted(
+        p.name.removesuffix(".yaml")
+        for p in resources.files(_BUILTIN_PACKAGE).iterdir()
+        if p.name.endswith(".yaml")
+    )
+
+
+def _string_list(value: object, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise PolicyError(f"{where} must be a list of non-empty strings, got {value!r}")
+    return tuple(v.strip() for v in value)
+
+
+def _parse_category(code: str, raw: object, source: str) -> Category:
+    where = f"{source}: categories.{code}"
+    if not isinstance(raw, dict):
+        raise PolicyError(f"{where} must be a mapping with name, should_not and can")
+    for key in ("name", "should_not"):
+        if key not in raw:
+            raise PolicyError(f"{where} is missing the field {key!r}")
+    if not isinstance(raw["name"], str) or not raw["name"].strip():
+        raise PolicyError(f"{where}.name must be a non-empty string")
+    unknown = set(raw) - {"name", "should_not", "can", "lexicon"}
+    if unknown:
+        raise PolicyError(f"{where} has unknown fields {sorted(unknown)}; allowed: name, should_not, can, lexicon")
+    should_not = _string_list(raw["should_not"], f"{where}.should_not")
+    if not should_not:
+        raise PolicyError(f"{where}.should_not must list at least one item")
+    lexicon = tuple(w.lower() for w in _string_list(raw.get("lexicon"), f"{where}.lexicon"))
+    return Category(code, raw["name"].strip(), should_not, _string_list(raw.get("can"), f"{where}.can"), lexicon)
+
+
+def parse_policy(data: object, source: str = "<policy>") -> Policy:
+    """Build a `Policy` from parsed YAML.
+
+    Args:
+        data: the mapping read from a policy file.
+        source: where it came from, for error messages.
+
+    Returns:
+        The policy.
+
+    Raises:
+        PolicyError: naming the offending field.
+    """
+    if not isinstance(data, dict):
+        raise PolicyError(f"{source}: a policy file must be a mapping with name, version, categories")
+    for key in ("name", "version", "categories"):
+        if key not in data:
+            raise PolicyError(f"{source}: missing the field {key!r}")
+    if not isinstance(data["name"], str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", data["name"]):
+        raise PolicyError(f"{source}: field 'name' must be a word of letters, digits, '_', '.', '-'")
+    cats = data["categories"]
+    if not isinstance(cats, dict) or not cats:
+        raise PolicyError(f"{source}: field 'categories' must be a non-empty mapping of code -> category")
+    categories = {str(code): _parse_category(str(code), raw, source) for code, raw in cats.items()}
+    return Policy(
+        name=data["name"],
+        version=str(data["version"]),
+        description=str(data.get("description") or "").strip(),
+        categories=categories,
+    )
+
+
+def load_policy(name_or_path: str | Path = "llavaguard") -> Policy:
+    """Load a built-in policy by name, or a custom policy from a YAML file.
+
+    Args:
+        name_or_path: a built-in name (see `builtin_policies`) or a path to a ``.yaml`` file.
+
+    Returns:
+        The policy.
+
+    Raises:
+        PolicyError: for a malformed file (naming the field) or an unknown name.
+    """
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise PolicyError(f"policy file {str(path)!r} does not exist")
+        text, source = path.read_text(encoding="utf-8"), str(path)
+    else:
+        name = str(name_or_path)
+        if name not in builtin_policies():
+            raise PolicyError(f"unknown policy {name!r}; built-in: {', '.join(builtin_policies())}, or a .yaml path")
+        text = resources.files(_BUILTIN_PACKAGE).joinpath(f"{name}.yaml").read_text(encoding="utf-8")
+        source = f"{name}.yaml"
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise PolicyError(f"{source}: not valid YAML: {err}") from err
+    return parse_policy(data, source)
+
+
+def render_policy(policy: Policy, categories: list[str] | None = None) -> str:
+    """Render a policy (or some of its categories) as the text given to instructors and judges.
+
+    Args:
+        policy: the policy.
+        categories: category codes to include; all when ``None``.
+
+    Returns:
+        Plain text, one block per category with its "should not" and "can" lists.
+    """
+    codes = categories or list(policy.categories)
+    blocks = []
+    for code in codes:
+        cat = policy.category(code)
+        lines = [f"{cat.code}: {cat.name}", "Should not:"]
+        lines += [f"- {item}" for item in cat.should_not]
+        if cat.can:
+            lines.append("Can:")
+            lines += [f"- {item}" for item in cat.can]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)

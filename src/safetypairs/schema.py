@@ -1,0 +1,146 @@
+"""Column names and `datasets.Features`: the only interface between pipeline stages."""
+
+from __future__ import annotations
+
+from datasets import ClassLabel, Features, Image, Sequence, Value
+
+# --- source stage -----------------------------------------------------------------------------
+SOURCE_ID = "source_id"
+IMAGE = "image"
+CATEGORY = "category"
+RATIONALE = "rationale"
+POLICY = "policy"
+SOURCE_META = "source_meta"  # JSON string: how the source was made (demo: rendered text and box)
+SOURCE_STATUS = "source_status"  # "ok" or why the row could not be read
+SOURCE_ERROR = "source_error"
+
+# --- instruct stage ---------------------------------------------------------------------------
+INSTRUCTION = "instruction"
+ELEMENT = "element"  # the violating element the instruction targets
+INSTRUCTOR = "instructor"
+INSTRUCT_RAW = "instruct_raw"
+INSTRUCT_STATUS = "instruct_status"
+INSTRUCT_ERROR = "instruct_error"
+
+# --- edit stage -------------------------------------------------------------------------------
+EDITED_IMAGE = "edited_image"
+CONTROL_IMAGE = "control_image"  # the original through the same editor with a no-op instruction
+EDITOR = "editor"
+SEED = "seed"
+CANDIDATE = "candidate"
+EDIT_STATUS = "edit_status"
+EDIT_ERROR = "edit_error"
+
+# --- validate stage ---------------------------------------------------------------------------
+EDIT_MASK = "edit_mask"
+CHANGED_FRACTION = "changed_fraction"
+CHANGE_BBOX = "change_bbox"  # [x0, y0, x1, y1] of the change mask, empty when nothing changed
+LPIPS_OUTSIDE = "lpips_outside"
+LPIPS_INSIDE = "lpips_inside"
+SSIM_OUTSIDE = "ssim_outside"
+PSNR_OUTSIDE = "psnr_outside"
+CLIP_OUTSIDE = "clip_outside"
+COLOR_CHANGE_INSIDE = "color_change_inside"
+METRICS_RAN = "metrics_ran"
+JUDGE = "judge"
+JUDGE_ORIGINAL = "judge_original"
+JUDGE_EDITED = "judge_edited"
+JUDGE_ORIGINAL_RAW = "judge_original_raw"
+JUDGE_EDITED_RAW = "judge_edited_raw"
+ACCEPTED = "accepted"
+VALIDATE_STATUS = "validate_status"
+REJECT_REASON = "reject_reason"
+
+# --- release: pairs and images configs --------------------------------------------------------
+PAIR_ID = "pair_id"
+UNSAFE_IMAGE = "unsafe_image"
+SAFE_IMAGE = "safe_image"
+LABEL = "label"
+ROLE = "role"
+
+LABELS = ["safe", "unsafe"]
+SAFE, UNSAFE, UNKNOWN = "safe", "unsafe", "unknown"
+ROLES = ("original", "edited", "control")
+OK = "ok"
+
+SOURCE_FEATURES = Features(
+    {
+        SOURCE_ID: Value("string"),
+        IMAGE: Image(),
+        CATEGORY: Value("string"),
+        RATIONALE: Value("string"),
+        SOURCE_META: Value("string"),
+    }
+)
+
+PAIR_FEATURES = Features(
+    {
+        PAIR_ID: Value("string"),
+        CATEGORY: Value("string"),
+        POLICY: Value("string"),
+        UNSAFE_IMAGE: Image(),
+        SAFE_IMAGE: Image(),
+        CONTROL_IMAGE: Image(),
+        INSTRUCTION: Value("string"),
+        ELEMENT: Value("string"),
+        SOURCE_ID: Value("string"),
+        INSTRUCTOR: Value("string"),
+        EDITOR: Value("string"),
+        SEED: Value("int64"),
+        EDIT_MASK: Image(),
+        CHANGED_FRACTION: Value("float32"),
+        LPIPS_OUTSIDE: Value("float32"),
+        SSIM_OUTSIDE: Value("float32"),
+        PSNR_OUTSIDE: Value("float32"),
+        CLIP_OUTSIDE: Value("float32"),
+        JUDGE: Value("string"),
+    }
+)
+
+IMAGE_FEATURES = Features(
+    {
+        IMAGE: Image(),
+        LABEL: ClassLabel(names=LABELS),
+        CATEGORY: Value("string"),
+        PAIR_ID: Value("string"),
+        ROLE: Value("string"),
+    }
+)
+
+VALIDATION_FEATURES = Features(
+    {
+        EDIT_MASK: Image(),
+        CHANGED_FRACTION: Value("float32"),
+        CHANGE_BBOX: Sequence(Value("int32")),
+        LPIPS_OUTSIDE: Value("float32"),
+        LPIPS_INSIDE: Value("float32"),
+        SSIM_OUTSIDE: Value("float32"),
+        PSNR_OUTSIDE: Value("float32"),
+        CLIP_OUTSIDE: Value("float32"),
+        COLOR_CHANGE_INSIDE: Value("float32"),
+        METRICS_RAN: Sequence(Value("string")),
+        JUDGE: Value("string"),
+        JUDGE_ORIGINAL: Value("string"),
+        JUDGE_EDITED: Value("string"),
+        JUDGE_ORIGINAL_RAW: Value("string"),
+        JUDGE_EDITED_RAW: Value("string"),
+        ACCEPTED: Value("bool"),
+        VALIDATE_STATUS: Value("string"),
+        REJECT_REASON: Value("string"),
+    }
+)
+
+
+def with_columns(features: Features, extra: Features) -> Features:
+    """Return `features` extended (or overridden) by `extra`, keeping the order of both.
+
+    Args:
+        features: the dataset's current features.
+        extra: the columns a stage adds.
+
+    Returns:
+        A new `Features` object.
+    """
+    merged = dict(features)
+    merged.update(extra)
+    return Features(merged)

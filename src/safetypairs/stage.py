@@ -1,0 +1,87 @@
+"""The one way a stage runs: a picklable batched transform mapped over a `datasets.Dataset`."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from datasets import Dataset, Features
+
+from safetypairs.utils import status_histogram
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What a stage run reports: rows in and out and its status histogram."""
+
+    stage: str
+    rows_in: int
+    rows_out: int
+    statuses: dict[str, int]
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain-dict form for ``results.json``."""
+        return {"stage": self.stage, "rows_in": self.rows_in, "rows_out": self.rows_out, "statuses": self.statuses}
+
+
+def map_stage(
+    dataset: Dataset,
+    transform: Any,
+    *,
+    stage: str,
+    features: Features,
+    status_column: str,
+    batch_size: int = 8,
+    num_proc: int | None = None,
+) -> tuple[Dataset, StageResult]:
+    """Run a stage transform with ``Dataset.map(batched=True, with_rank=True)``.
+
+    The transform holds only plain config (so the map fingerprint is stable and the `datasets`
+    cache is reused on a re-run) and loads models lazily per process and device.
+
+    Args:
+        dataset: the input rows.
+        transform: a callable ``(batch, rank) -> batch`` that keeps the row count.
+        stage: the stage name, for the progress bar and the summary.
+        features: the output features.
+        status_column: the column holding each row's status.
+        batch_size: rows per call.
+        num_proc: processes (one per GPU); ``None`` or 1 runs in this process.
+
+    Returns:
+        The mapped dataset and a `StageResult` (rows in must equal rows out).
+
+    Raises:
+        RuntimeError: if the transform lost or added rows.
+    """
+    rows_in = len(dataset)
+    multi = num_proc is not None and num_proc > 1
+    if multi:
+        _use_spawn_for_cuda()
+    out = dataset.map(
+        transform,
+        batched=True,
+        batch_size=batch_size,
+        with_rank=True,
+        num_proc=num_proc if multi else None,
+        features=features,
+        desc=stage,
+    )
+    if len(out) != rows_in:
+        raise RuntimeError(f"stage {stage!r} turned {rows_in} rows into {len(out)}")
+    result = StageResult(stage, rows_in, len(out), status_histogram(out[status_column]))
+    logger.info("%s: %d rows in, %d out, statuses %s", stage, rows_in, len(out), result.statuses)
+    return out, result
+
+
+def _use_spawn_for_cuda() -> None:
+    """CUDA cannot be used in forked children: switch `multiprocess` to spawn when a GPU is present."""
+    import torch
+
+    if torch.cuda.is_available():
+        import multiprocess
+
+        multiprocess.set_start_method("spawn", force=True)

@@ -1,0 +1,14 @@
+"""Test set-up: never touch the network, keep every cache in a temp folder."""
+
+import os
+import tempfile
+
+_CACHE = tempfile.mkdtemp(prefix="safetypairs-test-cache-")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_HOME"] = os.path.join(_CACHE, "hf")
+os.environ["HF_DATASETS_CACHE"] = os.path.join(_CACHE, "datasets")
+os.environ["TORCH_HOME"] = os.path.join(_CACHE, "torch")
+os.environ["SAFETYPAIRS_NO_PROGRESS"] = "1"
+os.environ.setdefault("OMP_NUM_THREADS", "2")
