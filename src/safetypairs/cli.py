@@ -1,0 +1,112 @@
+"""Command line: a thin layer over the ``run_<stage>()`` functions (``safetypairs --help``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+logger = logging.getLogger("safetypairs")
+
+
+class CLIError(Exception):
+    """A user error the CLI reports as one line and exit status 2 (no traceback)."""
+
+
+def _cmd_policies(args: argparse.Namespace) -> int:
+    from safetypairs.policy import builtin_policies, load_policy
+
+    names = [args.policy] if args.policy else builtin_policies()
+    for name in names:
+        policy = load_policy(name)
+        sys.stdout.write(f"{policy.id}: {policy.description}\n")
+        for cat in policy.categories.values():
+            lex = f" (lexicon: {len(cat.lexicon)} words)" if cat.lexicon else ""
+            sys.stdout.write(f"  {cat.code}  {cat.name}{lex}\n")
+    return 0
+
+
+def _add_policies(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("policies", help="list the built-in policies and their categories",
+                       description="List built-in safety policies (or one policy file) with their categories.")
+    p.add_argument("policy", nargs="?", help="a built-in policy name or a .yaml path (default: all built-in)")
+    p.set_defaults(func=_cmd_policies)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from safetypairs.demo import DemoConfig, run_demo
+
+    config = DemoConfig(out=args.out, n=args.n, overwrite=args.overwrite, seed=args.seed)
+    summary = run_demo(config)
+    sys.stdout.write(summary.render() + "\n")
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="build a real benchmark offline from bundled photos (O1 harassment text overlays)",
+        description=(
+            "Run the whole SafetyPairs pipeline offline with real pretrained models that ship in wheels: "
+            "skimage photos with harassing captions -> template instructions -> rapidocr + OpenCV "
+            "inpainting edits (with artifact controls) -> validation (change mask, SSIM/PSNR outside it, "
+            "OCR judge) -> a hub-layout dataset -> guard evaluation (ocr-lexicon, nudenet) -> report.html."
+        ),
+    )
+    p.add_argument("--out", required=True, help="output folder (dataset/, report.html, results.json)")
+    p.add_argument("--n", type=int, default=24, help="number of source images (default: 24)")
+    p.add_argument("--seed", type=int, default=0, help="seed for captions, fonts and placement (default: 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.set_defaults(func=_cmd_demo)
+
+
+# Each entry adds one subcommand; stages register theirs here.
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_policies]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``safetypairs`` argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="safetypairs",
+        description=(
+            "SafetyPairs: counterfactual image pairs for image-safety research (arXiv 2510.21120). "
+            "Generate targeted edits that flip a policy label, validate that they are local, release the "
+            "benchmark as a Hugging Face dataset and evaluate guard models on it."
+        ),
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def _configure_output(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("RapidOCR", "httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    if quiet:
+        import datasets
+
+        datasets.disable_progress_bars()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``safetypairs`` command.
+
+    Returns:
+        The exit status: 0 on success, 2 for a user error (reported as one line on stderr).
+    """
+    args = build_parser().parse_args(argv)
+    _configure_output(args.verbose, args.quiet)
+    try:
+        return int(args.func(args) or 0)
+    except (CLIError, ValueError, FileExistsError, PermissionError, FileNotFoundError, KeyError) as err:
+        if args.verbose:
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        sys.stderr.write(f"safetypairs {args.command}: error: {message}\n")
+        return 2
