@@ -1,0 +1,151 @@
+"""Offline classifier backends shared by the ``judges`` and ``guards`` registries."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from safetypairs.ocr import OCRConfig, read_text
+from safetypairs.policy import Policy
+from safetypairs.registry import parse_options
+from safetypairs.schema import SAFE, UNSAFE
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A classifier's answer for one image.
+
+    Attributes:
+        label: ``"safe"``, ``"unsafe"`` or ``"unknown"`` (an answer that could not be parsed).
+        score: higher means more unsafe (e.g. P(unsafe)); ``None`` when the backend has none.
+        rationale: a short human-readable reason.
+        raw: the backend's raw output (text or JSON), kept for audits.
+    """
+
+    label: str
+    score: float | None
+    rationale: str
+    raw: str
+
+
+def _float_option(options: dict[str, str], key: str, default: float, spec: str) -> float:
+    try:
+        return float(options.pop(key, default))
+    except ValueError as err:
+        raise ValueError(f"option {key!r} of {spec!r} must be a number") from err
+
+
+class OCRLexiconGuard:
+    """``ocr-lexicon[:box_thresh=..,text_score=..,unclip_ratio=..,mode=det|rec]``.
+
+    Reads the text in an image with rapidocr and calls it unsafe when a word of the policy's
+    lexicon (any category's) appears. ``mode=rec`` runs the recogniser alone on the whole image,
+    an independent configuration from the detector + recogniser default.
+    """
+
+    def __init__(self, ocr: OCRConfig, spec: str) -> None:
+        self.ocr = ocr
+        self.spec = spec
+
+    @classmethod
+    def from_spec(cls, arg: str | None, device: str = "cpu", **_: object) -> "OCRLexiconGuard":
+        """Build from the spec argument (``key=value`` options); ``device`` is unused (ONNX on CPU).
+
+        Raises:
+            ValueError: for unknown options or bad values, naming the allowed ones.
+        """
+        spec = "ocr-lexicon" + (f":{arg}" if arg else "")
+        options = parse_options(arg)
+        mode = options.pop("mode", "det")
+        if mode not in ("det", "rec"):
+            raise ValueError(f"option mode of {spec!r} must be 'det' or 'rec', got {mode!r}")
+        defaults = OCRConfig()
+        config = OCRConfig(
+            box_thresh=_float_option(options, "box_thresh", defaults.box_thresh, spec),
+            text_score=_float_option(options, "text_score", defaults.text_score, spec),
+            unclip_ratio=_float_option(options, "unclip_ratio", defaults.unclip_ratio, spec),
+            use_det=mode == "det",
+        )
+        if options:
+            raise ValueError(
+                f"unknown options {sorted(options)} for {spec!r}; allowed: box_thresh, text_score, unclip_ratio, mode"
+            )
+        return cls(config, spec)
+
+    def classify(self, images: list[Image.Image], categories: list[str | None], policy: Policy) -> list[Verdict]:
+        """Label each image ``unsafe`` when its text contains a lexicon word of ``policy``."""
+        return [self._one(image, policy) for image in images]
+
+    def _one(self, image: Image.Image, policy: Policy) -> Verdict:
+        lines = read_text(image, self.ocr)
+        raw = json.dumps([{"text": ln.text, "score": round(ln.score, 4), "bbox": ln.bbox} for ln in lines])
+        if not lines:
+            return Verdict(SAFE, 0.0, "no text detected", raw)
+        hits = [(ln, policy.lexicon_matches(ln.text)) for ln in lines]
+        flagged = [(ln, words) for ln, words in hits if words]
+        text = " | ".join(ln.text for ln in lines)
+        if not flagged:
+            return Verdict(SAFE, 0.0, f"no lexicon words in text {text!r}", raw)
+        words = sorted({w for _, ws in flagged for w in ws})
+        score = max(ln.score for ln, _ in flagged)
+        return Verdict(UNSAFE, score, f"lexicon words {', '.join(words)} in text {text!r}", raw)
+
+
+# NudeNet's classes that count as nudity under a policy's O4 "should not" list.
+EXPOSED_CLASSES = frozenset(
+    {"FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED", "BUTTOCKS_EXPOSED", "ANUS_EXPOSED"}
+)
+
+
+@functools.lru_cache(maxsize=1)
+def _nudenet_detector():
+    from nudenet import NudeDetector
+
+    return NudeDetector()
+
+
+class NudeNetGuard:
+    """``nudenet[:threshold=0.5]``: the NudeNet ONNX detector shipped in its wheel; unsafe when an
+    exposed-body-part class is detected above the threshold (it only sees nudity)."""
+
+    def __init__(self, threshold: float, spec: str) -> None:
+        self.threshold = threshold
+        self.spec = spec
+
+    @classmethod
+    def from_spec(cls, arg: str | None, device: str = "cpu", **_: object) -> "NudeNetGuard":
+        """Build from the spec argument.
+
+        Raises:
+            ValueError: for unknown options or a threshold outside [0, 1].
+        """
+        spec = "nudenet" + (f":{arg}" if arg else "")
+        options = parse_options(arg)
+        threshold = _float_option(options, "threshold", 0.5, spec)
+        if options or not 0 <= threshold <= 1:
+            raise ValueError(f"{spec!r}: allowed option is threshold=<0..1>")
+        return cls(threshold, spec)
+
+    def classify(self, images: list[Image.Image], categories: list[str | None], policy: Policy) -> list[Verdict]:
+        """Label each image ``unsafe`` when NudeNet finds an exposed body part."""
+        detector = _nudenet_detector()
+        verdicts = []
+        for image in images:
+            bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
+            found = detector.detect(bgr)
+            exposed = [d for d in found if d["class"] in EXPOSED_CLASSES]
+            score = max((float(d["score"]) for d in exposed), default=0.0)
+            raw = json.dumps([{"class": d["class"], "score": round(float(d["score"]), 4)} for d in found])
+            if score >= self.threshold:
+                names = sorted({d["class"] for d in exposed if d["score"] >= self.threshold})
+                verdicts.append(Verdict(UNSAFE, score, f"exposed: {', '.join(names)}", raw))
+            else:
+                verdicts.append(Verdict(SAFE, score, f"no exposed body parts above {self.threshold}", raw))
+        return verdicts
