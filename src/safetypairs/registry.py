@@ -29,7 +29,11 @@ REGISTRY: dict[str, dict[str, str]] = {
     },
     "judges": dict(_CLASSIFIERS),
     "guards": dict(_CLASSIFIERS),
-    "encoders": {},
+    "encoders": {
+        "lpips": "safetypairs.encoders:LPIPSEncoder",
+        "open_clip": "safetypairs.encoders:OpenCLIPEncoder",
+        "hf-clip": "safetypairs.encoders:HFCLIPEncoder",
+    },
 }
 
 

@@ -1,0 +1,194 @@
+"""Image encoders for pair validation: spatial LPIPS maps and CLIP image embeddings."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from safetypairs.registry import parse_options
+
+logger = logging.getLogger(__name__)
+
+LPIPS_NETS = ("alex", "vgg", "squeeze")
+# Smallest side each LPIPS backbone accepts (measured: smaller inputs pool down to nothing).
+LPIPS_MIN_SIDE = {"alex": 32, "squeeze": 24, "vgg": 16}
+_TRUE = ("1", "true", "yes", "on")
+
+
+def _split_net(arg: str | None, default: str) -> tuple[str, dict[str, str]]:
+    """Split ``"<name>[,key=value,...]"`` into the name and its options."""
+    if not arg:
+        return default, {}
+    head, _, rest = arg.partition(",")
+    if "=" in head:
+        return default, parse_options(arg)
+    return head.strip() or default, parse_options(rest)
+
+
+class LPIPSEncoder:
+    """Spatial LPIPS (``lpips.LPIPS(net=..., spatial=True)``): a per-pixel perceptual distance map.
+
+    Spec: ``lpips:<alex|vgg|squeeze>[,pnet_rand=true]``. The backbone's ImageNet weights come
+    from torchvision (downloaded on first use); ``pnet_rand=true`` builds a random backbone and is
+    meant for offline tests only, its distances carry no perceptual meaning.
+    """
+
+    def __init__(self, net: str, device: str = "cpu", pnet_rand: bool = False) -> None:
+        import lpips
+        import torch
+
+        if net not in LPIPS_NETS:
+            raise ValueError(f"unknown LPIPS net {net!r}; allowed: {', '.join(LPIPS_NETS)}")
+        self.net, self.device, self.pnet_rand = net, device, pnet_rand
+        self.min_side = LPIPS_MIN_SIDE[net]
+        if pnet_rand:
+            logger.warning("LPIPS %s with a random backbone (pnet_rand): for tests only", net)
+        self.model = lpips.LPIPS(net=net, spatial=True, pnet_rand=pnet_rand, verbose=False)
+        self.model.eval().requires_grad_(False).to(device)
+        self._torch = torch
+
+    @classmethod
+    def from_spec(cls, arg: str | None, device: str = "cpu", **options: Any) -> LPIPSEncoder:
+        """Build from ``"<net>[,pnet_rand=true]"`` (default net ``alex``).
+
+        Raises:
+            ValueError: for an unknown net or option.
+        """
+        net, parsed = _split_net(arg, "alex")
+        parsed.update({k: str(v) for k, v in options.items()})
+        unknown = set(parsed) - {"pnet_rand"}
+        if unknown:
+            raise ValueError(f"unknown lpips option(s) {sorted(unknown)}; allowed: pnet_rand")
+        return cls(net, device=device, pnet_rand=parsed.get("pnet_rand", "false").lower() in _TRUE)
+
+    @property
+    def name(self) -> str:
+        """The metric name recorded in ``metrics_ran``."""
+        return f"lpips:{self.net}" + (",pnet_rand" if self.pnet_rand else "")
+
+    def distance_maps(self, originals: list[np.ndarray], edited: list[np.ndarray]) -> list[np.ndarray]:
+        """Per-pixel LPIPS distance between image pairs.
+
+        Args:
+            originals: float32 ``HxWx3`` arrays in ``[0, 1]``.
+            edited: arrays of the same shapes as ``originals``.
+
+        Returns:
+            One float32 ``HxW`` map per pair (same-size pairs run as one batch).
+
+        Raises:
+            ValueError: for a pair whose shapes differ or that is smaller than ``min_side``.
+        """
+        maps: list[np.ndarray | None] = [None] * len(originals)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (a, b) in enumerate(zip(originals, edited)):
+            if a.shape != b.shape or min(a.shape[:2]) < self.min_side:
+                raise ValueError(f"LPIPS {self.net} needs equal shapes >= {self.min_side}px, got {a.shape}, {b.shape}")
+            groups.setdefault(a.shape, []).append(i)
+        for idx in groups.values():
+            out = self._forward(np.stack([originals[i] for i in idx]), np.stack([edited[i] for i in idx]))
+            for i, m in zip(idx, out):
+                maps[i] = m
+        return maps  # type: ignore[return-value]
+
+    def _forward(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        torch = self._torch
+
+        def prep(x: np.ndarray) -> Any:
+            return torch.from_numpy(x).permute(0, 3, 1, 2).to(self.device) * 2.0 - 1.0
+
+        with torch.inference_mode():
+            return self.model(prep(a), prep(b))[:, 0].float().cpu().numpy()
+
+
+def _l2_normalize(features: Any) -> np.ndarray:
+    feats = features.float().cpu().numpy()
+    return feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+
+
+class OpenCLIPEncoder:
+    """CLIP image embeddings from ``open_clip``.
+
+    Spec: ``open_clip:<arch>/<pretrained>`` where ``<pretrained>`` is an open_clip tag (e.g.
+    ``openai``), a local checkpoint path, or ``none`` (random weights, for tests). Images are
+    squashed to the model's input size (no centre crop) so the whole frame is compared.
+    """
+
+    def __init__(self, arch: str, pretrained: str | None, device: str = "cpu") -> None:
+        import open_clip
+        import torch
+
+        self.name = f"open_clip:{arch}/{pretrained or 'none'}"
+        self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+            arch, pretrained=pretrained, device=device, image_resize_mode="squash"
+        )
+        self.model.eval().requires_grad_(False)
+        self.device = device
+        self._torch = torch
+
+    @classmethod
+    def from_spec(cls, arg: str | None, device: str = "cpu", **options: Any) -> OpenCLIPEncoder:
+        """Build from ``"<arch>/<pretrained>"``.
+
+        Raises:
+            ValueError: when the arch is missing or options are given.
+        """
+        if options:
+            raise ValueError(f"open_clip encoder takes no options, got {sorted(options)}")
+        arch, _, pretrained = (arg or "").partition("/")
+        if not arch:
+            raise ValueError("open_clip encoder spec needs an arch: open_clip:<arch>/<pretrained>, e.g. ViT-B-32/openai")
+        return cls(arch, None if pretrained.lower() in ("", "none") else pretrained, device=device)
+
+    def embed(self, images: list[Image.Image]) -> np.ndarray:
+        """L2-normalised image embeddings, shape ``(len(images), dim)``."""
+        torch = self._torch
+        batch = torch.stack([self.preprocess(im) for im in images]).to(self.device)
+        with torch.inference_mode():
+            return _l2_normalize(self.model.encode_image(batch))
+
+
+class HFCLIPEncoder:
+    """CLIP image embeddings from ``transformers`` (``CLIPModel`` + ``CLIPImageProcessor``).
+
+    Spec: ``hf-clip:<hub id or local path>``. Loaded with ``from_pretrained`` (safetensors, no
+    remote code). Images are squashed to the processor's crop size so nothing is cropped away.
+    """
+
+    def __init__(self, model_id: str, device: str = "cpu") -> None:
+        import torch
+        from transformers import CLIPImageProcessor, CLIPModel
+
+        self.name = f"hf-clip:{model_id}"
+        self.model = CLIPModel.from_pretrained(model_id, use_safetensors=True).to(device).eval()
+        self.processor = CLIPImageProcessor.from_pretrained(model_id)
+        crop = self.processor.crop_size or {}
+        side = self.model.config.vision_config.image_size
+        self.size = (int(crop.get("width", side)), int(crop.get("height", side)))
+        self.device = device
+        self._torch = torch
+
+    @classmethod
+    def from_spec(cls, arg: str | None, device: str = "cpu", **options: Any) -> HFCLIPEncoder:
+        """Build from a hub id or a local ``save_pretrained`` folder.
+
+        Raises:
+            ValueError: when the id is missing or options are given.
+        """
+        if options:
+            raise ValueError(f"hf-clip encoder takes no options, got {sorted(options)}")
+        if not arg:
+            raise ValueError("hf-clip encoder spec needs a model: hf-clip:<hub id or local path>")
+        return cls(arg, device=device)
+
+    def embed(self, images: list[Image.Image]) -> np.ndarray:
+        """L2-normalised image embeddings, shape ``(len(images), dim)``."""
+        torch = self._torch
+        squashed = [im.resize(self.size, Image.BICUBIC) for im in images]
+        pixels = self.processor(images=squashed, return_tensors="pt")["pixel_values"].to(self.device)
+        with torch.inference_mode():
+            out = self.model.get_image_features(pixel_values=pixels)
+        return _l2_normalize(out if isinstance(out, torch.Tensor) else out.pooler_output)
