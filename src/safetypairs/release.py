@@ -1,0 +1,362 @@
+"""Benchmark release: validated candidates -> `pairs` / `images` / `rejected` configs in the hub layout."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import shutil
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from datasets import Dataset, DatasetDict, Features, Image, Value
+from datasets.table import embed_table_storage
+from datasets.utils.py_utils import convert_file_size_to_int
+
+from safetypairs import schema as S
+from safetypairs.utils import image_digest, load_image, progress, status_histogram
+
+logger = logging.getLogger(__name__)
+
+CONFIGS = ("pairs", "images", "rejected")
+DEFAULT_CONFIG = "pairs"
+SPLIT_BY = (None, "source")
+ROW_GROUP_SIZE = 64  # rows per parquet row group and per map batch: bounds memory with images
+NOT_SELECTED = "not_selected: another accepted candidate of this source scored higher"
+
+REJECTED_FEATURES = S.with_columns(
+    S.PAIR_FEATURES,
+    Features(
+        {
+            S.CANDIDATE: Value("int32"),
+            S.ACCEPTED: Value("bool"),
+            S.EDIT_STATUS: Value("string"),
+            S.VALIDATE_STATUS: Value("string"),
+            S.REJECT_REASON: Value("string"),
+        }
+    ),
+)
+FEATURES = {"pairs": S.PAIR_FEATURES, "images": S.IMAGE_FEATURES, "rejected": REJECTED_FEATURES}
+REQUIRED_COLUMNS = (S.SOURCE_ID, S.IMAGE, S.EDITED_IMAGE, S.CATEGORY, S.ACCEPTED)
+_IMAGE_COLUMNS = (S.IMAGE, S.EDITED_IMAGE, S.CONTROL_IMAGE, S.EDIT_MASK)
+_RENAMED = {S.UNSAFE_IMAGE: S.IMAGE, S.SAFE_IMAGE: S.EDITED_IMAGE}  # release column -> validated column
+
+
+@dataclass(frozen=True)
+class ReleaseConfig:
+    """How to assemble and write a release.
+
+    Attributes:
+        split_by: ``None`` puts every pair in ``test``; ``"source"`` makes a train/test split grouped
+            by source image (no source on both sides) and stratified by category.
+        test_size: share of source groups per category that go to ``test`` when splitting.
+        seed: seed of the split (a hash order, so the split is stable across runs).
+        include_rejected: also write the ``rejected`` config (every candidate not released, with reasons).
+        max_shard_size: largest parquet shard, as bytes or a string like ``"500MB"``.
+        license: the card's license id (a Hub license identifier).
+        pretty_name: the card's title.
+        n_examples: pairs shown in the card's example grid.
+    """
+
+    split_by: str | None = None
+    test_size: float = 0.5
+    seed: int = 0
+    include_rejected: bool = True
+    max_shard_size: int | str = "500MB"
+    license: str = "cc-by-nc-4.0"
+    pretty_name: str = "SafetyPairs"
+    n_examples: int = 6
+
+    def __post_init__(self) -> None:
+        if self.split_by not in SPLIT_BY:
+            raise ValueError(f"split_by must be one of {SPLIT_BY}, got {self.split_by!r}")
+        if not 0.0 < self.test_size < 1.0:
+            raise ValueError(f"test_size must be in (0, 1), got {self.test_size!r}")
+        if convert_file_size_to_int(self.max_shard_size) <= 0:
+            raise ValueError(f"max_shard_size must be positive, got {self.max_shard_size!r}")
+        if not self.license or not self.pretty_name:
+            raise ValueError("license and pretty_name must be non-empty")
+        if self.n_examples < 0:
+            raise ValueError(f"n_examples must be >= 0, got {self.n_examples}")
+
+
+@dataclass
+class Release:
+    """An assembled release: one `DatasetDict` per config, plus the acceptance funnel.
+
+    Attributes:
+        configs: config name (``pairs``, ``images``, optionally ``rejected``) -> splits.
+        funnel: the release funnel, a list of ``{stage, rows_in, rows_out, statuses}`` dicts.
+    """
+
+    configs: dict[str, DatasetDict]
+    funnel: list[dict[str, Any]] = field(default_factory=list)
+
+    def __getitem__(self, config: str) -> DatasetDict:
+        return self.configs[config]
+
+
+def pair_id(policy: str | None, category: str | None, original: Any, edited: Any) -> str:
+    """A stable content id of a pair: same images, category and policy give the same id.
+
+    Args:
+        policy: the policy id (``name@version``).
+        category: the category code.
+        original: the unsafe image cell (any form `utils.load_image` reads).
+        edited: the safe (edited) image cell.
+
+    Returns:
+        ``"sp-"`` followed by 16 hex characters of a SHA-256 over the pixel digests.
+    """
+    parts = [policy or "", category or "", image_digest(load_image(original)), image_digest(load_image(edited))]
+    return "sp-" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def best_candidates(validated: Dataset) -> list[int]:
+    """Row indices of the released candidates: per source, the accepted one with the highest SSIM outside the mask.
+
+    Ties go to the lower candidate number, then the earlier row. Only non-image columns are read.
+
+    Args:
+        validated: validated candidate rows.
+
+    Returns:
+        Sorted row indices, at most one per source.
+    """
+    ssim = validated[S.SSIM_OUTSIDE] if S.SSIM_OUTSIDE in validated.column_names else [None] * len(validated)
+    cand = validated[S.CANDIDATE] if S.CANDIDATE in validated.column_names else [0] * len(validated)
+    best: dict[str, tuple[tuple[float, int, int], int]] = {}
+    for i, (src, ok) in enumerate(zip(validated[S.SOURCE_ID], validated[S.ACCEPTED])):
+        if not ok:
+            continue
+        score = -math.inf if ssim[i] is None or math.isnan(ssim[i]) else float(ssim[i])
+        key = (-score, cand[i] or 0, i)
+        if src not in best or key < best[src][0]:
+            best[src] = (key, i)
+    return sorted(i for _, i in best.values())
+
+
+def split_by_source(source_ids: list[str], categories: list[str], config: ReleaseConfig) -> dict[str, list[int]]:
+    """Assign rows to splits: ``test`` only, or train/test grouped by source and stratified by category.
+
+    Args:
+        source_ids: each row's source id (rows of one source always share a split).
+        categories: each row's category (a source's first row decides its stratum).
+        config: ``split_by``, ``test_size`` and ``seed``.
+
+    Returns:
+        Split name -> sorted row indices (``test`` first).
+    """
+    if config.split_by is None:
+        return {"test": list(range(len(source_ids)))}
+    strata: dict[str, list[str]] = defaultdict(list)
+    for src, cat in dict(zip(reversed(source_ids), reversed(categories))).items():
+        strata[cat].append(src)
+    test_sources: set[str] = set()
+    for cat in sorted(strata):
+        groups = sorted(strata[cat], key=lambda s: hashlib.sha256(f"{config.seed}|{s}".encode()).hexdigest())
+        n_test = round(len(groups) * config.test_size)
+        if len(groups) >= 2:
+            n_test = min(max(n_test, 1), len(groups) - 1)
+        test_sources.update(groups[:n_test])
+    splits: dict[str, list[int]] = {"test": [], "train": []}
+    for i, src in enumerate(source_ids):
+        splits["test" if src in test_sources else "train"].append(i)
+    return {name: rows for name, rows in splits.items() if rows}
+
+
+def _undecoded(dataset: Dataset) -> Dataset:
+    """Cast image columns to ``Image(decode=False)`` so their bytes pass through untouched."""
+    for col in _IMAGE_COLUMNS:
+        if col in dataset.column_names:
+            dataset = dataset.cast_column(col, Image(decode=False))
+    return dataset
+
+
+def _release_batch(batch: dict[str, list], features: Features) -> dict[str, list]:
+    """Validated rows -> rows of ``features`` (pairs or rejected), with a content pair id."""
+    n = len(batch[S.SOURCE_ID])
+    out: dict[str, list] = {}
+    for name in features:
+        if name == S.PAIR_ID:
+            continue
+        src = _RENAMED.get(name, name)
+        out[name] = batch[src] if src in batch else [None] * n
+    out[S.PAIR_ID] = [
+        None if edited is None else pair_id(policy, cat, orig, edited)
+        for policy, cat, orig, edited in zip(out[S.POLICY], out[S.CATEGORY], out[S.UNSAFE_IMAGE], out[S.SAFE_IMAGE])
+    ]
+    if S.REJECT_REASON in features:
+        out[S.REJECT_REASON] = [
+            reason or (NOT_SELECTED if ok else "rejected") for reason, ok in zip(out[S.REJECT_REASON], out[S.ACCEPTED])
+        ]
+    return {name: out[name] for name in features}
+
+
+def _images_batch(batch: dict[str, list]) -> dict[str, list]:
+    """Pairs -> one row per image: original (unsafe), edited (safe) and control (unsafe) when present."""
+    out: dict[str, list] = {name: [] for name in S.IMAGE_FEATURES}
+    unsafe, safe = S.LABELS.index(S.UNSAFE), S.LABELS.index(S.SAFE)
+    for i, pid in enumerate(batch[S.PAIR_ID]):
+        roles = [(batch[S.UNSAFE_IMAGE][i], unsafe, "original"), (batch[S.SAFE_IMAGE][i], safe, "edited")]
+        if batch[S.CONTROL_IMAGE][i] is not None:
+            roles.append((batch[S.CONTROL_IMAGE][i], unsafe, "control"))
+        for image, label, role in roles:
+            for name, value in zip(out, (image, label, batch[S.CATEGORY][i], pid, role)):
+                out[name].append(value)
+    return out
+
+
+def _map(dataset: Dataset, fn: Any, features: Features, desc: str, **kwargs: Any) -> Dataset:
+    return dataset.map(
+        fn,
+        batched=True,
+        batch_size=ROW_GROUP_SIZE,
+        writer_batch_size=ROW_GROUP_SIZE,
+        remove_columns=dataset.column_names,
+        features=features,
+        desc=desc,
+        **kwargs,
+    )
+
+
+def _release_funnel(validated: Dataset, released: int) -> list[dict[str, Any]]:
+    """Sources -> candidates -> edited -> accepted -> released, with status and rejection histograms."""
+    n = len(validated)
+    cols = validated.column_names
+    edit_status = status_histogram(validated[S.EDIT_STATUS]) if S.EDIT_STATUS in cols else {S.OK: n}
+    accepted = validated[S.ACCEPTED]
+    reasons = validated[S.REJECT_REASON] if S.REJECT_REASON in cols else [None] * n
+    rejected = Counter(r or "rejected" for r, ok in zip(reasons, accepted) if not ok)
+    n_sources = len(set(validated[S.SOURCE_ID]))
+    return [
+        {"stage": "candidates", "rows_in": n_sources, "rows_out": n, "statuses": {}},
+        {"stage": "edited", "rows_in": n, "rows_out": edit_status.get(S.OK, 0), "statuses": edit_status},
+        {"stage": "accepted", "rows_in": n, "rows_out": sum(bool(a) for a in accepted),
+         "statuses": dict(rejected.most_common())},
+        {"stage": "released", "rows_in": sum(bool(a) for a in accepted), "rows_out": released, "statuses": {}},
+    ]
+
+
+def assemble(validated: Dataset, config: ReleaseConfig | None = None) -> Release:
+    """Build the release configs from validated candidate rows.
+
+    Args:
+        validated: candidate rows with the source, edit and validation columns of `schema`
+            (required: ``source_id, image, edited_image, category, accepted``; others may be missing).
+        config: split and content options (default `ReleaseConfig()`).
+
+    Returns:
+        A `Release`: ``pairs`` and ``images`` (and ``rejected``) as `DatasetDict`s with the same splits.
+
+    Raises:
+        ValueError: if a required column is missing.
+    """
+    config = config or ReleaseConfig()
+    missing = [c for c in REQUIRED_COLUMNS if c not in validated.column_names]
+    if missing:
+        raise ValueError(f"validated rows lack required columns {missing}; have {validated.column_names}")
+    source = _undecoded(validated)
+    best = best_candidates(validated)
+    pairs = _map(source.select(best), _release_batch, S.PAIR_FEATURES, "release pairs",
+                 fn_kwargs={"features": S.PAIR_FEATURES})
+    splits = split_by_source(pairs[S.SOURCE_ID], pairs[S.CATEGORY], config)
+    configs = {"pairs": DatasetDict({name: pairs.select(rows) for name, rows in splits.items()})}
+    configs["images"] = DatasetDict(
+        {name: _map(_undecoded(ds), _images_batch, S.IMAGE_FEATURES, f"release images/{name}")
+         for name, ds in configs["pairs"].items()}
+    )
+    if config.include_rejected:
+        chosen = set(best)
+        rest = [i for i in range(len(validated)) if i not in chosen]
+        configs["rejected"] = DatasetDict({"test": _map(source.select(rest), _release_batch, REJECTED_FEATURES,
+                                                        "release rejected", fn_kwargs={"features": REJECTED_FEATURES})})
+    logger.info("release: %d candidates -> %d pairs %s", len(validated), len(pairs),
+                {name: len(ds) for name, ds in configs["pairs"].items()})
+    return Release(configs, _release_funnel(validated, len(pairs)))
+
+
+def _shards(dataset: Dataset, max_shard_size: int | str) -> Iterator[tuple[int, int, Dataset]]:
+    """Contiguous shards of at most ~``max_shard_size`` (estimated like `Dataset.push_to_hub`)."""
+    n = max(1, int(dataset._estimate_nbytes() / convert_file_size_to_int(max_shard_size)) + 1)
+    n = min(n, max(1, len(dataset)))
+    for index in range(n):
+        yield index, n, dataset.shard(num_shards=n, index=index, contiguous=True)
+
+
+def write_parquet(dataset: Dataset, path: Path) -> int:
+    """Write one parquet shard with image bytes embedded, in row groups of `ROW_GROUP_SIZE` (flat memory).
+
+    Args:
+        dataset: the rows; its features (Image, ClassLabel) go into the schema metadata.
+        path: the file to write.
+
+    Returns:
+        The number of rows written.
+    """
+    schema = dataset.features.arrow_schema
+    with pq.ParquetWriter(path, schema=schema) as writer:
+        for table in dataset.with_format("arrow").iter(batch_size=ROW_GROUP_SIZE):
+            writer.write_table(embed_table_storage(table).cast(schema), row_group_size=ROW_GROUP_SIZE)
+    return len(dataset)
+
+
+def data_files(out_dir: Path, config_name: str, split: str) -> list[Path]:
+    """The parquet shards of one config and split in a release folder, sorted."""
+    return sorted((out_dir / "data" / config_name).glob(f"{split}-*.parquet"))
+
+
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out_dir} is not empty (pass overwrite=True / --overwrite to replace it)")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def write_release(
+    data: Release | Dataset,
+    out_dir: str | Path,
+    config: ReleaseConfig | None = None,
+    *,
+    funnel: list[dict[str, Any]] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the exact hub layout: ``README.md`` card, ``data/<config>/<split>-xxxxx-of-xxxxx.parquet``, ``assets/``.
+
+    ``datasets.load_dataset(out_dir)`` then loads ``pairs`` and ``load_dataset(out_dir, "images")``
+    the per-image config, with no safetypairs import.
+
+    Args:
+        data: an assembled `Release`, or validated candidate rows (assembled here with ``config``).
+        out_dir: the folder to write (created; must be empty unless ``overwrite``).
+        config: release options (default `ReleaseConfig()`).
+        funnel: the pipeline's stage results (``StageResult.as_dict()`` list) for the card.
+        overwrite: replace a non-empty ``out_dir``.
+
+    Returns:
+        ``out_dir`` as a `Path`.
+
+    Raises:
+        FileExistsError: if ``out_dir`` is not empty and ``overwrite`` is false.
+    """
+    from safetypairs.card import render_card, write_example_grid
+
+    config = config or ReleaseConfig()
+    release = assemble(data, config) if isinstance(data, Dataset) else data
+    out_dir = Path(out_dir)
+    _prepare_out_dir(out_dir, overwrite)
+    jobs = [(c, s, ds) for c, dd in release.configs.items() for s, ds in dd.items()]
+    for config_name, split, ds in progress(jobs, desc="write release"):
+        (out_dir / "data" / config_name).mkdir(parents=True, exist_ok=True)
+        for index, n, shard in _shards(ds, config.max_shard_size):
+            write_parquet(shard, out_dir / "data" / config_name / f"{split}-{index:05d}-of-{n:05d}.parquet")
+    grid = write_example_grid(release, out_dir, config.n_examples)
+    card = render_card(release, out_dir, config, funnel=funnel, grid=grid)
+    card.save(out_dir / "README.md")
+    logger.info("release written to %s", out_dir)
+    return out_dir
