@@ -92,4 +92,32 @@ def read_text(image: Image.Image, config: OCRConfig = OCRConfig()) -> list[TextB
         for text, score, quad in zip(txts, scores, boxes)
         if text.strip()
     ]
-    return sorted(lines, key=lambda line: (line.bbox[1], line.bbox[0]))
+    return merge_rows(lines)
+
+
+def merge_rows(lines: list[TextBox]) -> list[TextBox]:
+    """Join pieces of one line of text that the detector split (same row, small horizontal gap).
+
+    Returns:
+        Lines sorted top to bottom; merged lines get the union box and the lowest score.
+    """
+    merged: list[TextBox] = []
+    for line in sorted(lines, key=lambda ln: (ln.bbox[0], ln.bbox[1])):
+        for k, row in enumerate(merged):
+            if _same_row(row, line):
+                x0, y0, x1, y1 = (min(row.bbox[0], line.bbox[0]), min(row.bbox[1], line.bbox[1]),
+                                  max(row.bbox[2], line.bbox[2]), max(row.bbox[3], line.bbox[3]))
+                quad = ((x0, y0), (x1, y0), (x1, y1), (x0, y1))
+                merged[k] = TextBox(f"{row.text} {line.text}", min(row.score, line.score), quad)
+                break
+        else:
+            merged.append(line)
+    return sorted(merged, key=lambda ln: (ln.bbox[1], ln.bbox[0]))
+
+
+def _same_row(left: TextBox, right: TextBox) -> bool:
+    """``right`` continues ``left``: their vertical extents overlap by half and the gap is small."""
+    (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = left.bbox, right.bbox
+    overlap = min(ay1, by1) - max(ay0, by0)
+    height = max(ay1 - ay0, by1 - by0, 1)
+    return overlap > 0.5 * min(ay1 - ay0, by1 - by0) and -0.5 * height <= bx0 - ax1 <= 1.5 * height

@@ -54,10 +54,18 @@ class Policy:
         return self.categories[code]
 
     def lexicon_matches(self, text: str, code: str | None = None) -> list[str]:
-        """Return the lexicon words (of one category, or of all) found as whole words in ``text``."""
-        words = set(re.findall(r"[a-z]+", text.lower()))
+        """Return the lexicon words (of one category, or of all) found in ``text``.
+
+        A word matches a whole token, or the start or end of a longer token when it has at
+        least four letters (OCR often drops the space between words: "STUPIDFACE").
+        """
+        tokens = set(re.findall(r"[a-z]+", text.lower()))
         cats = [self.categories[code]] if code in self.categories else self.categories.values()
-        return sorted({w for cat in cats for w in cat.lexicon if w in words})
+        return sorted({w for cat in cats for w in cat.lexicon if any(_token_matches(t, w) for t in tokens)})
+
+
+def _token_matches(token: str, word: str) -> bool:
+    return token == word or (len(word) >= 4 and (token.startswith(word) or token.endswith(word)))
 
 
 def builtin_policies() -> list[str]:

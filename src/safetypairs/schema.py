@@ -49,6 +49,8 @@ JUDGE_ORIGINAL_RAW = "judge_original_raw"
 JUDGE_EDITED_RAW = "judge_edited_raw"
 ACCEPTED = "accepted"
 VALIDATE_STATUS = "validate_status"
+VALIDATE_ERROR = "validate_error"  # detail for a row that could not be measured
+VALIDATE_RESIZED = "validate_resized"  # the edited image was resized to the original's size
 REJECT_REASON = "reject_reason"
 
 # --- release: pairs and images configs --------------------------------------------------------
@@ -107,6 +109,30 @@ IMAGE_FEATURES = Features(
     }
 )
 
+INSTRUCT_FEATURES = Features(
+    {
+        POLICY: Value("string"),
+        INSTRUCTION: Value("string"),
+        ELEMENT: Value("string"),
+        INSTRUCTOR: Value("string"),
+        INSTRUCT_RAW: Value("string"),
+        INSTRUCT_STATUS: Value("string"),
+        INSTRUCT_ERROR: Value("string"),
+    }
+)
+
+EDIT_FEATURES = Features(
+    {
+        EDITED_IMAGE: Image(),
+        CONTROL_IMAGE: Image(),
+        EDITOR: Value("string"),
+        SEED: Value("int64"),
+        CANDIDATE: Value("int32"),
+        EDIT_STATUS: Value("string"),
+        EDIT_ERROR: Value("string"),
+    }
+)
+
 VALIDATION_FEATURES = Features(
     {
         EDIT_MASK: Image(),
@@ -126,6 +152,8 @@ VALIDATION_FEATURES = Features(
         JUDGE_EDITED_RAW: Value("string"),
         ACCEPTED: Value("bool"),
         VALIDATE_STATUS: Value("string"),
+        VALIDATE_ERROR: Value("string"),
+        VALIDATE_RESIZED: Value("bool"),
         REJECT_REASON: Value("string"),
     }
 )

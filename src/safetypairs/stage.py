@@ -36,6 +36,7 @@ def map_stage(
     status_column: str,
     batch_size: int = 8,
     num_proc: int | None = None,
+    rows_per_input: int = 1,
 ) -> tuple[Dataset, StageResult]:
     """Run a stage transform with ``Dataset.map(batched=True, with_rank=True)``.
 
@@ -50,9 +51,10 @@ def map_stage(
         status_column: the column holding each row's status.
         batch_size: rows per call.
         num_proc: processes (one per GPU); ``None`` or 1 runs in this process.
+        rows_per_input: rows the transform emits per input row (K candidates per source).
 
     Returns:
-        The mapped dataset and a `StageResult` (rows in must equal rows out).
+        The mapped dataset and a `StageResult` (rows out = rows in x rows_per_input).
 
     Raises:
         RuntimeError: if the transform lost or added rows.
@@ -70,8 +72,8 @@ def map_stage(
         features=features,
         desc=stage,
     )
-    if len(out) != rows_in:
-        raise RuntimeError(f"stage {stage!r} turned {rows_in} rows into {len(out)}")
+    if len(out) != rows_in * rows_per_input:
+        raise RuntimeError(f"stage {stage!r} turned {rows_in} rows into {len(out)} (expected x{rows_per_input})")
     result = StageResult(stage, rows_in, len(out), status_histogram(out[status_column]))
     logger.info("%s: %d rows in, %d out, statuses %s", stage, rows_in, len(out), result.statuses)
     return out, result

@@ -1,0 +1,160 @@
+"""Edit stage: K candidate edits per source row (and an artifact control) from an image editor."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from datasets import Dataset
+from PIL import Image
+
+from safetypairs import schema as S
+from safetypairs.instruct import noop_instruction
+from safetypairs.registry import load_backend, parse_spec
+from safetypairs.stage import StageResult, map_stage
+from safetypairs.utils import ImageError, device_for_rank, load_image
+
+logger = logging.getLogger(__name__)
+
+
+def candidate_seed(base_seed: int, source_id: str, candidate: int) -> int:
+    """A seed that depends only on the run seed, the source and the candidate index, so it is the
+    same whatever the sharding, batch size or restart point."""
+    digest = hashlib.sha256(f"{base_seed}:{source_id}:{candidate}".encode()).hexdigest()
+    return int(digest[:8], 16) & 0x7FFFFFFF
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """Settings of the edit stage.
+
+    Args:
+        editor: an ``editors`` spec (``ocr-inpaint``, ``diffusers:<id or path>``).
+        candidates: edits per source row, each with its own recorded seed.
+        control: also pass the original through the editor with a no-op instruction (the
+            artifact control), once per source on candidate 0.
+        seed: the run seed every candidate seed is derived from.
+        device: ``auto`` (GPU of the rank when present) or a torch device string.
+        batch_size: rows per call.
+        num_proc: processes for ``Dataset.map`` (one per GPU).
+        editor_options: extra ``(key, value)`` options for the editor backend (steps, guidance...).
+    """
+
+    editor: str = "ocr-inpaint"
+    candidates: int = 1
+    control: bool = True
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int = 4
+    num_proc: int | None = None
+    editor_options: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        parse_spec("editors", self.editor)
+        if self.candidates < 1:
+            raise ValueError(f"candidates must be >= 1, got {self.candidates}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class _Job:
+    row: int
+    image: Image.Image
+    instruction: str
+    seed: int
+    column: str  # EDITED_IMAGE or CONTROL_IMAGE
+
+
+@dataclass(frozen=True)
+class EditTransform:
+    """Batched `Dataset.map` transform: each input row becomes ``candidates`` rows with
+    ``edited_image`` (and ``control_image`` on candidate 0); holds only its config."""
+
+    config: EditConfig
+
+    def __call__(self, batch: dict[str, list], rank: int | None = None) -> dict[str, list]:
+        k = self.config.candidates
+        out: dict[str, list] = {key: [v for v in values for _ in range(k)] for key, values in batch.items()}
+        n = len(out[S.IMAGE])
+        out[S.EDITOR] = [self.config.editor] * n
+        out[S.CANDIDATE] = [i % k for i in range(n)]
+        out[S.SEED] = [candidate_seed(self.config.seed, sid, c) for sid, c in zip(out[S.SOURCE_ID], out[S.CANDIDATE])]
+        out[S.EDITED_IMAGE] = [None] * n
+        out[S.CONTROL_IMAGE] = [None] * n
+        out[S.EDIT_STATUS] = [S.OK] * n
+        out[S.EDIT_ERROR] = [None] * n
+        jobs = self._jobs(out, n)
+        if jobs:
+            editor = load_backend("editors", self.config.editor, device_for_rank(self.config.device, rank),
+                                  **dict(self.config.editor_options))
+            for job, (image, error) in zip(jobs, _edit_isolated(editor, jobs)):
+                if error is None:
+                    out[job.column][job.row] = image
+                elif job.column == S.EDITED_IMAGE:
+                    out[S.EDIT_STATUS][job.row] = "error"
+                    out[S.EDIT_ERROR][job.row] = f"row {out[S.SOURCE_ID][job.row]!r}: {error}"
+                else:
+                    logger.warning("control edit failed for %s: %s", out[S.SOURCE_ID][job.row], error)
+        return out
+
+    def _jobs(self, out: dict[str, list], n: int) -> list[_Job]:
+        """One job per candidate edit (and control); rows that cannot be edited get a status."""
+        jobs = []
+        for i in range(n):
+            sid, status = out[S.SOURCE_ID][i], out.get(S.INSTRUCT_STATUS, [S.OK] * n)[i]
+            if status not in (S.OK, None) or not out[S.INSTRUCTION][i]:
+                out[S.EDIT_STATUS][i] = "skipped"
+                out[S.EDIT_ERROR][i] = f"row {sid!r}: no instruction (instruct_status={status})"
+                continue
+            try:
+                image = load_image(out[S.IMAGE][i])
+            except ImageError as err:
+                out[S.EDIT_STATUS][i], out[S.EDIT_ERROR][i] = "unreadable", f"row {sid!r}: {err}"
+                continue
+            jobs.append(_Job(i, image, out[S.INSTRUCTION][i], out[S.SEED][i], S.EDITED_IMAGE))
+            if self.config.control and out[S.CANDIDATE][i] == 0:
+                jobs.append(_Job(i, image, noop_instruction(out[S.INSTRUCTION][i]), out[S.SEED][i], S.CONTROL_IMAGE))
+        return jobs
+
+
+def _check_size(job: _Job, image: Image.Image) -> str | None:
+    if image.size != job.image.size:
+        return f"editor returned {image.size[0]}x{image.size[1]} for a {job.image.size[0]}x{job.image.size[1]} source"
+    return None
+
+
+def _edit_isolated(editor: Any, jobs: list[_Job]) -> list[tuple[Image.Image | None, str | None]]:
+    """Edit all jobs in one call; if that fails, one by one, so a bad row (or an out-of-memory on
+    one sample) becomes that row's error instead of sinking the batch."""
+    try:
+        images = editor.edit([j.image for j in jobs], [j.instruction for j in jobs], [j.seed for j in jobs])
+        return [(img, _check_size(j, img)) for j, img in zip(jobs, images)]
+    except Exception:  # noqa: BLE001 - retried per row below
+        logger.debug("batch edit failed; retrying row by row", exc_info=True)
+    results = []
+    for job in jobs:
+        try:
+            (image,) = editor.edit([job.image], [job.instruction], [job.seed])
+            results.append((image, _check_size(job, image)))
+        except Exception as err:  # noqa: BLE001 - a backend failure is a row status
+            results.append((None, f"{type(err).__name__}: {err}"))
+    return results
+
+
+def run_edit(dataset: Dataset, config: EditConfig) -> tuple[Dataset, StageResult]:
+    """Edit every instructed row ``config.candidates`` times.
+
+    Args:
+        dataset: rows with ``image`` and ``instruction`` (the instruct stage's output).
+        config: the stage settings.
+
+    Returns:
+        The candidate rows (`schema.EDIT_FEATURES` added; rows out = rows in x candidates) and
+        the stage summary.
+    """
+    features = S.with_columns(dataset.features, S.EDIT_FEATURES)
+    return map_stage(dataset, EditTransform(config), stage="edit", features=features, status_column=S.EDIT_STATUS,
+                     batch_size=config.batch_size, num_proc=config.num_proc, rows_per_input=config.candidates)
