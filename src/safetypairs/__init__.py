@@ -13,6 +13,16 @@ _EXPORTS = {
     "render_policy": "safetypairs.policy",
     "Policy": "safetypairs.policy",
     "compute_metrics": "safetypairs.metrics",
+    "load": "safetypairs.hub",
+    "push_release": "safetypairs.hub",
+    "PushConfig": "safetypairs.hub",
+    "assemble": "safetypairs.release",
+    "write_release": "safetypairs.release",
+    "ReleaseConfig": "safetypairs.release",
+    "Release": "safetypairs.release",
+    "export_raw": "safetypairs.builder",
+    "load_raw": "safetypairs.builder",
+    "SafetyPairsRaw": "safetypairs.builder",
 }
 
 __all__ = sorted(_EXPORTS)

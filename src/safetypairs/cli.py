@@ -61,8 +61,62 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
+def _cmd_release(args: argparse.Namespace) -> int:
+    from safetypairs.hub import PushConfig, layout_files, push_release
+    from safetypairs.release import Release, ReleaseConfig, read_input, write_release
+
+    config = ReleaseConfig(split_by=args.split_by, test_size=args.test_size, seed=args.seed,
+                           include_rejected=not args.no_rejected, max_shard_size=args.max_shard_size,
+                           license=args.license, pretty_name=args.name)
+    push = PushConfig(args.push, private=not args.public, gated=args.gated) if args.push else None
+    data = read_input(args.input)
+    out = write_release(data, args.out, config, overwrite=args.overwrite)
+    files = layout_files(out)
+    sys.stdout.write(f"release written to {out} ({len(files)} files)\n")
+    for rel, path in files.items():
+        sys.stdout.write(f"  {rel}  {path.stat().st_size:,} bytes\n")
+    if push and args.dry_run:
+        sys.stdout.write(f"dry run: these files would be committed to datasets/{push.repo_id} "
+                         f"({'private' if push.private else 'public'}{', gated' if push.gated else ''})\n")
+    elif push:
+        sys.stdout.write(f"pushed: {push_release(out, push)}\n")
+    return 0
+
+
+def _add_release(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "release", help="assemble validated pairs into a hub-layout dataset (card + parquet) and optionally push it",
+        description=(
+            "Keep the best accepted candidate per source, give each pair a stable content id, and write the "
+            "Hugging Face hub layout (README.md card with YAML configs, data/<config>/<split>-*.parquet with "
+            "image bytes embedded, assets/example_grid.jpg): configs pairs (default), images, rejected. "
+            "`datasets.load_dataset(OUT)` loads it. --push uploads the same files (private unless --public)."
+        ),
+    )
+    p.add_argument("input", help="validated rows (a save_to_disk folder or parquet/hub layout) or a raw layout "
+                                 "with metadata.jsonl")
+    p.add_argument("--out", required=True, help="output folder for the hub layout")
+    p.add_argument("--split-by", choices=["source"], default=None,
+                   help="make a train/test split grouped by source, stratified by category (default: test only)")
+    p.add_argument("--test-size", type=float, default=0.5, help="share of sources in test with --split-by (0.5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split (default: 0)")
+    p.add_argument("--no-rejected", action="store_true", help="leave out the rejected config")
+    p.add_argument("--max-shard-size", default="500MB", help="largest parquet shard (default: 500MB)")
+    p.add_argument("--license", default="cc-by-nc-4.0", help="Hub license id for the card (default: cc-by-nc-4.0)")
+    p.add_argument("--name", default="SafetyPairs", help="the card's title")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--push", metavar="ORG/NAME", help="upload to this Hub dataset repo (token: hf auth login / HF_TOKEN)")
+    vis = p.add_mutually_exclusive_group()
+    vis.add_argument("--private", action="store_true", default=True, help="create the repo private (default)")
+    vis.add_argument("--public", action="store_true", help="create the repo public")
+    p.add_argument("--gated", nargs="?", const="auto", choices=["auto", "manual"], default=None,
+                   help="gate access behind the card's research-use agreement (auto approval unless 'manual')")
+    p.add_argument("--dry-run", action="store_true", help="write the exact hub layout locally and list it; no upload")
+    p.set_defaults(func=_cmd_release)
+
+
 # Each entry adds one subcommand; stages register theirs here.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_policies]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_policies, _add_release]
 
 
 def build_parser() -> argparse.ArgumentParser:

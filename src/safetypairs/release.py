@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import shutil
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -42,7 +41,8 @@ REJECTED_FEATURES = S.with_columns(
 )
 FEATURES = {"pairs": S.PAIR_FEATURES, "images": S.IMAGE_FEATURES, "rejected": REJECTED_FEATURES}
 REQUIRED_COLUMNS = (S.SOURCE_ID, S.IMAGE, S.EDITED_IMAGE, S.CATEGORY, S.ACCEPTED)
-_IMAGE_COLUMNS = (S.IMAGE, S.EDITED_IMAGE, S.CONTROL_IMAGE, S.EDIT_MASK)
+_SELECT_COLUMNS = (S.SOURCE_ID, S.ACCEPTED, S.CANDIDATE, S.LPIPS_OUTSIDE, S.SSIM_OUTSIDE, S.PSNR_OUTSIDE)
+_ROW = "__row__"
 _RENAMED = {S.UNSAFE_IMAGE: S.IMAGE, S.SAFE_IMAGE: S.EDITED_IMAGE}  # release column -> validated column
 
 
@@ -117,9 +117,9 @@ def pair_id(policy: str | None, category: str | None, original: Any, edited: Any
 
 
 def best_candidates(validated: Dataset) -> list[int]:
-    """Row indices of the released candidates: per source, the accepted one with the highest SSIM outside the mask.
+    """Row indices of the released candidates: `validate.select_best` (per source, the best-preserved accepted one).
 
-    Ties go to the lower candidate number, then the earlier row. Only non-image columns are read.
+    Only non-image columns are read.
 
     Args:
         validated: validated candidate rows.
@@ -127,17 +127,11 @@ def best_candidates(validated: Dataset) -> list[int]:
     Returns:
         Sorted row indices, at most one per source.
     """
-    ssim = validated[S.SSIM_OUTSIDE] if S.SSIM_OUTSIDE in validated.column_names else [None] * len(validated)
-    cand = validated[S.CANDIDATE] if S.CANDIDATE in validated.column_names else [0] * len(validated)
-    best: dict[str, tuple[tuple[float, int, int], int]] = {}
-    for i, (src, ok) in enumerate(zip(validated[S.SOURCE_ID], validated[S.ACCEPTED])):
-        if not ok:
-            continue
-        score = -math.inf if ssim[i] is None or math.isnan(ssim[i]) else float(ssim[i])
-        key = (-score, cand[i] or 0, i)
-        if src not in best or key < best[src][0]:
-            best[src] = (key, i)
-    return sorted(i for _, i in best.values())
+    from safetypairs.validate import select_best
+
+    cols = [c for c in _SELECT_COLUMNS if c in validated.column_names]
+    keyed = validated.select_columns(cols).add_column(_ROW, list(range(len(validated))))
+    return sorted(select_best(keyed)[_ROW])
 
 
 def split_by_source(source_ids: list[str], categories: list[str], config: ReleaseConfig) -> dict[str, list[int]]:
@@ -169,10 +163,10 @@ def split_by_source(source_ids: list[str], categories: list[str], config: Releas
     return {name: rows for name, rows in splits.items() if rows}
 
 
-def _undecoded(dataset: Dataset) -> Dataset:
-    """Cast image columns to ``Image(decode=False)`` so their bytes pass through untouched."""
-    for col in _IMAGE_COLUMNS:
-        if col in dataset.column_names:
+def undecoded_images(dataset: Dataset) -> Dataset:
+    """Cast every `Image` column to ``Image(decode=False)`` so its bytes pass through untouched."""
+    for col, feature in dataset.features.items():
+        if isinstance(feature, Image) and feature.decode:
             dataset = dataset.cast_column(col, Image(decode=False))
     return dataset
 
@@ -260,14 +254,14 @@ def assemble(validated: Dataset, config: ReleaseConfig | None = None) -> Release
     missing = [c for c in REQUIRED_COLUMNS if c not in validated.column_names]
     if missing:
         raise ValueError(f"validated rows lack required columns {missing}; have {validated.column_names}")
-    source = _undecoded(validated)
+    source = undecoded_images(validated)
     best = best_candidates(validated)
     pairs = _map(source.select(best), _release_batch, S.PAIR_FEATURES, "release pairs",
                  fn_kwargs={"features": S.PAIR_FEATURES})
     splits = split_by_source(pairs[S.SOURCE_ID], pairs[S.CATEGORY], config)
     configs = {"pairs": DatasetDict({name: pairs.select(rows) for name, rows in splits.items()})}
     configs["images"] = DatasetDict(
-        {name: _map(_undecoded(ds), _images_batch, S.IMAGE_FEATURES, f"release images/{name}")
+        {name: _map(undecoded_images(ds), _images_batch, S.IMAGE_FEATURES, f"release images/{name}")
          for name, ds in configs["pairs"].items()}
     )
     if config.include_rejected:
@@ -360,3 +354,35 @@ def write_release(
     card.save(out_dir / "README.md")
     logger.info("release written to %s", out_dir)
     return out_dir
+
+
+def read_input(path: str | Path) -> Release | Dataset:
+    """Read what ``safetypairs release`` was given.
+
+    Args:
+        path: a folder written by `Dataset.save_to_disk` (validated rows), a raw layout
+            (``metadata.jsonl``, see `builder.export_raw`), or a folder of parquet files / a hub
+            layout holding validated rows (all splits are concatenated).
+
+    Returns:
+        Validated rows (a `Dataset`) or, for a raw layout, a ready `Release`.
+
+    Raises:
+        FileNotFoundError: if ``path`` is not a folder or holds none of these.
+    """
+    from datasets import concatenate_datasets, load_dataset, load_from_disk
+
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"input {root} is not a folder")
+    if (root / "metadata.jsonl").is_file():
+        from safetypairs.builder import load_raw
+
+        return load_raw(root)
+    if (root / "state.json").is_file() or (root / "dataset_dict.json").is_file():
+        loaded = load_from_disk(str(root))
+    elif (root / "README.md").is_file() or any(root.rglob("*.parquet")):
+        loaded = load_dataset(str(root))
+    else:
+        raise FileNotFoundError(f"{root} holds no save_to_disk dataset, metadata.jsonl or parquet files")
+    return loaded if isinstance(loaded, Dataset) else concatenate_datasets(list(loaded.values()))

@@ -1,0 +1,167 @@
+"""The raw release layout (image files + ``metadata.jsonl``) and a `GeneratorBasedBuilder` that reads it."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import datasets
+from datasets import DatasetDict
+from PIL import Image as PILImage
+
+from safetypairs import schema as S
+from safetypairs.release import FEATURES, Release, undecoded_images
+from safetypairs.utils import progress
+
+logger = logging.getLogger(__name__)
+
+METADATA = {"pairs": "metadata.jsonl", "rejected": "rejected.jsonl"}  # images derive from pairs
+SPLIT = "split"
+IMAGE_FILES = {S.UNSAFE_IMAGE: "original", S.SAFE_IMAGE: "edited", S.CONTROL_IMAGE: "control", S.EDIT_MASK: "mask"}
+
+
+def _save_image(cell: dict[str, Any] | None, folder: Path, stem: str, root: Path) -> str | None:
+    """Write an undecoded image cell's bytes unchanged; return its path relative to ``root``."""
+    if cell is None:
+        return None
+    data = cell.get("bytes") or Path(cell["path"]).read_bytes()
+    fmt = (PILImage.open(io.BytesIO(data)).format or "png").lower()
+    path = folder / f"{stem}.{'jpg' if fmt == 'jpeg' else fmt}"
+    path.write_bytes(data)
+    return path.relative_to(root).as_posix()
+
+
+def _export_config(dd: DatasetDict, root: Path, name: str) -> int:
+    """Write one config's rows as JSON lines plus image files; returns the number of rows."""
+    image_cols = [c for c in IMAGE_FILES if c in FEATURES[name]]
+    n = 0
+    with open(root / METADATA[name], "w", encoding="utf-8") as meta:
+        for split, ds in dd.items():
+            for i, row in enumerate(progress(undecoded_images(ds), desc=f"export {name}/{split}", total=len(ds))):
+                key = row[S.PAIR_ID] if name == "pairs" else f"{split}-{i:06d}"
+                folder = root / "images" / name / key
+                folder.mkdir(parents=True, exist_ok=True)
+                for col in image_cols:
+                    row[col] = _save_image(row[col], folder, IMAGE_FILES[col], root)
+                meta.write(json.dumps({SPLIT: split, **row}, ensure_ascii=False) + "\n")
+                n += 1
+    return n
+
+
+def export_raw(release: Release, raw_dir: str | Path) -> Path:
+    """Write the raw, hand-editable layout of a release.
+
+    ``metadata.jsonl`` holds one JSON line per pair (every ``pairs`` column, image columns as paths
+    relative to ``raw_dir``, plus ``split``); ``rejected.jsonl`` the same for the ``rejected``
+    config; image bytes are copied unchanged under ``images/<config>/<key>/``. Reviewers edit the
+    JSON lines (fix a category, drop a pair) and `SafetyPairsRaw` / `load_raw` rebuild the configs.
+
+    Args:
+        release: an assembled release.
+        raw_dir: the folder to write (created; must be empty).
+
+    Returns:
+        ``raw_dir`` as a `Path`.
+
+    Raises:
+        FileExistsError: if ``raw_dir`` is not empty.
+    """
+    root = Path(raw_dir)
+    if root.exists() and any(root.iterdir()):
+        raise FileExistsError(f"{root} is not empty")
+    root.mkdir(parents=True, exist_ok=True)
+    counts = {name: _export_config(release[name], root, name) for name in METADATA if name in release.configs}
+    logger.info("raw layout written to %s: %s", root, counts)
+    return root
+
+
+class SafetyPairsRawConfig(datasets.BuilderConfig):
+    """One release config (``pairs``, ``images`` or ``rejected``) read from the raw layout."""
+
+
+class SafetyPairsRaw(datasets.GeneratorBasedBuilder):
+    """Build the release configs from the raw layout written by `export_raw` (or edited by hand).
+
+    Use it by instantiating it, not through a hub loading script::
+
+        builder = SafetyPairsRaw(config_name="images", data_dir="raw/", cache_dir="cache/")
+        builder.download_and_prepare()
+        images = builder.as_dataset()
+    """
+
+    BUILDER_CONFIG_CLASS = SafetyPairsRawConfig
+    BUILDER_CONFIGS = [SafetyPairsRawConfig(name=name, version=datasets.Version("1.0.0")) for name in FEATURES]
+    DEFAULT_CONFIG_NAME = "pairs"
+
+    def _info(self) -> datasets.DatasetInfo:
+        return datasets.DatasetInfo(
+            description="SafetyPairs counterfactual image pairs (arXiv 2510.21120), built from the raw layout.",
+            features=FEATURES[self.config.name],
+        )
+
+    def _metadata_path(self) -> Path:
+        if not self.config.data_dir:
+            raise ValueError("SafetyPairsRaw needs data_dir= (a folder written by export_raw)")
+        return Path(self.config.data_dir) / METADATA.get(self.config.name, METADATA["pairs"])
+
+    def _split_generators(self, dl_manager: datasets.DownloadManager) -> list[datasets.SplitGenerator]:
+        path = self._metadata_path()
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: not a raw SafetyPairs layout")
+        splits: list[str] = []
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip() and (split := json.loads(line)[SPLIT]) not in splits:
+                    splits.append(split)
+        return [datasets.SplitGenerator(name=s, gen_kwargs={"path": str(path), "split": s}) for s in splits]
+
+    def _generate_examples(self, path: str, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        root = Path(path).parent
+        features = FEATURES[self.config.name]
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f):
+                row = json.loads(line) if line.strip() else None
+                if row is None or row.pop(SPLIT) != split:
+                    continue
+                for col in IMAGE_FILES:
+                    if row.get(col):
+                        row[col] = {"path": None, "bytes": (root / row[col]).read_bytes()}
+                if self.config.name == "images":
+                    yield from _image_rows(row, n)
+                else:
+                    yield str(n), {name: row.get(name) for name in features}
+
+
+def _image_rows(pair: dict[str, Any], n: int) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The ``images`` rows of one pair (same roles and labels as `release.assemble`)."""
+    roles = [(S.UNSAFE_IMAGE, S.UNSAFE, "original"), (S.SAFE_IMAGE, S.SAFE, "edited"),
+             (S.CONTROL_IMAGE, S.UNSAFE, "control")]
+    for col, label, role in roles:
+        if pair.get(col) is not None:
+            yield f"{n}-{role}", {S.IMAGE: pair[col], S.LABEL: label, S.CATEGORY: pair[S.CATEGORY],
+                                  S.PAIR_ID: pair[S.PAIR_ID], S.ROLE: role}
+
+
+def load_raw(raw_dir: str | Path, cache_dir: str | Path | None = None) -> Release:
+    """Build every config present in a raw layout with `SafetyPairsRaw` into a `Release`.
+
+    Args:
+        raw_dir: a folder written by `export_raw` (possibly edited by hand).
+        cache_dir: where the builder writes its Arrow files (default: the `datasets` cache).
+
+    Returns:
+        A `Release` ready for `release.write_release` (its funnel is empty: the raw layout has none).
+    """
+    configs: dict[str, DatasetDict] = {}
+    names = ["pairs", "images"] + (["rejected"] if (Path(raw_dir) / METADATA["rejected"]).is_file() else [])
+    for name in names:
+        builder = SafetyPairsRaw(config_name=name, data_dir=str(raw_dir),
+                                 cache_dir=str(cache_dir) if cache_dir else None)
+        builder.download_and_prepare()
+        configs[name] = builder.as_dataset()
+    return Release(configs)
+
