@@ -113,3 +113,183 @@ def build_tiny_vlm(path: str | Path, seed: int = 0, image_size: int = 32) -> str
     model.save_pretrained(path, safe_serialization=True)
     processor.save_pretrained(path)
     return str(path)
+
+
+# --- tiny diffusers editing pipelines ---------------------------------------------------------
+
+
+def _byte_vocab(suffixes: tuple[str, ...] = ("",)) -> dict[str, int]:
+    """A byte-level BPE vocabulary without merges: every byte symbol (with each suffix)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    return {c + s: i for i, (s, c) in enumerate((s, c) for s in suffixes for c in chars)}
+
+
+def _clip_text():
+    """A CLIP tokenizer (byte symbols, no merges) and a tiny random CLIP text encoder."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab = _byte_vocab(("", "</w>"))
+    for token in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[token] = len(vocab)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    torch.manual_seed(0)
+    encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=0, eos_token_id=2, pad_token_id=1, vocab_size=len(vocab), hidden_size=32,
+        intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32,
+    ))
+    return tokenizer, encoder
+
+
+def build_tiny_ip2p(path: str | Path, seed: int = 0) -> str:
+    """Build and save a tiny random `StableDiffusionInstructPix2PixPipeline` (loads with from_pretrained).
+
+    Returns:
+        The folder path as a string.
+    """
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
+
+    tokenizer, text_encoder = _clip_text()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=8, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+    )
+    pipe = StableDiffusionInstructPix2PixPipeline(
+        unet=unet, scheduler=PNDMScheduler(skip_prk_steps=True), vae=vae, text_encoder=text_encoder,
+        tokenizer=tokenizer, safety_checker=None, feature_extractor=None, image_encoder=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return str(path)
+
+
+def build_tiny_flux_kontext(path: str | Path, seed: int = 0) -> str:
+    """Build and save a tiny random `FluxKontextPipeline` (CLIP + T5 tokenizers written in code).
+
+    Returns:
+        The folder path as a string.
+    """
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    tokenizer, text_encoder = _clip_text()
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    t5_tokenizer = T5Tokenizer(vocab=pieces + [(chr(c), -1.0) for c in range(33, 127)], extra_ids=0,
+                               model_max_length=512)
+    torch.manual_seed(seed)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                 num_heads=4, relative_attention_num_buckets=8))
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+    )
+    vae = AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+        latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.0609, scaling_factor=1.5035,
+    )
+    pipe = FluxKontextPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=text_encoder, text_encoder_2=t5,
+        tokenizer=tokenizer, tokenizer_2=t5_tokenizer, transformer=transformer, vae=vae,
+        image_encoder=None, feature_extractor=None,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return str(path)
+
+
+def build_tiny_qwen_edit(path: str | Path, seed: int = 0, plus: bool = False) -> str:
+    """Build and save a tiny random `QwenImageEditPipeline` (or ``Plus``) with a Qwen2.5-VL text encoder.
+
+    Slow on the CPU (~30 s per edit): the pipeline conditions on a ~1 megapixel image.
+
+    Returns:
+        The folder path as a string.
+    """
+    import torch
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImageEditPipeline,
+        QwenImageEditPlusPipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2Tokenizer,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]
+    vocab = _byte_vocab()
+    for token in specials:
+        vocab[token] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[])
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
+    ids = {token: vocab[token] for token in specials}
+    text = {"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 2, "rope_theta": 1e6, "vocab_size": len(vocab),
+            "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+            "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}}
+    config = Qwen2_5_VLConfig(
+        text_config=text, vocab_size=len(vocab), hidden_size=16,
+        vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+    )
+    torch.manual_seed(seed)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=3,
+        joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
+    )
+    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
+                                 video_processor=Qwen2VLVideoProcessor())
+    cls = QwenImageEditPlusPipeline if plus else QwenImageEditPipeline
+    pipe = cls(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
+               text_encoder=text_encoder, tokenizer=tokenizer, processor=processor)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return str(path)
+
+
+TINY_CLIP_ARCH = "safetypairs-tiny-clip"
+
+
+def register_tiny_open_clip(folder: str | Path) -> str:
+    """Register a tiny open_clip model config (random weights via ``pretrained=None``).
+
+    Args:
+        folder: where to write the config JSON.
+
+    Returns:
+        The arch name for specs such as ``open_clip:<arch>/none``.
+    """
+    import json
+
+    import open_clip
+
+    config = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    path = Path(folder) / f"{TINY_CLIP_ARCH}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config))
+    open_clip.add_model_config(path)
+    return TINY_CLIP_ARCH

@@ -17,15 +17,21 @@ KINDS = ("instructors", "editors", "judges", "guards", "encoders")
 _CLASSIFIERS = {
     "ocr-lexicon": "safetypairs.guards:OCRLexiconGuard",
     "nudenet": "safetypairs.guards:NudeNetGuard",
+    "hf-vlm": "safetypairs.vlm_guards:HFVLMGuard",
+    "llavaguard": "safetypairs.vlm_guards:LlavaGuard",
+    "shieldgemma2": "safetypairs.vlm_guards:ShieldGemma2Guard",
+    "clip-zeroshot": "safetypairs.clip_guard:CLIPZeroShotGuard",
 }
 
 REGISTRY: dict[str, dict[str, str]] = {
     "instructors": {
         "template": "safetypairs.instruct:TemplateInstructor",
         "column": "safetypairs.instruct:ColumnInstructor",
+        "hf-vlm": "safetypairs.vlm_instruct:HFVLMInstructor",
     },
     "editors": {
         "ocr-inpaint": "safetypairs.ocr_edit:OCRInpaintEditor",
+        "diffusers": "safetypairs.diffusion:DiffusersEditor",
     },
     "judges": dict(_CLASSIFIERS),
     "guards": dict(_CLASSIFIERS),

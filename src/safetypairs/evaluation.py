@@ -1,0 +1,272 @@
+"""Evaluate stage: run guards over the ``images`` config and score them with `compute_metrics`."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from datasets import Dataset, DatasetDict, Features, Value
+
+from safetypairs.metrics import compute_metrics
+from safetypairs.policy import Policy, load_policy
+from safetypairs.registry import load_backend, parse_spec
+from safetypairs.schema import (
+    CATEGORY, CHANGED_FRACTION, IMAGE, LABEL, LABELS, LPIPS_OUTSIDE, OK, PAIR_ID, ROLE, UNKNOWN, with_columns,
+)
+from safetypairs.stage import map_stage
+from safetypairs.utils import ImageError, device_for_rank, load_image
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = (IMAGE, LABEL, CATEGORY, PAIR_ID, ROLE)
+SIMILARITY_COLUMNS = (CHANGED_FRACTION, LPIPS_OUTSIDE)
+# Row statuses of a guard's prediction.
+UNPARSABLE, BAD_IMAGE = "unparsable", "bad_image"
+PREDICTION_FIELDS = ("pred", "score", "rationale", "raw", "status")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """What to evaluate and how.
+
+    Attributes:
+        guards: guard specs (``hf-vlm:<id>``, ``llavaguard:<id>``, ``ocr-lexicon``, ...).
+        policy: the policy the guards are prompted with (a built-in name or a YAML path).
+        device: ``"auto"`` (one GPU per rank, else CPU) or a torch device string.
+        batch_size: images per guard call.
+        num_proc: `Dataset.map` processes (one per GPU); ``None`` for this process.
+        n_bootstrap: bootstrap resamples over pairs for the CIs (0 turns them off).
+        seed: bootstrap seed.
+    """
+
+    guards: tuple[str, ...]
+    policy: str = "llavaguard"
+    device: str = "auto"
+    batch_size: int = 8
+    num_proc: int | None = None
+    n_bootstrap: int = 1000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.guards, str) or not self.guards:
+            raise ValueError("EvaluateConfig.guards must be a non-empty tuple of guard specs")
+        object.__setattr__(self, "guards", tuple(dict.fromkeys(self.guards)))
+        for spec in self.guards:
+            parse_spec("guards", spec)  # unknown alias -> ValueError with "did you mean"
+        if self.batch_size < 1:
+            raise ValueError(f"EvaluateConfig.batch_size must be >= 1, got {self.batch_size}")
+        if self.num_proc is not None and self.num_proc < 1:
+            raise ValueError(f"EvaluateConfig.num_proc must be >= 1 or None, got {self.num_proc}")
+        if self.n_bootstrap < 0:
+            raise ValueError(f"EvaluateConfig.n_bootstrap must be >= 0, got {self.n_bootstrap}")
+        load_policy(self.policy)  # a bad policy fails before any model loads
+
+
+def guard_columns(spec: str) -> dict[str, str]:
+    """Column names of one guard's predictions: ``{"pred": ..., "score": ..., ...}``.
+
+    A readable slug of the spec plus a short hash keeps names distinct and stable.
+    """
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", spec).strip("_")[:40]
+    digest = hashlib.sha1(spec.encode()).hexdigest()[:6]
+    return {field: f"guard_{slug}_{digest}_{field}" for field in PREDICTION_FIELDS}
+
+
+def guard_features(spec: str) -> Features:
+    """`datasets.Features` of one guard's prediction columns."""
+    cols = guard_columns(spec)
+    types = {"pred": "string", "score": "float32", "rationale": "string", "raw": "string", "status": "string"}
+    return Features({cols[f]: Value(types[f]) for f in PREDICTION_FIELDS})
+
+
+@functools.lru_cache(maxsize=8)
+def _policy(name: str) -> Policy:
+    return load_policy(name)
+
+
+@dataclass(frozen=True)
+class GuardTransform:
+    """Batched `Dataset.map` transform adding one guard's prediction columns.
+
+    Holds only plain config so the map fingerprint (and the datasets cache) is stable; the guard
+    is built lazily once per process and device.
+    """
+
+    guard: str
+    policy: str
+    device: str = "auto"
+
+    def __call__(self, batch: dict[str, list], rank: int | None = None) -> dict[str, list]:
+        """Classify a batch; unreadable images get ``unknown`` with status ``bad_image``."""
+        cols = guard_columns(self.guard)
+        n = len(batch[IMAGE])
+        out: dict[str, list] = {cols[f]: [None] * n for f in PREDICTION_FIELDS}
+        images, keep = [], []
+        for i, cell in enumerate(batch[IMAGE]):
+            try:
+                images.append(load_image(cell))
+                keep.append(i)
+            except ImageError as err:
+                out[cols["pred"]][i], out[cols["status"]][i] = UNKNOWN, BAD_IMAGE
+                out[cols["rationale"]][i] = out[cols["raw"]][i] = str(err)
+        if images:
+            backend = load_backend("guards", self.guard, device_for_rank(self.device, rank))
+            verdicts = backend.classify(images, [batch[CATEGORY][i] for i in keep], _policy(self.policy))
+            for i, verdict in zip(keep, verdicts):
+                out[cols["pred"]][i], out[cols["score"]][i] = verdict.label, verdict.score
+                out[cols["rationale"]][i], out[cols["raw"]][i] = verdict.rationale, verdict.raw
+                out[cols["status"]][i] = OK if verdict.label != UNKNOWN else UNPARSABLE
+        return out
+
+
+def check_images_dataset(dataset: Dataset) -> None:
+    """Raise ValueError naming the missing columns of an ``images`` config."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"dataset lacks columns {missing}; an images config needs {', '.join(REQUIRED_COLUMNS)}")
+
+
+def predict(dataset: Dataset, config: EvaluateConfig) -> tuple[Dataset, dict[str, dict[str, Any]]]:
+    """Run every guard over the images (one cached `Dataset.map` per guard).
+
+    Args:
+        dataset: an ``images`` config (image, label, category, pair_id, role).
+        config: the evaluation config.
+
+    Returns:
+        ``(predictions, runs)``: the prediction columns of every guard (no images) and, per
+        guard, ``{"statuses", "seconds"}``.
+
+    Raises:
+        ValueError: for a dataset without the ``images`` columns.
+    """
+    check_images_dataset(dataset)
+    current, runs = dataset, {}
+    for spec in config.guards:
+        start = time.perf_counter()
+        current, result = map_stage(
+            current, GuardTransform(spec, config.policy, config.device), stage=f"evaluate {spec}",
+            features=with_columns(current.features, guard_features(spec)),
+            status_column=guard_columns(spec)["status"], batch_size=config.batch_size, num_proc=config.num_proc,
+        )
+        runs[spec] = {"statuses": result.statuses, "seconds": round(time.perf_counter() - start, 3)}
+    keep = [c for spec in config.guards for c in guard_columns(spec).values()]
+    return current.select_columns([LABEL, CATEGORY, PAIR_ID, ROLE, *keep]), runs
+
+
+def _similarity(pairs: Dataset | None, pair_ids: Sequence[str]) -> dict[str, list[float | None]]:
+    """Per-image similarity columns joined from the ``pairs`` config by ``pair_id``."""
+    if pairs is None:
+        return {}
+    names = [c for c in SIMILARITY_COLUMNS if c in pairs.column_names]
+    table = pairs.select_columns([PAIR_ID, *names]).to_dict()
+    by_id = {pid: i for i, pid in enumerate(table[PAIR_ID])}
+    return {name: [table[name][by_id[p]] if p in by_id else None for p in pair_ids] for name in names}
+
+
+def _labels(values: Sequence[Any]) -> list[str]:
+    return [LABELS[v] if isinstance(v, int) else str(v) for v in values]
+
+
+def score_predictions(
+    predictions: Dataset | Mapping[str, Sequence[Any]],
+    config: EvaluateConfig,
+    pairs: Dataset | None = None,
+    runs: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Metrics per guard, a leaderboard and the per-image predictions (JSON-ready).
+
+    Args:
+        predictions: the output of `predict` (or its ``to_dict()``).
+        config: the evaluation config (guards, bootstrap settings).
+        pairs: the ``pairs`` config, for the correlation of errors with pair similarity.
+        runs: per-guard run info from `predict` (statuses, seconds).
+
+    Returns:
+        ``{"config", "policy", "n_images", "guards": {spec: {"metrics", "statuses", "seconds"}},
+        "leaderboard": [...], "images": {pair_id, role, label, category},
+        "predictions": {spec: {pred, score, rationale}}}``.
+    """
+    table = predictions.to_dict() if isinstance(predictions, Dataset) else dict(predictions)
+    labels = _labels(table[LABEL])
+    similarity = _similarity(pairs, table[PAIR_ID])
+    results: dict[str, Any] = {
+        "config": asdict(config), "policy": _policy(config.policy).id, "n_images": len(labels),
+        "guards": {}, "leaderboard": [], "predictions": {},
+        "images": {PAIR_ID: table[PAIR_ID], ROLE: table[ROLE], LABEL: labels, CATEGORY: table[CATEGORY]},
+    }
+    for spec in config.guards:
+        cols = guard_columns(spec)
+        metrics = compute_metrics(
+            table[cols["pred"]], labels, table[PAIR_ID], categories=table[CATEGORY], scores=table[cols["score"]],
+            roles=table[ROLE], similarity=similarity, n_bootstrap=config.n_bootstrap, seed=config.seed,
+        )
+        results["guards"][spec] = {"metrics": metrics, **(runs or {}).get(spec, {})}
+        results["predictions"][spec] = {f: table[cols[f]] for f in ("pred", "score", "rationale")}
+    results["leaderboard"] = leaderboard(results["guards"])
+    return results
+
+
+def leaderboard(guards: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Guards ranked by pair accuracy, then F1 (undefined values last)."""
+    keys = ("pair_accuracy", "f1", "balanced_accuracy", "auroc", "same_label_rate", "flip_detection_rate", "n_unknown")
+    rows = [{"guard": spec, **{k: g["metrics"].get(k) for k in keys}} for spec, g in guards.items()]
+    return sorted(rows, key=lambda r: (-(r["pair_accuracy"] or -1), -(r["f1"] or -1)))
+
+
+def run_evaluate(dataset: Dataset, config: EvaluateConfig, pairs: Dataset | None = None) -> dict[str, Any]:
+    """Predict with every guard and score them.
+
+    Args:
+        dataset: an ``images`` config (see `load_release`).
+        config: guards, policy, device, batch size, bootstrap settings.
+        pairs: the ``pairs`` config (optional), for similarity correlations.
+
+    Returns:
+        The results dict of `score_predictions`, plus ``"dataset": {"fingerprint", "n_rows"}``.
+
+    Raises:
+        ValueError: for a dataset without the ``images`` columns.
+    """
+    preds, runs = predict(dataset, config)
+    results = score_predictions(preds, config, pairs=pairs, runs=runs)
+    results["dataset"] = {"fingerprint": dataset._fingerprint, "n_rows": len(dataset)}
+    return results
+
+
+def load_release(path: str, name: str = "images", split: str | None = None) -> Dataset | None:
+    """Load one config of a released benchmark (a local hub-layout folder or a repo id).
+
+    Args:
+        path: folder or ``ORG/NAME``.
+        name: ``"images"`` or ``"pairs"``.
+        split: the split; default ``test`` if present, else ``train``, else the first.
+
+    Returns:
+        The dataset, or ``None`` when the release has no such config.
+
+    Raises:
+        ValueError: for a missing split.
+    """
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(path, name)
+    except ValueError as err:
+        if "BuilderConfig" in str(err) or "not found" in str(err).lower():
+            logger.info("release %s has no %r config", path, name)
+            return None
+        raise
+    if not isinstance(loaded, DatasetDict):
+        return loaded
+    if split is None:
+        split = next((s for s in ("test", "train") if s in loaded), next(iter(loaded)))
+    if split not in loaded:
+        raise ValueError(f"split {split!r} not in {path}; available: {', '.join(loaded)}")
+    return loaded[split]
