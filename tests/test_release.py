@@ -1,0 +1,185 @@
+"""Release assembly and the hub layout: best candidates, stable ids, grouped splits, plain load_dataset round trip."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from datasets import Dataset
+from release_rows import digest, validated_rows
+
+from safetypairs import schema as S
+from safetypairs.cli import main
+from safetypairs.release import (
+    NOT_SELECTED, ReleaseConfig, assemble, best_candidates, data_files, read_input, split_by_source, write_release,
+)
+from safetypairs.validate import select_best
+
+
+@pytest.fixture(scope="module")
+def validated() -> Dataset:
+    return validated_rows(n_sources=12)
+
+
+@pytest.fixture(scope="module")
+def release(validated):
+    return assemble(validated, ReleaseConfig(split_by="source"))
+
+
+@pytest.fixture(scope="module")
+def written(release, tmp_path_factory) -> Path:
+    return write_release(release, tmp_path_factory.mktemp("rel") / "dataset", ReleaseConfig(split_by="source"))
+
+
+@pytest.mark.parametrize("kwargs", [{"split_by": "random"}, {"test_size": 1.0}, {"max_shard_size": 0},
+                                    {"license": ""}, {"n_examples": -1}])
+def test_config_rejects_bad_values(kwargs):
+    with pytest.raises(ValueError):
+        ReleaseConfig(**kwargs)
+
+
+def test_keeps_best_accepted_candidate_per_source(validated, release):
+    best = best_candidates(validated)
+    assert validated.select(best)[S.SOURCE_ID] == select_best(validated)[S.SOURCE_ID]
+    pairs = [row for split in release["pairs"].values() for row in split]
+    sources_with_accepted = {s for s, ok in zip(validated[S.SOURCE_ID], validated[S.ACCEPTED]) if ok}
+    assert sorted(p[S.SOURCE_ID] for p in pairs) == sorted(sources_with_accepted)
+    for p in pairs:
+        rows = [r for r in validated if r[S.SOURCE_ID] == p[S.SOURCE_ID] and r[S.ACCEPTED]]
+        chosen = min(rows, key=lambda r: r[S.LPIPS_OUTSIDE])  # lowest LPIPS outside wins
+        assert digest(p[S.SAFE_IMAGE]) == digest(chosen[S.EDITED_IMAGE])
+        assert digest(p[S.UNSAFE_IMAGE]) == digest(chosen[S.IMAGE])
+        assert (p[S.SEED], p[S.EDITOR], p[S.POLICY], p[S.INSTRUCTOR]) == (
+            chosen[S.SEED], chosen[S.EDITOR], chosen[S.POLICY], chosen[S.INSTRUCTOR])
+    rejected = release["rejected"]["test"]
+    assert len(rejected) + len(pairs) == len(validated)
+    reasons = set(rejected[S.REJECT_REASON])
+    assert reasons == {"not_local", NOT_SELECTED}
+    assert release.funnel[-1]["rows_out"] == len(pairs)
+
+
+def test_pair_ids_are_stable_and_unique(release):
+    again = assemble(validated_rows(n_sources=12), ReleaseConfig(split_by="source"))
+    ids = [i for split in release["pairs"].values() for i in split[S.PAIR_ID]]
+    assert ids == [i for split in again["pairs"].values() for i in split[S.PAIR_ID]]
+    assert len(set(ids)) == len(ids) and all(i.startswith("sp-") for i in ids)
+
+
+def test_split_grouped_by_source_and_stratified(release):
+    pairs = release["pairs"]
+    assert set(pairs) == {"train", "test"}
+    assert not set(pairs["train"][S.SOURCE_ID]) & set(pairs["test"][S.SOURCE_ID])
+    assert set(pairs["train"][S.CATEGORY]) == set(pairs["test"][S.CATEGORY])
+    for split, ds in release["images"].items():
+        assert set(ds[S.PAIR_ID]) == set(pairs[split][S.PAIR_ID])
+
+
+def test_split_keeps_every_row_of_a_source_together():
+    sources = ["a", "a", "b", "c", "c", "d", "e", "f"]
+    splits = split_by_source(sources, ["O1"] * 4 + ["O2"] * 4, ReleaseConfig(split_by="source", seed=3))
+    side = {}
+    for name, rows in splits.items():
+        for i in rows:
+            assert side.setdefault(sources[i], name) == name
+    assert sorted(i for rows in splits.values() for i in rows) == list(range(len(sources)))
+    assert split_by_source(sources, ["O1"] * 8, ReleaseConfig()) == {"test": list(range(8))}
+
+
+def test_images_config_roles_labels_and_pixels(release):
+    names = S.IMAGE_FEATURES[S.LABEL].names
+    pairs = {p[S.PAIR_ID]: p for split in release["pairs"].values() for p in split}
+    seen = defaultdict(dict)
+    for split in release["images"].values():
+        assert split.features == S.IMAGE_FEATURES
+        for row in split:
+            seen[row[S.PAIR_ID]][row[S.ROLE]] = (names[row[S.LABEL]], digest(row[S.IMAGE]))
+    for pid, roles in seen.items():
+        p = pairs[pid]
+        assert roles["original"] == ("unsafe", digest(p[S.UNSAFE_IMAGE]))
+        assert roles["edited"] == ("safe", digest(p[S.SAFE_IMAGE]))
+        if p[S.CONTROL_IMAGE] is None:
+            assert "control" not in roles
+        else:
+            assert roles["control"] == ("unsafe", digest(p[S.CONTROL_IMAGE]))
+    assert any("control" in r for r in seen.values()) and any("control" not in r for r in seen.values())
+
+
+ROUND_TRIP = r"""
+import hashlib, json, sys
+import numpy as np
+from datasets import load_dataset
+out = {}
+for config in ("pairs", "images"):
+    dd = load_dataset(sys.argv[1]) if config == "pairs" else load_dataset(sys.argv[1], config)
+    for split, ds in dd.items():
+        rows = []
+        for row in ds:
+            rows.append({k: hashlib.sha256(np.asarray(v.convert("RGB")).tobytes()).hexdigest()
+                         if hasattr(v, "convert") else v for k, v in row.items()})
+        out[f"{config}/{split}"] = {"features": ds.features.to_dict(), "rows": rows}
+assert "safetypairs" not in sys.modules
+print(json.dumps(out))
+"""
+
+
+def _expected(dd) -> dict:
+    out = {}
+    for split, ds in dd.items():
+        rows = [{k: digest(v) if hasattr(v, "convert") else v for k, v in row.items()} for row in ds]
+        out[split] = {"features": ds.features.to_dict(), "rows": json.loads(json.dumps(rows))}
+    return out
+
+
+def test_round_trip_through_plain_load_dataset_in_subprocess(release, written, tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HOME": str(tmp_path),
+           "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-c", ROUND_TRIP, str(written)], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    for config in ("pairs", "images"):
+        for split, expected in _expected(release[config]).items():
+            assert loaded[f"{config}/{split}"] == expected, (config, split)
+    assert loaded["images/test"]["features"]["label"]["names"] == ["safe", "unsafe"]
+
+
+def test_layout_embeds_bytes_and_shards(release, written, tmp_path):
+    files = sorted(p.relative_to(written).as_posix() for p in written.rglob("*") if p.is_file())
+    assert "README.md" in files and "assets/example_grid.jpg" in files
+    assert {f.split("/")[1] for f in files if f.startswith("data/")} == {"pairs", "images", "rejected"}
+    table = pq.read_table(data_files(written, "pairs", "test")[0])
+    cells = table.column(S.UNSAFE_IMAGE).to_pylist()
+    assert all(c["bytes"] and not c["path"] for c in cells)
+    small = write_release(release, tmp_path / "small", ReleaseConfig(split_by="source", max_shard_size="40KB"))
+    shards = data_files(small, "images", "test")
+    assert len(shards) > 1 and shards[0].name.endswith(f"-of-{len(shards):05d}.parquet")
+    assert sum(pq.read_metadata(s).num_rows for s in shards) == len(release["images"]["test"])
+
+
+def test_write_refuses_non_empty_folder(release, written):
+    with pytest.raises(FileExistsError):
+        write_release(release, written)
+
+
+def test_missing_required_column_is_named(validated):
+    with pytest.raises(ValueError, match="accepted"):
+        assemble(validated.remove_columns(S.ACCEPTED))
+
+
+def test_read_input_and_cli_dry_run(validated, tmp_path, capsys):
+    validated.save_to_disk(str(tmp_path / "validated"))
+    assert isinstance(read_input(tmp_path / "validated"), Dataset)
+    out = tmp_path / "release"
+    rc = main(["-q", "release", str(tmp_path / "validated"), "--out", str(out), "--split-by", "source",
+               "--test-size", "0.5", "--push", "org/safetypairs", "--gated", "--dry-run"])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "dry run" in printed and "data/pairs/test-00000-of-00001.parquet" in printed
+    assert (out / "README.md").is_file()
+    assert main(["release", str(tmp_path / "validated"), "--out", str(out)]) == 2  # not empty
+    assert main(["release", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
+    assert "error" in capsys.readouterr().err
