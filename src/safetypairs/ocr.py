@@ -56,7 +56,7 @@ def _engine():
     from rapidocr import RapidOCR
 
     # The angle classifier only matters for upside-down text; skipping it halves the time.
-    return RapidOCR(params={"Global.log_level": "warning", "Global.use_cls": False})
+    return RapidOCR(params={"Global.log_level": "error", "Global.use_cls": False})
 
 
 def read_text(image: Image.Image, config: OCRConfig = OCRConfig()) -> list[TextBox]:

@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from datasets import Dataset, Features
+from datasets import Dataset, Features, Image
 
 from safetypairs.utils import status_histogram
 
@@ -40,7 +40,7 @@ def map_stage(
 ) -> tuple[Dataset, StageResult]:
     """Run a stage transform with ``Dataset.map(batched=True, with_rank=True)``.
 
-    The transform holds only plain config (so the map fingerprint is stable and the `datasets`
+    Image columns reach the transform undecoded (see `undecoded`). The transform holds only plain config (so the map fingerprint is stable and the `datasets`
     cache is reused on a re-run) and loads models lazily per process and device.
 
     Args:
@@ -60,6 +60,7 @@ def map_stage(
         RuntimeError: if the transform lost or added rows.
     """
     rows_in = len(dataset)
+    dataset = undecoded(dataset)
     multi = num_proc is not None and num_proc > 1
     if multi:
         _use_spawn_for_cuda()
@@ -77,6 +78,21 @@ def map_stage(
     result = StageResult(stage, rows_in, len(out), status_histogram(out[status_column]))
     logger.info("%s: %d rows in, %d out, statuses %s", stage, rows_in, len(out), result.statuses)
     return out, result
+
+
+def undecoded(dataset: Dataset) -> Dataset:
+    """The same rows with image columns left as ``{"bytes", "path"}`` dicts.
+
+    Transforms decode images themselves with `utils.load_image`, so a corrupt image becomes a
+    row status instead of an exception inside `datasets`' decoder.
+    """
+    features = dataset.features.copy()
+    changed = False
+    for name, feature in features.items():
+        if isinstance(feature, Image) and feature.decode:
+            features[name] = Image(decode=False)
+            changed = True
+    return dataset.cast(features) if changed else dataset
 
 
 def _use_spawn_for_cuda() -> None:

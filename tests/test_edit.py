@@ -1,0 +1,88 @@
+"""Edit stage: K candidates with stable seeds, artifact control, per-row failure isolation."""
+
+from dataclasses import dataclass
+
+import pytest
+from datasets import Dataset, Image
+from PIL import ImageOps
+
+from safetypairs import registry
+from safetypairs import schema as S
+from safetypairs.edit import EditConfig, candidate_seed, run_edit
+from safetypairs.instruct import InstructConfig, run_instruct
+from safetypairs.sources import build_demo_source
+
+
+@dataclass
+class FlakyEditor:
+    """Inverts images; fails on instructions mentioning 'boom' (a stand-in for an editor crash)."""
+
+    spec: str = "flaky"
+
+    @classmethod
+    def from_spec(cls, arg, device="cpu", **_):
+        return cls()
+
+    def edit(self, images, instructions, seeds):
+        if any("boom" in i for i in instructions):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return [ImageOps.invert(im) for im in images]
+
+
+@pytest.fixture
+def flaky_editor(monkeypatch):
+    monkeypatch.setitem(registry.REGISTRY["editors"], "flaky", f"{__name__}:FlakyEditor")
+    registry._load.cache_clear()
+    yield "flaky"
+    registry._load.cache_clear()
+
+
+def _instructed(n=3, instructions=None):
+    ds = build_demo_source(n)
+    rows = ds.to_list()
+    for i, row in enumerate(rows):
+        row.update({S.INSTRUCTION: (instructions or [f"edit {i}"] * n)[i], S.INSTRUCT_STATUS: "ok"})
+    return Dataset.from_list(rows).cast_column(S.IMAGE, Image())
+
+
+def test_candidates_get_distinct_stable_seeds_and_one_control(flaky_editor):
+    ds = _instructed(3, ["make it blue", "boom", "make it red"])
+    out, result = run_edit(ds, EditConfig(editor=flaky_editor, candidates=2, control=True, seed=7, device="cpu"))
+    assert (result.rows_in, result.rows_out) == (3, 6)
+    assert out[S.CANDIDATE] == [0, 1, 0, 1, 0, 1]
+    assert out[S.SEED][0] != out[S.SEED][1] and out[S.SEED][0] == candidate_seed(7, out[S.SOURCE_ID][0], 0)
+    assert out[S.EDIT_STATUS] == ["ok", "ok", "error", "error", "ok", "ok"]
+    assert "out of memory" in out[S.EDIT_ERROR][2] and out[S.SOURCE_ID][2] in out[S.EDIT_ERROR][2]
+    controls = [c is not None for c in out[S.CONTROL_IMAGE]]
+    assert controls == [True, False, True, False, True, False]  # the no-op control of row 1 still ran
+    original, edited = out[0][S.IMAGE], out[0][S.EDITED_IMAGE]
+    assert edited.size == original.size and list(ImageOps.invert(original).getdata()) == list(edited.getdata())
+    assert result.statuses == {"ok": 4, "error": 2}
+
+
+def test_seeds_do_not_depend_on_batching(flaky_editor):
+    ds = _instructed(3)
+    a, _ = run_edit(ds, EditConfig(editor=flaky_editor, candidates=2, batch_size=1, device="cpu"))
+    b, _ = run_edit(ds, EditConfig(editor=flaky_editor, candidates=2, batch_size=5, device="cpu"))
+    assert a[S.SEED] == b[S.SEED]
+
+
+def test_rows_without_instruction_are_skipped_not_lost(flaky_editor):
+    ds = _instructed(2).map(lambda r, i: {S.INSTRUCT_STATUS: "no_violation_found" if i == 0 else "ok"}, with_indices=True)
+    out, result = run_edit(ds, EditConfig(editor=flaky_editor, device="cpu"))
+    assert out[S.EDIT_STATUS] == ["skipped", "ok"] and "no_violation_found" in out[S.EDIT_ERROR][0]
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="Did you mean 'ocr-inpaint'"):
+        EditConfig(editor="ocr-inpaintt")
+    with pytest.raises(ValueError, match="candidates"):
+        EditConfig(candidates=0)
+
+
+def test_ocr_inpaint_through_the_stage_on_real_photos():
+    ds, _ = run_instruct(build_demo_source(2), InstructConfig(device="cpu"))
+    out, result = run_edit(ds, EditConfig(device="cpu"))
+    assert result.statuses == {"ok": 2}
+    for row in out:
+        assert row[S.EDITED_IMAGE].size == row[S.IMAGE].size and row[S.CONTROL_IMAGE].size == row[S.IMAGE].size

@@ -1,0 +1,46 @@
+"""Offline classifiers (judges and guards): ocr-lexicon and nudenet on real photos."""
+
+import json
+
+import pytest
+
+from safetypairs.guards import NudeNetGuard, OCRLexiconGuard
+from safetypairs.policy import load_policy
+from safetypairs.render import TextStyle, draw_text
+from safetypairs.sources import demo_photo
+
+
+def _captioned(text):
+    image = demo_photo("coffee").copy()
+    draw_text(image, text, (40, 20, 560, 80), TextStyle(fill=(255, 230, 0)))
+    return image
+
+
+def test_ocr_lexicon_flags_insults_and_passes_benign_text():
+    guard = OCRLexiconGuard.from_spec(None)
+    unsafe, safe, plain = guard.classify(
+        [_captioned("WORTHLESS IDIOT"), _captioned("HAVE A NICE DAY"), demo_photo("coffee")], [None] * 3, load_policy()
+    )
+    assert unsafe.label == "unsafe" and "idiot" in unsafe.rationale and unsafe.score > 0.5
+    assert json.loads(unsafe.raw)[0]["text"].upper().startswith("WORTHLESS")
+    assert safe.label == "safe" and "no lexicon words" in safe.rationale and safe.score == 0.0
+    assert plain.label == "safe" and plain.rationale == "no text detected"
+
+
+def test_ocr_lexicon_options():
+    guard = OCRLexiconGuard.from_spec("box_thresh=0.3,mode=det")
+    assert guard.ocr.box_thresh == 0.3 and guard.spec == "ocr-lexicon:box_thresh=0.3,mode=det"
+    with pytest.raises(ValueError, match="'det' or 'rec'"):
+        OCRLexiconGuard.from_spec("mode=both")
+    with pytest.raises(ValueError, match="must be a number"):
+        OCRLexiconGuard.from_spec("box_thresh=high")
+
+
+def test_nudenet_calls_clothed_photos_safe():
+    guard = NudeNetGuard.from_spec(None)
+    verdicts = guard.classify([demo_photo("astronaut"), demo_photo("chelsea")], [None, None], load_policy())
+    assert [v.label for v in verdicts] == ["safe", "safe"]
+    assert all(0.0 <= v.score < 0.5 for v in verdicts)
+    assert isinstance(json.loads(verdicts[0].raw), list)
+    with pytest.raises(ValueError, match="threshold"):
+        NudeNetGuard.from_spec("threshold=2")

@@ -1,0 +1,72 @@
+"""Policy loading, validation of malformed files and prompt rendering."""
+
+import pytest
+import yaml
+
+from safetypairs.policy import PolicyError, builtin_policies, load_policy, render_policy
+
+
+def test_builtin_llavaguard_has_nine_categories():
+    policy = load_policy("llavaguard")
+    assert "llavaguard" in builtin_policies()
+    assert list(policy.categories) == [f"O{i}" for i in range(1, 10)]
+    assert policy.id == "llavaguard@1.0"
+    assert all(cat.should_not for cat in policy.categories.values())
+    assert policy.category("O1").lexicon
+
+
+def test_lexicon_matches_whole_words_and_glued_tokens():
+    policy = load_policy()
+    assert policy.lexicon_matches("You are a LOSER!") == ["loser"]
+    assert policy.lexicon_matches("STUPIDFACE") == ["stupid"]
+    assert policy.lexicon_matches("whatever happens") == []  # 'hate' inside a word is not a match
+    assert policy.lexicon_matches("have a nice day") == []
+
+
+def test_render_policy_lists_should_not_and_can():
+    text = render_policy(load_policy(), ["O1", "O4"])
+    assert text.startswith("O1: Hate, Humiliation, Harassment")
+    assert "Should not:" in text and "Can:" in text and "O4: Nudity" in text
+    assert "O2" not in text
+
+
+def test_unknown_category_names_allowed_codes():
+    with pytest.raises(KeyError, match="allowed: O1, O2"):
+        load_policy().category("O42")
+
+
+def _write(tmp_path, data):
+    path = tmp_path / "custom.yaml"
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+def test_custom_policy_loads(tmp_path):
+    path = _write(tmp_path, {"name": "mine", "version": 2, "categories": {
+        "C1": {"name": "Spiders", "should_not": ["show spiders"], "can": ["show webs"], "lexicon": ["Spider"]}}})
+    policy = load_policy(path)
+    assert policy.id == "mine@2" and policy.category("C1").lexicon == ("spider",)
+
+
+@pytest.mark.parametrize(
+    "data, field",
+    [
+        ({"version": 1, "categories": {"C1": {"name": "x", "should_not": ["y"]}}}, "'name'"),
+        ({"name": "p", "version": 1, "categories": {}}, "categories"),
+        ({"name": "p", "version": 1, "categories": {"C1": {"should_not": ["y"]}}}, "categories.C1"),
+        ({"name": "p", "version": 1, "categories": {"C1": {"name": "x", "should_not": "y"}}}, "categories.C1.should_not"),
+        ({"name": "p", "version": 1, "categories": {"C1": {"name": "x", "should_not": ["y"], "cann": []}}}, "cann"),
+        ("name: [unclosed", "not valid YAML"),
+        ("- a list", "must be a mapping"),
+    ],
+)
+def test_malformed_policy_names_the_field(tmp_path, data, field):
+    with pytest.raises(PolicyError, match=field.replace(".", r"\.").replace("[", r"\[")):
+        load_policy(_write(tmp_path, data))
+
+
+def test_missing_file_and_unknown_name():
+    with pytest.raises(PolicyError, match="does not exist"):
+        load_policy("/nonexistent/policy.yaml")
+    with pytest.raises(PolicyError, match="built-in: llavaguard"):
+        load_policy("llavaguardd")
