@@ -21,7 +21,7 @@ def test_ocr_lexicon_flags_insults_and_passes_benign_text():
     unsafe, safe, plain = guard.classify(
         [_captioned("WORTHLESS IDIOT"), _captioned("HAVE A NICE DAY"), demo_photo("coffee")], [None] * 3, load_policy()
     )
-    assert unsafe.label == "unsafe" and "idiot" in unsafe.rationale and unsafe.score > 0.5
+    assert unsafe.label == "unsafe" and "worthless" in unsafe.rationale and unsafe.score > 0.5
     assert json.loads(unsafe.raw)[0]["text"].upper().startswith("WORTHLESS")
     assert safe.label == "safe" and "no lexicon words" in safe.rationale and safe.score == 0.0
     assert plain.label == "safe" and plain.rationale == "no text detected"
