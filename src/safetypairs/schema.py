@@ -35,6 +35,7 @@ EDIT_ERROR = "edit_error"
 EDIT_MASK = "edit_mask"
 CHANGED_FRACTION = "changed_fraction"
 CHANGE_BBOX = "change_bbox"  # [x0, y0, x1, y1] of the change mask, empty when nothing changed
+CHANGE_SPREAD = "change_spread"  # share of 8x8 grid cells the change touches (locality)
 LPIPS_OUTSIDE = "lpips_outside"
 LPIPS_INSIDE = "lpips_inside"
 SSIM_OUTSIDE = "ssim_outside"
@@ -138,6 +139,7 @@ VALIDATION_FEATURES = Features(
         EDIT_MASK: Image(),
         CHANGED_FRACTION: Value("float32"),
         CHANGE_BBOX: Sequence(Value("int32")),
+        CHANGE_SPREAD: Value("float32"),
         LPIPS_OUTSIDE: Value("float32"),
         LPIPS_INSIDE: Value("float32"),
         SSIM_OUTSIDE: Value("float32"),
