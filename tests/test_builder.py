@@ -1,0 +1,68 @@
+"""Raw release layout: export_raw writes it, SafetyPairsRaw (a GeneratorBasedBuilder) rebuilds the same rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from release_rows import digest, validated_rows
+
+from safetypairs import schema as S
+from safetypairs.builder import METADATA, SafetyPairsRaw, export_raw, load_raw
+from safetypairs.cli import main
+from safetypairs.release import ReleaseConfig, assemble
+
+
+def _rows(ds) -> list[dict]:
+    return [{k: digest(v) if hasattr(v, "convert") else v for k, v in row.items()} for row in ds]
+
+
+@pytest.fixture(scope="module")
+def release():
+    return assemble(validated_rows(n_sources=8), ReleaseConfig(split_by="source"))
+
+
+@pytest.fixture(scope="module")
+def raw(release, tmp_path_factory):
+    return export_raw(release, tmp_path_factory.mktemp("raw") / "raw")
+
+
+def test_builder_rebuilds_every_config(release, raw, tmp_path):
+    rebuilt = load_raw(raw, cache_dir=tmp_path / "cache")
+    assert set(rebuilt.configs) == set(release.configs)
+    for name, splits in release.configs.items():
+        assert list(rebuilt[name]) == list(splits)
+        for split, ds in splits.items():
+            assert rebuilt[name][split].features == ds.features
+            assert _rows(rebuilt[name][split]) == _rows(ds), (name, split)
+
+
+def test_builder_used_directly(raw, tmp_path):
+    builder = SafetyPairsRaw(config_name="images", data_dir=str(raw), cache_dir=str(tmp_path / "cache"))
+    builder.download_and_prepare()
+    images = builder.as_dataset(split="test")
+    assert images.features == S.IMAGE_FEATURES
+    assert set(images[S.ROLE]) == {"original", "edited", "control"}
+    with pytest.raises(ValueError, match="data_dir"):
+        SafetyPairsRaw(config_name="pairs", cache_dir=str(tmp_path / "c2")).download_and_prepare()
+
+
+def test_hand_edits_are_picked_up_and_released(raw, tmp_path):
+    edited = tmp_path / "edited"
+    export_raw(load_raw(raw, cache_dir=tmp_path / "c0"), edited)
+    lines = (edited / METADATA["pairs"]).read_text().splitlines()
+    first = json.loads(lines[0])
+    first[S.CATEGORY] = "O9"
+    (edited / METADATA["pairs"]).write_text("\n".join([json.dumps(first)] + lines[2:]) + "\n")  # drop one pair
+    rebuilt = load_raw(edited, cache_dir=tmp_path / "c1")
+    pairs = [r for split in rebuilt["pairs"].values() for r in split]
+    assert len(pairs) == len(lines) - 1 and pairs[0][S.CATEGORY] == "O9"
+    assert sum(len(ds) for ds in rebuilt["images"].values()) == sum(2 + (p[S.CONTROL_IMAGE] is not None) for p in pairs)
+    out = tmp_path / "release"
+    assert main(["-q", "release", str(edited), "--out", str(out)]) == 0
+    assert "| O9 |" in (out / "README.md").read_text()
+
+
+def test_export_refuses_non_empty_folder(release, raw):
+    with pytest.raises(FileExistsError):
+        export_raw(release, raw)

@@ -1,0 +1,89 @@
+"""Dataset card: Hub-valid YAML (configs, dataset_info, gating) and a body generated from the release."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from huggingface_hub import DatasetCard, DatasetCardData
+from PIL import Image
+from release_rows import validated_rows
+
+from safetypairs import schema as S
+from safetypairs.card import GRID_PATH, render_card, size_category, template_path
+from safetypairs.release import ReleaseConfig, assemble, write_release
+
+FUNNEL = [
+    {"stage": "source", "rows_in": 9, "rows_out": 9, "statuses": {"ok": 9}},
+    {"stage": "edit", "rows_in": 18, "rows_out": 18, "statuses": {"ok": 17, "no_text_found": 1}},
+]
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    config = ReleaseConfig(split_by="source", license="cc-by-4.0", pretty_name="Tiny SafetyPairs")
+    release = assemble(validated_rows(n_sources=9), config)
+    out = write_release(release, tmp_path_factory.mktemp("card") / "ds", config, funnel=FUNNEL)
+    return release, out
+
+
+def test_yaml_parses_as_dataset_card_data(written):
+    release, out = written
+    card = DatasetCard.load(out / "README.md")
+    assert isinstance(card.data, DatasetCardData)
+    data = card.data.to_dict()
+    assert data["license"] == "cc-by-4.0" and data["task_categories"] == ["image-classification"]
+    assert data["size_categories"] == ["n<1K"] and "not-for-all-audiences" in data["tags"]
+    assert data["extra_gated_prompt"] and any(v == "checkbox" for v in data["extra_gated_fields"].values())
+    configs = {c["config_name"]: c for c in data["configs"]}
+    assert set(configs) == {"pairs", "images", "rejected"} and configs["pairs"]["default"] is True
+    assert {f["split"]: f["path"] for f in configs["images"]["data_files"]} == {
+        "test": "data/images/test-*", "train": "data/images/train-*"}
+    infos = {i["config_name"]: i for i in data["dataset_info"]}
+    label = next(f for f in infos["images"]["features"] if f["name"] == "label")
+    assert label["dtype"]["class_label"]["names"] == {"0": "safe", "1": "unsafe"}
+    splits = {s["name"]: s["num_examples"] for s in infos["pairs"]["splits"]}
+    assert splits == {name: len(ds) for name, ds in release["pairs"].items()}
+    assert yaml.safe_load((out / "README.md").read_text().split("---")[1])["pretty_name"] == "Tiny SafetyPairs"
+
+
+def test_body_generated_from_the_data(written):
+    release, out = written
+    text = (out / "README.md").read_text()
+    for code in set(release["pairs"]["test"][S.CATEGORY]):
+        n_test = release["pairs"]["test"][S.CATEGORY].count(code)
+        n_train = release["pairs"]["train"][S.CATEGORY].count(code)
+        assert f"| {code} | " in text and f" {n_test} | {n_train} | {n_test + n_train} |" in text
+    assert "Hate, Humiliation, Harassment" in text  # names from the built-in llavaguard policy
+    assert "| edit | 18 | 18 | ok: 17, no_text_found: 1 |" in text  # the pipeline funnel given
+    assert "| not_local |" in text  # rejection reasons
+    assert "`ocr-inpaint@test`" in text and "`llavaguard@1`" in text and "`template`" in text
+    assert "arXiv:2510.21120" in text and "Content warning" in text and "confound" in text
+    assert f"]({GRID_PATH})" in text
+    grid = Image.open(out / GRID_PATH)
+    assert grid.width == 3 * 256 and grid.height >= 256
+
+
+def test_card_without_controls_or_grid_says_so(tmp_path):
+    config = ReleaseConfig(include_rejected=False, n_examples=0)
+    validated = validated_rows(n_sources=3).map(lambda r: {S.CONTROL_IMAGE: None})
+    release = assemble(validated, config)
+    out = write_release(release, tmp_path / "ds", config)
+    text = (out / "README.md").read_text()
+    assert "no `control` images" in text and "example_grid" not in text
+    assert not (out / "assets").exists()
+    assert [c["config_name"] for c in DatasetCard.load(out / "README.md").data.configs] == ["pairs", "images"]
+    assert render_card(release, out, config).data.license == "cc-by-nc-4.0"
+
+
+def test_template_ships_in_the_package_and_dataset_card_points_to_it():
+    path = template_path()
+    assert path.is_file() and path.read_text().startswith("---\n{{ card_data }}\n---")
+    checkout = Path(__file__).resolve().parents[1] / "dataset_card" / "README.md.jinja"
+    assert checkout.resolve() == path.resolve()
+
+
+@pytest.mark.parametrize("n,label", [(0, "n<1K"), (999, "n<1K"), (3020, "1K<n<10K"), (10**6, "1M<n<10M")])
+def test_size_category(n, label):
+    assert size_category(n) == label
