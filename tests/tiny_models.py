@@ -155,12 +155,13 @@ def build_tiny_ip2p(path: str | Path, seed: int = 0) -> str:
     tokenizer, text_encoder = _clip_text()
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=8, out_channels=4,
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=32, in_channels=8, out_channels=4,
+        norm_num_groups=8, attention_head_dim=8,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32,
     )
     vae = AutoencoderKL(
-        block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
+        block_out_channels=[16, 32], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
     )
     pipe = StableDiffusionInstructPix2PixPipeline(

@@ -1,0 +1,334 @@
+"""Editor backend ``diffusers:<model id or path>``: instruction-based and mask-guided diffusers pipelines."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+OFFLOADS = ("none", "model", "sequential")
+
+
+@dataclass(frozen=True)
+class PipelineFamily:
+    """How to drive one diffusers pipeline class.
+
+    Attributes:
+        resolution: default working resolution (the side of a square of the same area).
+        packed: latents are packed 2x2 (Flux, Qwen): sizes are multiples of 2 * vae_scale_factor.
+        batched: one call may carry several source images (QwenImageEditPlus reads a list of
+            images as several references for ONE edit, so it runs image by image).
+        cfg_arg: the call argument that takes ``guidance``.
+        negative_prompt: passed to enable true classifier-free guidance (Qwen).
+    """
+
+    resolution: int
+    packed: bool
+    batched: bool = True
+    cfg_arg: str = "guidance_scale"
+    negative_prompt: str | None = None
+
+
+_QWEN = PipelineFamily(1024, packed=True, batched=False, cfg_arg="true_cfg_scale", negative_prompt=" ")
+PIPELINES: dict[str, PipelineFamily] = {
+    "StableDiffusionInstructPix2PixPipeline": PipelineFamily(512, packed=False),
+    "StableDiffusionXLInstructPix2PixPipeline": PipelineFamily(768, packed=False),
+    "FluxKontextPipeline": PipelineFamily(1024, packed=True),
+    "FluxKontextInpaintPipeline": PipelineFamily(1024, packed=True),
+    "QwenImageEditPipeline": _QWEN,
+    "QwenImageEditPlusPipeline": _QWEN,
+    "QwenImageEditInpaintPipeline": _QWEN,
+    "StableDiffusionInpaintPipeline": PipelineFamily(512, packed=False),
+    "StableDiffusionXLInpaintPipeline": PipelineFamily(1024, packed=False),
+    "FluxFillPipeline": PipelineFamily(1024, packed=True),
+    "FluxInpaintPipeline": PipelineFamily(1024, packed=True),
+}
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected a boolean (true/false), got {value!r}")
+
+
+def _optional(kind: type) -> Any:
+    return lambda v: None if v is None or str(v).lower() in ("", "none", "default") else kind(v)
+
+
+@dataclass(frozen=True)
+class DiffusionOptions:
+    """Options of the ``diffusers`` editor (given as backend options, strings are coerced).
+
+    Attributes:
+        steps: denoising steps; ``None`` keeps the pipeline's default.
+        guidance: text guidance (``guidance_scale``, or ``true_cfg_scale`` for Qwen); ``None`` = default.
+        image_guidance: image guidance (InstructPix2Pix ``image_guidance_scale`` only).
+        resolution: working resolution (side of the equal-area square); ``None`` = the pipeline
+            family's default, ``0`` = the source size rounded to the pipeline's multiple.
+        dtype: one of ``DTYPES``; ``auto`` is bfloat16 on CUDA (float16 without bf16 support), float32 on CPU.
+        offload: one of ``OFFLOADS`` (diffusers model / sequential CPU offload; CUDA only).
+        trust_remote_code: allow custom pipeline code from the model repo.
+        revision: a hub revision (branch, tag or commit).
+        safety_checker: keep the pipeline's own NSFW safety checker when it ships one
+            (its flagged outputs are black images, reported as an error for that row).
+    """
+
+    steps: int | None = None
+    guidance: float | None = None
+    image_guidance: float | None = None
+    resolution: int | None = None
+    dtype: str = "auto"
+    offload: str = "none"
+    trust_remote_code: bool = False
+    revision: str | None = None
+    safety_checker: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"diffusers dtype {self.dtype!r} not allowed; allowed: {', '.join(DTYPES)}")
+        if self.offload not in OFFLOADS:
+            raise ValueError(f"diffusers offload {self.offload!r} not allowed; allowed: {', '.join(OFFLOADS)}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"diffusers steps must be >= 1, got {self.steps}")
+        if self.resolution is not None and self.resolution < 0:
+            raise ValueError(f"diffusers resolution must be >= 0, got {self.resolution}")
+
+    @classmethod
+    def parse(cls, options: dict[str, Any]) -> "DiffusionOptions":
+        """Build from backend options (values may be strings, e.g. from ``parse_options``).
+
+        Raises:
+            ValueError: for an unknown option (naming the allowed ones) or a bad value.
+        """
+        casts = {"steps": _optional(int), "guidance": _optional(float), "image_guidance": _optional(float),
+                 "resolution": _optional(int), "dtype": str, "offload": str, "trust_remote_code": _as_bool,
+                 "revision": _optional(str), "safety_checker": _as_bool}
+        unknown = set(options) - set(casts)
+        if unknown:
+            raise ValueError(f"unknown diffusers option(s) {sorted(unknown)}; allowed: {', '.join(casts)}")
+        try:
+            return cls(**{k: casts[k](v) for k, v in options.items()})
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"bad diffusers option value in {options}: {err}") from err
+
+
+def model_index(model: str, revision: str | None = None) -> dict[str, Any]:
+    """Read a pipeline's ``model_index.json`` (local folder or hub id); ``_class_name`` names its class.
+
+    Raises:
+        OSError: when the folder or repo has no ``model_index.json``.
+    """
+    from diffusers import DiffusionPipeline
+
+    return dict(DiffusionPipeline.load_config(model, revision=revision))
+
+
+def work_size(size: tuple[int, int], resolution: int, multiple: int) -> tuple[int, int]:
+    """The size a pipeline runs at: the source's aspect at ``resolution**2`` pixels (``0``: the
+    source size), each side rounded to a multiple of ``multiple`` (at least one multiple)."""
+    w, h = size
+    if resolution:
+        scale = math.sqrt(resolution * resolution / (w * h))
+        w, h = w * scale, h * scale
+    return max(multiple, round(w / multiple) * multiple), max(multiple, round(h / multiple) * multiple)
+
+
+def _torch_dtype(name: str, device: str) -> Any:
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if not device.startswith("cuda"):
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+class BlockedOutputError(RuntimeError):
+    """The pipeline's own safety checker blacked out some outputs."""
+
+
+class DiffusersEditor:
+    """``diffusers:<model id or local path>``: edits with the pipeline named in ``model_index.json``.
+
+    Supported pipeline classes are the keys of `PIPELINES` (any class with
+    ``trust_remote_code``). Mask-guided (inpainting) pipelines need ``masks`` in `edit`.
+    Outputs are resized back to exactly each source's size; the working size is kept in the
+    returned image's ``info["work_size"]``.
+    """
+
+    def __init__(self, pipe: Any, model: str, family: PipelineFamily, options: DiffusionOptions) -> None:
+        self.pipe = pipe
+        self.model = model
+        self.family = family
+        self.options = options
+        self.spec = f"diffusers:{model}"
+        self._params = set(inspect.signature(type(pipe).__call__).parameters)
+        self.needs_mask = "mask_image" in self._params
+        factor = int(getattr(pipe, "vae_scale_factor", 8))
+        self.multiple = factor * 2 if family.packed else factor
+        if options.image_guidance is not None and "image_guidance_scale" not in self._params:
+            raise ValueError(f"image_guidance is only for pipelines with image_guidance_scale "
+                             f"(InstructPix2Pix), not {type(pipe).__name__}")
+
+    @classmethod
+    def from_spec(cls, arg: str | None, device: str = "cpu", **options: Any) -> "DiffusersEditor":
+        """Load the pipeline (safetensors only) onto ``device``.
+
+        Args:
+            arg: a hub model id or a local folder written by ``save_pretrained``.
+            device: torch device string.
+            **options: `DiffusionOptions` fields (strings are coerced).
+
+        Returns:
+            The editor.
+
+        Raises:
+            ValueError: for a missing model, bad options or an unsupported pipeline class.
+        """
+        if not arg:
+            raise ValueError("the diffusers editor needs a model: diffusers:<model id or local path>")
+        opts = DiffusionOptions.parse(options)
+        index = model_index(arg, opts.revision)
+        class_name = index.get("_class_name")
+        family = PIPELINES.get(class_name) if isinstance(class_name, str) else None
+        if family is None and not opts.trust_remote_code:
+            raise ValueError(f"pipeline class {class_name!r} of {arg!r} is not supported; supported: "
+                             f"{', '.join(PIPELINES)} (or pass trust_remote_code for a custom pipeline)")
+        pipe = _load_pipeline(arg, device, opts, has_checker="safety_checker" in index)
+        return cls(pipe, arg, family or PipelineFamily(1024, packed=False, batched=False), opts)
+
+    def describe(self) -> dict[str, Any]:
+        """What ran, for run metadata: spec, pipeline class and options."""
+        opts = {f.name: getattr(self.options, f.name) for f in fields(self.options)}
+        return {"spec": self.spec, "pipeline": type(self.pipe).__name__, "options": opts}
+
+    def edit(
+        self,
+        images: list[Image.Image],
+        instructions: list[str],
+        seeds: list[int],
+        masks: list[Image.Image | None] | None = None,
+    ) -> list[Image.Image]:
+        """Edit each image with its instruction and seed (one ``torch.Generator`` per image).
+
+        Images that share a working size run in one pipeline call (unless the family is not
+        batched); results are independent of the batch because each image has its own generator.
+
+        Args:
+            images: RGB sources.
+            instructions: one edit instruction (prompt) per image.
+            seeds: one seed per image.
+            masks: for inpainting pipelines, one mask per image (white = repaint).
+
+        Returns:
+            Edited RGB images, each exactly its source's size.
+
+        Raises:
+            ValueError: for mismatched lengths or a missing/unexpected mask.
+            BlockedOutputError: when the pipeline's safety checker blacked out an output.
+        """
+        n = len(images)
+        if len(instructions) != n or len(seeds) != n or (masks is not None and len(masks) != n):
+            raise ValueError("images, instructions, seeds (and masks) must have the same length")
+        if self.needs_mask and (masks is None or any(m is None for m in masks)):
+            raise ValueError(f"{type(self.pipe).__name__} is an inpainting pipeline: every row needs a mask")
+        if not self.needs_mask and masks is not None and any(m is not None for m in masks):
+            raise ValueError(f"{type(self.pipe).__name__} takes no mask; use an inpainting pipeline or drop the mask")
+        resolution = self.family.resolution if self.options.resolution is None else self.options.resolution
+        sizes = [work_size(img.size, resolution, self.multiple) for img in images]
+        out: list[Image.Image | None] = [None] * n
+        for group in self._groups(sizes):
+            edited = self._run(group, sizes[group[0]], images, instructions, seeds, masks)
+            for i, img in zip(group, edited):
+                out[i] = _to_source_size(img, images[i].size, sizes[i])
+        return out  # type: ignore[return-value]
+
+    def _groups(self, sizes: list[tuple[int, int]]) -> list[list[int]]:
+        if not self.family.batched:
+            return [[i] for i in range(len(sizes))]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, size in enumerate(sizes):
+            groups.setdefault(size, []).append(i)
+        return list(groups.values())
+
+    def _run(self, group, size, images, instructions, seeds, masks) -> list[Image.Image]:
+        import torch
+
+        kwargs = self._call_kwargs(size)
+        kwargs["prompt"] = [instructions[i] for i in group]
+        kwargs["image"] = [images[i].convert("RGB").resize(size, Image.Resampling.LANCZOS) for i in group]
+        kwargs["generator"] = [torch.Generator("cpu").manual_seed(int(seeds[i])) for i in group]
+        if self.family.negative_prompt is not None:
+            kwargs["negative_prompt"] = [self.family.negative_prompt] * len(group)
+        if self.needs_mask:
+            kwargs["mask_image"] = [masks[i].convert("L").resize(size, Image.Resampling.NEAREST) for i in group]
+        if not self.family.batched:  # one image per call: plain values, not lists
+            kwargs = {k: v[0] if isinstance(v, list) else v for k, v in kwargs.items()}
+        try:
+            with torch.inference_mode():
+                result = self.pipe(**kwargs)
+        except torch.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise
+        flagged = getattr(result, "nsfw_content_detected", None) or []
+        if any(flagged):
+            raise BlockedOutputError(f"the pipeline's safety checker blocked {sum(map(bool, flagged))} output(s)")
+        return list(result.images)
+
+    def _call_kwargs(self, size: tuple[int, int]) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"output_type": "pil"}
+        if self.options.steps is not None:
+            kwargs["num_inference_steps"] = self.options.steps
+        if self.options.guidance is not None:
+            kwargs[self.family.cfg_arg] = self.options.guidance
+        if self.options.image_guidance is not None:
+            kwargs["image_guidance_scale"] = self.options.image_guidance
+        if "height" in self._params:
+            kwargs["width"], kwargs["height"] = size
+        if "max_area" in self._params:
+            kwargs["max_area"] = size[0] * size[1]
+        if "_auto_resize" in self._params:
+            kwargs["_auto_resize"] = False
+        return kwargs
+
+
+def _to_source_size(image: Image.Image, size: tuple[int, int], work: tuple[int, int]) -> Image.Image:
+    image = image.convert("RGB")
+    if image.size != size:
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    image.info["work_size"] = list(work)
+    return image
+
+
+def _load_pipeline(model: str, device: str, opts: DiffusionOptions, has_checker: bool) -> Any:
+    """``DiffusionPipeline.from_pretrained`` with safetensors only, then device or offload set-up."""
+    from diffusers import DiffusionPipeline
+
+    extra: dict[str, Any] = {}
+    if has_checker and not opts.safety_checker:
+        extra = {"safety_checker": None, "requires_safety_checker": False}
+    pipe = DiffusionPipeline.from_pretrained(
+        model, dtype=_torch_dtype(opts.dtype, device), use_safetensors=True,
+        trust_remote_code=opts.trust_remote_code, revision=opts.revision, **extra,
+    )
+    if opts.offload != "none" and device.startswith("cuda"):
+        enable = pipe.enable_model_cpu_offload if opts.offload == "model" else pipe.enable_sequential_cpu_offload
+        enable(device=device)
+    else:
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    logger.info("loaded %s (%s) on %s", model, type(pipe).__name__, device)
+    return pipe

@@ -1,0 +1,95 @@
+"""Tests for the ``diffusers:<path>`` editor on tiny random pipelines loaded with from_pretrained."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from safetypairs.diffusion import DiffusersEditor, DiffusionOptions, work_size
+from safetypairs.registry import load_backend
+from tiny_models import build_tiny_flux_kontext, build_tiny_ip2p, build_tiny_qwen_edit
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[Image.Image]:
+    from skimage import data
+
+    # odd sizes on purpose: the pipelines need multiples of 8 or 16, the output must match exactly
+    return [Image.fromarray(data.astronaut()).resize((45, 37)), Image.fromarray(data.chelsea()).resize((52, 40)),
+            Image.fromarray(data.coffee()).resize((45, 37))]
+
+
+@pytest.fixture(scope="module")
+def ip2p_path(tmp_path_factory) -> str:
+    return build_tiny_ip2p(tmp_path_factory.mktemp("ip2p") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def kontext_path(tmp_path_factory) -> str:
+    return build_tiny_flux_kontext(tmp_path_factory.mktemp("kontext") / "pipe")
+
+
+def _edit(editor, photos, seeds=(1, 2, 3)):
+    return editor.edit(photos, ["replace the cat with a dog"] * len(photos), list(seeds))
+
+
+@pytest.mark.parametrize("which", ["ip2p", "kontext"])
+def test_edit_keeps_source_size_and_is_seeded(which, photos, ip2p_path, kontext_path):
+    path = ip2p_path if which == "ip2p" else kontext_path
+    editor = load_backend("editors", f"diffusers:{path}", "cpu", steps="2", resolution="0")
+    assert type(editor.pipe).__name__ == ("StableDiffusionInstructPix2PixPipeline" if which == "ip2p"
+                                          else "FluxKontextPipeline")
+    out = _edit(editor, photos)
+    assert [o.size for o in out] == [p.size for p in photos]
+    assert all(o.mode == "RGB" for o in out)
+    assert editor.multiple == 2  # tiny VAEs: scale factor 2 (SD) and 1 packed 2x2 (Flux)
+    assert out[0].info["work_size"] == list(work_size(photos[0].size, 0, editor.multiple))
+    again = _edit(editor, photos)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(out, again))
+    other = _edit(editor, photos, seeds=(9, 2, 3))
+    assert not np.array_equal(np.asarray(out[0]), np.asarray(other[0]))
+    assert np.array_equal(np.asarray(out[1]), np.asarray(other[1]))
+    alone = editor.edit(photos[1:2], ["replace the cat with a dog"], [2])[0]  # batch composition must not matter
+    assert np.abs(np.asarray(alone, dtype=int) - np.asarray(out[1], dtype=int)).max() <= 1
+
+
+def test_options_and_guidance(ip2p_path, kontext_path, photos):
+    editor = DiffusersEditor.from_spec(ip2p_path, steps=2, guidance="3.0", image_guidance="1.2", resolution="32")
+    out = editor.edit(photos[:1], ["x"], [0])[0]
+    assert out.size == photos[0].size and out.info["work_size"] == list(work_size((45, 37), 32, 2))
+    with pytest.raises(ValueError, match="image_guidance is only for"):
+        DiffusersEditor.from_spec(kontext_path, image_guidance=1.5)
+    with pytest.raises(ValueError, match="unknown diffusers option.*allowed: steps"):
+        DiffusionOptions.parse({"stepz": 3})
+    with pytest.raises(ValueError, match="dtype 'float8' not allowed"):
+        DiffusionOptions.parse({"dtype": "float8"})
+    with pytest.raises(ValueError, match="takes no mask"):
+        editor.edit(photos[:1], ["x"], [0], masks=[Image.new("L", photos[0].size)])
+    with pytest.raises(ValueError, match="same length"):
+        editor.edit(photos, ["x"], [0])
+
+
+def test_unsupported_pipeline_and_missing_model(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    with pytest.raises(ValueError, match="not supported; supported: StableDiffusionInstructPix2PixPipeline"):
+        DiffusersEditor.from_spec(str(tmp_path))
+    with pytest.raises(ValueError, match="needs a model"):
+        DiffusersEditor.from_spec(None)
+    with pytest.raises(OSError):
+        DiffusersEditor.from_spec(str(tmp_path / "missing"))
+
+
+def test_work_size():
+    assert work_size((45, 37), 0, 8) == (48, 40)
+    assert work_size((1000, 500), 512, 16) == (720, 368)
+    assert work_size((3, 3), 0, 16) == (16, 16)
+
+
+@pytest.mark.slow
+def test_qwen_image_edit(tmp_path, photos):
+    """~30 s on 2 CPU cores: QwenImageEdit conditions on a ~1 megapixel copy of the source."""
+    path = build_tiny_qwen_edit(tmp_path / "qwen")
+    editor = DiffusersEditor.from_spec(path, steps=2, resolution=32, guidance=2.0)
+    out = editor.edit(photos[:1], ["replace the cat with a dog"], [0])
+    assert out[0].size == photos[0].size
