@@ -18,14 +18,25 @@ LPIPS_MIN_SIDE = {"alex": 32, "squeeze": 24, "vgg": 16}
 _TRUE = ("1", "true", "yes", "on")
 
 
-def _split_net(arg: str | None, default: str) -> tuple[str, dict[str, str]]:
-    """Split ``"<name>[,key=value,...]"`` into the name and its options."""
-    if not arg:
-        return default, {}
-    head, _, rest = arg.partition(",")
+def lpips_arguments(arg: str | None) -> tuple[str, bool]:
+    """Parse the LPIPS spec argument ``"<net>[,pnet_rand=true]"`` (default net ``alex``).
+
+    Returns:
+        ``(net, pnet_rand)``.
+
+    Raises:
+        ValueError: for an unknown net or option, naming the allowed values.
+    """
+    head, _, rest = (arg or "").partition(",")
     if "=" in head:
-        return default, parse_options(arg)
-    return head.strip() or default, parse_options(rest)
+        head, rest = "", arg or ""
+    net = head.strip() or "alex"
+    options = parse_options(rest)
+    if net not in LPIPS_NETS:
+        raise ValueError(f"unknown LPIPS net {net!r}; allowed: {', '.join(LPIPS_NETS)}")
+    if set(options) - {"pnet_rand"}:
+        raise ValueError(f"unknown lpips option(s) {sorted(set(options) - {'pnet_rand'})}; allowed: pnet_rand")
+    return net, options.get("pnet_rand", "false").lower() in _TRUE
 
 
 class LPIPSEncoder:
@@ -40,8 +51,6 @@ class LPIPSEncoder:
         import lpips
         import torch
 
-        if net not in LPIPS_NETS:
-            raise ValueError(f"unknown LPIPS net {net!r}; allowed: {', '.join(LPIPS_NETS)}")
         self.net, self.device, self.pnet_rand = net, device, pnet_rand
         self.min_side = LPIPS_MIN_SIDE[net]
         if pnet_rand:
@@ -52,17 +61,15 @@ class LPIPSEncoder:
 
     @classmethod
     def from_spec(cls, arg: str | None, device: str = "cpu", **options: Any) -> LPIPSEncoder:
-        """Build from ``"<net>[,pnet_rand=true]"`` (default net ``alex``).
+        """Build from ``"<net>[,pnet_rand=true]"`` (see `lpips_arguments`).
 
         Raises:
             ValueError: for an unknown net or option.
         """
-        net, parsed = _split_net(arg, "alex")
-        parsed.update({k: str(v) for k, v in options.items()})
-        unknown = set(parsed) - {"pnet_rand"}
-        if unknown:
-            raise ValueError(f"unknown lpips option(s) {sorted(unknown)}; allowed: pnet_rand")
-        return cls(net, device=device, pnet_rand=parsed.get("pnet_rand", "false").lower() in _TRUE)
+        if options:
+            raise ValueError(f"lpips options go in the spec (lpips:<net>,pnet_rand=true), got {sorted(options)}")
+        net, pnet_rand = lpips_arguments(arg)
+        return cls(net, device=device, pnet_rand=pnet_rand)
 
     @property
     def name(self) -> str:

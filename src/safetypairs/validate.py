@@ -14,6 +14,7 @@ from PIL import Image
 
 from safetypairs import schema as S
 from safetypairs.change import ChangeMask, MaskParams, bbox, change_mask, masked_mean, psnr_where, ssim_map, to_float
+from safetypairs.encoders import lpips_arguments
 from safetypairs.registry import parse_spec
 from safetypairs.stage import StageResult, map_stage
 from safetypairs.utils import ImageError, device_for_rank, load_image
@@ -115,8 +116,11 @@ class ValidateConfig:
             raise ValueError("original_column and edited_column must differ")
         if self.judge is not None:
             parse_spec("judges", self.judge)
-        if self.lpips is not None and parse_spec("encoders", self.lpips).alias != "lpips":
-            raise ValueError(f"lpips must be an 'lpips:<alex|vgg|squeeze>' spec, got {self.lpips!r}")
+        if self.lpips is not None:
+            spec = parse_spec("encoders", self.lpips)
+            if spec.alias != "lpips":
+                raise ValueError(f"lpips must be an 'lpips:<alex|vgg|squeeze>' spec, got {self.lpips!r}")
+            lpips_arguments(spec.arg)
         if self.clip is not None and parse_spec("encoders", self.clip).alias not in CLIP_ALIASES:
             raise ValueError(f"clip must be an {' or '.join(CLIP_ALIASES)} spec, got {self.clip!r}")
         _check_ranges(self)
