@@ -36,7 +36,7 @@ def encode_labels(values: Sequence[Any], name: str, allow_unknown: bool) -> np.n
     Raises:
         ValueError: for an unknown reference label, naming the allowed values.
     """
-    lookup = {SAFE: 0, UNSAFE: 1, 0: 0, 1: 1}
+    lookup = {SAFE: 0, UNSAFE: 1, 0: 0, 1: 1, "0": 0, "1": 1}
     out = np.empty(len(values), dtype=np.int8)
     for i, value in enumerate(values):
         key = value.strip().lower() if isinstance(value, str) else value
