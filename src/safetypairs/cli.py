@@ -115,8 +115,90 @@ def _add_release(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_release)
 
 
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from datasets import load_from_disk
+
+    from safetypairs.utils import status_histogram
+    from safetypairs.validate import ValidateConfig, run_validate
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise CLIError(f"output folder {out} is not empty (use --overwrite)")
+    config = ValidateConfig(original_column=args.original_column, edited_column=args.edited_column,
+                            policy=args.policy, judge=args.judge, lpips=args.lpips, clip=args.clip,
+                            device=args.device, size_mismatch=args.size_mismatch, batch_size=args.batch_size)
+    validated, result = run_validate(load_from_disk(args.input), config)
+    validated.save_to_disk(str(out))
+    decisions = status_histogram(reason or "accepted" for reason in validated["reject_reason"])
+    sys.stdout.write(f"validate: {result.rows_in} rows; statuses {result.statuses}; decisions {decisions}; "
+                     f"saved to {out}\n")
+    return 0
+
+
+def _add_validate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "validate", help="check that edits are local, real and flip the label (adds validation columns)",
+        description=(
+            "Read a save_to_disk folder of candidates (image, edited_image) or pairs, compute the change mask, "
+            "SSIM/PSNR (and optionally LPIPS/CLIP) outside it and the judge's labels, decide accepted / "
+            "reject_reason, and save the result with save_to_disk."
+        ),
+    )
+    p.add_argument("input", help="a datasets.save_to_disk folder")
+    p.add_argument("--out", required=True, help="output folder (save_to_disk)")
+    p.add_argument("--original-column", default="image", help="the unsafe original (default: image)")
+    p.add_argument("--edited-column", default="edited_image", help="the edit (default: edited_image)")
+    p.add_argument("--policy", default="llavaguard", help="policy name or YAML path (default: llavaguard)")
+    p.add_argument("--judge", help="judge spec, e.g. ocr-lexicon (default: no label-flip check)")
+    p.add_argument("--lpips", help="LPIPS encoder spec, e.g. lpips:alex (weights download on first use)")
+    p.add_argument("--clip", help="CLIP encoder spec, e.g. open_clip:ViT-B-32/openai or hf-clip:<id or path>")
+    p.add_argument("--device", default="auto", help="torch device (default: auto = GPU of the rank if any)")
+    p.add_argument("--size-mismatch", choices=["reject", "resize"], default="reject",
+                   help="what to do when the two images differ in size (default: reject)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per map batch (default: 8)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.set_defaults(func=_cmd_validate)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from safetypairs.evaluation import EvaluateConfig, evaluate_release
+
+    config = EvaluateConfig(guards=tuple(args.guard), policy=args.policy, device=args.device,
+                            batch_size=args.batch_size, num_proc=args.num_proc, n_bootstrap=args.bootstrap,
+                            seed=args.seed)
+    results = evaluate_release(args.dataset, config, args.out, split=args.split)
+    for row in results["leaderboard"]:
+        cells = "  ".join(f"{k}={'-' if row[k] is None else round(row[k], 3)}" for k in ("pair_accuracy", "f1", "auroc"))
+        sys.stdout.write(f"{row['guard']}: {cells}  unknown={row['n_unknown']}\n")
+    sys.stdout.write(f"wrote {args.out}/results.json, predictions.parquet, report.html\n")
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate", help="evaluate guard models on a released benchmark (metrics, results.json, report.html)",
+        description="Run guards over the images config of a release (folder or ORG/NAME) and score them: "
+                    "per-image, per-pair and per-category metrics with bootstrap CIs, and a report.",
+    )
+    p.add_argument("--dataset", required=True, help="release folder or hub repo id")
+    p.add_argument("--guard", action="append", required=True,
+                   help="guard spec, repeatable (hf-vlm:<id>, llavaguard:<id>, clip-zeroshot:<encoder>, ocr-lexicon, nudenet, ...)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--policy", default="llavaguard", help="policy name or YAML path (default: llavaguard)")
+    p.add_argument("--split", default=None, help="split (default: test, else train)")
+    p.add_argument("--device", default="auto", help="auto (GPU per rank when present) or a torch device")
+    p.add_argument("--batch-size", type=int, default=8, help="images per guard call (default: 8)")
+    p.add_argument("--num-proc", type=int, default=None, help="map processes, one per GPU (default: 1)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples over pairs (default: 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+    p.set_defaults(func=_cmd_evaluate)
+
+
 # Each entry adds one subcommand; stages register theirs here.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_policies, _add_release]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_policies, _add_release,
+                                                                   _add_validate, _add_evaluate]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, DatasetDict, Features, Value
@@ -270,3 +272,37 @@ def load_release(path: str, name: str = "images", split: str | None = None) -> D
     if split not in loaded:
         raise ValueError(f"split {split!r} not in {path}; available: {', '.join(loaded)}")
     return loaded[split]
+
+
+def evaluate_release(path: str, config: EvaluateConfig, out: str | Path, split: str | None = None) -> dict[str, Any]:
+    """Evaluate guards on a released benchmark and write ``results.json``, ``predictions.parquet``
+    (with raw answers) and ``report.html`` into ``out``.
+
+    Args:
+        path: a release folder or ``ORG/NAME`` (its ``images`` config; ``pairs`` when present).
+        config: the evaluation config.
+        out: the output folder (created).
+        split: the split to use (default: test, else train).
+
+    Returns:
+        The results dict (as written to ``results.json``).
+
+    Raises:
+        ValueError: when the release has no ``images`` config.
+    """
+    from safetypairs.report import render_report
+
+    images = load_release(path, "images", split)
+    if images is None:
+        raise ValueError(f"{path} has no 'images' config; expected a SafetyPairs release")
+    pairs = load_release(path, "pairs", split)
+    preds, runs = predict(images, config)
+    results = score_predictions(preds, config, pairs=pairs, runs=runs)
+    results["dataset"] = {"path": str(path), "split": split, "fingerprint": images._fingerprint, "n_rows": len(images)}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    preds.to_parquet(str(out / "predictions.parquet"))
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
+    render_report(results, out / "report.html", pairs=pairs)
+    logger.info("wrote %s", out / "report.html")
+    return results
