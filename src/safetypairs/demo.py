@@ -1,0 +1,210 @@
+"""``safetypairs demo``: the whole pipeline offline, with real models shipped in wheels."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from safetypairs import schema as S
+
+logger = logging.getLogger(__name__)
+
+# The validation judge and the guards share rapidocr; the judge runs a more sensitive detector
+# (lower box threshold, wider boxes) so that the evaluated `ocr-lexicon` guard is a different
+# configuration, not the identical model (still not independent: see CIRCULARITY_NOTE).
+DEMO_JUDGE = "ocr-lexicon:box_thresh=0.3,unclip_ratio=2.0"
+DEMO_GUARDS = ("ocr-lexicon", "nudenet")
+CIRCULARITY_NOTE = (
+    "Circular by construction: pairs were accepted only when the validation judge ({judge}) read the "
+    "insult on the original and none on the edit. This guard uses the same rapidocr models and lexicon "
+    "(default detector thresholds), so its scores on accepted pairs measure agreement with the judge, "
+    "not independent guard quality."
+)
+NUDENET_NOTE = (
+    "NudeNet only detects nudity (O4); the demo pairs are O1 text overlays, so it is expected to call "
+    "every image safe: its recall on unsafe images is ~0 and its pair accuracy ~0 by design."
+)
+
+
+class OutputDirError(ValueError):
+    """The output folder cannot be used (not writable, or not empty without ``--overwrite``)."""
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Settings of ``safetypairs demo``.
+
+    Args:
+        out: output folder (``dataset/``, ``report.html``, ``results.json``).
+        n: number of source photos.
+        overwrite: replace a non-empty output folder.
+        seed: seed for captions, styles, placement and edit seeds.
+        num_proc: processes for the map stages.
+        n_bootstrap: bootstrap resamples for the guard metrics' confidence intervals.
+    """
+
+    out: str | Path
+    n: int = 24
+    overwrite: bool = False
+    seed: int = 0
+    num_proc: int | None = None
+    n_bootstrap: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"--n must be at least 1, got {self.n}")
+        if self.n_bootstrap < 0:
+            raise ValueError(f"n_bootstrap must be >= 0, got {self.n_bootstrap}")
+
+
+@dataclass
+class DemoSummary:
+    """What the demo did: per-stage rows and timings, the funnel and the guard metrics."""
+
+    out: Path
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    accepted: int = 0
+    sources: int = 0
+    reject_reasons: dict[str, int] = field(default_factory=dict)
+    leaderboard: list[dict[str, Any]] = field(default_factory=list)
+
+    def render(self) -> str:
+        """A short plain-text summary for the terminal."""
+        lines = [f"{'stage':<10} {'in':>5} {'out':>5} {'seconds':>8}  statuses"]
+        for st in self.stages:
+            statuses = ", ".join(f"{k}={v}" for k, v in st.get("statuses", {}).items())
+            lines.append(f"{st['stage']:<10} {st['rows_in']:>5} {st['rows_out']:>5} {st['seconds']:>8.1f}  {statuses}")
+        rate = self.accepted / self.sources if self.sources else 0.0
+        reasons = ", ".join(f"{k}={v}" for k, v in self.reject_reasons.items()) or "none"
+        lines.append(f"accepted pairs: {self.accepted}/{self.sources} ({rate:.0%}); rejected: {reasons}")
+        for row in self.leaderboard:
+            fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+            lines.append(f"guard {row['guard']:<44} pair_acc={fmt(row.get('pair_accuracy'))} "
+                         f"f1={fmt(row.get('f1'))} bal_acc={fmt(row.get('balanced_accuracy'))}")
+        lines.append(f"wrote {self.out / 'dataset'}, {self.out / 'report.html'}, {self.out / 'results.json'}")
+        return "\n".join(lines)
+
+
+def prepare_out_dir(out: Path, overwrite: bool) -> None:
+    """Create (or, with ``overwrite``, empty) the output folder and check it is writable.
+
+    Raises:
+        OutputDirError: with a one-line reason.
+    """
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"output path {str(out)!r} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise OutputDirError(f"output folder {str(out)!r} is not empty; pass --overwrite to replace it")
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise OutputDirError(f"cannot write to output folder {str(out)!r}: {err.strerror or err}") from err
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.stages: list[dict[str, Any]] = []
+
+    @contextmanager
+    def stage(self, name: str, rows_in: int) -> Iterator[dict[str, Any]]:
+        record: dict[str, Any] = {"stage": name, "rows_in": rows_in, "rows_out": rows_in, "statuses": {}}
+        start = time.perf_counter()
+        yield record
+        record["seconds"] = round(time.perf_counter() - start, 2)
+        self.stages.append(record)
+        logger.info("%s done in %.1fs", name, record["seconds"])
+
+
+def run_demo(config: DemoConfig) -> DemoSummary:
+    """Run the offline demo end to end and write ``dataset/``, ``report.html`` and ``results.json``.
+
+    Args:
+        config: the demo settings.
+
+    Returns:
+        The run summary.
+
+    Raises:
+        OutputDirError: for an unusable output folder (checked before any work).
+    """
+    from safetypairs.edit import EditConfig, run_edit
+    from safetypairs.evaluation import EvaluateConfig, load_release, run_evaluate
+    from safetypairs.instruct import InstructConfig, run_instruct
+    from safetypairs.release import ReleaseConfig, write_release
+    from safetypairs.report import render_report
+    from safetypairs.sources import build_demo_source
+    from safetypairs.validate import ValidateConfig, run_validate
+
+    out = Path(config.out)
+    prepare_out_dir(out, config.overwrite)
+    timer = _Timer()
+    with timer.stage("source", config.n) as rec:
+        source = build_demo_source(config.n, config.seed)
+        rec["statuses"] = {"ok": len(source)}
+    candidates = source
+    for name, run, stage_config in (
+        ("instruct", run_instruct, InstructConfig(instructor="template", num_proc=config.num_proc)),
+        ("edit", run_edit, EditConfig(editor="ocr-inpaint", control=True, seed=config.seed, num_proc=config.num_proc)),
+        ("validate", run_validate, ValidateConfig(judge=DEMO_JUDGE, num_proc=config.num_proc)),
+    ):
+        with timer.stage(name, len(candidates)) as rec:
+            candidates, result = run(candidates, stage_config)
+            rec.update(rows_out=result.rows_out, statuses=result.statuses)
+    funnel = _funnel(timer.stages, candidates)
+    with timer.stage("release", len(candidates)) as rec:
+        dataset_dir = write_release(candidates, out / "dataset", ReleaseConfig(), funnel=funnel, overwrite=True)
+        images, pairs = load_release(str(dataset_dir), "images"), load_release(str(dataset_dir), "pairs")
+        rec.update(rows_out=len(pairs), statuses={"pairs": len(pairs), "images": len(images)})
+    with timer.stage("evaluate", len(images)) as rec:
+        evaluation = run_evaluate(images, EvaluateConfig(guards=DEMO_GUARDS, n_bootstrap=config.n_bootstrap,
+                                                         seed=config.seed, num_proc=config.num_proc), pairs=pairs)
+        rec["statuses"] = {spec: len(images) for spec in DEMO_GUARDS}
+    notes = {"ocr-lexicon": CIRCULARITY_NOTE.format(judge=DEMO_JUDGE), "nudenet": NUDENET_NOTE}
+    summary = DemoSummary(out=out, stages=timer.stages, accepted=len(pairs), sources=config.n,
+                          reject_reasons=_reject_reasons(candidates), leaderboard=evaluation.get("leaderboard", []))
+    results = {
+        "demo": {**asdict(config), "out": str(out), "judge": DEMO_JUDGE, "guards": list(DEMO_GUARDS)},
+        "stages": timer.stages,
+        "funnel": funnel,
+        "accepted_pairs": summary.accepted,
+        "acceptance_rate": summary.accepted / config.n,
+        "reject_reasons": summary.reject_reasons,
+        "metrics_ran": sorted({m for row in candidates[S.METRICS_RAN] for m in (row or [])}),
+        "notes": notes,
+        **evaluation,
+    }
+    render_report(results, out / "report.html", pairs=pairs, funnel=funnel, notes=notes)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    return summary
+
+
+def _reject_reasons(candidates: Any) -> dict[str, int]:
+    from safetypairs.utils import status_histogram
+
+    return status_histogram(r for r, ok in zip(candidates[S.REJECT_REASON], candidates[S.ACCEPTED]) if not ok)
+
+
+def _funnel(stages: list[dict[str, Any]], validated: Any) -> list[dict[str, Any]]:
+    """sources -> instructed -> edited -> accepted, each with the statuses of the rows that left."""
+    accepted = sum(bool(a) for a in validated[S.ACCEPTED])
+    by_name = {st["stage"]: st for st in stages}
+    ok = lambda name: by_name[name]["statuses"].get(S.OK, 0)  # noqa: E731
+    return [
+        {"stage": "sources", "rows_in": by_name["source"]["rows_in"], "rows_out": by_name["source"]["rows_out"],
+         "statuses": by_name["source"]["statuses"]},
+        {"stage": "instructed", "rows_in": by_name["instruct"]["rows_in"], "rows_out": ok("instruct"),
+         "statuses": by_name["instruct"]["statuses"]},
+        {"stage": "edited", "rows_in": ok("instruct"), "rows_out": ok("edit"), "statuses": by_name["edit"]["statuses"]},
+        {"stage": "accepted", "rows_in": ok("edit"), "rows_out": accepted, "statuses": _reject_reasons(validated)},
+    ]

@@ -1,0 +1,60 @@
+"""The command line: help text, subcommands, one-line errors with a non-zero exit."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from safetypairs.cli import build_parser, main
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def run_cli(*args, cwd=None):
+    env = {**os.environ, "PYTHONPATH": SRC}
+    return subprocess.run([sys.executable, "-m", "safetypairs", *args], capture_output=True, text=True, env=env, cwd=cwd)
+
+
+def test_help_lists_the_subcommands():
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for command in ("demo", "policies"):
+        assert command in proc.stdout
+    assert "2510.21120" in proc.stdout
+    demo_help = run_cli("demo", "--help").stdout
+    assert "--out" in demo_help and "--overwrite" in demo_help and "rapidocr" in demo_help
+
+
+def test_policies_lists_categories(capsys):
+    assert main(["policies"]) == 0
+    out = capsys.readouterr().out
+    assert "llavaguard@1.0" in out and "O9" in out and "lexicon" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["demo", "--out", "OUT", "--n", "0"], "--n must be at least 1"),
+        (["demo", "--out", "FULL"], "is not empty; pass --overwrite"),
+        (["demo", "--out", "FILE/sub"], "cannot write to output folder"),
+        (["policies", "nope.yaml"], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_without_traceback(tmp_path, args, message):
+    (tmp_path / "FULL").mkdir()
+    (tmp_path / "FULL" / "data.txt").write_text("x")
+    (tmp_path / "FILE").write_text("x")
+    proc = run_cli(*args, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "FULL" / "data.txt").exists()
+
+
+def test_every_subcommand_has_help():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, sub_parser in sub.choices.items():
+        assert sub_parser.description, name

@@ -1,0 +1,88 @@
+"""The offline demo end to end: real photos, real OCR models, a hub-layout release, a report."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from safetypairs.demo import DemoConfig, OutputDirError, prepare_out_dir, run_demo
+
+LOAD_WITHOUT_SAFETYPAIRS = textwrap.dedent(
+    """
+    import json, sys
+    from datasets import load_dataset
+    pairs = load_dataset(sys.argv[1])
+    images = load_dataset(sys.argv[1], "images")
+    assert "safetypairs" not in sys.modules
+    split = next(iter(pairs))
+    p, i = pairs[split], images[split]
+    print(json.dumps({
+        "split": split, "n_pairs": len(p), "n_images": len(i),
+        "label_names": i.features["label"].names, "roles": sorted(set(i["role"])),
+        "sizes_match": all(r["unsafe_image"].size == r["safe_image"].size == r["edit_mask"].size for r in p),
+        "pair_columns": p.column_names,
+    }))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    summary = run_demo(DemoConfig(out=out, n=4, n_bootstrap=50))
+    return out, summary
+
+
+def test_demo_writes_a_loadable_release(demo_run):
+    out, summary = demo_run
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_SAFETYPAIRS, str(out / "dataset")],
+                          capture_output=True, text=True, env=env, cwd=out, check=True)
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info["n_pairs"] == summary.accepted >= 1
+    assert info["n_images"] == 3 * info["n_pairs"]  # original, edited and control per pair
+    assert info["label_names"] == ["safe", "unsafe"] and info["roles"] == ["control", "edited", "original"]
+    assert info["sizes_match"]
+    for column in ("pair_id", "category", "policy", "unsafe_image", "safe_image", "instruction", "source_id",
+                   "editor", "seed", "edit_mask", "changed_fraction", "ssim_outside"):
+        assert column in info["pair_columns"]
+    card = (out / "dataset" / "README.md").read_text()
+    assert card.startswith("---") and "configs:" in card
+
+
+def test_demo_results_account_for_every_row(demo_run):
+    out, summary = demo_run
+    results = json.loads((out / "results.json").read_text())
+    stages = {s["stage"]: s for s in results["stages"]}
+    for name in ("instruct", "edit", "validate"):
+        assert stages[name]["rows_in"] == stages[name]["rows_out"] == 4
+        assert sum(stages[name]["statuses"].values()) == 4
+    assert results["accepted_pairs"] + sum(results["reject_reasons"].values()) == 4
+    assert results["acceptance_rate"] == results["accepted_pairs"] / 4
+    assert "ssim" in " ".join(results["metrics_ran"]).lower()
+    assert set(results["guards"]) == {"ocr-lexicon", "nudenet"}
+    assert results["guards"]["nudenet"]["metrics"]["recall"] == 0.0  # it only sees nudity
+    assert "Circular by construction" in results["notes"]["ocr-lexicon"]
+    html = (out / "report.html").read_text()
+    assert "Circular by construction" in html and "data:image/" in html and "<script src" not in html
+    assert "wrote" in summary.render() and "accepted pairs" in summary.render()
+
+
+def test_output_folder_checks(tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep me")
+    with pytest.raises(OutputDirError, match="--overwrite"):
+        prepare_out_dir(tmp_path / "full", overwrite=False)
+    assert (tmp_path / "full" / "x").exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OutputDirError, match="not a folder"):
+        prepare_out_dir(tmp_path / "file", overwrite=False)
+    with pytest.raises(OutputDirError, match="cannot write"):
+        prepare_out_dir(tmp_path / "file" / "sub", overwrite=False)
+    prepare_out_dir(tmp_path / "full", overwrite=True)
+    assert not any((tmp_path / "full").iterdir())
+    with pytest.raises(ValueError, match="at least 1"):
+        DemoConfig(out=tmp_path, n=0)
