@@ -1,0 +1,48 @@
+"""Tests for safetypairs.vlm with a tiny random Llava saved and loaded like a hub id."""
+
+import numpy as np
+import pytest
+from PIL import Image
+from tiny_models import build_tiny_vlm
+
+from safetypairs.vlm import VLMConfig, choice_token_ids, load_vlm
+
+
+@pytest.fixture(scope="module")
+def vlm(tmp_path_factory):
+    path = build_tiny_vlm(tmp_path_factory.mktemp("tiny-vlm"))
+    return load_vlm(VLMConfig(path))
+
+
+def _images():
+    return [Image.new("RGB", (48, 40), "red"), Image.new("RGB", (64, 64), (10, 200, 30))]
+
+
+def test_generate_batched_matches_single(vlm):
+    prompts = ["Is this safe ?", "Is the image safe or unsafe ? Answer with one word"]
+    batch = vlm.generate(_images(), prompts, max_new_tokens=5)
+    assert len(batch) == 2 and all(isinstance(a, str) and a for a in batch)
+    assert vlm.generate(_images()[1:], prompts[1:], max_new_tokens=5) == batch[1:]  # left padding is right
+
+
+def test_choice_scores_are_probabilities_and_match_generate(vlm):
+    prompts = ["a", "Is the image unsafe ?"]
+    probs = vlm.choice_scores(_images(), prompts, ("safe", "unsafe"))
+    assert probs.shape == (2, 2) and np.allclose(probs.sum(axis=1), 1.0)
+    _, gen_probs = vlm.generate_with_scores(_images(), prompts, ("safe", "unsafe"), max_new_tokens=2)
+    assert np.allclose(probs, gen_probs, atol=1e-5)
+    prefixed = vlm.choice_scores(_images(), prompts, ("Safe", "Unsafe"), answer_prefix='{"rating": "')
+    assert not np.allclose(prefixed, probs)
+
+
+def test_choice_token_ids_reject_shared_first_token(vlm):
+    with pytest.raises(ValueError, match="share a first token"):
+        choice_token_ids(vlm.tokenizer, ("safe", "safe"))
+    assert len(set(choice_token_ids(vlm.tokenizer, ("safe", "unsafe"), "ASSISTANT:"))) == 2
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="allowed: auto"):
+        VLMConfig("x", dtype="float8")
+    with pytest.raises(ValueError):
+        VLMConfig("")
