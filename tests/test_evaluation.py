@@ -1,0 +1,139 @@
+"""Tests for the evaluate stage, the CLI subcommand and the offline `evaluate` metric folder."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from datasets import Dataset
+from PIL import Image
+from skimage import data
+from tiny_models import register_tiny_open_clip
+
+from safetypairs.cli import main
+from safetypairs.evaluation import EvaluateConfig, guard_columns, run_evaluate
+from safetypairs.schema import IMAGE_FEATURES, PAIR_FEATURES
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _rows(n_pairs=4, bad_image=False):
+    names = ["astronaut", "chelsea", "coffee", "rocket", "camera"]
+    rows = {"image": [], "label": [], "category": [], "pair_id": [], "role": []}
+    for i in range(n_pairs):
+        image = Image.fromarray(getattr(data, names[i % len(names)])()).convert("RGB").resize((64, 64))
+        for role, label in (("original", 1), ("edited", 0), ("control", 1)):
+            rows["image"].append(image)
+            rows["label"].append(label)
+            rows["category"].append(f"O{i % 2 + 1}")
+            rows["pair_id"].append(f"p{i}")
+            rows["role"].append(role)
+    if bad_image:
+        rows["image"][1] = {"bytes": b"not an image", "path": None}
+    return rows
+
+
+@pytest.fixture(scope="module")
+def clip_guard(tmp_path_factory):
+    return f"clip-zeroshot:open_clip:{register_tiny_open_clip(tmp_path_factory.mktemp('clip'))}/none"
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="Did you mean 'nudenet'"):
+        EvaluateConfig(guards=("nudnet",))
+    with pytest.raises(ValueError, match="non-empty"):
+        EvaluateConfig(guards=())
+    with pytest.raises(ValueError, match="batch_size"):
+        EvaluateConfig(guards=("nudenet",), batch_size=0)
+    assert EvaluateConfig(guards=("nudenet", "nudenet")).guards == ("nudenet",)
+
+
+def test_run_evaluate_counts_bad_images_and_is_reproducible(clip_guard):
+    dataset = Dataset.from_dict(_rows(bad_image=True), features=IMAGE_FEATURES)
+    config = EvaluateConfig(guards=(clip_guard,), n_bootstrap=50, batch_size=5)
+    results = run_evaluate(dataset, config)
+    entry = results["guards"][clip_guard]
+    assert entry["statuses"] == {"ok": 11, "bad_image": 1}
+    metrics = entry["metrics"]
+    assert metrics["n"] == 8 and metrics["n_unknown"] == 1 and metrics["control"]["n"] == 4
+    assert metrics["auroc"] is not None and set(metrics["per_category"]) == {"O1", "O2"}
+    assert results["leaderboard"][0]["guard"] == clip_guard
+    assert results["predictions"][clip_guard]["pred"][1] == "unknown"
+    again = run_evaluate(dataset, config)
+    assert again["guards"][clip_guard]["metrics"] == metrics
+    json.dumps(results)  # results.json-ready
+
+
+def test_guard_columns_are_distinct_and_stable():
+    a, b = guard_columns("hf-vlm:org/model"), guard_columns("hf-vlm:org_model")
+    assert a["pred"] != b["pred"] and a == guard_columns("hf-vlm:org/model")
+
+
+def _write_release(folder: Path):
+    rows = _rows(3)
+    images = Dataset.from_dict(rows, features=IMAGE_FEATURES)
+    pair_rows = {name: [] for name in PAIR_FEATURES}
+    for i in range(3):
+        mask = Image.new("L", (64, 64), 0)
+        values = {"pair_id": f"p{i}", "category": f"O{i % 2 + 1}", "policy": "llavaguard@1.0",
+                  "unsafe_image": rows["image"][3 * i], "safe_image": rows["image"][3 * i + 1],
+                  "control_image": rows["image"][3 * i + 2], "edit_mask": mask, "seed": 0,
+                  "changed_fraction": 0.1 * i, "instruction": "replace the caption"}
+        for name in PAIR_FEATURES:
+            pair_rows[name].append(values.get(name))
+    pairs = Dataset.from_dict(pair_rows, features=PAIR_FEATURES)
+    (folder / "data").mkdir(parents=True)
+    images.to_parquet(str(folder / "data" / "images-test.parquet"))
+    pairs.to_parquet(str(folder / "data" / "pairs-test.parquet"))
+    (folder / "README.md").write_text(textwrap.dedent("""\
+        ---
+        configs:
+        - config_name: pairs
+          default: true
+          data_files:
+          - split: test
+            path: data/pairs-test.parquet
+        - config_name: images
+          data_files:
+          - split: test
+            path: data/images-test.parquet
+        ---
+        """))
+
+
+def test_cli_evaluate_writes_results_and_report(tmp_path, clip_guard, capsys):
+    _write_release(tmp_path / "release")
+    out = tmp_path / "run1"
+    code = main(["-q", "evaluate", "--dataset", str(tmp_path / "release"), "--guard", clip_guard,
+                 "--out", str(out), "--bootstrap", "20"])
+    assert code == 0 and clip_guard in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["dataset"]["n_rows"] == 9
+    assert "changed_fraction" in results["guards"][clip_guard]["metrics"]["similarity_correlation"]
+    html = (out / "report.html").read_text()
+    assert "Leaderboard" in html and "data:image/" in html
+    assert (out / "predictions.parquet").stat().st_size > 0
+    assert main(["-q", "evaluate", "--dataset", str(tmp_path), "--guard", "nudnet", "--out", str(out)]) == 2
+
+
+def test_evaluate_metric_folder_loads_offline_in_subprocess():
+    kwargs = dict(predictions=["unsafe", "safe", "safe", "unknown", "unsafe", "safe"],
+                  references=["unsafe", "safe", "unsafe", "safe", "unsafe", "safe"],
+                  pair_ids=["a", "a", "b", "b", "c", "c"], categories=["O1", "O1", "O2", "O2", "O1", "O1"],
+                  scores=[0.9, 0.2, 0.4, None, 0.7, 0.1], n_bootstrap=100)
+    script = textwrap.dedent(f"""
+        import json, sys, evaluate
+        metric = evaluate.load({str(REPO / "metrics" / "safetypairs")!r})
+        json.dump(metric.compute(**json.loads(sys.argv[1])), sys.stdout)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(kwargs)], capture_output=True, text=True,
+                          timeout=120, env={**__import__("os").environ, "PYTHONPATH": str(REPO / "src")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from safetypairs.metrics import compute_metrics
+
+    expected = json.loads(json.dumps(compute_metrics(**kwargs)))
+    assert json.loads(proc.stdout) == expected
+    assert np.isclose(expected["pair_accuracy"], 2 / 3)
