@@ -183,3 +183,11 @@ def test_read_input_and_cli_dry_run(validated, tmp_path, capsys):
     assert main(["release", str(tmp_path / "validated"), "--out", str(out)]) == 2  # not empty
     assert main(["release", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_nothing_accepted_is_a_clear_error_and_empty_configs_are_left_out():
+    rows = validated_rows(n_sources=3, candidates=1)
+    with pytest.raises(ValueError, match="no accepted candidate"):
+        assemble(rows.map(lambda r: {S.ACCEPTED: False}))
+    everything = assemble(rows.map(lambda r: {S.ACCEPTED: True}))
+    assert list(everything.configs) == ["pairs", "images"]  # no rejected rows: no empty config to break loading

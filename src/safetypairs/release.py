@@ -145,7 +145,7 @@ def split_by_source(source_ids: list[str], categories: list[str], config: Releas
     Returns:
         Split name -> sorted row indices (``test`` first).
     """
-    if config.split_by is None:
+    if config.split_by is None or not source_ids:
         return {"test": list(range(len(source_ids)))}
     strata: dict[str, list[str]] = defaultdict(list)
     for src, cat in dict(zip(reversed(source_ids), reversed(categories))).items():
@@ -206,6 +206,8 @@ def _images_batch(batch: dict[str, list]) -> dict[str, list]:
 
 
 def _map(dataset: Dataset, fn: Any, features: Features, desc: str, **kwargs: Any) -> Dataset:
+    if len(dataset) == 0:  # `map` on no rows would keep no columns at all
+        return Dataset.from_dict({name: [] for name in features}, features=features)
     return dataset.map(
         fn,
         batched=True,
@@ -248,7 +250,7 @@ def assemble(validated: Dataset, config: ReleaseConfig | None = None) -> Release
         A `Release`: ``pairs`` and ``images`` (and ``rejected``) as `DatasetDict`s with the same splits.
 
     Raises:
-        ValueError: if a required column is missing.
+        ValueError: if a required column is missing or no candidate was accepted.
     """
     config = config or ReleaseConfig()
     missing = [c for c in REQUIRED_COLUMNS if c not in validated.column_names]
@@ -258,6 +260,10 @@ def assemble(validated: Dataset, config: ReleaseConfig | None = None) -> Release
     best = best_candidates(validated)
     pairs = _map(source.select(best), _release_batch, S.PAIR_FEATURES, "release pairs",
                  fn_kwargs={"features": S.PAIR_FEATURES})
+    funnel = _release_funnel(validated, len(pairs))
+    if not len(pairs):
+        raise ValueError(f"no accepted candidate to release among {len(validated)} rows "
+                         f"(rejection reasons: {funnel[2]['statuses']})")
     splits = split_by_source(pairs[S.SOURCE_ID], pairs[S.CATEGORY], config)
     configs = {"pairs": DatasetDict({name: pairs.select(rows) for name, rows in splits.items()})}
     configs["images"] = DatasetDict(
@@ -271,7 +277,9 @@ def assemble(validated: Dataset, config: ReleaseConfig | None = None) -> Release
                                                         "release rejected", fn_kwargs={"features": REJECTED_FEATURES})})
     logger.info("release: %d candidates -> %d pairs %s", len(validated), len(pairs),
                 {name: len(ds) for name, ds in configs["pairs"].items()})
-    return Release(configs, _release_funnel(validated, len(pairs)))
+    # `load_dataset` cannot read a split with no rows: leave empty splits (and configs) out
+    configs = {name: DatasetDict({s: ds for s, ds in dd.items() if len(ds)}) for name, dd in configs.items()}
+    return Release({name: dd for name, dd in configs.items() if dd}, funnel)
 
 
 def _shards(dataset: Dataset, max_shard_size: int | str) -> Iterator[tuple[int, int, Dataset]]:
