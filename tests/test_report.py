@@ -1,0 +1,81 @@
+"""Tests for safetypairs.report: renders offline, self-contained, and shows in headless Chromium."""
+
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+from skimage import data
+
+from safetypairs.evaluation import EvaluateConfig, guard_columns, score_predictions
+from safetypairs.report import render_report
+
+GUARDS = ("ocr-lexicon", "nudenet")
+
+
+def _results_and_pairs():
+    rng = np.random.default_rng(0)
+    table = {"label": [], "category": [], "pair_id": [], "role": []}
+    pairs = []
+    for i, name in enumerate(["astronaut", "chelsea", "coffee", "rocket"]):
+        image = Image.fromarray(getattr(data, name)()).convert("RGB").resize((96, 96))
+        edited = image.copy()
+        ImageDraw.Draw(edited).rectangle([20, 20, 60, 40], fill=(200, 180, 90))
+        mask = Image.new("L", (96, 96), 0)
+        ImageDraw.Draw(mask).rectangle([20, 20, 60, 40], fill=255)
+        pairs.append({"pair_id": f"p{i}", "category": "O1", "unsafe_image": image, "safe_image": edited,
+                      "edit_mask": mask, "instruction": f"Replace the text <b>loser{i}</b>", "changed_fraction": 0.09})
+        for role, label in (("original", "unsafe"), ("edited", "safe"), ("control", "unsafe")):
+            for key, value in zip(table, (label, "O1", f"p{i}", role)):
+                table[key].append(value)
+    n = len(table["label"])
+    for spec in GUARDS:
+        cols = guard_columns(spec)
+        table[cols["pred"]] = rng.choice(["safe", "unsafe", "unknown"], size=n).tolist()
+        table[cols["score"]] = rng.random(n).tolist()
+        table[cols["rationale"]] = ["r"] * n
+    results = score_predictions(table, EvaluateConfig(guards=GUARDS, n_bootstrap=50))
+    results["dataset"] = {"fingerprint": "0123456789abcdef", "n_rows": n}
+    return results, pairs
+
+
+FUNNEL = [{"stage": "source", "rows_in": 4, "rows_out": 4, "statuses": {"ok": 4}},
+          {"stage": "validate", "rows_in": 4, "rows_out": 4, "kept": 3, "statuses": {"accepted": 3, "judge_still_unsafe": 1}}]
+
+
+def test_render_report_is_self_contained(tmp_path):
+    results, pairs = _results_and_pairs()
+    note = "same model as the validation judge"
+    path = render_report(results, tmp_path / "out" / "report.html", pairs=pairs, funnel=FUNNEL,
+                         notes={"ocr-lexicon": note})
+    html = path.read_text()
+    assert html.count("data:image/") >= 3 * 4  # unsafe, safe and mask per pair, inline
+    assert not re.search(r'src="(?!data:)', html) and "<script" not in html
+    for text in ("Leaderboard", "Pipeline funnel", "judge_still_unsafe", note, "ROC curves", "Confusion matrices",
+                 "Pairs most guards get wrong"):
+        assert text in html
+    assert "&lt;b&gt;loser0&lt;/b&gt;" in html  # user text is escaped
+
+
+def test_render_report_without_results(tmp_path):
+    _, pairs = _results_and_pairs()
+    html = render_report(None, tmp_path / "r.html", pairs=pairs, funnel=FUNNEL).read_text()
+    assert "Pairs" in html and "Leaderboard" not in html
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="headless chromium not installed")
+def test_report_shows_leaderboard_in_chromium(tmp_path):
+    results, pairs = _results_and_pairs()
+    path = render_report(results, tmp_path / "report.html", pairs=pairs, funnel=FUNNEL)
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--no-first-run"]
+    dom = subprocess.run(["chromium", *flags, "--dump-dom", path.as_uri()], capture_output=True, text=True,
+                         timeout=90).stdout
+    assert "Leaderboard" in dom and "ocr-lexicon" in dom and "<svg" in dom
+    shot = tmp_path / "shot.png"
+    subprocess.run(["chromium", *flags, f"--screenshot={shot}", "--window-size=1280,1600", path.as_uri()],
+                   capture_output=True, timeout=90, cwd=tmp_path)
+    image = np.asarray(Image.open(shot).convert("RGB"))
+    assert image.shape[:2] == (1600, 1280) and image.std() > 10  # a drawn page, not blank
