@@ -70,7 +70,8 @@ class ValidateConfig:
         mask_delta_e: CIE76 ΔE in CIELAB above which a pixel counts as changed.
         mask_open_px / mask_close_px: radii of the opening (drops speckle) and closing (fills holes).
         mask_min_region: connected changes smaller than this share of the image are dropped.
-        dilate_fraction / dilate_min_px: margin around the change excluded from "outside" metrics.
+        dilate_fraction / dilate_min_px: margin around the change excluded from "outside" metrics
+            (5 px covers the 7x7 SSIM window around a changed pixel, diagonal included).
         min_changed_fraction / max_changed_fraction: the change must cover a share in this range.
         min_ssim_outside / min_psnr_outside: preservation needed outside the dilated mask.
         max_lpips_outside / min_clip_outside: optional thresholds (``None`` = recorded, not used:
@@ -96,7 +97,7 @@ class ValidateConfig:
     mask_close_px: int = 3
     mask_min_region: float = 0.0005
     dilate_fraction: float = 0.02
-    dilate_min_px: int = 4
+    dilate_min_px: int = 5
     spread_grid: int = 8
     spread_cell_min: float = 0.01
     min_changed_fraction: float = 0.002
@@ -210,9 +211,11 @@ class ValidateTransform:
         c = self.config
         status = batch.get(c.edit_status_column, [None] * (i + 1))[i]
         edited_cell = batch[c.edited_column][i]
-        if (status is not None and status != S.OK) or edited_cell is None:
+        if status is not None and status != S.OK:
             error = batch.get(S.EDIT_ERROR, [None] * (i + 1))[i]
-            return _fail(row, "edit_failed", error or (f"edit_status={status}" if status else "no edited image"))
+            return _fail(row, "edit_failed", error or f"{c.edit_status_column}={status}")
+        if edited_cell is None:
+            return _fail(row, "edit_failed", "no edited image")
         try:
             original = load_image(batch[c.original_column][i])
             edited = load_image(edited_cell)
