@@ -230,7 +230,7 @@ def _release_funnel(validated: Dataset, released: int) -> list[dict[str, Any]]:
     rejected = Counter(r or "rejected" for r, ok in zip(reasons, accepted) if not ok)
     n_sources = len(set(validated[S.SOURCE_ID]))
     return [
-        {"stage": "candidates", "rows_in": n_sources, "rows_out": n, "statuses": {}},
+        {"stage": "sources -> candidates", "rows_in": n_sources, "rows_out": n, "statuses": {}},
         {"stage": "edited", "rows_in": n, "rows_out": edit_status.get(S.OK, 0), "statuses": edit_status},
         {"stage": "accepted", "rows_in": n, "rows_out": sum(bool(a) for a in accepted),
          "statuses": dict(rejected.most_common())},
