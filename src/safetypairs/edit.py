@@ -40,6 +40,7 @@ class EditConfig:
         batch_size: rows per call.
         num_proc: processes for ``Dataset.map`` (one per GPU).
         editor_options: extra ``(key, value)`` options for the editor backend (steps, guidance...).
+        mask_column: a column of masks (white = edit) for mask-guided (inpainting) editors.
     """
 
     editor: str = "ocr-inpaint"
@@ -50,6 +51,7 @@ class EditConfig:
     batch_size: int = 4
     num_proc: int | None = None
     editor_options: tuple[tuple[str, Any], ...] = ()
+    mask_column: str | None = None
 
     def __post_init__(self) -> None:
         parse_spec("editors", self.editor)
@@ -66,6 +68,7 @@ class _Job:
     instruction: str
     seed: int
     column: str  # EDITED_IMAGE or CONTROL_IMAGE
+    mask: Image.Image | None = None
 
 
 @dataclass(frozen=True)
@@ -111,12 +114,14 @@ class EditTransform:
                 continue
             try:
                 image = load_image(out[S.IMAGE][i])
+                mask = load_image(out[self.config.mask_column][i]).convert("L") if self.config.mask_column else None
             except ImageError as err:
                 out[S.EDIT_STATUS][i], out[S.EDIT_ERROR][i] = "unreadable", f"row {sid!r}: {err}"
                 continue
-            jobs.append(_Job(i, image, out[S.INSTRUCTION][i], out[S.SEED][i], S.EDITED_IMAGE))
+            jobs.append(_Job(i, image, out[S.INSTRUCTION][i], out[S.SEED][i], S.EDITED_IMAGE, mask))
             if self.config.control and out[S.CANDIDATE][i] == 0:
-                jobs.append(_Job(i, image, noop_instruction(out[S.INSTRUCTION][i]), out[S.SEED][i], S.CONTROL_IMAGE))
+                jobs.append(_Job(i, image, noop_instruction(out[S.INSTRUCTION][i]), out[S.SEED][i], S.CONTROL_IMAGE,
+                                 mask))
         return jobs
 
 
@@ -126,18 +131,24 @@ def _check_size(job: _Job, image: Image.Image) -> str | None:
     return None
 
 
+def _masks(jobs: list[_Job]) -> dict[str, Any]:
+    """``masks=`` for mask-guided editors; nothing when the stage has no mask column."""
+    return {"masks": [j.mask for j in jobs]} if any(j.mask is not None for j in jobs) else {}
+
+
 def _edit_isolated(editor: Any, jobs: list[_Job]) -> list[tuple[Image.Image | None, str | None]]:
     """Edit all jobs in one call; if that fails, one by one, so a bad row (or an out-of-memory on
     one sample) becomes that row's error instead of sinking the batch."""
     try:
-        images = editor.edit([j.image for j in jobs], [j.instruction for j in jobs], [j.seed for j in jobs])
+        images = editor.edit([j.image for j in jobs], [j.instruction for j in jobs], [j.seed for j in jobs],
+                             **_masks(jobs))
         return [(img, _check_size(j, img)) for j, img in zip(jobs, images)]
     except Exception:  # noqa: BLE001 - retried per row below
         logger.debug("batch edit failed; retrying row by row", exc_info=True)
     results = []
     for job in jobs:
         try:
-            (image,) = editor.edit([job.image], [job.instruction], [job.seed])
+            (image,) = editor.edit([job.image], [job.instruction], [job.seed], **_masks([job]))
             results.append((image, _check_size(job, image)))
         except Exception as err:  # noqa: BLE001 - a backend failure is a row status
             results.append((None, f"{type(err).__name__}: {err}"))

@@ -151,6 +151,8 @@ class InstructConfig:
         device: ``auto`` (GPU of the rank when present) or a torch device string.
         batch_size: rows per call.
         num_proc: processes for ``Dataset.map`` (one per GPU).
+        instructor_options: extra ``(key, value)`` options for the instructor backend
+            (``hf-vlm``: dtype, trust_remote_code, revision, max_new_tokens).
     """
 
     instructor: str = "template"
@@ -158,6 +160,7 @@ class InstructConfig:
     device: str = "auto"
     batch_size: int = 8
     num_proc: int | None = None
+    instructor_options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         parse_spec("instructors", self.instructor)
@@ -189,7 +192,7 @@ class InstructTransform:
                 rows.append(row)
         if rows:
             backend = load_backend("instructors", self.config.instructor,
-                                   device_for_rank(self.config.device, rank))
+                                   device_for_rank(self.config.device, rank), **dict(self.config.instructor_options))
             for i, result in zip(todo, _instruct_isolated(backend, rows, policy)):
                 results[i] = result
         out = dict(batch)

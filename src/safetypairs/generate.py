@@ -1,0 +1,420 @@
+"""Generation at scale: instruct + edit chained, sharded over ranks, written in resumable parquet chunks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from datasets import Dataset, load_dataset
+
+from safetypairs import schema as S
+from safetypairs.edit import EditConfig, run_edit
+from safetypairs.instruct import InstructConfig, run_instruct
+from safetypairs.policy import load_policy
+from safetypairs.utils import progress
+
+logger = logging.getLogger(__name__)
+
+CHUNKS_DIR = "chunks"
+DATA_DIR = "data"
+RUN_FILE = "run.json"
+BARRIER_TIMEOUT = timedelta(hours=6)  # rank 0 waits this long for the slowest rank before merging
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Everything that decides the generated rows (chunking aside).
+
+    Args:
+        policy: a built-in policy name or a YAML path.
+        instructor: an ``instructors`` spec (``template``, ``column:<name>``, ``hf-vlm:<id or path>``).
+        editor: an ``editors`` spec (``ocr-inpaint``, ``diffusers:<id or path>``).
+        candidates: edits per source, each with its own recorded seed.
+        control: also edit the original with a no-op instruction (the artifact control).
+        seed: the run seed all candidate seeds derive from.
+        device: ``auto`` (the rank's GPU when present) or a torch device string.
+        batch_size: rows per instructor / editor call.
+        num_proc: `Dataset.map` processes (one machine, several GPUs) for `generate_pairs`.
+        instructor_options: ``(key, value)`` options for the instructor backend.
+        editor_options: ``(key, value)`` options for the editor backend.
+        mask_column: a mask column for mask-guided (inpainting) editors.
+    """
+
+    policy: str = "llavaguard"
+    instructor: str = "template"
+    editor: str = "ocr-inpaint"
+    candidates: int = 1
+    control: bool = False
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int = 4
+    num_proc: int | None = None
+    instructor_options: tuple[tuple[str, Any], ...] = ()
+    editor_options: tuple[tuple[str, Any], ...] = ()
+    mask_column: str | None = None
+
+    def __post_init__(self) -> None:
+        self.instruct_config()  # both stage configs validate their fields up front
+        self.edit_config()
+
+    def instruct_config(self, device: str | None = None) -> InstructConfig:
+        """The instruct stage's settings (``device`` overrides the configured one)."""
+        return InstructConfig(instructor=self.instructor, policy=self.policy, device=device or self.device,
+                              batch_size=self.batch_size, num_proc=self.num_proc,
+                              instructor_options=tuple(self.instructor_options))
+
+    def edit_config(self, device: str | None = None) -> EditConfig:
+        """The edit stage's settings (``device`` overrides the configured one)."""
+        return EditConfig(editor=self.editor, candidates=self.candidates, control=self.control, seed=self.seed,
+                          device=device or self.device, batch_size=self.batch_size, num_proc=self.num_proc,
+                          editor_options=tuple(self.editor_options), mask_column=self.mask_column)
+
+
+def generate_pairs(
+    dataset: Dataset,
+    policy: str = "llavaguard",
+    *,
+    instructor: str = "template",
+    editor: str = "ocr-inpaint",
+    candidates: int = 1,
+    control: bool = False,
+    **options: Any,
+) -> Dataset:
+    """Instruct and edit every source row in this process: ``len(dataset) * candidates`` rows.
+
+    Args:
+        dataset: source rows (``image``, ``category``, ``rationale``, ``source_id``).
+        policy: a built-in policy name or a YAML path.
+        instructor: an ``instructors`` spec.
+        editor: an ``editors`` spec.
+        candidates: edits per source.
+        control: add the artifact-control image.
+        **options: other `GenerateConfig` fields (seed, device, batch_size, num_proc,
+            instructor_options, editor_options, mask_column).
+
+    Returns:
+        The candidate rows with instruct and edit columns (failures are status rows).
+
+    Raises:
+        ValueError: for a bad spec or setting.
+    """
+    config = GenerateConfig(policy=policy, instructor=instructor, editor=editor, candidates=candidates,
+                            control=control, **options)
+    instructed, _ = run_instruct(dataset, config.instruct_config())
+    return run_edit(instructed, config.edit_config())[0]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where and how a sharded run writes.
+
+    Args:
+        out: the run folder (``chunks/``, ``data/``, ``run.json``).
+        chunk_size: source rows per chunk (the unit of resumption and of rank work).
+        source: how the source was named (recorded in ``run.json``).
+    """
+
+    out: str | Path
+    chunk_size: int = 64
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+
+
+@dataclass
+class RunSummary:
+    """What a sharded run did (rank 0's view after the merge)."""
+
+    out: Path
+    rows_in: int
+    rows_out: int
+    statuses: dict[str, dict[str, int]]
+    chunks_computed: int
+    chunks_reused: int
+    seconds: float
+    files: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        """A short plain-text summary for the terminal."""
+        lines = [f"sources: {self.rows_in}  candidate rows: {self.rows_out}  "
+                 f"chunks: {self.chunks_computed} computed, {self.chunks_reused} reused  ({self.seconds:.1f} s)"]
+        for stage, counts in self.statuses.items():
+            lines.append(f"{stage:<9} " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+        lines.append(f"wrote {self.out / DATA_DIR} ({len(self.files)} parquet file(s)) and {self.out / RUN_FILE}")
+        return "\n".join(lines)
+
+
+def run_fingerprint(source: Dataset, config: GenerateConfig, chunk_size: int) -> str:
+    """A hash of what decides the rows of every chunk: config, chunking and the source ids in order."""
+    h = hashlib.sha256(json.dumps([asdict(config), chunk_size, len(source), source.column_names],
+                                  sort_keys=True, default=str).encode())
+    for batch in source.select_columns([S.SOURCE_ID]).iter(batch_size=10_000):
+        h.update("\n".join(map(str, batch[S.SOURCE_ID])).encode())
+    return h.hexdigest()[:20]
+
+
+def chunk_ranges(n_rows: int, chunk_size: int, rank: int, world: int) -> list[tuple[int, int, int]]:
+    """The ``(chunk index, start, stop)`` of one rank: a contiguous run of global chunks, so
+    chunk contents (and batches) do not depend on the number of processes."""
+    n_chunks = -(-n_rows // chunk_size)
+    first, last = n_chunks * rank // world, n_chunks * (rank + 1) // world
+    return [(c, c * chunk_size, min(n_rows, (c + 1) * chunk_size)) for c in range(first, last)]
+
+
+def _state(device: str) -> Any:
+    """The accelerate process state (``cpu=True`` without CUDA: gloo between CPU processes)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=device == "cpu" or not torch.cuda.is_available(), timeout=BARRIER_TIMEOUT)
+
+
+def _chunk_path(out: Path, index: int, suffix: str) -> Path:
+    return out / CHUNKS_DIR / f"chunk-{index:06d}{suffix}"
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically (a killed run never leaves a half-written file under the final name)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _check_run(out: Path, fingerprint: str) -> None:
+    """Refuse to mix chunks of a different run (config, chunking or source changed) in one folder."""
+    meta = _read_json(out / RUN_FILE)
+    if meta and meta.get("fingerprint") != fingerprint:
+        raise ValueError(f"{str(out)!r} holds a run with different settings or source (fingerprint "
+                         f"{meta.get('fingerprint')} != {fingerprint}); use a new --out folder or delete it")
+
+
+def _decoded(dataset: Dataset) -> Dataset:
+    """Image columns back to decoding ``Image()`` so the written parquet loads as images."""
+    from datasets import Image
+
+    features = dataset.features.copy()
+    for name, feature in features.items():
+        if isinstance(feature, Image) and not feature.decode:
+            features[name] = Image()
+    return dataset.cast(features) if features != dataset.features else dataset
+
+
+def _run_chunk(source: Dataset, span: tuple[int, int, int], config: GenerateConfig, out: Path, device: str,
+               run_id: str) -> None:
+    """Compute one chunk and write its parquet (image bytes embedded), then its JSON done-marker."""
+    from safetypairs.release import write_parquet
+
+    index, start, stop = span
+    t0 = time.perf_counter()
+    rows = source.select(range(start, stop)).flatten_indices(keep_in_memory=True)
+    instructed, instruct_result = run_instruct(rows, config.instruct_config(device))
+    t1 = time.perf_counter()
+    edited, edit_result = run_edit(instructed, config.edit_config(device))
+    t2 = time.perf_counter()
+    path = _chunk_path(out, index, ".parquet")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write_parquet(_decoded(edited), tmp)
+    os.replace(tmp, path)
+    _write_json(_chunk_path(out, index, ".json"), {
+        "chunk": index, "run_id": run_id, "start": start, "stop": stop, "rows_in": stop - start, "rows_out": len(edited),
+        "statuses": {"instruct": instruct_result.statuses, "edit": edit_result.statuses},
+        "seconds": {"instruct": t1 - t0, "edit": t2 - t1, "write": time.perf_counter() - t2},
+    })
+
+
+def chunk_done(out: Path, index: int) -> bool:
+    """A chunk is finished when its parquet and its JSON marker (written last) both exist."""
+    return _chunk_path(out, index, ".parquet").exists() and _read_json(_chunk_path(out, index, ".json")) is not None
+
+
+def run_generate(source: Dataset, config: GenerateConfig, run: RunConfig) -> RunSummary | None:
+    """Generate candidate rows for ``source``, sharded over the launched processes and resumable.
+
+    Under ``accelerate launch`` / ``torchrun`` each rank takes a contiguous run of chunks, writes
+    each finished chunk to ``out/chunks/`` (parquet with image bytes + a JSON marker) and skips
+    chunks finished by an earlier, interrupted run; rank 0 then merges all chunks, in source
+    order, into ``out/data/`` and writes ``out/run.json``. Seeds depend only on the run seed,
+    source id and candidate, and chunks do not depend on the number of processes, so a resumed
+    or differently sharded run gives the same rows.
+
+    Args:
+        source: the source rows.
+        config: what to generate.
+        run: where to write and the chunk size.
+
+    Returns:
+        The run summary on rank 0; ``None`` on the other ranks.
+
+    Raises:
+        ValueError: when ``out`` holds a different run.
+        RuntimeError: when a chunk is missing at merge time or rows in != rows out.
+    """
+    t0 = time.perf_counter()
+    out = Path(run.out)
+    state = _state(config.device)
+    fingerprint = run_fingerprint(source, config, run.chunk_size)
+    _check_run(out, fingerprint)
+    (out / CHUNKS_DIR).mkdir(parents=True, exist_ok=True)
+    device = str(state.device) if config.device == "auto" else config.device
+    run_id = _shared_run_id(state)
+    spans = chunk_ranges(len(source), run.chunk_size, state.process_index, state.num_processes)
+    todo = [span for span in spans if not chunk_done(out, span[0])]
+    logger.info("rank %d/%d on %s: %d chunk(s), %d already done", state.process_index, state.num_processes,
+                device, len(spans), len(spans) - len(todo))
+    for span in progress(todo, desc=f"generate (rank {state.process_index})"):
+        _run_chunk(source, span, config, out, device, run_id)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    summary = _merge(out, len(source), run.chunk_size, config.candidates, run_id)
+    summary.seconds = time.perf_counter() - t0
+    _write_json(out / RUN_FILE, _run_metadata(source, config, run, fingerprint, summary, state.num_processes))
+    return summary
+
+
+def _shared_run_id(state: Any) -> str:
+    """A random id chosen by rank 0 and broadcast, recorded in every chunk this run computes."""
+    from accelerate.utils import broadcast_object_list
+
+    ids = [os.urandom(8).hex()]
+    if state.num_processes > 1:
+        broadcast_object_list(ids, from_process=0)
+    return ids[0]
+
+
+def _merge(out: Path, n_rows: int, chunk_size: int, candidates: int, run_id: str) -> RunSummary:
+    """Stream every chunk, in source order, into ``out/data/train-*.parquet`` and sum the markers."""
+    n_chunks = -(-n_rows // chunk_size)
+    missing = [c for c in range(n_chunks) if not chunk_done(out, c)]
+    if missing:
+        raise RuntimeError(f"chunks {missing[:10]} of {n_chunks} are missing in {out / CHUNKS_DIR}")
+    markers = [_read_json(_chunk_path(out, c, ".json")) or {} for c in range(n_chunks)]
+    statuses: dict[str, dict[str, int]] = {}
+    for marker in markers:
+        for stage, counts in marker["statuses"].items():
+            merged = statuses.setdefault(stage, {})
+            for key, value in counts.items():
+                merged[key] = merged.get(key, 0) + value
+    groups = _merge_groups([m["rows_out"] for m in markers])
+    data = out / DATA_DIR
+    data.mkdir(exist_ok=True)
+    for stale in data.glob("*.parquet"):
+        stale.unlink()
+    files, rows_out = [], 0
+    for k, group in enumerate(groups):
+        path = data / f"train-{k:05d}-of-{len(groups):05d}.parquet"
+        rows_out += _concat_parquet([_chunk_path(out, c, ".parquet") for c in group], path)
+        files.append(str(path))
+    if rows_out != n_rows * candidates:
+        raise RuntimeError(f"{n_rows} sources x {candidates} candidates should give {n_rows * candidates} rows, "
+                           f"got {rows_out}")
+    computed = sum(m.get("run_id") == run_id for m in markers)
+    return RunSummary(out, n_rows, rows_out, {k: dict(sorted(v.items())) for k, v in statuses.items()},
+                      computed, n_chunks - computed, 0.0, files)
+
+
+MERGE_ROWS = 2000  # candidate rows per merged data file (whole chunks)
+
+
+def _merge_groups(rows_per_chunk: list[int]) -> list[list[int]]:
+    groups: list[list[int]] = [[]]
+    total = 0
+    for chunk, rows in enumerate(rows_per_chunk):
+        if groups[-1] and total + rows > MERGE_ROWS:
+            groups.append([])
+            total = 0
+        groups[-1].append(chunk)
+        total += rows
+    return groups
+
+
+def _concat_parquet(sources: list[Path], path: Path) -> int:
+    """Concatenate parquet files (same schema) row group by row group into ``path``; returns rows."""
+    schema = pq.read_schema(sources[0])
+    rows = 0
+    tmp = path.with_name(f".{path.name}.tmp")
+    with pq.ParquetWriter(tmp, schema=schema) as writer:
+        for source in sources:
+            parquet = pq.ParquetFile(source)
+            for group in range(parquet.num_row_groups):
+                table = parquet.read_row_group(group)
+                writer.write_table(table.cast(schema))
+                rows += table.num_rows
+    os.replace(tmp, path)
+    return rows
+
+
+def model_info(spec: str) -> dict[str, Any]:
+    """Model id and revision behind an ``hf-vlm:`` or ``diffusers:`` spec (local path or hub cache commit)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    arg = spec.partition(":")[2]
+    if not arg or spec.partition(":")[0] not in ("hf-vlm", "diffusers"):
+        return {"spec": spec}
+    if os.path.isdir(arg):
+        return {"spec": spec, "model": os.path.abspath(arg), "revision": "local"}
+    for name in ("model_index.json", "config.json"):
+        cached = try_to_load_from_cache(arg, name)
+        if isinstance(cached, str):  # .../snapshots/<commit>/<name>
+            return {"spec": spec, "model": arg, "revision": Path(cached).parent.name}
+    return {"spec": spec, "model": arg, "revision": None}
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("safetypairs", "torch", "diffusers", "transformers", "datasets", "accelerate", "pillow"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def _run_metadata(source: Dataset, config: GenerateConfig, run: RunConfig, fingerprint: str,
+                  summary: RunSummary, world: int) -> dict[str, Any]:
+    markers = [_read_json(_chunk_path(summary.out, c, ".json")) or {}
+               for c in range(-(-len(source) // run.chunk_size))]
+    return {
+        "fingerprint": fingerprint,
+        "source": run.source, "source_rows": len(source), "rows_out": summary.rows_out,
+        "chunk_size": run.chunk_size, "num_processes": world,
+        "config": asdict(config),
+        "policy": load_policy(config.policy).id,
+        "models": {"instructor": model_info(config.instructor), "editor": model_info(config.editor)},
+        "seeds": {"run_seed": config.seed, "candidate_seed": "sha256(f'{seed}:{source_id}:{candidate}')[:8] & 0x7fffffff",
+                  "per_row": f"column {S.SEED!r}"},
+        "versions": _versions(),
+        "statuses": summary.statuses,
+        "timings": {"wall_seconds_last_run": summary.seconds,
+                    "chunk_seconds": {m["chunk"]: m["seconds"] for m in markers},
+                    "chunks_computed_last_run": summary.chunks_computed,
+                    "chunks_reused_last_run": summary.chunks_reused},
+        "files": [os.path.relpath(f, summary.out) for f in summary.files],
+    }
+
+
+def load_run(out: str | Path) -> Dataset:
+    """Load the merged rows of a finished run (``out/data/*.parquet``) as one `datasets.Dataset`."""
+    files = sorted(str(p) for p in (Path(out) / DATA_DIR).glob("train-*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no merged data in {str(Path(out) / DATA_DIR)!r}; has the run finished?")
+    return load_dataset("parquet", data_files=files, split="train")
