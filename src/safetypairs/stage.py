@@ -86,13 +86,10 @@ def undecoded(dataset: Dataset) -> Dataset:
     Transforms decode images themselves with `utils.load_image`, so a corrupt image becomes a
     row status instead of an exception inside `datasets`' decoder.
     """
-    features = dataset.features.copy()
-    changed = False
-    for name, feature in features.items():
+    for name, feature in dataset.features.items():
         if isinstance(feature, Image) and feature.decode:
-            features[name] = Image(decode=False)
-            changed = True
-    return dataset.cast(features) if changed else dataset
+            dataset = dataset.cast_column(name, Image(decode=False))
+    return dataset
 
 
 def _use_spawn_for_cuda() -> None:
