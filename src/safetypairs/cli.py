@@ -169,6 +169,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                             batch_size=args.batch_size, num_proc=args.num_proc, n_bootstrap=args.bootstrap,
                             seed=args.seed)
     results = evaluate_release(args.dataset, config, args.out, split=args.split)
+    if not results:  # a non-zero rank under accelerate launch / torchrun: rank 0 reports
+        return 0
     for row in results["leaderboard"]:
         cells = "  ".join(f"{k}={'-' if row[k] is None else round(row[k], 3)}" for k in ("pair_accuracy", "f1", "auroc"))
         sys.stdout.write(f"{row['guard']}: {cells}  unknown={row['n_unknown']}\n")
@@ -196,9 +198,61 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_evaluate)
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from safetypairs.generate import GenerateConfig, RunConfig, generate_from_source
+    from safetypairs.registry import parse_options
+
+    trust = (("trust_remote_code", "true"),) if args.trust_remote_code else ()
+    config = GenerateConfig(
+        policy=args.policy, instructor=args.instructor, editor=args.editor, candidates=args.candidates,
+        control=args.control, seed=args.seed, device=args.device, batch_size=args.batch_size,
+        instructor_options=tuple(parse_options(args.instructor_options).items()) + trust,
+        editor_options=tuple(parse_options(args.editor_options).items()) + trust, mask_column=args.mask_column,
+    )
+    summary = generate_from_source(args.source, config, RunConfig(out=args.out, chunk_size=args.chunk_size),
+                                   split=args.split)
+    if summary is not None:  # rank 0 under accelerate launch / torchrun
+        sys.stdout.write(summary.render() + "\n")
+    return 0
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate", help="write edit instructions and K candidate edits per source (sharded, resumable)",
+        description=(
+            "Instruct (policy-aware edit instruction) and edit (K candidates with recorded seeds, optional "
+            "artifact control) every source row. Under `accelerate launch` / `torchrun` each rank takes a "
+            "contiguous shard; chunks are written as they finish (OUT/chunks) so a killed run resumes where it "
+            "stopped; rank 0 merges them into OUT/data/*.parquet and writes OUT/run.json."
+        ),
+    )
+    p.add_argument("--source", required=True,
+                   help="hub dataset id, dataset folder, image folder with metadata, or demo[:n]")
+    p.add_argument("--split", default="train", help="source split (default: train)")
+    p.add_argument("--out", required=True, help="run folder (chunks/, data/, run.json); reused to resume")
+    p.add_argument("--policy", default="llavaguard", help="policy name or YAML path (default: llavaguard)")
+    p.add_argument("--instructor", default="template",
+                   help="template | column:<name> | hf-vlm:<model id or path> (default: template)")
+    p.add_argument("--instructor-options", default="", help="k=v,k=v for the instructor (e.g. max_new_tokens=200)")
+    p.add_argument("--editor", default="ocr-inpaint",
+                   help="ocr-inpaint | diffusers:<model id or path> (default: ocr-inpaint)")
+    p.add_argument("--editor-options", default="",
+                   help="k=v,k=v for the editor (diffusers: steps, guidance, image_guidance, resolution, dtype, offload)")
+    p.add_argument("--mask-column", default=None, help="mask column for inpainting editors (white = edit)")
+    p.add_argument("--candidates", type=int, default=1, help="edits per source, each with its own seed (default: 1)")
+    p.add_argument("--control", action="store_true", help="also edit the original with a no-op instruction")
+    p.add_argument("--seed", type=int, default=0, help="run seed all candidate seeds derive from (default: 0)")
+    p.add_argument("--chunk-size", type=int, default=64, help="source rows per resumable chunk (default: 64)")
+    p.add_argument("--batch-size", type=int, default=4, help="rows per instructor/editor call (default: 4)")
+    p.add_argument("--device", default="auto", help="auto (the rank's GPU when present) or a torch device")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow model repos' own code (off by default; only for repos you trust)")
+    p.set_defaults(func=_cmd_generate)
+
+
 # Each entry adds one subcommand; stages register theirs here.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_policies, _add_release,
-                                                                   _add_validate, _add_evaluate]
+                                                                   _add_validate, _add_evaluate, _add_generate]
 
 
 def build_parser() -> argparse.ArgumentParser:

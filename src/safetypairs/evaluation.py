@@ -8,7 +8,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -284,8 +284,11 @@ def evaluate_release(path: str, config: EvaluateConfig, out: str | Path, split: 
         out: the output folder (created).
         split: the split to use (default: test, else train).
 
+    Under ``accelerate launch`` / ``torchrun`` each rank predicts a contiguous shard and rank 0
+    merges, scores and writes.
+
     Returns:
-        The results dict (as written to ``results.json``).
+        The results dict (as written to ``results.json``); ``{}`` on ranks other than 0.
 
     Raises:
         ValueError: when the release has no ``images`` config.
@@ -296,13 +299,55 @@ def evaluate_release(path: str, config: EvaluateConfig, out: str | Path, split: 
     if images is None:
         raise ValueError(f"{path} has no 'images' config; expected a SafetyPairs release")
     pairs = load_release(path, "pairs", split)
-    preds, runs = predict(images, config)
-    results = score_predictions(preds, config, pairs=pairs, runs=runs)
-    results["dataset"] = {"path": str(path), "split": split, "fingerprint": images._fingerprint, "n_rows": len(images)}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    preds, runs = _predict_ranks(images, config, out)
+    if preds is None:  # not rank 0: rank 0 merges and writes
+        return {}
+    results = score_predictions(preds, config, pairs=pairs, runs=runs)
+    results["dataset"] = {"path": str(path), "split": split, "fingerprint": images._fingerprint, "n_rows": len(images)}
     preds.to_parquet(str(out / "predictions.parquet"))
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
     render_report(results, out / "report.html", pairs=pairs)
     logger.info("wrote %s", out / "report.html")
     return results
+
+
+def _predict_ranks(images: Dataset, config: EvaluateConfig, out: Path) -> tuple[Dataset | None, dict[str, Any]]:
+    """`predict` in this process, or, under ``accelerate launch`` / ``torchrun`` (WORLD_SIZE > 1),
+    on this rank's contiguous shard; shards go to ``out/shards`` and rank 0 merges them in order."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return predict(images, config)
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=config.device == "cpu" or not torch.cuda.is_available())
+    device = str(state.device) if config.device == "auto" else config.device
+    shard_config = EvaluateConfig(**{**asdict(config), "device": device, "num_proc": None})
+    shard = images.shard(num_shards=state.num_processes, index=state.process_index, contiguous=True)
+    preds, runs = predict(shard, shard_config)
+    shard_dir = out / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    preds.to_parquet(str(shard_dir / f"predictions-rank{state.process_index:05d}.parquet"))
+    (shard_dir / f"runs-rank{state.process_index:05d}.json").write_text(json.dumps(runs), encoding="utf-8")
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None, {}
+    from datasets import concatenate_datasets
+
+    merged = concatenate_datasets([Dataset.from_parquet(str(shard_dir / f"predictions-rank{r:05d}.parquet"))
+                                   for r in range(state.num_processes)])
+    rank_runs = [json.loads((shard_dir / f"runs-rank{r:05d}.json").read_text()) for r in range(state.num_processes)]
+    return merged, {spec: {"statuses": _sum_counts(r[spec]["statuses"] for r in rank_runs),
+                           "seconds": max(r[spec]["seconds"] for r in rank_runs)} for spec in config.guards}
+
+
+def _sum_counts(histograms: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for histogram in histograms:
+        for key, count in histogram.items():
+            total[key] = total.get(key, 0) + count
+    return dict(sorted(total.items(), key=lambda kv: -kv[1]))
