@@ -418,3 +418,29 @@ def load_run(out: str | Path) -> Dataset:
     if not files:
         raise FileNotFoundError(f"no merged data in {str(Path(out) / DATA_DIR)!r}; has the run finished?")
     return load_dataset("parquet", data_files=files, split="train")
+
+
+def generate_from_source(spec: str, config: GenerateConfig, run: RunConfig, split: str = "train") -> RunSummary | None:
+    """Load a source (rank 0 first, so the `datasets` cache is built once) and `run_generate` it.
+
+    Args:
+        spec: ``demo[:n]``, a dataset folder, an image folder with metadata, or a hub dataset id.
+        config: what to generate.
+        run: where to write and the chunk size (``run.source`` defaults to ``spec``).
+        split: the source split.
+
+    Returns:
+        The run summary on rank 0, ``None`` elsewhere.
+    """
+    from dataclasses import replace
+
+    from safetypairs.sources import load_source
+
+    state = _state(config.device)
+    try:
+        with state.main_process_first():
+            source = load_source(spec, split=split)
+        return run_generate(source, config, replace(run, source=run.source or spec))
+    finally:
+        if state.use_distributed:
+            state.destroy_process_group()

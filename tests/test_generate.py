@@ -1,0 +1,180 @@
+"""Tests for generation at scale: chained stages, 2-process sharding, kill-and-resume, run metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from datasets import Dataset, Features, Image, Value
+from PIL import Image as PILImage
+
+from safetypairs import schema as S
+from safetypairs.generate import (
+    GenerateConfig,
+    RunConfig,
+    chunk_ranges,
+    generate_pairs,
+    load_run,
+    run_generate,
+)
+from tiny_models import build_tiny_ip2p
+
+ROOT = Path(__file__).resolve().parents[1]
+N_SOURCES = 6
+EDITOR_OPTIONS = "steps=1,resolution=16"
+
+
+def _source(n: int = N_SOURCES) -> Dataset:
+    from skimage import data
+
+    names = ["astronaut", "chelsea", "coffee", "rocket", "camera", "cat"]
+    rows: dict[str, list] = {S.SOURCE_ID: [], S.IMAGE: [], S.CATEGORY: [], S.RATIONALE: [], "instruction": []}
+    for i in range(n):
+        photo = PILImage.fromarray(getattr(data, names[i % len(names)])()).convert("RGB")
+        rows[S.SOURCE_ID].append(f"src-{i:03d}")
+        rows[S.IMAGE].append(photo.resize((30 + 3 * i, 26)))  # odd, distinct sizes
+        rows[S.CATEGORY].append("O99" if i == 2 else "O6")  # one unknown category -> a status row
+        rows[S.RATIONALE].append("a knife is brandished at a person")
+        rows["instruction"].append("" if i == 4 else "Replace the knife with a wooden spoon")  # one missing
+    features = Features({S.SOURCE_ID: Value("string"), S.IMAGE: Image(), S.CATEGORY: Value("string"),
+                         S.RATIONALE: Value("string"), "instruction": Value("string")})
+    return Dataset.from_dict(rows, features=features)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("generate")
+    source = root / "source"
+    _source().save_to_disk(str(source))
+    return {"root": str(root), "source": str(source), "editor": build_tiny_ip2p(root / "ip2p")}
+
+
+def _cli_args(setup: dict[str, str], out: Path, chunk_size: int = 2) -> list[str]:
+    return ["-m", "safetypairs", "-q", "generate", "--source", setup["source"], "--out", str(out),
+            "--instructor", "column:instruction", "--editor", f"diffusers:{setup['editor']}",
+            "--editor-options", EDITOR_OPTIONS, "--candidates", "2", "--control", "--device", "cpu",
+            "--chunk-size", str(chunk_size), "--batch-size", "2"]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    return env
+
+
+def _run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _table(out: Path):
+    files = sorted((out / "data").glob("train-*.parquet"))
+    assert files, f"no merged data in {out}"
+    return pq.read_table(files)
+
+
+@pytest.fixture(scope="module")
+def reference(setup) -> Path:
+    """An uninterrupted 1-process CLI run (the rows every other run must reproduce)."""
+    out = Path(setup["root"]) / "ref"
+    proc = _run(_cli_args(setup, out))
+    assert "candidate rows: 12" in proc.stdout
+    return out
+
+
+def test_reference_rows_and_metadata(reference):
+    rows = load_run(reference)
+    assert len(rows) == N_SOURCES * 2  # rows in x candidates, failures included as status rows
+    assert rows[S.SOURCE_ID] == [f"src-{i:03d}" for i in range(N_SOURCES) for _ in range(2)]
+    assert rows[S.CANDIDATE] == [0, 1] * N_SOURCES
+    by_source = dict(zip(rows[S.SOURCE_ID], rows[S.INSTRUCT_STATUS]))
+    assert by_source["src-002"] == "unknown_category" and by_source["src-004"] == "missing_instruction"
+    ok = [r for r in rows if r[S.EDIT_STATUS] == S.OK]
+    assert len(ok) == 8
+    seeds = [r[S.SEED] for r in ok]
+    assert len(set(seeds)) == len(seeds)  # distinct recorded seeds per candidate
+    for r in ok:  # edits are exactly the source size; controls only on candidate 0
+        assert r[S.EDITED_IMAGE].size == r[S.IMAGE].size
+        assert (r[S.CONTROL_IMAGE] is not None) == (r[S.CANDIDATE] == 0)
+    meta = json.loads((reference / "run.json").read_text())
+    assert meta["policy"] == "llavaguard@1.0" and meta["source_rows"] == N_SOURCES
+    assert meta["models"]["editor"]["revision"] == "local"
+    assert {"torch", "diffusers", "datasets", "accelerate"} <= set(meta["versions"])
+    assert meta["statuses"]["edit"] == {"ok": 8, "skipped": 4}
+    assert len(meta["timings"]["chunk_seconds"]) == 3
+
+
+def test_two_processes_match_one(setup, reference):
+    out = Path(setup["root"]) / "torchrun"
+    _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *_cli_args(setup, out)])
+    assert _table(out).equals(_table(reference))
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["num_processes"] == 2
+
+
+def test_killed_run_resumes_without_recomputing(setup, reference):
+    out = Path(setup["root"]) / "killed"
+    args = _cli_args(setup, out, chunk_size=2)
+    proc = subprocess.Popen([sys.executable, *args], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / "chunks" / "chunk-000000.json").exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted((out / "chunks").glob("chunk-*.json"))
+    assert done and len(done) < 3, f"kill landed after {len(done)} of 3 chunks"
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "chunks").glob("chunk-*.parquet")}
+    assert not (out / "data").exists()
+    _run(args)
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "chunks").glob("chunk-*.parquet")}
+    assert all(after[name] == mtime for name, mtime in before.items())  # finished chunks not recomputed
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["timings"]["chunks_reused_last_run"] == len(before)
+    assert meta["timings"]["chunks_computed_last_run"] == 3 - len(before)
+    assert _table(out).equals(_table(reference))
+
+
+def test_changed_settings_refuse_the_same_folder(setup, reference):
+    proc = subprocess.run([sys.executable, *_cli_args(setup, reference, chunk_size=3)], env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "holds a run with different settings" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_generate_pairs_in_process_matches_runner(setup, tmp_path):
+    source = _source(3)
+    options = dict(editor_options=(("steps", "1"), ("resolution", "16")), device="cpu", batch_size=2)
+    rows = generate_pairs(source, "llavaguard", instructor="column:instruction",
+                          editor=f"diffusers:{setup['editor']}", candidates=2, control=True, **options)
+    assert len(rows) == 6 and set(rows[S.EDIT_STATUS]) == {S.OK, "skipped"}
+    config = GenerateConfig(instructor="column:instruction", editor=f"diffusers:{setup['editor']}",
+                            candidates=2, control=True, **options)
+    summary = run_generate(source, config, RunConfig(out=tmp_path / "run", chunk_size=2))
+    assert summary.rows_out == 6 and summary.chunks_computed == 2
+    ran = load_run(tmp_path / "run")
+    assert ran[S.SEED] == rows[S.SEED] and ran[S.EDIT_STATUS] == rows[S.EDIT_STATUS]
+
+
+def test_chunk_ranges_are_contiguous_and_cover_everything():
+    for n, size, world in [(10, 3, 1), (10, 3, 2), (10, 3, 8), (1, 64, 4), (0, 5, 2)]:
+        spans = [chunk_ranges(n, size, rank, world) for rank in range(world)]
+        flat = [s for rank_spans in spans for s in rank_spans]
+        assert [c for c, _, _ in flat] == list(range(len(flat)))
+        assert sum(stop - start for _, start, stop in flat) == n
+        assert all(start == (c * size) for c, start, _ in flat)
+
+
+def test_config_errors_name_allowed_values():
+    with pytest.raises(ValueError, match="candidates must be >= 1"):
+        GenerateConfig(candidates=0)
+    with pytest.raises(ValueError, match="unknown editor 'diffuser'.*Did you mean 'diffusers'"):
+        GenerateConfig(editor="diffuser:x")
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        RunConfig(out="x", chunk_size=0)
