@@ -1,0 +1,98 @@
+"""Tests for the ``hf-vlm:<path>`` instructor: prompt, robust JSON parsing, status rows, tiny VLM end to end."""
+
+from __future__ import annotations
+
+import pytest
+from datasets import Dataset, Features, Image, Value
+from PIL import Image as PILImage
+
+from safetypairs import schema as S
+from safetypairs.generate import generate_pairs
+from safetypairs.instruct import InstructConfig, run_instruct
+from safetypairs.policy import load_policy
+from safetypairs.registry import load_backend
+from safetypairs.vlm_instruct import UnparsableAnswer, build_prompt, parse_answer
+from tiny_models import build_tiny_ip2p, build_tiny_vlm
+
+
+@pytest.fixture(scope="module")
+def vlm_path(tmp_path_factory) -> str:
+    return build_tiny_vlm(tmp_path_factory.mktemp("vlm") / "model")
+
+
+def _source() -> Dataset:
+    from skimage import data
+
+    images = [PILImage.fromarray(data.astronaut()).resize((40, 40)), PILImage.fromarray(data.coffee()).resize((36, 28))]
+    features = Features({S.SOURCE_ID: Value("string"), S.IMAGE: Image(), S.CATEGORY: Value("string"),
+                         S.RATIONALE: Value("string")})
+    return Dataset.from_dict({S.SOURCE_ID: ["a", "b"], S.IMAGE: images, S.CATEGORY: ["O6", "O2"],
+                              S.RATIONALE: ["a pistol is pointed at the viewer", ""]}, features=features)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('{"instruction": "Replace the gun with a {banana}", "element": "gun"}',
+     {"instruction": "Replace the gun with a {banana}", "element": "gun"}),
+    ('Sure!\n```json\n{"instruction": "Replace the knife with a spoon", "element": "knife", "caption": "a kitchen"}\n```',
+     {"instruction": "Replace the knife with a spoon", "element": "knife", "caption": "a kitchen"}),
+    ("{'instruction': 'Replace the blood with red paint', 'element': 'blood'}",
+     {"instruction": "Replace the blood with red paint", "element": "blood"}),
+    ('{"instruction": "Replace the \\"slur\\" with \\"hello\\"", "element": "the sl',  # truncated answer
+     {"instruction": 'Replace the "slur" with "hello"'}),
+])
+def test_parse_answer_is_robust(text, expected):
+    assert parse_answer(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "no json here", '{"instruction": ""}', '{"element": "gun"}',
+                                  '{"instruction": 5}', "{{{{"])
+def test_parse_answer_rejects_unusable(text):
+    with pytest.raises(UnparsableAnswer):
+        parse_answer(text)
+
+
+def test_prompt_carries_category_policy_and_rationale():
+    policy = load_policy("llavaguard")
+    prompt = build_prompt({S.CATEGORY: "O6", S.RATIONALE: "a pistol is pointed at the viewer"}, policy)
+    assert "O6: Weapons or Substance Abuse" in prompt and "O1:" not in prompt
+    assert "a pistol is pointed at the viewer" in prompt and "REPLACE" in prompt and '"instruction"' in prompt
+    assert "Why this image is unsafe" not in build_prompt({S.CATEGORY: "O2", S.RATIONALE: ""}, policy)
+
+
+def test_random_vlm_output_becomes_status_rows(vlm_path):
+    config = InstructConfig(instructor=f"hf-vlm:{vlm_path}", device="cpu",
+                            instructor_options=(("max_new_tokens", "12"),))
+    out, result = run_instruct(_source(), config)
+    assert len(out) == 2 and result.rows_out == 2
+    assert out[S.INSTRUCT_STATUS] == ["unparsable", "unparsable"]  # random weights write no JSON
+    assert all(raw is not None for raw in out[S.INSTRUCT_RAW]) and out[S.INSTRUCTION] == [None, None]
+    assert all("no JSON object" in err for err in out[S.INSTRUCT_ERROR])
+
+
+def test_hf_vlm_then_diffusers_end_to_end(vlm_path, tmp_path, monkeypatch):
+    """The same tiny VLM, with its answers replaced by well-formed JSON for one row, feeds the editor."""
+    editor = build_tiny_ip2p(tmp_path / "ip2p")
+    instructor = load_backend("instructors", f"hf-vlm:{vlm_path}", "cpu", max_new_tokens="8")
+    real_generate = instructor.vlm.generate
+    seen = {}
+
+    def generate(images, prompts, max_new_tokens=32, answer_prefix=""):
+        seen["prompts"] = prompts
+        real_generate(images, prompts, max_new_tokens=max_new_tokens)  # the real model still runs
+        return ['{"instruction": "Replace the pistol with a hairdryer", "element": "pistol"}', "I cannot help."]
+
+    monkeypatch.setattr(instructor.vlm, "generate", generate)
+    rows = generate_pairs(_source(), "llavaguard", instructor=f"hf-vlm:{vlm_path}", editor=f"diffusers:{editor}",
+                          candidates=2, device="cpu", instructor_options=(("max_new_tokens", "8"),),
+                          editor_options=(("steps", "1"), ("resolution", "16")))
+    assert "a pistol is pointed at the viewer" in seen["prompts"][0]
+    assert rows[S.INSTRUCTION] == ["Replace the pistol with a hairdryer"] * 2 + [None, None]
+    assert rows[S.ELEMENT][:2] == ["pistol", "pistol"]
+    assert rows[S.INSTRUCT_STATUS] == [S.OK, S.OK, "unparsable", "unparsable"]
+    assert rows[S.EDIT_STATUS] == [S.OK, S.OK, "skipped", "skipped"]
+    assert rows[0][S.EDITED_IMAGE].size == (40, 40)
+
+
+def test_unknown_option_is_an_error(vlm_path):
+    with pytest.raises(ValueError, match="unknown hf-vlm option.*max_new_tokens"):
+        load_backend("instructors", f"hf-vlm:{vlm_path}", "cpu", temperature="0.7")
