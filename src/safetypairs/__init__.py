@@ -23,6 +23,10 @@ _EXPORTS = {
     "export_raw": "safetypairs.builder",
     "load_raw": "safetypairs.builder",
     "SafetyPairsRaw": "safetypairs.builder",
+    "validate_pairs": "safetypairs.validate",
+    "run_validate": "safetypairs.validate",
+    "ValidateConfig": "safetypairs.validate",
+    "select_best": "safetypairs.validate",
 }
 
 __all__ = sorted(_EXPORTS)
