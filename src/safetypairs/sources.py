@@ -32,6 +32,7 @@ _SCHEMES = (
     ((255, 255, 255), None, (180, 20, 20)),
     ((230, 30, 30), (255, 255, 255), None),
     ((255, 255, 255), None, (25, 25, 25)),
+    ((170, 170, 170), None, None),  # low contrast, no outline: hard for OCR and inpainting
 )
 _POSITIONS = ("top", "bottom", "middle", "top", "bottom")
 MAX_SIDE = 512
@@ -64,7 +65,7 @@ def demo_photo(name: str) -> Image.Image:
 
 def _caption_box(image: Image.Image, rng: random.Random) -> tuple[int, int, int, int]:
     w, h = image.size
-    height = int(h * rng.uniform(0.08, 0.15))
+    height = int(h * rng.uniform(0.06, 0.15))
     width = int(w * rng.uniform(0.55, 0.92))
     x0 = rng.randint(int(w * 0.03), w - width - int(w * 0.03))
     position = rng.choice(_POSITIONS)
