@@ -94,7 +94,7 @@ def test_open_clip_tiny_random_and_checkpoint(tmp_path, photo):
     torch.save(enc.model.state_dict(), checkpoint)
     reloaded = OpenCLIPEncoder.from_spec(f"{arch}/{checkpoint}")
     assert np.allclose(reloaded.embed([photo]), emb[:1], atol=1e-5)
-    with pytest.raises(ValueError, match="needs an arch"):
+    with pytest.raises(ValueError, match="needs a model: open_clip:<arch>"):
         OpenCLIPEncoder.from_spec(None)
 
 

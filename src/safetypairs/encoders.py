@@ -111,6 +111,19 @@ class LPIPSEncoder:
             return self.model(prep(a), prep(b))[:, 0].float().cpu().numpy()
 
 
+def _spec_argument(alias: str, arg: str | None, options: dict[str, Any], usage: str) -> str:
+    """The spec argument of a CLIP encoder, which takes no options.
+
+    Raises:
+        ValueError: for options or a missing argument, showing ``alias:usage``.
+    """
+    if options:
+        raise ValueError(f"{alias} encoder takes no options, got {sorted(options)}")
+    if not arg:
+        raise ValueError(f"{alias} encoder spec needs a model: {alias}:{usage}")
+    return arg
+
+
 def _l2_normalize(features: Any) -> np.ndarray:
     feats = features.float().cpu().numpy()
     return feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
@@ -143,11 +156,10 @@ class OpenCLIPEncoder:
         Raises:
             ValueError: when the arch is missing or options are given.
         """
-        if options:
-            raise ValueError(f"open_clip encoder takes no options, got {sorted(options)}")
-        arch, _, pretrained = (arg or "").partition("/")
+        usage = "<arch>/<pretrained>, e.g. ViT-B-32/openai"
+        arch, _, pretrained = _spec_argument("open_clip", arg, options, usage).partition("/")
         if not arch:
-            raise ValueError("open_clip encoder spec needs an arch: open_clip:<arch>/<pretrained>, e.g. ViT-B-32/openai")
+            raise ValueError(f"open_clip encoder spec needs an arch: open_clip:{usage}")
         return cls(arch, None if pretrained.lower() in ("", "none") else pretrained, device=device)
 
     def embed(self, images: list[Image.Image]) -> np.ndarray:
@@ -185,11 +197,7 @@ class HFCLIPEncoder:
         Raises:
             ValueError: when the id is missing or options are given.
         """
-        if options:
-            raise ValueError(f"hf-clip encoder takes no options, got {sorted(options)}")
-        if not arg:
-            raise ValueError("hf-clip encoder spec needs a model: hf-clip:<hub id or local path>")
-        return cls(arg, device=device)
+        return cls(_spec_argument("hf-clip", arg, options, "<hub id or local path>"), device=device)
 
     def embed(self, images: list[Image.Image]) -> np.ndarray:
         """L2-normalised image embeddings, shape ``(len(images), dim)``."""

@@ -47,9 +47,19 @@ CLIP_ALIASES = ("open_clip", "hf-clip")
 class ValidateConfig:
     """Settings of the validation stage; every value is checked up front.
 
-    Thresholds were picked from the calibration table (``python -m safetypairs.calibration``;
-    README of the module and tests/test_validate.py): each sits between the worst local edit and
-    the mildest global change measured on real ``skimage.data`` photos.
+    Thresholds come from the calibration table (``python -m safetypairs.calibration``, also printed
+    by tests/test_validate.py): 4 local edits and 7 global changes on 5 real ``skimage.data``
+    photos. Each sits in the measured gap between the worst accepted local edit and the global
+    changes that only that check rejects:
+
+    - ``mask_delta_e=8``: with 6, JPEG-q90 noise alone touches up to 44% of grid cells; with 8, 14%.
+    - ``max_change_spread=0.5``: local edits 0.06..0.14; shift/JPEG-q10/crop/recolour >= 0.66.
+    - ``min_psnr_outside=32.5``: local edits >= 34.2 dB (paste + JPEG q90); brightness and
+      contrast changes that stay under the ΔE threshold reach at most 31.0 dB.
+    - ``min_ssim_outside=0.91``: local edits >= 0.933; blur <= 0.898.
+    - ``min_changed_fraction=0.002``: smallest local edit 0.0069, identical 0.
+    - ``max_changed_fraction=0.35``: a policy cap (an edit over a third of the frame is not
+      targeted); no calibration case depends on it.
 
     Attributes:
         original_column: the unsafe original (``image`` for candidates, ``unsafe_image`` for pairs).
@@ -163,7 +173,6 @@ class _Pair:
     original: np.ndarray
     edited: np.ndarray
     full_size: tuple[int, int]
-    resized: bool
     original_image: Image.Image
     edited_image: Image.Image
     mask: ChangeMask | None = None
@@ -234,14 +243,14 @@ class ValidateTransform:
         if scale < 1.0:
             work = (max(1, round(original.width * scale)), max(1, round(original.height * scale)))
             work_a, work_b = (im.resize(work, Image.Resampling.BOX) for im in (original, edited))
-        return _Pair(i, to_float(work_a), to_float(work_b), original.size, row[S.VALIDATE_RESIZED], original, edited)
+        return _Pair(i, to_float(work_a), to_float(work_b), original.size, original, edited)
 
     def _pixel_metrics(self, pair: _Pair, row: dict[str, Any]) -> None:
         mask = change_mask(pair.original, pair.edited, self.config.mask_params)
         pair.mask = mask
         outside = ~mask.region
         full = _full_size_mask(mask.changed, pair.full_size)
-        row[S.EDIT_MASK] = Image.fromarray(full.astype(np.uint8) * 255, mode="L")
+        row[S.EDIT_MASK] = Image.fromarray(full.astype(np.uint8) * 255)  # 2-D uint8: mode "L"
         row[S.CHANGED_FRACTION] = mask.changed_fraction
         row[S.CHANGE_BBOX] = bbox(full)
         row[S.CHANGE_SPREAD] = mask.spread(self.config.spread_grid, self.config.spread_cell_min)
