@@ -19,7 +19,8 @@ def build_tiny_hf_clip(path: Path, seed: int = 0) -> str:
     torch.manual_seed(seed)
     config = CLIPConfig(
         text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                     "vocab_size": 100, "max_position_embeddings": 16},
+                     "vocab_size": 100, "max_position_embeddings": 16, "bos_token_id": 0, "eos_token_id": 1,
+                     "pad_token_id": 1},
         vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
                        "image_size": 32, "patch_size": 8},
         projection_dim=16,
