@@ -128,8 +128,6 @@ def test_image_modes_are_read_as_rgb(photo, mode):
     assert out[S.CHANGE_BBOX][0] == [100, 20, 140, 60]
 
 
-@pytest.mark.xfail(strict=True, reason="utils.load_image rescales 16-bit images by their own min..max, so an edit "
-                   "that extends the value range shifts every pixel of the edited image")
 def test_16bit_edit_outside_value_range_stays_local(photo):
     edit = paste(photo, colour=(255, 255, 255))
     out = validate_pairs(candidates([_mode(photo, "I;16")], [_mode(edit, "I;16")]))

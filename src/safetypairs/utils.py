@@ -112,9 +112,9 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         import numpy as np
 
-        arr = np.asarray(image, dtype=np.float64)
-        arr = (arr - arr.min()) / max(float(arr.max() - arr.min()), 1.0) * 255.0
-        image = Image.fromarray(arr.astype("uint8"))
+        # A fixed 16-bit scale (not the image's own min..max), so an edit keeps every other pixel.
+        arr = np.clip(np.asarray(image, dtype=np.float64) / 257.0, 0, 255)
+        image = Image.fromarray(np.round(arr).astype("uint8"))
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA"):
