@@ -16,6 +16,7 @@ from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
 
 from safetypairs import schema as S
+from safetypairs.diffusion import work_size
 from safetypairs.generate import (
     GenerateConfig,
     RunConfig,
@@ -102,6 +103,7 @@ def test_reference_rows_and_metadata(reference):
     assert len(set(seeds)) == len(seeds)  # distinct recorded seeds per candidate
     for r in ok:  # edits are exactly the source size; controls only on candidate 0
         assert r[S.EDITED_IMAGE].size == r[S.IMAGE].size
+        assert r[S.EDIT_WORK_SIZE] == list(work_size(r[S.IMAGE].size, 16, 2))  # recorded, then mapped back
         assert (r[S.CONTROL_IMAGE] is not None) == (r[S.CANDIDATE] == 0)
     meta = json.loads((reference / "run.json").read_text())
     assert meta["policy"] == "llavaguard@1.0" and meta["source_rows"] == N_SOURCES

@@ -89,6 +89,7 @@ class EditTransform:
         out[S.CONTROL_IMAGE] = [None] * n
         out[S.EDIT_STATUS] = [S.OK] * n
         out[S.EDIT_ERROR] = [None] * n
+        out[S.EDIT_WORK_SIZE] = [None] * n
         jobs = self._jobs(out, n)
         if jobs:
             editor = load_backend("editors", self.config.editor, device_for_rank(self.config.device, rank),
@@ -96,6 +97,8 @@ class EditTransform:
             for job, (image, error) in zip(jobs, _edit_isolated(editor, jobs)):
                 if error is None:
                     out[job.column][job.row] = image
+                    if job.column == S.EDITED_IMAGE:  # diffusers editors record the size they ran at
+                        out[S.EDIT_WORK_SIZE][job.row] = image.info.get("work_size")
                 elif job.column == S.EDITED_IMAGE:
                     out[S.EDIT_STATUS][job.row] = "error"
                     out[S.EDIT_ERROR][job.row] = f"row {out[S.SOURCE_ID][job.row]!r}: {error}"

@@ -30,6 +30,7 @@ SEED = "seed"
 CANDIDATE = "candidate"
 EDIT_STATUS = "edit_status"
 EDIT_ERROR = "edit_error"
+EDIT_WORK_SIZE = "edit_work_size"  # [w, h] the editor ran at (its output is resized back to the source size)
 
 # --- validate stage ---------------------------------------------------------------------------
 EDIT_MASK = "edit_mask"
@@ -131,6 +132,7 @@ EDIT_FEATURES = Features(
         CANDIDATE: Value("int32"),
         EDIT_STATUS: Value("string"),
         EDIT_ERROR: Value("string"),
+        EDIT_WORK_SIZE: Sequence(Value("int32")),
     }
 )
 
