@@ -1,33 +1,12 @@
 """Encoder backends: spatial LPIPS, open_clip and hf-clip image embeddings (tiny offline models)."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from PIL import Image
 
 from safetypairs.encoders import HFCLIPEncoder, LPIPSEncoder, OpenCLIPEncoder, lpips_arguments
 from safetypairs.registry import REGISTRY, load_backend
-from tiny_models import register_tiny_open_clip
-
-
-def build_tiny_hf_clip(path: Path, seed: int = 0) -> str:
-    """Save a tiny random `CLIPModel` and its `CLIPImageProcessor` with ``save_pretrained``."""
-    import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    torch.manual_seed(seed)
-    config = CLIPConfig(
-        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                     "vocab_size": 100, "max_position_embeddings": 16, "bos_token_id": 0, "eos_token_id": 1,
-                     "pad_token_id": 1},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
-        projection_dim=16,
-    )
-    CLIPModel(config).eval().save_pretrained(path, safe_serialization=True)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
-    return str(path)
+from tiny_models import build_tiny_hf_clip, register_tiny_open_clip
 
 
 @pytest.fixture(scope="module")

@@ -26,25 +26,23 @@ BASE_WORDS = (
 PUNCTUATION = list('{}[]":,.-_!?()\'/<>|*#=+;')
 
 
-def _tokenizer(extra_words: tuple[str, ...] = ()):
-    """A word-level fast tokenizer written in code (no download)."""
+def _word_level(specials: list[str], extra_words: tuple[str, ...] = (), **special_tokens):
+    """A word-level fast tokenizer written in code (no download): ``specials`` first, then the words."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     words = list(dict.fromkeys(BASE_WORDS + PUNCTUATION + [w for w in extra_words if w]))
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + words)}
+    vocab = {tok: i for i, tok in enumerate(specials + words)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     core.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-        padding_side="left",
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", padding_side="left", **special_tokens)
+
+
+def _tokenizer(extra_words: tuple[str, ...] = ()):
+    """The Llava-style word-level tokenizer with its chat template."""
+    tokenizer = _word_level(SPECIAL_TOKENS, extra_words, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                            extra_special_tokens={"image_token": "<image>"})
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
@@ -126,18 +124,25 @@ def _byte_vocab(suffixes: tuple[str, ...] = ("",)) -> dict[str, int]:
     return {c + s: i for i, (s, c) in enumerate((s, c) for s in suffixes for c in chars)}
 
 
-def _clip_text():
-    """A CLIP tokenizer (byte symbols, no merges) and a tiny random CLIP text encoder."""
-    import torch
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def _clip_tokenizer():
+    """A CLIP tokenizer written in code: byte symbols, no merges."""
+    from transformers import CLIPTokenizer
 
     vocab = _byte_vocab(("", "</w>"))
     for token in ("<|startoftext|>", "<|endoftext|>"):
         vocab[token] = len(vocab)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _clip_text():
+    """A CLIP tokenizer (byte symbols, no merges) and a tiny random CLIP text encoder."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = _clip_tokenizer()
     torch.manual_seed(0)
     encoder = CLIPTextModel(CLIPTextConfig(
-        bos_token_id=0, eos_token_id=2, pad_token_id=1, vocab_size=len(vocab), hidden_size=32,
+        bos_token_id=0, eos_token_id=2, pad_token_id=1, vocab_size=len(tokenizer), hidden_size=32,
         intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32,
     ))
     return tokenizer, encoder
@@ -294,3 +299,100 @@ def register_tiny_open_clip(folder: str | Path) -> str:
     path.write_text(json.dumps(config))
     open_clip.add_model_config(path)
     return TINY_CLIP_ARCH
+
+
+def build_tiny_hf_clip(path: str | Path, seed: int = 0) -> str:
+    """Save a tiny random `CLIPModel`, its `CLIPImageProcessor` and a CLIP tokenizer; returns the folder."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    tokenizer = _clip_tokenizer()
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "vocab_size": len(tokenizer), "max_position_embeddings": 77, **ids},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    CLIPModel(config).eval().save_pretrained(path, safe_serialization=True)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+# ShieldGemma 2's chat template (transformers' convert_shieldgemma2_weights_orbax_to_hf.py _CHAT_TEMPLATE).
+SHIELDGEMMA2_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is iterable -%}"
+    "{%- for item in message['content'] -%}"
+    "{{ '<start_of_turn>user\\n' }}"
+    "{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}"
+    "{%- elif item['type'] == 'text' -%}"
+    "{{ 'You are a policy expert trying to help determine whether a generated or real image is in' }}"
+    "{{ ' violation of the safety policy below. Your decision must very clearly follow the specific' }}"
+    "{{ ' language used in the safety policy and should not include any interpretation outside of the' }}"
+    "{{ ' safety policy.\\n\\n' }}{{ '<BEGIN_SAFETY_POLICY>\\n' }}{{ item['text'] + '\\n' }}"
+    "{{ '</END_SAFETY_POLICY>\\n\\n' }}"
+    "{{ 'Does the image violate the above policy? Your Answer must start with \\'Yes\\' or \\'No\\'.' }}"
+    "{{ '<end_of_turn>\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{{ '<start_of_turn>model\\n' }}"
+    "{%- else -%}{{ raise_exception('ShieldGemma 2 messages need a list of image and text parts') }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
+def build_tiny_shieldgemma2(path: str | Path, seed: int = 0) -> str:
+    """Build and save a tiny random ShieldGemma 2 (SigLIP vision + Gemma 3 text) with its processor.
+
+    The Yes/No answer tokens are words of the tiny vocabulary (``yes_token_index`` /
+    ``no_token_index`` in the config); the image projection, which Gemma 3 initialises to zero,
+    gets random weights so that the image changes the answer.
+
+    Returns:
+        The folder path as a string (loads through ``AutoProcessor`` and
+        ``ShieldGemma2ForImageClassification.from_pretrained(path)``).
+    """
+    import torch
+    from transformers import (
+        Gemma3ImageProcessor,
+        Gemma3TextConfig,
+        ShieldGemma2Config,
+        ShieldGemma2ForImageClassification,
+        ShieldGemma2Processor,
+        SiglipVisionConfig,
+    )
+
+    image = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>", "<start_of_turn>", "<end_of_turn>", *image.values()]
+    tokenizer = _word_level(specials, ("Yes", "No", *_policy_words()), bos_token="<bos>", eos_token="<eos>",
+                            pad_token="<pad>", extra_special_tokens=image)
+    processor = ShieldGemma2Processor(
+        image_processor=Gemma3ImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer,
+        chat_template=SHIELDGEMMA2_TEMPLATE, image_seq_length=4, policy_definitions={},
+    )
+    text = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=32, patch_size=8)
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in image.items()}
+    config = ShieldGemma2Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4, boi_token_index=ids["boi_token"],
+        eoi_token_index=ids["eoi_token"], image_token_index=ids["image_token"],
+        yes_token_index=tokenizer.convert_tokens_to_ids("Yes"), no_token_index=tokenizer.convert_tokens_to_ids("No"),
+    )
+    torch.manual_seed(seed)
+    model = ShieldGemma2ForImageClassification(config).eval()
+    torch.nn.init.normal_(model.model.model.multi_modal_projector.mm_input_projection_weight, std=1.0)
+    model.save_pretrained(path, safe_serialization=True)
+    processor.save_pretrained(path)
+    return str(path)

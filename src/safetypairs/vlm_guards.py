@@ -14,7 +14,7 @@ from safetypairs.guards import Verdict
 from safetypairs.policy import Policy, render_policy
 from safetypairs.registry import parse_options
 from safetypairs.schema import SAFE, UNKNOWN, UNSAFE
-from safetypairs.vlm import VLMConfig, load_vlm
+from safetypairs.vlm import DTYPES, VLMConfig, load_vlm
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,8 @@ class VLMGuardOptions:
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
             raise ValueError(f"option scope={self.scope!r} not allowed; allowed: {', '.join(SCOPES)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"option dtype={self.dtype!r} not allowed; allowed: {', '.join(DTYPES)}")
         if self.max_new_tokens < 1:
             raise ValueError("option max_new_tokens must be >= 1")
 
@@ -221,7 +223,8 @@ class ShieldGemma2Guard:
     """``shieldgemma2:<id or path>``: ShieldGemma 2 with the policy's categories as custom policies.
 
     ShieldGemma 2 answers Yes/No per (image, policy); the score is the largest P(Yes) over the
-    categories checked (all, or the row's own with ``scope=category``), unsafe when >= 0.5.
+    categories checked (all, or the row's own with ``scope=category``), unsafe when >= 0.5
+    (``score=false`` keeps the label and records no score).
     """
 
     def __init__(self, model: str, device: str, options: VLMGuardOptions) -> None:
@@ -265,5 +268,6 @@ class ShieldGemma2Guard:
             best = int(np.argmax(probs))
             raw = json.dumps({c: round(float(p), 5) for c, p in zip(codes, probs)})
             label = UNSAFE if probs[best] >= 0.5 else SAFE
-            verdicts.append(Verdict(label, float(probs[best]), f"P(violates {codes[best]}) = {probs[best]:.3f}", raw))
+            score = float(probs[best]) if self.options.score else None
+            verdicts.append(Verdict(label, score, f"P(violates {codes[best]}) = {probs[best]:.3f}", raw))
         return verdicts

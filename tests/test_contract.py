@@ -1,0 +1,208 @@
+"""Contract test: every registered backend, built from a tiny configuration through
+``registry.load_backend``, honours its kind's interface on a real photo."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import tiny_models as tiny_builders
+from safetypairs import schema as S
+from safetypairs.guards import Verdict
+from safetypairs.instruct import InstructResult, text_instruction
+from safetypairs.policy import load_policy
+from safetypairs.registry import REGISTRY, load_backend
+from safetypairs.sources import demo_photo, render_demo_row
+
+POLICY = load_policy("llavaguard")
+SMALL = (45, 37)  # odd on purpose: editors must give back exactly the input size
+INSTRUCTION_COLUMN = "my_instruction"
+
+
+class TinyModels:
+    """Tiny seeded random models, saved with ``save_pretrained`` on first use and kept for the session."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @functools.cached_property
+    def vlm(self) -> str:
+        return tiny_builders.build_tiny_vlm(self.root / "vlm")
+
+    @functools.cached_property
+    def shieldgemma2(self) -> str:
+        return tiny_builders.build_tiny_shieldgemma2(self.root / "shieldgemma2")
+
+    @functools.cached_property
+    def ip2p(self) -> str:
+        return tiny_builders.build_tiny_ip2p(self.root / "ip2p")
+
+    @functools.cached_property
+    def kontext(self) -> str:
+        return tiny_builders.build_tiny_flux_kontext(self.root / "kontext")
+
+    @functools.cached_property
+    def hf_clip(self) -> str:
+        return tiny_builders.build_tiny_hf_clip(self.root / "hf-clip")
+
+    @functools.cached_property
+    def open_clip(self) -> str:
+        return tiny_builders.register_tiny_open_clip(self.root / "open_clip")
+
+
+@dataclass(frozen=True)
+class Tiny:
+    """One tiny configuration: the spec (from the session's tiny models), ``load_backend`` options,
+    and whether the backend needs the captioned demo photo (OCR backends) instead of a small photo."""
+
+    spec: Callable[[TinyModels], str]
+    options: dict[str, str] = field(default_factory=dict)
+    captioned: bool = False
+
+
+_CLASSIFIERS: dict[str, dict[str, Tiny]] = {
+    "ocr-lexicon": {"default": Tiny(lambda t: "ocr-lexicon", captioned=True)},
+    "nudenet": {"default": Tiny(lambda t: "nudenet")},
+    "hf-vlm": {"tiny-llava": Tiny(lambda t: f"hf-vlm:{t.vlm},max_new_tokens=4")},
+    "llavaguard": {"tiny-llava": Tiny(lambda t: f"llavaguard:{t.vlm},max_new_tokens=8")},
+    "shieldgemma2": {"tiny-shieldgemma2": Tiny(lambda t: f"shieldgemma2:{t.shieldgemma2},scope=category")},
+    "clip-zeroshot": {
+        "open_clip": Tiny(lambda t: f"clip-zeroshot:open_clip:{t.open_clip}/none"),
+        "hf-clip": Tiny(lambda t: f"clip-zeroshot:hf-clip:{t.hf_clip}"),
+    },
+}
+_DIFFUSERS_OPTIONS = {"steps": "2", "resolution": "0"}
+
+# (kind, alias) -> named tiny configurations. A new backend needs an entry here.
+TINY: dict[tuple[str, str], dict[str, Tiny]] = {
+    ("instructors", "template"): {"default": Tiny(lambda t: "template", captioned=True)},
+    ("instructors", "column"): {"default": Tiny(lambda t: f"column:{INSTRUCTION_COLUMN}")},
+    ("instructors", "hf-vlm"): {"tiny-llava": Tiny(lambda t: f"hf-vlm:{t.vlm}", {"max_new_tokens": "8"})},
+    ("editors", "ocr-inpaint"): {"default": Tiny(lambda t: "ocr-inpaint", captioned=True)},
+    ("editors", "diffusers"): {
+        "ip2p": Tiny(lambda t: f"diffusers:{t.ip2p}", _DIFFUSERS_OPTIONS),
+        "flux-kontext": Tiny(lambda t: f"diffusers:{t.kontext}", _DIFFUSERS_OPTIONS),
+    },
+    **{(kind, alias): configs for kind in ("judges", "guards") for alias, configs in _CLASSIFIERS.items()},
+    ("encoders", "lpips"): {"random-alex": Tiny(lambda t: "lpips:alex,pnet_rand=true")},
+    ("encoders", "open_clip"): {"tiny": Tiny(lambda t: f"open_clip:{t.open_clip}/none")},
+    ("encoders", "hf-clip"): {"tiny": Tiny(lambda t: f"hf-clip:{t.hf_clip}")},
+}
+REGISTERED = sorted((kind, alias) for kind, aliases in REGISTRY.items() for alias in aliases)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> TinyModels:
+    return TinyModels(tmp_path_factory.mktemp("contract-tiny-models"))
+
+
+@functools.lru_cache(maxsize=1)
+def _captioned_row() -> dict[str, Any]:
+    """A real photo with a harassing caption (category O1), as the demo source makes it."""
+    return render_demo_row(0, 0)
+
+
+def _photo(config: Tiny) -> Image.Image:
+    return _captioned_row()[S.IMAGE] if config.captioned else demo_photo("astronaut").resize(SMALL)
+
+
+def _check_instructor(backend: Any, config: Tiny, alias: str) -> None:
+    row = {**_captioned_row(), S.IMAGE: _photo(config), INSTRUCTION_COLUMN: "Replace the caption with a kind one"}
+    results = backend.instruct([row], POLICY)
+    assert len(results) == 1 and isinstance(results[0], InstructResult)
+    result = results[0]
+    assert isinstance(result.raw, str) and isinstance(result.status, str)
+    if result.status == S.OK:
+        assert isinstance(result.instruction, str) and result.instruction.strip()
+    else:
+        assert result.instruction is None and result.error
+    if alias in ("template", "column"):  # deterministic backends must succeed on this row
+        assert result.status == S.OK, result.error
+    if alias == "column":
+        assert result.instruction == row[INSTRUCTION_COLUMN]
+
+
+def _check_editor(backend: Any, config: Tiny, alias: str) -> None:
+    image = _photo(config)
+    caption = json.loads(_captioned_row()[S.SOURCE_META])["text"]
+    instruction = text_instruction([(caption, "HAVE A NICE DAY")])
+    out = backend.edit([image], [instruction], [7])
+    assert len(out) == 1 and isinstance(out[0], Image.Image)
+    assert out[0].size == image.size and out[0].mode == "RGB"
+    assert not np.array_equal(np.asarray(out[0]), np.asarray(image)), "the editor returned its input unchanged"
+
+
+def _check_classifier(backend: Any, config: Tiny, alias: str) -> None:
+    verdicts = backend.classify([_photo(config)], ["O1"], POLICY)
+    assert len(verdicts) == 1 and isinstance(verdicts[0], Verdict)
+    verdict = verdicts[0]
+    assert verdict.label in (S.SAFE, S.UNSAFE, S.UNKNOWN)
+    assert verdict.score is None or (isinstance(verdict.score, float) and math.isfinite(verdict.score))
+    assert isinstance(verdict.rationale, str) and isinstance(verdict.raw, str)
+
+
+def _check_encoder(backend: Any, config: Tiny, alias: str) -> None:
+    image = _photo(config)
+    if hasattr(backend, "distance_maps"):
+        arr = np.asarray(image, dtype=np.float32) / 255.0
+        same, changed = backend.distance_maps([arr, arr], [arr, arr[::-1].copy()])
+        assert same.shape == changed.shape == arr.shape[:2]
+        assert np.allclose(same, 0.0, atol=1e-6) and changed.mean() > 0.0
+        return
+    emb = backend.embed([image, image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)])
+    assert emb.ndim == 2 and emb.shape[0] == 2 and emb.shape[1] > 0
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
+CHECKS: dict[str, Callable[[Any, Tiny, str], None]] = {
+    "instructors": _check_instructor,
+    "editors": _check_editor,
+    "judges": _check_classifier,
+    "guards": _check_classifier,
+    "encoders": _check_encoder,
+}
+
+
+def test_every_registered_backend_has_a_tiny_configuration():
+    missing = sorted(set(REGISTERED) - set(TINY))
+    stale = sorted(set(TINY) - set(REGISTERED))
+    assert not missing, f"add a tiny configuration to TINY in tests/test_contract.py for {missing}"
+    assert not stale, f"TINY in tests/test_contract.py names backends that are not registered: {stale}"
+    assert set(CHECKS) == set(REGISTRY), "every backend kind needs a contract check in CHECKS"
+
+
+@pytest.mark.parametrize("kind, alias", REGISTERED, ids=[f"{k}/{a}" for k, a in REGISTERED])
+def test_backend_contract(kind, alias, tiny_models):
+    assert (kind, alias) in TINY, f"add a tiny configuration for {kind}/{alias} to TINY in tests/test_contract.py"
+    for name, config in TINY[(kind, alias)].items():
+        spec = config.spec(tiny_models)
+        backend = load_backend(kind, spec, device="cpu", **config.options)
+        try:
+            CHECKS[kind](backend, config, alias)
+        except AssertionError as err:
+            raise AssertionError(f"{kind} backend {spec!r} ({name}) breaks the contract: {err}") from err
+
+
+def test_shieldgemma2_scores_follow_image_and_policy(tiny_models):
+    """The tiny ShieldGemma 2 really reads the image and each category's policy text."""
+    guard = load_backend("guards", f"shieldgemma2:{tiny_models.shieldgemma2}")
+    photos = [demo_photo("astronaut").resize(SMALL), demo_photo("chelsea").resize(SMALL)]
+    first, second = guard.classify(photos, [None, None], POLICY)
+    per_category = json.loads(first.raw)
+    assert list(per_category) == list(POLICY.categories) and len(set(per_category.values())) > 1
+    assert first.score == pytest.approx(max(per_category.values()), abs=1e-5)
+    assert json.loads(second.raw) != per_category
+    judge = load_backend("judges", f"shieldgemma2:{tiny_models.shieldgemma2},scope=category,score=false")
+    only_o1, = judge.classify(photos[:1], ["O1"], POLICY)
+    assert list(json.loads(only_o1.raw)) == ["O1"] and only_o1.score is None
+    with pytest.raises(ValueError, match="dtype='fp16' not allowed; allowed: auto"):
+        load_backend("guards", f"shieldgemma2:{tiny_models.shieldgemma2},dtype=fp16")
