@@ -10,6 +10,7 @@ from release_rows import digest, validated_rows
 from safetypairs import schema as S
 from safetypairs.builder import METADATA, SafetyPairsRaw, export_raw, load_raw
 from safetypairs.cli import main
+from safetypairs.utils import OutputDirError
 from safetypairs.release import ReleaseConfig, assemble
 
 
@@ -64,5 +65,5 @@ def test_hand_edits_are_picked_up_and_released(raw, tmp_path):
 
 
 def test_export_refuses_non_empty_folder(release, raw):
-    with pytest.raises(FileExistsError):
+    with pytest.raises(OutputDirError, match="not empty"):
         export_raw(release, raw)

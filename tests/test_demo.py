@@ -8,7 +8,8 @@ import textwrap
 
 import pytest
 
-from safetypairs.demo import DemoConfig, OutputDirError, prepare_out_dir, run_demo
+from safetypairs.demo import DemoConfig, run_demo
+from safetypairs.utils import OutputDirError, prepare_out_dir
 
 LOAD_WITHOUT_SAFETYPAIRS = textwrap.dedent(
     """

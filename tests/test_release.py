@@ -15,6 +15,7 @@ from release_rows import digest, validated_rows
 
 from safetypairs import schema as S
 from safetypairs.cli import main
+from safetypairs.utils import OutputDirError
 from safetypairs.release import (
     NOT_SELECTED, ReleaseConfig, assemble, best_candidates, data_files, read_input, split_by_source, write_release,
 )
@@ -162,7 +163,7 @@ def test_layout_embeds_bytes_and_shards(release, written, tmp_path):
 
 
 def test_write_refuses_non_empty_folder(release, written):
-    with pytest.raises(FileExistsError):
+    with pytest.raises(OutputDirError, match="not empty"):
         write_release(release, written)
 
 

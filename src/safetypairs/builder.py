@@ -14,8 +14,9 @@ from datasets import DatasetDict
 from PIL import Image as PILImage
 
 from safetypairs import schema as S
-from safetypairs.release import FEATURES, Release, undecoded_images
-from safetypairs.utils import progress
+from safetypairs.release import FEATURES, Release
+from safetypairs.stage import undecoded
+from safetypairs.utils import prepare_out_dir, progress
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def _export_config(dd: DatasetDict, root: Path, name: str) -> int:
     n = 0
     with open(root / METADATA[name], "w", encoding="utf-8") as meta:
         for split, ds in dd.items():
-            for i, row in enumerate(progress(undecoded_images(ds), desc=f"export {name}/{split}", total=len(ds))):
+            for i, row in enumerate(progress(undecoded(ds), desc=f"export {name}/{split}", total=len(ds))):
                 key = row[S.PAIR_ID] if name == "pairs" else f"{split}-{i:06d}"
                 folder = root / "images" / name / key
                 folder.mkdir(parents=True, exist_ok=True)
@@ -68,12 +69,9 @@ def export_raw(release: Release, raw_dir: str | Path) -> Path:
         ``raw_dir`` as a `Path`.
 
     Raises:
-        FileExistsError: if ``raw_dir`` is not empty.
+        OutputDirError: if ``raw_dir`` is not empty or not writable.
     """
-    root = Path(raw_dir)
-    if root.exists() and any(root.iterdir()):
-        raise FileExistsError(f"{root} is not empty")
-    root.mkdir(parents=True, exist_ok=True)
+    root = prepare_out_dir(raw_dir, overwrite=False)
     counts = {name: _export_config(release[name], root, name) for name in METADATA if name in release.configs}
     logger.info("raw layout written to %s: %s", root, counts)
     return root

@@ -63,7 +63,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_release(args: argparse.Namespace) -> int:
     from safetypairs.hub import PushConfig, layout_files, push_release
-    from safetypairs.release import Release, ReleaseConfig, read_input, write_release
+    from safetypairs.release import ReleaseConfig, read_input, write_release
 
     config = ReleaseConfig(split_by=args.split_by, test_size=args.test_size, seed=args.seed,
                            include_rejected=not args.no_rejected, max_shard_size=args.max_shard_size,
@@ -120,12 +120,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     from datasets import load_from_disk
 
-    from safetypairs.utils import status_histogram
+    from safetypairs.utils import prepare_out_dir, status_histogram
     from safetypairs.validate import ValidateConfig, run_validate
 
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise CLIError(f"output folder {out} is not empty (use --overwrite)")
+    if Path(args.out).resolve() == Path(args.input).resolve():
+        raise CLIError("--out must differ from the input folder")
+    out = prepare_out_dir(args.out, args.overwrite)
     config = ValidateConfig(original_column=args.original_column, edited_column=args.edited_column,
                             policy=args.policy, judge=args.judge, lpips=args.lpips, clip=args.clip,
                             device=args.device, size_mismatch=args.size_mismatch, batch_size=args.batch_size)
@@ -294,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_output(args.verbose, args.quiet)
     try:
         return int(args.func(args) or 0)
-    except (CLIError, ValueError, FileExistsError, PermissionError, FileNotFoundError, KeyError) as err:
+    except (CLIError, ValueError, OSError, KeyError) as err:  # OSError: missing/unwritable files and folders
         if args.verbose:
             raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err

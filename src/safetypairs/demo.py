@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from safetypairs import schema as S
+from safetypairs.utils import prepare_out_dir
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +30,6 @@ NUDENET_NOTE = (
     "NudeNet only detects nudity (O4); the demo pairs are O1 text overlays, so it is expected to call "
     "every image safe: its recall on unsafe images is ~0 and its pair accuracy ~0 by design."
 )
-
-
-class OutputDirError(ValueError):
-    """The output folder cannot be used (not writable, or not empty without ``--overwrite``)."""
 
 
 @dataclass(frozen=True)
@@ -91,27 +87,6 @@ class DemoSummary:
         return "\n".join(lines)
 
 
-def prepare_out_dir(out: Path, overwrite: bool) -> None:
-    """Create (or, with ``overwrite``, empty) the output folder and check it is writable.
-
-    Raises:
-        OutputDirError: with a one-line reason.
-    """
-    if out.exists() and not out.is_dir():
-        raise OutputDirError(f"output path {str(out)!r} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise OutputDirError(f"output folder {str(out)!r} is not empty; pass --overwrite to replace it")
-        shutil.rmtree(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise OutputDirError(f"cannot write to output folder {str(out)!r}: {err.strerror or err}") from err
-
-
 class _Timer:
     def __init__(self) -> None:
         self.stages: list[dict[str, Any]] = []
@@ -136,7 +111,7 @@ def run_demo(config: DemoConfig) -> DemoSummary:
         The run summary.
 
     Raises:
-        OutputDirError: for an unusable output folder (checked before any work).
+        safetypairs.utils.OutputDirError: for an unusable output folder (checked before any work).
     """
     from safetypairs.edit import EditConfig, run_edit
     from safetypairs.evaluation import EvaluateConfig, load_release, run_evaluate

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from safetypairs.schema import LABELS, SAFE, UNKNOWN, UNSAFE
+from safetypairs.schema import LABELS, SAFE, UNSAFE
 
 CONTROL = "control"
 CONFIDENCE = 0.95

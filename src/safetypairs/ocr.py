@@ -117,7 +117,7 @@ def merge_rows(lines: list[TextBox]) -> list[TextBox]:
 
 def _same_row(left: TextBox, right: TextBox) -> bool:
     """``right`` continues ``left``: their vertical extents overlap by half and the gap is small."""
-    (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = left.bbox, right.bbox
+    (_, ay0, ax1, ay1), (bx0, by0, _, by1) = left.bbox, right.bbox
     overlap = min(ay1, by1) - max(ay0, by0)
     height = max(ay1 - ay0, by1 - by0, 1)
     return overlap > 0.5 * min(ay1 - ay0, by1 - by0) and -0.5 * height <= bx0 - ax1 <= 1.5 * height

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -12,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
-from datasets import Dataset, DatasetDict, Features, Image, Value
+from datasets import Dataset, DatasetDict, Features, Value
 from datasets.table import embed_table_storage
 from datasets.utils.py_utils import convert_file_size_to_int
 
 from safetypairs import schema as S
-from safetypairs.utils import image_digest, load_image, progress, status_histogram
+from safetypairs.stage import undecoded
+from safetypairs.utils import image_digest, load_image, prepare_out_dir, progress, status_histogram
 
 logger = logging.getLogger(__name__)
 
@@ -163,14 +163,6 @@ def split_by_source(source_ids: list[str], categories: list[str], config: Releas
     return {name: rows for name, rows in splits.items() if rows}
 
 
-def undecoded_images(dataset: Dataset) -> Dataset:
-    """Cast every `Image` column to ``Image(decode=False)`` so its bytes pass through untouched."""
-    for col, feature in dataset.features.items():
-        if isinstance(feature, Image) and feature.decode:
-            dataset = dataset.cast_column(col, Image(decode=False))
-    return dataset
-
-
 def _release_batch(batch: dict[str, list], features: Features) -> dict[str, list]:
     """Validated rows -> rows of ``features`` (pairs or rejected), with a content pair id."""
     n = len(batch[S.SOURCE_ID])
@@ -256,7 +248,7 @@ def assemble(validated: Dataset, config: ReleaseConfig | None = None) -> Release
     missing = [c for c in REQUIRED_COLUMNS if c not in validated.column_names]
     if missing:
         raise ValueError(f"validated rows lack required columns {missing}; have {validated.column_names}")
-    source = undecoded_images(validated)
+    source = undecoded(validated)
     best = best_candidates(validated)
     pairs = _map(source.select(best), _release_batch, S.PAIR_FEATURES, "release pairs",
                  fn_kwargs={"features": S.PAIR_FEATURES})
@@ -267,7 +259,7 @@ def assemble(validated: Dataset, config: ReleaseConfig | None = None) -> Release
     splits = split_by_source(pairs[S.SOURCE_ID], pairs[S.CATEGORY], config)
     configs = {"pairs": DatasetDict({name: pairs.select(rows) for name, rows in splits.items()})}
     configs["images"] = DatasetDict(
-        {name: _map(undecoded_images(ds), _images_batch, S.IMAGE_FEATURES, f"release images/{name}")
+        {name: _map(undecoded(ds), _images_batch, S.IMAGE_FEATURES, f"release images/{name}")
          for name, ds in configs["pairs"].items()}
     )
     if config.include_rejected:
@@ -312,14 +304,6 @@ def data_files(out_dir: Path, config_name: str, split: str) -> list[Path]:
     return sorted((out_dir / "data" / config_name).glob(f"{split}-*.parquet"))
 
 
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out_dir} is not empty (pass overwrite=True / --overwrite to replace it)")
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-
 def write_release(
     data: Release | Dataset,
     out_dir: str | Path,
@@ -344,14 +328,14 @@ def write_release(
         ``out_dir`` as a `Path`.
 
     Raises:
-        FileExistsError: if ``out_dir`` is not empty and ``overwrite`` is false.
+        OutputDirError: if ``out_dir`` is not empty and ``overwrite`` is false, or not writable.
     """
     from safetypairs.card import render_card, write_example_grid
 
     config = config or ReleaseConfig()
     release = assemble(data, config) if isinstance(data, Dataset) else data
     out_dir = Path(out_dir)
-    _prepare_out_dir(out_dir, overwrite)
+    prepare_out_dir(out_dir, overwrite)
     jobs = [(c, s, ds) for c, dd in release.configs.items() for s, ds in dd.items()]
     for config_name, split, ds in progress(jobs, desc="write release"):
         (out_dir / "data" / config_name).mkdir(parents=True, exist_ok=True)
