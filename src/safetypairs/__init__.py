@@ -27,6 +27,13 @@ _EXPORTS = {
     "run_validate": "safetypairs.validate",
     "ValidateConfig": "safetypairs.validate",
     "select_best": "safetypairs.validate",
+    "generate_pairs": "safetypairs.generate",
+    "run_generate": "safetypairs.generate",
+    "GenerateConfig": "safetypairs.generate",
+    "RunConfig": "safetypairs.generate",
+    "load_run": "safetypairs.generate",
+    "InstructTransform": "safetypairs.instruct",
+    "EditTransform": "safetypairs.edit",
 }
 
 __all__ = sorted(_EXPORTS)
