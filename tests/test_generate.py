@@ -134,10 +134,15 @@ def test_killed_run_resumes_without_recomputing(setup, reference):
     assert done and len(done) < 3, f"kill landed after {len(done)} of 3 chunks"
     before = {p.name: p.stat().st_mtime_ns for p in (out / "chunks").glob("chunk-*.parquet")}
     assert not (out / "data").exists()
+    assert json.loads((out / "run.json").read_text())["status"] == "running"  # settings recorded up front
+    refused = subprocess.run([sys.executable, *_cli_args(setup, out, chunk_size=3)], env=_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "different settings" in refused.stderr  # no mixing with stale chunks
     _run(args)
     after = {p.name: p.stat().st_mtime_ns for p in (out / "chunks").glob("chunk-*.parquet")}
     assert all(after[name] == mtime for name, mtime in before.items())  # finished chunks not recomputed
     meta = json.loads((out / "run.json").read_text())
+    assert meta["status"] == "complete"
     assert meta["timings"]["chunks_reused_last_run"] == len(before)
     assert meta["timings"]["chunks_computed_last_run"] == 3 - len(before)
     assert _table(out).equals(_table(reference))

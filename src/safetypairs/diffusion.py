@@ -5,14 +5,15 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
 
+from safetypairs.vlm import DTYPES
+
 logger = logging.getLogger(__name__)
 
-DTYPES = ("auto", "float32", "float16", "bfloat16")
 OFFLOADS = ("none", "model", "sequential")
 
 
@@ -208,11 +209,6 @@ class DiffusersEditor:
                              f"{', '.join(PIPELINES)} (or pass trust_remote_code for a custom pipeline)")
         pipe = _load_pipeline(arg, device, opts, has_checker="safety_checker" in index)
         return cls(pipe, arg, family or PipelineFamily(1024, packed=False, batched=False), opts)
-
-    def describe(self) -> dict[str, Any]:
-        """What ran, for run metadata: spec, pipeline class and options."""
-        opts = {f.name: getattr(self.options, f.name) for f in fields(self.options)}
-        return {"spec": self.spec, "pipeline": type(self.pipe).__name__, "options": opts}
 
     def edit(
         self,

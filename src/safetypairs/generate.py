@@ -12,10 +12,21 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 from datasets import Dataset, load_dataset
 
 from safetypairs import schema as S
+from safetypairs.chunks import (
+    CHUNKS_DIR,
+    DATA_DIR,
+    chunk_done,
+    chunk_path,
+    chunk_ranges,
+    library_versions,
+    merge_chunks,
+    model_info,
+    read_json,
+    write_json,
+)
 from safetypairs.edit import EditConfig, run_edit
 from safetypairs.instruct import InstructConfig, run_instruct
 from safetypairs.policy import load_policy
@@ -23,8 +34,6 @@ from safetypairs.utils import progress
 
 logger = logging.getLogger(__name__)
 
-CHUNKS_DIR = "chunks"
-DATA_DIR = "data"
 RUN_FILE = "run.json"
 BARRIER_TIMEOUT = timedelta(hours=6)  # rank 0 waits this long for the slowest rank before merging
 
@@ -163,14 +172,6 @@ def run_fingerprint(source: Dataset, config: GenerateConfig, chunk_size: int) ->
     return h.hexdigest()[:20]
 
 
-def chunk_ranges(n_rows: int, chunk_size: int, rank: int, world: int) -> list[tuple[int, int, int]]:
-    """The ``(chunk index, start, stop)`` of one rank: a contiguous run of global chunks, so
-    chunk contents (and batches) do not depend on the number of processes."""
-    n_chunks = -(-n_rows // chunk_size)
-    first, last = n_chunks * rank // world, n_chunks * (rank + 1) // world
-    return [(c, c * chunk_size, min(n_rows, (c + 1) * chunk_size)) for c in range(first, last)]
-
-
 def _state(device: str) -> Any:
     """The accelerate process state (``cpu=True`` without CUDA: gloo between CPU processes)."""
     import torch
@@ -179,27 +180,9 @@ def _state(device: str) -> Any:
     return PartialState(cpu=device == "cpu" or not torch.cuda.is_available(), timeout=BARRIER_TIMEOUT)
 
 
-def _chunk_path(out: Path, index: int, suffix: str) -> Path:
-    return out / CHUNKS_DIR / f"chunk-{index:06d}{suffix}"
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically (a killed run never leaves a half-written file under the final name)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _check_run(out: Path, fingerprint: str) -> None:
     """Refuse to mix chunks of a different run (config, chunking or source changed) in one folder."""
-    meta = _read_json(out / RUN_FILE)
+    meta = read_json(out / RUN_FILE)
     if meta and meta.get("fingerprint") != fingerprint:
         raise ValueError(f"{str(out)!r} holds a run with different settings or source (fingerprint "
                          f"{meta.get('fingerprint')} != {fingerprint}); use a new --out folder or delete it")
@@ -228,20 +211,16 @@ def _run_chunk(source: Dataset, span: tuple[int, int, int], config: GenerateConf
     t1 = time.perf_counter()
     edited, edit_result = run_edit(instructed, config.edit_config(device))
     t2 = time.perf_counter()
-    path = _chunk_path(out, index, ".parquet")
+    path = chunk_path(out, index, ".parquet")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     write_parquet(_decoded(edited), tmp)
     os.replace(tmp, path)
-    _write_json(_chunk_path(out, index, ".json"), {
-        "chunk": index, "run_id": run_id, "start": start, "stop": stop, "rows_in": stop - start, "rows_out": len(edited),
+    write_json(chunk_path(out, index, ".json"), {
+        "chunk": index, "run_id": run_id, "start": start, "stop": stop,
+        "rows_in": stop - start, "rows_out": len(edited),
         "statuses": {"instruct": instruct_result.statuses, "edit": edit_result.statuses},
         "seconds": {"instruct": t1 - t0, "edit": t2 - t1, "write": time.perf_counter() - t2},
     })
-
-
-def chunk_done(out: Path, index: int) -> bool:
-    """A chunk is finished when its parquet and its JSON marker (written last) both exist."""
-    return _chunk_path(out, index, ".parquet").exists() and _read_json(_chunk_path(out, index, ".json")) is not None
 
 
 def run_generate(source: Dataset, config: GenerateConfig, run: RunConfig) -> RunSummary | None:
@@ -272,6 +251,8 @@ def run_generate(source: Dataset, config: GenerateConfig, run: RunConfig) -> Run
     fingerprint = run_fingerprint(source, config, run.chunk_size)
     _check_run(out, fingerprint)
     (out / CHUNKS_DIR).mkdir(parents=True, exist_ok=True)
+    if state.is_main_process and not (out / RUN_FILE).exists():  # so a resumed run can check its settings
+        write_json(out / RUN_FILE, {"fingerprint": fingerprint, "status": "running", "source": run.source})
     device = str(state.device) if config.device == "auto" else config.device
     run_id = _shared_run_id(state)
     spans = chunk_ranges(len(source), run.chunk_size, state.process_index, state.num_processes)
@@ -283,9 +264,9 @@ def run_generate(source: Dataset, config: GenerateConfig, run: RunConfig) -> Run
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
-    summary = _merge(out, len(source), run.chunk_size, config.candidates, run_id)
+    summary = _summarize(out, len(source), run.chunk_size, config.candidates, run_id)
     summary.seconds = time.perf_counter() - t0
-    _write_json(out / RUN_FILE, _run_metadata(source, config, run, fingerprint, summary, state.num_processes))
+    write_json(out / RUN_FILE, _run_metadata(source, config, run, fingerprint, summary, state.num_processes))
     return summary
 
 
@@ -299,110 +280,38 @@ def _shared_run_id(state: Any) -> str:
     return ids[0]
 
 
-def _merge(out: Path, n_rows: int, chunk_size: int, candidates: int, run_id: str) -> RunSummary:
-    """Stream every chunk, in source order, into ``out/data/train-*.parquet`` and sum the markers."""
-    n_chunks = -(-n_rows // chunk_size)
-    missing = [c for c in range(n_chunks) if not chunk_done(out, c)]
-    if missing:
-        raise RuntimeError(f"chunks {missing[:10]} of {n_chunks} are missing in {out / CHUNKS_DIR}")
-    markers = [_read_json(_chunk_path(out, c, ".json")) or {} for c in range(n_chunks)]
+def _summarize(out: Path, n_rows: int, chunk_size: int, candidates: int, run_id: str) -> RunSummary:
+    """Merge the chunks and sum their markers' statuses; rows out must be rows in x candidates."""
+    files, rows_out, markers = merge_chunks(out, -(-n_rows // chunk_size))
+    if rows_out != n_rows * candidates:
+        raise RuntimeError(f"{n_rows} sources x {candidates} candidates should give {n_rows * candidates} rows, "
+                           f"got {rows_out}")
     statuses: dict[str, dict[str, int]] = {}
     for marker in markers:
         for stage, counts in marker["statuses"].items():
             merged = statuses.setdefault(stage, {})
             for key, value in counts.items():
                 merged[key] = merged.get(key, 0) + value
-    groups = _merge_groups([m["rows_out"] for m in markers])
-    data = out / DATA_DIR
-    data.mkdir(exist_ok=True)
-    for stale in data.glob("*.parquet"):
-        stale.unlink()
-    files, rows_out = [], 0
-    for k, group in enumerate(groups):
-        path = data / f"train-{k:05d}-of-{len(groups):05d}.parquet"
-        rows_out += _concat_parquet([_chunk_path(out, c, ".parquet") for c in group], path)
-        files.append(str(path))
-    if rows_out != n_rows * candidates:
-        raise RuntimeError(f"{n_rows} sources x {candidates} candidates should give {n_rows * candidates} rows, "
-                           f"got {rows_out}")
     computed = sum(m.get("run_id") == run_id for m in markers)
     return RunSummary(out, n_rows, rows_out, {k: dict(sorted(v.items())) for k, v in statuses.items()},
-                      computed, n_chunks - computed, 0.0, files)
-
-
-MERGE_ROWS = 2000  # candidate rows per merged data file (whole chunks)
-
-
-def _merge_groups(rows_per_chunk: list[int]) -> list[list[int]]:
-    groups: list[list[int]] = [[]]
-    total = 0
-    for chunk, rows in enumerate(rows_per_chunk):
-        if groups[-1] and total + rows > MERGE_ROWS:
-            groups.append([])
-            total = 0
-        groups[-1].append(chunk)
-        total += rows
-    return groups
-
-
-def _concat_parquet(sources: list[Path], path: Path) -> int:
-    """Concatenate parquet files (same schema) row group by row group into ``path``; returns rows."""
-    schema = pq.read_schema(sources[0])
-    rows = 0
-    tmp = path.with_name(f".{path.name}.tmp")
-    with pq.ParquetWriter(tmp, schema=schema) as writer:
-        for source in sources:
-            parquet = pq.ParquetFile(source)
-            for group in range(parquet.num_row_groups):
-                table = parquet.read_row_group(group)
-                writer.write_table(table.cast(schema))
-                rows += table.num_rows
-    os.replace(tmp, path)
-    return rows
-
-
-def model_info(spec: str) -> dict[str, Any]:
-    """Model id and revision behind an ``hf-vlm:`` or ``diffusers:`` spec (local path or hub cache commit)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    arg = spec.partition(":")[2]
-    if not arg or spec.partition(":")[0] not in ("hf-vlm", "diffusers"):
-        return {"spec": spec}
-    if os.path.isdir(arg):
-        return {"spec": spec, "model": os.path.abspath(arg), "revision": "local"}
-    for name in ("model_index.json", "config.json"):
-        cached = try_to_load_from_cache(arg, name)
-        if isinstance(cached, str):  # .../snapshots/<commit>/<name>
-            return {"spec": spec, "model": arg, "revision": Path(cached).parent.name}
-    return {"spec": spec, "model": arg, "revision": None}
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for name in ("safetypairs", "torch", "diffusers", "transformers", "datasets", "accelerate", "pillow"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = "not installed"
-    return found
+                      computed, len(markers) - computed, 0.0, [str(f) for f in files])
 
 
 def _run_metadata(source: Dataset, config: GenerateConfig, run: RunConfig, fingerprint: str,
                   summary: RunSummary, world: int) -> dict[str, Any]:
-    markers = [_read_json(_chunk_path(summary.out, c, ".json")) or {}
+    markers = [read_json(chunk_path(summary.out, c, ".json")) or {}
                for c in range(-(-len(source) // run.chunk_size))]
     return {
         "fingerprint": fingerprint,
+        "status": "complete",
         "source": run.source, "source_rows": len(source), "rows_out": summary.rows_out,
         "chunk_size": run.chunk_size, "num_processes": world,
         "config": asdict(config),
         "policy": load_policy(config.policy).id,
         "models": {"instructor": model_info(config.instructor), "editor": model_info(config.editor)},
-        "seeds": {"run_seed": config.seed, "candidate_seed": "sha256(f'{seed}:{source_id}:{candidate}')[:8] & 0x7fffffff",
-                  "per_row": f"column {S.SEED!r}"},
-        "versions": _versions(),
+        "seeds": {"run_seed": config.seed, "per_row": f"column {S.SEED!r}",
+                  "candidate_seed": "sha256(f'{seed}:{source_id}:{candidate}')[:8] & 0x7fffffff"},
+        "versions": library_versions(),
         "statuses": summary.statuses,
         "timings": {"wall_seconds_last_run": summary.seconds,
                     "chunk_seconds": {m["chunk"]: m["seconds"] for m in markers},
