@@ -163,6 +163,8 @@ def test_generate_pairs_in_process_matches_runner(setup, tmp_path):
     assert len(rows) == 6 and set(rows[S.EDIT_STATUS]) == {S.OK, "skipped"}
     config = GenerateConfig(instructor="column:instruction", editor=f"diffusers:{setup['editor']}",
                             candidates=2, control=True, **options)
+    (tmp_path / "run").mkdir()  # a run that failed before finishing any chunk does not block the folder
+    (tmp_path / "run" / "run.json").write_text('{"fingerprint": "other", "status": "running"}')
     summary = run_generate(source, config, RunConfig(out=tmp_path / "run", chunk_size=2))
     assert summary.rows_out == 6 and summary.chunks_computed == 2
     ran = load_run(tmp_path / "run")

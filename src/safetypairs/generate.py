@@ -180,12 +180,21 @@ def _state(device: str) -> Any:
     return PartialState(cpu=device == "cpu" or not torch.cuda.is_available(), timeout=BARRIER_TIMEOUT)
 
 
-def _check_run(out: Path, fingerprint: str) -> None:
-    """Refuse to mix chunks of a different run (config, chunking or source changed) in one folder."""
+def _check_run(out: Path, fingerprint: str) -> bool:
+    """Refuse to mix chunks of a different run (config, chunking or source changed) in one folder.
+
+    Returns:
+        Whether ``run.json`` must be (re)written: it is missing, or names a run that finished no chunk.
+    """
     meta = read_json(out / RUN_FILE)
-    if meta and meta.get("fingerprint") != fingerprint:
+    if not meta:
+        return True
+    if meta.get("fingerprint") == fingerprint:
+        return False
+    if any((out / CHUNKS_DIR).glob("chunk-*.json")):
         raise ValueError(f"{str(out)!r} holds a run with different settings or source (fingerprint "
                          f"{meta.get('fingerprint')} != {fingerprint}); use a new --out folder or delete it")
+    return True
 
 
 def _decoded(dataset: Dataset) -> Dataset:
@@ -249,9 +258,9 @@ def run_generate(source: Dataset, config: GenerateConfig, run: RunConfig) -> Run
     out = Path(run.out)
     state = _state(config.device)
     fingerprint = run_fingerprint(source, config, run.chunk_size)
-    _check_run(out, fingerprint)
+    start_marker = _check_run(out, fingerprint)
     (out / CHUNKS_DIR).mkdir(parents=True, exist_ok=True)
-    if state.is_main_process and not (out / RUN_FILE).exists():  # so a resumed run can check its settings
+    if state.is_main_process and start_marker:  # so a resumed run can check its settings
         write_json(out / RUN_FILE, {"fingerprint": fingerprint, "status": "running", "source": run.source})
     device = str(state.device) if config.device == "auto" else config.device
     run_id = _shared_run_id(state)
