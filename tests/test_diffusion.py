@@ -8,7 +8,7 @@ from PIL import Image
 
 from safetypairs.diffusion import DiffusersEditor, DiffusionOptions, work_size
 from safetypairs.registry import load_backend
-from tiny_models import build_tiny_flux_kontext, build_tiny_ip2p, build_tiny_qwen_edit
+from tiny_models import build_tiny_flux_kontext, build_tiny_ip2p, build_tiny_qwen_edit, build_tiny_sd_inpaint
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,28 @@ def test_options_and_guidance(ip2p_path, kontext_path, photos):
         editor.edit(photos[:1], ["x"], [0], masks=[Image.new("L", photos[0].size)])
     with pytest.raises(ValueError, match="same length"):
         editor.edit(photos, ["x"], [0])
+
+
+def test_inpainting_pipeline_needs_and_uses_masks(tmp_path, photos):
+    from datasets import Dataset
+
+    from safetypairs import schema as S
+    from safetypairs.edit import EditConfig, run_edit
+
+    path = build_tiny_sd_inpaint(tmp_path / "inpaint")
+    editor = load_backend("editors", f"diffusers:{path}", "cpu", steps="2", resolution="0")
+    assert editor.needs_mask and type(editor.pipe).__name__ == "StableDiffusionInpaintPipeline"
+    with pytest.raises(ValueError, match="inpainting pipeline: every row needs a mask"):
+        editor.edit(photos[:1], ["a wooden spoon"], [0])
+    masks = [Image.new("L", p.size, 0) for p in photos[:2]]
+    masks[0].paste(255, (5, 5, 20, 20))
+    masks[1] = None  # a row without a mask becomes that row's error, not a crash
+    rows = Dataset.from_dict({S.SOURCE_ID: ["a", "b"], S.IMAGE: photos[:2], "mask": masks,
+                              S.INSTRUCTION: ["a wooden spoon"] * 2})
+    out, result = run_edit(rows, EditConfig(editor=f"diffusers:{path}", control=False, device="cpu",
+                                            editor_options=(("steps", "2"), ("resolution", "0")), mask_column="mask"))
+    assert out[S.EDIT_STATUS] == [S.OK, "unreadable"] and "missing image" in out[S.EDIT_ERROR][1]
+    assert out[0][S.EDITED_IMAGE].size == photos[0].size
 
 
 def test_unsupported_pipeline_and_missing_model(tmp_path):

@@ -148,20 +148,17 @@ def _clip_text():
     return tokenizer, encoder
 
 
-def build_tiny_ip2p(path: str | Path, seed: int = 0) -> str:
-    """Build and save a tiny random `StableDiffusionInstructPix2PixPipeline` (loads with from_pretrained).
-
-    Returns:
-        The folder path as a string.
-    """
+def _build_tiny_sd(path: str | Path, pipeline: str, unet_in_channels: int, seed: int) -> str:
+    """A tiny random Stable-Diffusion-family pipeline (UNet + VAE + CLIP text) saved to ``path``."""
+    import diffusers
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
 
     tokenizer, text_encoder = _clip_text()
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(16, 32), layers_per_block=1, sample_size=32, in_channels=8, out_channels=4,
-        norm_num_groups=8, attention_head_dim=8,
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=32, in_channels=unet_in_channels,
+        out_channels=4, norm_num_groups=8, attention_head_dim=8,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32,
     )
@@ -169,13 +166,31 @@ def build_tiny_ip2p(path: str | Path, seed: int = 0) -> str:
         block_out_channels=[16, 32], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
     )
-    pipe = StableDiffusionInstructPix2PixPipeline(
-        unet=unet, scheduler=PNDMScheduler(skip_prk_steps=True), vae=vae, text_encoder=text_encoder,
+    pipe = getattr(diffusers, pipeline)(
+        unet=unet, scheduler=PNDMScheduler(skip_prk_steps=True, steps_offset=1), vae=vae, text_encoder=text_encoder,
         tokenizer=tokenizer, safety_checker=None, feature_extractor=None, image_encoder=None,
         requires_safety_checker=False,
     )
     pipe.save_pretrained(path, safe_serialization=True)
     return str(path)
+
+
+def build_tiny_ip2p(path: str | Path, seed: int = 0) -> str:
+    """Build and save a tiny random `StableDiffusionInstructPix2PixPipeline` (loads with from_pretrained).
+
+    Returns:
+        The folder path as a string.
+    """
+    return _build_tiny_sd(path, "StableDiffusionInstructPix2PixPipeline", 8, seed)  # latents + image latents
+
+
+def build_tiny_sd_inpaint(path: str | Path, seed: int = 0) -> str:
+    """Build and save a tiny random `StableDiffusionInpaintPipeline` (mask-guided editing).
+
+    Returns:
+        The folder path as a string.
+    """
+    return _build_tiny_sd(path, "StableDiffusionInpaintPipeline", 9, seed)  # latents + mask + masked image
 
 
 def build_tiny_flux_kontext(path: str | Path, seed: int = 0) -> str:
