@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from safetypairs.registry import KINDS, available, load_backend, parse_options, parse_spec
+from safetypairs.registry import KINDS, available, load_backend, parse_bool, parse_options, parse_spec
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -56,3 +56,9 @@ def test_backends_are_cached_per_spec():
     assert a is b and a.ocr.box_thresh == 0.4
     with pytest.raises(ValueError, match="allowed: box_thresh"):
         load_backend("judges", "ocr-lexicon:boxthresh=0.4")
+
+
+def test_parse_bool_accepts_text_and_refuses_junk():
+    assert parse_bool("Yes", "x") is True and parse_bool("0", "x") is False and parse_bool(True, "x") is True
+    with pytest.raises(ValueError, match="option trust_remote_code expects true or false"):
+        parse_bool("ture", "trust_remote_code")

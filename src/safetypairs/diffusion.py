@@ -10,6 +10,7 @@ from typing import Any
 
 from PIL import Image
 
+from safetypairs.registry import parse_bool
 from safetypairs.vlm import DTYPES
 
 logger = logging.getLogger(__name__)
@@ -51,17 +52,6 @@ PIPELINES: dict[str, PipelineFamily] = {
     "FluxFillPipeline": PipelineFamily(1024, packed=True),
     "FluxInpaintPipeline": PipelineFamily(1024, packed=True),
 }
-
-
-def _as_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected a boolean (true/false), got {value!r}")
 
 
 def _optional(kind: type) -> Any:
@@ -114,8 +104,9 @@ class DiffusionOptions:
             ValueError: for an unknown option (naming the allowed ones) or a bad value.
         """
         casts = {"steps": _optional(int), "guidance": _optional(float), "image_guidance": _optional(float),
-                 "resolution": _optional(int), "dtype": str, "offload": str, "trust_remote_code": _as_bool,
-                 "revision": _optional(str), "safety_checker": _as_bool}
+                 "resolution": _optional(int), "dtype": str, "offload": str,
+                 "trust_remote_code": lambda v: parse_bool(v, "trust_remote_code"),
+                 "revision": _optional(str), "safety_checker": lambda v: parse_bool(v, "safety_checker")}
         unknown = set(options) - set(casts)
         if unknown:
             raise ValueError(f"unknown diffusers option(s) {sorted(unknown)}; allowed: {', '.join(casts)}")

@@ -8,14 +8,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from safetypairs.registry import parse_options
+from safetypairs.registry import parse_bool, parse_options
 
 logger = logging.getLogger(__name__)
 
 LPIPS_NETS = ("alex", "vgg", "squeeze")
 # Smallest side each LPIPS backbone accepts (measured: smaller inputs pool down to nothing).
 LPIPS_MIN_SIDE = {"alex": 32, "squeeze": 24, "vgg": 16}
-_TRUE = ("1", "true", "yes", "on")
 
 
 def lpips_arguments(arg: str | None) -> tuple[str, bool]:
@@ -36,7 +35,7 @@ def lpips_arguments(arg: str | None) -> tuple[str, bool]:
         raise ValueError(f"unknown LPIPS net {net!r}; allowed: {', '.join(LPIPS_NETS)}")
     if set(options) - {"pnet_rand"}:
         raise ValueError(f"unknown lpips option(s) {sorted(set(options) - {'pnet_rand'})}; allowed: pnet_rand")
-    return net, options.get("pnet_rand", "false").lower() in _TRUE
+    return net, parse_bool(options.get("pnet_rand", False), "pnet_rand")
 
 
 class LPIPSEncoder:

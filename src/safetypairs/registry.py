@@ -122,6 +122,22 @@ def parse_options(arg: str | None) -> dict[str, str]:
     return options
 
 
+def parse_bool(value: Any, name: str) -> bool:
+    """Read a boolean backend option given as a bool or as text (``true/false``, ``1/0``, ``yes/no``, ``on/off``).
+
+    Raises:
+        ValueError: for any other value, naming the option.
+    """
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"option {name} expects true or false, got {value!r}")
+
+
 def backend_class(kind: str, spec: str) -> type:
     """Import and return the class that implements ``spec``."""
     parsed = parse_spec(kind, spec)

@@ -12,13 +12,12 @@ from PIL import Image
 
 from safetypairs.guards import Verdict
 from safetypairs.policy import Policy, render_policy
-from safetypairs.registry import parse_options
+from safetypairs.registry import parse_bool, parse_options
 from safetypairs.schema import SAFE, UNKNOWN, UNSAFE
 from safetypairs.vlm import DTYPES, VLMConfig, load_vlm
 
 logger = logging.getLogger(__name__)
 
-_TRUE = ("1", "true", "yes", "on")
 SCOPES = ("all", "category")
 
 HF_VLM_PROMPT = (
@@ -95,10 +94,10 @@ def _vlm_options(alias: str, options: dict[str, str], max_new_tokens: int) -> VL
     return VLMGuardOptions(
         dtype=options.get("dtype", "auto"),
         max_new_tokens=tokens,
-        trust_remote_code=options.get("trust_remote_code", "false").lower() in _TRUE,
+        trust_remote_code=parse_bool(options.get("trust_remote_code", False), "trust_remote_code"),
         revision=options.get("revision") or None,
         scope=options.get("scope", "all"),
-        score=options.get("score", "true").lower() in _TRUE,
+        score=parse_bool(options.get("score", True), "score"),
     )
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from safetypairs import schema as S
 from safetypairs.instruct import InstructResult
 from safetypairs.policy import Policy, render_policy
+from safetypairs.registry import parse_bool
 from safetypairs.utils import load_image
 
 logger = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ class HFVLMInstructor:
         allowed = {"dtype", "trust_remote_code", "revision", "max_new_tokens"}
         if set(options) - allowed:
             raise ValueError(f"unknown hf-vlm option(s) {sorted(set(options) - allowed)}; allowed: {sorted(allowed)}")
-        trust = str(options.get("trust_remote_code", False)).lower() in ("1", "true", "yes")
+        trust = parse_bool(options.get("trust_remote_code", False), "trust_remote_code")
         config = VLMConfig(model=arg, device=device, dtype=str(options.get("dtype", "auto")),
                            trust_remote_code=trust, revision=options.get("revision"))
         return cls(load_vlm(config), f"hf-vlm:{arg}", int(options.get("max_new_tokens", 160)))
