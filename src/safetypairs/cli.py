@@ -118,8 +118,7 @@ def _add_release(sub: argparse._SubParsersAction) -> None:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from datasets import load_from_disk
-
+    from safetypairs.stage import read_rows
     from safetypairs.utils import prepare_out_dir, status_histogram
     from safetypairs.validate import ValidateConfig, run_validate
 
@@ -129,7 +128,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     config = ValidateConfig(original_column=args.original_column, edited_column=args.edited_column,
                             policy=args.policy, judge=args.judge, lpips=args.lpips, clip=args.clip,
                             device=args.device, size_mismatch=args.size_mismatch, batch_size=args.batch_size)
-    validated, result = run_validate(load_from_disk(args.input), config)
+    validated, result = run_validate(read_rows(args.input), config)
     validated.save_to_disk(str(out))
     decisions = status_histogram(reason or "accepted" for reason in validated["reject_reason"])
     sys.stdout.write(f"validate: {result.rows_in} rows; statuses {result.statuses}; decisions {decisions}; "
@@ -141,12 +140,13 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "validate", help="check that edits are local, real and flip the label (adds validation columns)",
         description=(
-            "Read a save_to_disk folder of candidates (image, edited_image) or pairs, compute the change mask, "
+            "Read candidates (image, edited_image) or pairs from a `safetypairs generate` run folder, a save_to_disk "
+            "folder or a parquet folder, compute the change mask, "
             "SSIM/PSNR (and optionally LPIPS/CLIP) outside it and the judge's labels, decide accepted / "
             "reject_reason, and save the result with save_to_disk."
         ),
     )
-    p.add_argument("input", help="a datasets.save_to_disk folder")
+    p.add_argument("input", help="a generate run folder, a datasets.save_to_disk folder or a parquet folder")
     p.add_argument("--out", required=True, help="output folder (save_to_disk)")
     p.add_argument("--original-column", default="image", help="the unsafe original (default: image)")
     p.add_argument("--edited-column", default="edited_image", help="the edit (default: edited_image)")
@@ -251,8 +251,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 # Each entry adds one subcommand; stages register theirs here.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_policies, _add_release,
-                                                                   _add_validate, _add_evaluate, _add_generate]
+# In pipeline order, as `safetypairs --help` lists them.
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_demo, _add_generate, _add_validate, _add_release, _add_evaluate, _add_policies,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

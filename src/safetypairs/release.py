@@ -16,7 +16,7 @@ from datasets.table import embed_table_storage
 from datasets.utils.py_utils import convert_file_size_to_int
 
 from safetypairs import schema as S
-from safetypairs.stage import undecoded
+from safetypairs.stage import read_rows, undecoded
 from safetypairs.utils import image_digest, load_image, prepare_out_dir, progress, status_histogram
 
 logger = logging.getLogger(__name__)
@@ -352,9 +352,8 @@ def read_input(path: str | Path) -> Release | Dataset:
     """Read what ``safetypairs release`` was given.
 
     Args:
-        path: a folder written by `Dataset.save_to_disk` (validated rows), a raw layout
-            (``metadata.jsonl``, see `builder.export_raw`), or a folder of parquet files / a hub
-            layout holding validated rows (all splits are concatenated).
+        path: a raw layout (``metadata.jsonl``, see `builder.export_raw`) or anything
+            `stage.read_rows` reads (validated rows from ``safetypairs validate``, a parquet folder).
 
     Returns:
         Validated rows (a `Dataset`) or, for a raw layout, a ready `Release`.
@@ -362,19 +361,8 @@ def read_input(path: str | Path) -> Release | Dataset:
     Raises:
         FileNotFoundError: if ``path`` is not a folder or holds none of these.
     """
-    from datasets import concatenate_datasets, load_dataset, load_from_disk
-
-    root = Path(path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"input {root} is not a folder")
-    if (root / "metadata.jsonl").is_file():
+    if (Path(path) / "metadata.jsonl").is_file():
         from safetypairs.builder import load_raw
 
-        return load_raw(root)
-    if (root / "state.json").is_file() or (root / "dataset_dict.json").is_file():
-        loaded = load_from_disk(str(root))
-    elif (root / "README.md").is_file() or any(root.rglob("*.parquet")):
-        loaded = load_dataset(str(root))
-    else:
-        raise FileNotFoundError(f"{root} holds no save_to_disk dataset, metadata.jsonl or parquet files")
-    return loaded if isinstance(loaded, Dataset) else concatenate_datasets(list(loaded.values()))
+        return load_raw(Path(path))
+    return read_rows(path)

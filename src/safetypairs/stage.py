@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, Features, Image
@@ -78,6 +79,38 @@ def map_stage(
     result = StageResult(stage, rows_in, len(out), status_histogram(out[status_column]))
     logger.info("%s: %d rows in, %d out, statuses %s", stage, rows_in, len(out), result.statuses)
     return out, result
+
+
+def read_rows(path: str | Path) -> Dataset:
+    """Read the rows a stage wrote, whatever the writer.
+
+    Args:
+        path: a ``safetypairs generate`` run folder (``run.json`` + ``data/*.parquet``), a folder
+            written by `Dataset.save_to_disk`, or a folder of parquet files / a hub layout (all
+            splits are concatenated).
+
+    Returns:
+        The rows.
+
+    Raises:
+        FileNotFoundError: if ``path`` is not a folder or holds none of these.
+    """
+    from datasets import DatasetDict, concatenate_datasets, load_dataset, load_from_disk
+
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"input {str(root)!r} is not a folder")
+    if (root / "run.json").is_file():
+        from safetypairs.generate import load_run
+
+        return load_run(root)
+    if (root / "state.json").is_file() or (root / "dataset_dict.json").is_file():
+        loaded = load_from_disk(str(root))
+    elif (root / "README.md").is_file() or any(root.rglob("*.parquet")):
+        loaded = load_dataset(str(root))
+    else:
+        raise FileNotFoundError(f"{str(root)!r} holds no generate run, save_to_disk dataset or parquet files")
+    return concatenate_datasets(list(loaded.values())) if isinstance(loaded, DatasetDict) else loaded
 
 
 def undecoded(dataset: Dataset) -> Dataset:
