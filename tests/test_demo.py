@@ -62,6 +62,9 @@ def test_demo_results_account_for_every_row(demo_run):
         assert stages[name]["rows_in"] == stages[name]["rows_out"] == 4
         assert sum(stages[name]["statuses"].values()) == 4
     assert results["accepted_pairs"] + sum(results["reject_reasons"].values()) == 4
+    for step in results["funnel"][1:]:  # every row that entered a step and did not leave it has a status
+        dropped = sum(v for k, v in step["statuses"].items() if k != "ok")
+        assert step["rows_in"] - step["rows_out"] == dropped, step
     assert results["acceptance_rate"] == results["accepted_pairs"] / 4
     assert "ssim" in " ".join(results["metrics_ran"]).lower()
     assert set(results["guards"]) == {"ocr-lexicon", "nudenet"}

@@ -164,14 +164,16 @@ def run_demo(config: DemoConfig) -> DemoSummary:
     return summary
 
 
-def _reject_reasons(candidates: Any) -> dict[str, int]:
+def _reject_reasons(candidates: Any, edited_only: bool = False) -> dict[str, int]:
+    """Rejection reasons of the rows not accepted (only those whose edit succeeded, with ``edited_only``)."""
     from safetypairs.utils import status_histogram
 
-    return status_histogram(r for r, ok in zip(candidates[S.REJECT_REASON], candidates[S.ACCEPTED]) if not ok)
+    rows = zip(candidates[S.REJECT_REASON], candidates[S.ACCEPTED], candidates[S.EDIT_STATUS])
+    return status_histogram(r for r, ok, edit in rows if not ok and (edit == S.OK or not edited_only))
 
 
 def _funnel(stages: list[dict[str, Any]], validated: Any) -> list[dict[str, Any]]:
-    """sources -> instructed -> edited -> accepted, each with the statuses of the rows that left."""
+    """sources -> instructed -> edited -> accepted; each step's statuses cover the rows that entered it."""
     accepted = sum(bool(a) for a in validated[S.ACCEPTED])
     by_name = {st["stage"]: st for st in stages}
     ok = lambda name: by_name[name]["statuses"].get(S.OK, 0)  # noqa: E731
@@ -180,6 +182,8 @@ def _funnel(stages: list[dict[str, Any]], validated: Any) -> list[dict[str, Any]
          "statuses": by_name["source"]["statuses"]},
         {"stage": "instructed", "rows_in": by_name["instruct"]["rows_in"], "rows_out": ok("instruct"),
          "statuses": by_name["instruct"]["statuses"]},
-        {"stage": "edited", "rows_in": ok("instruct"), "rows_out": ok("edit"), "statuses": by_name["edit"]["statuses"]},
-        {"stage": "accepted", "rows_in": ok("edit"), "rows_out": accepted, "statuses": _reject_reasons(validated)},
+        {"stage": "edited", "rows_in": ok("instruct"), "rows_out": ok("edit"),
+         "statuses": {k: v for k, v in by_name["edit"]["statuses"].items() if k != "skipped"}},
+        {"stage": "accepted", "rows_in": ok("edit"), "rows_out": accepted,
+         "statuses": _reject_reasons(validated, edited_only=True)},
     ]
