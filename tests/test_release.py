@@ -17,7 +17,7 @@ from safetypairs import schema as S
 from safetypairs.cli import main
 from safetypairs.utils import OutputDirError
 from safetypairs.release import (
-    NOT_SELECTED, ReleaseConfig, assemble, best_candidates, data_files, read_input, split_by_source, write_release,
+    DUPLICATE, NOT_SELECTED, ReleaseConfig, assemble, best_candidates, data_files, read_input, split_by_source, write_release,
 )
 from safetypairs.validate import select_best
 
@@ -192,3 +192,16 @@ def test_nothing_accepted_is_a_clear_error_and_empty_configs_are_left_out():
         assemble(rows.map(lambda r: {S.ACCEPTED: False}))
     everything = assemble(rows.map(lambda r: {S.ACCEPTED: True}))
     assert list(everything.configs) == ["pairs", "images"]  # no rejected rows: no empty config to break loading
+
+
+def test_duplicate_sources_give_one_pair_not_one_per_split():
+    rows = validated_rows(n_sources=4).to_list()
+    copies = [dict(r, **{S.SOURCE_ID: "src-copy"}) for r in rows if r[S.SOURCE_ID] == "src-001"]
+    validated = Dataset.from_list(rows + copies, features=validated_rows(n_sources=1).features)
+    release = assemble(validated, ReleaseConfig(split_by="source"))
+    ids = [i for split in release["pairs"].values() for i in split[S.PAIR_ID]]
+    assert len(ids) == len(set(ids)) == 4
+    rejected = release["rejected"]["test"]
+    assert rejected[S.REJECT_REASON].count(DUPLICATE) == 1
+    assert len(rejected) + len(ids) == len(validated)  # no row lost
+    assert release.funnel[-1]["rows_out"] == 4

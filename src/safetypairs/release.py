@@ -26,6 +26,7 @@ DEFAULT_CONFIG = "pairs"
 SPLIT_BY = (None, "source")
 ROW_GROUP_SIZE = 64  # rows per parquet row group and per map batch: bounds memory with images
 NOT_SELECTED = "not_selected: another accepted candidate of this source scored higher"
+DUPLICATE = "duplicate: another source gave a pair with the same images (same pair_id)"
 
 REJECTED_FEATURES = S.with_columns(
     S.PAIR_FEATURES,
@@ -212,6 +213,16 @@ def _map(dataset: Dataset, fn: Any, features: Features, desc: str, **kwargs: Any
     )
 
 
+def _with_reasons(rows: Dataset, reasons: list[str | None]) -> Dataset:
+    """``rows`` with the given reject reasons replacing theirs (``None`` keeps a row's own)."""
+    if not any(reasons):
+        return rows
+    old = rows[S.REJECT_REASON] if S.REJECT_REASON in rows.column_names else [None] * len(rows)
+    merged = [new or prev for new, prev in zip(reasons, old)]
+    rows = rows.remove_columns([c for c in (S.REJECT_REASON,) if c in rows.column_names])
+    return rows.add_column(S.REJECT_REASON, merged, feature=Value("string"))
+
+
 def _release_funnel(validated: Dataset, released: int) -> list[dict[str, Any]]:
     """Sources -> candidates -> edited -> accepted -> released, with status and rejection histograms."""
     n = len(validated)
@@ -252,6 +263,13 @@ def assemble(validated: Dataset, config: ReleaseConfig | None = None) -> Release
     best = best_candidates(validated)
     pairs = _map(source.select(best), _release_batch, S.PAIR_FEATURES, "release pairs",
                  fn_kwargs={"features": S.PAIR_FEATURES})
+    # identical images from two sources give one pair_id: keep the first, or it could sit in both splits
+    first_of: dict[str | None, int] = {}
+    for i, pid in enumerate(pairs[S.PAIR_ID]):
+        first_of.setdefault(pid, i)
+    first = sorted(first_of.values())
+    duplicates = set(best) - {best[i] for i in first}
+    pairs, best = pairs.select(first), [best[i] for i in first]
     funnel = _release_funnel(validated, len(pairs))
     if not len(pairs):
         raise ValueError(f"no accepted candidate to release among {len(validated)} rows "
@@ -265,7 +283,8 @@ def assemble(validated: Dataset, config: ReleaseConfig | None = None) -> Release
     if config.include_rejected:
         chosen = set(best)
         rest = [i for i in range(len(validated)) if i not in chosen]
-        configs["rejected"] = DatasetDict({"test": _map(source.select(rest), _release_batch, REJECTED_FEATURES,
+        rejected = _with_reasons(source.select(rest), [DUPLICATE if i in duplicates else None for i in rest])
+        configs["rejected"] = DatasetDict({"test": _map(rejected, _release_batch, REJECTED_FEATURES,
                                                         "release rejected", fn_kwargs={"features": REJECTED_FEATURES})})
     logger.info("release: %d candidates -> %d pairs %s", len(validated), len(pairs),
                 {name: len(ds) for name, ds in configs["pairs"].items()})
