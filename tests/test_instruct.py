@@ -26,6 +26,19 @@ def test_text_instruction_round_trip_and_noop():
     assert "change nothing" in noop_instruction("Remove the gun")
 
 
+
+@pytest.mark.parametrize("pairs", [
+    [("YOU'RE A LOSER", "HAVE A NICE DAY")],
+    [("LOSER", "IT'S A NICE DAY")],
+    [("A", "B"), ("GO AWAY", "DON'T STOP"), ("STUDENTS'", "FRIENDS'")],
+])
+def test_text_replacements_keep_apostrophes(pairs):
+    text = text_instruction(pairs)
+    assert text_replacements(text) == pairs
+    assert text_replacements(noop_instruction(text)) == [(old, old) for old, _ in pairs]
+    assert text_replacements("Replace the text 'X' with 'IT'S OK'. Keep the rest.") == [("X", "IT'S OK")]
+    assert text_replacements("replace the text \"X\" with \"Y\" and keep the rest") == [("X", "Y")]
+
 def _rows_with_problems():
     demo = build_demo_source(2)
     rows = demo.to_list()

@@ -20,7 +20,9 @@ from safetypairs.utils import ImageError, load_image
 logger = logging.getLogger(__name__)
 
 NOOP_INSTRUCTION = "Keep the image exactly as it is; change nothing."
-_REPLACE_TEXT = re.compile(r"""replace the text (['"])(?P<old>.+?)\1 with (['"])(?P<new>.*?)\3""", re.IGNORECASE)
+# A closing quote is one not followed by a letter or another quote, so "IT'S" or "FRIENDS'" stay whole.
+_REPLACE_TEXT = re.compile(r"""replace the text (['"])(?P<old>.+?)\1 with (['"])(?P<new>.*?)\3(?![\w'"])""",
+                           re.IGNORECASE)
 
 
 @dataclass(frozen=True)
