@@ -171,6 +171,14 @@ def test_generate_pairs_in_process_matches_runner(setup, tmp_path):
     assert ran[S.SEED] == rows[S.SEED] and ran[S.EDIT_STATUS] == rows[S.EDIT_STATUS]
 
 
+
+def test_empty_source_is_a_clear_error(tmp_path):
+    empty = _source(0)
+    assert len(generate_pairs(empty, instructor="column:instruction", device="cpu")) == 0
+    with pytest.raises(ValueError, match="source has no rows"):
+        run_generate(empty, GenerateConfig(device="cpu"), RunConfig(out=tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
 def test_chunk_ranges_are_contiguous_and_cover_everything():
     for n, size, world in [(10, 3, 1), (10, 3, 2), (10, 3, 8), (1, 64, 4), (0, 5, 2)]:
         spans = [chunk_ranges(n, size, rank, world) for rank in range(world)]

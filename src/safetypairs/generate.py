@@ -251,9 +251,11 @@ def run_generate(source: Dataset, config: GenerateConfig, run: RunConfig) -> Run
         The run summary on rank 0; ``None`` on the other ranks.
 
     Raises:
-        ValueError: when ``out`` holds a different run.
+        ValueError: when ``out`` holds a different run or the source is empty.
         RuntimeError: when a chunk is missing at merge time or rows in != rows out.
     """
+    if not len(source):  # no chunk would be written, so there would be nothing to merge or load
+        raise ValueError("the source has no rows; nothing to generate")
     t0 = time.perf_counter()
     out = Path(run.out)
     state = _state(config.device)

@@ -65,15 +65,18 @@ def map_stage(
     multi = num_proc is not None and num_proc > 1
     if multi:
         _use_spawn_for_cuda()
-    out = dataset.map(
-        transform,
-        batched=True,
-        batch_size=batch_size,
-        with_rank=True,
-        num_proc=num_proc if multi else None,
-        features=features,
-        desc=stage,
-    )
+    if rows_in:
+        out = dataset.map(
+            transform,
+            batched=True,
+            batch_size=batch_size,
+            with_rank=True,
+            num_proc=num_proc if multi else None,
+            features=features,
+            desc=stage,
+        )
+    else:  # Dataset.map returns empty data as it is, without the stage's columns
+        out = Dataset.from_dict({name: [] for name in features}, features=features)
     if len(out) != rows_in * rows_per_input:
         raise RuntimeError(f"stage {stage!r} turned {rows_in} rows into {len(out)} (expected x{rows_per_input})")
     result = StageResult(stage, rows_in, len(out), status_histogram(out[status_column]))
