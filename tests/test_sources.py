@@ -48,6 +48,18 @@ def test_load_source_from_saved_dataset_adds_missing_columns(tmp_path):
         load_source(str(tmp_path / "bad"))
 
 
+
+def test_load_source_from_saved_dataset_dict_picks_the_split(tmp_path):
+    from datasets import DatasetDict
+
+    image = S.SOURCE_FEATURES[S.IMAGE]
+    train = Dataset.from_dict({S.IMAGE: [demo_photo("coins")], S.SOURCE_ID: ["t"]}).cast_column(S.IMAGE, image)
+    test = Dataset.from_dict({S.IMAGE: [demo_photo("moon")] * 2, S.SOURCE_ID: ["a", "b"]}).cast_column(S.IMAGE, image)
+    DatasetDict({"train": train, "test": test}).save_to_disk(tmp_path / "dd")
+    assert load_source(str(tmp_path / "dd"), split="test")[S.SOURCE_ID] == ["a", "b"]
+    with pytest.raises(ValueError, match="split 'dev' not in .*available: train, test"):
+        load_source(str(tmp_path / "dd"), split="dev")
+
 def test_load_source_image_folder(tmp_path):
     demo_photo("chelsea").save(tmp_path / "cat.png")
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "cat.png", "category": "O8"}) + "\n")

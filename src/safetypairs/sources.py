@@ -142,7 +142,7 @@ def load_source(spec: str, split: str = "train") -> Dataset:
     if spec == "demo" or spec.startswith("demo:"):
         return build_demo_source(int(spec.partition(":")[2] or 24))
     path = Path(spec)
-    if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+    if any((path / name).exists() for name in ("dataset_info.json", "state.json", "dataset_dict.json")):
         dataset = load_from_disk(str(path))
     elif path.is_dir() and _is_image_folder(path):
         dataset = load_dataset("imagefolder", data_dir=str(path), split=split)
