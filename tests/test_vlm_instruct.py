@@ -39,6 +39,12 @@ def _source() -> Dataset:
      {"instruction": "Replace the blood with red paint", "element": "blood"}),
     ('{"instruction": "Replace the \\"slur\\" with \\"hello\\"", "element": "the sl',  # truncated answer
      {"instruction": 'Replace the "slur" with "hello"'}),
+    ('{"instruction": "Replace the gun\nwith a banana.", "element": "gun"}',  # raw newline inside a string
+     {"instruction": "Replace the gun\nwith a banana.", "element": "gun"}),
+    ('{"instruction": "Replace the gun\nwith a banana.", "element": "gu',  # ... and truncated
+     {"instruction": "Replace the gun\nwith a banana."}),
+    ('{"instruction": "Replace C:\\x\\y with a banana", "element": "gu',  # invalid JSON escape, truncated
+     {"instruction": "Replace C:\\x\\y with a banana"}),
 ])
 def test_parse_answer_is_robust(text, expected):
     assert parse_answer(text) == expected

@@ -72,7 +72,7 @@ def _json_objects(text: str) -> list[str]:
 def _load_object(block: str) -> Any:
     """JSON, or a Python-literal dict (single quotes), or ``None``."""
     try:
-        return json.loads(block)
+        return json.loads(block, strict=False)  # strict=False: raw newlines inside strings
     except json.JSONDecodeError:
         pass
     try:
@@ -107,7 +107,10 @@ def parse_answer(text: str) -> dict[str, str]:
     for name in ("instruction", "element", "caption"):
         match = re.search(_FIELD.format(name=name), text or "")
         if match:
-            value = json.loads(f'"{match.group(1)}"').strip()
+            try:
+                value = json.loads(f'"{match.group(1)}"', strict=False).strip()
+            except json.JSONDecodeError:  # an invalid escape such as \x: keep the text as written
+                value = match.group(1).strip()
             if value:
                 found[name] = value
     if "instruction" not in found:
