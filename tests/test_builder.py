@@ -67,3 +67,17 @@ def test_hand_edits_are_picked_up_and_released(raw, tmp_path):
 def test_export_refuses_non_empty_folder(release, raw):
     with pytest.raises(OutputDirError, match="not empty"):
         export_raw(release, raw)
+
+
+def test_edits_after_a_first_load_are_not_hidden_by_the_cache(raw, tmp_path):
+    edited = tmp_path / "edited"
+    export_raw(load_raw(raw, cache_dir=tmp_path / "c0"), edited)
+    before = load_raw(edited, cache_dir=tmp_path / "cache")
+    lines = (edited / METADATA["pairs"]).read_text().splitlines()
+    first = json.loads(lines[0])
+    first[S.CATEGORY] = "O9"
+    (edited / METADATA["pairs"]).write_text("\n".join([json.dumps(first)] + lines[2:]) + "\n")  # drop one pair
+    after = load_raw(edited, cache_dir=tmp_path / "cache")  # same cache folder, as with the default cache
+    pairs = [r for split in after["pairs"].values() for r in split]
+    assert sum(len(ds) for ds in before["pairs"].values()) == len(lines)
+    assert len(pairs) == len(lines) - 1 and pairs[0][S.CATEGORY] == "O9"

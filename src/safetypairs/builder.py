@@ -95,6 +95,13 @@ class SafetyPairsRaw(datasets.GeneratorBasedBuilder):
     BUILDER_CONFIGS = [SafetyPairsRawConfig(name=name, version=datasets.Version("1.0.0")) for name in FEATURES]
     DEFAULT_CONFIG_NAME = "pairs"
 
+    def download_and_prepare(self, *args: Any, **kwargs: Any) -> None:
+        """Build the Arrow files, rebuilt every time by default: the cache key cannot see hand edits of the
+        layout, and the split sizes recorded by an earlier build are no check on an edited one."""
+        kwargs.setdefault("download_mode", datasets.DownloadMode.FORCE_REDOWNLOAD)
+        kwargs.setdefault("verification_mode", datasets.VerificationMode.NO_CHECKS)
+        super().download_and_prepare(*args, **kwargs)
+
     def _info(self) -> datasets.DatasetInfo:
         return datasets.DatasetInfo(
             description="SafetyPairs counterfactual image pairs (arXiv 2510.21120), built from the raw layout.",
