@@ -112,6 +112,7 @@ def test_cli_evaluate_writes_results_and_report(tmp_path, clip_guard, capsys):
     assert code == 0 and clip_guard in capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     assert results["dataset"]["n_rows"] == 9
+    assert results["dataset"]["split"] == "test"  # the split used, also when none was asked for
     assert "changed_fraction" in results["guards"][clip_guard]["metrics"]["similarity_correlation"]
     html = (out / "report.html").read_text()
     assert "Leaderboard" in html and "data:image/" in html

@@ -305,7 +305,8 @@ def evaluate_release(path: str, config: EvaluateConfig, out: str | Path, split: 
     if preds is None:  # not rank 0: rank 0 merges and writes
         return {}
     results = score_predictions(preds, config, pairs=pairs, runs=runs)
-    results["dataset"] = {"path": str(path), "split": split, "fingerprint": images._fingerprint, "n_rows": len(images)}
+    used = split or (str(images.split) if images.split is not None else None)
+    results["dataset"] = {"path": str(path), "split": used, "fingerprint": images._fingerprint, "n_rows": len(images)}
     preds.to_parquet(str(out / "predictions.parquet"))
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
     render_report(results, out / "report.html", pairs=pairs)
