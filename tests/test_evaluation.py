@@ -138,3 +138,11 @@ def test_evaluate_metric_folder_loads_offline_in_subprocess():
     expected = json.loads(json.dumps(compute_metrics(**kwargs)))
     assert json.loads(proc.stdout) == expected
     assert np.isclose(expected["pair_accuracy"], 2 / 3)
+
+
+def test_leaderboard_puts_undefined_after_zero():
+    from safetypairs.evaluation import leaderboard
+
+    guards = {name: {"metrics": {"pair_accuracy": pa, "f1": f1}}
+              for name, pa, f1 in [("none", None, None), ("zero", 0.0, 0.0), ("half", 0.5, 0.2), ("half-better-f1", 0.5, 0.9)]}
+    assert [row["guard"] for row in leaderboard(guards)] == ["half-better-f1", "half", "zero", "none"]

@@ -219,7 +219,11 @@ def leaderboard(guards: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]
     """Guards ranked by pair accuracy, then F1 (undefined values last)."""
     keys = ("pair_accuracy", "f1", "balanced_accuracy", "auroc", "same_label_rate", "flip_detection_rate", "n_unknown")
     rows = [{"guard": spec, **{k: g["metrics"].get(k) for k in keys}} for spec, g in guards.items()]
-    return sorted(rows, key=lambda r: (-(r["pair_accuracy"] or -1), -(r["f1"] or -1)))
+
+    def rank(value: float | None) -> tuple[bool, float]:
+        return value is None, -(value or 0.0)  # undefined after every defined value, 0.0 included
+
+    return sorted(rows, key=lambda r: (rank(r["pair_accuracy"]), rank(r["f1"])))
 
 
 def run_evaluate(dataset: Dataset, config: EvaluateConfig, pairs: Dataset | None = None) -> dict[str, Any]:
