@@ -78,6 +78,8 @@ def test_config_checks():
         EditConfig(editor="ocr-inpaintt")
     with pytest.raises(ValueError, match="candidates"):
         EditConfig(candidates=0)
+    with pytest.raises(ValueError, match="mask column 'mask' not in the data"):
+        run_edit(_instructed(1), EditConfig(device="cpu", mask_column="mask"))
 
 
 def test_ocr_inpaint_through_the_stage_on_real_photos():

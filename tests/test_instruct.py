@@ -74,6 +74,8 @@ def test_column_instructor_and_config_errors():
     ds = build_demo_source(2).add_column("my_instr", ["Replace the text 'A' with 'B'", ""])
     out, _ = run_instruct(ds, InstructConfig(instructor="column:my_instr", device="cpu"))
     assert out[S.INSTRUCT_STATUS] == ["ok", "missing_instruction"]
+    with pytest.raises(ValueError, match="column 'my_instruction' not in the data"):  # a config error, not error rows
+        run_instruct(ds, InstructConfig(instructor="column:my_instruction", device="cpu"))
     with pytest.raises(ValueError, match="Did you mean 'template'"):
         InstructConfig(instructor="templat")
     with pytest.raises(ValueError, match="batch_size"):

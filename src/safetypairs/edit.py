@@ -168,7 +168,13 @@ def run_edit(dataset: Dataset, config: EditConfig) -> tuple[Dataset, StageResult
     Returns:
         The candidate rows (`schema.EDIT_FEATURES` added; rows out = rows in x candidates) and
         the stage summary.
+
+    Raises:
+        ValueError: when ``config.mask_column`` is not a column of the data.
     """
+    if config.mask_column and config.mask_column not in dataset.column_names:
+        raise ValueError(f"mask column {config.mask_column!r} not in the data; "
+                         f"columns: {', '.join(dataset.column_names)}")
     features = S.with_columns(dataset.features, S.EDIT_FEATURES)
     return map_stage(dataset, EditTransform(config), stage="edit", features=features, status_column=S.EDIT_STATUS,
                      batch_size=config.batch_size, num_proc=config.num_proc, rows_per_input=config.candidates)

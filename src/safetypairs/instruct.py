@@ -249,7 +249,13 @@ def run_instruct(dataset: Dataset, config: InstructConfig) -> tuple[Dataset, Sta
 
     Returns:
         The dataset with `schema.INSTRUCT_FEATURES` added, and the stage summary.
+
+    Raises:
+        ValueError: when a ``column:<name>`` instructor names a column the data lacks.
     """
+    spec = parse_spec("instructors", config.instructor)
+    if spec.alias == "column" and spec.arg not in dataset.column_names:
+        raise ValueError(f"column {spec.arg!r} not in the data; columns: {', '.join(dataset.column_names)}")
     features = S.with_columns(dataset.features, S.INSTRUCT_FEATURES)
     return map_stage(dataset, InstructTransform(config), stage="instruct", features=features,
                      status_column=S.INSTRUCT_STATUS, batch_size=config.batch_size, num_proc=config.num_proc)
