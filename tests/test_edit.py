@@ -73,6 +73,22 @@ def test_rows_without_instruction_are_skipped_not_lost(flaky_editor):
     assert out[S.EDIT_STATUS] == ["skipped", "ok"] and "no_violation_found" in out[S.EDIT_ERROR][0]
 
 
+
+@dataclass
+class ShortEditor(FlakyEditor):
+    """Returns one image too few for a batch of several (a broken backend)."""
+
+    def edit(self, images, instructions, seeds):
+        return super().edit(images, instructions, seeds)[: max(1, len(images) - 1)]
+
+
+def test_an_editor_returning_too_few_images_does_not_leave_ok_rows_without_an_edit(monkeypatch):
+    monkeypatch.setitem(registry.REGISTRY["editors"], "short", f"{__name__}:ShortEditor")
+    registry._load.cache_clear()
+    out, result = run_edit(_instructed(3), EditConfig(editor="short", control=False, batch_size=3, device="cpu"))
+    registry._load.cache_clear()
+    assert out[S.EDIT_STATUS] == ["ok"] * 3 and all(img is not None for img in out[S.EDITED_IMAGE])
+
 def test_config_checks():
     with pytest.raises(ValueError, match="Did you mean 'ocr-inpaint'"):
         EditConfig(editor="ocr-inpaintt")

@@ -145,6 +145,8 @@ def _edit_isolated(editor: Any, jobs: list[_Job]) -> list[tuple[Image.Image | No
     try:
         images = editor.edit([j.image for j in jobs], [j.instruction for j in jobs], [j.seed for j in jobs],
                              **_masks(jobs))
+        if len(images) != len(jobs):  # zip would leave the last rows "ok" without an edit
+            raise ValueError(f"the editor returned {len(images)} images for {len(jobs)} jobs")
         return [(img, _check_size(j, img)) for j, img in zip(jobs, images)]
     except Exception:  # noqa: BLE001 - retried per row below
         logger.debug("batch edit failed; retrying row by row", exc_info=True)
