@@ -80,3 +80,29 @@ def test_column_instructor_and_config_errors():
         InstructConfig(instructor="templat")
     with pytest.raises(ValueError, match="batch_size"):
         InstructConfig(batch_size=0)
+
+
+class ForgetfulInstructor:
+    """Answers for the first row of a batch only (a backend bug the stage must not turn into a crash)."""
+
+    spec = "forgetful"
+
+    @classmethod
+    def from_spec(cls, arg, device="cpu", **_):
+        return cls()
+
+    def instruct(self, rows, policy):
+        from safetypairs.instruct import InstructResult
+
+        return [InstructResult(f"edit {rows[0][S.SOURCE_ID]}")]
+
+
+def test_an_instructor_answering_too_few_rows_is_retried_row_by_row(monkeypatch):
+    from safetypairs import registry
+
+    monkeypatch.setitem(registry.REGISTRY["instructors"], "forgetful", f"{__name__}:ForgetfulInstructor")
+    registry._load.cache_clear()
+    out, result = run_instruct(build_demo_source(3), InstructConfig(instructor="forgetful", device="cpu", batch_size=3))
+    registry._load.cache_clear()
+    assert result.statuses == {"ok": 3}
+    assert out[S.INSTRUCTION] == [f"edit {sid}" for sid in out[S.SOURCE_ID]]

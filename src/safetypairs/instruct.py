@@ -225,16 +225,21 @@ def _check_row(row: dict[str, Any], policy: Policy) -> InstructResult | None:
 
 
 def _instruct_isolated(backend: Any, rows: list[dict[str, Any]], policy: Policy) -> list[InstructResult]:
-    """Run the batch; if it fails, run row by row so one bad row cannot sink the others."""
+    """Run the batch; if it fails (or answers for the wrong number of rows), run row by row so one
+    bad row cannot sink the others."""
     try:
-        return backend.instruct(rows, policy)
+        results = backend.instruct(rows, policy)
+        if len(results) == len(rows):
+            return results
+        logger.debug("instructor answered %d results for %d rows; retrying row by row", len(results), len(rows))
     except Exception:  # noqa: BLE001 - isolate the failing row below
         logger.debug("batch instruct failed; retrying row by row", exc_info=True)
     results = []
     for row in rows:
         try:
-            results.extend(backend.instruct([row], policy))
-        except Exception as err:  # noqa: BLE001 - a backend failure is a row status
+            (result,) = backend.instruct([row], policy)
+            results.append(result)
+        except Exception as err:  # noqa: BLE001 - a backend failure (or a wrong count) is a row status
             results.append(InstructResult(None, None, "", "error",
                                           f"row {row.get(S.SOURCE_ID)!r}: {type(err).__name__}: {err}"))
     return results
