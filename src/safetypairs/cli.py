@@ -124,11 +124,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     if Path(args.out).resolve() == Path(args.input).resolve():
         raise CLIError("--out must differ from the input folder")
-    out = prepare_out_dir(args.out, args.overwrite)
     config = ValidateConfig(original_column=args.original_column, edited_column=args.edited_column,
                             policy=args.policy, judge=args.judge, lpips=args.lpips, clip=args.clip,
                             device=args.device, size_mismatch=args.size_mismatch, batch_size=args.batch_size)
-    validated, result = run_validate(read_rows(args.input), config)
+    rows = read_rows(args.input)  # bad input or settings fail before the output folder is touched
+    out = prepare_out_dir(args.out, args.overwrite)
+    validated, result = run_validate(rows, config)
     validated.save_to_disk(str(out))
     decisions = status_histogram(reason or "accepted" for reason in validated["reject_reason"])
     sys.stdout.write(f"validate: {result.rows_in} rows; statuses {result.statuses}; decisions {decisions}; "
