@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from safetypairs import schema as S
-from safetypairs.utils import prepare_out_dir
+from safetypairs.utils import prepare_out_dir, status_histogram
 
 logger = logging.getLogger(__name__)
 
@@ -166,8 +166,6 @@ def run_demo(config: DemoConfig) -> DemoSummary:
 
 def _reject_reasons(candidates: Any, edited_only: bool = False) -> dict[str, int]:
     """Rejection reasons of the rows not accepted (only those whose edit succeeded, with ``edited_only``)."""
-    from safetypairs.utils import status_histogram
-
     rows = zip(candidates[S.REJECT_REASON], candidates[S.ACCEPTED], candidates[S.EDIT_STATUS])
     return status_histogram(r for r, ok, edit in rows if not ok and (edit == S.OK or not edited_only))
 

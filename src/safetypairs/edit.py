@@ -109,15 +109,21 @@ class EditTransform:
     def _jobs(self, out: dict[str, list], n: int) -> list[_Job]:
         """One job per candidate edit (and control); rows that cannot be edited get a status."""
         jobs = []
+        statuses = out.get(S.INSTRUCT_STATUS) or [S.OK] * n
+        decoded: dict[int, tuple[Image.Image, Image.Image | None]] = {}  # the K candidates of a source share one decode
         for i in range(n):
-            sid, status = out[S.SOURCE_ID][i], out.get(S.INSTRUCT_STATUS, [S.OK] * n)[i]
+            sid, status = out[S.SOURCE_ID][i], statuses[i]
             if status not in (S.OK, None) or not out[S.INSTRUCTION][i]:
                 out[S.EDIT_STATUS][i] = "skipped"
                 out[S.EDIT_ERROR][i] = f"row {sid!r}: no instruction (instruct_status={status})"
                 continue
             try:
-                image = load_image(out[S.IMAGE][i])
-                mask = load_image(out[self.config.mask_column][i]).convert("L") if self.config.mask_column else None
+                source = i // self.config.candidates
+                if source not in decoded:
+                    mask_cell = out[self.config.mask_column][i] if self.config.mask_column else None
+                    decoded[source] = (load_image(out[S.IMAGE][i]),
+                                       load_image(mask_cell).convert("L") if self.config.mask_column else None)
+                image, mask = decoded[source]
             except ImageError as err:
                 out[S.EDIT_STATUS][i], out[S.EDIT_ERROR][i] = "unreadable", f"row {sid!r}: {err}"
                 continue
