@@ -16,6 +16,7 @@ from PIL import Image
 
 from safetypairs import schema as S
 from safetypairs.render import FONTS, TextStyle, draw_text
+from safetypairs.stage import is_saved_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ def load_source(spec: str, split: str = "train") -> Dataset:
     if spec == "demo" or spec.startswith("demo:"):
         return build_demo_source(int(spec.partition(":")[2] or 24))
     path = Path(spec)
-    if any((path / name).exists() for name in ("dataset_info.json", "state.json", "dataset_dict.json")):
+    if is_saved_dataset(path):
         dataset = load_from_disk(str(path))
     elif path.is_dir() and _is_image_folder(path):
         dataset = load_dataset("imagefolder", data_dir=str(path), split=split)

@@ -84,6 +84,11 @@ def map_stage(
     return out, result
 
 
+def is_saved_dataset(path: str | Path) -> bool:
+    """Whether ``path`` is a folder written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    return any((Path(path) / name).is_file() for name in ("state.json", "dataset_info.json", "dataset_dict.json"))
+
+
 def read_rows(path: str | Path) -> Dataset:
     """Read the rows a stage wrote, whatever the writer.
 
@@ -107,7 +112,7 @@ def read_rows(path: str | Path) -> Dataset:
         from safetypairs.generate import load_run
 
         return load_run(root)
-    if (root / "state.json").is_file() or (root / "dataset_dict.json").is_file():
+    if is_saved_dataset(root):
         loaded = load_from_disk(str(root))
     elif (root / "README.md").is_file() or any(root.rglob("*.parquet")):
         loaded = load_dataset(str(root))
