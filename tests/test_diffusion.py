@@ -115,3 +115,10 @@ def test_qwen_image_edit(tmp_path, photos):
     editor = DiffusersEditor.from_spec(path, steps=2, resolution=32, guidance=2.0)
     out = editor.edit(photos[:1], ["replace the cat with a dog"], [0])
     assert out[0].size == photos[0].size
+
+
+def test_options_inline_in_the_spec(ip2p_path):
+    editor = DiffusersEditor.from_spec(f"{ip2p_path},steps=3,resolution=0", guidance="2.5")
+    assert (editor.options.steps, editor.options.resolution, editor.options.guidance) == (3, 0, 2.5)
+    with pytest.raises(ValueError, match="unknown diffusers option"):
+        DiffusersEditor.from_spec(f"{ip2p_path},stepz=3")

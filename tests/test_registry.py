@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from safetypairs.registry import KINDS, available, load_backend, parse_bool, parse_options, parse_spec
+from safetypairs.registry import KINDS, available, load_backend, parse_bool, parse_options, parse_spec, split_model_arg
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -62,3 +62,10 @@ def test_parse_bool_accepts_text_and_refuses_junk():
     assert parse_bool("Yes", "x") is True and parse_bool("0", "x") is False and parse_bool(True, "x") is True
     with pytest.raises(ValueError, match="option trust_remote_code expects true or false"):
         parse_bool("ture", "trust_remote_code")
+
+
+def test_split_model_arg():
+    assert split_model_arg("org/model,dtype=bfloat16", "hf-vlm") == ("org/model", {"dtype": "bfloat16"})
+    assert split_model_arg(" /models/x ", "diffusers") == ("/models/x", {})
+    with pytest.raises(ValueError, match="diffusers needs a model"):
+        split_model_arg(",steps=2", "diffusers")

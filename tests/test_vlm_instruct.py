@@ -102,3 +102,10 @@ def test_hf_vlm_then_diffusers_end_to_end(vlm_path, tmp_path, monkeypatch):
 def test_unknown_option_is_an_error(vlm_path):
     with pytest.raises(ValueError, match="unknown hf-vlm option.*max_new_tokens"):
         load_backend("instructors", f"hf-vlm:{vlm_path}", "cpu", temperature="0.7")
+    with pytest.raises(ValueError, match="unknown hf-vlm option"):
+        load_backend("instructors", f"hf-vlm:{vlm_path},temperature=0.7", "cpu")
+
+
+def test_options_inline_in_the_spec_like_the_guards(vlm_path):
+    instructor = load_backend("instructors", f"hf-vlm:{vlm_path},max_new_tokens=12,dtype=float32", "cpu")
+    assert instructor.max_new_tokens == 12 and instructor.spec == f"hf-vlm:{vlm_path}"

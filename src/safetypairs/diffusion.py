@@ -10,7 +10,7 @@ from typing import Any
 
 from PIL import Image
 
-from safetypairs.registry import parse_bool
+from safetypairs.registry import parse_bool, split_model_arg
 from safetypairs.vlm import DTYPES
 
 logger = logging.getLogger(__name__)
@@ -179,9 +179,10 @@ class DiffusersEditor:
         """Load the pipeline (safetensors only) onto ``device``.
 
         Args:
-            arg: a hub model id or a local folder written by ``save_pretrained``.
+            arg: ``<hub model id or save_pretrained folder>[,key=value,...]``.
             device: torch device string.
-            **options: `DiffusionOptions` fields (strings are coerced).
+            **options: `DiffusionOptions` fields (strings are coerced; also accepted inline in ``arg``,
+                these win).
 
         Returns:
             The editor.
@@ -189,17 +190,16 @@ class DiffusersEditor:
         Raises:
             ValueError: for a missing model, bad options or an unsupported pipeline class.
         """
-        if not arg:
-            raise ValueError("the diffusers editor needs a model: diffusers:<model id or local path>")
-        opts = DiffusionOptions.parse(options)
-        index = model_index(arg, opts.revision)
+        model, inline = split_model_arg(arg, "diffusers")
+        opts = DiffusionOptions.parse({**inline, **options})
+        index = model_index(model, opts.revision)
         class_name = index.get("_class_name")
         family = PIPELINES.get(class_name) if isinstance(class_name, str) else None
         if family is None and not opts.trust_remote_code:
-            raise ValueError(f"pipeline class {class_name!r} of {arg!r} is not supported; supported: "
+            raise ValueError(f"pipeline class {class_name!r} of {model!r} is not supported; supported: "
                              f"{', '.join(PIPELINES)} (or pass trust_remote_code for a custom pipeline)")
-        pipe = _load_pipeline(arg, device, opts, has_checker="safety_checker" in index)
-        return cls(pipe, arg, family or PipelineFamily(1024, packed=False, batched=False), opts)
+        pipe = _load_pipeline(model, device, opts, has_checker="safety_checker" in index)
+        return cls(pipe, model, family or PipelineFamily(1024, packed=False, batched=False), opts)
 
     def edit(
         self,

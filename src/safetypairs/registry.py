@@ -122,6 +122,18 @@ def parse_options(arg: str | None) -> dict[str, str]:
     return options
 
 
+def split_model_arg(arg: str | None, alias: str) -> tuple[str, dict[str, str]]:
+    """Split a model backend's ``"<model id or path>[,key=value,...]"`` into the model and its options.
+
+    Raises:
+        ValueError: when the model is missing.
+    """
+    model, _, rest = (arg or "").partition(",")
+    if not model.strip():
+        raise ValueError(f"{alias} needs a model: {alias}:<hub id or local path>[,key=value,...]")
+    return model.strip(), parse_options(rest)
+
+
 def parse_bool(value: Any, name: str) -> bool:
     """Read a boolean backend option given as a bool or as text (``true/false``, ``1/0``, ``yes/no``, ``on/off``).
 

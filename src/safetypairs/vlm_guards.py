@@ -12,7 +12,7 @@ from PIL import Image
 
 from safetypairs.guards import Verdict
 from safetypairs.policy import Policy, render_policy
-from safetypairs.registry import parse_bool, parse_options
+from safetypairs.registry import parse_bool, split_model_arg
 from safetypairs.schema import SAFE, UNKNOWN, UNSAFE
 from safetypairs.vlm import DTYPES, VLMConfig, load_vlm
 
@@ -68,18 +68,6 @@ class VLMGuardOptions:
             raise ValueError(f"option dtype={self.dtype!r} not allowed; allowed: {', '.join(DTYPES)}")
         if self.max_new_tokens < 1:
             raise ValueError("option max_new_tokens must be >= 1")
-
-
-def split_model_arg(arg: str | None, alias: str) -> tuple[str, dict[str, str]]:
-    """Split ``"<model id or path>[,key=value,...]"`` into the model and its options.
-
-    Raises:
-        ValueError: when the model is missing.
-    """
-    model, _, rest = (arg or "").partition(",")
-    if not model.strip():
-        raise ValueError(f"{alias} needs a model: {alias}:<hub id or local path>[,key=value,...]")
-    return model.strip(), parse_options(rest)
 
 
 def _vlm_options(alias: str, options: dict[str, str], max_new_tokens: int) -> VLMGuardOptions:

@@ -11,7 +11,7 @@ from typing import Any
 from safetypairs import schema as S
 from safetypairs.instruct import InstructResult
 from safetypairs.policy import Policy, render_policy
-from safetypairs.registry import parse_bool
+from safetypairs.registry import parse_bool, split_model_arg
 from safetypairs.utils import load_image
 
 logger = logging.getLogger(__name__)
@@ -136,24 +136,25 @@ class HFVLMInstructor:
         """Load the VLM through the shared runtime (`safetypairs.vlm`).
 
         Args:
-            arg: a hub model id or a local folder.
+            arg: ``<hub model id or local folder>[,key=value,...]``.
             device: torch device string.
-            **options: ``dtype``, ``trust_remote_code``, ``revision``, ``max_new_tokens``.
+            **options: ``dtype``, ``trust_remote_code``, ``revision``, ``max_new_tokens`` (also accepted
+                inline in ``arg``; these win).
 
         Raises:
             ValueError: for a missing model or an unknown option.
         """
         from safetypairs.vlm import VLMConfig, load_vlm
 
-        if not arg:
-            raise ValueError("the hf-vlm instructor needs a model: hf-vlm:<model id or local path>")
+        model, inline = split_model_arg(arg, "hf-vlm")
+        options = {**inline, **options}
         allowed = {"dtype", "trust_remote_code", "revision", "max_new_tokens"}
         if set(options) - allowed:
             raise ValueError(f"unknown hf-vlm option(s) {sorted(set(options) - allowed)}; allowed: {sorted(allowed)}")
         trust = parse_bool(options.get("trust_remote_code", False), "trust_remote_code")
-        config = VLMConfig(model=arg, device=device, dtype=str(options.get("dtype", "auto")),
+        config = VLMConfig(model=model, device=device, dtype=str(options.get("dtype", "auto")),
                            trust_remote_code=trust, revision=options.get("revision"))
-        return cls(load_vlm(config), f"hf-vlm:{arg}", int(options.get("max_new_tokens", 160)))
+        return cls(load_vlm(config), f"hf-vlm:{model}", int(options.get("max_new_tokens", 160)))
 
     def instruct(self, rows: list[dict[str, Any]], policy: Policy) -> list[InstructResult]:
         """One greedy answer per row, parsed into an instruction (or an ``unparsable`` status)."""
