@@ -16,7 +16,7 @@ from datasets.table import embed_table_storage
 from datasets.utils.py_utils import convert_file_size_to_int
 
 from safetypairs import schema as S
-from safetypairs.stage import read_rows, undecoded
+from safetypairs.stage import empty_dataset, read_rows, undecoded
 from safetypairs.utils import image_digest, load_image, prepare_out_dir, progress, status_histogram
 
 logger = logging.getLogger(__name__)
@@ -199,8 +199,8 @@ def _images_batch(batch: dict[str, list]) -> dict[str, list]:
 
 
 def _map(dataset: Dataset, fn: Any, features: Features, desc: str, **kwargs: Any) -> Dataset:
-    if len(dataset) == 0:  # `map` on no rows would keep no columns at all
-        return Dataset.from_dict({name: [] for name in features}, features=features)
+    if len(dataset) == 0:
+        return empty_dataset(features)
     return dataset.map(
         fn,
         batched=True,

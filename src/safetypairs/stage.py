@@ -76,12 +76,17 @@ def map_stage(
             desc=stage,
         )
     else:  # Dataset.map returns empty data as it is, without the stage's columns
-        out = Dataset.from_dict({name: [] for name in features}, features=features)
+        out = empty_dataset(features)
     if len(out) != rows_in * rows_per_input:
         raise RuntimeError(f"stage {stage!r} turned {rows_in} rows into {len(out)} (expected x{rows_per_input})")
     result = StageResult(stage, rows_in, len(out), status_histogram(out[status_column]))
     logger.info("%s: %d rows in, %d out, statuses %s", stage, rows_in, len(out), result.statuses)
     return out, result
+
+
+def empty_dataset(features: Features) -> Dataset:
+    """A dataset with no rows but every column of ``features`` (``Dataset.map`` keeps none on empty input)."""
+    return Dataset.from_dict({name: [] for name in features}, features=features)
 
 
 def is_saved_dataset(path: str | Path) -> bool:
