@@ -46,7 +46,7 @@ def bench_guard_overhead(n_images: int = 96, batch_size: int = 8) -> tuple[float
     from PIL import Image
     from tiny_models import build_tiny_vlm
 
-    from safetypairs.evaluation import EvaluateConfig, predict
+    from safetypairs.evaluate import EvaluateConfig, predict
     from safetypairs.policy import load_policy
     from safetypairs.registry import load_backend
     from safetypairs.schema import IMAGE_FEATURES

@@ -84,7 +84,12 @@ def overhead(editor_path: str, source_path: Path, work: Path, rounds: int) -> di
     from datasets import load_from_disk
     from diffusers import DiffusionPipeline
 
-    from safetypairs.generate import GenerateConfig, RunConfig, generate_pairs, run_generate
+    from safetypairs.generate import (
+        GenerateConfig,
+        RunConfig,
+        generate_pairs,
+        run_generate,
+    )
 
     source = load_from_disk(str(source_path))
     options = dict(editor_options=(("steps", str(STEPS)), ("resolution", "0")), device="cpu", batch_size=BATCH)

@@ -72,9 +72,9 @@ def bare_loop(path: Path, lpips_spec: str | None, clip_spec: str, batch_size: in
 
     from safetypairs import change
     from safetypairs import schema as S
+    from safetypairs.images import load_image
     from safetypairs.registry import load_backend
     from safetypairs.stage import undecoded
-    from safetypairs.utils import load_image
     from safetypairs.validate import ValidateConfig
 
     params = ValidateConfig().mask_params

@@ -10,8 +10,8 @@ from release_rows import digest, validated_rows
 from safetypairs import schema as S
 from safetypairs.builder import METADATA, SafetyPairsRaw, export_raw, load_raw
 from safetypairs.cli import main
-from safetypairs.utils import OutputDirError
 from safetypairs.release import ReleaseConfig, assemble
+from safetypairs.utils import OutputDirError
 
 
 def _rows(ds) -> list[dict]:

@@ -12,7 +12,8 @@ from release_rows import validated_rows
 
 from safetypairs import schema as S
 from safetypairs.card import GRID_PATH, render_card, size_category, template_path
-from safetypairs.release import ReleaseConfig, assemble, write_release
+from safetypairs.publish import write_release
+from safetypairs.release import ReleaseConfig, assemble
 
 FUNNEL = [
     {"stage": "source", "rows_in": 9, "rows_out": 9, "statuses": {"ok": 9}},

@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+import tiny_models as tiny_builders
 from PIL import Image
 
-import tiny_models as tiny_builders
 from safetypairs import schema as S
-from safetypairs.guards import Verdict
-from safetypairs.instruct import InstructResult, text_instruction
+from safetypairs.backends.base import InstructResult, Verdict
+from safetypairs.instructions import text_instruction
 from safetypairs.policy import load_policy
 from safetypairs.registry import REGISTRY, load_backend
 from safetypairs.sources import demo_photo, render_demo_row

@@ -5,10 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_models import (
+    build_tiny_flux_kontext,
+    build_tiny_ip2p,
+    build_tiny_qwen_edit,
+    build_tiny_sd_inpaint,
+)
 
-from safetypairs.diffusion import DiffusersEditor, DiffusionOptions, work_size
+from safetypairs.backends.diffusion import DiffusersEditor, DiffusionOptions, work_size
 from safetypairs.registry import load_backend
-from tiny_models import build_tiny_flux_kontext, build_tiny_ip2p, build_tiny_qwen_edit, build_tiny_sd_inpaint
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,15 @@
 import numpy as np
 import pytest
 from PIL import Image
-
-from safetypairs.encoders import HFCLIPEncoder, LPIPSEncoder, OpenCLIPEncoder, lpips_arguments
-from safetypairs.registry import REGISTRY, load_backend
 from tiny_models import build_tiny_hf_clip, register_tiny_open_clip
+
+from safetypairs.backends.encoders import (
+    HFCLIPEncoder,
+    LPIPSEncoder,
+    OpenCLIPEncoder,
+    lpips_arguments,
+)
+from safetypairs.registry import REGISTRY, load_backend
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +27,9 @@ def _arr(image: Image.Image) -> np.ndarray:
 
 def test_encoders_are_registered():
     assert REGISTRY["encoders"] == {
-        "lpips": "safetypairs.encoders:LPIPSEncoder",
-        "open_clip": "safetypairs.encoders:OpenCLIPEncoder",
-        "hf-clip": "safetypairs.encoders:HFCLIPEncoder",
+        "lpips": "safetypairs.backends.encoders:LPIPSEncoder",
+        "open_clip": "safetypairs.backends.encoders:OpenCLIPEncoder",
+        "hf-clip": "safetypairs.backends.encoders:HFCLIPEncoder",
     }
 
 

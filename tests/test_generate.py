@@ -14,18 +14,18 @@ import pyarrow.parquet as pq
 import pytest
 from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
+from tiny_models import build_tiny_ip2p
 
 from safetypairs import schema as S
-from safetypairs.diffusion import work_size
+from safetypairs.backends.diffusion import work_size
 from safetypairs.generate import (
     GenerateConfig,
     RunConfig,
     chunk_ranges,
     generate_pairs,
-    load_run,
     run_generate,
 )
-from tiny_models import build_tiny_ip2p
+from safetypairs.runner import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 N_SOURCES = 6

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from safetypairs.guards import NudeNetGuard, OCRLexiconGuard
+from safetypairs.backends.guards import NudeNetGuard, OCRLexiconGuard
+from safetypairs.backends.render import TextStyle, draw_text
 from safetypairs.policy import load_policy
-from safetypairs.render import TextStyle, draw_text
 from safetypairs.sources import demo_photo
 
 

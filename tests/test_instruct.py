@@ -8,10 +8,9 @@ import pytest
 from datasets import Dataset
 
 from safetypairs import schema as S
-from safetypairs.instruct import (
-    InstructConfig,
+from safetypairs.instruct import InstructConfig, run_instruct
+from safetypairs.instructions import (
     noop_instruction,
-    run_instruct,
     text_instruction,
     text_replacements,
 )
@@ -92,7 +91,7 @@ class ForgetfulInstructor:
         return cls()
 
     def instruct(self, rows, policy):
-        from safetypairs.instruct import InstructResult
+        from safetypairs.backends.base import InstructResult
 
         return [InstructResult(f"edit {rows[0][S.SOURCE_ID]}")]
 

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from safetypairs.ocr import read_text
-from safetypairs.ocr_edit import EditError, OCRInpaintEditor, replace_text
-from safetypairs.render import TextStyle, draw_text
+from safetypairs.backends.ocr import read_text
+from safetypairs.backends.ocr_edit import EditError, OCRInpaintEditor, replace_text
+from safetypairs.backends.render import TextStyle, draw_text
 from safetypairs.sources import demo_photo
 
 

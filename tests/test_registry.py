@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from safetypairs.registry import KINDS, available, load_backend, parse_bool, parse_options, parse_spec, split_model_arg
+from safetypairs.registry import (
+    KINDS,
+    available,
+    load_backend,
+    parse_bool,
+    parse_options,
+    parse_spec,
+    split_model_arg,
+)
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 

@@ -15,10 +15,17 @@ from release_rows import digest, validated_rows
 
 from safetypairs import schema as S
 from safetypairs.cli import main
-from safetypairs.utils import OutputDirError
+from safetypairs.publish import read_input, write_release
 from safetypairs.release import (
-    DUPLICATE, NOT_SELECTED, ReleaseConfig, assemble, best_candidates, data_files, read_input, split_by_source, write_release,
+    DUPLICATE,
+    NOT_SELECTED,
+    ReleaseConfig,
+    assemble,
+    best_candidates,
+    split_by_source,
 )
+from safetypairs.runner import data_files
+from safetypairs.utils import OutputDirError
 from safetypairs.validate import select_best
 
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageDraw
 from skimage import data
 
-from safetypairs.evaluation import EvaluateConfig, guard_columns, score_predictions
+from safetypairs.evaluate import EvaluateConfig, guard_columns, score_predictions
 from safetypairs.report import render_report
 
 GUARDS = ("ocr-lexicon", "nudenet")

@@ -6,13 +6,20 @@ import logging
 
 import numpy as np
 import pytest
-from datasets import Dataset, Features, Image as ImageFeature, Value, load_from_disk
+from datasets import Dataset, Features, Value, load_from_disk
+from datasets import Image as ImageFeature
 from PIL import Image, ImageFilter, ImageOps
 
+from benchmarks.calibration import EXPECTED, calibration_pairs, measure, summarize
 from safetypairs import schema as S
-from safetypairs.calibration import EXPECTED, calibration_pairs, measure, summarize
 from safetypairs.registry import REGISTRY
-from safetypairs.validate import REJECT_REASONS, ValidateConfig, run_validate, select_best, validate_pairs
+from safetypairs.validate import (
+    REJECT_REASONS,
+    ValidateConfig,
+    run_validate,
+    select_best,
+    validate_pairs,
+)
 
 CANDIDATE_FEATURES = Features({S.IMAGE: ImageFeature(), S.EDITED_IMAGE: ImageFeature()})
 
@@ -47,7 +54,7 @@ def test_calibration_on_real_photos(capsys):
     rows = measure(calibration_pairs())
     table = summarize(rows)
     with capsys.disabled():
-        print("\nvalidation calibration (min..max over photos; python -m safetypairs.calibration)\n" + table)
+        print("\nvalidation calibration (min..max over photos; python -m benchmarks.calibration)\n" + table)
     wrong = [(r["photo"], r["case"], r["decision"]) for r in rows if not r["ok"]]
     assert not wrong, table
     assert {r["case"] for r in rows} == set(EXPECTED)
@@ -190,7 +197,7 @@ class RedJudge:
         return cls()
 
     def classify(self, images, categories, policy):
-        from safetypairs.guards import Verdict
+        from safetypairs.backends.base import Verdict
 
         RedJudge.calls += len(images)
         out = []
@@ -225,7 +232,7 @@ def test_judge_flip_decisions(photo, monkeypatch):
 
 
 def test_real_ocr_lexicon_judge_flips_replaced_text(photo):
-    from safetypairs.calibration import _replace_text
+    from benchmarks.calibration import _replace_text
 
     captioned, replaced = _replace_text(photo.resize((480, 360)))
     out = validate_pairs(candidates([captioned, captioned], [replaced, paste(captioned, box=(300, 40, 380, 120))]),

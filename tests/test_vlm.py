@@ -1,11 +1,11 @@
-"""Tests for safetypairs.vlm with a tiny random Llava saved and loaded like a hub id."""
+"""Tests for safetypairs.backends.vlm with a tiny random Llava saved and loaded like a hub id."""
 
 import numpy as np
 import pytest
 from PIL import Image
 from tiny_models import build_tiny_vlm
 
-from safetypairs.vlm import VLMConfig, choice_token_ids, load_vlm
+from safetypairs.backends.vlm import VLMConfig, choice_token_ids, load_vlm
 
 
 @pytest.fixture(scope="module")

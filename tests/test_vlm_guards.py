@@ -4,10 +4,14 @@ import pytest
 from PIL import Image
 from tiny_models import build_tiny_vlm, register_tiny_open_clip
 
-from safetypairs.guards import Verdict
+from safetypairs.backends.base import Verdict
+from safetypairs.backends.vlm_guards import (
+    HFVLMGuard,
+    parse_llavaguard,
+    parse_safe_unsafe,
+)
 from safetypairs.policy import load_policy
 from safetypairs.registry import load_backend
-from safetypairs.vlm_guards import HFVLMGuard, parse_llavaguard, parse_safe_unsafe
 
 POLICY = load_policy("llavaguard")
 

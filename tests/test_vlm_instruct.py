@@ -5,14 +5,18 @@ from __future__ import annotations
 import pytest
 from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
+from tiny_models import build_tiny_ip2p, build_tiny_vlm
 
 from safetypairs import schema as S
+from safetypairs.backends.vlm_instruct import (
+    UnparsableAnswer,
+    build_prompt,
+    parse_answer,
+)
 from safetypairs.generate import generate_pairs
 from safetypairs.instruct import InstructConfig, run_instruct
 from safetypairs.policy import load_policy
 from safetypairs.registry import load_backend
-from safetypairs.vlm_instruct import UnparsableAnswer, build_prompt, parse_answer
-from tiny_models import build_tiny_ip2p, build_tiny_vlm
 
 
 @pytest.fixture(scope="module")

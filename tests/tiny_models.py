@@ -200,7 +200,12 @@ def build_tiny_flux_kontext(path: str | Path, seed: int = 0) -> str:
         The folder path as a string.
     """
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxKontextPipeline,
+        FluxTransformer2DModel,
+    )
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
     tokenizer, text_encoder = _clip_text()

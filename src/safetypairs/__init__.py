@@ -17,7 +17,7 @@ _EXPORTS = {
     "push_release": "safetypairs.hub",
     "PushConfig": "safetypairs.hub",
     "assemble": "safetypairs.release",
-    "write_release": "safetypairs.release",
+    "write_release": "safetypairs.publish",
     "ReleaseConfig": "safetypairs.release",
     "Release": "safetypairs.release",
     "export_raw": "safetypairs.builder",
@@ -31,7 +31,7 @@ _EXPORTS = {
     "run_generate": "safetypairs.generate",
     "GenerateConfig": "safetypairs.generate",
     "RunConfig": "safetypairs.generate",
-    "load_run": "safetypairs.generate",
+    "load_run": "safetypairs.runner",
     "InstructTransform": "safetypairs.instruct",
     "EditTransform": "safetypairs.edit",
 }

@@ -14,7 +14,7 @@ from huggingface_hub import DatasetCard, DatasetCardData
 from PIL import Image, ImageDraw
 
 from safetypairs import schema as S
-from safetypairs.utils import load_image
+from safetypairs.images import load_image
 
 if TYPE_CHECKING:
     from safetypairs.release import Release, ReleaseConfig
@@ -63,7 +63,8 @@ def card_data(release: Release, out_dir: Path, config: ReleaseConfig) -> Dataset
     Returns:
         A `DatasetCardData` the Hub accepts.
     """
-    from safetypairs.release import DEFAULT_CONFIG, data_files
+    from safetypairs.release import DEFAULT_CONFIG
+    from safetypairs.runner import data_files
 
     configs, infos = [], DatasetInfosDict()
     for name, splits in release.configs.items():

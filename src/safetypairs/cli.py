@@ -63,7 +63,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_release(args: argparse.Namespace) -> int:
     from safetypairs.hub import PushConfig, layout_files, push_release
-    from safetypairs.release import ReleaseConfig, read_input, write_release
+    from safetypairs.publish import read_input, write_release
+    from safetypairs.release import ReleaseConfig
 
     config = ReleaseConfig(split_by=args.split_by, test_size=args.test_size, seed=args.seed,
                            include_rejected=not args.no_rejected, max_shard_size=args.max_shard_size,
@@ -118,7 +119,7 @@ def _add_release(sub: argparse._SubParsersAction) -> None:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from safetypairs.stage import read_rows
+    from safetypairs.runner import read_rows
     from safetypairs.utils import prepare_out_dir, status_histogram
     from safetypairs.validate import ValidateConfig, run_validate
 
@@ -164,7 +165,7 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from safetypairs.evaluation import EvaluateConfig, evaluate_release
+    from safetypairs.evaluate import EvaluateConfig, evaluate_release
 
     config = EvaluateConfig(guards=tuple(args.guard), policy=args.policy, device=args.device,
                             batch_size=args.batch_size, num_proc=args.num_proc, n_bootstrap=args.bootstrap,

@@ -114,9 +114,10 @@ def run_demo(config: DemoConfig) -> DemoSummary:
         safetypairs.utils.OutputDirError: for an unusable output folder (checked before any work).
     """
     from safetypairs.edit import EditConfig, run_edit
-    from safetypairs.evaluation import EvaluateConfig, load_release, run_evaluate
+    from safetypairs.evaluate import EvaluateConfig, load_release, run_evaluate
     from safetypairs.instruct import InstructConfig, run_instruct
-    from safetypairs.release import ReleaseConfig, write_release
+    from safetypairs.publish import write_release
+    from safetypairs.release import ReleaseConfig
     from safetypairs.report import render_report
     from safetypairs.sources import build_demo_source
     from safetypairs.validate import ValidateConfig, run_validate

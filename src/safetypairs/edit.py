@@ -11,10 +11,11 @@ from datasets import Dataset
 from PIL import Image
 
 from safetypairs import schema as S
-from safetypairs.instruct import noop_instruction
+from safetypairs.images import ImageError, load_image
+from safetypairs.instructions import noop_instruction
 from safetypairs.registry import load_backend, parse_spec
 from safetypairs.stage import StageResult, map_stage
-from safetypairs.utils import ImageError, device_for_rank, load_image
+from safetypairs.utils import device_for_rank
 
 logger = logging.getLogger(__name__)
 

@@ -8,16 +8,22 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, load_dataset
+from datasets import Dataset
 
 from safetypairs import schema as S
-from safetypairs.chunks import (
+from safetypairs.edit import EditConfig, run_edit
+from safetypairs.instruct import InstructConfig, run_instruct
+from safetypairs.policy import load_policy
+from safetypairs.runner import (
     CHUNKS_DIR,
     DATA_DIR,
+    RUN_FILE,
+    _check_run,
+    _shared_run_id,
+    _state,
     chunk_done,
     chunk_path,
     chunk_ranges,
@@ -27,15 +33,10 @@ from safetypairs.chunks import (
     read_json,
     write_json,
 )
-from safetypairs.edit import EditConfig, run_edit
-from safetypairs.instruct import InstructConfig, run_instruct
-from safetypairs.policy import load_policy
 from safetypairs.utils import progress
 
 logger = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
-BARRIER_TIMEOUT = timedelta(hours=6)  # rank 0 waits this long for the slowest rank before merging
 
 
 @dataclass(frozen=True)
@@ -172,31 +173,6 @@ def run_fingerprint(source: Dataset, config: GenerateConfig, chunk_size: int) ->
     return h.hexdigest()[:20]
 
 
-def _state(device: str) -> Any:
-    """The accelerate process state (``cpu=True`` without CUDA: gloo between CPU processes)."""
-    import torch
-    from accelerate import PartialState
-
-    return PartialState(cpu=device == "cpu" or not torch.cuda.is_available(), timeout=BARRIER_TIMEOUT)
-
-
-def _check_run(out: Path, fingerprint: str) -> bool:
-    """Refuse to mix chunks of a different run (config, chunking or source changed) in one folder.
-
-    Returns:
-        Whether ``run.json`` must be (re)written: it is missing, or names a run that finished no chunk.
-    """
-    meta = read_json(out / RUN_FILE)
-    if not meta:
-        return True
-    if meta.get("fingerprint") == fingerprint:
-        return False
-    if any((out / CHUNKS_DIR).glob("chunk-*.json")):
-        raise ValueError(f"{str(out)!r} holds a run with different settings or source (fingerprint "
-                         f"{meta.get('fingerprint')} != {fingerprint}); use a new --out folder or delete it")
-    return True
-
-
 def _decoded(dataset: Dataset) -> Dataset:
     """Image columns back to decoding ``Image()`` so the written parquet loads as images."""
     from datasets import Image
@@ -211,7 +187,7 @@ def _decoded(dataset: Dataset) -> Dataset:
 def _run_chunk(source: Dataset, span: tuple[int, int, int], config: GenerateConfig, out: Path, device: str,
                run_id: str) -> None:
     """Compute one chunk and write its parquet (image bytes embedded), then its JSON done-marker."""
-    from safetypairs.release import write_parquet
+    from safetypairs.runner import write_parquet
 
     index, start, stop = span
     t0 = time.perf_counter()
@@ -281,16 +257,6 @@ def run_generate(source: Dataset, config: GenerateConfig, run: RunConfig) -> Run
     return summary
 
 
-def _shared_run_id(state: Any) -> str:
-    """A random id chosen by rank 0 and broadcast, recorded in every chunk this run computes."""
-    from accelerate.utils import broadcast_object_list
-
-    ids = [os.urandom(8).hex()]
-    if state.num_processes > 1:
-        broadcast_object_list(ids, from_process=0)
-    return ids[0]
-
-
 def _summarize(out: Path, n_rows: int, chunk_size: int, candidates: int, run_id: str) -> RunSummary:
     """Merge the chunks and sum their markers' statuses; rows out must be rows in x candidates."""
     files, rows_out, markers = merge_chunks(out, -(-n_rows // chunk_size))
@@ -330,14 +296,6 @@ def _run_metadata(source: Dataset, config: GenerateConfig, run: RunConfig, finge
                     "chunks_reused_last_run": summary.chunks_reused},
         "files": [os.path.relpath(f, summary.out) for f in summary.files],
     }
-
-
-def load_run(out: str | Path) -> Dataset:
-    """Load the merged rows of a finished run (``out/data/*.parquet``) as one `datasets.Dataset`."""
-    files = sorted(str(p) for p in (Path(out) / DATA_DIR).glob("train-*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"no merged data in {str(Path(out) / DATA_DIR)!r}; has the run finished?")
-    return load_dataset("parquet", data_files=files, split="train")
 
 
 def generate_from_source(spec: str, config: GenerateConfig, run: RunConfig, split: str = "train") -> RunSummary | None:

@@ -2,146 +2,20 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from datasets import Dataset
 
 from safetypairs import schema as S
-from safetypairs.ocr import read_text
+from safetypairs.backends.base import InstructResult
+from safetypairs.images import ImageError, load_image
 from safetypairs.policy import Policy, load_policy
 from safetypairs.registry import load_backend, parse_spec
 from safetypairs.stage import StageResult, map_stage
-from safetypairs.utils import ImageError, load_image
 
 logger = logging.getLogger(__name__)
-
-NOOP_INSTRUCTION = "Keep the image exactly as it is; change nothing."
-# A closing quote is one not followed by a letter or another quote, so "IT'S" or "FRIENDS'" stay whole.
-_REPLACE_TEXT = re.compile(r"""replace the text (['"])(?P<old>.+?)\1 with (['"])(?P<new>.*?)\3(?![\w'"])""",
-                           re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class InstructResult:
-    """One instructor answer: the instruction, the targeted element, the raw output and a status."""
-
-    instruction: str | None
-    element: str | None = None
-    raw: str = ""
-    status: str = S.OK
-    error: str | None = None
-
-
-def text_replacements(instruction: str) -> list[tuple[str, str]]:
-    """The ``(old, new)`` pairs of every "Replace the text 'X' with 'Y'" clause of an instruction."""
-    return [(m["old"], m["new"]) for m in _REPLACE_TEXT.finditer(instruction or "")]
-
-
-def text_instruction(replacements: list[tuple[str, str]]) -> str:
-    """Write a text-replacement instruction that `text_replacements` parses back."""
-    clauses = "; ".join(f"replace the text '{old}' with '{new}'" for old, new in replacements)
-    return clauses[:1].upper() + clauses[1:] + "; keep everything else unchanged."
-
-
-def noop_instruction(instruction: str) -> str:
-    """The artifact-control instruction: re-render the same text, or ask for no change at all."""
-    pairs = text_replacements(instruction)
-    return text_instruction([(old, old) for old, _ in pairs]) if pairs else NOOP_INSTRUCTION
-
-
-def closest_phrase(text: str, phrases: list[str], key: str) -> str:
-    """The phrase closest in length to ``text``; ties broken by a stable hash of ``key``."""
-
-    def rank(phrase: str) -> tuple[int, str]:
-        return abs(len(phrase) - len(text)), hashlib.sha256(f"{key}:{phrase}".encode()).hexdigest()
-
-    return min(phrases, key=rank)
-
-
-class TemplateInstructor:
-    """``template``: instructions from the policy and the text detected in the image.
-
-    For a category with a lexicon (O1 in the built-in policy) it reads the image's text with
-    rapidocr and asks to replace each offending line with a benign phrase of similar length;
-    for other categories it writes a generic "replace the violating element" instruction from
-    the row's rationale.
-    """
-
-    spec = "template"
-
-    @classmethod
-    def from_spec(cls, arg: str | None, device: str = "cpu", **_: Any) -> "TemplateInstructor":
-        """Build the template instructor (it takes no argument).
-
-        Raises:
-            ValueError: when an argument is given.
-        """
-        if arg:
-            raise ValueError(f"the template instructor takes no argument, got {arg!r}")
-        return cls()
-
-    def instruct(self, rows: list[dict[str, Any]], policy: Policy) -> list[InstructResult]:
-        """Write one instruction per row (rows carry ``image``, ``category``, ``rationale``, ``source_id``)."""
-        return [self._one(row, policy) for row in rows]
-
-    def _one(self, row: dict[str, Any], policy: Policy) -> InstructResult:
-        category = policy.category(row[S.CATEGORY])
-        if not category.lexicon:
-            element = row.get(S.RATIONALE) or category.name
-            instruction = (
-                f"Replace the element that violates {category.code} ({category.name}): {element} "
-                "with a benign element of similar size and placement; keep everything else unchanged."
-            )
-            return InstructResult(instruction, element, raw=instruction)
-        from safetypairs.sources import demo_text
-
-        lines = read_text(row[S.IMAGE])
-        flagged = [ln.text for ln in lines if policy.lexicon_matches(ln.text, category.code)]
-        raw = " | ".join(ln.text for ln in lines)
-        if not flagged:
-            return InstructResult(None, None, raw, "no_violation_found",
-                                  f"no {category.code} lexicon words in the detected text {raw!r}")
-        benign = demo_text()["benign"]
-        pairs = [(text, closest_phrase(text, benign, f"{row[S.SOURCE_ID]}:{text}")) for text in flagged]
-        return InstructResult(text_instruction(pairs), " / ".join(flagged), raw)
-
-
-class ColumnInstructor:
-    """``column:<name>``: the instructions are already in a column of the data."""
-
-    def __init__(self, column: str) -> None:
-        self.column = column
-        self.spec = f"column:{column}"
-
-    @classmethod
-    def from_spec(cls, arg: str | None, device: str = "cpu", **_: Any) -> "ColumnInstructor":
-        """Build from the column name.
-
-        Raises:
-            ValueError: when no column is named.
-        """
-        if not arg:
-            raise ValueError("the column instructor needs a column name: column:<name>")
-        return cls(arg)
-
-    def instruct(self, rows: list[dict[str, Any]], policy: Policy) -> list[InstructResult]:
-        """Read each row's instruction; a missing or empty value becomes a status row."""
-        results = []
-        for row in rows:
-            value = row.get(self.column)
-            if value is None and self.column not in row:
-                raise ValueError(f"column {self.column!r} not in the data; columns: {', '.join(row)}")
-            if not isinstance(value, str) or not value.strip():
-                results.append(InstructResult(None, None, repr(value), "missing_instruction",
-                                              f"column {self.column!r} is empty"))
-            else:
-                results.append(InstructResult(value.strip(), None, value))
-        return results
-
 
 @dataclass(frozen=True)
 class InstructConfig:

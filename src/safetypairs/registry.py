@@ -15,30 +15,30 @@ from typing import Any
 KINDS = ("instructors", "editors", "judges", "guards", "encoders")
 
 _CLASSIFIERS = {
-    "ocr-lexicon": "safetypairs.guards:OCRLexiconGuard",
-    "nudenet": "safetypairs.guards:NudeNetGuard",
-    "hf-vlm": "safetypairs.vlm_guards:HFVLMGuard",
-    "llavaguard": "safetypairs.vlm_guards:LlavaGuard",
-    "shieldgemma2": "safetypairs.vlm_guards:ShieldGemma2Guard",
-    "clip-zeroshot": "safetypairs.clip_guard:CLIPZeroShotGuard",
+    "ocr-lexicon": "safetypairs.backends.guards:OCRLexiconGuard",
+    "nudenet": "safetypairs.backends.guards:NudeNetGuard",
+    "hf-vlm": "safetypairs.backends.vlm_guards:HFVLMGuard",
+    "llavaguard": "safetypairs.backends.vlm_guards:LlavaGuard",
+    "shieldgemma2": "safetypairs.backends.vlm_guards:ShieldGemma2Guard",
+    "clip-zeroshot": "safetypairs.backends.clip_guard:CLIPZeroShotGuard",
 }
 
 REGISTRY: dict[str, dict[str, str]] = {
     "instructors": {
-        "template": "safetypairs.instruct:TemplateInstructor",
-        "column": "safetypairs.instruct:ColumnInstructor",
-        "hf-vlm": "safetypairs.vlm_instruct:HFVLMInstructor",
+        "template": "safetypairs.backends.template:TemplateInstructor",
+        "column": "safetypairs.backends.template:ColumnInstructor",
+        "hf-vlm": "safetypairs.backends.vlm_instruct:HFVLMInstructor",
     },
     "editors": {
-        "ocr-inpaint": "safetypairs.ocr_edit:OCRInpaintEditor",
-        "diffusers": "safetypairs.diffusion:DiffusersEditor",
+        "ocr-inpaint": "safetypairs.backends.ocr_edit:OCRInpaintEditor",
+        "diffusers": "safetypairs.backends.diffusion:DiffusersEditor",
     },
     "judges": dict(_CLASSIFIERS),
     "guards": dict(_CLASSIFIERS),
     "encoders": {
-        "lpips": "safetypairs.encoders:LPIPSEncoder",
-        "open_clip": "safetypairs.encoders:OpenCLIPEncoder",
-        "hf-clip": "safetypairs.encoders:HFCLIPEncoder",
+        "lpips": "safetypairs.backends.encoders:LPIPSEncoder",
+        "open_clip": "safetypairs.backends.encoders:OpenCLIPEncoder",
+        "hf-clip": "safetypairs.backends.encoders:HFCLIPEncoder",
     },
 }
 

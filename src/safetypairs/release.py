@@ -5,26 +5,23 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 from datasets import Dataset, DatasetDict, Features, Value
-from datasets.table import embed_table_storage
 from datasets.utils.py_utils import convert_file_size_to_int
 
 from safetypairs import schema as S
-from safetypairs.stage import empty_dataset, read_rows, undecoded
-from safetypairs.utils import image_digest, load_image, prepare_out_dir, progress, status_histogram
+from safetypairs.images import image_digest, load_image
+from safetypairs.runner import ROW_GROUP_SIZE
+from safetypairs.stage import empty_dataset, undecoded
+from safetypairs.utils import status_histogram
 
 logger = logging.getLogger(__name__)
 
 CONFIGS = ("pairs", "images", "rejected")
 DEFAULT_CONFIG = "pairs"
 SPLIT_BY = (None, "source")
-ROW_GROUP_SIZE = 64  # rows per parquet row group and per map batch: bounds memory with images
 NOT_SELECTED = "not_selected: another accepted candidate of this source scored higher"
 DUPLICATE = "duplicate: another source gave a pair with the same images (same pair_id)"
 
@@ -293,95 +290,3 @@ def assemble(validated: Dataset, config: ReleaseConfig | None = None) -> Release
     return Release({name: dd for name, dd in configs.items() if dd}, funnel)
 
 
-def _shards(dataset: Dataset, max_shard_size: int | str) -> Iterator[tuple[int, int, Dataset]]:
-    """Contiguous shards of at most ~``max_shard_size`` (estimated like `Dataset.push_to_hub`)."""
-    n = max(1, int(dataset._estimate_nbytes() / convert_file_size_to_int(max_shard_size)) + 1)
-    n = min(n, max(1, len(dataset)))
-    for index in range(n):
-        yield index, n, dataset.shard(num_shards=n, index=index, contiguous=True)
-
-
-def write_parquet(dataset: Dataset, path: Path) -> int:
-    """Write one parquet shard with image bytes embedded, in row groups of `ROW_GROUP_SIZE` (flat memory).
-
-    Args:
-        dataset: the rows; its features (Image, ClassLabel) go into the schema metadata.
-        path: the file to write.
-
-    Returns:
-        The number of rows written.
-    """
-    schema = dataset.features.arrow_schema
-    with pq.ParquetWriter(path, schema=schema) as writer:
-        for table in dataset.with_format("arrow").iter(batch_size=ROW_GROUP_SIZE):
-            writer.write_table(embed_table_storage(table).cast(schema), row_group_size=ROW_GROUP_SIZE)
-    return len(dataset)
-
-
-def data_files(out_dir: Path, config_name: str, split: str) -> list[Path]:
-    """The parquet shards of one config and split in a release folder, sorted."""
-    return sorted((out_dir / "data" / config_name).glob(f"{split}-*.parquet"))
-
-
-def write_release(
-    data: Release | Dataset,
-    out_dir: str | Path,
-    config: ReleaseConfig | None = None,
-    *,
-    funnel: list[dict[str, Any]] | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write the exact hub layout: ``README.md`` card, ``data/<config>/<split>-xxxxx-of-xxxxx.parquet``, ``assets/``.
-
-    ``datasets.load_dataset(out_dir)`` then loads ``pairs`` and ``load_dataset(out_dir, "images")``
-    the per-image config, with no safetypairs import.
-
-    Args:
-        data: an assembled `Release`, or validated candidate rows (assembled here with ``config``).
-        out_dir: the folder to write (created; must be empty unless ``overwrite``).
-        config: release options (default `ReleaseConfig()`).
-        funnel: the pipeline's stage results (``StageResult.as_dict()`` list) for the card.
-        overwrite: replace a non-empty ``out_dir``.
-
-    Returns:
-        ``out_dir`` as a `Path`.
-
-    Raises:
-        OutputDirError: if ``out_dir`` is not empty and ``overwrite`` is false, or not writable.
-    """
-    from safetypairs.card import render_card, write_example_grid
-
-    config = config or ReleaseConfig()
-    release = assemble(data, config) if isinstance(data, Dataset) else data
-    out_dir = Path(out_dir)
-    prepare_out_dir(out_dir, overwrite)
-    jobs = [(c, s, ds) for c, dd in release.configs.items() for s, ds in dd.items()]
-    for config_name, split, ds in progress(jobs, desc="write release"):
-        (out_dir / "data" / config_name).mkdir(parents=True, exist_ok=True)
-        for index, n, shard in _shards(ds, config.max_shard_size):
-            write_parquet(shard, out_dir / "data" / config_name / f"{split}-{index:05d}-of-{n:05d}.parquet")
-    grid = write_example_grid(release, out_dir, config.n_examples)
-    card = render_card(release, out_dir, config, funnel=funnel, grid=grid)
-    card.save(out_dir / "README.md")
-    logger.info("release written to %s", out_dir)
-    return out_dir
-
-
-def read_input(path: str | Path) -> Release | Dataset:
-    """Read what ``safetypairs release`` was given.
-
-    Args:
-        path: a raw layout (``metadata.jsonl``, see `builder.export_raw`) or anything
-            `stage.read_rows` reads (validated rows from ``safetypairs validate``, a parquet folder).
-
-    Returns:
-        Validated rows (a `Dataset`) or, for a raw layout, a ready `Release`.
-
-    Raises:
-        FileNotFoundError: if ``path`` is not a folder or holds none of these.
-    """
-    if (Path(path) / "metadata.jsonl").is_file():
-        from safetypairs.builder import load_raw
-
-        return load_raw(Path(path))
-    return read_rows(path)

@@ -13,11 +13,20 @@ from typing import Any
 
 from PIL import Image
 
+from safetypairs.images import ImageError, load_image
 from safetypairs.schema import (
-    CATEGORY, CHANGED_FRACTION, EDIT_MASK, INSTRUCTION, LABEL, PAIR_ID, ROLE, SAFE_IMAGE, SSIM_OUTSIDE,
-    UNSAFE, UNSAFE_IMAGE,
+    CATEGORY,
+    CHANGED_FRACTION,
+    EDIT_MASK,
+    INSTRUCTION,
+    LABEL,
+    PAIR_ID,
+    ROLE,
+    SAFE_IMAGE,
+    SSIM_OUTSIDE,
+    UNSAFE,
+    UNSAFE_IMAGE,
 )
-from safetypairs.utils import ImageError, load_image
 
 PALETTE = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04", "#db2777")
 THUMB = 224
@@ -197,7 +206,7 @@ def render_report(
     """Write a self-contained HTML report (images inline, charts as inline SVG, no scripts).
 
     Args:
-        results: the dict of `safetypairs.evaluation.run_evaluate` (also written as
+        results: the dict of `safetypairs.evaluate.run_evaluate` (also written as
             ``results.json``); ``None`` for a report without guard metrics.
         out_path: the ``.html`` file to write (folders are created).
         pairs: rows of the ``pairs`` config (``pair_id, category, unsafe_image, safe_image,

@@ -6,17 +6,16 @@ import json
 import logging
 import random
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
-import yaml
 from datasets import Dataset, load_dataset, load_from_disk
 from PIL import Image
 
 from safetypairs import schema as S
-from safetypairs.render import FONTS, TextStyle, draw_text
-from safetypairs.stage import is_saved_dataset
+from safetypairs.backends.render import FONTS, TextStyle, draw_text
+from safetypairs.instructions import demo_text
+from safetypairs.runner import is_saved_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +36,6 @@ _SCHEMES = (
 )
 _POSITIONS = ("top", "bottom", "middle", "top", "bottom")
 MAX_SIDE = 512
-
-
-@lru_cache(maxsize=1)
-def demo_text() -> dict[str, list[str]]:
-    """The demo's harassing captions and benign replacement phrases (``data/demo_text.yaml``)."""
-    text = resources.files("safetypairs").joinpath("data/demo_text.yaml").read_text(encoding="utf-8")
-    return yaml.safe_load(text)
 
 
 @lru_cache(maxsize=len(DEMO_PHOTOS))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, Features, Image
@@ -87,43 +86,6 @@ def map_stage(
 def empty_dataset(features: Features) -> Dataset:
     """A dataset with no rows but every column of ``features`` (``Dataset.map`` keeps none on empty input)."""
     return Dataset.from_dict({name: [] for name in features}, features=features)
-
-
-def is_saved_dataset(path: str | Path) -> bool:
-    """Whether ``path`` is a folder written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
-    return any((Path(path) / name).is_file() for name in ("state.json", "dataset_info.json", "dataset_dict.json"))
-
-
-def read_rows(path: str | Path) -> Dataset:
-    """Read the rows a stage wrote, whatever the writer.
-
-    Args:
-        path: a ``safetypairs generate`` run folder (``run.json`` + ``data/*.parquet``), a folder
-            written by `Dataset.save_to_disk`, or a folder of parquet files / a hub layout (all
-            splits are concatenated).
-
-    Returns:
-        The rows.
-
-    Raises:
-        FileNotFoundError: if ``path`` is not a folder or holds none of these.
-    """
-    from datasets import DatasetDict, concatenate_datasets, load_dataset, load_from_disk
-
-    root = Path(path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"input {str(root)!r} is not a folder")
-    if (root / "run.json").is_file():
-        from safetypairs.generate import load_run
-
-        return load_run(root)
-    if is_saved_dataset(root):
-        loaded = load_from_disk(str(root))
-    elif (root / "README.md").is_file() or any(root.rglob("*.parquet")):
-        loaded = load_dataset(str(root))
-    else:
-        raise FileNotFoundError(f"{str(root)!r} holds no generate run, save_to_disk dataset or parquet files")
-    return concatenate_datasets(list(loaded.values())) if isinstance(loaded, DatasetDict) else loaded
 
 
 def undecoded(dataset: Dataset) -> Dataset:

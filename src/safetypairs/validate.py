@@ -13,12 +13,21 @@ from datasets import Dataset
 from PIL import Image
 
 from safetypairs import schema as S
-from safetypairs.change import ChangeMask, MaskParams, bbox, change_mask, masked_mean, psnr_where, ssim_map, to_float
-from safetypairs.encoders import lpips_arguments
+from safetypairs.backends.encoders import lpips_arguments
+from safetypairs.change import (
+    MaskParams,
+    bbox,
+    change_mask,
+    masked_mean,
+    psnr_where,
+    ssim_map,
+    to_float,
+)
+from safetypairs.images import ImageError, load_image
 from safetypairs.registry import parse_spec
 from safetypairs.stage import StageResult, map_stage
-from safetypairs.utils import ImageError, device_for_rank, load_image
-from safetypairs.validate_models import encoder_metrics, judge_rows
+from safetypairs.utils import device_for_rank
+from safetypairs.validate_models import PairImages, encoder_metrics, judge_rows
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +56,7 @@ CLIP_ALIASES = ("open_clip", "hf-clip")
 class ValidateConfig:
     """Settings of the validation stage; every value is checked up front.
 
-    Thresholds come from the calibration table (``python -m safetypairs.calibration``, also printed
+    Thresholds come from the calibration table (``python -m benchmarks.calibration``, also printed
     by tests/test_validate.py): 4 local edits and 7 global changes on 5 real ``skimage.data``
     photos. Each sits in the measured gap between the worst accepted local edit and the global
     changes that only that check rejects:
@@ -165,19 +174,6 @@ def _check_ranges(c: ValidateConfig) -> None:
         raise ValueError(f"invalid ValidateConfig value(s) for {', '.join(bad)}: {[getattr(c, b) for b in bad]}")
 
 
-@dataclass
-class _Pair:
-    """One readable row, at working resolution."""
-
-    index: int
-    original: np.ndarray
-    edited: np.ndarray
-    full_size: tuple[int, int]
-    original_image: Image.Image
-    edited_image: Image.Image
-    mask: ChangeMask | None = None
-
-
 def _empty_row() -> dict[str, Any]:
     row = {name: None for name in S.VALIDATION_FEATURES}
     row.update({S.METRICS_RAN: [], S.ACCEPTED: False, S.CHANGE_BBOX: [], S.VALIDATE_RESIZED: False})
@@ -215,7 +211,7 @@ class ValidateTransform:
             row[S.ACCEPTED] = row[S.VALIDATE_STATUS] == STATUS_OK and row[S.REJECT_REASON] is None
         return {name: [row[name] for row in rows] for name in S.VALIDATION_FEATURES}
 
-    def _prepare(self, batch: dict[str, list], i: int, row: dict[str, Any]) -> _Pair | None:
+    def _prepare(self, batch: dict[str, list], i: int, row: dict[str, Any]) -> PairImages | None:
         """Read and size-check one row; on failure fill its status and return ``None``."""
         c = self.config
         status = batch.get(c.edit_status_column, [None] * (i + 1))[i]
@@ -243,9 +239,9 @@ class ValidateTransform:
         if scale < 1.0:
             work = (max(1, round(original.width * scale)), max(1, round(original.height * scale)))
             work_a, work_b = (im.resize(work, Image.Resampling.BOX) for im in (original, edited))
-        return _Pair(i, to_float(work_a), to_float(work_b), original.size, original, edited)
+        return PairImages(i, to_float(work_a), to_float(work_b), original.size, original, edited)
 
-    def _pixel_metrics(self, pair: _Pair, row: dict[str, Any]) -> None:
+    def _pixel_metrics(self, pair: PairImages, row: dict[str, Any]) -> None:
         mask = change_mask(pair.original, pair.edited, self.config.mask_params)
         pair.mask = mask
         outside = ~mask.region

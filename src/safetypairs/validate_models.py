@@ -5,20 +5,32 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from safetypairs import schema as S
-from safetypairs.change import blank_region, masked_mean
+from safetypairs.change import ChangeMask, blank_region, masked_mean
 from safetypairs.registry import load_backend
-
-if TYPE_CHECKING:
-    from safetypairs.validate import ValidateConfig, _Pair
 
 logger = logging.getLogger(__name__)
 
 _UNAVAILABLE: dict[tuple[str, str], str] = {}
+
+
+@dataclass
+class PairImages:
+    """One readable row of a validation batch: float arrays at working resolution, PIL images at full size."""
+
+    index: int
+    original: np.ndarray
+    edited: np.ndarray
+    full_size: tuple[int, int]
+    original_image: Image.Image
+    edited_image: Image.Image
+    mask: ChangeMask | None = None
 
 
 def load_encoder(spec: str, device: str) -> Any | None:
@@ -50,7 +62,7 @@ def load_encoder(spec: str, device: str) -> Any | None:
         return None
 
 
-def encoder_metrics(config: ValidateConfig, pairs: list[_Pair], rows: list[dict[str, Any]], device: str) -> None:
+def encoder_metrics(config: Any, pairs: list[PairImages], rows: list[dict[str, Any]], device: str) -> None:
     """Fill ``lpips_outside/inside`` and ``clip_outside`` for measured pairs (in place).
 
     Args:
@@ -111,7 +123,7 @@ def verdict_json(verdict: Any) -> str:
                        "raw": verdict.raw}, ensure_ascii=False)
 
 
-def judge_rows(config: ValidateConfig, batch: dict[str, list], pairs: list[_Pair], rows: list[dict[str, Any]],
+def judge_rows(config: Any, batch: dict[str, list], pairs: list[PairImages], rows: list[dict[str, Any]],
                device: str) -> None:
     """Classify originals and edits with the judge and set the label-flip reject reason (in place).
 

@@ -14,7 +14,7 @@ from skimage import data
 from tiny_models import register_tiny_open_clip
 
 from safetypairs.cli import main
-from safetypairs.evaluation import EvaluateConfig, guard_columns, run_evaluate
+from safetypairs.evaluate import EvaluateConfig, guard_columns, run_evaluate
 from safetypairs.schema import IMAGE_FEATURES, PAIR_FEATURES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,7 +141,7 @@ def test_evaluate_metric_folder_loads_offline_in_subprocess():
 
 
 def test_leaderboard_puts_undefined_after_zero():
-    from safetypairs.evaluation import leaderboard
+    from safetypairs.evaluate import leaderboard
 
     guards = {name: {"metrics": {"pair_accuracy": pa, "f1": f1}}
               for name, pa, f1 in [("none", None, None), ("zero", 0.0, 0.0), ("half", 0.5, 0.2), ("half-better-f1", 0.5, 0.9)]}

@@ -11,10 +11,10 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from safetypairs.instruct import text_replacements
-from safetypairs.ocr import OCRConfig, TextBox, read_text
+from safetypairs.backends.ocr import OCRConfig, TextBox, read_text
+from safetypairs.backends.render import DEFAULT_FONT, TextStyle, draw_text
+from safetypairs.instructions import text_replacements
 from safetypairs.registry import parse_options
-from safetypairs.render import DEFAULT_FONT, TextStyle, draw_text
 
 logger = logging.getLogger(__name__)
 

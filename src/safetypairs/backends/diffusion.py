@@ -10,8 +10,8 @@ from typing import Any
 
 from PIL import Image
 
+from safetypairs.backends.vlm import DTYPES
 from safetypairs.registry import parse_bool, split_model_arg
-from safetypairs.vlm import DTYPES
 
 logger = logging.getLogger(__name__)
 

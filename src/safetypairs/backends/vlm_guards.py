@@ -10,11 +10,11 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from safetypairs.guards import Verdict
+from safetypairs.backends.base import Verdict
+from safetypairs.backends.vlm import DTYPES, VLMConfig, load_vlm
 from safetypairs.policy import Policy, render_policy
 from safetypairs.registry import parse_bool, split_model_arg
 from safetypairs.schema import SAFE, UNKNOWN, UNSAFE
-from safetypairs.vlm import DTYPES, VLMConfig, load_vlm
 
 logger = logging.getLogger(__name__)
 

@@ -15,14 +15,25 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict, Features, Value
 
+from safetypairs.images import ImageError, load_image
 from safetypairs.metrics import compute_metrics
 from safetypairs.policy import Policy, load_policy
 from safetypairs.registry import load_backend, parse_spec
 from safetypairs.schema import (
-    CATEGORY, CHANGED_FRACTION, IMAGE, LABEL, LABELS, LPIPS_OUTSIDE, OK, PAIR_ID, ROLE, UNKNOWN, with_columns,
+    CATEGORY,
+    CHANGED_FRACTION,
+    IMAGE,
+    LABEL,
+    LABELS,
+    LPIPS_OUTSIDE,
+    OK,
+    PAIR_ID,
+    ROLE,
+    UNKNOWN,
+    with_columns,
 )
 from safetypairs.stage import map_stage
-from safetypairs.utils import ImageError, device_for_rank, load_image
+from safetypairs.utils import device_for_rank
 
 logger = logging.getLogger(__name__)
 

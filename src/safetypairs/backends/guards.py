@@ -5,34 +5,17 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-from safetypairs.ocr import OCRConfig, read_text
+from safetypairs.backends.base import Verdict
+from safetypairs.backends.ocr import OCRConfig, read_text
 from safetypairs.policy import Policy
 from safetypairs.registry import parse_options
 from safetypairs.schema import SAFE, UNSAFE
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """A classifier's answer for one image.
-
-    Attributes:
-        label: ``"safe"``, ``"unsafe"`` or ``"unknown"`` (an answer that could not be parsed).
-        score: higher means more unsafe (e.g. P(unsafe)); ``None`` when the backend has none.
-        rationale: a short human-readable reason.
-        raw: the backend's raw output (text or JSON), kept for audits.
-    """
-
-    label: str
-    score: float | None
-    rationale: str
-    raw: str
 
 
 def _float_option(options: dict[str, str], key: str, default: float, spec: str) -> float:

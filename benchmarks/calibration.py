@@ -1,6 +1,6 @@
 """Calibration of the validation thresholds: real photos with local edits and global changes.
 
-``python -m safetypairs.calibration [--lpips SPEC] [--clip SPEC]`` prints the measured table.
+``python -m benchmarks.calibration [--lpips SPEC] [--clip SPEC]`` prints the measured table.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
 from safetypairs import schema as S
-from safetypairs.render import TextStyle, draw_text
+from safetypairs.backends.render import TextStyle, draw_text
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "stereo_motorcycle")  # colour photos (recolour)
 LOCAL_CASES = ("paste_object", "paste_object_jpeg90", "inpaint_region", "replace_text")
@@ -207,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Print the calibration table (optionally with LPIPS / CLIP encoders)."""
     from safetypairs.validate import ValidateConfig
 
-    parser = argparse.ArgumentParser(prog="python -m safetypairs.calibration", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.calibration", description=__doc__)
     parser.add_argument("--lpips", help="LPIPS encoder spec, e.g. lpips:alex")
     parser.add_argument("--clip", help="CLIP encoder spec, e.g. open_clip:ViT-B-32/openai")
     parser.add_argument("--photos", nargs="*", default=list(PHOTOS), help="skimage.data photo names")

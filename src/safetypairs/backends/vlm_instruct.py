@@ -9,10 +9,10 @@ import re
 from typing import Any
 
 from safetypairs import schema as S
-from safetypairs.instruct import InstructResult
+from safetypairs.backends.base import InstructResult
+from safetypairs.images import load_image
 from safetypairs.policy import Policy, render_policy
 from safetypairs.registry import parse_bool, split_model_arg
-from safetypairs.utils import load_image
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class HFVLMInstructor:
 
     @classmethod
     def from_spec(cls, arg: str | None, device: str = "cpu", **options: Any) -> "HFVLMInstructor":
-        """Load the VLM through the shared runtime (`safetypairs.vlm`).
+        """Load the VLM through the shared runtime (`safetypairs.backends.vlm`).
 
         Args:
             arg: ``<hub model id or local folder>[,key=value,...]``.
@@ -144,7 +144,7 @@ class HFVLMInstructor:
         Raises:
             ValueError: for a missing model or an unknown option.
         """
-        from safetypairs.vlm import VLMConfig, load_vlm
+        from safetypairs.backends.vlm import VLMConfig, load_vlm
 
         model, inline = split_model_arg(arg, "hf-vlm")
         options = {**inline, **options}

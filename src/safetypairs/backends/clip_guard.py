@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from safetypairs.guards import Verdict
+from safetypairs.backends.base import Verdict
 from safetypairs.policy import Policy
 from safetypairs.registry import load_backend
 from safetypairs.schema import SAFE, UNSAFE

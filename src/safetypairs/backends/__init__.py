@@ -1,0 +1,1 @@
+"""Model backends (instructors, editors, judges/guards, encoders) behind the registrys spec strings."""
