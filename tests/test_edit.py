@@ -100,7 +100,7 @@ def test_config_checks():
 
 def test_ocr_inpaint_through_the_stage_on_real_photos():
     ds, _ = run_instruct(build_demo_source(2), InstructConfig(device="cpu"))
-    out, result = run_edit(ds, EditConfig(device="cpu"))
+    out, result = run_edit(ds, EditConfig(device="cpu", control=True))
     assert result.statuses == {"ok": 2}
     for row in out:
         assert row[S.EDITED_IMAGE].size == row[S.IMAGE].size and row[S.CONTROL_IMAGE].size == row[S.IMAGE].size

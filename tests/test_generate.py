@@ -18,14 +18,8 @@ from tiny_models import build_tiny_ip2p
 
 from safetypairs import schema as S
 from safetypairs.backends.diffusion import work_size
-from safetypairs.generate import (
-    GenerateConfig,
-    RunConfig,
-    chunk_ranges,
-    generate_pairs,
-    run_generate,
-)
-from safetypairs.runner import load_run
+from safetypairs.generate import GenerateConfig, generate_pairs, run_generate
+from safetypairs.runner import RunConfig, load_run, partial_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 N_SOURCES = 6
@@ -86,7 +80,7 @@ def reference(setup) -> Path:
     """An uninterrupted 1-process CLI run (the rows every other run must reproduce)."""
     out = Path(setup["root"]) / "ref"
     proc = _run(_cli_args(setup, out))
-    assert "candidate rows: 12" in proc.stdout
+    assert "generate: 6 rows in, 12 out" in proc.stdout
     return out
 
 
@@ -106,7 +100,7 @@ def test_reference_rows_and_metadata(reference):
         assert r[S.EDIT_WORK_SIZE] == list(work_size(r[S.IMAGE].size, 16, 2))  # recorded, then mapped back
         assert (r[S.CONTROL_IMAGE] is not None) == (r[S.CANDIDATE] == 0)
     meta = json.loads((reference / "run.json").read_text())
-    assert meta["policy"] == "llavaguard@1.0" and meta["source_rows"] == N_SOURCES
+    assert meta["policy"] == "llavaguard@1.0" and meta["rows_in"] == N_SOURCES
     assert meta["models"]["editor"]["revision"] == "local"
     assert {"torch", "diffusers", "datasets", "accelerate"} <= set(meta["versions"])
     assert meta["statuses"]["edit"] == {"ok": 8, "skipped": 4}
@@ -123,28 +117,27 @@ def test_two_processes_match_one(setup, reference):
 
 def test_killed_run_resumes_without_recomputing(setup, reference):
     out = Path(setup["root"]) / "killed"
+    work = partial_dir(out)
     args = _cli_args(setup, out, chunk_size=2)
     proc = subprocess.Popen([sys.executable, *args], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
-    while time.time() < deadline and not (out / "chunks" / "chunk-000000.json").exists():
+    while time.time() < deadline and not (work / "chunks" / "chunk-000000.json").exists():
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = sorted((out / "chunks").glob("chunk-*.json"))
+    done = sorted((work / "chunks").glob("chunk-*.json"))
     assert done and len(done) < 3, f"kill landed after {len(done)} of 3 chunks"
-    before = {p.name: p.stat().st_mtime_ns for p in (out / "chunks").glob("chunk-*.parquet")}
-    assert not (out / "data").exists()
-    assert json.loads((out / "run.json").read_text())["status"] == "running"  # settings recorded up front
+    assert not out.exists()  # the run folder appears whole, or not at all
+    assert json.loads((work / "run.json").read_text())["status"] == "running"  # settings recorded up front
     refused = subprocess.run([sys.executable, *_cli_args(setup, out, chunk_size=3)], env=_env(),
                              capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "different settings" in refused.stderr  # no mixing with stale chunks
-    _run(args)
-    after = {p.name: p.stat().st_mtime_ns for p in (out / "chunks").glob("chunk-*.parquet")}
-    assert all(after[name] == mtime for name, mtime in before.items())  # finished chunks not recomputed
+    _run(args)  # the SIGKILLed process left its lock behind: a dead pid's lock is taken over
+    assert not work.exists()
     meta = json.loads((out / "run.json").read_text())
-    assert meta["status"] == "complete"
-    assert meta["timings"]["chunks_reused_last_run"] == len(before)
-    assert meta["timings"]["chunks_computed_last_run"] == 3 - len(before)
+    assert meta["status"] == "finished"
+    assert meta["timings"]["chunks_reused_last_run"] == len(done)
+    assert meta["timings"]["chunks_computed_last_run"] == 3 - len(done)
     assert _table(out).equals(_table(reference))
 
 
@@ -152,7 +145,7 @@ def test_changed_settings_refuse_the_same_folder(setup, reference):
     proc = subprocess.run([sys.executable, *_cli_args(setup, reference, chunk_size=3)], env=_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert "holds a run with different settings" in proc.stderr and "Traceback" not in proc.stderr
+    assert "holds a different run" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_generate_pairs_in_process_matches_runner(setup, tmp_path):
@@ -163,8 +156,9 @@ def test_generate_pairs_in_process_matches_runner(setup, tmp_path):
     assert len(rows) == 6 and set(rows[S.EDIT_STATUS]) == {S.OK, "skipped"}
     config = GenerateConfig(instructor="column:instruction", editor=f"diffusers:{setup['editor']}",
                             candidates=2, control=True, **options)
-    (tmp_path / "run").mkdir()  # a run that failed before finishing any chunk does not block the folder
-    (tmp_path / "run" / "run.json").write_text('{"fingerprint": "other", "status": "running"}')
+    work = partial_dir(tmp_path / "run")  # a run that failed before finishing any chunk does not block the folder
+    work.mkdir()
+    (work / "run.json").write_text('{"fingerprint": "other", "status": "running"}')
     summary = run_generate(source, config, RunConfig(out=tmp_path / "run", chunk_size=2))
     assert summary.rows_out == 6 and summary.chunks_computed == 2
     ran = load_run(tmp_path / "run")
@@ -175,18 +169,9 @@ def test_generate_pairs_in_process_matches_runner(setup, tmp_path):
 def test_empty_source_is_a_clear_error(tmp_path):
     empty = _source(0)
     assert len(generate_pairs(empty, instructor="column:instruction", device="cpu")) == 0
-    with pytest.raises(ValueError, match="source has no rows"):
+    with pytest.raises(ValueError, match="input has no rows"):
         run_generate(empty, GenerateConfig(device="cpu"), RunConfig(out=tmp_path / "run"))
     assert not (tmp_path / "run").exists()
-
-def test_chunk_ranges_are_contiguous_and_cover_everything():
-    for n, size, world in [(10, 3, 1), (10, 3, 2), (10, 3, 8), (1, 64, 4), (0, 5, 2)]:
-        spans = [chunk_ranges(n, size, rank, world) for rank in range(world)]
-        flat = [s for rank_spans in spans for s in rank_spans]
-        assert [c for c, _, _ in flat] == list(range(len(flat)))
-        assert sum(stop - start for _, start, stop in flat) == n
-        assert all(start == (c * size) for c, start, _ in flat)
-
 
 def test_config_errors_name_allowed_values():
     with pytest.raises(ValueError, match="candidates must be >= 1"):

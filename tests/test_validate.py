@@ -6,13 +6,14 @@ import logging
 
 import numpy as np
 import pytest
-from datasets import Dataset, Features, Value, load_from_disk
+from datasets import Dataset, Features, Value
 from datasets import Image as ImageFeature
 from PIL import Image, ImageFilter, ImageOps
 
 from benchmarks.calibration import EXPECTED, calibration_pairs, measure, summarize
 from safetypairs import schema as S
 from safetypairs.registry import REGISTRY
+from safetypairs.runner import read_rows
 from safetypairs.validate import (
     REJECT_REASONS,
     ValidateConfig,
@@ -285,10 +286,14 @@ def test_cli_validate_roundtrip(photo, tmp_path, capsys):
 
     candidates([photo, photo], [paste(photo), photo]).save_to_disk(str(tmp_path / "in"))
     assert main(["-q", "validate", str(tmp_path / "in"), "--out", str(tmp_path / "out")]) == 0
-    assert "decisions {'accepted': 1, 'no_change': 1}" in capsys.readouterr().out
-    assert load_from_disk(str(tmp_path / "out"))[S.ACCEPTED] == [True, False]
-    assert main(["-q", "validate", str(tmp_path / "in"), "--out", str(tmp_path / "out")]) == 2
-    assert "not empty" in capsys.readouterr().err
+    assert "decision  accepted=1, no_change=1" in capsys.readouterr().out
+    assert read_rows(tmp_path / "out")[S.ACCEPTED] == [True, False]
+    assert main(["-q", "validate", str(tmp_path / "in"), "--out", str(tmp_path / "out")]) == 0
+    assert "0 computed, 1 reused" in capsys.readouterr().out  # the same finished run: nothing recomputed
+    assert main(["-q", "validate", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--judge", "ocr-lexicon"]) == 2
+    assert "holds a different run" in capsys.readouterr().err
+    assert main(["-q", "validate", str(tmp_path / "in"), "--out", str(tmp_path / "in" / "sub")]) == 2
+    assert "is the input" in capsys.readouterr().err
 
 
 if __name__ == "__main__":

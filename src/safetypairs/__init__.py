@@ -30,7 +30,7 @@ _EXPORTS = {
     "generate_pairs": "safetypairs.generate",
     "run_generate": "safetypairs.generate",
     "GenerateConfig": "safetypairs.generate",
-    "RunConfig": "safetypairs.generate",
+    "RunConfig": "safetypairs.runner",
     "load_run": "safetypairs.runner",
     "InstructTransform": "safetypairs.instruct",
     "EditTransform": "safetypairs.edit",

@@ -65,13 +65,15 @@ def _cmd_release(args: argparse.Namespace) -> int:
     from safetypairs.hub import PushConfig, layout_files, push_release
     from safetypairs.publish import read_input, write_release
     from safetypairs.release import ReleaseConfig
+    from safetypairs.runner import check_not_input
 
     config = ReleaseConfig(split_by=args.split_by, test_size=args.test_size, seed=args.seed,
                            include_rejected=not args.no_rejected, max_shard_size=args.max_shard_size,
                            license=args.license, pretty_name=args.name)
     push = PushConfig(args.push, private=not args.public, gated=args.gated) if args.push else None
+    check_not_input(args.out, (args.input,))
     data = read_input(args.input)
-    out = write_release(data, args.out, config, overwrite=args.overwrite)
+    out = write_release(data, args.out, config, overwrite=args.overwrite, inputs=(args.input,))
     files = layout_files(out)
     sys.stdout.write(f"release written to {out} ({len(files)} files)\n")
     for rel, path in files.items():
@@ -107,9 +109,7 @@ def _add_release(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default="SafetyPairs", help="the card's title")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--push", metavar="ORG/NAME", help="upload to this Hub dataset repo (token: hf auth login / HF_TOKEN)")
-    vis = p.add_mutually_exclusive_group()
-    vis.add_argument("--private", action="store_true", default=True, help="create the repo private (default)")
-    vis.add_argument("--public", action="store_true", help="create the repo public")
+    p.add_argument("--public", action="store_true", help="create the repo public (default: private)")
     p.add_argument("--gated", nargs="?", const="auto", choices=["auto", "manual"], default=None,
                    help="gate access behind the card's research-use agreement (auto approval unless 'manual')")
     p.add_argument("--dry-run", action="store_true", help="write the exact hub layout locally and list it; no upload")
@@ -117,24 +117,21 @@ def _add_release(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
-    from safetypairs.runner import read_rows
-    from safetypairs.utils import prepare_out_dir, status_histogram
-    from safetypairs.validate import ValidateConfig, run_validate
+    from safetypairs.runner import RunConfig, check_not_input, read_rows, session
+    from safetypairs.validate import ValidateConfig, validate_run
 
-    if Path(args.out).resolve() == Path(args.input).resolve():
-        raise CLIError("--out must differ from the input folder")
     config = ValidateConfig(original_column=args.original_column, edited_column=args.edited_column,
                             policy=args.policy, judge=args.judge, lpips=args.lpips, clip=args.clip,
                             device=args.device, size_mismatch=args.size_mismatch, batch_size=args.batch_size)
-    rows = read_rows(args.input)  # bad input or settings fail before the output folder is touched
-    out = prepare_out_dir(args.out, args.overwrite)
-    validated, result = run_validate(rows, config)
-    validated.save_to_disk(str(out))
-    decisions = status_histogram(reason or "accepted" for reason in validated["reject_reason"])
-    sys.stdout.write(f"validate: {result.rows_in} rows; statuses {result.statuses}; decisions {decisions}; "
-                     f"saved to {out}\n")
+    check_not_input(args.out, (args.input,))
+    run = RunConfig(out=args.out, chunk_size=args.chunk_size, source=args.input, overwrite=args.overwrite)
+    with session(config.device) as state:
+        with state.main_process_first():
+            rows = read_rows(args.input)  # bad input or settings fail before the output folder is touched
+        summary = validate_run(rows, config, run, inputs=(args.input,))
+    if summary is not None:  # rank 0 under accelerate launch / torchrun
+        sys.stdout.write(summary.render() + "\n")
     return 0
 
 
@@ -145,11 +142,12 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
             "Read candidates (image, edited_image) or pairs from a `safetypairs generate` run folder, a save_to_disk "
             "folder or a parquet folder, compute the change mask, "
             "SSIM/PSNR (and optionally LPIPS/CLIP) outside it and the judge's labels, decide accepted / "
-            "reject_reason, and save the result with save_to_disk."
+            "reject_reason, and write a run folder (OUT/data/*.parquet + OUT/run.json). Under `accelerate "
+            "launch` / `torchrun` each rank validates a contiguous shard; a killed run resumes where it stopped."
         ),
     )
     p.add_argument("input", help="a generate run folder, a datasets.save_to_disk folder or a parquet folder")
-    p.add_argument("--out", required=True, help="output folder (save_to_disk)")
+    p.add_argument("--out", required=True, help="output run folder (data/*.parquet, run.json); reused to resume")
     p.add_argument("--original-column", default="image", help="the unsafe original (default: image)")
     p.add_argument("--edited-column", default="edited_image", help="the edit (default: edited_image)")
     p.add_argument("--policy", default="llavaguard", help="policy name or YAML path (default: llavaguard)")
@@ -160,17 +158,20 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size-mismatch", choices=["reject", "resize"], default="reject",
                    help="what to do when the two images differ in size (default: reject)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per map batch (default: 8)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--chunk-size", type=int, default=64, help="rows per resumable chunk (default: 64)")
+    p.add_argument("--overwrite", action="store_true", help="replace an output folder holding another run")
     p.set_defaults(func=_cmd_validate)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from safetypairs.evaluate import EvaluateConfig, evaluate_release
+    from safetypairs.runner import RunConfig, session
 
     config = EvaluateConfig(guards=tuple(args.guard), policy=args.policy, device=args.device,
-                            batch_size=args.batch_size, num_proc=args.num_proc, n_bootstrap=args.bootstrap,
-                            seed=args.seed)
-    results = evaluate_release(args.dataset, config, args.out, split=args.split)
+                            batch_size=args.batch_size, n_bootstrap=args.bootstrap, seed=args.seed)
+    run = RunConfig(out=args.out, chunk_size=args.chunk_size, overwrite=args.overwrite)
+    with session(config.device):
+        results = evaluate_release(args.dataset, config, run, split=args.split)
     if not results:  # a non-zero rank under accelerate launch / torchrun: rank 0 reports
         return 0
     for row in results["leaderboard"]:
@@ -184,7 +185,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate", help="evaluate guard models on a released benchmark (metrics, results.json, report.html)",
         description="Run guards over the images config of a release (folder or ORG/NAME) and score them: "
-                    "per-image, per-pair and per-category metrics with bootstrap CIs, and a report.",
+                    "per-image, per-pair and per-category metrics with bootstrap CIs, and a report. Under "
+                    "`accelerate launch` / `torchrun` each rank predicts a contiguous shard; a killed run resumes.",
     )
     p.add_argument("--dataset", required=True, help="release folder or hub repo id")
     p.add_argument("--guard", action="append", required=True,
@@ -194,15 +196,17 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default=None, help="split (default: test, else train)")
     p.add_argument("--device", default="auto", help="auto (GPU per rank when present) or a torch device")
     p.add_argument("--batch-size", type=int, default=8, help="images per guard call (default: 8)")
-    p.add_argument("--num-proc", type=int, default=None, help="map processes, one per GPU (default: 1)")
+    p.add_argument("--chunk-size", type=int, default=256, help="images per resumable chunk (default: 256)")
+    p.add_argument("--overwrite", action="store_true", help="replace an output folder holding another run")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples over pairs (default: 1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
     p.set_defaults(func=_cmd_evaluate)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from safetypairs.generate import GenerateConfig, RunConfig, generate_from_source
+    from safetypairs.generate import GenerateConfig, generate_from_source
     from safetypairs.registry import parse_options
+    from safetypairs.runner import RunConfig
 
     trust = (("trust_remote_code", "true"),) if args.trust_remote_code else ()
     config = GenerateConfig(
@@ -211,8 +215,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         instructor_options=tuple(parse_options(args.instructor_options).items()) + trust,
         editor_options=tuple(parse_options(args.editor_options).items()) + trust, mask_column=args.mask_column,
     )
-    summary = generate_from_source(args.source, config, RunConfig(out=args.out, chunk_size=args.chunk_size),
-                                   split=args.split)
+    run = RunConfig(out=args.out, chunk_size=args.chunk_size, overwrite=args.overwrite)
+    summary = generate_from_source(args.source, config, run, split=args.split)
     if summary is not None:  # rank 0 under accelerate launch / torchrun
         sys.stdout.write(summary.render() + "\n")
     return 0
@@ -247,6 +251,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-size", type=int, default=64, help="source rows per resumable chunk (default: 64)")
     p.add_argument("--batch-size", type=int, default=4, help="rows per instructor/editor call (default: 4)")
     p.add_argument("--device", default="auto", help="auto (the rank's GPU when present) or a torch device")
+    p.add_argument("--overwrite", action="store_true", help="replace an output folder holding another run")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow model repos' own code (off by default; only for repos you trust)")
     p.set_defaults(func=_cmd_generate)
@@ -298,9 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_output(args.verbose, args.quiet)
     try:
         return int(args.func(args) or 0)
-    except (CLIError, ValueError, OSError, KeyError) as err:  # OSError: missing/unwritable files and folders
+    except (CLIError, ValueError, OSError) as err:  # OSError: missing/unwritable files and folders
         if args.verbose:
             raise
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        sys.stderr.write(f"safetypairs {args.command}: error: {message}\n")
+        sys.stderr.write(f"safetypairs {args.command}: error: {err}\n")
         return 2

@@ -46,7 +46,7 @@ class EditConfig:
 
     editor: str = "ocr-inpaint"
     candidates: int = 1
-    control: bool = True
+    control: bool = False
     seed: int = 0
     device: str = "auto"
     batch_size: int = 4

@@ -8,8 +8,8 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,13 @@ from safetypairs.images import ImageError, load_image
 from safetypairs.metrics import compute_metrics
 from safetypairs.policy import Policy, load_policy
 from safetypairs.registry import load_backend, parse_spec
+from safetypairs.runner import (
+    RunConfig,
+    RunSummary,
+    content_fingerprint,
+    process_state,
+    run_stage,
+)
 from safetypairs.schema import (
     CATEGORY,
     CHANGED_FRACTION,
@@ -41,6 +48,7 @@ REQUIRED_COLUMNS = (IMAGE, LABEL, CATEGORY, PAIR_ID, ROLE)
 SIMILARITY_COLUMNS = (CHANGED_FRACTION, LPIPS_OUTSIDE)
 # Row statuses of a guard's prediction.
 UNPARSABLE, BAD_IMAGE = "unparsable", "bad_image"
+GUARD_SECONDS = "guard_seconds"  # per-chunk guard seconds, summed by the runner next to the status counts
 PREDICTION_FIELDS = ("pred", "score", "rationale", "raw", "status")
 
 
@@ -253,7 +261,7 @@ def run_evaluate(dataset: Dataset, config: EvaluateConfig, pairs: Dataset | None
     """
     preds, runs = predict(dataset, config)
     results = score_predictions(preds, config, pairs=pairs, runs=runs)
-    results["dataset"] = {"fingerprint": dataset._fingerprint, "n_rows": len(dataset)}
+    results["dataset"] = {"fingerprint": content_fingerprint(dataset), "n_rows": len(dataset)}
     return results
 
 
@@ -273,13 +281,10 @@ def load_release(path: str, name: str = "images", split: str | None = None) -> D
     """
     import datasets
 
-    try:
-        loaded = datasets.load_dataset(path, name)
-    except ValueError as err:
-        if "BuilderConfig" in str(err) or "not found" in str(err).lower():
-            logger.info("release %s has no %r config", path, name)
-            return None
-        raise
+    if name not in datasets.get_dataset_config_names(path):
+        logger.info("release %s has no %r config", path, name)
+        return None
+    loaded = datasets.load_dataset(path, name)
     if not isinstance(loaded, DatasetDict):
         return loaded
     if split is None:
@@ -289,81 +294,66 @@ def load_release(path: str, name: str = "images", split: str | None = None) -> D
     return loaded[split]
 
 
-def evaluate_release(path: str, config: EvaluateConfig, out: str | Path, split: str | None = None) -> dict[str, Any]:
-    """Evaluate guards on a released benchmark and write ``results.json``, ``predictions.parquet``
-    (with raw answers) and ``report.html`` into ``out``.
+def evaluate_release(path: str, config: EvaluateConfig, run: RunConfig, split: str | None = None) -> dict[str, Any]:
+    """Evaluate guards on a released benchmark, on the shared runner (sharded over ranks, resumable).
+
+    Writes ``results.json``, ``predictions.parquet`` (with raw answers), ``report.html`` and
+    ``run.json`` into ``run.out``; the folder appears whole when the run finishes. Under
+    ``accelerate launch`` / ``torchrun`` each rank predicts a contiguous run of chunks and rank 0
+    scores and writes. A finished folder with the same settings and data is reused.
 
     Args:
         path: a release folder or ``ORG/NAME`` (its ``images`` config; ``pairs`` when present).
         config: the evaluation config.
-        out: the output folder (created).
+        run: the output folder, chunk size and overwrite policy.
         split: the split to use (default: test, else train).
-
-    Under ``accelerate launch`` / ``torchrun`` each rank predicts a contiguous shard and rank 0
-    merges, scores and writes.
 
     Returns:
         The results dict (as written to ``results.json``); ``{}`` on ranks other than 0.
 
     Raises:
-        ValueError: when the release has no ``images`` config.
+        ValueError: when ``path`` is not a release (no ``images`` config).
     """
     from safetypairs.report import render_report
 
-    images = load_release(path, "images", split)
+    state = process_state(config.device)
+    with state.main_process_first():
+        images = load_release(path, "images", split)
+        pairs = load_release(path, "pairs", split) if images is not None else None
     if images is None:
-        raise ValueError(f"{path} has no 'images' config; expected a SafetyPairs release")
-    pairs = load_release(path, "pairs", split)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    preds, runs = _predict_ranks(images, config, out)
-    if preds is None:  # not rank 0: rank 0 merges and writes
-        return {}
-    results = score_predictions(preds, config, pairs=pairs, runs=runs)
+        raise ValueError(f"{path} is not a SafetyPairs release (no 'images' config); make one with "
+                         "`safetypairs release <validated folder> --out <release folder>`")
     used = split or (str(images.split) if images.split is not None else None)
-    results["dataset"] = {"path": str(path), "split": used, "fingerprint": images._fingerprint, "n_rows": len(images)}
-    preds.to_parquet(str(out / "predictions.parquet"))
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
-    render_report(results, out / "report.html", pairs=pairs)
-    logger.info("wrote %s", out / "report.html")
+    results: dict[str, Any] = {}
+
+    def compute(rows: Dataset, device: str) -> tuple[Dataset, dict[str, dict[str, Any]]]:
+        preds, runs = predict(rows, replace(config, device=device, num_proc=None))
+        counts: dict[str, dict[str, Any]] = {spec: run["statuses"] for spec, run in runs.items()}
+        counts[GUARD_SECONDS] = {spec: run["seconds"] for spec, run in runs.items()}
+        return preds, counts
+
+    def finalize(work: Path, preds: Dataset, summary: RunSummary) -> dict[str, Any]:
+        runs = {spec: {"statuses": summary.statuses.get(spec, {}),
+                       "seconds": summary.statuses.get(GUARD_SECONDS, {}).get(spec)} for spec in config.guards}
+        results.update(score_predictions(preds, config, pairs=pairs, runs=runs))
+        results["dataset"] = {"path": str(path), "split": used, "fingerprint": summary.fingerprint, "n_rows": len(images)}
+        preds.to_parquet(str(work / "predictions.parquet"))
+        (work / "results.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
+        render_report(results, work / "report.html", pairs=pairs)
+        return {"results": "results.json", "report": "report.html"}
+
+    settings = {**evaluate_settings(config), "dataset": str(path), "split": used}
+    local = (path,) if Path(path).exists() else ()
+    summary = run_stage(images, compute, stage="evaluate", settings=settings, run=replace(run, source=run.source or str(path)),
+                        device=config.device, finalize=finalize, inputs=local)
+    if summary is None:  # not rank 0: rank 0 scores and writes
+        return {}
+    if not results:  # a finished folder with the same settings and data was reused
+        results.update(json.loads((Path(run.out) / "results.json").read_text(encoding="utf-8")))
+    logger.info("wrote %s", Path(run.out) / "report.html")
     return results
 
 
-def _predict_ranks(images: Dataset, config: EvaluateConfig, out: Path) -> tuple[Dataset | None, dict[str, Any]]:
-    """`predict` in this process, or, under ``accelerate launch`` / ``torchrun`` (WORLD_SIZE > 1),
-    on this rank's contiguous shard; shards go to ``out/shards`` and rank 0 merges them in order."""
-    import os
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return predict(images, config)
-    import torch
-    from accelerate import PartialState
-
-    state = PartialState(cpu=config.device == "cpu" or not torch.cuda.is_available())
-    device = str(state.device) if config.device == "auto" else config.device
-    shard_config = EvaluateConfig(**{**asdict(config), "device": device, "num_proc": None})
-    shard = images.shard(num_shards=state.num_processes, index=state.process_index, contiguous=True)
-    preds, runs = predict(shard, shard_config)
-    shard_dir = out / "shards"
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    preds.to_parquet(str(shard_dir / f"predictions-rank{state.process_index:05d}.parquet"))
-    (shard_dir / f"runs-rank{state.process_index:05d}.json").write_text(json.dumps(runs), encoding="utf-8")
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        return None, {}
-    from datasets import concatenate_datasets
-
-    merged = concatenate_datasets([Dataset.from_parquet(str(shard_dir / f"predictions-rank{r:05d}.parquet"))
-                                   for r in range(state.num_processes)])
-    rank_runs = [json.loads((shard_dir / f"runs-rank{r:05d}.json").read_text()) for r in range(state.num_processes)]
-    return merged, {spec: {"statuses": _sum_counts(r[spec]["statuses"] for r in rank_runs),
-                           "seconds": max(r[spec]["seconds"] for r in rank_runs)} for spec in config.guards}
-
-
-def _sum_counts(histograms: Iterable[Mapping[str, int]]) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for histogram in histograms:
-        for key, count in histogram.items():
-            total[key] = total.get(key, 0) + count
-    return dict(sorted(total.items(), key=lambda kv: -kv[1]))
+def evaluate_settings(config: EvaluateConfig) -> dict[str, Any]:
+    """The settings that decide an evaluation's output (batching and processes left out)."""
+    return {k: v for k, v in asdict(config).items() if k not in ("batch_size", "num_proc")}

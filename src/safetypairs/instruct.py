@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -51,10 +52,15 @@ class InstructTransform:
 
     config: InstructConfig
 
+    @functools.cached_property
+    def policy(self) -> Policy:
+        """The stage's policy, loaded once per transform (and per process)."""
+        return load_policy(self.config.policy)
+
     def __call__(self, batch: dict[str, list], rank: int | None = None) -> dict[str, list]:
         from safetypairs.utils import device_for_rank
 
-        policy = load_policy(self.config.policy)
+        policy = self.policy
         n = len(batch[S.IMAGE])
         results: list[InstructResult | None] = [None] * n
         todo, rows = [], []

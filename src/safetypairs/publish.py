@@ -11,8 +11,8 @@ from datasets import Dataset
 from safetypairs.builder import load_raw
 from safetypairs.card import render_card, write_example_grid
 from safetypairs.release import Release, ReleaseConfig, assemble
-from safetypairs.runner import read_rows, shards, write_parquet
-from safetypairs.utils import prepare_out_dir, progress
+from safetypairs.runner import atomic_dir, read_rows, shards, write_parquet
+from safetypairs.utils import progress
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +24,7 @@ def write_release(
     *,
     funnel: list[dict[str, Any]] | None = None,
     overwrite: bool = False,
+    inputs: tuple[str | Path, ...] = (),
 ) -> Path:
     """Write the exact hub layout: ``README.md`` card, ``data/<config>/<split>-xxxxx-of-xxxxx.parquet``, ``assets/``.
 
@@ -35,28 +36,32 @@ def write_release(
         out_dir: the folder to write (created; must be empty unless ``overwrite``).
         config: release options (default `ReleaseConfig()`).
         funnel: the pipeline's stage results (``StageResult.as_dict()`` list) for the card.
-        overwrite: replace a non-empty ``out_dir``.
+        overwrite: replace a non-empty ``out_dir`` (only once the new release is complete).
+        inputs: input paths ``out_dir`` must not be or contain.
 
     Returns:
         ``out_dir`` as a `Path`.
 
+    The folder appears whole or not at all: it is written into a locked ``<out_dir>.partial``
+    sibling and renamed into place, so a failure part-way leaves the previous folder (or none).
+
     Raises:
-        OutputDirError: if ``out_dir`` is not empty and ``overwrite`` is false, or not writable.
+        OutputDirError: if ``out_dir`` is an input, not empty and ``overwrite`` is false, not writable,
+            or being written by another process.
+        ValueError: when no candidate was accepted.
     """
     config = config or ReleaseConfig()
-    release = assemble(data, config) if isinstance(data, Dataset) else data
-    out_dir = Path(out_dir)
-    prepare_out_dir(out_dir, overwrite)
-    jobs = [(c, s, ds) for c, dd in release.configs.items() for s, ds in dd.items()]
-    for config_name, split, ds in progress(jobs, desc="write release"):
-        (out_dir / "data" / config_name).mkdir(parents=True, exist_ok=True)
-        for index, n, shard in shards(ds, config.max_shard_size):
-            write_parquet(shard, out_dir / "data" / config_name / f"{split}-{index:05d}-of-{n:05d}.parquet")
-    grid = write_example_grid(release, out_dir, config.n_examples)
-    card = render_card(release, out_dir, config, funnel=funnel, grid=grid)
-    card.save(out_dir / "README.md")
+    with atomic_dir(out_dir, overwrite, inputs) as work:
+        release = assemble(data, config) if isinstance(data, Dataset) else data
+        jobs = [(c, s, ds) for c, dd in release.configs.items() for s, ds in dd.items()]
+        for config_name, split, ds in progress(jobs, desc="write release"):
+            (work / "data" / config_name).mkdir(parents=True, exist_ok=True)
+            for index, n, shard in shards(ds, config.max_shard_size):
+                write_parquet(shard, work / "data" / config_name / f"{split}-{index:05d}-of-{n:05d}.parquet")
+        grid = write_example_grid(release, work, config.n_examples)
+        render_card(release, work, config, funnel=funnel, grid=grid).save(work / "README.md")
     logger.info("release written to %s", out_dir)
-    return out_dir
+    return Path(out_dir)
 
 
 def read_input(path: str | Path) -> Release | Dataset:

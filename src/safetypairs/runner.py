@@ -1,25 +1,455 @@
-"""The one run folder every sharded stage writes: chunks, rank shards, resume, merge, ``run.json``."""
+"""The one run folder every sharded stage writes: fingerprint, chunks, rank shards, lock, resume, merge, ``run.json``."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
-from collections.abc import Iterator
-from datetime import timedelta
+import shutil
+import socket
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
-from datasets import Dataset, load_dataset
+from datasets import Dataset, Image, load_dataset
 from datasets.table import embed_table_storage
 from datasets.utils.py_utils import convert_file_size_to_int
 
+from safetypairs.utils import OutputDirError, progress
+
+logger = logging.getLogger(__name__)
+
 RUN_FILE = "run.json"
-BARRIER_TIMEOUT = timedelta(hours=6)  # rank 0 waits this long for the slowest rank before merging
-ROW_GROUP_SIZE = 64  # rows per parquet row group and per map batch: bounds memory with images
 CHUNKS_DIR = "chunks"
 DATA_DIR = "data"
-MERGE_ROWS = 2000  # candidate rows per merged data file (whole chunks)
+LOCK_FILE = ".lock"
+PARTIAL_SUFFIX = ".partial"
+ROW_GROUP_SIZE = 64  # rows per parquet row group: bounds memory with images
+MERGE_ROWS = 2000  # rows per merged data file (whole chunks)
+BARRIER_TIMEOUT = timedelta(hours=float(os.environ.get("SAFETYPAIRS_BARRIER_TIMEOUT_HOURS", "6")))
+
+# compute(chunk rows, device) -> (output rows, {stage name: status histogram})
+ChunkFn = Callable[[Dataset, str], "tuple[Dataset, dict[str, dict[str, Any]]]"]
+# finalize(work folder, merged rows, summary) -> extra run.json fields (rank 0, before the folder moves into place)
+Finalize = Callable[[Path, Dataset, "RunSummary"], "Mapping[str, Any] | None"]
+
+
+class RunLockedError(OutputDirError):
+    """Another live process is writing the same run folder."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where and how a sharded run writes.
+
+    Args:
+        out: the run folder. It appears whole when the run finishes; until then the work lives in the
+            sibling ``<out>.partial/`` (chunks, ``run.json``, the lock), where a restarted run resumes.
+        chunk_size: input rows per chunk (the unit of resumption and of rank work).
+        source: how the input was named (recorded in ``run.json``).
+        overwrite: replace a finished ``out`` that holds a different run or other files.
+    """
+
+    out: str | Path
+    chunk_size: int = 64
+    source: str = ""
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+
+
+@dataclass
+class RunSummary:
+    """What a sharded run did (rank 0's view after the merge)."""
+
+    stage: str
+    out: Path
+    rows_in: int
+    rows_out: int
+    statuses: dict[str, dict[str, int]]
+    chunks_computed: int
+    chunks_reused: int
+    seconds: float
+    files: list[str] = field(default_factory=list)
+    fingerprint: str = ""
+
+    def render(self) -> str:
+        """A short plain-text summary for the terminal."""
+        lines = [f"{self.stage}: {self.rows_in} rows in, {self.rows_out} out  chunks: {self.chunks_computed} "
+                 f"computed, {self.chunks_reused} reused  ({self.seconds:.1f} s)"]
+        for stage, counts in self.statuses.items():
+            lines.append(f"  {stage:<9} " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+        lines.append(f"wrote {self.out} ({len(self.files)} data file(s), {RUN_FILE})")
+        return "\n".join(lines)
+
+
+def process_state(device: str = "auto") -> Any:
+    """The accelerate process state (``cpu=True`` without CUDA: gloo between CPU processes)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=device == "cpu" or not torch.cuda.is_available(), timeout=BARRIER_TIMEOUT)
+
+
+@contextmanager
+def session(device: str = "auto") -> Iterator[Any]:
+    """The process state for one command; a distributed process group is torn down on exit, errors included."""
+    state = process_state(device)
+    try:
+        yield state
+    finally:
+        if state.use_distributed:
+            state.destroy_process_group()
+
+
+def rank_device(state: Any, device: str) -> str:
+    """``device`` as given, or this rank's device for ``"auto"``."""
+    return str(state.device) if device == "auto" else device
+
+
+def partial_dir(out: Path) -> Path:
+    """The sibling folder an unfinished run works in."""
+    return out.with_name(out.name + PARTIAL_SUFFIX)
+
+
+def check_not_input(out: str | Path, inputs: tuple[str | Path, ...]) -> None:
+    """Refuse an output folder that is an input, contains one or lies inside one (writing or replacing it
+    would destroy or pollute the input).
+
+    Raises:
+        OutputDirError: naming the input.
+    """
+    target = Path(out).resolve()
+    for given in inputs:
+        path = Path(given).resolve()
+        if path == target or target in path.parents or path in target.parents:
+            raise OutputDirError(f"--out {str(out)!r} is the input {str(given)!r}, contains it or lies inside it; "
+                                 "choose another folder")
+
+
+def run_stage(data: Dataset, compute: ChunkFn, *, stage: str, settings: Mapping[str, Any], run: RunConfig,
+              device: str = "auto", rows_per_input: int = 1,
+              finalize: Finalize | None = None,
+              inputs: tuple[str | Path, ...] = ()) -> RunSummary | None:
+    """Run ``compute`` over ``data`` in fixed-size chunks, sharded over the launched processes, resumable.
+
+    Under ``accelerate launch`` / ``torchrun`` each rank takes a contiguous run of global chunks (so
+    chunk contents do not depend on the number of processes), writes each finished chunk atomically
+    (parquet with image bytes + a JSON marker) and skips chunks an interrupted run finished. Rank 0
+    holds the folder's lock, checks the settings fingerprint before any rank starts, merges the
+    chunks in input order after a barrier, calls ``finalize``, and renames the work folder into place.
+
+    Args:
+        data: the input rows.
+        compute: ``(chunk rows, device) -> (output rows, {stage: status histogram})``.
+        stage: the stage name (run.json, progress bar).
+        settings: everything that decides the output rows (hashed into the fingerprint, recorded).
+        run: the folder, chunk size and overwrite policy.
+        device: ``"auto"`` (the rank's GPU when present) or a torch device string.
+        rows_per_input: output rows per input row (checked at the merge).
+        finalize: rank 0's hook ``(work folder, merged rows, summary) -> extra run.json fields``, run
+            before the folder is renamed into place (write reports there).
+        inputs: input paths ``out`` must not be or contain.
+
+    Returns:
+        The summary on rank 0 (also for a finished folder that is reused without computing);
+        ``None`` on the other ranks.
+
+    Raises:
+        ValueError: for empty input.
+        OutputDirError: when ``out`` is unusable, locked by a live process or holds another run.
+        RuntimeError: when chunks are missing at merge time or rows out != rows in x rows_per_input.
+    """
+    if not len(data):
+        raise ValueError(f"{stage}: the input has no rows; nothing to do")
+    t0 = time.perf_counter()
+    out = Path(run.out)
+    check_not_input(out, inputs)
+    state = process_state(device)
+    fingerprint = run_fingerprint(data, stage, settings, run.chunk_size, rows_per_input)
+    opened = _broadcast(state, lambda: _open_run(out, fingerprint, stage, run))
+    if "error" in opened:
+        raise OutputDirError(opened["error"])
+    if opened.get("reused"):
+        return _reused_summary(out, stage) if state.is_main_process else None
+    work, run_id = Path(opened["work"]), opened["run_id"]
+    try:
+        spans = chunk_ranges(len(data), run.chunk_size, state.process_index, state.num_processes)
+        todo = [span for span in spans if not chunk_done(work, span[0])]
+        dev = rank_device(state, device)
+        logger.info("%s rank %d/%d on %s: %d chunk(s), %d already done", stage, state.process_index,
+                    state.num_processes, dev, len(spans), len(spans) - len(todo))
+        for span in progress(todo, desc=f"{stage} (rank {state.process_index})"):
+            _run_chunk(data, span, compute, work, dev, run_id)
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            return None
+        return _finish(work, out, data, run, stage, fingerprint, settings, run_id, rows_per_input, finalize,
+                       state.num_processes, t0)
+    except BaseException as err:
+        if state.is_main_process:
+            _mark_failed(work, err)
+        raise
+
+
+def _broadcast(state: Any, decide: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Rank 0 decides (errors become ``{"error": ...}``); every rank gets the same answer."""
+    from accelerate.utils import broadcast_object_list
+
+    answer: list[Any] = [None]
+    if state.is_main_process:
+        try:
+            answer[0] = decide()
+        except OutputDirError as err:
+            answer[0] = {"error": str(err)}
+    if state.num_processes > 1:
+        broadcast_object_list(answer, from_process=0)
+    return answer[0]
+
+
+def _open_run(out: Path, fingerprint: str, stage: str, run: RunConfig) -> dict[str, Any]:
+    """Rank 0: reuse a finished folder, or lock and (re)open the work folder for this fingerprint."""
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"output path {str(out)!r} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        meta = read_json(out / RUN_FILE) or {}
+        if meta.get("fingerprint") == fingerprint and meta.get("status") == "finished":
+            logger.info("%s: %s already holds this finished run; reusing it", stage, out)
+            return {"reused": True}
+        if not run.overwrite:
+            what = "a different run" if meta else "other files"
+            raise OutputDirError(f"output folder {str(out)!r} holds {what}; pass --overwrite to replace it "
+                                 "or choose another --out")
+    work = partial_dir(out)
+    work.mkdir(parents=True, exist_ok=True)
+    acquire_lock(work)
+    meta = read_json(work / RUN_FILE) or {}
+    if meta.get("fingerprint") != fingerprint and any((work / CHUNKS_DIR).glob("chunk-*.json")):
+        if not run.overwrite:
+            release_lock(work)
+            raise OutputDirError(f"{str(work)!r} holds an unfinished run with different settings or input; "
+                                 "pass --overwrite to discard it or choose another --out")
+        shutil.rmtree(work / CHUNKS_DIR)
+    (work / CHUNKS_DIR).mkdir(exist_ok=True)
+    write_json(work / RUN_FILE, {"fingerprint": fingerprint, "stage": stage, "status": "running",
+                                 "source": run.source, "started": _now()})
+    return {"work": str(work), "run_id": os.urandom(8).hex()}
+
+
+def _run_chunk(data: Dataset, span: tuple[int, int, int], compute: ChunkFn, work: Path, device: str,
+               run_id: str) -> None:
+    """Compute one chunk; write its parquet (image bytes embedded), then its JSON done-marker."""
+    index, start, stop = span
+    t0 = time.perf_counter()
+    rows = data.select(range(start, stop)).flatten_indices(keep_in_memory=True)
+    result, statuses = compute(rows, device)
+    t1 = time.perf_counter()
+    path = chunk_path(work, index, ".parquet")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write_parquet(decoding(result), tmp)
+    os.replace(tmp, path)
+    write_json(chunk_path(work, index, ".json"), {
+        "chunk": index, "run_id": run_id, "start": start, "stop": stop, "rows_in": stop - start,
+        "rows_out": len(result), "statuses": statuses,
+        "seconds": {"compute": round(t1 - t0, 3), "write": round(time.perf_counter() - t1, 3)},
+    })
+
+
+def _finish(work: Path, out: Path, data: Dataset, run: RunConfig, stage: str, fingerprint: str,
+            settings: Mapping[str, Any], run_id: str, rows_per_input: int,
+            finalize: Finalize | None, world: int,
+            t0: float) -> RunSummary:
+    """Rank 0: merge, check counts, finalize, write ``run.json`` and rename the work folder into place."""
+    n_chunks = -(-len(data) // run.chunk_size)
+    files, rows_out, markers = merge_chunks(work, n_chunks)
+    if rows_out != len(data) * rows_per_input:
+        raise RuntimeError(f"{stage}: {len(data)} rows x {rows_per_input} should give "
+                           f"{len(data) * rows_per_input} rows, got {rows_out}")
+    computed = sum(m.get("run_id") == run_id for m in markers)
+    summary = RunSummary(stage, out, len(data), rows_out, _sum_statuses(markers), computed,
+                         len(markers) - computed, 0.0, [os.path.relpath(f, work) for f in files], fingerprint)
+    extra = dict(finalize(work, load_run(work), summary) or {}) if finalize else {}
+    summary.seconds = time.perf_counter() - t0
+    meta = read_json(work / RUN_FILE) or {}
+    write_json(work / RUN_FILE, {
+        **meta, "fingerprint": fingerprint, "stage": stage, "status": "finished", "finished": _now(),
+        "source": run.source, "rows_in": len(data), "rows_out": rows_out, "chunk_size": run.chunk_size,
+        "num_processes": world, "settings": dict(settings), "statuses": summary.statuses,
+        "versions": library_versions(), "files": summary.files,
+        "timings": {"wall_seconds_last_run": round(summary.seconds, 3),
+                    "chunk_seconds": {m["chunk"]: m["seconds"] for m in markers},
+                    "chunks_computed_last_run": computed, "chunks_reused_last_run": len(markers) - computed},
+        **extra,
+    })
+    shutil.rmtree(work / CHUNKS_DIR)
+    release_lock(work)
+    replace_dir(work, out)
+    return summary
+
+
+def _reused_summary(out: Path, stage: str) -> RunSummary:
+    meta = read_json(out / RUN_FILE) or {}
+    return RunSummary(stage, out, meta.get("rows_in", 0), meta.get("rows_out", 0), meta.get("statuses", {}),
+                      0, -(-meta.get("rows_in", 0) // max(1, meta.get("chunk_size", 1))), 0.0,
+                      list(meta.get("files", [])), meta.get("fingerprint", ""))
+
+
+def _mark_failed(work: Path, err: BaseException) -> None:
+    """Record the failure in the work folder's ``run.json`` and free the lock; chunks stay for a resume."""
+    meta = read_json(work / RUN_FILE) or {}
+    if meta:
+        write_json(work / RUN_FILE, {**meta, "status": "failed", "error": f"{type(err).__name__}: {err}",
+                                     "failed": _now()})
+    release_lock(work)
+
+
+def _sum_statuses(markers: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    total: dict[str, dict[str, int]] = {}
+    for marker in markers:
+        for stage, counts in marker["statuses"].items():
+            merged = total.setdefault(stage, {})
+            for key, value in counts.items():
+                merged[key] = merged.get(key, 0) + value
+    return {stage: dict(sorted(counts.items(), key=lambda kv: -kv[1])) for stage, counts in total.items()}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def run_fingerprint(data: Dataset, stage: str, settings: Mapping[str, Any], chunk_size: int,
+                    rows_per_input: int) -> str:
+    """A hash of what decides every chunk's rows: stage, settings, chunking and the input's content."""
+    h = hashlib.sha256(json.dumps([stage, dict(settings), chunk_size, rows_per_input], sort_keys=True,
+                                  default=str).encode())
+    h.update(content_fingerprint(data).encode())
+    return h.hexdigest()[:20]
+
+
+def content_fingerprint(data: Dataset) -> str:
+    """A hash of a dataset's schema and every value (image bytes included), in row order."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str(data.features).encode())
+    for table in data.with_format("arrow").iter(batch_size=1000):
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        h.update(sink.getvalue())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- locks and atomic folders
+
+
+def acquire_lock(folder: Path) -> None:
+    """Take ``folder``'s writer lock; a lock left by a dead process on this host is taken over.
+
+    Raises:
+        RunLockedError: when a live process (or one on another host) holds it.
+    """
+    path = folder / LOCK_FILE
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "since": _now()}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = read_json(path) or {}
+            if not _stale(holder):
+                raise RunLockedError(
+                    f"{str(folder)!r} is being written by another safetypairs process (pid {holder.get('pid')} on "
+                    f"{holder.get('host')!r} since {holder.get('since')}); wait for it, or delete "
+                    f"{str(path)!r} if that process is gone") from None
+            logger.warning("taking over the stale lock of dead process %s in %s", holder.get("pid"), folder)
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(me, handle)
+        return
+    raise RunLockedError(f"could not take the lock {str(path)!r}")
+
+
+def _stale(holder: dict[str, Any]) -> bool:
+    """A lock is stale when its process is gone (only knowable on the same host)."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return not holder  # an unreadable lock file is a crash mid-write
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def release_lock(folder: Path) -> None:
+    """Drop ``folder``'s writer lock (if this process holds it)."""
+    path = folder / LOCK_FILE
+    holder = read_json(path) or {}
+    if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+        path.unlink(missing_ok=True)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished folder ``src`` to ``dst``, replacing what was there, never leaving a mix."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_dir(out: str | os.PathLike, overwrite: bool, inputs: tuple[str | Path, ...] = ()) -> Iterator[Path]:
+    """Write a whole output folder or nothing: yields a locked temporary sibling, renamed into place on success.
+
+    Args:
+        out: the final folder.
+        overwrite: replace a non-empty ``out`` (only once the new one is complete).
+        inputs: input paths ``out`` must not be or contain.
+
+    Yields:
+        The temporary folder to write into.
+
+    Raises:
+        OutputDirError: when ``out`` is an input, not a folder, non-empty without ``overwrite``,
+            not writable, or being written by another process.
+    """
+    out = Path(out)
+    check_not_input(out, inputs)
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"output path {str(out)!r} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputDirError(f"output folder {str(out)!r} is not empty; pass --overwrite to replace it")
+    tmp = partial_dir(out)
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputDirError(f"cannot write next to output folder {str(out)!r}: {err.strerror or err}") from err
+    acquire_lock(tmp)
+    for stale in tmp.iterdir():  # leftovers of a failed earlier attempt: this folder has no resume
+        if stale.name != LOCK_FILE:
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    release_lock(tmp)
+    replace_dir(tmp, out)
+
+
+# ----------------------------------------------------------------------------- chunks, parquet and the merge
 
 
 def chunk_ranges(n_rows: int, chunk_size: int, rank: int, world: int) -> list[tuple[int, int, int]]:
@@ -31,17 +461,19 @@ def chunk_ranges(n_rows: int, chunk_size: int, rank: int, world: int) -> list[tu
 
 
 def chunk_path(out: Path, index: int, suffix: str) -> Path:
+    """The chunk file of ``index`` (``.parquet`` data or ``.json`` done-marker)."""
     return out / CHUNKS_DIR / f"chunk-{index:06d}{suffix}"
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON file's object, or ``None`` when it is missing or unreadable."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
     """Write JSON atomically (a killed run never leaves a half-written file under the final name)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str), encoding="utf-8")
@@ -54,10 +486,10 @@ def chunk_done(out: Path, index: int) -> bool:
 
 
 def merge_chunks(out: Path, n_chunks: int) -> tuple[list[Path], int, list[dict[str, Any]]]:
-    """Stream every chunk, in source order, into ``out/data/train-*.parquet``.
+    """Stream every chunk, in input order, into ``out/data/train-*.parquet``.
 
     Args:
-        out: the run folder.
+        out: the run (work) folder.
         n_chunks: how many chunks the run has.
 
     Returns:
@@ -111,87 +543,17 @@ def _concat_parquet(sources: list[Path], path: Path) -> int:
     return rows
 
 
-def model_info(spec: str) -> dict[str, Any]:
-    """Model id and revision behind an ``hf-vlm:`` or ``diffusers:`` spec (local path or hub cache commit)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    arg = spec.partition(":")[2]
-    if not arg or spec.partition(":")[0] not in ("hf-vlm", "diffusers"):
-        return {"spec": spec}
-    if os.path.isdir(arg):
-        return {"spec": spec, "model": os.path.abspath(arg), "revision": "local"}
-    for name in ("model_index.json", "config.json"):
-        cached = try_to_load_from_cache(arg, name)
-        if isinstance(cached, str):  # .../snapshots/<commit>/<name>
-            return {"spec": spec, "model": arg, "revision": Path(cached).parent.name}
-    return {"spec": spec, "model": arg, "revision": None}
-
-
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for name in ("safetypairs", "torch", "diffusers", "transformers", "datasets", "accelerate", "pillow"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = "not installed"
-    return found
-
-
-def _state(device: str) -> Any:
-    """The accelerate process state (``cpu=True`` without CUDA: gloo between CPU processes)."""
-    import torch
-    from accelerate import PartialState
-
-    return PartialState(cpu=device == "cpu" or not torch.cuda.is_available(), timeout=BARRIER_TIMEOUT)
-
-
-def _check_run(out: Path, fingerprint: str) -> bool:
-    """Refuse to mix chunks of a different run (config, chunking or source changed) in one folder.
-
-    Returns:
-        Whether ``run.json`` must be (re)written: it is missing, or names a run that finished no chunk.
-    """
-    meta = read_json(out / RUN_FILE)
-    if not meta:
-        return True
-    if meta.get("fingerprint") == fingerprint:
-        return False
-    if any((out / CHUNKS_DIR).glob("chunk-*.json")):
-        raise ValueError(f"{str(out)!r} holds a run with different settings or source (fingerprint "
-                         f"{meta.get('fingerprint')} != {fingerprint}); use a new --out folder or delete it")
-    return True
-
-
-def _shared_run_id(state: Any) -> str:
-    """A random id chosen by rank 0 and broadcast, recorded in every chunk this run computes."""
-    from accelerate.utils import broadcast_object_list
-
-    ids = [os.urandom(8).hex()]
-    if state.num_processes > 1:
-        broadcast_object_list(ids, from_process=0)
-    return ids[0]
-
-
-def load_run(out: str | Path) -> Dataset:
-    """Load the merged rows of a finished run (``out/data/*.parquet``) as one `datasets.Dataset`."""
-    files = sorted(str(p) for p in (Path(out) / DATA_DIR).glob("train-*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"no merged data in {str(Path(out) / DATA_DIR)!r}; has the run finished?")
-    return load_dataset("parquet", data_files=files, split="train")
-
-
-def shards(dataset: Dataset, max_shard_size: int | str) -> Iterator[tuple[int, int, Dataset]]:
-    """Contiguous shards of at most ~``max_shard_size`` (estimated like `Dataset.push_to_hub`)."""
-    n = max(1, int(dataset._estimate_nbytes() / convert_file_size_to_int(max_shard_size)) + 1)
-    n = min(n, max(1, len(dataset)))
-    for index in range(n):
-        yield index, n, dataset.shard(num_shards=n, index=index, contiguous=True)
+def decoding(dataset: Dataset) -> Dataset:
+    """Image columns back to decoding ``Image()``, so the written parquet loads as images."""
+    features = dataset.features.copy()
+    for name, feature in features.items():
+        if isinstance(feature, Image) and not feature.decode:
+            features[name] = Image()
+    return dataset.cast(features) if features != dataset.features else dataset
 
 
 def write_parquet(dataset: Dataset, path: Path) -> int:
-    """Write one parquet shard with image bytes embedded, in row groups of `ROW_GROUP_SIZE` (flat memory).
+    """Write one parquet file with image bytes embedded, in row groups of `ROW_GROUP_SIZE` (flat memory).
 
     Args:
         dataset: the rows; its features (Image, ClassLabel) go into the schema metadata.
@@ -207,9 +569,34 @@ def write_parquet(dataset: Dataset, path: Path) -> int:
     return len(dataset)
 
 
+def shards(dataset: Dataset, max_shard_size: int | str) -> Iterator[tuple[int, int, Dataset]]:
+    """Contiguous shards of at most ~``max_shard_size`` bytes (of the rows' arrow data)."""
+    nbytes = sum(table.nbytes for table in dataset.with_format("arrow").iter(batch_size=1000))
+    n = max(1, int(nbytes / convert_file_size_to_int(max_shard_size)) + 1)
+    n = min(n, max(1, len(dataset)))
+    for index in range(n):
+        yield index, n, dataset.shard(num_shards=n, index=index, contiguous=True)
+
+
 def data_files(out_dir: Path, config_name: str, split: str) -> list[Path]:
     """The parquet shards of one config and split in a release folder, sorted."""
     return sorted((out_dir / "data" / config_name).glob(f"{split}-*.parquet"))
+
+
+# ----------------------------------------------------------------------------- reading what runs wrote
+
+
+def load_run(out: str | Path) -> Dataset:
+    """Load the merged rows of a finished run (``out/data/*.parquet``) as one `datasets.Dataset`.
+
+    Raises:
+        FileNotFoundError: when the run has no merged data (unfinished, or not a run folder).
+    """
+    files = sorted(str(p) for p in (Path(out) / DATA_DIR).glob("train-*.parquet"))
+    if not files:
+        hint = f"; an unfinished run resumes from {str(partial_dir(Path(out)))!r}" if partial_dir(Path(out)).is_dir() else ""
+        raise FileNotFoundError(f"no merged data in {str(Path(out) / DATA_DIR)!r}; has the run finished?{hint}")
+    return load_dataset("parquet", data_files=files, split="train")
 
 
 def is_saved_dataset(path: str | Path) -> bool:
@@ -221,9 +608,9 @@ def read_rows(path: str | Path) -> Dataset:
     """Read the rows a stage wrote, whatever the writer.
 
     Args:
-        path: a ``safetypairs generate`` run folder (``run.json`` + ``data/*.parquet``), a folder
-            written by `Dataset.save_to_disk`, or a folder of parquet files / a hub layout (all
-            splits are concatenated).
+        path: a run folder (``run.json`` + ``data/*.parquet``), a folder written by
+            `Dataset.save_to_disk`, or a folder of parquet files / a hub layout (all splits are
+            concatenated).
 
     Returns:
         The rows.
@@ -231,17 +618,47 @@ def read_rows(path: str | Path) -> Dataset:
     Raises:
         FileNotFoundError: if ``path`` is not a folder or holds none of these.
     """
-    from datasets import DatasetDict, concatenate_datasets, load_dataset, load_from_disk
+    from datasets import DatasetDict, concatenate_datasets, load_from_disk
 
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"input {str(root)!r} is not a folder")
-    if (root / "run.json").is_file():
+    if (root / RUN_FILE).is_file():
         return load_run(root)
     if is_saved_dataset(root):
         loaded = load_from_disk(str(root))
     elif (root / "README.md").is_file() or any(root.rglob("*.parquet")):
         loaded = load_dataset(str(root))
     else:
-        raise FileNotFoundError(f"{str(root)!r} holds no generate run, save_to_disk dataset or parquet files")
+        raise FileNotFoundError(f"{str(root)!r} holds no run, save_to_disk dataset or parquet files")
     return concatenate_datasets(list(loaded.values())) if isinstance(loaded, DatasetDict) else loaded
+
+
+def model_info(spec: str) -> dict[str, Any]:
+    """Model id and revision behind an ``hf-vlm:`` or ``diffusers:`` spec (local path or hub cache commit)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    arg = spec.partition(":")[2].partition(",")[0]
+    if not arg or spec.partition(":")[0] not in ("hf-vlm", "diffusers", "llavaguard", "shieldgemma2"):
+        return {"spec": spec}
+    if os.path.isdir(arg):
+        return {"spec": spec, "model": os.path.abspath(arg), "revision": "local"}
+    for name in ("model_index.json", "config.json"):
+        cached = try_to_load_from_cache(arg, name)
+        if isinstance(cached, str):  # .../snapshots/<commit>/<name>
+            return {"spec": spec, "model": arg, "revision": Path(cached).parent.name}
+    return {"spec": spec, "model": arg, "revision": None}
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that decide a run's output."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("safetypairs", "torch", "diffusers", "transformers", "datasets", "accelerate", "pillow",
+                 "opencv-python-headless", "rapidocr", "open_clip_torch", "lpips"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,18 +64,17 @@ def map_stage(
     rows_in = len(dataset)
     dataset = undecoded(dataset)
     multi = num_proc is not None and num_proc > 1
-    if multi:
-        _use_spawn_for_cuda()
     if rows_in:
-        out = dataset.map(
-            transform,
-            batched=True,
-            batch_size=batch_size,
-            with_rank=True,
-            num_proc=num_proc if multi else None,
-            features=features,
-            desc=stage,
-        )
+        with _spawn_for_cuda(multi):
+            out = dataset.map(
+                transform,
+                batched=True,
+                batch_size=batch_size,
+                with_rank=True,
+                num_proc=num_proc if multi else None,
+                features=features,
+                desc=stage,
+            )
     else:  # Dataset.map returns empty data as it is, without the stage's columns
         out = empty_dataset(features)
     if len(out) != rows_in * rows_per_input:
@@ -100,11 +101,20 @@ def undecoded(dataset: Dataset) -> Dataset:
     return dataset
 
 
-def _use_spawn_for_cuda() -> None:
-    """CUDA cannot be used in forked children: switch `multiprocess` to spawn when a GPU is present."""
+@contextmanager
+def _spawn_for_cuda(multi: bool) -> Iterator[None]:
+    """CUDA cannot be used in forked children: `multiprocess` spawns while a multi-process map runs on a
+    machine with a GPU, and the caller's start method is restored afterwards."""
     import torch
 
-    if torch.cuda.is_available():
-        import multiprocess
+    if not (multi and torch.cuda.is_available()):
+        yield
+        return
+    import multiprocess
 
-        multiprocess.set_start_method("spawn", force=True)
+    previous = multiprocess.get_start_method(allow_none=True)
+    multiprocess.set_start_method("spawn", force=True)
+    try:
+        yield
+    finally:
+        multiprocess.set_start_method(previous, force=True)

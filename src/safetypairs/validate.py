@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -25,8 +26,9 @@ from safetypairs.change import (
 )
 from safetypairs.images import ImageError, load_image
 from safetypairs.registry import parse_spec
+from safetypairs.runner import RunConfig, RunSummary, run_stage
 from safetypairs.stage import StageResult, map_stage
-from safetypairs.utils import device_for_rank
+from safetypairs.utils import device_for_rank, status_histogram
 from safetypairs.validate_models import PairImages, encoder_metrics, judge_rows
 
 logger = logging.getLogger(__name__)
@@ -319,6 +321,34 @@ def run_validate(dataset: Dataset, config: ValidateConfig | None = None) -> tupl
     features = S.with_columns(dataset.features, S.VALIDATION_FEATURES)
     return map_stage(dataset, ValidateTransform(config), stage="validate", features=features,
                      status_column=S.VALIDATE_STATUS, batch_size=config.batch_size, num_proc=config.num_proc)
+
+
+def validate_run(dataset: Dataset, config: ValidateConfig, run: RunConfig,
+                 inputs: tuple[str | Path, ...] = ()) -> RunSummary | None:
+    """Validate ``dataset`` on the shared runner: sharded over the launched processes, resumable.
+
+    Under ``accelerate launch`` / ``torchrun`` each rank validates a contiguous run of chunks on its
+    own device; rank 0 merges them into ``run.out/data/`` and writes ``run.json``. Validation is
+    deterministic, so a resumed or differently sharded run gives the same rows.
+
+    Args:
+        dataset: candidates or pairs (see `run_validate`).
+        config: the stage settings (``device="auto"`` picks each rank's GPU).
+        run: the output folder, chunk size and overwrite policy.
+        inputs: input paths the output folder must not be or contain.
+
+    Returns:
+        The run summary on rank 0 (statuses ``validate`` and ``decision``); ``None`` on other ranks.
+    """
+
+    def compute(rows: Dataset, device: str) -> tuple[Dataset, dict[str, dict[str, int]]]:
+        validated, result = run_validate(rows, replace(config, device=device, num_proc=None))
+        decisions = status_histogram(reason or "accepted" for reason in validated[S.REJECT_REASON])
+        return validated, {"validate": result.statuses, "decision": decisions}
+
+    settings = {k: v for k, v in asdict(config).items() if k not in ("batch_size", "num_proc")}
+    return run_stage(dataset, compute, stage="validate", settings=settings, run=run, device=config.device,
+                     inputs=inputs)
 
 
 def validate_pairs(dataset: Dataset, config: ValidateConfig | None = None, **overrides: Any) -> Dataset:

@@ -52,12 +52,17 @@ def _line_mask(shape: tuple[int, int], lines: list[TextBox], grow: float) -> np.
     return cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
 
 
-def _ink_style(original: np.ndarray, cleaned: np.ndarray, mask: np.ndarray) -> TextStyle:
-    """Estimate the text's fill (and outline) colour from pixels the inpainting changed most."""
+def _ink_style(original: np.ndarray, cleaned: np.ndarray, mask: np.ndarray, seed: int) -> TextStyle:
+    """Estimate the text's fill (and outline) colour from pixels the inpainting changed most.
+
+    k-means draws its initial centres from OpenCV's global generator: it is seeded from the row's
+    seed right before the call, so the colours do not depend on what the process did earlier.
+    """
     diff = np.abs(original.astype(np.int16) - cleaned.astype(np.int16)).sum(axis=2)
     ink = original[(mask > 0) & (diff > 60)].astype(np.float32)
     if len(ink) < 20:
         return TextStyle(font=DEFAULT_FONT)
+    cv2.setRNGSeed(seed)
     criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 20, 1.0)
     _, labels, centers = cv2.kmeans(ink, 2, None, criteria, 3, cv2.KMEANS_PP_CENTERS)
     counts = np.bincount(labels.ravel(), minlength=2)
@@ -69,7 +74,7 @@ def _ink_style(original: np.ndarray, cleaned: np.ndarray, mask: np.ndarray) -> T
 
 
 def replace_text(image: Image.Image, old: str, new: str, options: OCRInpaintOptions = OCRInpaintOptions(),
-                 lines: list[TextBox] | None = None) -> Image.Image:
+                 lines: list[TextBox] | None = None, seed: int = 0) -> Image.Image:
     """Remove the detected lines that read ``old`` and draw ``new`` in their place.
 
     Args:
@@ -78,6 +83,7 @@ def replace_text(image: Image.Image, old: str, new: str, options: OCRInpaintOpti
         new: the replacement text.
         options: matching and inpainting settings.
         lines: the OCR result for ``image``, when already computed.
+        seed: the row's seed (the only source of randomness: OpenCV's k-means initialisation).
 
     Returns:
         A new image of the same size.
@@ -93,7 +99,7 @@ def replace_text(image: Image.Image, old: str, new: str, options: OCRInpaintOpti
     original = np.asarray(image.convert("RGB"))
     mask = _line_mask(original.shape[:2], targets, options.grow)
     cleaned = cv2.inpaint(original, mask, options.radius, cv2.INPAINT_TELEA)
-    style = _ink_style(original, cleaned, mask)
+    style = _ink_style(original, cleaned, mask, seed)
     result = Image.fromarray(cleaned)
     if new.strip():
         x0 = min(ln.bbox[0] for ln in targets)
@@ -129,18 +135,18 @@ class OCRInpaintEditor:
         return cls(options, "ocr-inpaint" + (f":{arg}" if arg else ""))
 
     def edit(self, images: list[Image.Image], instructions: list[str], seeds: list[int]) -> list[Image.Image]:
-        """Apply each instruction to its image (seeds are recorded but unused: the edit is deterministic).
+        """Apply each instruction to its image; each row's seed seeds its (only) random step, the colour k-means.
 
         Raises:
             EditError: for an instruction that is not a text replacement, or text not found.
         """
-        return [self._one(image, instruction) for image, instruction in zip(images, instructions)]
+        return [self._one(image, instruction, seed) for image, instruction, seed in zip(images, instructions, seeds)]
 
-    def _one(self, image: Image.Image, instruction: str) -> Image.Image:
+    def _one(self, image: Image.Image, instruction: str, seed: int) -> Image.Image:
         pairs = text_replacements(instruction)
         if not pairs:
             raise EditError(f"ocr-inpaint only carries out \"Replace the text 'X' with 'Y'\" instructions, got {instruction!r}")
         lines = read_text(image, OCRConfig())
         for old, new in pairs:
-            image = replace_text(image, old, new, self.options, lines)
+            image = replace_text(image, old, new, self.options, lines, seed)
         return image
