@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from datasets import Dataset
 from PIL import Image
@@ -146,3 +147,27 @@ def test_leaderboard_puts_undefined_after_zero():
     guards = {name: {"metrics": {"pair_accuracy": pa, "f1": f1}}
               for name, pa, f1 in [("none", None, None), ("zero", 0.0, 0.0), ("half", 0.5, 0.2), ("half-better-f1", 0.5, 0.9)]}
     assert [row["guard"] for row in leaderboard(guards)] == ["half-better-f1", "half", "zero", "none"]
+
+
+def test_evaluate_shards_and_resumes_like_one_process(tmp_path):
+    """SIGKILL after the first chunk + restart == uninterrupted == another chunk size == 2 processes."""
+    from slow_backends import check_sharding_and_resume
+
+    from safetypairs.runner import write_parquet
+
+    release = tmp_path / "release"
+    (release / "data" / "images").mkdir(parents=True)
+    write_parquet(Dataset.from_dict(_rows(4), features=IMAGE_FEATURES), release / "data" / "images" / "test-0.parquet")
+    (release / "README.md").write_text("---\nconfigs:\n- config_name: images\n  data_files:\n  - split: test\n"
+                                       "    path: data/images/test-*.parquet\n---\n")
+
+    def args(out, chunk_size):
+        return ["evaluate", "--dataset", str(tmp_path / "release"), "--guard", "slow", "--device", "cpu",
+                "--bootstrap", "20", "--out", str(out), "--chunk-size", str(chunk_size), "--batch-size", "2"]
+
+    def table(out):
+        results = json.loads((out / "results.json").read_text())
+        assert results["n_images"] == 12 and results["guards"]["slow"]["metrics"]["pair_accuracy"] is not None
+        return pq.read_table(out / "predictions.parquet")
+
+    check_sharding_and_resume(args, tmp_path, table)

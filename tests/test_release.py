@@ -174,6 +174,23 @@ def test_write_refuses_non_empty_folder(release, written):
         write_release(release, written)
 
 
+def test_a_failure_mid_release_leaves_the_previous_folder_or_none(release, written, tmp_path, monkeypatch):
+    import safetypairs.publish as publish
+    from safetypairs.runner import partial_dir
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full while writing the card")
+
+    monkeypatch.setattr(publish, "render_card", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_release(release, tmp_path / "new")
+    assert not (tmp_path / "new").exists() and not partial_dir(tmp_path / "new").exists()
+    before = sorted(p.relative_to(written) for p in written.rglob("*"))
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_release(release, written, overwrite=True)
+    assert sorted(p.relative_to(written) for p in written.rglob("*")) == before  # the old release is intact
+
+
 def test_missing_required_column_is_named(validated):
     with pytest.raises(ValueError, match="accepted"):
         assemble(validated.remove_columns(S.ACCEPTED))

@@ -298,3 +298,19 @@ def test_cli_validate_roundtrip(photo, tmp_path, capsys):
 
 if __name__ == "__main__":
     print(summarize(measure(calibration_pairs())))
+
+
+def test_validate_shards_and_resumes_like_one_process(photo, tmp_path):
+    """SIGKILL after the first chunk + restart == uninterrupted == another chunk size == 2 processes."""
+    from slow_backends import check_sharding_and_resume
+
+    colours = [(20, 200, 40), (200, 30, 30), (30, 30, 200), (240, 240, 20)]
+    originals = [photo.rotate(15 * i) for i in range(8)]
+    edits = [paste(im, colours[i % 4], (20 + 8 * i, 10, 60 + 8 * i, 50)) for i, im in enumerate(originals)]
+    candidates(originals, edits, category=["O1"] * 8).save_to_disk(str(tmp_path / "in"))
+
+    def args(out, chunk_size):
+        return ["validate", str(tmp_path / "in"), "--out", str(out), "--judge", "slow", "--device", "cpu",
+                "--chunk-size", str(chunk_size), "--batch-size", "2"]
+
+    check_sharding_and_resume(args, tmp_path, lambda out: read_rows(out).data.table)

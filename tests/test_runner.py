@@ -1,0 +1,190 @@
+"""The shared runner: chunks, fingerprints, reuse, failure and resume, locks, atomic folders, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from runner_job import compute, toy_rows
+
+from safetypairs.runner import (
+    LOCK_FILE,
+    RunConfig,
+    atomic_dir,
+    check_not_input,
+    chunk_ranges,
+    load_run,
+    partial_dir,
+    read_json,
+    run_stage,
+)
+from safetypairs.utils import OutputDirError
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = [sys.executable, str(ROOT / "tests" / "runner_job.py")]
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{ROOT / 'tests'}")
+
+
+def _table(out: Path):
+    return pq.read_table(sorted((out / "data").glob("train-*.parquet")))
+
+
+def _run(out: Path, chunk_size: int = 2, calls: list | None = None, fail_at: str | None = None, **kw):
+    inner = compute(0.0)
+
+    def counted(rows, device):
+        if calls is not None:
+            calls.append(rows[0]["row_id"])
+        if fail_at is not None and fail_at in rows["row_id"]:
+            raise RuntimeError(f"injected failure at {fail_at}")
+        return inner(rows, device)
+
+    return run_stage(toy_rows(7), counted, stage="toy", settings={"version": 1, **kw},
+                     run=RunConfig(out, chunk_size=chunk_size), device="cpu")
+
+
+def test_chunk_ranges_are_contiguous_and_cover_everything():
+    for n, size, world in [(10, 3, 1), (10, 3, 2), (10, 3, 8), (1, 64, 4), (0, 5, 2)]:
+        spans = [chunk_ranges(n, size, rank, world) for rank in range(world)]
+        flat = [s for rank_spans in spans for s in rank_spans]
+        assert [c for c, _, _ in flat] == list(range(len(flat)))
+        assert sum(stop - start for _, start, stop in flat) == n
+        assert all(start == (c * size) for c, start, _ in flat)
+
+
+def test_finished_run_is_reused_without_compute_and_rows_do_not_depend_on_chunking(tmp_path):
+    calls: list[str] = []
+    summary = _run(tmp_path / "a", calls=calls)
+    assert summary.rows_out == 7 and summary.chunks_computed == 4 and len(calls) == 4
+    assert summary.statuses == {"toy": {"even": 4, "odd": 3}}
+    meta = read_json(tmp_path / "a" / "run.json")
+    assert meta["status"] == "finished" and meta["rows_in"] == 7 and not (tmp_path / "a" / "chunks").exists()
+    again = _run(tmp_path / "a", calls=calls)
+    assert len(calls) == 4 and again.chunks_computed == 0 and again.rows_out == 7  # zero compute calls
+    _run(tmp_path / "b", chunk_size=3)
+    assert _table(tmp_path / "a").equals(_table(tmp_path / "b"))
+    assert load_run(tmp_path / "a")["row_id"] == [f"r{i:03d}" for i in range(7)]
+
+
+def test_a_failed_run_records_the_error_and_resumes_to_the_same_rows(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="injected failure"):
+        _run(out, fail_at="r004")
+    work = partial_dir(out)
+    meta = read_json(work / "run.json")
+    assert not out.exists() and meta["status"] == "failed" and "injected failure at r004" in meta["error"]
+    assert not (work / LOCK_FILE).exists()
+    calls: list[str] = []
+    summary = _run(out, calls=calls)
+    assert calls == ["r004", "r006"] and summary.chunks_reused == 2 and not work.exists()
+    _run(tmp_path / "ref")
+    assert _table(out).equals(_table(tmp_path / "ref"))
+
+
+def test_changed_settings_and_foreign_folders_are_refused(tmp_path):
+    _run(tmp_path / "run")
+    with pytest.raises(OutputDirError, match="holds a different run"):
+        _run(tmp_path / "run", extra=1)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputDirError, match="holds other files"):
+        _run(tmp_path / "other")
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+    with pytest.raises(OutputDirError, match="is the input"):
+        check_not_input(tmp_path / "in", (tmp_path / "in",))
+    with pytest.raises(OutputDirError, match="contains it"):
+        check_not_input(tmp_path, (tmp_path / "in",))
+    check_not_input(tmp_path / "out", (tmp_path / "in",))
+
+
+def test_lock_held_by_a_live_process_refuses_and_a_dead_one_is_taken_over(tmp_path):
+    out = tmp_path / "run"
+    work = partial_dir(out)
+    work.mkdir()
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        (work / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": sleeper.pid, "since": "now"}))
+        with pytest.raises(OutputDirError, match=f"pid {sleeper.pid}"):
+            _run(out)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert _run(out).rows_out == 7  # the holder is gone: its lock is stale
+
+
+def test_atomic_dir_leaves_the_previous_folder_or_nothing(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ZeroDivisionError):
+        with atomic_dir(out, overwrite=False) as work:
+            (work / "half.txt").write_text("half")
+            1 / 0
+    assert not out.exists() and not partial_dir(out).exists()
+    with atomic_dir(out, overwrite=False) as work:
+        (work / "v1.txt").write_text("v1")
+    with pytest.raises(OutputDirError, match="not empty"):
+        with atomic_dir(out, overwrite=False):
+            pass
+    with pytest.raises(ZeroDivisionError):
+        with atomic_dir(out, overwrite=True) as work:
+            1 / 0
+    assert [p.name for p in out.iterdir()] == ["v1.txt"]
+    with atomic_dir(out, overwrite=True) as work:
+        (work / "v2.txt").write_text("v2")
+    assert [p.name for p in out.iterdir()] == ["v2.txt"]
+
+
+def _job(out: Path, *args: str, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, str(ROOT / "tests" / "runner_job.py")] \
+        if launcher else JOB
+    proc = subprocess.run([*cmd, str(out), *args], env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_two_processes_and_two_nodes_give_the_rows_of_one(tmp_path):
+    _job(tmp_path / "one")
+    _job(tmp_path / "two", launcher=("--standalone", "--nproc_per_node", "2"))
+    assert _table(tmp_path / "two").equals(_table(tmp_path / "one"))
+    assert read_json(tmp_path / "two" / "run.json")["num_processes"] == 2
+    with socket.socket() as s:  # two torchrun agents on this machine, c10d rendezvous on localhost
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+                "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "sp-test"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, str(ROOT / "tests" / "runner_job.py"),
+           str(tmp_path / "nodes")]
+    agents = [subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    for agent in agents:
+        _, err = agent.communicate(timeout=300)
+        assert agent.returncode == 0, err.decode()[-3000:]
+    assert _table(tmp_path / "nodes").equals(_table(tmp_path / "one"))
+
+
+def test_sigkill_after_the_first_chunk_resumes_and_a_second_writer_refuses(tmp_path):
+    out = tmp_path / "run"
+    work = partial_dir(out)
+    proc = subprocess.Popen([*JOB, str(out), "--delay", "30"], env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (work / "chunks" / "chunk-000000.json").exists():
+        time.sleep(0.02)
+    second = subprocess.run([*JOB, str(out)], env=_env(), capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2 and "being written by another safetypairs process" in second.stderr
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(list((work / "chunks").glob("chunk-*.json"))) == 1 and not out.exists()
+    done = _job(out)  # the dead process's lock is stale
+    assert "1 computed" not in done.stdout and "3 computed, 1 reused" in done.stdout
+    _job(tmp_path / "ref")
+    assert _table(out).equals(_table(tmp_path / "ref"))
