@@ -12,3 +12,19 @@ os.environ["HF_DATASETS_CACHE"] = os.path.join(_CACHE, "datasets")
 os.environ["TORCH_HOME"] = os.path.join(_CACHE, "torch")
 os.environ["SAFETYPAIRS_NO_PROGRESS"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+import pytest  # noqa: E402 - after the environment set-up above
+
+
+@pytest.fixture
+def isolated_registry(monkeypatch):
+    """Backend registries that a test may `register` into; restored (and the backend cache cleared) after it."""
+    from safetypairs import registry
+
+    monkeypatch.setattr(registry, "REGISTRY", {kind: dict(aliases) for kind, aliases in registry.REGISTRY.items()})
+    monkeypatch.setattr(registry, "_ORIGINS", dict(registry._ORIGINS))
+    monkeypatch.setattr(registry, "_discovered", registry._discovered)
+    registry._load.cache_clear()
+    yield registry
+    registry._load.cache_clear()

@@ -79,3 +79,33 @@ def test_stage_commands_chain_on_real_photos(tmp_path):
     n_pairs = len(set(results["images"]["pair_id"]))
     assert n_pairs >= 2 and results["n_images"] == 3 * n_pairs
     assert results["guards"]["ocr-lexicon"]["metrics"]["pair_accuracy"] is not None
+
+
+class NoOptionsGuard:
+    """A guard without OPTIONS or classify (a broken third-party backend)."""
+
+    @classmethod
+    def from_spec(cls, arg, device="cpu", **options):
+        return cls()
+
+
+def test_backends_lists_each_kind_with_options_and_capabilities(capsys, isolated_registry):
+    isolated_registry.register("guards", "broken-test", f"{__name__}:NoOptionsGuard")
+    isolated_registry.register("guards", "missing-test", "no_such_module_here:Guard")
+    assert main(["backends", "guards"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("guards:\n") and "editors:" not in out
+    assert "  nudenet  (built-in: safetypairs.backends.guards:NudeNetGuard)\n" in out
+    assert "      threshold  detector score (0..1)" in out
+    assert f"  broken-test  (register(): {__name__}:NoOptionsGuard)  [does not implement OPTIONS, classify]" in out
+    assert "  missing-test  (register(): no_such_module_here:Guard)  cannot be imported: ModuleNotFoundError" in out
+    assert main(["backends", "editors"]) == 0
+    out = capsys.readouterr().out
+    assert "[takes masks]" in out and "ocr-inpaint  (built-in" in out and "[takes no mask]" in out
+    assert "      match   minimum similarity" in out
+
+
+def test_backends_refuses_an_unknown_kind(capsys):
+    with pytest.raises(SystemExit):
+        main(["backends", "painters"])
+    assert "invalid choice: 'painters'" in capsys.readouterr().err

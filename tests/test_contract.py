@@ -1,4 +1,5 @@
-"""Contract test: every registered backend, built from a tiny configuration through
+"""Contract test: every registered backend implements its kind's Protocol (`backends.base`), lists
+the options its ``from_spec`` parses, and, built from a tiny configuration through
 ``registry.load_backend``, honours its kind's interface on a real photo."""
 
 from __future__ import annotations
@@ -17,10 +18,15 @@ import tiny_models as tiny_builders
 from PIL import Image
 
 from safetypairs import schema as S
-from safetypairs.backends.base import InstructResult, Verdict
+from safetypairs.backends.base import (
+    PROTOCOLS,
+    InstructResult,
+    Verdict,
+    missing_members,
+)
 from safetypairs.instructions import text_instruction
 from safetypairs.policy import load_policy
-from safetypairs.registry import REGISTRY, load_backend
+from safetypairs.registry import REGISTRY, backend_class, load_backend
 from safetypairs.sources import demo_photo, render_demo_row
 
 POLICY = load_policy("llavaguard")
@@ -186,6 +192,8 @@ def test_backend_contract(kind, alias, tiny_models):
     for name, config in TINY[(kind, alias)].items():
         spec = config.spec(tiny_models)
         backend = load_backend(kind, spec, device="cpu", **config.options)
+        assert any(isinstance(backend, protocol) for protocol in PROTOCOLS[kind]), (spec, PROTOCOLS[kind])
+        assert missing_members(kind, backend) == [], spec  # instance attributes (name, min_side) included
         try:
             CHECKS[kind](backend, config, alias)
         except AssertionError as err:
@@ -206,3 +214,40 @@ def test_shieldgemma2_scores_follow_image_and_policy(tiny_models):
     assert list(json.loads(only_o1.raw)) == ["O1"] and only_o1.score is None
     with pytest.raises(ValueError, match="dtype='fp16' not allowed; allowed: auto"):
         load_backend("guards", f"shieldgemma2:{tiny_models.shieldgemma2},dtype=fp16")
+
+
+# (kind, alias) -> a spec argument that gets ``from_spec`` as far as its option check without a model.
+OPTION_PROBE_ARG: dict[tuple[str, str], str | None] = {
+    ("instructors", "template"): None,
+    ("instructors", "column"): "my_instruction",
+    ("instructors", "hf-vlm"): "some/model",
+    ("editors", "ocr-inpaint"): None,
+    ("editors", "diffusers"): "some/model",
+    **{(kind, alias): arg for kind in ("judges", "guards") for alias, arg in {
+        "ocr-lexicon": None, "nudenet": None, "hf-vlm": "some/model", "llavaguard": "some/model",
+        "shieldgemma2": "some/model", "clip-zeroshot": "open_clip:ViT-B-32/none"}.items()},
+    ("encoders", "lpips"): "alex",
+    ("encoders", "open_clip"): "ViT-B-32/none",
+    ("encoders", "hf-clip"): "some/model",
+}
+
+
+@pytest.mark.parametrize("kind, alias", REGISTERED, ids=[f"{k}/{a}" for k, a in REGISTERED])
+def test_backend_class_implements_its_protocol(kind, alias):
+    cls = backend_class(kind, alias)
+    assert missing_members(kind, cls) == [], f"{cls.__name__} does not implement its {kind} Protocol"
+    assert isinstance(cls.OPTIONS, dict) and all(isinstance(h, str) and h for h in cls.OPTIONS.values())
+    if kind == "editors":
+        assert isinstance(cls.takes_mask, bool)
+
+
+@pytest.mark.parametrize("kind, alias", REGISTERED, ids=[f"{k}/{a}" for k, a in REGISTERED])
+def test_from_spec_refuses_unknown_options_and_names_every_option_in_OPTIONS(kind, alias):
+    """OPTIONS and the parsing code stay in sync: an unknown option is refused (before any model
+    loads) with a message that names it and every option OPTIONS lists."""
+    assert (kind, alias) in OPTION_PROBE_ARG, f"add a probe argument for {kind}/{alias} to OPTION_PROBE_ARG"
+    cls = backend_class(kind, alias)
+    with pytest.raises(ValueError, match="not_an_option") as err:
+        cls.from_spec(OPTION_PROBE_ARG[(kind, alias)], device="cpu", not_an_option="1")
+    unnamed = [name for name in cls.OPTIONS if name not in str(err.value)]
+    assert not unnamed, f"{alias}: OPTIONS {unnamed} are not among the options from_spec accepts: {err.value}"

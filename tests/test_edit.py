@@ -95,7 +95,16 @@ def test_config_checks():
     with pytest.raises(ValueError, match="candidates"):
         EditConfig(candidates=0)
     with pytest.raises(ValueError, match="mask column 'mask' not in the data"):
-        run_edit(_instructed(1), EditConfig(device="cpu", mask_column="mask"))
+        run_edit(_instructed(1), EditConfig(editor="diffusers:some/inpainting-model", device="cpu", mask_column="mask"))
+
+
+def test_a_mask_column_is_refused_when_the_config_is_built_for_an_editor_without_masks():
+    with pytest.raises(ValueError, match="editor 'ocr-inpaint' takes no mask, so mask_column='mask' cannot be used; "
+                                         "editors that take masks: diffusers$"):
+        EditConfig(editor="ocr-inpaint", mask_column="mask")
+    with pytest.raises(ValueError, match="editor 'ocr-inpaint:match=0.5' takes no mask"):
+        EditConfig(editor="ocr-inpaint:match=0.5", mask_column="mask")
+    assert EditConfig(editor="diffusers:some/inpainting-model", mask_column="mask").mask_column == "mask"
 
 
 def test_ocr_inpaint_through_the_stage_on_real_photos():

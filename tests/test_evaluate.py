@@ -171,3 +171,43 @@ def test_evaluate_shards_and_resumes_like_one_process(tmp_path):
         return pq.read_table(out / "predictions.parquet")
 
     check_sharding_and_resume(args, tmp_path, table)
+
+
+class FussyGuard:
+    """Unsafe when the image is mostly red; raises on a mostly blue image (a guard crash on one input)."""
+
+    OPTIONS: dict = {}
+    calls = 0
+
+    @classmethod
+    def from_spec(cls, arg, device="cpu", **options):
+        return cls()
+
+    def classify(self, images, categories, policy):
+        from safetypairs.backends.base import Verdict
+
+        FussyGuard.calls += 1
+        verdicts = []
+        for im in images:
+            r, g, b = np.asarray(im.convert("RGB"), dtype=float).mean(axis=(0, 1))
+            if b > 200:
+                raise RuntimeError("guard crashed on a blue image")
+            verdicts.append(Verdict("unsafe" if r > 200 else "safe", float(r > 200), f"mean red {r:.0f}", ""))
+        return verdicts
+
+
+def test_a_guard_that_raises_marks_only_its_rows(isolated_registry):
+    isolated_registry.register("guards", "fussy-test", f"{__name__}:FussyGuard")
+    colours = [(255, 0, 0), (0, 0, 255), (255, 0, 0), (0, 255, 0)]  # original, edited of p0, p1
+    rows = {"image": [Image.new("RGB", (32, 32), c) for c in colours], "label": [1, 0, 1, 0],
+            "category": ["O1"] * 4, "pair_id": ["p0", "p0", "p1", "p1"], "role": ["original", "edited"] * 2}
+    dataset = Dataset.from_dict(rows, features=IMAGE_FEATURES)
+    FussyGuard.calls = 0
+    results = run_evaluate(dataset, EvaluateConfig(guards=("fussy-test",), n_bootstrap=0, batch_size=4))
+    assert FussyGuard.calls == 5  # the batch of 4, then each image alone
+    entry, preds = results["guards"]["fussy-test"], results["predictions"]["fussy-test"]
+    assert entry["statuses"] == {"ok": 3, "error": 1}
+    assert preds["pred"] == ["unsafe", "unknown", "unsafe", "safe"]
+    assert preds["rationale"][1] == ("image 'p0' (edited): guard fussy-test failed: "
+                                     "RuntimeError: guard crashed on a blue image")
+    assert entry["metrics"]["n_unknown"] == 1 and entry["metrics"]["pair_accuracy"] == 0.5

@@ -77,3 +77,123 @@ def test_split_model_arg():
     assert split_model_arg(" /models/x ", "diffusers") == ("/models/x", {})
     with pytest.raises(ValueError, match="diffusers needs a model"):
         split_model_arg(",steps=2", "diffusers")
+
+
+class InvertEditor:
+    """A third-party editor for these tests: inverts each image."""
+
+    OPTIONS: dict = {}
+    takes_mask = False
+
+    @classmethod
+    def from_spec(cls, arg, device="cpu", **options):
+        return cls()
+
+    def edit(self, images, instructions, seeds, masks=None):
+        from PIL import ImageOps
+
+        return [ImageOps.invert(im.convert("RGB")) for im in images]
+
+
+def test_register_adds_a_backend_by_spec(isolated_registry):
+    from safetypairs.registry import backend_class, origin, register
+
+    register("editors", "invert-test", f"{__name__}:InvertEditor")
+    assert "invert-test" in available("editors") and origin("editors", "invert-test") == "register()"
+    assert backend_class("editors", "invert-test:anything") is InvertEditor
+    assert isinstance(load_backend("editors", "invert-test"), InvertEditor)
+    register("editors", "invert-test", f"{__name__}:InvertEditor")  # the same target again: a no-op
+    assert origin("editors", "ocr-inpaint") == "built-in"
+
+
+def test_register_refuses_bad_input_and_silent_replacement(isolated_registry):
+    from safetypairs.registry import register
+
+    with pytest.raises(ValueError, match="unknown backend kind 'editor'; allowed: instructors"):
+        register("editor", "x", f"{__name__}:InvertEditor")
+    with pytest.raises(ValueError, match="bad alias 'my:editor'"):
+        register("editors", "my:editor", f"{__name__}:InvertEditor")
+    with pytest.raises(ValueError, match="bad target 'test_registry.InvertEditor'; expected 'module:Object'"):
+        register("editors", "x", "test_registry.InvertEditor")
+    with pytest.raises(ValueError, match="'ocr-inpaint' is already registered as .*built-in.*replace=True"):
+        register("editors", "ocr-inpaint", f"{__name__}:InvertEditor")
+    before = load_backend("editors", "ocr-inpaint")
+    register("editors", "ocr-inpaint", f"{__name__}:InvertEditor", replace=True)
+    assert isinstance(load_backend("editors", "ocr-inpaint"), InvertEditor) and not isinstance(before, InvertEditor)
+
+
+PLUGIN = '''
+from PIL import ImageOps
+
+
+class MirrorEditor:
+    """Mirrors each image (a stand-in for another package's editor)."""
+
+    OPTIONS = {}
+    takes_mask = False
+
+    @classmethod
+    def from_spec(cls, arg, device="cpu", **options):
+        return cls()
+
+    def edit(self, images, instructions, seeds, masks=None):
+        return [ImageOps.mirror(im.convert("RGB")) for im in images]
+'''
+ENTRY_POINTS = """[safetypairs.backends]
+editors.mirror-plugin = sp_plugin_backends:MirrorEditor
+editors.ocr-inpaint = sp_plugin_backends:MirrorEditor
+painters.mirror = sp_plugin_backends:MirrorEditor
+guards.no-target = sp_plugin_backends
+"""
+
+
+def _install_plugin(root: Path) -> Path:
+    """A real installed distribution: a module and its dist-info (METADATA + entry_points.txt) on a path entry."""
+    (root / "sp_plugin_backends.py").write_text(PLUGIN)
+    info = root / "sp_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: sp-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(ENTRY_POINTS)
+    return root
+
+
+def test_entry_point_backends_are_discovered_on_first_lookup(tmp_path, monkeypatch, isolated_registry, caplog):
+    from datasets import Dataset
+    from datasets import Image as ImageFeature
+    from PIL import ImageOps
+
+    from safetypairs import schema as S
+    from safetypairs.edit import EditConfig, run_edit
+    from safetypairs.registry import origin
+    from safetypairs.sources import build_demo_source
+
+    monkeypatch.syspath_prepend(str(_install_plugin(tmp_path)))
+    isolated_registry._discovered = False
+    with caplog.at_level("WARNING", logger="safetypairs.registry"):
+        assert "mirror-plugin" in available("editors")
+    assert origin("editors", "mirror-plugin") == "entry point of sp-plugin"
+    warnings = "\n".join(r.getMessage() for r in caplog.records)
+    assert "'editors.ocr-inpaint'" in warnings and "already registered" in warnings  # a built-in is not replaced
+    assert "'painters.mirror'" in warnings and "unknown backend kind 'painters'" in warnings
+    assert "'guards.no-target'" in warnings and "expected 'module:Object'" in warnings
+    assert "painters" not in isolated_registry.REGISTRY and "no-target" not in available("guards")
+    assert isolated_registry.REGISTRY["editors"]["ocr-inpaint"] == "safetypairs.backends.ocr_edit:OCRInpaintEditor"
+
+    rows = build_demo_source(2).to_list()
+    for row in rows:
+        row.update({S.INSTRUCTION: "mirror it", S.INSTRUCT_STATUS: "ok"})
+    source = Dataset.from_list(rows).cast_column(S.IMAGE, ImageFeature())
+    out, result = run_edit(source, EditConfig(editor="mirror-plugin", control=False, device="cpu"))
+    assert result.statuses == {"ok": 2}
+    assert list(out[0][S.EDITED_IMAGE].getdata()) == list(ImageOps.mirror(out[0][S.IMAGE]).getdata())
+
+
+def test_cli_lists_entry_point_backends_in_a_fresh_process(tmp_path):
+    root = _install_plugin(tmp_path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, str(root)])}
+    proc = subprocess.run([sys.executable, "-m", "safetypairs", "backends", "editors"], capture_output=True,
+                          text=True, env=env, check=True)
+    assert "mirror-plugin  (entry point of sp-plugin: sp_plugin_backends:MirrorEditor)  [takes no mask]" in proc.stdout
+    assert "Mirrors each image" in proc.stdout
+    assert "ocr-inpaint  (built-in: safetypairs.backends.ocr_edit:OCRInpaintEditor)" in proc.stdout
+    assert "ignoring entry point 'painters.mirror'" in proc.stderr

@@ -1,10 +1,13 @@
-"""map_stage: rows in = rows out, output columns present even for an empty dataset."""
+"""map_stage: rows in = rows out, output columns present even for an empty dataset; isolate: one
+failing item fails alone."""
 
+import pytest
 from datasets import Dataset
 
 from safetypairs import schema as S
 from safetypairs.edit import EditConfig, run_edit
 from safetypairs.instruct import InstructConfig, run_instruct
+from safetypairs.stage import isolate
 
 
 def test_empty_dataset_gets_the_stage_columns():
@@ -15,3 +18,46 @@ def test_empty_dataset_gets_the_stage_columns():
     edited, result = run_edit(instructed, EditConfig(device="cpu", candidates=2))
     assert len(edited) == 0 and result.rows_out == 0
     assert {S.EDITED_IMAGE, S.CONTROL_IMAGE, S.EDIT_STATUS, S.SEED} <= set(edited.column_names)
+
+
+class _Backend:
+    """Doubles numbers; raises on negative ones; ``short=True`` drops the last answer of a batch."""
+
+    def __init__(self, short=False):
+        self.calls, self.short = [], short
+
+    def __call__(self, items):
+        self.calls.append(list(items))
+        if any(x < 0 for x in items):
+            raise RuntimeError(f"negative input in {items}")
+        out = [2 * x for x in items]
+        return out[:-1] if self.short and len(items) > 1 else out
+
+
+def test_isolate_calls_the_batch_once_when_it_succeeds():
+    backend = _Backend()
+    assert isolate(backend, [1, 2, 3]) == [(2, None), (4, None), (6, None)]
+    assert backend.calls == [[1, 2, 3]] and isolate(backend, []) == []
+
+
+def test_isolate_gives_a_failing_item_its_error_and_the_others_their_results():
+    backend = _Backend()
+    assert isolate(backend, [1, -2, 3]) == [(2, None), (None, "RuntimeError: negative input in [-2]"), (6, None)]
+    assert backend.calls == [[1, -2, 3], [1], [-2], [3]]
+
+
+def test_isolate_retries_a_wrong_count_item_by_item_and_calls_a_lone_item_once():
+    backend = _Backend(short=True)
+    assert isolate(backend, [1, 2]) == [(2, None), (4, None)]
+    assert backend.calls == [[1, 2], [1], [2]]
+    lone = _Backend()
+    assert isolate(lone, [-1]) == [(None, "RuntimeError: negative input in [-1]")] and lone.calls == [[-1]]
+    assert isolate(lambda items: [], [5]) == [(None, "the backend returned 0 result(s) for 1 item(s)")]
+
+
+def test_isolate_lets_interrupts_through():
+    def interrupted(items):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        isolate(interrupted, [1, 2])

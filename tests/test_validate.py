@@ -314,3 +314,30 @@ def test_validate_shards_and_resumes_like_one_process(photo, tmp_path):
                 "--chunk-size", str(chunk_size), "--batch-size", "2"]
 
     check_sharding_and_resume(args, tmp_path, lambda out: read_rows(out).data.table)
+
+
+class GreenAllergicJudge(RedJudge):
+    """`RedJudge` that raises on an image with a green patch (a judge crash on one input)."""
+
+    @classmethod
+    def from_spec(cls, arg, device="cpu", **_):
+        return cls()
+
+    def classify(self, images, categories, policy):
+        if any(((np.asarray(im) == (20, 200, 40)).all(axis=2)).sum() >= 50 for im in images):
+            raise RuntimeError("judge crashed on a green patch")
+        return super().classify(images, categories, policy)
+
+
+def test_a_judge_that_raises_marks_only_its_row(photo, isolated_registry):
+    isolated_registry.register("judges", "green-allergic", f"{__name__}:GreenAllergicJudge")
+    unsafe = paste(photo, colour=(255, 0, 0))
+    data = candidates([unsafe, unsafe, unsafe], [paste(photo, (0, 0, 0)), paste(photo), paste(photo, (0, 0, 0))],
+                      category=["O1"] * 3, source_id=["a", "b", "c"])
+    out = validate_pairs(data, judge="green-allergic")
+    assert out[S.VALIDATE_STATUS] == ["ok", "judge_error", "ok"]
+    assert out[S.REJECT_REASON] == [None, "judge_error", None] and out[S.ACCEPTED] == [True, False, True]
+    assert out[S.VALIDATE_ERROR][1] == ("row 'b': judge green-allergic failed: "
+                                        "RuntimeError: judge crashed on a green patch")
+    assert out[S.JUDGE_EDITED] == ["safe", None, "safe"] and out[S.CHANGED_FRACTION][1] > 0  # pixels kept
+    assert "judge_error" in REJECT_REASONS and not any("judge" in m for m in out[S.METRICS_RAN][1])

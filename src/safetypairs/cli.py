@@ -34,6 +34,49 @@ def _add_policies(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_policies)
 
 
+def _backend_lines(kind: str, alias: str) -> list[str]:
+    """One backend: alias, origin and target, its summary and capabilities, then its options."""
+    from safetypairs import registry
+    from safetypairs.backends.base import missing_members
+
+    head = f"  {alias}  ({registry.origin(kind, alias)}: {registry.REGISTRY[kind][alias]})"
+    try:
+        cls = registry.backend_class(kind, alias)
+    except (ImportError, AttributeError) as err:
+        return [f"{head}  cannot be imported: {type(err).__name__}: {err}"]
+    summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+    notes = [f"does not implement {', '.join(gaps)}"] if (gaps := missing_members(kind, cls)) else []
+    if kind == "editors":
+        notes.append("takes masks" if getattr(cls, "takes_mask", False) else "takes no mask")
+    lines = [head + (f"  [{'; '.join(notes)}]" if notes else ""), f"      {summary}"]
+    options = getattr(cls, "OPTIONS", None) or {}
+    width = max(map(len, options), default=0)
+    lines += [f"      {name.ljust(width)}  {help_}" for name, help_ in options.items()] or ["      (no options)"]
+    return lines
+
+
+def _cmd_backends(args: argparse.Namespace) -> int:
+    from safetypairs.registry import KINDS, available
+
+    for kind in [args.kind] if args.kind else KINDS:
+        sys.stdout.write(f"{kind}:\n")
+        for alias in available(kind):
+            sys.stdout.write("\n".join(_backend_lines(kind, alias)) + "\n")
+    return 0
+
+
+def _add_backends(sub: argparse._SubParsersAction) -> None:
+    from safetypairs.registry import ENTRY_POINT_GROUP, KINDS
+
+    p = sub.add_parser("backends", help="list the registered backends of each kind with their options",
+                       description=("List instructors, editors, judges, guards and encoders: built-in ones, those "
+                                    "added with safetypairs.registry.register() and those of other packages' "
+                                    f"'{ENTRY_POINT_GROUP}' entry points ('<kind>.<alias>' = 'module:Class'). "
+                                    "Options go in the spec: alias:<arg>,key=value,..."))
+    p.add_argument("kind", nargs="?", choices=KINDS, help="only this kind (default: all)")
+    p.set_defaults(func=_cmd_backends)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from safetypairs.demo import DemoConfig, run_demo
 
@@ -260,7 +303,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 # Each entry adds one subcommand; stages register theirs here.
 # In pipeline order, as `safetypairs --help` lists them.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_demo, _add_generate, _add_validate, _add_release, _add_evaluate, _add_policies,
+    _add_demo, _add_generate, _add_validate, _add_release, _add_evaluate, _add_policies, _add_backends,
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -13,8 +14,8 @@ from PIL import Image
 from safetypairs import schema as S
 from safetypairs.images import ImageError, load_image
 from safetypairs.instructions import noop_instruction
-from safetypairs.registry import load_backend, parse_spec
-from safetypairs.stage import StageResult, map_stage
+from safetypairs.registry import available, backend_class, load_backend, parse_spec
+from safetypairs.stage import StageResult, isolate, map_stage
 from safetypairs.utils import device_for_rank
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,8 @@ class EditConfig:
         batch_size: rows per call.
         num_proc: processes for ``Dataset.map`` (one per GPU).
         editor_options: extra ``(key, value)`` options for the editor backend (steps, guidance...).
-        mask_column: a column of masks (white = edit) for mask-guided (inpainting) editors.
+        mask_column: a column of masks (white = edit) for editors that take masks (``takes_mask``,
+            e.g. ``diffusers:`` with an inpainting pipeline); refused for any other editor.
     """
 
     editor: str = "ocr-inpaint"
@@ -56,10 +58,35 @@ class EditConfig:
 
     def __post_init__(self) -> None:
         parse_spec("editors", self.editor)
+        if self.mask_column is not None:
+            _check_takes_mask(self.editor, self.mask_column)
         if self.candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {self.candidates}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def _takes_mask(spec: str) -> bool:
+    return bool(getattr(backend_class("editors", spec), "takes_mask", False))
+
+
+def _check_takes_mask(editor: str, mask_column: str) -> None:
+    """Refuse a mask column for an editor that takes no mask, naming the editors that do.
+
+    Raises:
+        ValueError: when ``editor`` does not declare ``takes_mask``.
+    """
+    if _takes_mask(editor):
+        return
+    takers = []
+    for alias in available("editors"):
+        try:
+            if _takes_mask(alias):
+                takers.append(alias)
+        except (ImportError, AttributeError) as err:  # a broken third-party editor must not hide the answer
+            logger.warning("editor %r cannot be imported: %s", alias, err)
+    raise ValueError(f"editor {editor!r} takes no mask, so mask_column={mask_column!r} cannot be used; "
+                     f"editors that take masks: {', '.join(takers) or 'none'}")
 
 
 @dataclass
@@ -95,7 +122,8 @@ class EditTransform:
         if jobs:
             editor = load_backend("editors", self.config.editor, device_for_rank(self.config.device, rank),
                                   **dict(self.config.editor_options))
-            for job, (image, error) in zip(jobs, _edit_isolated(editor, jobs)):
+            for job, (image, error) in zip(jobs, isolate(functools.partial(_edit, editor), jobs)):
+                error = error or _check_size(job, image)
                 if error is None:
                     out[job.column][job.row] = image
                     if job.column == S.EDITED_IMAGE:  # diffusers editors record the size they ran at
@@ -146,25 +174,10 @@ def _masks(jobs: list[_Job]) -> dict[str, Any]:
     return {"masks": [j.mask for j in jobs]} if any(j.mask is not None for j in jobs) else {}
 
 
-def _edit_isolated(editor: Any, jobs: list[_Job]) -> list[tuple[Image.Image | None, str | None]]:
-    """Edit all jobs in one call; if that fails, one by one, so a bad row (or an out-of-memory on
-    one sample) becomes that row's error instead of sinking the batch."""
-    try:
-        images = editor.edit([j.image for j in jobs], [j.instruction for j in jobs], [j.seed for j in jobs],
-                             **_masks(jobs))
-        if len(images) != len(jobs):  # zip would leave the last rows "ok" without an edit
-            raise ValueError(f"the editor returned {len(images)} images for {len(jobs)} jobs")
-        return [(img, _check_size(j, img)) for j, img in zip(jobs, images)]
-    except Exception:  # noqa: BLE001 - retried per row below
-        logger.debug("batch edit failed; retrying row by row", exc_info=True)
-    results = []
-    for job in jobs:
-        try:
-            (image,) = editor.edit([job.image], [job.instruction], [job.seed], **_masks([job]))
-            results.append((image, _check_size(job, image)))
-        except Exception as err:  # noqa: BLE001 - a backend failure is a row status
-            results.append((None, f"{type(err).__name__}: {err}"))
-    return results
+def _edit(editor: Any, jobs: list[_Job]) -> list[Image.Image]:
+    """One editor call for ``jobs`` (run through `isolate`, so a bad row or an out-of-memory on
+    one sample becomes that row's error instead of sinking the batch)."""
+    return editor.edit([j.image for j in jobs], [j.instruction for j in jobs], [j.seed for j in jobs], **_masks(jobs))
 
 
 def run_edit(dataset: Dataset, config: EditConfig) -> tuple[Dataset, StageResult]:

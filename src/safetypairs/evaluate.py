@@ -39,15 +39,15 @@ from safetypairs.schema import (
     UNKNOWN,
     with_columns,
 )
-from safetypairs.stage import map_stage
+from safetypairs.stage import isolate, map_stage
 from safetypairs.utils import device_for_rank
 
 logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = (IMAGE, LABEL, CATEGORY, PAIR_ID, ROLE)
 SIMILARITY_COLUMNS = (CHANGED_FRACTION, LPIPS_OUTSIDE)
-# Row statuses of a guard's prediction.
-UNPARSABLE, BAD_IMAGE = "unparsable", "bad_image"
+# Row statuses of a guard's prediction (besides "ok"); the detail goes in the rationale and raw columns.
+UNPARSABLE, BAD_IMAGE, GUARD_ERROR = "unparsable", "bad_image", "error"
 GUARD_SECONDS = "guard_seconds"  # per-chunk guard seconds, summed by the runner next to the status counts
 PREDICTION_FIELDS = ("pred", "score", "rationale", "raw", "status")
 
@@ -124,7 +124,8 @@ class GuardTransform:
     device: str = "auto"
 
     def __call__(self, batch: dict[str, list], rank: int | None = None) -> dict[str, list]:
-        """Classify a batch; unreadable images get ``unknown`` with status ``bad_image``."""
+        """Classify a batch; unreadable images get ``unknown`` with status ``bad_image``, images the
+        guard raised on get ``unknown`` with status ``error`` (the others of the batch still run)."""
         cols = guard_columns(self.guard)
         n = len(batch[IMAGE])
         out: dict[str, list] = {cols[f]: [None] * n for f in PREDICTION_FIELDS}
@@ -138,8 +139,16 @@ class GuardTransform:
                 out[cols["rationale"]][i] = out[cols["raw"]][i] = str(err)
         if images:
             backend = load_backend("guards", self.guard, device_for_rank(self.device, rank))
-            verdicts = backend.classify(images, [batch[CATEGORY][i] for i in keep], _policy(self.policy))
-            for i, verdict in zip(keep, verdicts):
+            policy = _policy(self.policy)
+            items = [(images[j], batch[CATEGORY][i]) for j, i in enumerate(keep)]
+            answers = isolate(lambda some: backend.classify([im for im, _ in some], [c for _, c in some], policy),
+                              items)
+            for i, (verdict, error) in zip(keep, answers):
+                if error is not None:
+                    out[cols["pred"]][i], out[cols["status"]][i] = UNKNOWN, GUARD_ERROR
+                    out[cols["rationale"]][i] = out[cols["raw"]][i] = (
+                        f"image {batch[PAIR_ID][i]!r} ({batch[ROLE][i]}): guard {self.guard} failed: {error}")
+                    continue
                 out[cols["pred"]][i], out[cols["score"]][i] = verdict.label, verdict.score
                 out[cols["rationale"]][i], out[cols["raw"]][i] = verdict.rationale, verdict.raw
                 out[cols["status"]][i] = OK if verdict.label != UNKNOWN else UNPARSABLE

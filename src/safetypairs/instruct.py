@@ -14,7 +14,7 @@ from safetypairs.backends.base import InstructResult
 from safetypairs.images import ImageError, load_image
 from safetypairs.policy import Policy, load_policy
 from safetypairs.registry import load_backend, parse_spec
-from safetypairs.stage import StageResult, map_stage
+from safetypairs.stage import StageResult, isolate, map_stage
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +75,10 @@ class InstructTransform:
         if rows:
             backend = load_backend("instructors", self.config.instructor,
                                    device_for_rank(self.config.device, rank), **dict(self.config.instructor_options))
-            for i, result in zip(todo, _instruct_isolated(backend, rows, policy)):
-                results[i] = result
+            answers = isolate(lambda some: backend.instruct(some, policy), rows)
+            for i, row, (result, error) in zip(todo, rows, answers):
+                results[i] = result if error is None else InstructResult(
+                    None, None, "", "error", f"row {row.get(S.SOURCE_ID)!r}: {error}")
         out = dict(batch)
         out[S.POLICY] = [policy.id] * n
         out[S.INSTRUCTION] = [r.instruction for r in results]
@@ -102,27 +104,6 @@ def _check_row(row: dict[str, Any], policy: Policy) -> InstructResult | None:
     except ImageError as err:
         return InstructResult(None, None, "", "unreadable", f"row {row.get(S.SOURCE_ID)!r}: {err}")
     return None
-
-
-def _instruct_isolated(backend: Any, rows: list[dict[str, Any]], policy: Policy) -> list[InstructResult]:
-    """Run the batch; if it fails (or answers for the wrong number of rows), run row by row so one
-    bad row cannot sink the others."""
-    try:
-        results = backend.instruct(rows, policy)
-        if len(results) == len(rows):
-            return results
-        logger.debug("instructor answered %d results for %d rows; retrying row by row", len(results), len(rows))
-    except Exception:  # noqa: BLE001 - isolate the failing row below
-        logger.debug("batch instruct failed; retrying row by row", exc_info=True)
-    results = []
-    for row in rows:
-        try:
-            (result,) = backend.instruct([row], policy)
-            results.append(result)
-        except Exception as err:  # noqa: BLE001 - a backend failure (or a wrong count) is a row status
-            results.append(InstructResult(None, None, "", "error",
-                                          f"row {row.get(S.SOURCE_ID)!r}: {type(err).__name__}: {err}"))
-    return results
 
 
 def run_instruct(dataset: Dataset, config: InstructConfig) -> tuple[Dataset, StageResult]:

@@ -1,7 +1,10 @@
 """Backend registries addressed by spec strings such as ``diffusers:<model id or path>``.
 
 Every backend is named here by ``"module:Class"`` so that nothing heavy is imported until a
-backend is built. A backend class implements ``from_spec(arg, device, **options)``.
+backend is built. A backend class implements ``from_spec(arg, device, **options)`` and the
+Protocol of its kind (`safetypairs.backends.base`). Other packages add backends with `register`
+or through the ``safetypairs.backends`` entry-point group (name ``"<kind>.<alias>"``, value
+``"module:Class"``), read on the first lookup.
 """
 
 from __future__ import annotations
@@ -9,10 +12,18 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
+import importlib.metadata
+import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
+logger = logging.getLogger(__name__)
+
 KINDS = ("instructors", "editors", "judges", "guards", "encoders")
+ENTRY_POINT_GROUP = "safetypairs.backends"
+_ALIAS = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+_TARGET = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
 _CLASSIFIERS = {
     "ocr-lexicon": "safetypairs.backends.guards:OCRLexiconGuard",
@@ -41,6 +52,9 @@ REGISTRY: dict[str, dict[str, str]] = {
         "hf-clip": "safetypairs.backends.encoders:HFCLIPEncoder",
     },
 }
+_BUILTIN = {kind: dict(aliases) for kind, aliases in REGISTRY.items()}
+_ORIGINS: dict[tuple[str, str], str] = {}  # where a non-built-in backend came from
+_discovered = False
 
 
 @dataclass(frozen=True)
@@ -59,6 +73,78 @@ class Spec:
 def _check_kind(kind: str) -> None:
     if kind not in REGISTRY:
         raise ValueError(f"unknown backend kind {kind!r}; allowed: {', '.join(KINDS)}")
+    _discover()
+
+
+def _entry_problem(kind: str, alias: str, target: str) -> str | None:
+    """Why ``(kind, alias, target)`` cannot be registered, or ``None``."""
+    if kind not in REGISTRY:
+        return f"unknown backend kind {kind!r}; allowed: {', '.join(KINDS)}"
+    if not _ALIAS.fullmatch(alias or ""):
+        return f"bad alias {alias!r}: letters, digits and _.+- only, no ':' or ','"
+    if not _TARGET.fullmatch(target or ""):
+        return f"bad target {target!r}; expected 'module:Object'"
+    return None
+
+
+def register(kind: str, alias: str, target: str, *, replace: bool = False) -> None:
+    """Add a backend to a registry so specs ``alias[:arg]`` build ``target`` (imported lazily).
+
+    Args:
+        kind: one of ``instructors, editors, judges, guards, encoders``.
+        alias: the spec's name, e.g. ``"my-editor"`` (letters, digits and ``_.+-``).
+        target: ``"module:Object"``, a class with ``from_spec(arg, device, **options)`` that
+            implements its kind's Protocol (`safetypairs.backends.base`).
+        replace: allow replacing a backend already registered under ``alias`` (built-in,
+            registered or from an entry point); registering the same target again is a no-op.
+
+    Raises:
+        ValueError: for a bad kind, alias or target, or an alias taken by another target without
+            ``replace=True``.
+    """
+    problem = _entry_problem(kind, alias, target)
+    if problem:
+        raise ValueError(f"cannot register {kind[:-1] if kind in REGISTRY else kind} {alias!r}: {problem}")
+    _check_kind(kind)
+    current = REGISTRY[kind].get(alias)
+    if current == target:
+        return
+    if current is not None and not replace:
+        raise ValueError(f"{kind[:-1]} {alias!r} is already registered as {current!r} ({origin(kind, alias)}); "
+                         f"pass replace=True to replace it with {target!r}")
+    REGISTRY[kind][alias] = target
+    _ORIGINS[(kind, alias)] = "register()"
+    _load.cache_clear()
+
+
+def origin(kind: str, alias: str) -> str:
+    """Where a registered backend comes from: ``built-in``, ``register()`` or ``entry point <dist>``."""
+    if (kind, alias) in _ORIGINS:
+        return _ORIGINS[(kind, alias)]
+    return "built-in" if _BUILTIN.get(kind, {}).get(alias) == REGISTRY.get(kind, {}).get(alias) else "registered"
+
+
+def _discover() -> None:
+    """Read the ``safetypairs.backends`` entry points once (malformed or clashing ones are skipped with a warning)."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = getattr(getattr(entry, "dist", None), "name", None) or "an unknown distribution"
+        kind, _, alias = entry.name.partition(".")
+        target = entry.value.strip()
+        problem = _entry_problem(kind, alias, target)
+        if problem is None and REGISTRY[kind].get(alias) == target:
+            continue  # the same backend twice (e.g. an editable install next to a wheel)
+        if problem is None and alias in REGISTRY[kind]:
+            problem = f"{kind[:-1]} {alias!r} is already registered as {REGISTRY[kind][alias]!r}"
+        if problem:
+            logger.warning("ignoring entry point %r = %r of %s in group %s (name it '<kind>.<alias>'): %s",
+                           entry.name, entry.value, dist, ENTRY_POINT_GROUP, problem)
+            continue
+        REGISTRY[kind][alias] = target
+        _ORIGINS[(kind, alias)] = f"entry point of {dist}"
 
 
 def available(kind: str) -> list[str]:
@@ -151,10 +237,15 @@ def parse_bool(value: Any, name: str) -> bool:
 
 
 def backend_class(kind: str, spec: str) -> type:
-    """Import and return the class that implements ``spec``."""
+    """Import and return the class that implements ``spec`` (an alias alone is a spec).
+
+    Raises:
+        ValueError: for an unknown spec.
+        ImportError, AttributeError: when the registered ``"module:Object"`` cannot be imported.
+    """
     parsed = parse_spec(kind, spec)
     module_name, _, attr = REGISTRY[kind][parsed.alias].partition(":")
-    return getattr(importlib.import_module(module_name), attr)
+    return functools.reduce(getattr, attr.split("."), importlib.import_module(module_name))
 
 
 @functools.lru_cache(maxsize=16)

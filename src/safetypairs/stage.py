@@ -1,18 +1,22 @@
-"""The one way a stage runs: a picklable batched transform mapped over a `datasets.Dataset`."""
+"""The one way a stage runs: a picklable batched transform mapped over a `datasets.Dataset`,
+with backend failures isolated to the rows that caused them."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from datasets import Dataset, Features, Image
 
 from safetypairs.utils import status_histogram
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,47 @@ def map_stage(
     result = StageResult(stage, rows_in, len(out), status_histogram(out[status_column]))
     logger.info("%s: %d rows in, %d out, statuses %s", stage, rows_in, len(out), result.statuses)
     return out, result
+
+
+def isolate(call: Callable[[list[T]], Sequence[R]], items: Sequence[T]) -> list[tuple[R | None, str | None]]:
+    """Call a backend on a batch so that a failing item fails alone.
+
+    ``call(items)`` runs once; if it raises or answers for the wrong number of items, every item
+    is retried on its own, and an item that still fails gets the error text instead of a result
+    (a lone item is not called twice). Interrupts (``BaseException``) are not caught.
+
+    Args:
+        call: maps a list of items to one result per item, in order.
+        items: the batch.
+
+    Returns:
+        One ``(result, None)`` or ``(None, "<ExceptionType>: <message>")`` per item, in order.
+    """
+    items = list(items)
+    if not items:
+        return []
+    results, error = _attempt(call, items)
+    if error is None:
+        return [(result, None) for result in results]
+    logger.debug("batch of %d failed (%s); retrying item by item", len(items), error)
+    if len(items) == 1:
+        return [(None, error)]
+    out: list[tuple[R | None, str | None]] = []
+    for item in items:
+        results, error = _attempt(call, [item])
+        out.append((results[0] if error is None else None, error))
+    return out
+
+
+def _attempt(call: Callable[[list[T]], Sequence[R]], items: list[T]) -> tuple[list[R], str | None]:
+    try:
+        results = list(call(items))
+    except Exception as err:  # noqa: BLE001 - a backend failure becomes the items' error text
+        logger.debug("backend call on %d item(s) failed", len(items), exc_info=True)
+        return [], f"{type(err).__name__}: {err}"
+    if len(results) != len(items):
+        return [], f"the backend returned {len(results)} result(s) for {len(items)} item(s)"
+    return results, None
 
 
 def empty_dataset(features: Features) -> Dataset:

@@ -29,7 +29,12 @@ from safetypairs.registry import parse_spec
 from safetypairs.runner import RunConfig, RunSummary, run_stage
 from safetypairs.stage import StageResult, map_stage
 from safetypairs.utils import device_for_rank, status_histogram
-from safetypairs.validate_models import PairImages, encoder_metrics, judge_rows
+from safetypairs.validate_models import (
+    JUDGE_ERROR,
+    PairImages,
+    encoder_metrics,
+    judge_rows,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +45,7 @@ ROW_FAILURES = {
     "unreadable": "an image cell could not be decoded (detail in validate_error)",
     "size_mismatch": "the two images differ in size and size_mismatch='reject'",
     "too_small": "an image side is below min_side (smaller than the LPIPS receptive field)",
+    JUDGE_ERROR: "the judge raised on this row (detail in validate_error); its pixel metrics are kept",
 }
 REJECT_REASONS = {
     **ROW_FAILURES,

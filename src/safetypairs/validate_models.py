@@ -14,8 +14,11 @@ from PIL import Image
 from safetypairs import schema as S
 from safetypairs.change import ChangeMask, blank_region, masked_mean
 from safetypairs.registry import load_backend
+from safetypairs.stage import isolate
 
 logger = logging.getLogger(__name__)
+
+JUDGE_ERROR = "judge_error"  # validate_status of a row the judge raised on
 
 _UNAVAILABLE: dict[tuple[str, str], str] = {}
 
@@ -127,7 +130,9 @@ def judge_rows(config: Any, batch: dict[str, list], pairs: list[PairImages], row
                device: str) -> None:
     """Classify originals and edits with the judge and set the label-flip reject reason (in place).
 
-    Rows the pixel checks rejected are skipped unless ``config.judge_all_rows``.
+    Rows the pixel checks rejected are skipped unless ``config.judge_all_rows``. A row the judge
+    raises on gets ``validate_status=judge_error`` (reject reason ``judge_error`` unless the pixels
+    already rejected it) and the error in ``validate_error``; the other rows are judged as usual.
 
     Args:
         config: judge spec, policy and category column.
@@ -141,13 +146,35 @@ def judge_rows(config: Any, batch: dict[str, list], pairs: list[PairImages], row
         return
     judge = load_backend("judges", config.judge, device)
     column = batch.get(config.category_column)
-    categories = [column[p.index] if column else None for p in targets]
-    verdicts = judge.classify([p.original_image for p in targets] + [p.edited_image for p in targets],
-                              categories + categories, _policy(config.policy))
-    for pair, before, after in zip(targets, verdicts[: len(targets)], verdicts[len(targets):]):
+    policy = _policy(config.policy)
+
+    def classify(some: list[PairImages]) -> list[tuple[Any, Any]]:
+        categories = [column[p.index] if column else None for p in some]
+        verdicts = judge.classify([p.original_image for p in some] + [p.edited_image for p in some],
+                                  categories + categories, policy)
+        if len(verdicts) != 2 * len(some):
+            raise ValueError(f"the judge returned {len(verdicts)} verdicts for {2 * len(some)} images")
+        return list(zip(verdicts[: len(some)], verdicts[len(some):]))
+
+    for pair, (verdicts, error) in zip(targets, isolate(classify, targets)):
         row = rows[pair.index]
-        row.update({S.JUDGE: config.judge, S.JUDGE_ORIGINAL: before.label, S.JUDGE_EDITED: after.label,
+        row[S.JUDGE] = config.judge
+        if error is not None:
+            row.update({S.VALIDATE_STATUS: JUDGE_ERROR, S.REJECT_REASON: row[S.REJECT_REASON] or JUDGE_ERROR,
+                        S.VALIDATE_ERROR: f"{_row_name(batch, pair.index)}: judge {config.judge} failed: {error}"})
+            continue
+        before, after = verdicts
+        row.update({S.JUDGE_ORIGINAL: before.label, S.JUDGE_EDITED: after.label,
                     S.JUDGE_ORIGINAL_RAW: verdict_json(before), S.JUDGE_EDITED_RAW: verdict_json(after)})
         row[S.METRICS_RAN].append(f"judge:{config.judge}")
         if row[S.REJECT_REASON] is None:
             row[S.REJECT_REASON] = judge_reason(before.label, after.label)
+
+
+def _row_name(batch: dict[str, list], index: int) -> str:
+    """``row '<pair_id or source_id>'`` (candidate number added), or the row's place in the batch."""
+    for key in (S.PAIR_ID, S.SOURCE_ID):
+        if batch.get(key):
+            candidate = batch.get(S.CANDIDATE)
+            return f"row {batch[key][index]!r}" + (f" candidate {candidate[index]}" if candidate else "")
+    return f"row {index} of its batch"

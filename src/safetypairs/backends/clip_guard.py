@@ -76,6 +76,8 @@ class CLIPZeroShotGuard:
     row's category is known only that category's prompts are used.
     """
 
+    OPTIONS = {"threshold": "score gap (unsafe minus safe prompt similarity) above which an image is unsafe (0)"}
+
     def __init__(self, encoder_spec: str, threshold: float, device: str) -> None:
         self.spec = f"clip-zeroshot:{encoder_spec}"
         self.threshold = threshold

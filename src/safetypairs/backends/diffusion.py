@@ -160,6 +160,19 @@ class DiffusersEditor:
     returned image's ``info["work_size"]``.
     """
 
+    OPTIONS = {
+        "steps": "denoising steps (default: the pipeline's)",
+        "guidance": "text guidance scale (true_cfg_scale for Qwen; default: the pipeline's)",
+        "image_guidance": "image guidance scale (InstructPix2Pix only)",
+        "resolution": "working resolution, side of the equal-area square (0: the source size)",
+        "dtype": "auto, float32, float16 or bfloat16 (auto: bfloat16 on CUDA, float32 on CPU)",
+        "offload": "none, model or sequential CPU offload (CUDA only)",
+        "trust_remote_code": "allow custom pipeline code from the model repo (default false)",
+        "revision": "hub revision (branch, tag or commit)",
+        "safety_checker": "keep the pipeline's own NSFW checker when it ships one (default true)",
+    }
+    takes_mask = True  # inpainting pipelines need masks; instruction pipelines refuse them per call
+
     def __init__(self, pipe: Any, model: str, family: PipelineFamily, options: DiffusionOptions) -> None:
         self.pipe = pipe
         self.model = model

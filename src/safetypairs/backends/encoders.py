@@ -46,6 +46,8 @@ class LPIPSEncoder:
     meant for offline tests only, its distances carry no perceptual meaning.
     """
 
+    OPTIONS = {"pnet_rand": "random backbone, offline tests only (default false); given in the spec"}
+
     def __init__(self, net: str, device: str = "cpu", pnet_rand: bool = False) -> None:
         import lpips
         import torch
@@ -136,6 +138,8 @@ class OpenCLIPEncoder:
     squashed to the model's input size (no centre crop) so the whole frame is compared.
     """
 
+    OPTIONS: dict[str, str] = {}
+
     def __init__(self, arch: str, pretrained: str | None, device: str = "cpu") -> None:
         import open_clip
         import torch
@@ -175,6 +179,8 @@ class HFCLIPEncoder:
     Spec: ``hf-clip:<hub id or local path>``. Loaded with ``from_pretrained`` (safetensors, no
     remote code). Images are squashed to the processor's crop size so nothing is cropped away.
     """
+
+    OPTIONS: dict[str, str] = {}
 
     def __init__(self, model_id: str, device: str = "cpu") -> None:
         import torch

@@ -33,19 +33,27 @@ class OCRLexiconGuard:
     an independent configuration from the detector + recogniser default.
     """
 
+    OPTIONS = {
+        "box_thresh": "text detector box score threshold (0..1)",
+        "text_score": "minimum recognition score of a text line (0..1)",
+        "unclip_ratio": "how far detected text boxes are grown",
+        "mode": "det (detector + recogniser, default) or rec (recogniser alone on the whole image)",
+    }
+
     def __init__(self, ocr: OCRConfig, spec: str) -> None:
         self.ocr = ocr
         self.spec = spec
 
     @classmethod
-    def from_spec(cls, arg: str | None, device: str = "cpu", **_: object) -> "OCRLexiconGuard":
-        """Build from the spec argument (``key=value`` options); ``device`` is unused (ONNX on CPU).
+    def from_spec(cls, arg: str | None, device: str = "cpu", **options: object) -> "OCRLexiconGuard":
+        """Build from ``key=value`` options (in the spec argument or as keywords, which win);
+        ``device`` is unused (ONNX on CPU).
 
         Raises:
             ValueError: for unknown options or bad values, naming the allowed ones.
         """
         spec = "ocr-lexicon" + (f":{arg}" if arg else "")
-        options = parse_options(arg)
+        options = {**parse_options(arg), **options}
         mode = options.pop("mode", "det")
         if mode not in ("det", "rec"):
             raise ValueError(f"option mode of {spec!r} must be 'det' or 'rec', got {mode!r}")
@@ -98,22 +106,26 @@ class NudeNetGuard:
     """``nudenet[:threshold=0.5]``: the NudeNet ONNX detector shipped in its wheel; unsafe when an
     exposed-body-part class is detected above the threshold (it only sees nudity)."""
 
+    OPTIONS = {"threshold": "detector score (0..1) from which an exposed body part counts (default 0.5)"}
+
     def __init__(self, threshold: float, spec: str) -> None:
         self.threshold = threshold
         self.spec = spec
 
     @classmethod
-    def from_spec(cls, arg: str | None, device: str = "cpu", **_: object) -> "NudeNetGuard":
-        """Build from the spec argument.
+    def from_spec(cls, arg: str | None, device: str = "cpu", **options: object) -> "NudeNetGuard":
+        """Build from the spec argument or keyword options (these win).
 
         Raises:
             ValueError: for unknown options or a threshold outside [0, 1].
         """
         spec = "nudenet" + (f":{arg}" if arg else "")
-        options = parse_options(arg)
+        options = {**parse_options(arg), **options}
         threshold = _float_option(options, "threshold", 0.5, spec)
-        if options or not 0 <= threshold <= 1:
-            raise ValueError(f"{spec!r}: allowed option is threshold=<0..1>")
+        if options:
+            raise ValueError(f"unknown options {sorted(options)} for {spec!r}; allowed: threshold")
+        if not 0 <= threshold <= 1:
+            raise ValueError(f"{spec!r}: threshold must be in [0, 1], got {threshold}")
         return cls(threshold, spec)
 
     def classify(self, images: list[Image.Image], categories: list[str | None], policy: Policy) -> list[Verdict]:

@@ -115,18 +115,25 @@ class OCRInpaintEditor:
     instructions. rapidocr (real PP-OCR models) finds the text, OpenCV inpainting removes it and
     the replacement is drawn in the same box with the estimated text colour."""
 
+    OPTIONS = {
+        "match": "minimum similarity (0..1) between a detected line and the text to replace (0.6)",
+        "radius": "OpenCV inpainting radius in pixels (5)",
+        "grow": "how far the text mask is grown, as a share of the line height (0.12)",
+    }
+    takes_mask = False  # it finds the text itself
+
     def __init__(self, options: OCRInpaintOptions, spec: str) -> None:
         self.options = options
         self.spec = spec
 
     @classmethod
-    def from_spec(cls, arg: str | None, device: str = "cpu", **_: Any) -> "OCRInpaintEditor":
-        """Build from ``key=value`` options.
+    def from_spec(cls, arg: str | None, device: str = "cpu", **options: Any) -> "OCRInpaintEditor":
+        """Build from ``key=value`` options (in the spec argument or as keywords, which win).
 
         Raises:
             ValueError: for unknown options, naming the allowed ones.
         """
-        raw = parse_options(arg)
+        raw = {**parse_options(arg), **options}
         allowed = {"match": float, "radius": int, "grow": float}
         unknown = set(raw) - set(allowed)
         if unknown:
@@ -134,12 +141,16 @@ class OCRInpaintEditor:
         options = OCRInpaintOptions(**{k: allowed[k](v) for k, v in raw.items()})
         return cls(options, "ocr-inpaint" + (f":{arg}" if arg else ""))
 
-    def edit(self, images: list[Image.Image], instructions: list[str], seeds: list[int]) -> list[Image.Image]:
+    def edit(self, images: list[Image.Image], instructions: list[str], seeds: list[int],
+             masks: list[Image.Image | None] | None = None) -> list[Image.Image]:
         """Apply each instruction to its image; each row's seed seeds its (only) random step, the colour k-means.
 
         Raises:
+            ValueError: when masks are given (``takes_mask`` is False).
             EditError: for an instruction that is not a text replacement, or text not found.
         """
+        if masks is not None and any(m is not None for m in masks):
+            raise ValueError("ocr-inpaint takes no mask: it finds the text to replace itself")
         return [self._one(image, instruction, seed) for image, instruction, seed in zip(images, instructions, seeds)]
 
     def _one(self, image: Image.Image, instruction: str, seed: int) -> Image.Image:

@@ -21,16 +21,17 @@ class TemplateInstructor:
     """
 
     spec = "template"
+    OPTIONS: dict[str, str] = {}
 
     @classmethod
-    def from_spec(cls, arg: str | None, device: str = "cpu", **_: Any) -> "TemplateInstructor":
-        """Build the template instructor (it takes no argument).
+    def from_spec(cls, arg: str | None, device: str = "cpu", **options: Any) -> "TemplateInstructor":
+        """Build the template instructor (it takes no argument and no options).
 
         Raises:
-            ValueError: when an argument is given.
+            ValueError: when an argument or an option is given.
         """
-        if arg:
-            raise ValueError(f"the template instructor takes no argument, got {arg!r}")
+        if arg or options:
+            raise ValueError(f"the template instructor takes no argument or options, got {arg!r}, {sorted(options)}")
         return cls()
 
     def instruct(self, rows: list[dict[str, Any]], policy: Policy) -> list[InstructResult]:
@@ -60,19 +61,23 @@ class TemplateInstructor:
 class ColumnInstructor:
     """``column:<name>``: the instructions are already in a column of the data."""
 
+    OPTIONS: dict[str, str] = {}
+
     def __init__(self, column: str) -> None:
         self.column = column
         self.spec = f"column:{column}"
 
     @classmethod
-    def from_spec(cls, arg: str | None, device: str = "cpu", **_: Any) -> "ColumnInstructor":
-        """Build from the column name.
+    def from_spec(cls, arg: str | None, device: str = "cpu", **options: Any) -> "ColumnInstructor":
+        """Build from the column name (it takes no options).
 
         Raises:
-            ValueError: when no column is named.
+            ValueError: when no column is named or an option is given.
         """
         if not arg:
             raise ValueError("the column instructor needs a column name: column:<name>")
+        if options:
+            raise ValueError(f"the column instructor takes no options, got {sorted(options)}")
         return cls(arg)
 
     def instruct(self, rows: list[dict[str, Any]], policy: Policy) -> list[InstructResult]:

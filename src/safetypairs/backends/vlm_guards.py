@@ -70,6 +70,16 @@ class VLMGuardOptions:
             raise ValueError("option max_new_tokens must be >= 1")
 
 
+VLM_GUARD_OPTIONS = {
+    "dtype": "auto, float32, float16 or bfloat16",
+    "max_new_tokens": "answer length in tokens",
+    "trust_remote_code": "allow custom model code from the repo (default false)",
+    "revision": "hub revision (branch, tag or commit)",
+    "scope": "all (render the whole policy, default) or category (only the row's category)",
+    "score": "also compute a probability score (default true)",
+}
+
+
 def _vlm_options(alias: str, options: dict[str, str], max_new_tokens: int) -> VLMGuardOptions:
     allowed = {"dtype", "max_new_tokens", "trust_remote_code", "revision", "scope", "score"}
     unknown = set(options) - allowed
@@ -110,6 +120,7 @@ class _PromptedVLMGuard:
 
     alias = ""
     default_tokens = 8
+    OPTIONS = VLM_GUARD_OPTIONS
 
     def __init__(self, model: str, device: str, options: VLMGuardOptions) -> None:
         self.options = options
@@ -213,6 +224,8 @@ class ShieldGemma2Guard:
     categories checked (all, or the row's own with ``scope=category``), unsafe when >= 0.5
     (``score=false`` keeps the label and records no score).
     """
+
+    OPTIONS = VLM_GUARD_OPTIONS
 
     def __init__(self, model: str, device: str, options: VLMGuardOptions) -> None:
         import torch

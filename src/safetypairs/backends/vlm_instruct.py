@@ -126,6 +126,13 @@ class HFVLMInstructor:
     raw text is kept, and an unparsable answer becomes an ``unparsable`` status row.
     """
 
+    OPTIONS = {
+        "dtype": "auto, float32, float16 or bfloat16",
+        "trust_remote_code": "allow custom model code from the repo (default false)",
+        "revision": "hub revision (branch, tag or commit)",
+        "max_new_tokens": "answer length in tokens (default 160)",
+    }
+
     def __init__(self, vlm: Any, spec: str, max_new_tokens: int = 160) -> None:
         self.vlm = vlm
         self.spec = spec
