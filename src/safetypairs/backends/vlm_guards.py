@@ -226,6 +226,10 @@ class LlavaGuard(_PromptedVLMGuard):
     """``llavaguard:<id or path>``: the LlavaGuard prompt (policy with should-not/can lists and
     assessment steps) and its JSON answer (rating, category, rationale).
 
+    The policy is rendered in LlavaGuard's trained layout with every category; ``scope=category``
+    declares the other categories non-violating instead of dropping them. Only the transformers
+    conversions (``-hf`` ids, see `LLAVAGUARD_HF_CHECKPOINTS`) load.
+
     With ``score=true`` (default) one extra forward pass, with the answer prefilled up to the
     rating value, gives P(Unsafe) / (P(Safe) + P(Unsafe)).
     """
