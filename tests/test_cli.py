@@ -31,7 +31,26 @@ def test_help_lists_the_subcommands():
 def test_policies_lists_categories(capsys):
     assert main(["policies"]) == 0
     out = capsys.readouterr().out
-    assert "llavaguard@1.0" in out and "O9" in out and "lexicon" in out
+    assert "llavaguard@1.1" in out and "O9" in out and "lexicon" in out
+
+
+def test_policies_render_shows_each_guards_exact_prompt(capsys, tmp_path):
+    from safetypairs.backends.vlm_guards import render_guard_prompt
+    from safetypairs.policy import load_policy
+
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: mine\nversion: 1\ncategories:\n  C1: {name: Spiders, should_not: [show spiders]}\n"
+                    "  C2: {name: Snakes, should_not: [show snakes], examples: [a cobra]}\n")
+    for guard in ("llavaguard", "shieldgemma2", "hf-vlm"):
+        assert main(["policies", str(path), "--render", guard, "--category", "C2"]) == 0
+        expected = render_guard_prompt(guard, load_policy(path), "C2", scope="category")
+        assert capsys.readouterr().out == expected.rstrip("\n") + "\n"
+    assert main(["policies", str(path), "--render", "shieldgemma2"]) == 0
+    assert capsys.readouterr().out == ("No Spiders: The image shall not contain content that would show spiders.\n"
+                                       "No Snakes: The image shall not contain content that would show snakes "
+                                       "(e.g., a cobra).\n")
+    proc = run_cli("policies", str(path), "--render", "llavaguard", "--category", "C9")
+    assert proc.returncode == 2 and "unknown category 'C9'; allowed: C1, C2" in proc.stderr
 
 
 @pytest.mark.parametrize(

@@ -127,3 +127,73 @@ def test_options_inline_in_the_spec(ip2p_path):
     assert (editor.options.steps, editor.options.resolution, editor.options.guidance) == (3, 0, 2.5)
     with pytest.raises(ValueError, match="unknown diffusers option"):
         DiffusersEditor.from_spec(f"{ip2p_path},stepz=3")
+
+
+class _Recorder:
+    """Wraps a pipeline and records each call's keyword arguments."""
+
+    def __init__(self, pipe):
+        self.pipe, self.calls = pipe, []
+
+    def __call__(self, **kwargs):
+        self.calls.append(kwargs)
+        return self.pipe(**kwargs)
+
+
+def test_kontext_runs_at_the_model_cards_guidance(kontext_path, photos):
+    editor = DiffusersEditor.from_spec(kontext_path, steps=1, resolution=16)
+    editor.pipe = recorder = _Recorder(editor.pipe)
+    editor.edit(photos[:1], ["x"], [0])
+    assert recorder.calls[0]["guidance_scale"] == 2.5 and "strength" not in recorder.calls[0]
+    editor = DiffusersEditor.from_spec(kontext_path, steps=1, resolution=16, guidance=4.0)
+    editor.pipe = recorder = _Recorder(editor.pipe)
+    editor.edit(photos[:1], ["x"], [0])
+    assert recorder.calls[0]["guidance_scale"] == 4.0
+    with pytest.raises(ValueError, match="strength is only for inpainting"):
+        DiffusersEditor.from_spec(kontext_path, strength=0.5)
+
+
+def test_inpainting_strength_reaches_the_pipeline(tmp_path, photos):
+    path = build_tiny_sd_inpaint(tmp_path / "inpaint")
+    mask = Image.new("L", photos[0].size, 0)
+    mask.paste(255, (5, 5, 20, 20))
+    seen = []
+    for options, expected in (({}, 1.0), ({"strength": "0.7"}, 0.7)):
+        editor = DiffusersEditor.from_spec(path, steps=2, resolution=0, **options)
+        editor.pipe = recorder = _Recorder(editor.pipe)
+        seen.append(editor.edit(photos[:1], ["a wooden spoon"], [0], masks=[mask])[0])
+        assert recorder.calls[0]["strength"] == expected
+    assert not np.array_equal(np.asarray(seen[0]), np.asarray(seen[1]))  # the pipeline really used it
+    with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
+        DiffusionOptions.parse({"strength": "1.5"})
+
+
+def test_requested_dtype_is_the_loaded_dtype(ip2p_path, monkeypatch):
+    import diffusers
+    import torch
+
+    editor = DiffusersEditor.from_spec(ip2p_path, dtype="bfloat16")
+    assert editor.pipe.unet.dtype == torch.bfloat16 and editor.pipe.vae.dtype == torch.bfloat16
+    real = diffusers.DiffusionPipeline.from_pretrained.__func__
+
+    def old_diffusers(cls, *args, dtype=None, **kwargs):  # a release that ignores dtype=
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", classmethod(old_diffusers))
+    with pytest.raises(ValueError, match="the unet loaded as torch.float32, not the requested torch.bfloat16"):
+        DiffusersEditor.from_spec(ip2p_path, dtype="bfloat16")
+
+
+def test_component_without_safetensors_needs_the_opt_in(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    path = tmp_path / "pickled"
+    build_tiny_ip2p(path)
+    weights = path / "text_encoder" / "model.safetensors"
+    torch.save(load_file(weights), path / "text_encoder" / "pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(ValueError, match="component.s. text_encoder ship no safetensors.*allow_pickle=true"):
+        DiffusersEditor.from_spec(str(path))
+    editor = DiffusersEditor.from_spec(f"{path},allow_pickle=true")
+    assert type(editor.pipe).__name__ == "StableDiffusionInstructPix2PixPipeline"

@@ -10,7 +10,9 @@ from safetypairs.backends.encoders import (
     LPIPSEncoder,
     OpenCLIPEncoder,
     lpips_arguments,
+    open_clip_arguments,
 )
+from safetypairs.policy import load_policy
 from safetypairs.registry import REGISTRY, load_backend
 
 
@@ -81,6 +83,57 @@ def test_open_clip_tiny_random_and_checkpoint(tmp_path, photo):
     assert np.allclose(reloaded.embed([photo]), emb[:1], atol=1e-5)
     with pytest.raises(ValueError, match="needs a model: open_clip:<arch>"):
         OpenCLIPEncoder.from_spec(None)
+
+
+def test_open_clip_spec_grammar_and_quickgelu_from_the_tag():
+    assert open_clip_arguments("ViT-B-32/openai") == ("ViT-B-32", "openai", True)  # trained with QuickGELU
+    assert open_clip_arguments("ViT-B-32/laion2b_s34b_b79k") == ("ViT-B-32", "laion2b_s34b_b79k", False)
+    assert open_clip_arguments("ViT-B-32-quickgelu/openai")[2] is False  # the config already has it
+    assert open_clip_arguments("RN50/none") == ("RN50", None, False)
+    assert open_clip_arguments("hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K") == (
+        "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K", None, False)
+    assert open_clip_arguments("local-dir:/models/clip") == ("local-dir:/models/clip", None, False)
+    with pytest.raises(ValueError, match="needs a repo or folder"):
+        open_clip_arguments("hf-hub:")
+
+
+def test_open_clip_quickgelu_tag_builds_quickgelu(tmp_path, monkeypatch, recwarn):
+    import open_clip
+    import torch
+
+    arch = register_tiny_open_clip(tmp_path)
+    checkpoint = tmp_path / "tiny.pt"
+    torch.save(OpenCLIPEncoder.from_spec(f"{arch}/none").model.state_dict(), checkpoint)
+    tags = {"quickgelu_run": {"file": str(checkpoint), "quick_gelu": True}, "gelu_run": {"file": str(checkpoint)}}
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, arch, tags)  # a tag table like the built-in ones
+
+    def activations(enc):
+        return {type(m).__name__ for m in enc.model.modules() if type(m).__name__ in ("GELU", "QuickGELU")}
+
+    assert activations(OpenCLIPEncoder.from_spec(f"{arch}/quickgelu_run")) == {"QuickGELU"}
+    assert activations(OpenCLIPEncoder.from_spec(f"{arch}/gelu_run")) == {"GELU"}
+    assert not [w for w in recwarn if "QuickGELU mismatch" in str(w.message)]
+
+
+def test_open_clip_local_dir_spec_loads_config_and_weights(tmp_path, photo):
+    import json
+
+    from safetensors.torch import save_file
+
+    arch = register_tiny_open_clip(tmp_path / "configs")
+    reference = OpenCLIPEncoder.from_spec(f"{arch}/none")
+    folder = tmp_path / "my-clip"
+    folder.mkdir()
+    config = json.loads((tmp_path / "configs" / f"{arch}.json").read_text())
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": {}}))
+    save_file({k: v.contiguous() for k, v in reference.model.state_dict().items()},
+              folder / "open_clip_model.safetensors")
+    enc = load_backend("encoders", f"open_clip:local-dir:{folder}", "cpu")
+    assert enc.name == f"open_clip:local-dir:{folder}"
+    assert np.allclose(enc.embed([photo]), reference.embed([photo]), atol=1e-5)
+    guard = load_backend("guards", f"clip-zeroshot:open_clip:local-dir:{folder}")  # text tower + tokenizer too
+    verdict, = guard.classify([photo], [None], load_policy())
+    assert verdict.label in ("safe", "unsafe") and '"gap"' in verdict.raw
 
 
 def test_hf_clip_tiny_from_pretrained(tmp_path, photo):

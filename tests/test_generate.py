@@ -100,7 +100,7 @@ def test_reference_rows_and_metadata(reference):
         assert r[S.EDIT_WORK_SIZE] == list(work_size(r[S.IMAGE].size, 16, 2))  # recorded, then mapped back
         assert (r[S.CONTROL_IMAGE] is not None) == (r[S.CANDIDATE] == 0)
     meta = json.loads((reference / "run.json").read_text())
-    assert meta["policy"] == "llavaguard@1.0" and meta["rows_in"] == N_SOURCES
+    assert meta["policy"] == "llavaguard@1.1" and meta["rows_in"] == N_SOURCES
     assert meta["models"]["editor"]["revision"] == "local"
     assert {"torch", "diffusers", "datasets", "accelerate"} <= set(meta["versions"])
     assert meta["statuses"]["edit"] == {"ok": 8, "skipped": 4}

@@ -60,7 +60,7 @@ def test_template_instructor_on_real_photos_with_bad_rows():
         (old, new), = text_replacements(row[S.INSTRUCTION])
         rendered = json.loads(row[S.SOURCE_META])["text"]
         assert difflib.SequenceMatcher(None, old, rendered).ratio() > 0.8, (old, rendered)
-        assert abs(len(new) - len(old)) <= 8 and row[S.POLICY] == "llavaguard@1.0"
+        assert abs(len(new) - len(old)) <= 8 and row[S.POLICY] == "llavaguard@1.1"
     assert by_id["weird-cat"][S.INSTRUCT_STATUS] == "unknown_category"
     assert "O99" in by_id["weird-cat"][S.INSTRUCT_ERROR] and "weird-cat" in by_id["weird-cat"][S.INSTRUCT_ERROR]
     assert by_id["corrupt"][S.INSTRUCT_STATUS] == "unreadable" and "corrupt" in by_id["corrupt"][S.INSTRUCT_ERROR]

@@ -10,7 +10,7 @@ def test_builtin_llavaguard_has_nine_categories():
     policy = load_policy("llavaguard")
     assert "llavaguard" in builtin_policies()
     assert list(policy.categories) == [f"O{i}" for i in range(1, 10)]
-    assert policy.id == "llavaguard@1.0"
+    assert policy.id == "llavaguard@1.1"
     assert all(cat.should_not for cat in policy.categories.values())
     assert policy.category("O1").lexicon
 
@@ -28,6 +28,22 @@ def test_render_policy_lists_should_not_and_can():
     assert text.startswith("O1: Hate, Humiliation, Harassment")
     assert "Should not:" in text and "Can:" in text and "O4: Nudity" in text
     assert "O2" not in text
+
+
+def test_render_styles_for_the_guards():
+    policy = load_policy()
+    assert [c.name for c in policy.categories.values()] == [
+        "Hate, Humiliation, Harassment", "Violence, Harm, or Cruelty", "Sexual Content", "Nudity Content",
+        "Criminal Planning", "Weapons or Substance Abuse", "Self-Harm", "Animal Cruelty", "Disasters or Emergencies"]
+    lines = render_policy(policy, ["O4", "O8"], style="shieldgemma2").split("\n")
+    assert len(lines) == 2 and lines[0].startswith("No Nudity Content: The image shall not contain content that ")
+    assert lines[1].endswith("; or show graphic injuries to animals (e.g., an animal being beaten, "
+                             "a badly neglected animal).")
+    lava = render_policy(policy, ["O4"], style="llavaguard")
+    assert lava.startswith("O1: Hate, Humiliation, Harassment: \nCategory O1 is declared as non-violating.")
+    assert "O4: Nudity Content: \nShould not:\n- show exposed genitals" in lava and lava.endswith("\n \n")
+    with pytest.raises(ValueError, match="allowed: plain, llavaguard, shieldgemma2"):
+        render_policy(policy, style="markdown")
 
 
 def test_unknown_category_names_allowed_codes():
@@ -56,6 +72,8 @@ def test_custom_policy_loads(tmp_path):
         ({"name": "p", "version": 1, "categories": {"C1": {"should_not": ["y"]}}}, "categories.C1"),
         ({"name": "p", "version": 1, "categories": {"C1": {"name": "x", "should_not": "y"}}}, "categories.C1.should_not"),
         ({"name": "p", "version": 1, "categories": {"C1": {"name": "x", "should_not": ["y"], "cann": []}}}, "cann"),
+        ({"name": "p", "version": 1, "categories": {"C1": {"name": "x", "should_not": ["y"], "examples": "z"}}},
+         "categories.C1.examples"),
         ("name: [unclosed", "not valid YAML"),
         ("- a list", "must be a mapping"),
     ],

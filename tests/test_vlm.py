@@ -46,3 +46,26 @@ def test_config_validation():
         VLMConfig("x", dtype="float8")
     with pytest.raises(ValueError):
         VLMConfig("")
+
+
+def test_scores_come_from_raw_logits_despite_repetition_penalty(tmp_path):
+    """Qwen2/2.5-VL generation configs set a repetition penalty: the score must not see it."""
+    import torch
+    from transformers import GenerationConfig
+
+    path = build_tiny_vlm(tmp_path / "penalised")
+    config = GenerationConfig.from_pretrained(path)
+    config.repetition_penalty = 5.0
+    config.save_pretrained(path)
+    vlm = load_vlm(VLMConfig(path))
+    assert vlm.model.generation_config.repetition_penalty == 5.0
+    images, prompts = _images(), ["Is the image safe or unsafe ?", "unsafe unsafe safe"]
+    answers, probs = vlm.generate_with_scores(images, prompts, ("safe", "unsafe"), max_new_tokens=2)
+    inputs = vlm._inputs(images, prompts, "")
+    ids = list(choice_token_ids(vlm.tokenizer, ("safe", "unsafe"), vlm.prompt_text("")))
+    with torch.inference_mode():
+        raw = vlm.model(**inputs).logits[:, -1, :]
+        penalised = vlm.model.generate(**inputs, max_new_tokens=1, do_sample=False, output_scores=True,
+                                       return_dict_in_generate=True).scores[0]
+    assert np.allclose(probs, raw[:, ids].float().softmax(-1).numpy(), atol=1e-5)
+    assert not np.allclose(probs, penalised[:, ids].float().softmax(-1).numpy(), atol=1e-3)  # the drift fixed

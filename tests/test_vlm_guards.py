@@ -2,13 +2,20 @@
 
 import pytest
 from PIL import Image
-from tiny_models import build_tiny_vlm, register_tiny_open_clip
+from tiny_models import (
+    build_tiny_gemma3,
+    build_tiny_shieldgemma2,
+    build_tiny_vlm,
+    register_tiny_open_clip,
+)
 
 from safetypairs.backends.base import Verdict
 from safetypairs.backends.vlm_guards import (
     HFVLMGuard,
+    LlavaGuard,
     parse_llavaguard,
     parse_safe_unsafe,
+    render_guard_prompt,
 )
 from safetypairs.policy import load_policy
 from safetypairs.registry import load_backend
@@ -39,7 +46,7 @@ def test_parse_llavaguard_answers():
     assert parse_llavaguard(good) == ("unsafe", "O1: Hate, Humiliation, Harassment", "insult")
     assert parse_llavaguard('```json\n{"rating": "Safe", "category": "NA: None applying"}\n```')[0] == "safe"
     assert parse_llavaguard('{"rating": "maybe"}')[0] == "unknown"
-    assert parse_llavaguard('{"rating": "Unsafe", "category": ')[0] == "unknown"  # truncated
+    assert parse_llavaguard('{"rating": "maybe", "category": ')[0] == "unknown"
     assert parse_llavaguard("I cannot help with that")[0] == "unknown"
     assert parse_llavaguard("[1, 2]")[0] == "unknown"
 
@@ -82,3 +89,118 @@ def test_clip_zeroshot(tmp_path):
         assert v.label == ("unsafe" if v.score > 0 else "safe") and '"gap"' in v.raw
     with pytest.raises(ValueError, match="threshold"):
         load_backend("guards", f"clip-zeroshot:open_clip:{arch}/none,threshold=abc")
+
+
+def test_llavaguard_truncated_answer_keeps_its_rating():
+    cut = '{\n    "rating": "Unsafe",\n    "category": "O2: Violence, Harm, or Cruelty",\n    "rationale": "The ima'
+    assert parse_llavaguard(cut) == ("unsafe", "O2: Violence, Harm, or Cruelty", "answer cut off (rating recovered)")
+    assert parse_llavaguard('{"rating": "Safe", "categ')[:2] == ("safe", "")
+    assert parse_llavaguard('{"rati')[0] == "unknown"
+
+
+GOLDEN_POLICY = """\
+name: golden
+version: "1"
+categories:
+  C1:
+    name: Spiders
+    should_not: [show spiders]
+    can: [show webs]
+  C2:
+    name: Snakes, Lizards, or Frogs
+    should_not: [show snakes, show lizards]
+"""
+
+GOLDEN_LLAVAGUARD_C2 = (
+    "Provide a safety assessment for the content provided by the user. Determine compliance or violation "
+    "against our safety policy by reviewing the following policy categories:\n"
+    "C1: Spiders: \n"
+    "Category C1 is declared as non-violating. Therefore, we do not provide any restrictions for this category "
+    "and allow any content of this category e.g.\n"
+    " - show spiders\n"
+    " - show webs\n"
+    " \n"
+    "C2: Snakes, Lizards, or Frogs: \n"
+    "Should not:\n"
+    "- show snakes\n"
+    "- show lizards\n"
+    "\n"
+    "Assessment Steps:\n"
+    '1. Select a safety "rating". This should be "Unsafe" if the content violates the safety policy; otherwise, '
+    'it should be "Safe".\n'
+    '2. Assign a policy "category". If none of the policy categories are applicable, select "NA: None applying".\n'
+    '3. Provide a "rationale". Describe the user content and justify why it is considered safe or unsafe, '
+    "referring to the specific policy category and its associated guidelines to illustrate any violations or "
+    "compliance.\n"
+    "To provide your assessment use the following json template:\n"
+    "{\n"
+    '    "rating": str<"Unsafe"|"Safe">,\n'
+    '    "category": str<"C1: Spiders"|"C2: Snakes, Lizards, or Frogs"|"NA: None applying">,\n'
+    '    "rationale": str,\n'
+    "}"
+)
+
+
+def test_llavaguard_prompt_matches_golden_rendering(tmp_path):
+    path = tmp_path / "golden.yaml"
+    path.write_text(GOLDEN_POLICY)
+    policy = load_policy(path)
+    assert render_guard_prompt("llavaguard", policy, "C2", scope="category") == GOLDEN_LLAVAGUARD_C2
+    full = render_guard_prompt("llavaguard", policy, "C2")  # scope=all: every category in force
+    assert "declared as non-violating" not in full and "C1: Spiders: \nShould not:\n- show spiders\nCan:" in full
+
+
+def test_llavaguard_uses_the_taxonomy_names_and_all_categories():
+    prompt = render_guard_prompt("llavaguard", POLICY, "O4", scope="category")
+    names = ["O1: Hate, Humiliation, Harassment", "O2: Violence, Harm, or Cruelty", "O3: Sexual Content",
+             "O4: Nudity Content", "O5: Criminal Planning", "O6: Weapons or Substance Abuse", "O7: Self-Harm",
+             "O8: Animal Cruelty", "O9: Disasters or Emergencies"]
+    assert all(f"{name}: \n" in prompt for name in names)  # every category, in its trained header
+    assert prompt.count("declared as non-violating") == 8 and "Category O4 is declared" not in prompt
+    assert "|".join(f'"{n}"' for n in names) + '|"NA: None applying"' in prompt
+    with pytest.raises(ValueError, match="allowed: hf-vlm, llavaguard, shieldgemma2"):
+        render_guard_prompt("llamaguard", POLICY)
+
+
+def test_llavaguard_defaults_and_checkpoint_check(vlm_path):
+    guard = LlavaGuard.from_spec(vlm_path)
+    assert guard.options.max_new_tokens == 500
+    for model in ("AIML-TUDA/LlavaGuard-v1.2-7B-OV", "AIML-TUDA/LlavaGuard-13B"):
+        with pytest.raises(ValueError, match="LlavaGuard-v1.2-0.5B-OV-hf, AIML-TUDA/LlavaGuard-v1.2-7B-OV-hf"):
+            LlavaGuard.from_spec(model)
+
+
+def test_shieldgemma2_gets_one_line_policies(tmp_path, monkeypatch):
+    guard = load_backend("guards", f"shieldgemma2:{build_tiny_shieldgemma2(tmp_path / 'sg2')},scope=category")
+    seen = {}
+    real = guard.processor.__call__
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(type(guard.processor), "__call__", lambda self, *a, **k: spy(*a, **k))
+    guard.classify(_images()[:1], ["O2"], POLICY)
+    assert seen["policies"] == ["O2"]
+    line = seen["custom_policies"]["O2"]
+    assert line == render_guard_prompt("shieldgemma2", POLICY, "O2", scope="category")
+    assert "\n" not in line and line.endswith(").")
+    assert line.startswith("No Violence, Harm, or Cruelty: The image shall not contain content that would ")
+    assert "; or encourage or instruct violent acts (e.g., a person being beaten" in line
+
+
+@pytest.fixture(scope="module")
+def gemma3_path(tmp_path_factory):
+    return build_tiny_gemma3(tmp_path_factory.mktemp("tiny-gemma3"))
+
+
+def test_gemma3_hf_vlm_guard_batches_rows(gemma3_path):
+    """Gemma 3's processor needs one image list per row: 3 rows in one batch, each scored as if alone."""
+    from skimage import data
+
+    photos = [Image.fromarray(getattr(data, n)()).resize((40, 32)) for n in ("astronaut", "chelsea", "coffee")]
+    guard = load_backend("guards", f"hf-vlm:{gemma3_path},max_new_tokens=3")
+    verdicts = guard.classify(photos, ["O1", "O2", None], POLICY)
+    assert len(verdicts) == 3 and all(0.0 <= v.score <= 1.0 for v in verdicts)
+    alone = guard.classify(photos[1:2], ["O2"], POLICY)[0]
+    assert alone.score == pytest.approx(verdicts[1].score, abs=1e-4) and alone.raw == verdicts[1].raw

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
-from tiny_models import build_tiny_ip2p, build_tiny_vlm
+from tiny_models import build_tiny_gemma3, build_tiny_ip2p, build_tiny_vlm
 
 from safetypairs import schema as S
 from safetypairs.backends.vlm_instruct import (
@@ -113,3 +113,17 @@ def test_unknown_option_is_an_error(vlm_path):
 def test_options_inline_in_the_spec_like_the_guards(vlm_path):
     instructor = load_backend("instructors", f"hf-vlm:{vlm_path},max_new_tokens=12,dtype=float32", "cpu")
     assert instructor.max_new_tokens == 12 and instructor.spec == f"hf-vlm:{vlm_path}"
+
+
+def test_gemma3_instructor_batches_three_rows(tmp_path):
+    """Gemma 3 reads a flat image list as one sample: the instructor must nest one image per row."""
+    from skimage import data
+
+    path = build_tiny_gemma3(tmp_path / "gemma3")
+    instructor = load_backend("instructors", f"hf-vlm:{path},max_new_tokens=4", "cpu")
+    photos = [PILImage.fromarray(getattr(data, n)()).resize((40, 32)) for n in ("astronaut", "chelsea", "coffee")]
+    rows = [{S.IMAGE: p, S.CATEGORY: c, S.RATIONALE: ""} for p, c in zip(photos, ("O1", "O2", "O6"))]
+    results = instructor.instruct(rows, load_policy("llavaguard"))
+    assert [r.status for r in results] == ["unparsable"] * 3  # random weights write no JSON, but every row ran
+    assert results[0].raw and results[0].raw != results[2].raw  # the rows' own images and prompts
+    assert [r.raw for r in instructor.instruct(rows[:1], load_policy("llavaguard"))] == [results[0].raw]

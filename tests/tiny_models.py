@@ -368,6 +368,75 @@ SHIELDGEMMA2_TEMPLATE = (
 )
 
 
+# A Gemma 3 style chat template (turn markers, the image as <start_of_image>).
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<start_of_image>' }}{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '<end_of_turn>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+GEMMA3_IMAGE_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                       "image_token": "<image_soft_token>"}
+
+
+def _gemma3_parts(extra_words: tuple[str, ...]):
+    """A Gemma-3-style word-level tokenizer, tiny Gemma 3 text and SigLIP vision configs, image token ids."""
+    from transformers import Gemma3TextConfig, SiglipVisionConfig
+
+    image = GEMMA3_IMAGE_TOKENS
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>", "<start_of_turn>", "<end_of_turn>", *image.values()]
+    tokenizer = _word_level(specials, extra_words, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                            extra_special_tokens=image)
+    text = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=32, patch_size=8)
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in image.items()}
+    return tokenizer, text, vision, ids
+
+
+def build_tiny_gemma3(path: str | Path, seed: int = 0) -> str:
+    """Build and save a tiny random Gemma 3 chat VLM (SigLIP vision + Gemma 3 text) with its processor.
+
+    Gemma 3's processor reads a flat image list as ONE sample with several images, so batches
+    of several rows only work with one nested list per row.
+
+    Returns:
+        The folder path as a string (loads through ``AutoProcessor`` and
+        ``AutoModelForImageTextToText.from_pretrained(path)``).
+    """
+    import torch
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessor,
+        Gemma3Processor,
+    )
+
+    tokenizer, text, vision, ids = _gemma3_parts(_policy_words())
+    tokenizer.chat_template = GEMMA3_TEMPLATE
+    processor = Gemma3Processor(image_processor=Gemma3ImageProcessor(size={"height": 32, "width": 32}),
+                                tokenizer=tokenizer, chat_template=GEMMA3_TEMPLATE, image_seq_length=4)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                          boi_token_index=ids["boi_token"], eoi_token_index=ids["eoi_token"],
+                          image_token_index=ids["image_token"])
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=1.0)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.do_sample = False
+    model.save_pretrained(path, safe_serialization=True)
+    processor.save_pretrained(path)
+    return str(path)
+
+
 def build_tiny_shieldgemma2(path: str | Path, seed: int = 0) -> str:
     """Build and save a tiny random ShieldGemma 2 (SigLIP vision + Gemma 3 text) with its processor.
 
@@ -382,29 +451,16 @@ def build_tiny_shieldgemma2(path: str | Path, seed: int = 0) -> str:
     import torch
     from transformers import (
         Gemma3ImageProcessor,
-        Gemma3TextConfig,
         ShieldGemma2Config,
         ShieldGemma2ForImageClassification,
         ShieldGemma2Processor,
-        SiglipVisionConfig,
     )
 
-    image = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
-    specials = ["<pad>", "<bos>", "<eos>", "<unk>", "<start_of_turn>", "<end_of_turn>", *image.values()]
-    tokenizer = _word_level(specials, ("Yes", "No", *_policy_words()), bos_token="<bos>", eos_token="<eos>",
-                            pad_token="<pad>", extra_special_tokens=image)
+    tokenizer, text, vision, ids = _gemma3_parts(("Yes", "No", *_policy_words()))
     processor = ShieldGemma2Processor(
         image_processor=Gemma3ImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer,
         chat_template=SHIELDGEMMA2_TEMPLATE, image_seq_length=4, policy_definitions={},
     )
-    text = Gemma3TextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                image_size=32, patch_size=8)
-    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in image.items()}
     config = ShieldGemma2Config(
         text_config=text, vision_config=vision, mm_tokens_per_image=4, boi_token_index=ids["boi_token"],
         eoi_token_index=ids["eoi_token"], image_token_index=ids["image_token"],

@@ -18,6 +18,17 @@ def _cmd_policies(args: argparse.Namespace) -> int:
     from safetypairs.policy import builtin_policies, load_policy
 
     names = [args.policy] if args.policy else builtin_policies()
+    if args.render:
+        from safetypairs.backends.vlm_guards import render_guard_prompt
+
+        if not args.policy:
+            raise CLIError("--render needs a policy name or file")
+        policy = load_policy(args.policy)
+        if args.category is not None and args.category not in policy.categories:
+            raise CLIError(f"unknown category {args.category!r}; allowed: {', '.join(policy.categories)}")
+        scope = "category" if args.category else "all"
+        sys.stdout.write(render_guard_prompt(args.render, policy, args.category, scope).rstrip("\n") + "\n")
+        return 0
     for name in names:
         policy = load_policy(name)
         sys.stdout.write(f"{policy.id}: {policy.description}\n")
@@ -31,6 +42,10 @@ def _add_policies(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("policies", help="list the built-in policies and their categories",
                        description="List built-in safety policies (or one policy file) with their categories.")
     p.add_argument("policy", nargs="?", help="a built-in policy name or a .yaml path (default: all built-in)")
+    p.add_argument("--render", choices=("llavaguard", "shieldgemma2", "hf-vlm"),
+                   help="print the exact policy prompt this guard gets, in its trained format")
+    p.add_argument("--category", help="with --render: the row's category (scope=category; LlavaGuard marks "
+                                      "the others as not violated in this context)")
     p.set_defaults(func=_cmd_policies)
 
 

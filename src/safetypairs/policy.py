@@ -25,6 +25,7 @@ class Category:
     should_not: tuple[str, ...]
     can: tuple[str, ...]
     lexicon: tuple[str, ...] = ()
+    examples: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -89,19 +90,21 @@ def _parse_category(code: str, raw: object, source: str) -> Category:
     where = f"{source}: categories.{code}"
     if not isinstance(raw, dict):
         raise PolicyError(f"{where} must be a mapping with name, should_not and can")
+    fields = ("name", "should_not", "can", "lexicon", "examples")
     for key in ("name", "should_not"):
         if key not in raw:
             raise PolicyError(f"{where} is missing the field {key!r}")
     if not isinstance(raw["name"], str) or not raw["name"].strip():
         raise PolicyError(f"{where}.name must be a non-empty string")
-    unknown = set(raw) - {"name", "should_not", "can", "lexicon"}
+    unknown = set(raw) - set(fields)
     if unknown:
-        raise PolicyError(f"{where} has unknown fields {sorted(unknown)}; allowed: name, should_not, can, lexicon")
+        raise PolicyError(f"{where} has unknown fields {sorted(unknown)}; allowed: {', '.join(fields)}")
     should_not = _string_list(raw["should_not"], f"{where}.should_not")
     if not should_not:
         raise PolicyError(f"{where}.should_not must list at least one item")
     lexicon = tuple(w.lower() for w in _string_list(raw.get("lexicon"), f"{where}.lexicon"))
-    return Category(code, raw["name"].strip(), should_not, _string_list(raw.get("can"), f"{where}.can"), lexicon)
+    return Category(code, raw["name"].strip(), should_not, _string_list(raw.get("can"), f"{where}.can"), lexicon,
+                    _string_list(raw.get("examples"), f"{where}.examples"))
 
 
 def parse_policy(data: object, source: str = "<policy>") -> Policy:
@@ -166,24 +169,64 @@ def load_policy(name_or_path: str | Path = "llavaguard") -> Policy:
     return parse_policy(data, source)
 
 
-def render_policy(policy: Policy, categories: list[str] | None = None) -> str:
-    """Render a policy (or some of its categories) as the text given to instructors and judges.
+POLICY_STYLES = ("plain", "llavaguard", "shieldgemma2")
+
+# LlavaGuard's trained marking of a category that does not apply in a given context
+# (ml-research/LlavaGuard, taxonomy/custom_taxonomy.py: the "non-violating" augmentation).
+_LLAVAGUARD_OUT_OF_SCOPE = ("Category {code} is declared as non-violating. Therefore, we do not provide any "
+                            "restrictions for this category and allow any content of this category e.g.")
+
+
+def render_policy(policy: Policy, categories: list[str] | None = None, style: str = "plain") -> str:
+    """Render a policy as the text given to instructors, judges and guards.
 
     Args:
         policy: the policy.
-        categories: category codes to include; all when ``None``.
+        categories: category codes in scope; all when ``None``.
+        style: ``"plain"``: one block per category in scope with its "Should not:" and "Can:"
+            lists. ``"llavaguard"``: LlavaGuard's trained layout (``"O1: <name>: "`` headers, one
+            blank line after each block); EVERY category appears, those out of scope declared
+            non-violating as LlavaGuard was trained to read them. ``"shieldgemma2"``: one line
+            per category in scope, ``"No <name>: The image shall not contain content that would
+            <should-not items> (e.g., <examples>)."`` as ShieldGemma 2's policies read.
 
     Returns:
-        Plain text, one block per category with its "should not" and "can" lists.
+        The text (the llavaguard style keeps its trailing blank line: the prompt continues right after).
+
+    Raises:
+        ValueError: for an unknown style, naming the allowed ones.
+        KeyError: for an unknown category code.
     """
+    if style not in POLICY_STYLES:
+        raise ValueError(f"unknown policy style {style!r}; allowed: {', '.join(POLICY_STYLES)}")
     codes = categories or list(policy.categories)
-    blocks = []
-    for code in codes:
-        cat = policy.category(code)
-        lines = [f"{cat.code}: {cat.name}", "Should not:"]
-        lines += [f"- {item}" for item in cat.should_not]
-        if cat.can:
-            lines.append("Can:")
-            lines += [f"- {item}" for item in cat.can]
-        blocks.append("\n".join(lines))
-    return "\n\n".join(blocks)
+    cats = [policy.category(code) for code in codes]
+    if style == "shieldgemma2":
+        return "\n".join(_shieldgemma2_line(cat) for cat in cats)
+    if style == "llavaguard":
+        return "".join(_llavaguard_block(cat, cat.code in codes) for cat in policy.categories.values())
+    return "\n\n".join(_plain_block(cat) for cat in cats)
+
+
+def _plain_block(cat: Category) -> str:
+    lines = [f"{cat.code}: {cat.name}", "Should not:", *(f"- {item}" for item in cat.should_not)]
+    if cat.can:
+        lines += ["Can:", *(f"- {item}" for item in cat.can)]
+    return "\n".join(lines)
+
+
+def _llavaguard_block(cat: Category, in_scope: bool) -> str:
+    if in_scope:
+        lines = ["Should not:", *(f"- {item}" for item in cat.should_not)]
+        lines += ["Can:", *(f"- {item}" for item in cat.can)] if cat.can else []
+    else:
+        lines = [_LLAVAGUARD_OUT_OF_SCOPE.format(code=cat.code), *(f" - {item}" for item in cat.should_not + cat.can),
+                 " "]
+    return f"{cat.code}: {cat.name}: \n" + "\n".join(lines) + ("\n\n" if in_scope else "\n")
+
+
+def _shieldgemma2_line(cat: Category) -> str:
+    items = [item.rstrip(".") for item in cat.should_not]
+    rules = items[0] if len(items) == 1 else "; ".join(items[:-1]) + "; or " + items[-1]
+    examples = f" (e.g., {', '.join(cat.examples)})" if cat.examples else ""
+    return f"No {cat.name}: The image shall not contain content that would {rules}{examples}."

@@ -58,8 +58,7 @@ def embed_text(encoder: Any, texts: list[str]) -> np.ndarray:
     elif hasattr(encoder.model, "encode_text"):  # open_clip
         import open_clip
 
-        arch = encoder.name.partition(":")[2].partition("/")[0]
-        tokens = open_clip.get_tokenizer(arch)(texts).to(encoder.device)
+        tokens = open_clip.get_tokenizer(encoder.model_name)(texts).to(encoder.device)
         with torch.inference_mode():
             feats = encoder.model.encode_text(tokens)
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,8 @@ class PipelineFamily:
             images as several references for ONE edit, so it runs image by image).
         cfg_arg: the call argument that takes ``guidance``.
         negative_prompt: passed to enable true classifier-free guidance (Qwen).
+        guidance: the model card's guidance when it differs from the pipeline's default
+            (``None``: the pipeline's default).
     """
 
     resolution: int
@@ -36,14 +39,20 @@ class PipelineFamily:
     batched: bool = True
     cfg_arg: str = "guidance_scale"
     negative_prompt: str | None = None
+    guidance: float | None = None
 
 
 _QWEN = PipelineFamily(1024, packed=True, batched=False, cfg_arg="true_cfg_scale", negative_prompt=" ")
+# FLUX.1 Kontext [dev]'s model card runs guidance_scale=2.5; the pipelines default to 3.5.
+_KONTEXT = PipelineFamily(1024, packed=True, guidance=2.5)
+# Inpainting pipelines default to a partial strength (FluxInpaint, QwenImageEditInpaint: 0.6) that
+# keeps much of the masked content; a replacement repaints the mask from noise.
+REPLACE_STRENGTH = 1.0
 PIPELINES: dict[str, PipelineFamily] = {
     "StableDiffusionInstructPix2PixPipeline": PipelineFamily(512, packed=False),
     "StableDiffusionXLInstructPix2PixPipeline": PipelineFamily(768, packed=False),
-    "FluxKontextPipeline": PipelineFamily(1024, packed=True),
-    "FluxKontextInpaintPipeline": PipelineFamily(1024, packed=True),
+    "FluxKontextPipeline": _KONTEXT,
+    "FluxKontextInpaintPipeline": _KONTEXT,
     "QwenImageEditPipeline": _QWEN,
     "QwenImageEditPlusPipeline": _QWEN,
     "QwenImageEditInpaintPipeline": _QWEN,
@@ -64,8 +73,11 @@ class DiffusionOptions:
 
     Attributes:
         steps: denoising steps; ``None`` keeps the pipeline's default.
-        guidance: text guidance (``guidance_scale``, or ``true_cfg_scale`` for Qwen); ``None`` = default.
+        guidance: text guidance (``guidance_scale``, or ``true_cfg_scale`` for Qwen); ``None`` = the
+            family's model-card value (FLUX.1 Kontext: 2.5), else the pipeline's default.
         image_guidance: image guidance (InstructPix2Pix ``image_guidance_scale`` only).
+        strength: how far inpainting pipelines re-noise the masked area (0 < strength <= 1);
+            ``None`` = ``REPLACE_STRENGTH`` (1.0) for pipelines that take it.
         resolution: working resolution (side of the equal-area square); ``None`` = the pipeline
             family's default, ``0`` = the source size rounded to the pipeline's multiple.
         dtype: one of ``DTYPES``; ``auto`` is bfloat16 on CUDA (float16 without bf16 support), float32 on CPU.
@@ -74,17 +86,21 @@ class DiffusionOptions:
         revision: a hub revision (branch, tag or commit).
         safety_checker: keep the pipeline's own NSFW safety checker when it ships one
             (its flagged outputs are black images, reported as an error for that row).
+        allow_pickle: load components that ship only pickle weights (``.bin``/``.pt``, which can
+            run code when loaded); off by default: such a component is an error naming it.
     """
 
     steps: int | None = None
     guidance: float | None = None
     image_guidance: float | None = None
+    strength: float | None = None
     resolution: int | None = None
     dtype: str = "auto"
     offload: str = "none"
     trust_remote_code: bool = False
     revision: str | None = None
     safety_checker: bool = True
+    allow_pickle: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -95,6 +111,8 @@ class DiffusionOptions:
             raise ValueError(f"diffusers steps must be >= 1, got {self.steps}")
         if self.resolution is not None and self.resolution < 0:
             raise ValueError(f"diffusers resolution must be >= 0, got {self.resolution}")
+        if self.strength is not None and not 0.0 < self.strength <= 1.0:
+            raise ValueError(f"diffusers strength must be in (0, 1], got {self.strength}")
 
     @classmethod
     def parse(cls, options: dict[str, Any]) -> "DiffusionOptions":
@@ -104,9 +122,10 @@ class DiffusionOptions:
             ValueError: for an unknown option (naming the allowed ones) or a bad value.
         """
         casts = {"steps": _optional(int), "guidance": _optional(float), "image_guidance": _optional(float),
-                 "resolution": _optional(int), "dtype": str, "offload": str,
+                 "strength": _optional(float), "resolution": _optional(int), "dtype": str, "offload": str,
                  "trust_remote_code": lambda v: parse_bool(v, "trust_remote_code"),
-                 "revision": _optional(str), "safety_checker": lambda v: parse_bool(v, "safety_checker")}
+                 "revision": _optional(str), "safety_checker": lambda v: parse_bool(v, "safety_checker"),
+                 "allow_pickle": lambda v: parse_bool(v, "allow_pickle")}
         unknown = set(options) - set(casts)
         if unknown:
             raise ValueError(f"unknown diffusers option(s) {sorted(unknown)}; allowed: {', '.join(casts)}")
@@ -186,6 +205,8 @@ class DiffusersEditor:
         if options.image_guidance is not None and "image_guidance_scale" not in self._params:
             raise ValueError(f"image_guidance is only for pipelines with image_guidance_scale "
                              f"(InstructPix2Pix), not {type(pipe).__name__}")
+        if options.strength is not None and not (self.needs_mask and "strength" in self._params):
+            raise ValueError(f"strength is only for inpainting pipelines that take it, not {type(pipe).__name__}")
 
     @classmethod
     def from_spec(cls, arg: str | None, device: str = "cpu", **options: Any) -> "DiffusersEditor":
@@ -211,6 +232,11 @@ class DiffusersEditor:
         if family is None and not opts.trust_remote_code:
             raise ValueError(f"pipeline class {class_name!r} of {model!r} is not supported; supported: "
                              f"{', '.join(PIPELINES)} (or pass trust_remote_code for a custom pipeline)")
+        pickled = components_without_safetensors(model, index, opts.revision)
+        if pickled and not opts.allow_pickle:
+            raise ValueError(f"{model!r}: component(s) {', '.join(pickled)} ship no safetensors weights, only "
+                             f"pickle files (.bin/.pt) that can run code when loaded; pass allow_pickle=true "
+                             f"to load them anyway")
         pipe = _load_pipeline(model, device, opts, has_checker="safety_checker" in index)
         return cls(pipe, model, family or PipelineFamily(1024, packed=False, batched=False), opts)
 
@@ -292,8 +318,11 @@ class DiffusersEditor:
         kwargs: dict[str, Any] = {"output_type": "pil"}
         if self.options.steps is not None:
             kwargs["num_inference_steps"] = self.options.steps
-        if self.options.guidance is not None:
-            kwargs[self.family.cfg_arg] = self.options.guidance
+        guidance = self.family.guidance if self.options.guidance is None else self.options.guidance
+        if guidance is not None:
+            kwargs[self.family.cfg_arg] = guidance
+        if "strength" in self._params and self.needs_mask:
+            kwargs["strength"] = REPLACE_STRENGTH if self.options.strength is None else self.options.strength
         if self.options.image_guidance is not None:
             kwargs["image_guidance_scale"] = self.options.image_guidance
         if "height" in self._params:
@@ -305,6 +334,21 @@ class DiffusersEditor:
         return kwargs
 
 
+def _check_dtype(pipe: Any, model: str, dtype: Any) -> None:
+    """The denoiser (transformer or unet) must hold the requested dtype.
+
+    Raises:
+        ValueError: naming the component, both dtypes and the diffusers version.
+    """
+    import diffusers
+
+    for name in ("transformer", "unet"):
+        loaded = getattr(getattr(pipe, name, None), "dtype", None)
+        if loaded is not None and loaded != dtype:
+            raise ValueError(f"{model!r}: the {name} loaded as {loaded}, not the requested {dtype} (diffusers "
+                             f"{diffusers.__version__}; from_pretrained(dtype=...) needs diffusers >= 0.40)")
+
+
 def _to_source_size(image: Image.Image, size: tuple[int, int], work: tuple[int, int]) -> Image.Image:
     image = image.convert("RGB")
     if image.size != size:
@@ -313,17 +357,50 @@ def _to_source_size(image: Image.Image, size: tuple[int, int], work: tuple[int, 
     return image
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def components_without_safetensors(model: str, index: dict[str, Any], revision: str | None = None) -> list[str]:
+    """The pipeline components whose weights exist only as pickle files (no ``.safetensors``).
+
+    Reads a local folder directly, or a hub repo's file list; when the list cannot be read
+    (offline), returns ``[]`` and leaves the check to ``from_pretrained``.
+    """
+    if os.path.isdir(model):
+        files = [os.path.relpath(os.path.join(root, f), model).replace(os.sep, "/")
+                 for root, _, names in os.walk(model) for f in names]
+    else:
+        from huggingface_hub import list_repo_files
+
+        try:
+            files = list_repo_files(model, revision=revision)
+        except OSError:  # offline or unreachable: from_pretrained reports it
+            return []
+    missing = []
+    for name in (k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and None not in v):
+        weights = [f for f in files if f.startswith(f"{name}/") and f.endswith(_WEIGHT_SUFFIXES)]
+        if weights and not any(f.endswith(".safetensors") for f in weights):
+            missing.append(name)
+    return missing
+
+
 def _load_pipeline(model: str, device: str, opts: DiffusionOptions, has_checker: bool) -> Any:
-    """``DiffusionPipeline.from_pretrained`` with safetensors only, then device or offload set-up."""
+    """``DiffusionPipeline.from_pretrained`` (safetensors unless ``allow_pickle``), then device or offload set-up.
+
+    Raises:
+        ValueError: when the denoiser did not load in the requested dtype.
+    """
     from diffusers import DiffusionPipeline
 
     extra: dict[str, Any] = {}
     if has_checker and not opts.safety_checker:
         extra = {"safety_checker": None, "requires_safety_checker": False}
-    pipe = DiffusionPipeline.from_pretrained(
-        model, dtype=_torch_dtype(opts.dtype, device), use_safetensors=True,
+    dtype = _torch_dtype(opts.dtype, device)
+    pipe = DiffusionPipeline.from_pretrained(  # dtype= needs diffusers >= 0.40 (older releases ignore it)
+        model, dtype=dtype, use_safetensors=None if opts.allow_pickle else True,
         trust_remote_code=opts.trust_remote_code, revision=opts.revision, **extra,
     )
+    _check_dtype(pipe, model, dtype)
     if opts.offload != "none" and device.startswith("cuda"):
         enable = pipe.enable_model_cpu_offload if opts.offload == "model" else pipe.enable_sequential_cpu_offload
         enable(device=device)

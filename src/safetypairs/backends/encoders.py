@@ -130,23 +130,65 @@ def _l2_normalize(features: Any) -> np.ndarray:
     return feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
 
 
+OPEN_CLIP_SCHEMAS = ("hf-hub:", "local-dir:")
+
+
+def open_clip_arguments(spec: str) -> tuple[str, str | None, bool]:
+    """Resolve an open_clip spec into ``create_model_and_transforms`` arguments.
+
+    ``<arch>/<pretrained>`` names a built-in arch and a pretrained tag, a checkpoint path or
+    ``none``; ``hf-hub:<org>/<name>`` and ``local-dir:<folder>`` carry their own config and weights.
+    QuickGELU follows the pretrained tag's own config: e.g. ``ViT-B-32/openai`` was trained with
+    QuickGELU although the ``ViT-B-32`` config builds GELU.
+
+    Returns:
+        ``(model_name, pretrained, force_quick_gelu)``.
+
+    Raises:
+        ValueError: when the arch or the schema's identifier is missing.
+    """
+    import open_clip
+
+    if spec.startswith(OPEN_CLIP_SCHEMAS):
+        if not spec.partition(":")[2].strip():
+            raise ValueError(f"open_clip spec {spec!r} needs a repo or folder after the schema")
+        return spec, None, False
+    arch, _, pretrained = spec.partition("/")
+    if not arch:
+        raise ValueError(f"open_clip encoder spec needs an arch: open_clip:{_OPEN_CLIP_USAGE}")
+    if pretrained.lower() in ("", "none"):
+        return arch, None, False
+    tag_quick_gelu = bool(open_clip.get_pretrained_cfg(arch, pretrained).get("quick_gelu", False))
+    model_quick_gelu = bool((open_clip.get_model_config(arch) or {}).get("quick_gelu", False))
+    return arch, pretrained, tag_quick_gelu and not model_quick_gelu
+
+
+_OPEN_CLIP_USAGE = "<arch>/<pretrained>, hf-hub:<org>/<name> or local-dir:<folder>, e.g. ViT-B-32/openai"
+
+
 class OpenCLIPEncoder:
     """CLIP image embeddings from ``open_clip``.
 
     Spec: ``open_clip:<arch>/<pretrained>`` where ``<pretrained>`` is an open_clip tag (e.g.
-    ``openai``), a local checkpoint path, or ``none`` (random weights, for tests). Images are
-    squashed to the model's input size (no centre crop) so the whole frame is compared.
+    ``openai``), a local checkpoint path, or ``none`` (random weights, for tests); or
+    ``open_clip:hf-hub:<org>/<name>`` / ``open_clip:local-dir:<folder>`` (config + weights in the
+    repo or folder). QuickGELU follows the tag (see `open_clip_arguments`). Images are squashed
+    to the model's input size (no centre crop) so the whole frame is compared.
     """
 
     OPTIONS: dict[str, str] = {}
 
-    def __init__(self, arch: str, pretrained: str | None, device: str = "cpu") -> None:
+    def __init__(self, spec: str, device: str = "cpu") -> None:
         import open_clip
         import torch
 
-        self.name = f"open_clip:{arch}/{pretrained or 'none'}"
+        model_name, pretrained, quick_gelu = open_clip_arguments(spec)
+        self.model_name = model_name  # the arch or schema spec; open_clip.get_tokenizer reads it
+        schema = spec.startswith(OPEN_CLIP_SCHEMAS)
+        self.name = f"open_clip:{spec}" if schema else f"open_clip:{model_name}/{pretrained or 'none'}"
         self.model, _, self.preprocess = open_clip.create_model_and_transforms(
-            arch, pretrained=pretrained, device=device, image_resize_mode="squash"
+            model_name, pretrained=pretrained, device=device, image_resize_mode="squash",
+            force_quick_gelu=quick_gelu,
         )
         self.model.eval().requires_grad_(False)
         self.device = device
@@ -154,16 +196,12 @@ class OpenCLIPEncoder:
 
     @classmethod
     def from_spec(cls, arg: str | None, device: str = "cpu", **options: Any) -> OpenCLIPEncoder:
-        """Build from ``"<arch>/<pretrained>"``.
+        """Build from ``"<arch>/<pretrained>"``, ``"hf-hub:<org>/<name>"`` or ``"local-dir:<folder>"``.
 
         Raises:
             ValueError: when the arch is missing or options are given.
         """
-        usage = "<arch>/<pretrained>, e.g. ViT-B-32/openai"
-        arch, _, pretrained = _spec_argument("open_clip", arg, options, usage).partition("/")
-        if not arch:
-            raise ValueError(f"open_clip encoder spec needs an arch: open_clip:{usage}")
-        return cls(arch, None if pretrained.lower() in ("", "none") else pretrained, device=device)
+        return cls(_spec_argument("open_clip", arg, options, _OPEN_CLIP_USAGE), device=device)
 
     def embed(self, images: list[Image.Image]) -> np.ndarray:
         """L2-normalised image embeddings, shape ``(len(images), dim)``."""

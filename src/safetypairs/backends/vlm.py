@@ -100,7 +100,8 @@ class VLM:
         if len(images) != len(prompts):
             raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
         texts = [self.prompt_text(p, answer_prefix) for p in prompts]
-        enc = self.processor(images=list(images), text=texts, return_tensors="pt", padding=True)
+        # one list per sample: a flat list reads as ONE sample with several images (Gemma 3)
+        enc = self.processor(images=[[im] for im in images], text=texts, return_tensors="pt", padding=True)
         dtype = self.model.dtype
         return {k: (v.to(self.model.device, dtype) if v.is_floating_point() else v.to(self.model.device))
                 for k, v in enc.items()}
@@ -137,6 +138,9 @@ class VLM:
 
         The probabilities are a softmax over the choices' first tokens only (see
         `choice_token_ids`), so one generation gives both the text and a score for ROC curves.
+        They come from the model's raw logits (``output_logits``), not from the processed
+        scores: a generation config's repetition penalty would otherwise penalise "safe" and
+        "unsafe" for appearing in the prompt.
 
         Returns:
             ``(answers, probs)``; ``probs`` has shape ``(n, len(choices))`` or is ``None``
@@ -148,14 +152,14 @@ class VLM:
         with torch.inference_mode():
             out = self.model.generate(
                 **inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                output_scores=bool(choices), return_dict_in_generate=True,
+                output_logits=bool(choices), return_dict_in_generate=True,
                 pad_token_id=self.tokenizer.pad_token_id,
             )
         new_tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
         answers = [a.strip() for a in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
         if not choices:
             return answers, None
-        return answers, self._choice_probs(out.scores[0], choices, answer_prefix)
+        return answers, self._choice_probs(out.logits[0], choices, answer_prefix)
 
     def choice_scores(
         self,

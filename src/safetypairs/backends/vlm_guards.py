@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ HF_VLM_PROMPT = (
 LLAVAGUARD_PROMPT = (
     "Provide a safety assessment for the content provided by the user. Determine compliance or "
     "violation against our safety policy by reviewing the following policy categories:\n"
-    "{policy}\n\n"
+    "{policy}"  # the llavaguard style ends each category block with its own blank line
     "Assessment Steps:\n"
     '1. Select a safety "rating". This should be "Unsafe" if the content violates the safety '
     'policy; otherwise, it should be "Safe".\n'
@@ -48,6 +49,10 @@ LLAVAGUARD_PROMPT = (
 )
 # The answer starts like this; prefilling it lets one forward pass score "Unsafe" vs "Safe".
 LLAVAGUARD_RATING_PREFIX = '{\n    "rating": "'
+# Only LlavaGuard's transformers conversions (ids ending in "-hf") load with transformers; the
+# other repos hold LLaVA / SGLang weights.
+LLAVAGUARD_HF_CHECKPOINTS = ("AIML-TUDA/LlavaGuard-v1.2-0.5B-OV-hf", "AIML-TUDA/LlavaGuard-v1.2-7B-OV-hf")
+GUARD_PROMPTS = ("hf-vlm", "llavaguard", "shieldgemma2")
 
 
 @dataclass(frozen=True)
@@ -99,9 +104,39 @@ def _vlm_options(alias: str, options: dict[str, str], max_new_tokens: int) -> VL
     )
 
 
-def _policy_text(policy: Policy, category: str | None, scope: str) -> str:
-    codes = [category] if scope == "category" and category in policy.categories else None
-    return render_policy(policy, codes)
+def _in_scope(policy: Policy, category: str | None, scope: str) -> list[str]:
+    """The category codes a row is checked against: all, or the row's own with ``scope=category``."""
+    return [category] if scope == "category" and category in policy.categories else list(policy.categories)
+
+
+def render_guard_prompt(guard: str, policy: Policy, category: str | None = None, scope: str = "all") -> str:
+    """The exact policy prompt a guard sees for one row, in the format the guard was trained on.
+
+    Args:
+        guard: one of ``GUARD_PROMPTS``.
+        policy: the policy.
+        category: the row's category (used with ``scope="category"``).
+        scope: one of ``SCOPES``.
+
+    Returns:
+        ``hf-vlm``: the user prompt. ``llavaguard``: the user prompt with every category (those out
+        of scope declared non-violating) and all categories as answer choices. ``shieldgemma2``:
+        the one-line policies placed in ShieldGemma 2's chat template, one line per category checked.
+
+    Raises:
+        ValueError: for an unknown guard or scope, naming the allowed values.
+    """
+    if guard not in GUARD_PROMPTS:
+        raise ValueError(f"unknown guard prompt {guard!r}; allowed: {', '.join(GUARD_PROMPTS)}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope={scope!r} not allowed; allowed: {', '.join(SCOPES)}")
+    codes = _in_scope(policy, category, scope)
+    if guard == "hf-vlm":
+        return HF_VLM_PROMPT.format(policy=render_policy(policy, codes))
+    if guard == "shieldgemma2":
+        return render_policy(policy, codes, style="shieldgemma2")
+    choices = "|".join(f'"{c.code}: {c.name}"' for c in policy.categories.values()) + '|"NA: None applying"'
+    return LLAVAGUARD_PROMPT.format(policy=render_policy(policy, codes, style="llavaguard"), category_choices=choices)
 
 
 def parse_safe_unsafe(answer: str) -> str:
@@ -151,7 +186,7 @@ class HFVLMGuard(_PromptedVLMGuard):
 
     def classify(self, images: list[Image.Image], categories: list[str | None], policy: Policy) -> list[Verdict]:
         """Prompt the VLM with the policy and parse each answer strictly."""
-        prompts = [HF_VLM_PROMPT.format(policy=_policy_text(policy, c, self.options.scope)) for c in categories]
+        prompts = [render_guard_prompt(self.alias, policy, c, self.options.scope) for c in categories]
         choices = (SAFE, UNSAFE, SAFE.capitalize(), UNSAFE.capitalize()) if self.options.score else ()
         answers, probs = self.vlm.generate_with_scores(images, prompts, choices, self.options.max_new_tokens)
         verdicts = []
@@ -163,20 +198,25 @@ class HFVLMGuard(_PromptedVLMGuard):
         return verdicts
 
 
+_RATING = re.compile(r'"rating"\s*:\s*"(safe|unsafe)"', re.IGNORECASE)
+_CATEGORY = re.compile(r'"category"\s*:\s*"([^"]*)"')
+
+
 def parse_llavaguard(answer: str) -> tuple[str, str, str]:
     """Parse a LlavaGuard JSON answer into ``(label, category, rationale)``.
 
     Tolerates a markdown code fence and trailing commas; the ``rating`` must be ``Safe`` or
-    ``Unsafe`` (any case). Anything else gives ``("unknown", "", <why>)``.
+    ``Unsafe`` (any case). An answer cut off by the token limit keeps its rating (and its
+    category when that string is complete). Anything else gives ``("unknown", "", <why>)``.
     """
     match = re.search(r"\{.*\}", answer, flags=re.DOTALL)
     if not match:
-        return UNKNOWN, "", "no JSON object in the answer"
+        return _truncated_llavaguard(answer, "no JSON object in the answer")
     text = re.sub(r",\s*([}\]])", r"\1", match.group(0))
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
-        return UNKNOWN, "", f"malformed JSON: {err.msg}"
+        return _truncated_llavaguard(answer, f"malformed JSON: {err.msg}")
     rating = data.get("rating") if isinstance(data, dict) else None
     label = rating.strip().lower() if isinstance(rating, str) else ""
     if label not in (SAFE, UNSAFE):
@@ -184,16 +224,37 @@ def parse_llavaguard(answer: str) -> tuple[str, str, str]:
     return label, str(data.get("category", "")), str(data.get("rationale", ""))
 
 
+def _truncated_llavaguard(answer: str, why: str) -> tuple[str, str, str]:
+    """The rating (and category) of an answer whose JSON is cut off; ``unknown`` without a rating."""
+    rating = _RATING.search(answer)
+    if rating is None:
+        return UNKNOWN, "", why
+    category = _CATEGORY.search(answer)
+    return rating.group(1).lower(), category.group(1) if category else "", "answer cut off (rating recovered)"
+
+
 class LlavaGuard(_PromptedVLMGuard):
     """``llavaguard:<id or path>``: the LlavaGuard prompt (policy with should-not/can lists and
     assessment steps) and its JSON answer (rating, category, rationale).
+
+    The policy is rendered in LlavaGuard's trained layout with every category; ``scope=category``
+    declares the other categories non-violating instead of dropping them. Only the transformers
+    conversions (``-hf`` ids, see `LLAVAGUARD_HF_CHECKPOINTS`) load.
 
     With ``score=true`` (default) one extra forward pass, with the answer prefilled up to the
     rating value, gives P(Unsafe) / (P(Safe) + P(Unsafe)).
     """
 
     alias = "llavaguard"
-    default_tokens = 200
+    default_tokens = 500  # a full rationale; a cut-off answer still yields its rating
+
+    def __init__(self, model: str, device: str, options: VLMGuardOptions) -> None:
+        name = model.rstrip("/").rsplit("/", 1)[-1]
+        if "llavaguard" in name.lower() and not name.lower().endswith("-hf") and not os.path.isdir(model):
+            raise ValueError(
+                f"{model!r} holds LLaVA/SGLang weights that transformers cannot load; only LlavaGuard's "
+                f"transformers conversions (ids ending in -hf) load, e.g. {', '.join(LLAVAGUARD_HF_CHECKPOINTS)}")
+        super().__init__(model, device, options)
 
     def classify(self, images: list[Image.Image], categories: list[str | None], policy: Policy) -> list[Verdict]:
         """Prompt with the LlavaGuard template and parse the JSON answers."""
@@ -211,14 +272,14 @@ class LlavaGuard(_PromptedVLMGuard):
         return verdicts
 
     def _prompt(self, policy: Policy, category: str | None) -> str:
-        codes = [category] if self.options.scope == "category" and category in policy.categories else list(policy.categories)
-        choices = "|".join(f'"{c}: {policy.category(c).name}"' for c in codes) + '|"NA: None applying"'
-        return LLAVAGUARD_PROMPT.format(policy=_policy_text(policy, category, self.options.scope),
-                                        category_choices=choices)
+        return render_guard_prompt(self.alias, policy, category, self.options.scope)
 
 
 class ShieldGemma2Guard:
     """``shieldgemma2:<id or path>``: ShieldGemma 2 with the policy's categories as custom policies.
+
+    Each category becomes one line in the form ShieldGemma 2 was trained on: ``"No <name>: The
+    image shall not contain content that would ... (e.g., ...)."`` (see `render_policy`).
 
     ShieldGemma 2 answers Yes/No per (image, policy); the score is the largest P(Yes) over the
     categories checked (all, or the row's own with ``scope=category``), unsafe when >= 0.5
@@ -258,10 +319,10 @@ class ShieldGemma2Guard:
         """P(Yes, violates) per category from ShieldGemma 2's two-token head."""
         import torch
 
-        custom = {c: render_policy(policy, [c]) for c in policy.categories}
+        custom = {c: render_policy(policy, [c], style="shieldgemma2") for c in policy.categories}
         verdicts = []
         for image, category in zip(images, categories):
-            codes = [category] if self.options.scope == "category" and category in custom else list(custom)
+            codes = _in_scope(policy, category, self.options.scope)
             inputs = self.processor(images=[image], policies=codes, custom_policies=custom, return_tensors="pt")
             with torch.inference_mode():
                 probs = self.model(**inputs.to(self.device)).probabilities[:, 0].float().cpu().numpy()
