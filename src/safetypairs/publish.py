@@ -11,6 +11,7 @@ from datasets import Dataset
 from safetypairs.builder import load_raw
 from safetypairs.card import render_card, write_example_grid
 from safetypairs.release import Release, ReleaseConfig, assemble
+from safetypairs.review import ReviewResult
 from safetypairs.runner import read_rows, shards, write_parquet
 from safetypairs.utils import prepare_out_dir, progress
 
@@ -24,6 +25,7 @@ def write_release(
     *,
     funnel: list[dict[str, Any]] | None = None,
     overwrite: bool = False,
+    review: ReviewResult | None = None,
 ) -> Path:
     """Write the exact hub layout: ``README.md`` card, ``data/<config>/<split>-xxxxx-of-xxxxx.parquet``, ``assets/``.
 
@@ -36,15 +38,19 @@ def write_release(
         config: release options (default `ReleaseConfig()`).
         funnel: the pipeline's stage results (``StageResult.as_dict()`` list) for the card.
         overwrite: replace a non-empty ``out_dir``.
+        review: human verdicts (`review.load_review`) to release only verified pairs; needs validated rows.
 
     Returns:
         ``out_dir`` as a `Path`.
 
     Raises:
         OutputDirError: if ``out_dir`` is not empty and ``overwrite`` is false, or not writable.
+        ValueError: if ``review`` is given with an already assembled `Release`.
     """
     config = config or ReleaseConfig()
-    release = assemble(data, config) if isinstance(data, Dataset) else data
+    if review is not None and not isinstance(data, Dataset):
+        raise ValueError("a review applies to validated rows, not to an assembled release (raw layout)")
+    release = assemble(data, config, review) if isinstance(data, Dataset) else data
     out_dir = Path(out_dir)
     prepare_out_dir(out_dir, overwrite)
     jobs = [(c, s, ds) for c, dd in release.configs.items() for s, ds in dd.items()]
