@@ -7,8 +7,6 @@ import multiprocessing
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -20,7 +18,7 @@ import pytest
 from sklearn.metrics import cohen_kappa_score
 
 from safetypairs import schema as S
-from safetypairs.cli import main
+from safetypairs.cli import build_parser, main
 from safetypairs.release import ReleaseConfig, assemble
 from safetypairs.review import (
     DECISIONS_FILE,
@@ -57,11 +55,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+def _wait_http(url: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"review server exited: {proc.stdout.read()}")
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
@@ -78,7 +74,8 @@ def serving(folder: Path, reviewer: str, scope: str = "all"):
 
     port = _free_port()
     app = create_server(folder, ReviewConfig(reviewer, scope=scope, port=port))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           timeout_graceful_shutdown=1))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}/"
@@ -88,21 +85,6 @@ def serving(folder: Path, reviewer: str, scope: str = "all"):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
-
-
-@contextmanager
-def serving_cli(folder: Path, reviewer: str):
-    """``safetypairs review`` as its own process."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "safetypairs", "review", str(folder), "--reviewer", reviewer,
-                             "--only", "all", "--port", str(port)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        _wait_http(f"http://127.0.0.1:{port}/", proc=proc)
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
 
 
 def _latest(folder: Path) -> dict[tuple[str, str], dict]:
@@ -136,7 +118,9 @@ def test_decisions_land_in_review_jsonl_and_a_restart_resumes(folder, rows):
     assert resumed[2] == ids[2] and "2 done / 10 left" in resumed[3]
 
 
-def test_two_reviewers_at_once_lose_nothing(folder, rows):
+def test_two_reviewers_at_once_lose_nothing(tmp_path):
+    rows, folder = validated_rows(n_sources=3, candidates=2), tmp_path / "small"
+    rows.save_to_disk(str(folder))
     ids = candidate_ids(rows)
     results: dict[str, list[str]] = {}
 
@@ -149,7 +133,7 @@ def test_two_reviewers_at_once_lose_nothing(folder, rows):
             seen.append(out[2])
         results[name] = seen
 
-    with serving(folder, "alice") as url_a, serving_cli(folder, "bob") as url_b:  # two processes, one file
+    with serving(folder, "alice") as url_a, serving(folder, "bob") as url_b:  # two servers, one file
         threads = [threading.Thread(target=review_all, args=(u, n)) for u, n in ((url_a, "alice"), (url_b, "bob"))]
         for t in threads:
             t.start()
@@ -163,6 +147,14 @@ def test_two_reviewers_at_once_lose_nothing(folder, rows):
         assert [r["candidate_id"] for r in mine] == ids
         assert results[name][:len(ids)] == ids and results[name][-1] == ""  # then nothing left
         assert [r["decision"] for r in mine] == ["reject", "accept"] * (len(ids) // 2)
+
+
+def test_review_command_line():
+    args = build_parser().parse_args(["review", "runs/v", "--reviewer", "alice", "--only", "borderline", "--port", "0"])
+    assert (args.reviewer, args.only, args.port, args.host) == ("alice", "borderline", 0, "127.0.0.1")
+    assert main(["review", "/nonexistent", "--reviewer", "alice"]) == 2  # one-line error, no server
+    with pytest.raises(ValueError, match="reviewer"):
+        ReviewConfig(" ")
 
 
 def _append_many(folder: str, worker: int) -> None:

@@ -265,12 +265,11 @@ def _kappa(a: list[int], b: list[int]) -> dict[str, Any]:
 
 def _reference_labels(rows: Dataset) -> dict[str, list[int | None]]:
     """Per row, the automatic decision (``accepted``) and the judge's (original unsafe and edit safe) as 1/0."""
-    n, cols = len(rows), rows.column_names
     labels: dict[str, list[int | None]] = {"automatic": [int(bool(a)) for a in rows[S.ACCEPTED]]}
-    if S.JUDGE_ORIGINAL in cols and S.JUDGE_EDITED in cols:
+    if S.JUDGE_ORIGINAL in rows.column_names and S.JUDGE_EDITED in rows.column_names:
         labels["judge"] = [None if S.UNKNOWN in (o, e) or None in (o, e) else int(o == S.UNSAFE and e == S.SAFE)
                            for o, e in zip(rows[S.JUDGE_ORIGINAL], rows[S.JUDGE_EDITED])]
-    return {name: vals for name, vals in labels.items() if len(vals) == n}
+    return labels
 
 
 def agreement(rows: Dataset, records: list[dict[str, Any]]) -> dict[str, Any]:

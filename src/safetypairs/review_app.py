@@ -315,4 +315,6 @@ def serve(folder: str | Path, config: ReviewConfig) -> None:
     """
     import uvicorn
 
-    uvicorn.run(create_server(folder, config), host=config.host, port=config.port, log_level="warning")
+    # open browser connections would hold a graceful shutdown (Ctrl+C) forever
+    uvicorn.run(create_server(folder, config), host=config.host, port=config.port, log_level="warning",
+                timeout_graceful_shutdown=2)
