@@ -166,7 +166,7 @@ def render_card(
     return DatasetCard.from_template(
         data, template_path=str(template_path()), stats=card_stats(release), pipeline_funnel=funnel or [],
         release_funnel=release.funnel, grid=grid, paper=PAPER, split_by=config.split_by,
-        test_size=config.test_size,
+        test_size=config.test_size, review=release.review,
     )
 
 

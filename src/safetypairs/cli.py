@@ -129,9 +129,20 @@ def _cmd_release(args: argparse.Namespace) -> int:
                            include_rejected=not args.no_rejected, max_shard_size=args.max_shard_size,
                            license=args.license, pretty_name=args.name)
     push = PushConfig(args.push, private=not args.public, gated=args.gated) if args.push else None
+    if args.min_reviewers is not None and not args.require_review:
+        raise CLIError("--min-reviewers needs --require-review")
     check_not_input(args.out, (args.input,))
     data = read_input(args.input)
-    out = write_release(data, args.out, config, overwrite=args.overwrite, inputs=(args.input,))
+    review = None
+    if args.require_review:
+        from datasets import Dataset
+
+        from safetypairs.review import load_review
+
+        if not isinstance(data, Dataset):
+            raise CLIError("--require-review needs validated rows, not a raw layout")
+        review = load_review(args.input, data, args.min_reviewers or 1)
+    out = write_release(data, args.out, config, overwrite=args.overwrite, inputs=(args.input,), review=review)
     files = layout_files(out)
     sys.stdout.write(f"release written to {out} ({len(files)} files)\n")
     for rel, path in files.items():
@@ -171,6 +182,10 @@ def _add_release(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gated", nargs="?", const="auto", choices=["auto", "manual"], default=None,
                    help="gate access behind the card's research-use agreement (auto approval unless 'manual')")
     p.add_argument("--dry-run", action="store_true", help="write the exact hub layout locally and list it; no upload")
+    p.add_argument("--require-review", action="store_true",
+                   help="release only pairs a majority of reviewers accepted (INPUT/review.jsonl, `safetypairs review`)")
+    p.add_argument("--min-reviewers", type=int, default=None,
+                   help="with --require-review: reviewers needed per pair (default: 1)")
     p.set_defaults(func=_cmd_release)
 
 
@@ -315,10 +330,71 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_generate)
 
 
+def _cmd_review(args: argparse.Namespace) -> int:
+    from safetypairs.review_app import ReviewConfig, serve
+
+    config = ReviewConfig(reviewer=args.reviewer, scope=args.only, host=args.host, port=args.port)
+    sys.stdout.write(f"review app for {args.reviewer} on http://{args.host}:{args.port} (Ctrl+C to stop)\n")
+    sys.stdout.flush()
+    serve(args.input, config)
+    return 0
+
+
+def _add_review(sub: argparse._SubParsersAction) -> None:
+    from safetypairs.review import SCOPES
+
+    p = sub.add_parser(
+        "review", help="open the review app: accept or reject validated candidates in the browser",
+        description="Serve a Gradio page on localhost showing one candidate at a time (original | edit | control | "
+                    "change mask, instruction, locality scores, judge verdicts). Decisions are appended to "
+                    "INPUT/review.jsonl; several reviewers can work on one folder at once and each resumes where "
+                    "they stopped. Keys: A accept, R reject (reason 1-5), S skip, B back.",
+    )
+    p.add_argument("input", help="validated rows (a validate output folder)")
+    p.add_argument("--reviewer", required=True, help="your name, stored with each decision")
+    p.add_argument("--only", choices=SCOPES, default="accepted",
+                   help="candidates to show by their automatic decision (default: accepted)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    p.set_defaults(func=_cmd_review)
+
+
+def _cmd_review_stats(args: argparse.Namespace) -> int:
+    from safetypairs.review import agreement, read_decisions, write_stats
+    from safetypairs.runner import read_rows
+
+    records = read_decisions(args.input)
+    if not records:
+        raise CLIError(f"no decisions in {args.input}/review.jsonl; run `safetypairs review` first")
+    stats = agreement(read_rows(args.input), records)
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    sys.stdout.write(f"{stats['records']} decisions ({stats['superseded']} later changed)\n")
+    for name, counts in stats["reviewers"].items():
+        refs = "  ".join(f"kappa vs {ref[3:]}={fmt(stats[ref][name]['kappa'])} (n={stats[ref][name]['n']})"
+                         for ref in ("vs_automatic", "vs_judge") if ref in stats)
+        sys.stdout.write(f"{name}: accept={counts['accept']} reject={counts['reject']}  {refs}\n")
+    for pair in stats["between_reviewers"]:
+        sys.stdout.write(f"{' / '.join(pair['reviewers'])}: kappa={fmt(pair['kappa'])} "
+                         f"agreement={fmt(pair['agreement'])} (n={pair['n']})\n")
+    sys.stdout.write("reasons: " + (", ".join(f"{k}={v}" for k, v in stats["reasons"].items()) or "none") + "\n")
+    sys.stdout.write(f"wrote {write_stats(args.input, stats)}\n")
+    return 0
+
+
+def _add_review_stats(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("review-stats", help="review counts and agreement (Cohen's kappa) of a reviewed folder",
+                       description="Read INPUT/review.jsonl (each reviewer's last decision counts) and print counts "
+                                   "per reviewer and reason, Cohen's kappa between reviewers and of each reviewer "
+                                   "with the automatic checks and the judge; also written to INPUT/results.json.")
+    p.add_argument("input", help="the reviewed folder")
+    p.set_defaults(func=_cmd_review_stats)
+
+
 # Each entry adds one subcommand; stages register theirs here.
 # In pipeline order, as `safetypairs --help` lists them.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_demo, _add_generate, _add_validate, _add_release, _add_evaluate, _add_policies, _add_backends,
+    _add_demo, _add_generate, _add_validate, _add_review, _add_review_stats, _add_release, _add_evaluate,
+    _add_policies, _add_backends,
 ]
 
 

@@ -11,6 +11,7 @@ from datasets import Dataset
 from safetypairs.builder import load_raw
 from safetypairs.card import render_card, write_example_grid
 from safetypairs.release import Release, ReleaseConfig, assemble
+from safetypairs.review import ReviewResult
 from safetypairs.runner import atomic_dir, read_rows, shards, write_parquet
 from safetypairs.utils import progress
 
@@ -25,6 +26,7 @@ def write_release(
     funnel: list[dict[str, Any]] | None = None,
     overwrite: bool = False,
     inputs: tuple[str | Path, ...] = (),
+    review: ReviewResult | None = None,
 ) -> Path:
     """Write the exact hub layout: ``README.md`` card, ``data/<config>/<split>-xxxxx-of-xxxxx.parquet``, ``assets/``.
 
@@ -38,6 +40,7 @@ def write_release(
         funnel: the pipeline's stage results (``StageResult.as_dict()`` list) for the card.
         overwrite: replace a non-empty ``out_dir`` (only once the new release is complete).
         inputs: input paths ``out_dir`` must not be or contain.
+        review: human verdicts (`review.load_review`) to release only verified pairs; needs validated rows.
 
     Returns:
         ``out_dir`` as a `Path`.
@@ -48,11 +51,13 @@ def write_release(
     Raises:
         OutputDirError: if ``out_dir`` is an input, not empty and ``overwrite`` is false, not writable,
             or being written by another process.
-        ValueError: when no candidate was accepted.
+        ValueError: when no candidate was accepted, or ``review`` is given with an assembled `Release`.
     """
     config = config or ReleaseConfig()
+    if review is not None and not isinstance(data, Dataset):
+        raise ValueError("a review applies to validated rows, not to an assembled release (raw layout)")
     with atomic_dir(out_dir, overwrite, inputs) as work:
-        release = assemble(data, config) if isinstance(data, Dataset) else data
+        release = assemble(data, config, review) if isinstance(data, Dataset) else data
         jobs = [(c, s, ds) for c, dd in release.configs.items() for s, ds in dd.items()]
         for config_name, split, ds in progress(jobs, desc="write release"):
             (work / "data" / config_name).mkdir(parents=True, exist_ok=True)

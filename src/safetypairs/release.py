@@ -6,7 +6,7 @@ import hashlib
 import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from datasets import Dataset, DatasetDict, Features, Value
 from datasets.utils.py_utils import convert_file_size_to_int
@@ -16,6 +16,9 @@ from safetypairs.images import image_digest, load_image
 from safetypairs.runner import ROW_GROUP_SIZE
 from safetypairs.stage import empty_dataset, undecoded
 from safetypairs.utils import status_histogram
+
+if TYPE_CHECKING:
+    from safetypairs.review import ReviewResult
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +45,7 @@ REQUIRED_COLUMNS = (S.SOURCE_ID, S.IMAGE, S.EDITED_IMAGE, S.CATEGORY, S.ACCEPTED
 _SELECT_COLUMNS = (S.SOURCE_ID, S.ACCEPTED, S.CANDIDATE, S.LPIPS_OUTSIDE, S.SSIM_OUTSIDE, S.PSNR_OUTSIDE)
 _ROW = "__row__"
 _RENAMED = {S.UNSAFE_IMAGE: S.IMAGE, S.SAFE_IMAGE: S.EDITED_IMAGE}  # release column -> validated column
+_DEFAULTS = {S.HUMAN_VERIFIED: False, S.N_REVIEWERS: 0}  # release column -> value when the input lacks it
 
 
 @dataclass(frozen=True)
@@ -89,10 +93,12 @@ class Release:
     Attributes:
         configs: config name (``pairs``, ``images``, optionally ``rejected``) -> splits.
         funnel: the release funnel, a list of ``{stage, rows_in, rows_out, statuses}`` dicts.
+        review: the human review's protocol and agreement (`review.ReviewResult.summary`), if reviewed.
     """
 
     configs: dict[str, DatasetDict]
     funnel: list[dict[str, Any]] = field(default_factory=list)
+    review: dict[str, Any] | None = None
 
     def __getitem__(self, config: str) -> DatasetDict:
         return self.configs[config]
@@ -169,7 +175,7 @@ def _release_batch(batch: dict[str, list], features: Features) -> dict[str, list
         if name == S.PAIR_ID:
             continue
         src = _RENAMED.get(name, name)
-        out[name] = batch[src] if src in batch else [None] * n
+        out[name] = batch[src] if src in batch else [_DEFAULTS.get(name)] * n
     out[S.PAIR_ID] = [
         None if edited is None else pair_id(policy, cat, orig, edited)
         for policy, cat, orig, edited in zip(out[S.POLICY], out[S.CATEGORY], out[S.UNSAFE_IMAGE], out[S.SAFE_IMAGE])
@@ -238,13 +244,15 @@ def _release_funnel(validated: Dataset, released: int) -> list[dict[str, Any]]:
     ]
 
 
-def assemble(validated: Dataset, config: ReleaseConfig | None = None) -> Release:
+def assemble(validated: Dataset, config: ReleaseConfig | None = None, review: ReviewResult | None = None) -> Release:
     """Build the release configs from validated candidate rows.
 
     Args:
         validated: candidate rows with the source, edit and validation columns of `schema`
             (required: ``source_id, image, edited_image, category, accepted``; others may be missing).
         config: split and content options (default `ReleaseConfig()`).
+        review: human verdicts (`review.load_review`): only candidates reviewers verified are
+            released, the others go to ``rejected`` with ``human_rejected:<reason>`` / ``not_reviewed``.
 
     Returns:
         A `Release`: ``pairs`` and ``images`` (and ``rejected``) as `DatasetDict`s with the same splits.
@@ -256,6 +264,10 @@ def assemble(validated: Dataset, config: ReleaseConfig | None = None) -> Release
     missing = [c for c in REQUIRED_COLUMNS if c not in validated.column_names]
     if missing:
         raise ValueError(f"validated rows lack required columns {missing}; have {validated.column_names}")
+    if review is not None:
+        from safetypairs.review import apply_review
+
+        validated = apply_review(validated, review)
     source = undecoded(validated)
     best = best_candidates(validated)
     pairs = _map(source.select(best), _release_batch, S.PAIR_FEATURES, "release pairs",
@@ -287,6 +299,6 @@ def assemble(validated: Dataset, config: ReleaseConfig | None = None) -> Release
                 {name: len(ds) for name, ds in configs["pairs"].items()})
     # `load_dataset` cannot read a split with no rows: leave empty splits (and configs) out
     configs = {name: DatasetDict({s: ds for s, ds in dd.items() if len(ds)}) for name, dd in configs.items()}
-    return Release({name: dd for name, dd in configs.items() if dd}, funnel)
+    return Release({name: dd for name, dd in configs.items() if dd}, funnel, review.summary if review else None)
 
 

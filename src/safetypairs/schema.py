@@ -61,6 +61,8 @@ UNSAFE_IMAGE = "unsafe_image"
 SAFE_IMAGE = "safe_image"
 LABEL = "label"
 ROLE = "role"
+HUMAN_VERIFIED = "human_verified"  # a majority of reviewers accepted the pair (`safetypairs review`)
+N_REVIEWERS = "n_reviewers"  # reviewers who decided on it (0 when the release was not reviewed)
 
 LABELS = ["safe", "unsafe"]
 SAFE, UNSAFE, UNKNOWN = "safe", "unsafe", "unknown"
@@ -98,6 +100,8 @@ PAIR_FEATURES = Features(
         PSNR_OUTSIDE: Value("float32"),
         CLIP_OUTSIDE: Value("float32"),
         JUDGE: Value("string"),
+        HUMAN_VERIFIED: Value("bool"),
+        N_REVIEWERS: Value("int32"),
     }
 )
 

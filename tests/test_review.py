@@ -1,0 +1,306 @@
+"""Review app, decisions store, agreement and review-gated release, through gradio_client and a real browser."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from sklearn.metrics import cohen_kappa_score
+
+from safetypairs import schema as S
+from safetypairs.cli import build_parser, main
+from safetypairs.release import ReleaseConfig, assemble
+from safetypairs.review import (
+    DECISIONS_FILE,
+    agreement,
+    append_decision,
+    candidate_ids,
+    in_scope,
+    load_review,
+    make_decision,
+    read_decisions,
+)
+from tests.release_rows import validated_rows
+
+pytest.importorskip("gradio")
+from gradio_client import Client  # noqa: E402
+
+from safetypairs.review_app import ReviewConfig, ReviewSource, create_server  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return validated_rows(n_sources=6, candidates=2)  # 12 candidates, 8 accepted automatically
+
+
+@pytest.fixture
+def folder(rows, tmp_path):
+    rows.save_to_disk(str(tmp_path / "validated"))
+    return tmp_path / "validated"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+@contextmanager
+def serving(folder: Path, reviewer: str, scope: str = "all"):
+    """The review app in a thread of this process (uvicorn, the same app `safetypairs review` serves)."""
+    import uvicorn
+
+    port = _free_port()
+    app = create_server(folder, ReviewConfig(reviewer, scope=scope, port=port))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           timeout_graceful_shutdown=1))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        _wait_http(url)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def _latest(folder: Path) -> dict[tuple[str, str], dict]:
+    return {(r["reviewer"], r["candidate_id"]): r for r in read_decisions(folder)}
+
+
+def test_decisions_land_in_review_jsonl_and_a_restart_resumes(folder, rows):
+    ids = candidate_ids(rows)
+    with serving(folder, "alice") as url:
+        client = Client(url, verbose=False)
+        first = client.predict(api_name="/current")
+        assert first[2] == ids[0] and "0 done / 12 left" in first[3]
+        assert "/review-image/0/original" in first[0]
+        after_accept = client.predict(None, "", api_name="/accept")
+        assert after_accept[2] == ids[1]
+        after_reject = client.predict("not_local", "halo around the box", api_name="/reject")
+        assert after_reject[2] == ids[2] and "2 done / 10 left" in after_reject[3]
+        with pytest.raises(Exception):  # a rejection without a reason is refused, nothing is written
+            client.predict(None, "", api_name="/reject")
+        back = client.predict(api_name="/back")  # change the decision on ids[1]: the history stays
+        assert back[2] == ids[1] and "reject" in back[1]
+        client.predict(None, "", api_name="/accept")
+    records = read_decisions(folder)
+    assert [(r["candidate_id"], r["decision"], r["reason"]) for r in records] == [
+        (ids[0], "accept", None), (ids[1], "reject", "not_local"), (ids[1], "accept", None)]
+    assert records[1]["note"] == "halo around the box" and records[0]["reviewer"] == "alice"
+    assert all(r["time"].endswith("+00:00") and r["app_version"].startswith("safetypairs-review/") for r in records)
+    assert _latest(folder)[("alice", ids[1])]["decision"] == "accept"
+    with serving(folder, "alice") as url:  # a new server on the same folder resumes after the decided ones
+        resumed = Client(url, verbose=False).predict(api_name="/current")
+    assert resumed[2] == ids[2] and "2 done / 10 left" in resumed[3]
+
+
+def test_two_reviewers_at_once_lose_nothing(tmp_path):
+    rows, folder = validated_rows(n_sources=3, candidates=2), tmp_path / "small"
+    rows.save_to_disk(str(folder))
+    ids = candidate_ids(rows)
+    results: dict[str, list[str]] = {}
+
+    def review_all(url: str, name: str) -> None:
+        client = Client(url, verbose=False)
+        seen = [client.predict(api_name="/current")[2]]
+        for i in range(len(ids)):
+            out = client.predict(None, "", api_name="/accept") if i % 2 else \
+                client.predict("artifact", "", api_name="/reject")
+            seen.append(out[2])
+        results[name] = seen
+
+    with serving(folder, "alice") as url_a, serving(folder, "bob") as url_b:  # two servers, one file
+        threads = [threading.Thread(target=review_all, args=(u, n)) for u, n in ((url_a, "alice"), (url_b, "bob"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    records = read_decisions(folder)
+    assert len(records) == 2 * len(ids)
+    assert len((folder / DECISIONS_FILE).read_text().splitlines()) == 2 * len(ids)
+    for name in ("alice", "bob"):
+        mine = [r for r in records if r["reviewer"] == name]
+        assert [r["candidate_id"] for r in mine] == ids
+        assert results[name][:len(ids)] == ids and results[name][-1] == ""  # then nothing left
+        assert [r["decision"] for r in mine] == ["reject", "accept"] * (len(ids) // 2)
+
+
+def test_review_command_line():
+    args = build_parser().parse_args(["review", "runs/v", "--reviewer", "alice", "--only", "borderline", "--port", "0"])
+    assert (args.reviewer, args.only, args.port, args.host) == ("alice", "borderline", 0, "127.0.0.1")
+    assert main(["review", "/nonexistent", "--reviewer", "alice"]) == 2  # one-line error, no server
+    with pytest.raises(ValueError, match="reviewer"):
+        ReviewConfig(" ")
+
+
+def _append_many(folder: str, worker: int) -> None:
+    for i in range(150):
+        append_decision(folder, make_decision(f"w{worker}", f"c{i}", "reject", "other", "x" * 5000))
+
+
+def test_append_is_atomic_across_processes(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_append_many, args=(str(tmp_path), w)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    lines = (tmp_path / DECISIONS_FILE).read_text().splitlines()
+    assert len(lines) == 600 and all(json.loads(line)["note"] == "x" * 5000 for line in lines)
+    with open(tmp_path / DECISIONS_FILE, "a") as f:  # a writer killed mid-line: skipped with a warning
+        f.write('{"reviewer": "torn", "candid')
+    assert len(read_decisions(tmp_path)) == 600
+
+
+def test_make_decision_checks_its_values():
+    with pytest.raises(ValueError, match="reason"):
+        make_decision("alice", "c", "reject")
+    with pytest.raises(ValueError, match="decision must be one of"):
+        make_decision("alice", "c", "maybe")
+    with pytest.raises(ValueError, match="note"):
+        make_decision("alice", "c", "reject", "other")
+    with pytest.raises(ValueError, match="reviewer"):
+        make_decision(" ", "c", "accept")
+    assert make_decision("alice", "c", "accept", "artifact")["reason"] is None
+
+
+def _decide(folder: Path, ids: list[str], reviewer: str, votes: str, reason: str = "not_local") -> None:
+    """One decision per character: a accept, r reject, . none."""
+    for cid, vote in zip(ids, votes):
+        if vote != ".":
+            append_decision(folder, make_decision(reviewer, cid, "accept" if vote == "a" else "reject",
+                                                  None if vote == "a" else reason))
+
+
+def test_kappa_equals_sklearn(folder, rows):
+    ids = candidate_ids(rows)
+    _decide(folder, ids, "alice", "aarraarraaar")
+    _decide(folder, ids, "bob", "rarraaaraa..", reason="artifact")
+    _decide(folder, ids[:2], "bob", "ar")  # bob changes his mind on the first two: his last decision counts
+    stats = agreement(rows, read_decisions(folder))
+    alice = [1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 1, 0]
+    bob = [1, 0, 0, 0, 1, 1, 1, 0, 1, 1]
+    (pair,) = stats["between_reviewers"]
+    assert pair["reviewers"] == ["alice", "bob"] and pair["n"] == 10
+    assert pair["kappa"] == pytest.approx(cohen_kappa_score(alice[:10], bob))
+    auto = [int(a) for a in rows[S.ACCEPTED]]
+    assert stats["vs_automatic"]["alice"]["kappa"] == pytest.approx(cohen_kappa_score(alice, auto))
+    judge = [int(o == "unsafe" and e == "safe") for o, e in zip(rows[S.JUDGE_ORIGINAL], rows[S.JUDGE_EDITED])]
+    assert stats["vs_judge"]["bob"]["kappa"] == pytest.approx(cohen_kappa_score(bob, judge[:10]))
+    assert stats["reviewers"]["bob"] == {"accept": 6, "reject": 4}
+    assert stats["reasons"] == {"not_local": 5 + 1, "artifact": 3}
+    assert stats["records"] == 12 + 10 + 2 and stats["superseded"] == 2
+    assert main(["review-stats", str(folder)]) == 0
+    assert json.loads((folder / "results.json").read_text())["review"] == json.loads(json.dumps(stats))
+
+
+def test_release_keeps_only_pairs_reviewers_accepted(folder, rows, tmp_path):
+    ids = candidate_ids(rows)
+    accepted = [cid for cid, ok in zip(ids, rows[S.ACCEPTED]) if ok]
+    # two reviewers; the first accepted candidate is rejected by both, the second split 1:1, the rest accepted
+    _decide(folder, accepted, "alice", "ra" + "a" * (len(accepted) - 2))
+    _decide(folder, accepted, "bob", "rr" + "a" * (len(accepted) - 3) + ".", reason="still_unsafe")
+    release = assemble(rows, ReleaseConfig(), load_review(folder, rows, min_reviewers=2))
+    pairs, rejected = release["pairs"]["test"], release["rejected"]["test"]
+    assert all(pairs[S.HUMAN_VERIFIED]) and set(pairs[S.N_REVIEWERS]) == {2}
+    reasons = dict(zip((f"{s}#{c}" for s, c in zip(rejected[S.SOURCE_ID], rejected[S.CANDIDATE])),
+                       rejected[S.REJECT_REASON]))
+    assert reasons[accepted[0]] == "human_rejected:not_local"  # tie of reasons: alphabetical
+    assert reasons[accepted[1]] == "human_rejected:no_majority"
+    assert reasons[accepted[-1]] == "not_reviewed: 1 of 2 reviewers"
+    assert release.review["min_reviewers"] == 2
+    unreviewed = assemble(rows)["pairs"]["test"]
+    assert not any(unreviewed[S.HUMAN_VERIFIED]) and set(unreviewed[S.N_REVIEWERS]) == {0}
+    out = tmp_path / "release"
+    assert main(["release", str(folder), "--out", str(out), "--require-review", "--min-reviewers", "2"]) == 0
+    card = (out / "README.md").read_text()
+    assert "### Human review" in card and "at least 2 reviewer(s)" in card and "| alice |" in card
+    assert main(["release", str(folder), "--out", str(tmp_path / "x"), "--min-reviewers", "2"]) == 2
+
+
+def test_scopes_and_run_folder_input(rows, tmp_path):
+    meta = rows.remove_columns([c for c in rows.column_names if "image" in c or c == S.EDIT_MASK]).to_list()
+    assert sum(in_scope(r, "accepted") for r in meta) + sum(in_scope(r, "rejected") for r in meta) == len(meta)
+    assert in_scope({S.SSIM_OUTSIDE: 0.92}, "borderline") and not in_scope({S.SSIM_OUTSIDE: 0.99}, "borderline")
+    assert in_scope({S.REJECT_REASON: "judge_unknown"}, "borderline")
+    with pytest.raises(ValueError, match="scope must be one of"):
+        in_scope({}, "some")
+    run = tmp_path / "run"  # the runner's layout: run.json + data/train-*.parquet
+    (run / "data").mkdir(parents=True)
+    rows.to_parquet(str(run / "data" / "train-00000-of-00001.parquet"))
+    (run / "run.json").write_text("{}")
+    source = ReviewSource(run, ReviewConfig("carol", scope="accepted"))
+    assert len(source.pending()) == sum(rows[S.ACCEPTED])
+    data, media = source.image(0, "original")
+    assert media == "image/png" and data[:4] == b"\x89PNG"
+    assert source.image(0, "nope") is None and source.image(99, "edit") is None
+
+
+def _chromium() -> tuple[str, str] | None:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+@pytest.mark.skipif(_chromium() is None, reason="Debian chromium and chromium-driver are not installed")
+def test_in_a_real_browser_the_accept_key_records_a_decision(folder, rows, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser, driver_path = _chromium()
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1400,1000", f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}"):
+        options.add_argument(flag)
+    ids = candidate_ids(rows)
+    _decide(folder, ids[:2], "dave", "ar")  # the app resumes at the third candidate (which has a control)
+    with serving(folder, "dave", scope="accepted") as url:
+        driver = webdriver.Chrome(service=Service(driver_path), options=options)
+        try:
+            driver.get(url)
+            wait = WebDriverWait(driver, 30)
+            loaded = "return [...document.querySelectorAll('#sp-pair .sp-grid img')]" \
+                     ".filter(i => i.complete && i.naturalWidth > 0).length"
+            wait.until(lambda d: d.execute_script(loaded) == 4)  # original, edit, control, edit under the mask
+            for button in ("sp-accept", "sp-reject", "sp-skip", "sp-back"):
+                assert driver.find_element(By.ID, button).is_displayed()
+            field = "return document.querySelector('#sp-candidate textarea, #sp-candidate input').value"
+            first = driver.execute_script(field)
+            assert first == ids[2]
+            shot = Path(os.environ.get("SAFETYPAIRS_ARTIFACTS", tmp_path)) / "review_app.png"
+            shot.parent.mkdir(parents=True, exist_ok=True)
+            driver.save_screenshot(str(shot))
+            driver.find_element(By.TAG_NAME, "body").send_keys("a")
+            wait.until(lambda d: d.execute_script(field) not in ("", first))
+        finally:
+            driver.quit()
+    assert shot.stat().st_size > 10_000
+    assert _latest(folder)[("dave", first)]["decision"] == "accept"
