@@ -17,6 +17,7 @@ from datasets import Dataset, DatasetDict, Features, Value
 
 from safetypairs.images import ImageError, load_image
 from safetypairs.metrics import compute_metrics
+from safetypairs.natural import natural_comparison
 from safetypairs.policy import Policy, load_policy
 from safetypairs.registry import load_backend, parse_spec
 from safetypairs.schema import (
@@ -289,7 +290,8 @@ def load_release(path: str, name: str = "images", split: str | None = None) -> D
     return loaded[split]
 
 
-def evaluate_release(path: str, config: EvaluateConfig, out: str | Path, split: str | None = None) -> dict[str, Any]:
+def evaluate_release(path: str, config: EvaluateConfig, out: str | Path, split: str | None = None,
+                     natural: Dataset | None = None) -> dict[str, Any]:
     """Evaluate guards on a released benchmark and write ``results.json``, ``predictions.parquet``
     (with raw answers) and ``report.html`` into ``out``.
 
@@ -298,6 +300,7 @@ def evaluate_release(path: str, config: EvaluateConfig, out: str | Path, split: 
         config: the evaluation config.
         out: the output folder (created).
         split: the split to use (default: test, else train).
+        natural: labelled natural images (see `natural_images`); adds ``results["natural"]`` (`natural_comparison`).
 
     Under ``accelerate launch`` / ``torchrun`` each rank predicts a contiguous shard and rank 0
     merges, scores and writes.
@@ -322,6 +325,9 @@ def evaluate_release(path: str, config: EvaluateConfig, out: str | Path, split: 
     results = score_predictions(preds, config, pairs=pairs, runs=runs)
     used = split or (str(images.split) if images.split is not None else None)
     results["dataset"] = {"path": str(path), "split": used, "fingerprint": images._fingerprint, "n_rows": len(images)}
+    if natural is not None:
+        results["natural"] = natural_comparison(preds, predict(natural, config)[0], _pred_columns(config),
+                                                n_bootstrap=config.n_bootstrap, seed=config.seed)
     preds.to_parquet(str(out / "predictions.parquet"))
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
     render_report(results, out / "report.html", pairs=pairs)
@@ -367,3 +373,8 @@ def _sum_counts(histograms: Iterable[Mapping[str, int]]) -> dict[str, int]:
         for key, count in histogram.items():
             total[key] = total.get(key, 0) + count
     return dict(sorted(total.items(), key=lambda kv: -kv[1]))
+
+
+
+def _pred_columns(config: EvaluateConfig) -> dict[str, str]:
+    return {spec: guard_columns(spec)["pred"] for spec in config.guards}

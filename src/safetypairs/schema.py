@@ -62,6 +62,11 @@ SAFE_IMAGE = "safe_image"
 LABEL = "label"
 ROLE = "role"
 
+# --- embed stage ------------------------------------------------------------------------------
+EMBEDDING = "embedding"
+EMBED_STATUS = "embed_status"
+EMBED_ERROR = "embed_error"
+
 LABELS = ["safe", "unsafe"]
 SAFE, UNSAFE, UNKNOWN = "safe", "unsafe", "unknown"
 ROLES = ("original", "edited", "control")
@@ -159,6 +164,14 @@ VALIDATION_FEATURES = Features(
         VALIDATE_ERROR: Value("string"),
         VALIDATE_RESIZED: Value("bool"),
         REJECT_REASON: Value("string"),
+    }
+)
+
+EMBED_FEATURES = Features(
+    {
+        EMBEDDING: Sequence(Value("float32")),
+        EMBED_STATUS: Value("string"),
+        EMBED_ERROR: Value("string"),
     }
 )
 
