@@ -8,7 +8,12 @@ from PIL import Image as PILImage
 from tiny_models import register_tiny_open_clip
 
 from safetypairs import schema as S
-from safetypairs.backends.ocr_text import NO_TEXT, OCRTextEncoder, hash_features, word_ngrams
+from safetypairs.backends.ocr_text import (
+    NO_TEXT,
+    OCRTextEncoder,
+    hash_features,
+    word_ngrams,
+)
 from safetypairs.embed import EmbedConfig, embed_dataset, load_embedded, run_embed
 from safetypairs.registry import load_backend
 from safetypairs.runner import load_run

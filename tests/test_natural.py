@@ -48,3 +48,30 @@ def test_natural_images_shape():
     assert out["role"] == [NATURAL_ROLE] * 2 and len(set(out["pair_id"])) == 2
     with pytest.raises(ValueError, match="need columns \\['label'\\]"):
         natural_images(rows.remove_columns("label"))
+
+
+def test_evaluate_cli_reports_natural_beside_pairs(tmp_path, capsys):
+    from release_rows import validated_rows
+    from tiny_models import register_tiny_open_clip
+
+    from safetypairs.cli import main
+    from safetypairs.publish import write_release
+    from safetypairs.release import ReleaseConfig
+
+    release = write_release(validated_rows(6), tmp_path / "release", ReleaseConfig())
+    natural = Dataset.from_dict({"image": [demo_photo(n).resize((32, 32)) for n in ("coffee", "rocket", "moon", "clock")],
+                                 "label": ["unsafe", "safe", "unsafe", "safe"]})
+    natural.save_to_disk(str(tmp_path / "natural"))
+    guard = f"clip-zeroshot:open_clip:{register_tiny_open_clip(tmp_path / 'clip')}/none"
+    code = main(["evaluate", "--dataset", str(release), "--guard", guard, "--out", str(tmp_path / "run"),
+                 "--natural", str(tmp_path / "natural"), "--bootstrap", "50", "--device", "cpu"])
+    assert code == 0
+    import json
+
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    cmp = results["natural"][guard]
+    assert cmp["n_natural"] == 4 and cmp["n_pairs"] == results["guards"][guard]["metrics"]["n_pairs"]
+    assert cmp["gap_pair_accuracy"]["value"] == pytest.approx(
+        cmp["natural_accuracy"]["value"] - cmp["release_pair_accuracy"]["value"])
+    assert "natural vs pairs" in capsys.readouterr().out
+    assert "Natural images vs counterfactual pairs" in (tmp_path / "run" / "report.html").read_text()

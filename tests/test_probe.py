@@ -8,10 +8,21 @@ from datasets import ClassLabel, Dataset, Features, Image, Value
 from tiny_models import register_tiny_open_clip
 
 from safetypairs import schema as S
-from safetypairs.backends.probe import LinearProbe, LinearProbeGuard, load_probe, save_probe
+from safetypairs.backends.probe import (
+    LinearProbe,
+    LinearProbeGuard,
+    load_probe,
+    save_probe,
+)
 from safetypairs.embed import EmbedConfig, embed_dataset
 from safetypairs.evaluate import EvaluateConfig, guard_columns, run_evaluate
-from safetypairs.probe import ProbeConfig, embedded_arrays, fit_probe, train_probe, validation_split
+from safetypairs.probe import (
+    ProbeConfig,
+    embedded_arrays,
+    fit_probe,
+    train_probe,
+    validation_split,
+)
 from safetypairs.registry import load_backend
 from safetypairs.sources import DEMO_PHOTOS, demo_photo
 

@@ -5,7 +5,15 @@ import json
 import numpy as np
 import pytest
 
-from safetypairs.sample_efficiency import Labelled, SweepConfig, disjoint_eval, mean_ci, pair_index, run_sweep, write_results
+from safetypairs.sample_efficiency import (
+    Labelled,
+    SweepConfig,
+    disjoint_eval,
+    mean_ci,
+    pair_index,
+    run_sweep,
+    write_results,
+)
 
 
 def synthetic(seed=0, d=16, n_base=200, n_pairs=60, n_eval=400, a_true=1.0, a_spur=2.0):
@@ -84,3 +92,44 @@ def test_config_checks_values():
     with pytest.raises(ValueError, match="allowed: balanced_accuracy, accuracy, auroc"):
         SweepConfig(metric="f1")
     assert SweepConfig(ks=(8, 2, 2)).ks == (2, 8)
+
+
+def test_cli_embed_train_probe_and_sweep_end_to_end(tmp_path, monkeypatch, capsys):
+    """embed -> train-probe -> sample-efficiency with a tiny random open_clip; a rerun makes no encoder call."""
+    import runner_standin
+    from datasets import Dataset
+    from release_rows import validated_rows
+    from tiny_models import register_tiny_open_clip
+
+    from safetypairs.cli import main
+    from safetypairs.publish import write_release
+    from safetypairs.registry import load_backend
+    from safetypairs.release import ReleaseConfig
+    from safetypairs.sources import DEMO_PHOTOS, demo_photo
+
+    runner_standin.install(monkeypatch)
+    encoder = f"open_clip:{register_tiny_open_clip(tmp_path / 'clip')}/none"
+    backend, calls = load_backend("encoders", encoder, "cpu"), []
+    original = backend.embed
+    monkeypatch.setattr(backend, "embed", lambda images: calls.append(len(images)) or original(images))
+    release = write_release(validated_rows(6), tmp_path / "release", ReleaseConfig())
+    for name, offset in (("base", 0), ("eval", 8)):
+        Dataset.from_dict({"image": [demo_photo(DEMO_PHOTOS[(offset + i) % 16]).resize((32, 32)) for i in range(8)],
+                           "label": [i % 2 for i in range(8)],
+                           "source_id": [f"{name}{i}" for i in range(8)]}).save_to_disk(str(tmp_path / name))
+    common = ["--encoder", encoder, "--device", "cpu"]
+    assert main(["embed", "--dataset", str(release), "--out", str(tmp_path / "emb"), *common]) == 0
+    assert main(["train-probe", "--train", str(tmp_path / "base"), "--pairs", str(tmp_path / "emb"),
+                 "--out", str(tmp_path / "probe"), *common]) == 0
+    assert f"linear-probe:{tmp_path / 'probe'}" in capsys.readouterr().out
+    sweep = ["sample-efficiency", "--base", str(tmp_path / "base"), "--pairs", str(release), "--eval",
+             str(tmp_path / "eval"), "--k", "1,2,3", "--seeds", "2", "--out", str(tmp_path / "se"), *common]
+    assert main(sweep) == 0
+    out = capsys.readouterr().out
+    assert "k=  1" in out and "k=3 skipped" in out and (tmp_path / "se" / "curve.png").is_file()
+    n_calls = len(calls)
+    assert main(sweep) == 0
+    assert len(calls) == n_calls, "the second sweep re-embedded cached data"
+    assert main(["sample-efficiency", "--base", str(tmp_path / "base"), "--pairs", str(tmp_path / "emb"),
+                 "--eval", str(tmp_path / "eval"), "--encoder", "ocr-text", "--out", str(tmp_path / "x")]) == 2
+    assert "holds embeddings of" in capsys.readouterr().err
