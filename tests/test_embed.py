@@ -101,7 +101,7 @@ def test_word_ngrams_and_hashing_are_stable():
     assert word_ngrams("  ", 2) == [NO_TEXT]
     a, b = hash_features(["you", "loser"], 64), hash_features(["you", "loser"], 64)
     assert np.array_equal(a, b) and np.isclose(np.linalg.norm(a), 1.0)
-    with pytest.raises(ValueError, match="allowed: dim, ngrams"):
+    with pytest.raises(ValueError, match="allowed: dim, ngrams, max_side"):
         OCRTextEncoder.from_spec("size=3")
     with pytest.raises(ValueError, match="must be integers"):
         OCRTextEncoder.from_spec("dim=big")
@@ -121,3 +121,5 @@ def test_ocr_text_embeds_what_rapidocr_reads():
     assert emb.shape == (3, 256) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-6)
     np.testing.assert_allclose(emb[0], hash_features(word_ngrams(texts[0], 2), 256))
     np.testing.assert_allclose(emb[2], hash_features([NO_TEXT], 256))
+    small = load_backend("encoders", "ocr-text:dim=256,max_side=320")
+    assert small.name.endswith(",max_side=320") and small.texts([rows[0]["image"]]) == texts[:1]

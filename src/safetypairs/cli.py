@@ -37,7 +37,7 @@ def _add_policies(sub: argparse._SubParsersAction) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from safetypairs.demo import DemoConfig, run_demo
 
-    config = DemoConfig(out=args.out, n=args.n, overwrite=args.overwrite, seed=args.seed)
+    config = DemoConfig(out=args.out, n=args.n, overwrite=args.overwrite, seed=args.seed, train=not args.no_train)
     summary = run_demo(config)
     sys.stdout.write(summary.render() + "\n")
     return 0
@@ -58,6 +58,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=24, help="number of source images (default: 24)")
     p.add_argument("--seed", type=int, default=0, help="seed for captions, fonts and placement (default: 0)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--no-train", action="store_true",
+                   help="skip the training section (ocr-text probes: base vs + pairs vs + random extra images)")
     p.set_defaults(func=_cmd_demo)
 
 
