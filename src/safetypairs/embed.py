@@ -11,7 +11,7 @@ import numpy as np
 from datasets import Dataset, Features
 
 from safetypairs.images import ImageError, load_image
-from safetypairs.registry import backend_class, load_backend, parse_spec
+from safetypairs.registry import available, backend_class, load_backend, parse_spec
 from safetypairs.schema import (
     CATEGORY,
     EMBED_ERROR,
@@ -38,8 +38,6 @@ BAD_IMAGE = "bad_image"
 
 def embedding_encoders() -> list[str]:
     """The registered encoder aliases that embed images (``lpips`` gives distance maps, not embeddings)."""
-    from safetypairs.registry import available
-
     return [alias for alias in available("encoders") if callable(getattr(backend_class("encoders", alias), "embed", None))]
 
 

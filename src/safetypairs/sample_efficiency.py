@@ -266,6 +266,8 @@ def plot_png(results: Mapping[str, Any], path: str | Path, metric: str | None = 
         band = [(k, c) for k, c in cells if c["low"] is not None]
         ax.fill_between([k for k, _ in band], [c["low"] for _, c in band], [c["high"] for _, c in band], alpha=0.2)
     ax.set_xscale("log", base=2)
+    ticks = sorted(int(k) for k in arms["base"])
+    ax.set_xticks(ticks, [str(k) for k in ticks])
     ax.set_xlabel("k (examples per class)")
     ax.set_ylabel(f"{metric} on held-out images")
     ax.set_title(f"probe on {results['encoder']}")
