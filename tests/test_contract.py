@@ -64,6 +64,14 @@ class TinyModels:
     def open_clip(self) -> str:
         return tiny_builders.register_tiny_open_clip(self.root / "open_clip")
 
+    @functools.cached_property
+    def linear_probe(self) -> str:
+        """A seeded random probe on the tiny open_clip's 32-dim embeddings."""
+        from safetypairs.backends.probe import LinearProbe, save_probe
+
+        coef = np.random.default_rng(0).normal(size=32).astype(np.float32)
+        return str(save_probe(LinearProbe(coef, 0.1, f"open_clip:{self.open_clip}/none"), self.root / "probe"))
+
 
 @dataclass(frozen=True)
 class Tiny:
@@ -85,6 +93,7 @@ _CLASSIFIERS: dict[str, dict[str, Tiny]] = {
         "open_clip": Tiny(lambda t: f"clip-zeroshot:open_clip:{t.open_clip}/none"),
         "hf-clip": Tiny(lambda t: f"clip-zeroshot:hf-clip:{t.hf_clip}"),
     },
+    "linear-probe": {"tiny-open_clip": Tiny(lambda t: f"linear-probe:{t.linear_probe}")},
 }
 _DIFFUSERS_OPTIONS = {"steps": "2", "resolution": "0"}
 
@@ -102,6 +111,7 @@ TINY: dict[tuple[str, str], dict[str, Tiny]] = {
     ("encoders", "lpips"): {"random-alex": Tiny(lambda t: "lpips:alex,pnet_rand=true")},
     ("encoders", "open_clip"): {"tiny": Tiny(lambda t: f"open_clip:{t.open_clip}/none")},
     ("encoders", "hf-clip"): {"tiny": Tiny(lambda t: f"hf-clip:{t.hf_clip}")},
+    ("encoders", "ocr-text"): {"default": Tiny(lambda t: "ocr-text:dim=64", captioned=True)},
 }
 REGISTERED = sorted((kind, alias) for kind, aliases in REGISTRY.items() for alias in aliases)
 
@@ -225,10 +235,12 @@ OPTION_PROBE_ARG: dict[tuple[str, str], str | None] = {
     ("editors", "diffusers"): "some/model",
     **{(kind, alias): arg for kind in ("judges", "guards") for alias, arg in {
         "ocr-lexicon": None, "nudenet": None, "hf-vlm": "some/model", "llavaguard": "some/model",
-        "shieldgemma2": "some/model", "clip-zeroshot": "open_clip:ViT-B-32/none"}.items()},
+        "shieldgemma2": "some/model", "clip-zeroshot": "open_clip:ViT-B-32/none",
+        "linear-probe": "some/probe"}.items()},
     ("encoders", "lpips"): "alex",
     ("encoders", "open_clip"): "ViT-B-32/none",
     ("encoders", "hf-clip"): "some/model",
+    ("encoders", "ocr-text"): None,
 }
 
 

@@ -75,6 +75,19 @@ def test_demo_results_account_for_every_row(demo_run):
     assert "wrote" in summary.render() and "accepted pairs" in summary.render()
 
 
+def test_demo_training_section_has_three_arms(demo_run):
+    out, summary = demo_run
+    training = json.loads((out / "results.json").read_text())["training"]
+    assert training["encoder"] == "ocr-text:max_side=320" and training["n"]["pairs"] == summary.accepted
+    arms = training["summary"]["balanced_accuracy"]["arms"]
+    assert set(arms) == {"base", "pairs", "random"} and list(arms["base"]) == [str(k) for k in (1, 2, 4, 8) if k <= summary.accepted]
+    assert all(cell["n"] == 5 for arm in arms.values() for cell in arm.values())
+    assert (out / "training" / "curve.png").is_file() and (out / "training" / "results.json").is_file()
+    html = (out / "report.html").read_text()
+    assert "Training: sample efficiency of pairs" in html and "+ k random extra images" in html
+    assert "probe (ocr-text:max_side=320) k=2" in summary.render()
+
+
 def test_output_folder_checks(tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep me")

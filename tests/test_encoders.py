@@ -32,6 +32,7 @@ def test_encoders_are_registered():
         "lpips": "safetypairs.backends.encoders:LPIPSEncoder",
         "open_clip": "safetypairs.backends.encoders:OpenCLIPEncoder",
         "hf-clip": "safetypairs.backends.encoders:HFCLIPEncoder",
+        "ocr-text": "safetypairs.backends.ocr_text:OCRTextEncoder",
     }
 
 

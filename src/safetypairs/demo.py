@@ -26,6 +26,18 @@ CIRCULARITY_NOTE = (
     "(default detector thresholds), so its scores on accepted pairs measure agreement with the judge, "
     "not independent guard quality."
 )
+# The training section: a linear probe on what rapidocr reads (no downloaded weights), three arms.
+DEMO_ENCODER = "ocr-text:max_side=320"
+DEMO_KS = (1, 2, 4, 8)
+DEMO_SEEDS = 5
+DEMO_EVAL_PER_CLASS = 8
+TRAINING_NOTE = (
+    "Base set: harassing memes (unsafe) and plain photos (safe), so 'has a caption' predicts the label there. "
+    "Eval set: fresh renders (new seed, ids unseen in training) with harassing or friendly captions, so only the "
+    "words tell the labels apart. The pair arm adds k demo pairs (original + edit: same photo and caption box, "
+    "different words); the random arm adds k more base images per class. All three arms share the 16 skimage "
+    "photos; the ocr-text encoder sees only the text read from each image."
+)
 NUDENET_NOTE = (
     "NudeNet only detects nudity (O4); the demo pairs are O1 text overlays, so it is expected to call "
     "every image safe: its recall on unsafe images is ~0 and its pair accuracy ~0 by design."
@@ -43,6 +55,7 @@ class DemoConfig:
         seed: seed for captions, styles, placement and edit seeds.
         num_proc: processes for the map stages.
         n_bootstrap: bootstrap resamples for the guard metrics' confidence intervals.
+        train: add the training section (probes on ``ocr-text`` embeddings: base vs + pairs vs + random).
     """
 
     out: str | Path
@@ -51,6 +64,7 @@ class DemoConfig:
     seed: int = 0
     num_proc: int | None = None
     n_bootstrap: int = 1000
+    train: bool = True
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -69,6 +83,7 @@ class DemoSummary:
     sources: int = 0
     reject_reasons: dict[str, int] = field(default_factory=dict)
     leaderboard: list[dict[str, Any]] = field(default_factory=list)
+    training: dict[str, Any] = field(default_factory=dict)
 
     def render(self) -> str:
         """A short plain-text summary for the terminal."""
@@ -83,6 +98,9 @@ class DemoSummary:
             fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
             lines.append(f"guard {row['guard']:<44} pair_acc={fmt(row.get('pair_accuracy'))} "
                          f"f1={fmt(row.get('f1'))} bal_acc={fmt(row.get('balanced_accuracy'))}")
+        for k, arms in self.training.items():
+            cells = "  ".join(f"{arm}={'n/a' if c['mean'] is None else format(c['mean'], '.3f')}" for arm, c in arms.items())
+            lines.append(f"probe ({DEMO_ENCODER}) k={k}: balanced accuracy {cells}")
         lines.append(f"wrote {self.out / 'dataset'}, {self.out / 'report.html'}, {self.out / 'results.json'}")
         return "\n".join(lines)
 
@@ -146,9 +164,17 @@ def run_demo(config: DemoConfig) -> DemoSummary:
         evaluation = run_evaluate(images, EvaluateConfig(guards=DEMO_GUARDS, n_bootstrap=config.n_bootstrap,
                                                          seed=config.seed, num_proc=config.num_proc), pairs=pairs)
         rec["statuses"] = {spec: len(images) for spec in DEMO_GUARDS}
+    training, sections = {}, []
+    if config.train:
+        with timer.stage("train", len(images)) as rec:
+            training = _training(images, config, out / "training")
+            rec["statuses"] = {"runs": len(training.get("runs", [])), **({"skipped": 1} if "skipped_all" in training else {})}
+        sections = [("Training: sample efficiency of pairs", _training_html(training))]
     notes = {"ocr-lexicon": CIRCULARITY_NOTE.format(judge=DEMO_JUDGE), "nudenet": NUDENET_NOTE}
+    curves = training.get("summary", {}).get("balanced_accuracy", {}).get("arms", {})
     summary = DemoSummary(out=out, stages=timer.stages, accepted=len(pairs), sources=config.n,
-                          reject_reasons=_reject_reasons(candidates), leaderboard=evaluation.get("leaderboard", []))
+                          reject_reasons=_reject_reasons(candidates), leaderboard=evaluation.get("leaderboard", []),
+                          training={k: {arm: curves[arm][k] for arm in curves} for k in curves.get("base", {})})
     results = {
         "demo": {**asdict(config), "out": str(out), "judge": DEMO_JUDGE, "guards": list(DEMO_GUARDS)},
         "stages": timer.stages,
@@ -158,9 +184,10 @@ def run_demo(config: DemoConfig) -> DemoSummary:
         "reject_reasons": summary.reject_reasons,
         "metrics_ran": sorted({m for row in candidates[S.METRICS_RAN] for m in (row or [])}),
         "notes": notes,
+        "training": {k: v for k, v in training.items() if k != "runs"},
         **evaluation,
     }
-    render_report(results, out / "report.html", pairs=pairs, funnel=funnel, notes=notes)
+    render_report(results, out / "report.html", pairs=pairs, funnel=funnel, notes=notes, sections=sections)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     return summary
 
@@ -186,3 +213,51 @@ def _funnel(stages: list[dict[str, Any]], validated: Any) -> list[dict[str, Any]
         {"stage": "accepted", "rows_in": ok("edit"), "rows_out": accepted,
          "statuses": _reject_reasons(validated, edited_only=True)},
     ]
+
+
+def _captioned_rows(n_per_class: int, seed: int, safe: str, prefix: str) -> Any:
+    """Unsafe harassing memes and safe images (``plain`` photos or ``benign`` captions), with fresh ids."""
+    from datasets import ClassLabel, Dataset, Features, Image, Value
+
+    from safetypairs.sources import DEMO_PHOTOS, demo_photo, render_demo_row
+
+    rows = []
+    for i in range(n_per_class):
+        plain = demo_photo(DEMO_PHOTOS[(i + 5) % len(DEMO_PHOTOS)])
+        negative = render_demo_row(i, seed, "benign")[S.IMAGE] if safe == "benign" else plain
+        rows += [{S.IMAGE: render_demo_row(i, seed)[S.IMAGE], S.LABEL: 1, S.SOURCE_ID: f"{prefix}-unsafe-{i}"},
+                 {S.IMAGE: negative, S.LABEL: 0, S.SOURCE_ID: f"{prefix}-safe-{i}"}]
+    features = Features({S.IMAGE: Image(), S.LABEL: ClassLabel(names=S.LABELS), S.SOURCE_ID: Value("string")})
+    return Dataset.from_list(rows, features=features)
+
+
+def _training(images: Any, config: DemoConfig, out: Path) -> dict[str, Any]:
+    """The three arms' curves on the demo's O1 data with the offline ``ocr-text`` encoder."""
+    from safetypairs.embed import EmbedConfig, embed_dataset
+    from safetypairs.probe import pair_rows
+    from safetypairs.sample_efficiency import SweepConfig, run_sample_efficiency
+
+    pair_images = pair_rows(images)
+    n_pairs = len(set(pair_images[S.PAIR_ID]))
+    ks = tuple(k for k in DEMO_KS if k <= n_pairs)
+    if not ks:
+        return {"skipped_all": f"{n_pairs} accepted pairs: too few for a probe"}
+    embed = EmbedConfig(encoder=DEMO_ENCODER, num_proc=config.num_proc)
+    base = _captioned_rows(max(8, 2 * max(ks)), config.seed + 1, "plain", "train-base")
+    evaluation = _captioned_rows(DEMO_EVAL_PER_CLASS, config.seed + 2, "benign", "train-eval")
+    return run_sample_efficiency(embed_dataset(base, embed), embed_dataset(pair_images, embed),
+                                 embed_dataset(evaluation, embed),
+                                 SweepConfig(ks=ks, seeds=DEMO_SEEDS, seed=config.seed), DEMO_ENCODER, out=out)
+
+
+def _training_html(training: dict[str, Any]) -> str:
+    import html
+
+    from safetypairs.sample_efficiency import curve_svg
+
+    if "skipped_all" in training:
+        return f"<p class='muted'>Skipped: {html.escape(training['skipped_all'])}</p>"
+    n = training["n"]
+    return (f"<p class='muted small'>{html.escape(TRAINING_NOTE)} Base pool {n['base']} images, {n['pairs']} pairs, "
+            f"{n['eval']} eval images; mean and 95% CI over {training['config']['seeds']} seeds. Files: "
+            f"training/results.json, training/curve.png.</p>{curve_svg(training)}")

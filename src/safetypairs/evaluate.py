@@ -17,6 +17,7 @@ from datasets import Dataset, DatasetDict, Features, Value
 
 from safetypairs.images import ImageError, load_image
 from safetypairs.metrics import compute_metrics
+from safetypairs.natural import natural_comparison
 from safetypairs.policy import Policy, load_policy
 from safetypairs.registry import load_backend, parse_spec
 from safetypairs.runner import (
@@ -303,7 +304,8 @@ def load_release(path: str, name: str = "images", split: str | None = None) -> D
     return loaded[split]
 
 
-def evaluate_release(path: str, config: EvaluateConfig, run: RunConfig, split: str | None = None) -> dict[str, Any]:
+def evaluate_release(path: str, config: EvaluateConfig, run: RunConfig, split: str | None = None,
+                     natural: Dataset | None = None) -> dict[str, Any]:
     """Evaluate guards on a released benchmark, on the shared runner (sharded over ranks, resumable).
 
     Writes ``results.json``, ``predictions.parquet`` (with raw answers), ``report.html`` and
@@ -316,6 +318,7 @@ def evaluate_release(path: str, config: EvaluateConfig, run: RunConfig, split: s
         config: the evaluation config.
         run: the output folder, chunk size and overwrite policy.
         split: the split to use (default: test, else train).
+        natural: labelled natural images (see `natural_images`); adds ``results["natural"]`` (`natural_comparison`).
 
     Returns:
         The results dict (as written to ``results.json``); ``{}`` on ranks other than 0.
@@ -346,12 +349,17 @@ def evaluate_release(path: str, config: EvaluateConfig, run: RunConfig, split: s
                        "seconds": summary.statuses.get(GUARD_SECONDS, {}).get(spec)} for spec in config.guards}
         results.update(score_predictions(preds, config, pairs=pairs, runs=runs))
         results["dataset"] = {"path": str(path), "split": used, "fingerprint": summary.fingerprint, "n_rows": len(images)}
+        if natural is not None:
+            natural_preds = predict(natural, replace(config, num_proc=None))[0]
+            results["natural"] = natural_comparison(preds, natural_preds, _pred_columns(config),
+                                                    n_bootstrap=config.n_bootstrap, seed=config.seed)
         preds.to_parquet(str(work / "predictions.parquet"))
         (work / "results.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
         render_report(results, work / "report.html", pairs=pairs)
         return {"results": "results.json", "report": "report.html"}
 
-    settings = {**evaluate_settings(config), "dataset": str(path), "split": used}
+    settings = {**evaluate_settings(config), "dataset": str(path), "split": used,
+                "natural": content_fingerprint(natural) if natural is not None else None}
     local = (path,) if Path(path).exists() else ()
     summary = run_stage(images, compute, stage="evaluate", settings=settings, run=replace(run, source=run.source or str(path)),
                         device=config.device, finalize=finalize, inputs=local)
@@ -366,3 +374,7 @@ def evaluate_release(path: str, config: EvaluateConfig, run: RunConfig, split: s
 def evaluate_settings(config: EvaluateConfig) -> dict[str, Any]:
     """The settings that decide an evaluation's output (batching and processes left out)."""
     return {k: v for k, v in asdict(config).items() if k not in ("batch_size", "num_proc")}
+
+
+def _pred_columns(config: EvaluateConfig) -> dict[str, str]:
+    return {spec: guard_columns(spec)["pred"] for spec in config.guards}

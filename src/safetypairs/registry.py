@@ -32,6 +32,7 @@ _CLASSIFIERS = {
     "llavaguard": "safetypairs.backends.vlm_guards:LlavaGuard",
     "shieldgemma2": "safetypairs.backends.vlm_guards:ShieldGemma2Guard",
     "clip-zeroshot": "safetypairs.backends.clip_guard:CLIPZeroShotGuard",
+    "linear-probe": "safetypairs.backends.probe:LinearProbeGuard",
 }
 
 REGISTRY: dict[str, dict[str, str]] = {
@@ -50,6 +51,7 @@ REGISTRY: dict[str, dict[str, str]] = {
         "lpips": "safetypairs.backends.encoders:LPIPSEncoder",
         "open_clip": "safetypairs.backends.encoders:OpenCLIPEncoder",
         "hf-clip": "safetypairs.backends.encoders:HFCLIPEncoder",
+        "ocr-text": "safetypairs.backends.ocr_text:OCRTextEncoder",
     },
 }
 _BUILTIN = {kind: dict(aliases) for kind, aliases in REGISTRY.items()}

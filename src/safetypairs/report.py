@@ -202,6 +202,7 @@ def render_report(
     funnel: Sequence[Mapping[str, Any]] | None = None,
     notes: Mapping[str, str] | None = None,
     title: str = "SafetyPairs report",
+    sections: Sequence[tuple[str, str]] = (),
 ) -> Path:
     """Write a self-contained HTML report (images inline, charts as inline SVG, no scripts).
 
@@ -218,6 +219,7 @@ def render_report(
         notes: a remark per guard spec shown next to its numbers (e.g. a circularity warning
             when the guard is the validation judge).
         title: the page title.
+        sections: extra ``(title, trusted HTML)`` sections appended at the end (e.g. training curves).
 
     Returns:
         The written path.
@@ -243,6 +245,7 @@ def render_report(
         "gallery": [_pair_card(row, errors.get(row.get(PAIR_ID))) for row in rows[:MAX_GALLERY]],
         "n_pairs": len(rows),
         "unsafe": UNSAFE,
+        "sections": list(sections),
         "results_json": json.dumps({k: results.get(k) for k in ("dataset", "policy", "config")}, default=str),
     }
     template = jinja2.Template(

@@ -64,6 +64,11 @@ ROLE = "role"
 HUMAN_VERIFIED = "human_verified"  # a majority of reviewers accepted the pair (`safetypairs review`)
 N_REVIEWERS = "n_reviewers"  # reviewers who decided on it (0 when the release was not reviewed)
 
+# --- embed stage ------------------------------------------------------------------------------
+EMBEDDING = "embedding"
+EMBED_STATUS = "embed_status"
+EMBED_ERROR = "embed_error"
+
 LABELS = ["safe", "unsafe"]
 SAFE, UNSAFE, UNKNOWN = "safe", "unsafe", "unknown"
 ROLES = ("original", "edited", "control")
@@ -163,6 +168,14 @@ VALIDATION_FEATURES = Features(
         VALIDATE_ERROR: Value("string"),
         VALIDATE_RESIZED: Value("bool"),
         REJECT_REASON: Value("string"),
+    }
+)
+
+EMBED_FEATURES = Features(
+    {
+        EMBEDDING: Sequence(Value("float32")),
+        EMBED_STATUS: Value("string"),
+        EMBED_ERROR: Value("string"),
     }
 )
 

@@ -66,16 +66,22 @@ def _caption_box(image: Image.Image, rng: random.Random) -> tuple[int, int, int,
     return x0, y0, x0 + width, y0 + height
 
 
-def render_demo_row(index: int, seed: int) -> dict:
-    """Make one demo source row: a photo with a harassing caption in a random style and place.
+def render_demo_row(index: int, seed: int, kind: str = "harassing") -> dict:
+    """Make one demo source row: a photo with a harassing (or, with ``kind="benign"``, a friendly)
+    caption in a random style and place.
 
     Returns:
         A row with ``source_id, image, category, rationale, source_meta`` (JSON with the text,
         the caption box, font and colours).
+
+    Raises:
+        ValueError: for a kind other than ``harassing`` or ``benign``.
     """
+    if kind not in ("harassing", "benign"):
+        raise ValueError(f"unknown caption kind {kind!r}; allowed: harassing, benign")
     rng = random.Random(f"{seed}:{index}")
     photo = DEMO_PHOTOS[index % len(DEMO_PHOTOS)]
-    caption = rng.choice(demo_text()["harassing"])
+    caption = rng.choice(demo_text()[kind])
     image = demo_photo(photo).copy()
     box = _caption_box(image, rng)
     fill, stroke, band = rng.choice(_SCHEMES)
@@ -90,7 +96,8 @@ def render_demo_row(index: int, seed: int) -> dict:
         S.SOURCE_ID: f"demo-{index:04d}-{photo}",
         S.IMAGE: image,
         S.CATEGORY: "O1",
-        S.RATIONALE: f"The caption '{caption}' insults the person, animal or thing shown.",
+        S.RATIONALE: f"The caption '{caption}' insults the person, animal or thing shown." if kind == "harassing"
+        else f"The caption '{caption}' is friendly.",
         S.SOURCE_META: json.dumps(meta),
     }
 

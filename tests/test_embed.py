@@ -1,0 +1,123 @@
+"""Embed stage: tiny random open_clip through the real embed path, the ocr-text encoder, cached run_embed."""
+
+import numpy as np
+import pytest
+from datasets import ClassLabel, Dataset, Features, Image, Value
+from PIL import Image as PILImage
+from tiny_models import register_tiny_open_clip
+
+from safetypairs import schema as S
+from safetypairs.backends.ocr_text import (
+    NO_TEXT,
+    OCRTextEncoder,
+    hash_features,
+    word_ngrams,
+)
+from safetypairs.embed import EmbedConfig, embed_dataset, load_embedded, run_embed
+from safetypairs.registry import load_backend
+from safetypairs.runner import load_run
+from safetypairs.sources import demo_photo, render_demo_row
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins")
+FEATURES = Features({"image": Image(), "label": ClassLabel(names=S.LABELS), "source_id": Value("string"),
+                     "pair_id": Value("string"), "role": Value("string")})
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    return f"open_clip:{register_tiny_open_clip(tmp_path_factory.mktemp('clip'))}/none"
+
+
+def _photos(bad_row: int | None = None) -> Dataset:
+    rows = {"image": [demo_photo(n).resize((48, 40)) for n in PHOTOS], "label": [i % 2 for i in range(len(PHOTOS))],
+            "source_id": [f"s{i}" for i in range(len(PHOTOS))], "pair_id": [f"p{i // 2}" for i in range(len(PHOTOS))],
+            "role": ["original", "edited"] * (len(PHOTOS) // 2)}
+    if bad_row is not None:
+        rows["image"][bad_row] = {"bytes": b"not an image", "path": None}
+    return Dataset.from_dict(rows, features=FEATURES)
+
+
+class _Counting:
+    """Wraps an encoder backend's ``embed`` and counts the images it is called with."""
+
+    def __init__(self, monkeypatch, spec):
+        self.backend = load_backend("encoders", spec, "cpu")
+        self.images = 0
+        original = self.backend.embed
+
+        def counted(images):
+            self.images += len(images)
+            return original(images)
+
+        monkeypatch.setattr(self.backend, "embed", counted)
+
+
+def test_tiny_open_clip_through_the_embed_stage(tiny_clip):
+    dataset = _photos(bad_row=3)
+    out = embed_dataset(dataset, EmbedConfig(encoder=tiny_clip, batch_size=4, device="cpu"))
+    assert out.column_names == ["pair_id", "role", "label", "source_id", "embedding", "embed_status", "embed_error"]
+    assert out.features["label"] == FEATURES["label"] and len(out) == len(dataset)
+    assert out["embed_status"] == ["ok", "ok", "ok", "bad_image", "ok", "ok"]
+    assert out[3]["embedding"] is None and "row s3" in out[3]["embed_error"]
+    got = np.array([out[i]["embedding"] for i in (0, 1, 2, 4, 5)], dtype=np.float32)
+    encoder = load_backend("encoders", tiny_clip, "cpu")
+    bare = encoder.embed([demo_photo(PHOTOS[i]).resize((48, 40)) for i in (0, 1, 2, 4, 5)])
+    np.testing.assert_allclose(got, bare, atol=1e-5)  # the stage adds nothing to the bare encoder's numbers
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_embed_config_checks_values(tiny_clip):
+    with pytest.raises(ValueError, match="does not embed images; allowed: hf-clip, ocr-text, open_clip"):
+        EmbedConfig(encoder="lpips:alex")
+    with pytest.raises(ValueError, match="Did you mean 'ocr-text'"):
+        EmbedConfig(encoder="ocr-txt")
+    with pytest.raises(ValueError, match="batch_size"):
+        EmbedConfig(encoder=tiny_clip, batch_size=0)
+    with pytest.raises(ValueError, match="no image column 'picture'"):
+        embed_dataset(_photos(), EmbedConfig(encoder=tiny_clip, image_column="picture"))
+
+
+def test_run_embed_reuses_a_finished_run_without_encoder_calls(tmp_path, monkeypatch, tiny_clip):
+    from safetypairs.runner import RunConfig
+
+    counter = _Counting(monkeypatch, tiny_clip)
+    dataset, config = _photos(), EmbedConfig(encoder=tiny_clip, device="cpu")
+    first = run_embed(dataset, config, RunConfig(out=tmp_path / "emb", chunk_size=4))
+    assert counter.images == len(dataset) and first.chunks_computed == 2
+    rows = load_run(tmp_path / "emb")
+    again = run_embed(dataset, config, RunConfig(out=tmp_path / "emb", chunk_size=4))
+    assert counter.images == len(dataset), "a second run on the same data and encoder made encoder calls"
+    assert again.chunks_computed == 0 and load_run(tmp_path / "emb")["embedding"] == rows["embedding"]
+    assert rows["source_id"] == dataset["source_id"] and rows["embed_status"] == ["ok"] * len(dataset)
+    assert load_embedded(str(tmp_path / "emb"), tiny_clip)["embedding"] == rows["embedding"]
+    with pytest.raises(ValueError, match="holds embeddings of"):
+        load_embedded(str(tmp_path / "emb"), "ocr-text")
+
+
+def test_word_ngrams_and_hashing_are_stable():
+    assert word_ngrams("You are A loser!", 2) == ["you", "are", "a", "loser", "you are", "are a", "a loser"]
+    assert word_ngrams("  ", 2) == [NO_TEXT]
+    a, b = hash_features(["you", "loser"], 64), hash_features(["you", "loser"], 64)
+    assert np.array_equal(a, b) and np.isclose(np.linalg.norm(a), 1.0)
+    with pytest.raises(ValueError, match="allowed: dim, ngrams, max_side"):
+        OCRTextEncoder.from_spec("size=3")
+    with pytest.raises(ValueError, match="must be integers"):
+        OCRTextEncoder.from_spec("dim=big")
+    with pytest.raises(ValueError, match="ngrams must be 1, 2, 3 or 4"):
+        OCRTextEncoder.from_spec("ngrams=7")
+
+
+def test_ocr_text_embeds_what_rapidocr_reads():
+    encoder = load_backend("encoders", "ocr-text:dim=256")
+    assert encoder.name == "ocr-text:dim=256,ngrams=2"
+    rows = [render_demo_row(i, 0) for i in range(2)]
+    captions = [r["source_meta"] for r in rows]
+    plain = demo_photo("coffee")
+    texts = encoder.texts([rows[0]["image"], plain])
+    assert texts[0] in captions[0] and texts[1] == ""
+    emb = encoder.embed([rows[0]["image"], rows[0]["image"].transpose(PILImage.Transpose.FLIP_LEFT_RIGHT), plain])
+    assert emb.shape == (3, 256) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(emb[0], hash_features(word_ngrams(texts[0], 2), 256))
+    np.testing.assert_allclose(emb[2], hash_features([NO_TEXT], 256))
+    small = load_backend("encoders", "ocr-text:dim=256,max_side=320")
+    assert small.name.endswith(",max_side=320") and small.texts([rows[0]["image"]]) == texts[:1]

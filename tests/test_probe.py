@@ -1,0 +1,130 @@
+"""Linear probes: C selection, safetensors round trip, the linear-probe guard through evaluate."""
+
+import json
+
+import numpy as np
+import pytest
+from datasets import ClassLabel, Dataset, Features, Image, Value
+from tiny_models import register_tiny_open_clip
+
+from safetypairs import schema as S
+from safetypairs.backends.probe import (
+    LinearProbe,
+    LinearProbeGuard,
+    load_probe,
+    save_probe,
+)
+from safetypairs.embed import EmbedConfig, embed_dataset
+from safetypairs.evaluate import EvaluateConfig, guard_columns, run_evaluate
+from safetypairs.probe import (
+    ProbeConfig,
+    embedded_arrays,
+    fit_probe,
+    train_probe,
+    validation_split,
+)
+from safetypairs.registry import load_backend
+from safetypairs.sources import DEMO_PHOTOS, demo_photo
+
+IMAGES = Features({"image": Image(), "label": ClassLabel(names=S.LABELS), "category": Value("string"),
+                   "pair_id": Value("string"), "role": Value("string")})
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    return f"open_clip:{register_tiny_open_clip(tmp_path_factory.mktemp('clip'))}/none"
+
+
+def _images(n_pairs: int = 6) -> Dataset:
+    rows = {name: [] for name in IMAGES}
+    for i in range(n_pairs):
+        photo = demo_photo(DEMO_PHOTOS[i % len(DEMO_PHOTOS)]).resize((40, 40))
+        for role, label, image in (("original", 1, photo), ("edited", 0, photo.rotate(90)), ("control", 1, photo)):
+            rows["image"].append(image)
+            rows["label"].append(label)
+            rows["category"].append("O1")
+            rows["pair_id"].append(f"p{i}")
+            rows["role"].append(role)
+    return Dataset.from_dict(rows, features=IMAGES)
+
+
+def _separable(seed=0, n=60, d=8):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 2
+    x = rng.normal(size=(n, d))
+    x[:, 0] += 3 * (2 * y - 1)
+    return x, y
+
+
+def test_fit_probe_chooses_c_on_a_grouped_validation_split():
+    x, y = _separable()
+    probe = fit_probe(x, y, ProbeConfig("ocr-text", c_grid=(0.001, 1.0)))
+    assert probe.meta["C"] == 1.0 and probe.meta["C_selection"].startswith("validation split")
+    assert probe.meta["val_balanced_accuracy"]["1.0"] >= probe.meta["val_balanced_accuracy"]["0.001"]
+    assert np.mean((probe.predict_proba(x) >= 0.5) == y) > 0.95
+    assert probe.meta["n_unsafe"] == 30 and probe.meta["n_safe"] == 30
+    tiny = fit_probe(x[:2], y[:2], ProbeConfig("ocr-text"))  # one per class: nothing to hold out
+    assert tiny.meta["C"] == 1.0 and tiny.meta["C_selection"].startswith("default")
+    with pytest.raises(ValueError, match="safe and unsafe"):
+        fit_probe(x[y == 1], y[y == 1], ProbeConfig("ocr-text"))
+
+
+def test_validation_split_keeps_groups_together():
+    y = np.array([1, 0] * 10)
+    groups = np.repeat(np.arange(10), 2)
+    train, val = validation_split(y, groups, 0.3, np.random.default_rng(0))
+    assert not set(groups[train]) & set(groups[val]) and len(set(groups[val])) == 3
+    assert validation_split(np.array([1, 0]), np.array([0, 0]), 0.5, np.random.default_rng(0)) is None
+
+
+def test_save_load_round_trip(tmp_path):
+    x, y = _separable(d=5)
+    probe = fit_probe(x, y, ProbeConfig("ocr-text:dim=5"))
+    folder = save_probe(probe, tmp_path / "p")
+    config = json.loads((folder / "probe.json").read_text())
+    assert config["encoder"] == "ocr-text:dim=5" and config["dim"] == 5 and config["classes"] == ["safe", "unsafe"]
+    loaded = load_probe(folder)
+    np.testing.assert_allclose(loaded.predict_proba(x), probe.predict_proba(x), rtol=1e-5)
+    assert loaded.meta["C"] == probe.meta["C"]
+    with pytest.raises(ValueError, match="expects embeddings of size 5"):
+        loaded.predict_proba(np.zeros((1, 4)))
+    (folder / "probe.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="probe.safetensors is missing"):
+        load_probe(folder)
+
+
+def test_guard_spec_options(tmp_path, tiny_clip):
+    save_probe(LinearProbe(np.zeros(32, np.float32), 0.0, tiny_clip), tmp_path / "p")
+    guard = load_backend("guards", f"linear-probe:{tmp_path / 'p'},threshold=0.7")
+    assert isinstance(guard, LinearProbeGuard) and guard.threshold == 0.7
+    with pytest.raises(ValueError, match="allowed: threshold"):
+        LinearProbeGuard.from_spec(f"{tmp_path / 'p'},thresh=1")
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        LinearProbeGuard.from_spec(f"{tmp_path / 'p'},threshold=2")
+    with pytest.raises(ValueError, match="needs a model"):
+        LinearProbeGuard.from_spec(None)
+
+
+def test_trained_probe_is_scored_by_evaluate_like_any_guard(tmp_path, tiny_clip):
+    images = _images()
+    embedded = embed_dataset(images, EmbedConfig(encoder=tiny_clip, device="cpu"))
+    train = embedded.filter(lambda r: r != "control", input_columns="role")
+    probe = train_probe(train, ProbeConfig(tiny_clip), tmp_path / "probe")
+    assert probe.meta["n_train"] == 12
+    spec = f"linear-probe:{tmp_path / 'probe'}"
+    results = run_evaluate(images, EvaluateConfig(guards=(spec,), n_bootstrap=20, device="cpu"))
+    scores = np.array(results["predictions"][spec]["score"])
+    x, _, _ = embedded_arrays(embedded, "all")
+    np.testing.assert_allclose(scores, load_probe(tmp_path / "probe").predict_proba(x), rtol=1e-4, atol=1e-6)
+    assert results["predictions"][spec]["pred"] == ["unsafe" if s >= 0.5 else "safe" for s in scores]
+    assert results["guards"][spec]["metrics"]["auroc"] is not None
+    assert guard_columns(spec)["score"]
+
+
+def test_train_probe_adds_the_pairs_originals_and_edits(tmp_path, tiny_clip):
+    images = _images(4)
+    base = embed_dataset(images.filter(lambda r: r == "original", input_columns="role"), EmbedConfig(tiny_clip))
+    base = Dataset.from_dict({"embedding": list(base["embedding"]) * 2, "label": [1] * 4 + [0] * 4,
+                              "source_id": [f"n{i}" for i in range(8)]})
+    probe = train_probe(base, ProbeConfig(tiny_clip), tmp_path / "p", pairs=images, embed=EmbedConfig(tiny_clip))
+    assert probe.meta["n_train"] == 8 + 8 and probe.meta["n_pairs_images"] == 8  # controls left out
