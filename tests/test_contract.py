@@ -263,3 +263,6 @@ def test_from_spec_refuses_unknown_options_and_names_every_option_in_OPTIONS(kin
         cls.from_spec(OPTION_PROBE_ARG[(kind, alias)], device="cpu", not_an_option="1")
     unnamed = [name for name in cls.OPTIONS if name not in str(err.value)]
     assert not unnamed, f"{alias}: OPTIONS {unnamed} are not among the options from_spec accepts: {err.value}"
+    if "allowed: " in str(err.value):  # the parser's own list of what it accepts: OPTIONS must document each
+        accepted = {n.strip(" .'[]\"") for n in str(err.value).split("allowed: ", 1)[1].split(",")}
+        assert accepted == set(cls.OPTIONS), f"{alias}: from_spec accepts {sorted(accepted)}, OPTIONS has {sorted(cls.OPTIONS)}"

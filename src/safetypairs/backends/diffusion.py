@@ -189,6 +189,8 @@ class DiffusersEditor:
         "trust_remote_code": "allow custom pipeline code from the model repo (default false)",
         "revision": "hub revision (branch, tag or commit)",
         "safety_checker": "keep the pipeline's own NSFW checker when it ships one (default true)",
+        "strength": "inpainting pipelines only: how far the masked region is re-noised (0..1; default 1.0)",
+        "allow_pickle": "load components that ship only pickle weights (.bin/.pt; default false: safetensors only)",
     }
     takes_mask = True  # inpainting pipelines need masks; instruction pipelines refuse them per call
 
