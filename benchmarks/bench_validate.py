@@ -75,9 +75,9 @@ def bare_loop(path: Path, lpips_spec: str | None, clip_spec: str, batch_size: in
     from safetypairs.images import load_image
     from safetypairs.registry import load_backend
     from safetypairs.stage import undecoded
-    from safetypairs.validate import ValidateConfig
+    from safetypairs.validate import ValidateConfig, thresholds_for
 
-    params = ValidateConfig().mask_params
+    params = ValidateConfig().mask_params(thresholds_for(ValidateConfig(), None)[1])
     lpips_enc = load_backend("encoders", lpips_spec, "cpu") if lpips_spec else None
     clip_enc = load_backend("encoders", clip_spec, "cpu")
     results = []

@@ -13,6 +13,7 @@ from PIL import Image, ImageFilter, ImageOps
 from benchmarks.calibration import EXPECTED, calibration_pairs, measure, summarize
 from safetypairs import schema as S
 from safetypairs.registry import REGISTRY
+from safetypairs.thresholds import PIXEL_EXACT, PRESETS
 from safetypairs.validate import (
     REJECT_REASONS,
     ValidateConfig,
@@ -59,8 +60,8 @@ def test_calibration_on_real_photos(capsys):
     assert not wrong, table
     assert {r["case"] for r in rows} == set(EXPECTED)
     local = [r for r in rows if EXPECTED[r["case"]] == ("accept",)]
-    assert min(r[S.SSIM_OUTSIDE] for r in local) > ValidateConfig().min_ssim_outside
-    assert min(r[S.PSNR_OUTSIDE] for r in local) > ValidateConfig().min_psnr_outside
+    assert min(r[S.SSIM_OUTSIDE] for r in local) > PRESETS[PIXEL_EXACT].min_ssim_outside
+    assert min(r[S.PSNR_OUTSIDE] for r in local) > PRESETS[PIXEL_EXACT].min_psnr_outside
 
 
 def test_pair_schema_columns_and_mask(photo):
@@ -232,9 +233,9 @@ def test_judge_flip_decisions(photo, monkeypatch):
 
 
 def test_real_ocr_lexicon_judge_flips_replaced_text(photo):
-    from benchmarks.calibration import _replace_text
+    from safetypairs.calibrate import replace_text
 
-    captioned, replaced = _replace_text(photo.resize((480, 360)))
+    captioned, replaced = replace_text(photo.resize((480, 360)))
     out = validate_pairs(candidates([captioned, captioned], [replaced, paste(captioned, box=(300, 40, 380, 120))]),
                          judge="ocr-lexicon")
     assert out[S.JUDGE_ORIGINAL] == ["unsafe", "unsafe"]
@@ -265,7 +266,11 @@ def test_select_best_keeps_best_preserved_accepted_candidate():
     ({"lpips": "open_clip:ViT-B-32/openai"}, "lpips must be an"),
     ({"lpips": "lpips:resnet"}, "allowed: alex, vgg, squeeze"),
     ({"clip": "lpips:alex"}, "clip must be an open_clip or hf-clip spec"),
-    ({"min_changed_fraction": 0.5, "max_changed_fraction": 0.4}, "min_changed_fraction"),
+    ({"min_element_fraction": 1.5}, "min_element_fraction"),
+    ({"max_changed_fraction": 0.0}, "max_changed_fraction"),
+    ({"reference": "vae"}, "reference must be one of"),
+    ({"thresholds": "latent"}, "thresholds must be one of pixel-exact, latent-diffusion"),
+    ({"control_column": S.IMAGE}, "must differ"),
     ({"min_side": 4}, "min_side"),
     ({"policy": "no-such-policy"}, "no-such-policy"),
     ({"edited_column": S.IMAGE}, "must differ"),
