@@ -11,9 +11,8 @@ from typing import Any
 
 import cv2
 import numpy as np
-from datasets import Dataset, Features
+from datasets import Dataset, Features, Value
 from datasets import Image as ImageFeature
-from datasets import Value
 from PIL import Image, ImageEnhance, ImageFilter
 
 from safetypairs import schema as S
@@ -21,9 +20,19 @@ from safetypairs.backends.render import TextStyle, draw_text
 from safetypairs.images import load_image
 from safetypairs.instructions import NOOP_INSTRUCTION
 from safetypairs.registry import load_backend, parse_spec
-from safetypairs.thresholds import Thresholds, load_thresholds, preset_for_editor, write_thresholds
+from safetypairs.thresholds import (
+    Thresholds,
+    load_thresholds,
+    preset_for_editor,
+    write_thresholds,
+)
 from safetypairs.utils import device_for_rank, progress
-from safetypairs.validate import ValidateConfig, decide_pixels, thresholds_for, validate_pairs
+from safetypairs.validate import (
+    ValidateConfig,
+    decide_pixels,
+    thresholds_for,
+    validate_pairs,
+)
 
 logger = logging.getLogger(__name__)
 

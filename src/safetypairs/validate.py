@@ -32,7 +32,12 @@ from safetypairs.registry import parse_spec
 from safetypairs.stage import StageResult, map_stage
 from safetypairs.thresholds import Thresholds, load_thresholds, preset_for_editor
 from safetypairs.utils import device_for_rank
-from safetypairs.validate_models import PairImages, encoder_metrics, judge_rows, vae_references
+from safetypairs.validate_models import (
+    PairImages,
+    encoder_metrics,
+    judge_rows,
+    vae_references,
+)
 
 logger = logging.getLogger(__name__)
 
