@@ -183,3 +183,10 @@ def composite(original: Image.Image, edited: Image.Image, alpha: np.ndarray) -> 
     blend = base[inside] * (1.0 - a) + np.asarray(edited.convert("RGB"))[inside] * a
     out[inside] = np.clip(blend + 0.5, 0, 255).astype(np.uint8)
     return Image.fromarray(out)
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A bool mask resized (nearest) to ``size`` = ``(width, height)``; the same array when it already fits."""
+    if mask.shape[::-1] == tuple(size):
+        return mask
+    return cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)

@@ -1,14 +1,18 @@
-"""Validation thresholds: built-in presets per editor family, YAML files written by ``safetypairs calibrate``."""
+"""Validation thresholds: presets per editor family, files written by ``safetypairs calibrate``, the pixel decision."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from datasets import Dataset
+
+from safetypairs import schema as S
 
 FORMAT = "safetypairs-thresholds/1"
 PIXEL_EXACT = "pixel-exact"
@@ -134,3 +138,81 @@ def write_thresholds(path: str | Path, thresholds: Thresholds, **about: Any) -> 
 
 def _round(value: float) -> float:
     return float(f"{value:.6g}") if math.isfinite(value) else value
+
+
+@functools.lru_cache(maxsize=64)
+def thresholds_for(config: Any, editor: str | None) -> tuple[str, Thresholds]:
+    """The thresholds a row with editor spec ``editor`` is decided with.
+
+    Args:
+        config: a hashable `ValidateConfig`: ``thresholds`` (preset or file; ``None`` = by editor) and the
+            per-field overrides (attributes named like the `Thresholds` fields).
+        editor: the row's ``editor`` value (``None`` when unknown).
+
+    Returns:
+        ``(label, thresholds)``: the preset name or file path (``+overrides`` when fields were set).
+
+    Raises:
+        ValueError: for an unknown preset, a bad file or an out-of-range value.
+    """
+    name = config.thresholds or preset_for_editor(editor)
+    fields = [f.name for f in dataclasses.fields(Thresholds)]
+    overrides = {f: getattr(config, f) for f in fields if getattr(config, f, None) is not None}
+    values = dataclasses.replace(load_thresholds(name), **overrides)
+    return (f"{name}+overrides" if overrides else name), values
+
+
+def thresholds_used(dataset: Dataset, config: Any) -> dict[str, Any]:
+    """What a run decides with, for its run metadata (``run.json``): per editor, the thresholds' label and values.
+
+    Args:
+        dataset: the rows to validate (only the editor column is read).
+        config: the stage settings.
+
+    Returns:
+        ``{"thresholds": config.thresholds or "auto", "reference": ..., "composite": ...,
+        "by_editor": {editor: {"thresholds": label, "values": {...}}}}`` (``"unknown"`` for rows
+        without an editor).
+    """
+    column = config.editor_column
+    editors = sorted(set(dataset.select_columns([column])[column]), key=str) if column in dataset.column_names else [None]
+    by_editor = {}
+    for editor in editors:
+        label, values = thresholds_for(config, editor)
+        by_editor[editor or "unknown"] = {"thresholds": label, "values": values.as_dict()}
+    return {"thresholds": config.thresholds or "auto", "reference": config.reference, "composite": config.composite,
+            "feather_px": config.feather_px, "by_editor": by_editor}
+
+
+def decide_pixels(thresholds: Thresholds, row: dict[str, Any]) -> str | None:
+    """The reject reason from the measured metrics alone (``None`` when the pixels pass).
+
+    Order: ``not_local`` (change too large or too spread out), ``background_changed`` (outside
+    metrics below threshold, also when the mask is empty: a global change under the ΔE
+    threshold), then ``no_change`` (no connected change as large as ``min_element_fraction``:
+    the edit is indistinguishable from its reference).
+
+    Args:
+        thresholds: the values to decide with.
+        row: a row with the metric columns filled.
+
+    Returns:
+        ``not_local``, ``background_changed``, ``no_change`` or ``None``.
+    """
+    t = thresholds
+    if row[S.CHANGED_FRACTION] > t.max_changed_fraction or row[S.CHANGE_SPREAD] > t.max_change_spread:
+        return "not_local"
+    failed = [
+        _below(row[S.SSIM_OUTSIDE], t.min_ssim_outside),
+        _below(row[S.PSNR_OUTSIDE], t.min_psnr_outside),
+        _below(row[S.CLIP_OUTSIDE], t.min_clip_outside),
+        t.max_lpips_outside is not None and row[S.LPIPS_OUTSIDE] is not None
+        and row[S.LPIPS_OUTSIDE] > t.max_lpips_outside,
+    ]
+    if any(failed):
+        return "background_changed"
+    return "no_change" if row[S.CHANGE_ELEMENT] < t.min_element_fraction else None
+
+
+def _below(value: float | None, threshold: float | None) -> bool:
+    return threshold is not None and value is not None and (math.isnan(value) or value < threshold)

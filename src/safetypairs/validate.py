@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import functools
 import logging
-import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
-import cv2
 import numpy as np
 from datasets import Dataset
 from PIL import Image
@@ -19,25 +16,33 @@ from safetypairs.change import (
     MaskParams,
     bbox,
     change_mask,
-    composite,
     delta_e,
-    feather,
     masked_mean,
     psnr_where,
+    resize_mask,
     ssim_map,
     to_float,
 )
 from safetypairs.images import ImageError, load_image
 from safetypairs.registry import parse_spec
 from safetypairs.stage import StageResult, map_stage
-from safetypairs.thresholds import Thresholds, load_thresholds, preset_for_editor
+from safetypairs.thresholds import (
+    Thresholds,
+    decide_pixels,
+    thresholds_for,
+    thresholds_used,
+)
 from safetypairs.utils import device_for_rank
 from safetypairs.validate_models import (
     PairImages,
+    composite_columns,
     encoder_metrics,
     judge_rows,
     vae_references,
 )
+
+__all__ = ["ValidateConfig", "ValidateTransform", "decide_pixels", "run_validate", "select_best",
+           "thresholds_for", "thresholds_used", "validate_pairs"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +68,6 @@ CLIP_ALIASES = ("open_clip", "hf-clip")
 
 
 REFERENCE_MODES = ("auto", "control", "original")
-THRESHOLD_FIELDS = tuple(f.name for f in fields(Thresholds))
 
 
 @dataclass(frozen=True)
@@ -192,48 +196,6 @@ def _check_ranges(c: ValidateConfig) -> None:
         raise ValueError(f"invalid ValidateConfig value(s) for {', '.join(bad)}: {[getattr(c, b) for b in bad]}")
 
 
-@functools.lru_cache(maxsize=64)
-def thresholds_for(config: ValidateConfig, editor: str | None) -> tuple[str, Thresholds]:
-    """The thresholds a row with editor spec ``editor`` is decided with.
-
-    Args:
-        config: ``thresholds`` (preset or file; ``None`` = by editor) and the per-field overrides.
-        editor: the row's ``editor`` value (``None`` when unknown).
-
-    Returns:
-        ``(label, thresholds)``: the preset name or file path (``+overrides`` when fields were set).
-
-    Raises:
-        ValueError: for an unknown preset, a bad file or an out-of-range value.
-    """
-    name = config.thresholds or preset_for_editor(editor)
-    overrides = {f: getattr(config, f) for f in THRESHOLD_FIELDS if getattr(config, f) is not None}
-    values = replace(load_thresholds(name), **overrides)
-    return (f"{name}+overrides" if overrides else name), values
-
-
-def thresholds_used(dataset: Dataset, config: ValidateConfig) -> dict[str, Any]:
-    """What a run decides with, for its run metadata (``run.json``): per editor, the thresholds' label and values.
-
-    Args:
-        dataset: the rows to validate (only the editor column is read).
-        config: the stage settings.
-
-    Returns:
-        ``{"thresholds": config.thresholds or "auto", "reference": ..., "composite": ...,
-        "by_editor": {editor: {"thresholds": label, "values": {...}}}}`` (``"unknown"`` for rows
-        without an editor).
-    """
-    column = config.editor_column
-    editors = sorted(set(dataset.select_columns([column])[column]), key=str) if column in dataset.column_names else [None]
-    by_editor = {}
-    for editor in editors:
-        label, values = thresholds_for(config, editor)
-        by_editor[editor or "unknown"] = {"thresholds": label, "values": values.as_dict()}
-    return {"thresholds": config.thresholds or "auto", "reference": config.reference, "composite": config.composite,
-            "feather_px": config.feather_px, "by_editor": by_editor}
-
-
 def _empty_row() -> dict[str, Any]:
     row = {name: None for name in S.VALIDATION_FEATURES}
     row.update({S.METRICS_RAN: [], S.ACCEPTED: False, S.CHANGE_BBOX: [], S.VALIDATE_RESIZED: False})
@@ -346,7 +308,7 @@ class ValidateTransform:
         mask = change_mask(pair.reference, pair.edited, self.config.mask_params(thresholds))
         pair.mask = mask
         outside = ~mask.region
-        full = _full_size_mask(mask.changed, pair.full_size)
+        full = resize_mask(mask.changed, pair.full_size)
         row[S.EDIT_MASK] = Image.fromarray(full.astype(np.uint8) * 255)  # 2-D uint8: mode "L"
         row[S.CHANGED_FRACTION] = mask.changed_fraction
         row[S.CHANGE_ELEMENT] = mask.element_fraction
@@ -372,78 +334,9 @@ def _work_size(config: ValidateConfig, size: tuple[int, int]) -> tuple[int, int]
     return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
-def composite_columns(config: ValidateConfig, batch: dict[str, list], pairs: list[PairImages],
-                      rows: list[dict[str, Any]]) -> dict[str, list]:
-    """The edited (and control) columns with every measured pair composited onto its original.
-
-    Inside the feathered, dilated change mask the edit (control) is kept, outside it the original,
-    bit for bit; rows that were not measured keep their cells. ``metrics_ran`` gains ``composite``.
-
-    Args:
-        config: column names and ``feather_px``.
-        batch: the input batch (cells of rows that are not composited are returned as they are).
-        pairs: the measured pairs, with their masks.
-        rows: output rows, indexed by ``pair.index`` (``metrics_ran`` is appended to).
-
-    Returns:
-        ``{edited_column: [...], control_column: [...]}`` (the control only when the batch has it).
-    """
-    out = {config.edited_column: list(batch[config.edited_column])}
-    has_control = config.control_column in batch
-    if has_control:
-        out[config.control_column] = list(batch[config.control_column])
-    for pair in pairs:
-        alpha = feather(_full_size_mask(pair.mask.region, pair.full_size), config.feather_px)
-        out[config.edited_column][pair.index] = composite(pair.original_image, pair.edited_image, alpha)
-        if has_control and pair.control_image is not None:
-            out[config.control_column][pair.index] = composite(pair.original_image, pair.control_image, alpha)
-        rows[pair.index][S.METRICS_RAN].append("composite")
-    return out
-
-
 def _fail(row: dict[str, Any], status: str, error: str) -> None:
     row.update({S.VALIDATE_STATUS: status, S.REJECT_REASON: status, S.VALIDATE_ERROR: error})
     return None
-
-
-def _full_size_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    if mask.shape[::-1] == tuple(size):
-        return mask
-    return cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
-
-
-def decide_pixels(thresholds: Thresholds, row: dict[str, Any]) -> str | None:
-    """The reject reason from the measured metrics alone (``None`` when the pixels pass).
-
-    Order: ``not_local`` (change too large or too spread out), ``background_changed`` (outside
-    metrics below threshold, also when the mask is empty: a global change under the ΔE
-    threshold), then ``no_change`` (no connected change as large as ``min_element_fraction``:
-    the edit is indistinguishable from its reference).
-
-    Args:
-        thresholds: the values to decide with.
-        row: a row with the metric columns filled.
-
-    Returns:
-        ``not_local``, ``background_changed``, ``no_change`` or ``None``.
-    """
-    t = thresholds
-    if row[S.CHANGED_FRACTION] > t.max_changed_fraction or row[S.CHANGE_SPREAD] > t.max_change_spread:
-        return "not_local"
-    failed = [
-        _below(row[S.SSIM_OUTSIDE], t.min_ssim_outside),
-        _below(row[S.PSNR_OUTSIDE], t.min_psnr_outside),
-        _below(row[S.CLIP_OUTSIDE], t.min_clip_outside),
-        t.max_lpips_outside is not None and row[S.LPIPS_OUTSIDE] is not None
-        and row[S.LPIPS_OUTSIDE] > t.max_lpips_outside,
-    ]
-    if any(failed):
-        return "background_changed"
-    return "no_change" if row[S.CHANGE_ELEMENT] < t.min_element_fraction else None
-
-
-def _below(value: float | None, threshold: float | None) -> bool:
-    return threshold is not None and value is not None and (math.isnan(value) or value < threshold)
 
 
 def run_validate(dataset: Dataset, config: ValidateConfig | None = None) -> tuple[Dataset, StageResult]:

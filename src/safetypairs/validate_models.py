@@ -12,7 +12,14 @@ import numpy as np
 from PIL import Image
 
 from safetypairs import schema as S
-from safetypairs.change import ChangeMask, blank_region, masked_mean
+from safetypairs.change import (
+    ChangeMask,
+    blank_region,
+    composite,
+    feather,
+    masked_mean,
+    resize_mask,
+)
 from safetypairs.registry import backend_class, load_backend
 
 logger = logging.getLogger(__name__)
@@ -209,3 +216,32 @@ def judge_rows(config: Any, batch: dict[str, list], pairs: list[PairImages], row
         row[S.METRICS_RAN].append(f"judge:{config.judge}")
         if row[S.REJECT_REASON] is None:
             row[S.REJECT_REASON] = judge_reason(before.label, after.label)
+
+
+def composite_columns(config: Any, batch: dict[str, list], pairs: list[PairImages],
+                      rows: list[dict[str, Any]]) -> dict[str, list]:
+    """The edited (and control) columns with every measured pair composited onto its original.
+
+    Inside the feathered, dilated change mask the edit (control) is kept, outside it the original,
+    bit for bit; rows that were not measured keep their cells. ``metrics_ran`` gains ``composite``.
+
+    Args:
+        config: column names and ``feather_px``.
+        batch: the input batch (cells of rows that are not composited are returned as they are).
+        pairs: the measured pairs, with their masks.
+        rows: output rows, indexed by ``pair.index`` (``metrics_ran`` is appended to).
+
+    Returns:
+        ``{edited_column: [...], control_column: [...]}`` (the control only when the batch has it).
+    """
+    out = {config.edited_column: list(batch[config.edited_column])}
+    has_control = config.control_column in batch
+    if has_control:
+        out[config.control_column] = list(batch[config.control_column])
+    for pair in pairs:
+        alpha = feather(resize_mask(pair.mask.region, pair.full_size), config.feather_px)
+        out[config.edited_column][pair.index] = composite(pair.original_image, pair.edited_image, alpha)
+        if has_control and pair.control_image is not None:
+            out[config.control_column][pair.index] = composite(pair.original_image, pair.control_image, alpha)
+        rows[pair.index][S.METRICS_RAN].append("composite")
+    return out
