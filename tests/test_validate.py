@@ -299,6 +299,23 @@ def test_cli_validate_roundtrip(photo, tmp_path, capsys):
 
 
 
+
+def test_cli_validate_thresholds_and_composite(photo, tmp_path, capsys):
+    from safetypairs.cli import main
+    from safetypairs.thresholds import write_thresholds
+
+    candidates([photo, photo], [paste(photo), photo]).save_to_disk(str(tmp_path / "in"))
+    strict = write_thresholds(tmp_path / "t.yaml", PRESETS[PIXEL_EXACT].__class__(max_change_spread=0.01))
+    argv = ["-q", "validate", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--composite",
+            "--thresholds", str(strict)]
+    assert main(argv) == 0
+    out = load_from_disk(str(tmp_path / "out"))
+    assert out[S.VALIDATE_THRESHOLDS] == [str(strict)] * 2
+    assert out[S.REJECT_REASON] == ["not_local", "no_change"]  # the paste touches 4 of 64 cells > 0.01
+    assert all("composite" in ran for ran in out[S.METRICS_RAN])
+    assert main(["-q", "validate", str(tmp_path / "in"), "--out", str(tmp_path / "o2"), "--thresholds", "exact"]) == 2
+    assert "thresholds must be one of" in capsys.readouterr().err
+
 # --- editors that re-render every pixel: control / VAE reference, presets, compositing ----------
 
 REQUIRED_GLOBAL = ("brightness", "saturation", "translate_3px", "crop_resize")

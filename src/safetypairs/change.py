@@ -141,6 +141,12 @@ def ssim_map(original: np.ndarray, edited: np.ndarray) -> np.ndarray:
     return full.mean(axis=2)
 
 
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR (dB, data range 1) of two whole images; `PSNR_IDENTICAL` when equal."""
+    mse = float(np.mean(np.square(a - b)))
+    return PSNR_IDENTICAL if mse <= 1e-10 else min(PSNR_IDENTICAL, 10.0 * float(np.log10(1.0 / mse)))
+
+
 def psnr_where(original: np.ndarray, edited: np.ndarray, mask: np.ndarray) -> float | None:
     """PSNR (dB, data range 1) over the pixels where ``mask`` is true; `PSNR_IDENTICAL` when equal."""
     if not mask.any():

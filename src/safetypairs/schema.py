@@ -46,7 +46,6 @@ COLOR_CHANGE_INSIDE = "color_change_inside"
 CHANGE_ELEMENT = "change_element_fraction"  # share of the image the largest connected change covers (no_change test)
 VALIDATE_REFERENCE = "validate_reference"  # what the edit was compared with: original | control | vae_roundtrip
 NOISE_FLOOR_PSNR = "noise_floor_psnr"  # PSNR (dB) of the reference vs the original: the editor's own fingerprint
-NOISE_FLOOR_DELTA_E = "noise_floor_delta_e"  # mean CIE76 ΔE of the reference vs the original
 VALIDATE_THRESHOLDS = "validate_thresholds"  # the threshold preset or file the row was decided with
 METRICS_RAN = "metrics_ran"
 JUDGE = "judge"
@@ -156,7 +155,6 @@ VALIDATION_FEATURES = Features(
         CHANGE_ELEMENT: Value("float32"),
         VALIDATE_REFERENCE: Value("string"),
         NOISE_FLOOR_PSNR: Value("float32"),
-        NOISE_FLOOR_DELTA_E: Value("float32"),
         VALIDATE_THRESHOLDS: Value("string"),
         METRICS_RAN: Sequence(Value("string")),
         JUDGE: Value("string"),

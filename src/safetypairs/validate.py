@@ -16,8 +16,8 @@ from safetypairs.change import (
     MaskParams,
     bbox,
     change_mask,
-    delta_e,
     masked_mean,
+    psnr,
     psnr_where,
     resize_mask,
     ssim_map,
@@ -267,8 +267,9 @@ class ValidateTransform:
         work_a, work_b = original, edited
         if _scale(c, original.size) < 1.0:
             work_a, work_b = (im.resize(_work_size(c, original.size), Image.Resampling.BOX) for im in (original, edited))
+        control = self._control(batch, i, original.size) if c.reference != "original" or c.composite else None
         return PairImages(i, to_float(work_a), to_float(work_b), original.size, original, edited,
-                          control_image=self._control(batch, i, original.size))
+                          control_image=control)
 
     def _control(self, batch: dict[str, list], i: int, size: tuple[int, int]) -> Image.Image | None:
         """The row's artifact control, or ``None`` (absent, not wanted, unreadable or of another size)."""
@@ -319,9 +320,7 @@ class ValidateTransform:
         row[S.PSNR_OUTSIDE] = psnr_where(pair.reference, pair.edited, outside)
         row[S.VALIDATE_REFERENCE] = pair.reference_kind
         if pair.reference_kind != "original":
-            everywhere = np.ones(outside.shape, bool)
-            row[S.NOISE_FLOOR_PSNR] = psnr_where(pair.original, pair.reference, everywhere)
-            row[S.NOISE_FLOOR_DELTA_E] = float(delta_e(pair.original, pair.reference).mean())
+            row[S.NOISE_FLOOR_PSNR] = psnr(pair.original, pair.reference)
         row[S.METRICS_RAN] += ["change_mask", "ssim", "psnr"]
 
 
