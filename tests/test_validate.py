@@ -302,10 +302,10 @@ def test_cli_validate_roundtrip(photo, tmp_path, capsys):
 
 def test_cli_validate_thresholds_and_composite(photo, tmp_path, capsys):
     from safetypairs.cli import main
-    from safetypairs.thresholds import write_thresholds
+    from safetypairs.thresholds import Thresholds, write_thresholds
 
     candidates([photo, photo], [paste(photo), photo]).save_to_disk(str(tmp_path / "in"))
-    strict = write_thresholds(tmp_path / "t.yaml", PRESETS[PIXEL_EXACT].__class__(max_change_spread=0.01))
+    strict = write_thresholds(tmp_path / "t.yaml", Thresholds(max_change_spread=0.01))
     argv = ["-q", "validate", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--composite",
             "--thresholds", str(strict)]
     assert main(argv) == 0
