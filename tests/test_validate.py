@@ -10,15 +10,18 @@ from datasets import Dataset, Features, Value
 from datasets import Image as ImageFeature
 from PIL import Image, ImageFilter, ImageOps
 
-from benchmarks.calibration import EXPECTED, calibration_pairs, measure, summarize
+from benchmarks.calibration import calibration_pairs, measure, summarize
 from safetypairs import schema as S
+from safetypairs.calibrate import EXPECTED, LOCAL
 from safetypairs.registry import REGISTRY
 from safetypairs.runner import read_rows
+from safetypairs.thresholds import LATENT_DIFFUSION, PIXEL_EXACT, PRESETS
 from safetypairs.validate import (
     REJECT_REASONS,
     ValidateConfig,
     run_validate,
     select_best,
+    thresholds_used,
     validate_pairs,
 )
 
@@ -60,8 +63,8 @@ def test_calibration_on_real_photos(capsys):
     assert not wrong, table
     assert {r["case"] for r in rows} == set(EXPECTED)
     local = [r for r in rows if EXPECTED[r["case"]] == ("accept",)]
-    assert min(r[S.SSIM_OUTSIDE] for r in local) > ValidateConfig().min_ssim_outside
-    assert min(r[S.PSNR_OUTSIDE] for r in local) > ValidateConfig().min_psnr_outside
+    assert min(r[S.SSIM_OUTSIDE] for r in local) > PRESETS[PIXEL_EXACT].min_ssim_outside
+    assert min(r[S.PSNR_OUTSIDE] for r in local) > PRESETS[PIXEL_EXACT].min_psnr_outside
 
 
 def test_pair_schema_columns_and_mask(photo):
@@ -233,9 +236,9 @@ def test_judge_flip_decisions(photo, monkeypatch):
 
 
 def test_real_ocr_lexicon_judge_flips_replaced_text(photo):
-    from benchmarks.calibration import _replace_text
+    from safetypairs.calibrate import replace_text
 
-    captioned, replaced = _replace_text(photo.resize((480, 360)))
+    captioned, replaced = replace_text(photo.resize((480, 360)))
     out = validate_pairs(candidates([captioned, captioned], [replaced, paste(captioned, box=(300, 40, 380, 120))]),
                          judge="ocr-lexicon")
     assert out[S.JUDGE_ORIGINAL] == ["unsafe", "unsafe"]
@@ -266,7 +269,11 @@ def test_select_best_keeps_best_preserved_accepted_candidate():
     ({"lpips": "open_clip:ViT-B-32/openai"}, "lpips must be an"),
     ({"lpips": "lpips:resnet"}, "allowed: alex, vgg, squeeze"),
     ({"clip": "lpips:alex"}, "clip must be an open_clip or hf-clip spec"),
-    ({"min_changed_fraction": 0.5, "max_changed_fraction": 0.4}, "min_changed_fraction"),
+    ({"min_element_fraction": 1.5}, "min_element_fraction"),
+    ({"max_changed_fraction": 0.0}, "max_changed_fraction"),
+    ({"reference": "vae"}, "reference must be one of"),
+    ({"thresholds": "latent"}, "thresholds must be one of pixel-exact, latent-diffusion"),
+    ({"control_column": S.IMAGE}, "must differ"),
     ({"min_side": 4}, "min_side"),
     ({"policy": "no-such-policy"}, "no-such-policy"),
     ({"edited_column": S.IMAGE}, "must differ"),
@@ -295,6 +302,184 @@ def test_cli_validate_roundtrip(photo, tmp_path, capsys):
     assert main(["-q", "validate", str(tmp_path / "in"), "--out", str(tmp_path / "in" / "sub")]) == 2
     assert "is the input" in capsys.readouterr().err
 
+
+
+
+def test_cli_validate_thresholds_and_composite(photo, tmp_path, capsys):
+    from safetypairs.cli import main
+    from safetypairs.thresholds import Thresholds, write_thresholds
+
+    candidates([photo, photo], [paste(photo), photo]).save_to_disk(str(tmp_path / "in"))
+    strict = write_thresholds(tmp_path / "t.yaml", Thresholds(max_change_spread=0.01))
+    argv = ["-q", "validate", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--composite",
+            "--thresholds", str(strict)]
+    assert main(argv) == 0
+    out = read_rows(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["thresholds"]["thresholds"] == str(strict)
+    assert out[S.VALIDATE_THRESHOLDS] == [str(strict)] * 2
+    assert out[S.REJECT_REASON] == ["not_local", "no_change"]  # the paste touches 4 of 64 cells > 0.01
+    assert all("composite" in ran for ran in out[S.METRICS_RAN])
+    assert main(["-q", "validate", str(tmp_path / "in"), "--out", str(tmp_path / "o2"), "--thresholds", "exact"]) == 2
+    assert "thresholds must be one of" in capsys.readouterr().err
+
+# --- editors that re-render every pixel: control / VAE reference, presets, compositing ----------
+
+REQUIRED_GLOBAL = ("brightness", "saturation", "translate_3px", "crop_resize")
+
+
+@pytest.mark.parametrize("fingerprint", ["mild", "strong", "resample"])
+def test_fingerprinted_editor_measured_against_its_control(fingerprint):
+    """Fingerprint on control and edits: local edits accepted, global changes rejected, identical = no_change."""
+    rows = measure(calibration_pairs(("astronaut", "coffee", "rocket"), fingerprint))
+    wrong = [(r["photo"], r["case"], r["decision"]) for r in rows
+             if (r["case"] in LOCAL or r["case"] in REQUIRED_GLOBAL or r["case"] == "identical") and not r["ok"]]
+    assert not wrong, summarize(rows)
+    assert all(r[S.NOISE_FLOOR_PSNR] < 40 for r in rows)  # the editor's own fingerprint, recorded
+
+
+def test_fingerprint_against_the_original_rejects_local_edits():
+    """Why the control matters: the same edits measured against the original fail the pixel-exact thresholds."""
+    rows = measure(calibration_pairs(("astronaut", "coffee"), "mild"), ValidateConfig(reference="original"))
+    local = [r for r in rows if r["case"] in LOCAL]
+    assert sum(r["decision"] != "accept" for r in local) >= len(local) // 2, summarize(rows)
+    assert all(r[S.NOISE_FLOOR_PSNR] is None for r in rows)
+
+
+def test_thin_object_removed_is_a_change_not_no_change():
+    from safetypairs.calibrate import remove_thin_object
+    from safetypairs.sources import demo_photo
+
+    photo = demo_photo("rocket").resize((384, 384))
+    original, edited = remove_thin_object(photo)
+    out = validate_pairs(candidates([original, original], [edited, original.copy()]))
+    assert out[S.REJECT_REASON] == [None, "no_change"]
+    assert 0 < out[S.CHANGED_FRACTION][0] < 0.005 and out[S.CHANGE_ELEMENT][0] > PRESETS[PIXEL_EXACT].min_element_fraction
+
+
+def _with_control(originals, edited, controls, editor=None) -> Dataset:
+    columns = {S.IMAGE: originals, S.EDITED_IMAGE: edited, S.CONTROL_IMAGE: controls}
+    features = {k: ImageFeature() for k in columns}
+    if editor is not None:
+        columns[S.EDITOR], features[S.EDITOR] = [editor] * len(originals), Value("string")
+    return Dataset.from_dict(columns, features=Features(features))
+
+
+def test_composite_keeps_the_original_outside_the_feathered_mask(photo):
+    from benchmarks.calibration import FINGERPRINTS
+    from safetypairs.change import feather
+
+    fp = FINGERPRINTS["mild"]
+    edits = [paste(photo), photo.filter(ImageFilter.GaussianBlur(2)), photo.copy()]
+    data = _with_control([photo] * 3, [fp(e) for e in edits], [fp(photo)] * 3)
+    plain = validate_pairs(data)
+    comp = validate_pairs(data, composite=True, feather_px=4)
+    assert plain[S.REJECT_REASON] == comp[S.REJECT_REASON] == [None, "background_changed", "no_change"]
+    for name in (S.CHANGED_FRACTION, S.SSIM_OUTSIDE, S.PSNR_OUTSIDE, S.CHANGE_BBOX):
+        assert plain[name] == comp[name]
+    original = np.asarray(photo)
+    for i in range(3):
+        mask = np.asarray(comp[S.EDIT_MASK][i]) > 0
+        region = cv2_dilate(mask, 5)  # the validate margin: dilate_min_px = 5 at this size
+        soft = feather(region, 4) > 0
+        for column in (S.EDITED_IMAGE, S.CONTROL_IMAGE):
+            out = np.asarray(comp[column][i])
+            assert np.array_equal(out[~soft], original[~soft]), (i, column)
+        assert "composite" in comp[S.METRICS_RAN][i]
+    inside = np.asarray(plain[S.EDIT_MASK][0]) > 0
+    assert np.array_equal(np.asarray(comp[S.EDITED_IMAGE][0])[inside], np.asarray(fp(edits[0]))[inside])
+    assert not np.array_equal(np.asarray(comp[S.EDITED_IMAGE][1]), np.asarray(fp(edits[1])))
+
+
+def cv2_dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    import cv2
+
+    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    return cv2.dilate(mask.astype(np.uint8), disk).astype(bool)
+
+
+def test_preset_follows_the_editor_and_is_reported(photo):
+    data = candidates([photo] * 2, [paste(photo), photo], **{S.EDITOR: ["ocr-inpaint", "diffusers:/nowhere"]})
+    out = validate_pairs(data, reference="control")
+    assert out[S.VALIDATE_THRESHOLDS] == [PIXEL_EXACT, LATENT_DIFFUSION]
+    used = thresholds_used(data, ValidateConfig())
+    assert used["thresholds"] == "auto" and used["composite"] is False
+    assert used["by_editor"]["diffusers:/nowhere"]["thresholds"] == LATENT_DIFFUSION
+    assert used["by_editor"]["ocr-inpaint"]["values"] == PRESETS[PIXEL_EXACT].as_dict()
+    fixed = thresholds_used(data, ValidateConfig(thresholds=LATENT_DIFFUSION, min_psnr_outside=20.0))
+    assert {v["thresholds"] for v in fixed["by_editor"].values()} == {f"{LATENT_DIFFUSION}+overrides"}
+    assert fixed["by_editor"]["ocr-inpaint"]["values"]["min_psnr_outside"] == 20.0
+
+
+def test_lpips_outside_compares_with_the_control(photo):
+    from benchmarks.calibration import FINGERPRINTS
+
+    fp = FINGERPRINTS["strong"]
+    data = _with_control([photo], [fp(paste(photo))], [fp(photo)])
+    spec = "lpips:alex,pnet_rand=true"
+    control = validate_pairs(data, lpips=spec, device="cpu")[0]
+    plain = validate_pairs(data, lpips=spec, device="cpu", reference="original")[0]
+    assert control[S.VALIDATE_REFERENCE] == "control" and plain[S.VALIDATE_REFERENCE] == "original"
+    assert control[S.LPIPS_OUTSIDE] < plain[S.LPIPS_OUTSIDE]
+
+
+@pytest.fixture(scope="module")
+def tiny_ip2p(tmp_path_factory):
+    from tiny_models import build_tiny_ip2p
+
+    return build_tiny_ip2p(tmp_path_factory.mktemp("ip2p"))
+
+
+def test_tiny_diffusers_vae_reference_end_to_end(tiny_ip2p):
+    """Edits rendered through a tiny pipeline's VAE: the control and the VAE round trip of the original give the
+    same decisions; local edits accepted, shift and crop rejected, identical = no_change.
+
+    The tiny VAE has random weights (noise floor ~9 dB: it does not preserve the image) and squashes brightness
+    and saturation changes into small ones, so those two are left to the fingerprint tests above.
+    """
+    from safetypairs.backends.diffusion import DiffusersEditor
+    from safetypairs.calibrate import known_edits
+    from safetypairs.sources import demo_photo
+
+    spec = f"diffusers:{tiny_ip2p},resolution=0"
+    roundtrip = DiffusersEditor.roundtrip_reference(spec.partition(":")[2], "cpu")
+    wanted = ("paste_object", "inpaint_region", "replace_text", "remove_thin_object", "translate_3px",
+              "crop_resize", "identical")
+    cases = [c for c in known_edits(demo_photo("astronaut").resize((256, 256))) if c[0] in wanted]
+    originals = [o for _, o, _ in cases]
+    edited = roundtrip([e for _, _, e in cases])
+    controls = roundtrip(originals)
+    with_control = validate_pairs(_with_control(originals, edited, controls, editor=spec))
+    without = validate_pairs(_with_control(originals, edited, [None] * len(cases), editor=spec))
+    assert set(with_control[S.VALIDATE_REFERENCE]) == {"control"}
+    assert set(without[S.VALIDATE_REFERENCE]) == {"vae_roundtrip"}
+    assert set(without[S.VALIDATE_THRESHOLDS]) == {LATENT_DIFFUSION}
+    assert with_control[S.REJECT_REASON] == without[S.REJECT_REASON]
+    assert with_control[S.NOISE_FLOOR_PSNR] == pytest.approx(without[S.NOISE_FLOOR_PSNR])
+    decisions = dict(zip([c for c, _, _ in cases], with_control[S.REJECT_REASON]))
+    assert decisions == {"paste_object": None, "inpaint_region": None, "replace_text": None,
+                         "remove_thin_object": None, "translate_3px": "not_local", "crop_resize": "not_local",
+                         "identical": "no_change"}
+
+
+def test_generate_with_control_through_tiny_pipeline(tiny_ip2p):
+    """The real diffusers editor path: candidates with a control are measured against it, and an edit with the
+    no-op instruction is indistinguishable from its control (no_change)."""
+    from safetypairs.edit import EditConfig, run_edit
+    from safetypairs.instructions import NOOP_INSTRUCTION
+    from safetypairs.sources import demo_photo
+
+    photo = demo_photo("chelsea").resize((64, 64))
+    rows = Dataset.from_dict({S.SOURCE_ID: ["a", "b"], S.IMAGE: [photo, photo],
+                              S.INSTRUCTION: ["make the cat blue", NOOP_INSTRUCTION]},
+                             features=Features({S.SOURCE_ID: Value("string"), S.IMAGE: ImageFeature(),
+                                                S.INSTRUCTION: Value("string")}))
+    editor = f"diffusers:{tiny_ip2p},steps=2,resolution=64"
+    edited, _ = run_edit(rows, EditConfig(editor=editor, control=True, device="cpu"))
+    out = validate_pairs(edited)
+    assert out[S.VALIDATE_REFERENCE] == ["control", "control"]
+    assert out[S.VALIDATE_THRESHOLDS] == [LATENT_DIFFUSION] * 2
+    assert all(v is not None and v < 100 for v in out[S.NOISE_FLOOR_PSNR])
+    assert out[S.REJECT_REASON][1] == "no_change" and out[S.CHANGED_FRACTION][1] == 0.0
 
 if __name__ == "__main__":
     print(summarize(measure(calibration_pairs())))

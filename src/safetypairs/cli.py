@@ -199,7 +199,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     config = ValidateConfig(original_column=args.original_column, edited_column=args.edited_column,
                             policy=args.policy, judge=args.judge, lpips=args.lpips, clip=args.clip,
-                            device=args.device, size_mismatch=args.size_mismatch, batch_size=args.batch_size)
+                            device=args.device, size_mismatch=args.size_mismatch, batch_size=args.batch_size,
+                            thresholds=args.thresholds, composite=args.composite)
     check_not_input(args.out, (args.input,))
     run = RunConfig(out=args.out, chunk_size=args.chunk_size, source=args.input, overwrite=args.overwrite)
     with session(config.device) as state:
@@ -234,9 +235,57 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size-mismatch", choices=["reject", "resize"], default="reject",
                    help="what to do when the two images differ in size (default: reject)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per map batch (default: 8)")
+    p.add_argument("--thresholds", default=None,
+                   help="pixel-exact | latent-diffusion | a YAML file from `safetypairs calibrate` "
+                        "(default: the preset of each row's editor)")
+    p.add_argument("--composite", action="store_true",
+                   help="release original outside the feathered change mask + edit inside (control likewise); "
+                        "decisions are made before compositing")
     p.add_argument("--chunk-size", type=int, default=64, help="rows per resumable chunk (default: 64)")
     p.add_argument("--overwrite", action="store_true", help="replace an output folder holding another run")
     p.set_defaults(func=_cmd_validate)
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from safetypairs.calibrate import CalibrateConfig, run_calibrate
+    from safetypairs.registry import parse_options
+
+    config = CalibrateConfig(editor=args.editor, editor_options=tuple(parse_options(args.editor_options).items()),
+                             base=args.base, seed=args.seed, device=args.device, batch_size=args.batch_size,
+                             lpips=args.lpips, clip=args.clip)
+    result = run_calibrate(args.source, args.out, config, n=args.n, split=args.split)
+    values = ", ".join(f"{k}={v:.4g}" for k, v in result.thresholds.as_dict().items() if v is not None)
+    correct = sum(r["ok"] for r in result.rows)
+    sys.stdout.write(f"calibrate: {correct}/{len(result.rows)} cases decided as expected; wrote {args.out}: {values}\n")
+    if result.unseparated:
+        sys.stdout.write(f"  not separable with these metrics: {', '.join(result.unseparated)}\n")
+    return 0
+
+
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "calibrate", help="fit validation thresholds for an editor on your images (writes thresholds.yaml)",
+        description=(
+            "Pass each source image and known local edits (pasted object, inpainted region, replaced text, "
+            "removed thin object) and global changes (brightness, contrast, saturation, blur, JPEG, shift, crop, "
+            "hue) of it through the editor with a no-op instruction, measure them against the no-op control "
+            "and write thresholds that accept the local edits and reject the global ones "
+            "(`safetypairs validate --thresholds FILE`)."
+        ),
+    )
+    p.add_argument("--editor", required=True, help="editor spec, e.g. diffusers:<model id or path>")
+    p.add_argument("--editor-options", default="", help="k=v,k=v for the editor (as for generate)")
+    p.add_argument("--source", required=True, help="hub dataset id, dataset folder, image folder, or demo[:n]")
+    p.add_argument("--split", default="train", help="source split (default: train)")
+    p.add_argument("--n", type=int, default=8, help="source images to use (default: 8)")
+    p.add_argument("--out", required=True, help="thresholds YAML file to write")
+    p.add_argument("--base", default=None, help="preset to start from (default: by editor)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every editor call (default: 0)")
+    p.add_argument("--device", default="auto", help="auto (GPU when present) or a torch device")
+    p.add_argument("--batch-size", type=int, default=4, help="images per editor call (default: 4)")
+    p.add_argument("--lpips", help="also fit an LPIPS-outside threshold with this encoder (e.g. lpips:alex)")
+    p.add_argument("--clip", help="also fit a CLIP-outside threshold with this encoder")
+    p.set_defaults(func=_cmd_calibrate)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -552,8 +601,8 @@ def _add_sample_efficiency(sub: argparse._SubParsersAction) -> None:
 # Each entry adds one subcommand; stages register theirs here.
 # In pipeline order, as `safetypairs --help` lists them.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_demo, _add_generate, _add_validate, _add_review, _add_review_stats, _add_release, _add_evaluate,
-    _add_embed, _add_train_probe, _add_sample_efficiency, _add_policies, _add_backends,
+    _add_demo, _add_generate, _add_calibrate, _add_validate, _add_review, _add_review_stats, _add_release,
+    _add_evaluate, _add_embed, _add_train_probe, _add_sample_efficiency, _add_policies, _add_backends,
 ]
 
 

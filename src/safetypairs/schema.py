@@ -43,6 +43,10 @@ SSIM_OUTSIDE = "ssim_outside"
 PSNR_OUTSIDE = "psnr_outside"
 CLIP_OUTSIDE = "clip_outside"
 COLOR_CHANGE_INSIDE = "color_change_inside"
+CHANGE_ELEMENT = "change_element_fraction"  # share of the image the largest connected change covers (no_change test)
+VALIDATE_REFERENCE = "validate_reference"  # what the edit was compared with: original | control | vae_roundtrip
+NOISE_FLOOR_PSNR = "noise_floor_psnr"  # PSNR (dB) of the reference vs the original: the editor's own fingerprint
+VALIDATE_THRESHOLDS = "validate_thresholds"  # the threshold preset or file the row was decided with
 METRICS_RAN = "metrics_ran"
 JUDGE = "judge"
 JUDGE_ORIGINAL = "judge_original"
@@ -157,6 +161,10 @@ VALIDATION_FEATURES = Features(
         PSNR_OUTSIDE: Value("float32"),
         CLIP_OUTSIDE: Value("float32"),
         COLOR_CHANGE_INSIDE: Value("float32"),
+        CHANGE_ELEMENT: Value("float32"),
+        VALIDATE_REFERENCE: Value("string"),
+        NOISE_FLOOR_PSNR: Value("float32"),
+        VALIDATE_THRESHOLDS: Value("string"),
         METRICS_RAN: Sequence(Value("string")),
         JUDGE: Value("string"),
         JUDGE_ORIGINAL: Value("string"),

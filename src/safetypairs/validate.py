@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 from datasets import Dataset
 from PIL import Image
@@ -20,7 +18,9 @@ from safetypairs.change import (
     bbox,
     change_mask,
     masked_mean,
+    psnr,
     psnr_where,
+    resize_mask,
     ssim_map,
     to_float,
 )
@@ -28,13 +28,24 @@ from safetypairs.images import ImageError, load_image
 from safetypairs.registry import parse_spec
 from safetypairs.runner import RunConfig, RunSummary, run_stage
 from safetypairs.stage import StageResult, map_stage
+from safetypairs.thresholds import (
+    Thresholds,
+    decide_pixels,
+    thresholds_for,
+    thresholds_used,
+)
 from safetypairs.utils import device_for_rank, status_histogram
 from safetypairs.validate_models import (
     JUDGE_ERROR,
     PairImages,
+    composite_columns,
     encoder_metrics,
     judge_rows,
+    vae_references,
 )
+
+__all__ = ["ValidateConfig", "ValidateTransform", "decide_pixels", "run_validate", "select_best",
+           "thresholds_for", "thresholds_used", "validate_pairs", "validate_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +60,7 @@ ROW_FAILURES = {
 }
 REJECT_REASONS = {
     **ROW_FAILURES,
-    "no_change": "changed_fraction below min_changed_fraction: nothing real changed",
+    "no_change": "no connected change reaches min_element_fraction: the edit is indistinguishable from its reference",
     "not_local": "changed_fraction above max_changed_fraction: the change covers too much of the image",
     "background_changed": "SSIM/PSNR (or LPIPS/CLIP, when thresholds are set) outside the dilated mask too far off",
     "judge_unknown": "the judge could not label one of the images",
@@ -60,27 +71,28 @@ SIZE_POLICIES = ("reject", "resize")
 CLIP_ALIASES = ("open_clip", "hf-clip")
 
 
+REFERENCE_MODES = ("auto", "control", "original")
+
+
 @dataclass(frozen=True)
 class ValidateConfig:
     """Settings of the validation stage; every value is checked up front.
 
-    Thresholds come from the calibration table (``python -m benchmarks.calibration``, also printed
-    by tests/test_validate.py): 4 local edits and 7 global changes on 5 real ``skimage.data``
-    photos. Each sits in the measured gap between the worst accepted local edit and the global
-    changes that only that check rejects:
+    Thresholds come from a preset or a calibration file (`safetypairs.thresholds`): ``pixel-exact``
+    (paste / OpenCV inpainting / text re-rendering, ``python -m benchmarks.calibration``) for
+    pixel-exact editors and ``latent-diffusion`` for ``diffusers:`` editors, chosen per row from its
+    ``editor`` column unless ``thresholds`` names one; any threshold field set here overrides it.
 
-    - ``mask_delta_e=8``: with 6, JPEG-q90 noise alone touches up to 44% of grid cells; with 8, 14%.
-    - ``max_change_spread=0.5``: local edits 0.06..0.14; shift/JPEG-q10/crop/recolour >= 0.66.
-    - ``min_psnr_outside=32.5``: local edits >= 34.2 dB (paste + JPEG q90); brightness and
-      contrast changes that stay under the ΔE threshold reach at most 31.0 dB.
-    - ``min_ssim_outside=0.91``: local edits >= 0.933; blur <= 0.898.
-    - ``min_changed_fraction=0.002``: smallest local edit 0.0069, identical 0.
-    - ``max_changed_fraction=0.35``: a policy cap (an edit over a third of the frame is not
-      targeted); no calibration case depends on it.
+    The edit is compared with a reference: with ``reference="auto"`` the row's artifact control
+    (same editor and seed, no-op instruction) when it has one, else for a ``diffusers:`` editor the
+    original's round trip through the editor's own VAE, else the original. The editor's own
+    fingerprint then cancels, and the reference-vs-original difference is recorded as its noise floor.
 
     Attributes:
         original_column: the unsafe original (``image`` for candidates, ``unsafe_image`` for pairs).
         edited_column: the edit (``edited_image`` for candidates, ``safe_image`` for pairs).
+        control_column: the artifact control (used as the reference; composited with ``composite``).
+        editor_column: the editor spec per row (picks the preset and the VAE round trip).
         category_column: policy category passed to the judge (``None`` when the column is absent).
         edit_status_column: rows whose value here is not ``"ok"`` are ``edit_failed`` (ignored if absent).
         policy: built-in policy name or YAML path, for the judge.
@@ -92,22 +104,27 @@ class ValidateConfig:
         device: ``"auto"`` (GPU of the map rank when available) or a torch device.
         size_mismatch: ``"reject"`` (status ``size_mismatch``) or ``"resize"`` the edit to the
             original's size with LANCZOS and set ``validate_resized``.
+        reference: one of `REFERENCE_MODES`: ``auto`` (control, else VAE round trip, else original),
+            ``control`` (control, else original) or ``original`` (always the original).
+        thresholds: a preset name (``pixel-exact``, ``latent-diffusion``) or a thresholds YAML file;
+            ``None`` picks the preset from each row's editor.
+        composite: replace the edit (and the control) by the original outside the feathered change
+            mask + the edit inside; decided on the raw edit first, so decisions do not change.
+        feather_px: width of the composite's soft edge beyond the dilated mask.
         max_side: images with a longer side are measured at this size (mask stored full size).
         min_side: images with a shorter side are ``too_small`` (32 = AlexNet-LPIPS' minimum).
-        mask_delta_e: CIE76 ΔE in CIELAB above which a pixel counts as changed.
         mask_open_px / mask_close_px: radii of the opening (drops speckle) and closing (fills holes).
         mask_min_region: connected changes smaller than this share of the image are dropped.
         dilate_fraction / dilate_min_px: margin around the change excluded from "outside" metrics
             (5 px covers the 7x7 SSIM window around a changed pixel, diagonal included).
-        min_changed_fraction / max_changed_fraction: the change must cover a share in this range.
-        min_ssim_outside / min_psnr_outside: preservation needed outside the dilated mask.
-        max_lpips_outside / min_clip_outside: optional thresholds (``None`` = recorded, not used:
-            they cannot be calibrated without the real weights, which this project's CI lacks).
+        mask_delta_e ... min_clip_outside: `Thresholds` overrides (``None`` = from the preset or file).
         batch_size / num_proc: `Dataset.map` settings.
     """
 
     original_column: str = S.IMAGE
     edited_column: str = S.EDITED_IMAGE
+    control_column: str = S.CONTROL_IMAGE
+    editor_column: str = S.EDITOR
     category_column: str = S.CATEGORY
     edit_status_column: str = S.EDIT_STATUS
     policy: str = "llavaguard"
@@ -117,9 +134,12 @@ class ValidateConfig:
     clip: str | None = None
     device: str = "auto"
     size_mismatch: str = "reject"
+    reference: str = "auto"
+    thresholds: str | None = None
+    composite: bool = False
+    feather_px: int = 6
     max_side: int = 1024
     min_side: int = 32
-    mask_delta_e: float = 8.0
     mask_open_px: int = 1
     mask_close_px: int = 3
     mask_min_region: float = 0.0005
@@ -127,11 +147,12 @@ class ValidateConfig:
     dilate_min_px: int = 5
     spread_grid: int = 8
     spread_cell_min: float = 0.01
-    min_changed_fraction: float = 0.002
-    max_changed_fraction: float = 0.35
-    max_change_spread: float = 0.5
-    min_ssim_outside: float = 0.91
-    min_psnr_outside: float = 32.5
+    mask_delta_e: float | None = None
+    min_element_fraction: float | None = None
+    max_changed_fraction: float | None = None
+    max_change_spread: float | None = None
+    min_ssim_outside: float | None = None
+    min_psnr_outside: float | None = None
     max_lpips_outside: float | None = None
     min_clip_outside: float | None = None
     batch_size: int = 8
@@ -140,8 +161,10 @@ class ValidateConfig:
     def __post_init__(self) -> None:
         if self.size_mismatch not in SIZE_POLICIES:
             raise ValueError(f"size_mismatch must be one of {SIZE_POLICIES}, got {self.size_mismatch!r}")
-        if self.original_column == self.edited_column:
-            raise ValueError("original_column and edited_column must differ")
+        if self.reference not in REFERENCE_MODES:
+            raise ValueError(f"reference must be one of {REFERENCE_MODES}, got {self.reference!r}")
+        if len({self.original_column, self.edited_column, self.control_column}) < 3:
+            raise ValueError("original_column, edited_column and control_column must differ")
         if self.judge is not None:
             parse_spec("judges", self.judge)
         if self.lpips is not None:
@@ -152,30 +175,25 @@ class ValidateConfig:
         if self.clip is not None and parse_spec("encoders", self.clip).alias not in CLIP_ALIASES:
             raise ValueError(f"clip must be an {' or '.join(CLIP_ALIASES)} spec, got {self.clip!r}")
         _check_ranges(self)
+        thresholds_for(self, None)  # a bad file, preset or override fails here, not in the middle of a run
         from safetypairs.policy import load_policy
 
         load_policy(self.policy)
 
-    @property
-    def mask_params(self) -> MaskParams:
-        """The change-mask settings."""
-        return MaskParams(self.mask_delta_e, self.mask_open_px, self.mask_close_px, self.mask_min_region,
+    def mask_params(self, thresholds: Thresholds) -> MaskParams:
+        """The change-mask settings under ``thresholds``."""
+        return MaskParams(thresholds.mask_delta_e, self.mask_open_px, self.mask_close_px, self.mask_min_region,
                           self.dilate_fraction, self.dilate_min_px)
 
 
 def _check_ranges(c: ValidateConfig) -> None:
     checks = {
         "max_side": c.max_side >= c.min_side >= 8, "min_side": c.min_side >= 8,
-        "mask_delta_e": c.mask_delta_e > 0, "mask_open_px": c.mask_open_px >= 0, "mask_close_px": c.mask_close_px >= 0,
+        "mask_open_px": c.mask_open_px >= 0, "mask_close_px": c.mask_close_px >= 0,
         "mask_min_region": 0 <= c.mask_min_region < 1, "dilate_fraction": 0 <= c.dilate_fraction < 0.5,
         "dilate_min_px": c.dilate_min_px >= 0, "spread_grid": c.spread_grid >= 1,
-        "spread_cell_min": 0 <= c.spread_cell_min < 1, "max_change_spread": 0 < c.max_change_spread <= 1,
-        "min_changed_fraction": 0 <= c.min_changed_fraction < c.max_changed_fraction <= 1,
-        "max_changed_fraction": 0 < c.max_changed_fraction <= 1, "min_ssim_outside": -1 <= c.min_ssim_outside <= 1,
-        "min_psnr_outside": c.min_psnr_outside >= 0, "batch_size": c.batch_size >= 1,
-        "max_lpips_outside": c.max_lpips_outside is None or c.max_lpips_outside >= 0,
-        "min_clip_outside": c.min_clip_outside is None or -1 <= c.min_clip_outside <= 1,
-        "num_proc": c.num_proc is None or c.num_proc >= 1,
+        "spread_cell_min": 0 <= c.spread_cell_min < 1, "feather_px": c.feather_px >= 0,
+        "batch_size": c.batch_size >= 1, "num_proc": c.num_proc is None or c.num_proc >= 1,
     }
     bad = [name for name, ok in checks.items() if not ok]
     if bad:
@@ -195,29 +213,37 @@ class ValidateTransform:
         self.config = config
 
     def __call__(self, batch: dict[str, list], rank: int | None = None) -> dict[str, list]:
-        """Measure and decide every row of ``batch``.
+        """Measure and decide every row of ``batch`` (and composite it with ``config.composite``).
 
         Args:
             batch: columns of the batch (original and edited image columns required).
             rank: the `Dataset.map` process rank (picks the GPU).
 
         Returns:
-            The validation columns (`schema.VALIDATION_FEATURES`), one value per row.
+            The validation columns (`schema.VALIDATION_FEATURES`), one value per row, plus the
+            composited edited (and control) columns with ``composite``.
         """
         c = self.config
         n = len(batch[c.original_column])
         rows = [_empty_row() for _ in range(n)]
         pairs = [p for i in range(n) if (p := self._prepare(batch, i, rows[i])) is not None]
         device = device_for_rank(c.device, rank)
+        self._references(batch, pairs, device)
+        editors = batch.get(c.editor_column) or [None] * n
         for pair in pairs:
-            self._pixel_metrics(pair, rows[pair.index])
+            rows[pair.index][S.VALIDATE_THRESHOLDS], thresholds = thresholds_for(c, editors[pair.index])
+            self._pixel_metrics(pair, rows[pair.index], thresholds)
         encoder_metrics(c, pairs, rows, device)
         for pair in pairs:
-            rows[pair.index][S.REJECT_REASON] = decide_pixels(c, rows[pair.index])
+            rows[pair.index][S.REJECT_REASON] = decide_pixels(thresholds_for(c, editors[pair.index])[1],
+                                                              rows[pair.index])
         judge_rows(c, batch, pairs, rows, device)
         for row in rows:
             row[S.ACCEPTED] = row[S.VALIDATE_STATUS] == STATUS_OK and row[S.REJECT_REASON] is None
-        return {name: [row[name] for row in rows] for name in S.VALIDATION_FEATURES}
+        out = {name: [row[name] for row in rows] for name in S.VALIDATION_FEATURES}
+        if c.composite:
+            out.update(composite_columns(c, batch, pairs, rows))
+        return out
 
     def _prepare(self, batch: dict[str, list], i: int, row: dict[str, Any]) -> PairImages | None:
         """Read and size-check one row; on failure fill its status and return ``None``."""
@@ -243,68 +269,77 @@ class ValidateTransform:
             return _fail(row, "too_small", f"size {original.size} below min_side={c.min_side}")
         row[S.VALIDATE_STATUS] = STATUS_OK
         work_a, work_b = original, edited
-        scale = c.max_side / max(original.size)
-        if scale < 1.0:
-            work = (max(1, round(original.width * scale)), max(1, round(original.height * scale)))
-            work_a, work_b = (im.resize(work, Image.Resampling.BOX) for im in (original, edited))
-        return PairImages(i, to_float(work_a), to_float(work_b), original.size, original, edited)
+        if _scale(c, original.size) < 1.0:
+            work_a, work_b = (im.resize(_work_size(c, original.size), Image.Resampling.BOX) for im in (original, edited))
+        control = self._control(batch, i, original.size) if c.reference != "original" or c.composite else None
+        return PairImages(i, to_float(work_a), to_float(work_b), original.size, original, edited,
+                          control_image=control)
 
-    def _pixel_metrics(self, pair: PairImages, row: dict[str, Any]) -> None:
-        mask = change_mask(pair.original, pair.edited, self.config.mask_params)
+    def _control(self, batch: dict[str, list], i: int, size: tuple[int, int]) -> Image.Image | None:
+        """The row's artifact control, or ``None`` (absent, not wanted, unreadable or of another size)."""
+        column = self.config.control_column
+        cell = batch[column][i] if column in batch else None
+        if cell is None:
+            return None
+        try:
+            control = load_image(cell)
+        except ImageError as err:
+            logger.warning("row %d: control image unreadable (%s); not used as the reference", i, err)
+            return None
+        if control.size != size:
+            logger.warning("row %d: control %s differs from the original %s; not used", i, control.size, size)
+            return None
+        return control
+
+    def _references(self, batch: dict[str, list], pairs: list[PairImages], device: str) -> None:
+        """Pick each pair's reference: control, VAE round trip or original (`REFERENCE_MODES`)."""
+        c = self.config
+        for pair in pairs:
+            if c.reference != "original" and pair.control_image is not None:
+                pair.reference_image, pair.reference_kind = pair.control_image, "control"
+        if c.reference == "auto":
+            n = len(batch[c.original_column])
+            editors, sizes = batch.get(c.editor_column) or [None] * n, batch.get(S.EDIT_WORK_SIZE) or [None] * n
+            vae_references(pairs, [editors[p.index] for p in pairs], [sizes[p.index] for p in pairs], device)
+        for pair in pairs:
+            if pair.reference_image is None:
+                pair.reference = pair.original
+                continue
+            ref = pair.reference_image
+            pair.reference = to_float(ref if _scale(c, ref.size) >= 1.0 else
+                                      ref.resize(_work_size(c, ref.size), Image.Resampling.BOX))
+
+    def _pixel_metrics(self, pair: PairImages, row: dict[str, Any], thresholds: Thresholds) -> None:
+        mask = change_mask(pair.reference, pair.edited, self.config.mask_params(thresholds))
         pair.mask = mask
         outside = ~mask.region
-        full = _full_size_mask(mask.changed, pair.full_size)
+        full = resize_mask(mask.changed, pair.full_size)
         row[S.EDIT_MASK] = Image.fromarray(full.astype(np.uint8) * 255)  # 2-D uint8: mode "L"
         row[S.CHANGED_FRACTION] = mask.changed_fraction
+        row[S.CHANGE_ELEMENT] = mask.element_fraction
         row[S.CHANGE_BBOX] = bbox(full)
         row[S.CHANGE_SPREAD] = mask.spread(self.config.spread_grid, self.config.spread_cell_min)
         row[S.COLOR_CHANGE_INSIDE] = masked_mean(mask.delta_e, mask.changed)
-        row[S.SSIM_OUTSIDE] = masked_mean(ssim_map(pair.original, pair.edited), outside)
-        row[S.PSNR_OUTSIDE] = psnr_where(pair.original, pair.edited, outside)
+        row[S.SSIM_OUTSIDE] = masked_mean(ssim_map(pair.reference, pair.edited), outside)
+        row[S.PSNR_OUTSIDE] = psnr_where(pair.reference, pair.edited, outside)
+        row[S.VALIDATE_REFERENCE] = pair.reference_kind
+        if pair.reference_kind != "original":
+            row[S.NOISE_FLOOR_PSNR] = psnr(pair.original, pair.reference)
         row[S.METRICS_RAN] += ["change_mask", "ssim", "psnr"]
+
+
+def _scale(config: ValidateConfig, size: tuple[int, int]) -> float:
+    return config.max_side / max(size)
+
+
+def _work_size(config: ValidateConfig, size: tuple[int, int]) -> tuple[int, int]:
+    scale = _scale(config, size)
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
 def _fail(row: dict[str, Any], status: str, error: str) -> None:
     row.update({S.VALIDATE_STATUS: status, S.REJECT_REASON: status, S.VALIDATE_ERROR: error})
     return None
-
-
-def _full_size_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    if mask.shape[::-1] == tuple(size):
-        return mask
-    return cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
-
-
-def decide_pixels(config: ValidateConfig, row: dict[str, Any]) -> str | None:
-    """The reject reason from the measured metrics alone (``None`` when the pixels pass).
-
-    Order: ``not_local`` (change too large or too spread out), ``background_changed`` (outside
-    metrics below threshold, also when the mask is empty: a global change under the ΔE
-    threshold), then ``no_change``.
-
-    Args:
-        config: thresholds.
-        row: a row with the metric columns filled.
-
-    Returns:
-        ``not_local``, ``background_changed``, ``no_change`` or ``None``.
-    """
-    if row[S.CHANGED_FRACTION] > config.max_changed_fraction or row[S.CHANGE_SPREAD] > config.max_change_spread:
-        return "not_local"
-    failed = [
-        _below(row[S.SSIM_OUTSIDE], config.min_ssim_outside),
-        _below(row[S.PSNR_OUTSIDE], config.min_psnr_outside),
-        _below(row[S.CLIP_OUTSIDE], config.min_clip_outside),
-        config.max_lpips_outside is not None and row[S.LPIPS_OUTSIDE] is not None
-        and row[S.LPIPS_OUTSIDE] > config.max_lpips_outside,
-    ]
-    if any(failed):
-        return "background_changed"
-    return "no_change" if row[S.CHANGED_FRACTION] < config.min_changed_fraction else None
-
-
-def _below(value: float | None, threshold: float | None) -> bool:
-    return threshold is not None and value is not None and (math.isnan(value) or value < threshold)
 
 
 def run_validate(dataset: Dataset, config: ValidateConfig | None = None) -> tuple[Dataset, StageResult]:
@@ -352,9 +387,11 @@ def validate_run(dataset: Dataset, config: ValidateConfig, run: RunConfig,
         decisions = status_histogram(reason or "accepted" for reason in validated[S.REJECT_REASON])
         return validated, {"validate": result.statuses, "decision": decisions}
 
-    settings = {k: v for k, v in asdict(config).items() if k not in ("batch_size", "num_proc")}
+    decided_with = thresholds_used(dataset, config)  # the values too, so an edited thresholds file is a new run
+    settings = {**{k: v for k, v in asdict(config).items() if k not in ("batch_size", "num_proc")},
+                "thresholds_used": decided_with}
     return run_stage(dataset, compute, stage="validate", settings=settings, run=run, device=config.device,
-                     inputs=inputs)
+                     finalize=lambda work, rows, summary: {"thresholds": decided_with}, inputs=inputs)
 
 
 def validate_pairs(dataset: Dataset, config: ValidateConfig | None = None, **overrides: Any) -> Dataset:

@@ -335,6 +335,11 @@ class DiffusersEditor:
             kwargs["_auto_resize"] = False
         return kwargs
 
+    @classmethod
+    def roundtrip_reference(cls, arg: str | None, device: str = "cpu") -> "VAERoundTrip":
+        """The editor's VAE alone, for VAE-aware validation (see `VAERoundTrip`)."""
+        return VAERoundTrip.from_spec(arg, device)
+
 
 def _check_dtype(pipe: Any, model: str, dtype: Any) -> None:
     """The denoiser (transformer or unet) must hold the requested dtype.
@@ -411,3 +416,70 @@ def _load_pipeline(model: str, device: str, opts: DiffusionOptions, has_checker:
     pipe.set_progress_bar_config(disable=True)
     logger.info("loaded %s (%s) on %s", model, type(pipe).__name__, device)
     return pipe
+
+
+class VAERoundTrip:
+    """The original through an editor's own VAE (encode, decode with the latent mean), at the editor's
+    working size: the reference validation compares a ``diffusers:`` edit with when there is no control.
+
+    Only the ``vae`` component is loaded (safetensors), so this is cheap next to the whole pipeline.
+    """
+
+    def __init__(self, vae: Any, family: PipelineFamily, options: DiffusionOptions) -> None:
+        self.vae = vae
+        self.family = family
+        self.options = options
+        config = vae.config
+        self.video = "temperal_downsample" in config  # Qwen-Image's VAE takes (B, C, frames, H, W)
+        factor = 2 ** len(config.temperal_downsample) if self.video else 2 ** (len(config.block_out_channels) - 1)
+        self.multiple = factor * 2 if family.packed else factor
+
+    @classmethod
+    def from_spec(cls, arg: str | None, device: str = "cpu") -> "VAERoundTrip":
+        """Load the ``vae`` subfolder of a ``diffusers:<model>[,options]`` spec's pipeline.
+
+        Raises:
+            ValueError: for a missing model, bad options or a pipeline without a diffusers VAE.
+        """
+        import diffusers
+
+        model, inline = split_model_arg(arg, "diffusers")
+        opts = DiffusionOptions.parse(inline)
+        index = model_index(model, opts.revision)
+        library, class_name = (index.get("vae") or [None, None])[:2]
+        if library != "diffusers" or not hasattr(diffusers, str(class_name)):
+            raise ValueError(f"{model!r} has no diffusers VAE component (vae: {index.get('vae')})")
+        vae = getattr(diffusers, class_name).from_pretrained(
+            model, subfolder="vae", torch_dtype=_torch_dtype(opts.dtype, device), use_safetensors=True,
+            revision=opts.revision)
+        family = PIPELINES.get(index.get("_class_name"), PipelineFamily(1024, packed=False))
+        return cls(vae.to(device).eval(), family, opts)
+
+    def __call__(self, images: list[Image.Image], work_sizes: list[Any] | None = None) -> list[Image.Image]:
+        """Round-trip each image at its working size and resize it back to its own size.
+
+        Args:
+            images: RGB originals.
+            work_sizes: the ``[w, h]`` the editor ran at per image (``edit_work_size``); ``None``
+                entries use the size the editor would pick.
+
+        Returns:
+            One RGB image per input, each its source's size.
+        """
+        import numpy as np
+        import torch
+
+        resolution = self.family.resolution if self.options.resolution is None else self.options.resolution
+        sizes = work_sizes or [None] * len(images)
+        out = []
+        for image, size in zip(images, sizes):
+            size = tuple(size) if size else work_size(image.size, resolution, self.multiple)
+            arr = np.asarray(image.convert("RGB").resize(size, Image.Resampling.LANCZOS), dtype=np.float32)
+            x = torch.from_numpy(arr / 127.5 - 1.0).permute(2, 0, 1)[None].to(self.vae.device, self.vae.dtype)
+            x = x[:, :, None] if self.video else x
+            with torch.inference_mode():
+                y = self.vae.decode(self.vae.encode(x).latent_dist.mode()).sample
+            y = (y[:, :, 0] if self.video else y)[0].float().clamp(-1, 1)
+            pixels = ((y.permute(1, 2, 0).cpu().numpy() + 1.0) * 127.5 + 0.5).astype(np.uint8)
+            out.append(_to_source_size(Image.fromarray(pixels), image.size, size))
+        return out
