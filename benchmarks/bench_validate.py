@@ -138,7 +138,8 @@ def control_ratio(n: int, batch_size: int, encoders: bool, tmp: Path) -> dict:
 
 def vae_seconds(sides: list[int], tmp: Path) -> dict[int, dict[str, float]]:
     """Seconds per image of the VAE round trip (`VAERoundTrip`) of the tiny InstructPix2Pix and FLUX.1 Kontext
-    pipelines of tests/tiny_models.py, at each square side (median of 3 after a warm-up)."""
+    pipelines of tests/tiny_models.py, at each square side (median of 3 after a warm-up). The tiny Kontext VAE
+    has no downsampling block, so its mid-block attention runs over every pixel: it is timed up to 256 px."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from tiny_models import build_tiny_flux_kontext, build_tiny_ip2p
 
@@ -148,7 +149,7 @@ def vae_seconds(sides: list[int], tmp: Path) -> dict[int, dict[str, float]]:
     out: dict[int, dict[str, float]] = {side: {} for side in sides}
     for name, build in (("ip2p", build_tiny_ip2p), ("flux-kontext", build_tiny_flux_kontext)):
         roundtrip = DiffusersEditor.roundtrip_reference(f"{build(tmp / name)},resolution=0", "cpu")
-        for side in sides:
+        for side in sides if name == "ip2p" else [s for s in sides if s <= 256]:
             image = demo_photo("astronaut").resize((side, side))
             roundtrip([image])
             out[side][name] = float(np.median([_timed(roundtrip, [image]) for _ in range(3)]))
