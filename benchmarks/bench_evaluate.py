@@ -83,7 +83,7 @@ def write_release(n_images: int, folder: Path) -> Path:
         rows["category"].append(f"O{(i // 2) % 9 + 1}")
         rows["pair_id"].append(f"p{i // 2:05d}")
         rows["role"].append("original" if i % 2 == 0 else "edited")
-    (folder / "data" / "images").mkdir(parents=True)
+    (folder / "data" / "images").mkdir(parents=True, exist_ok=True)
     write_parquet(Dataset.from_dict(rows, features=IMAGE_FEATURES), folder / "data" / "images" / "test-00000.parquet")
     (folder / "README.md").write_text("---\nconfigs:\n- config_name: images\n  data_files:\n  - split: test\n"
                                       "    path: data/images/test-*.parquet\n---\n")
@@ -92,6 +92,8 @@ def write_release(n_images: int, folder: Path) -> Path:
 
 def overhead(release: Path, spec: str, work: Path, rounds: int, batch_size: int, chunk_size: int) -> None:
     """Bare loop vs `predict` vs `evaluate_release`, interleaved rounds on the same rows."""
+    import pyarrow.parquet as pq
+
     from safetypairs.evaluate import (
         EvaluateConfig,
         evaluate_release,
@@ -105,6 +107,8 @@ def overhead(release: Path, spec: str, work: Path, rounds: int, batch_size: int,
     from safetypairs.stage import undecoded
 
     images = load_release(str(release), "images")
+    written = sum(pq.read_metadata(f).num_rows for f in release.glob("data/images/*.parquet"))
+    assert len(images) == written, f"loaded {len(images)} images of {written}: a stale datasets cache"
     config = EvaluateConfig(guards=(spec,), device="cpu", batch_size=batch_size, n_bootstrap=0)
     guard, policy = load_backend("guards", spec, "cpu"), load_policy(config.policy)
 
@@ -147,7 +151,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-evaluate-") as tmp:
         work = Path(tmp)
         spec = f"hf-vlm:{build_tiny_vlm(work / 'vlm', image_size=SIDE)},max_new_tokens=8"
-        release = write_release(n, work / "release")
+        # a unique folder name: `datasets` caches a local folder by its name and README, not its files
+        release = write_release(n, Path(tempfile.mkdtemp(prefix="release-", dir=work)))
         overhead(release, spec, work, args.rounds, batch_size=8, chunk_size=32)
         if not args.skip_scaling:
             scaling(["evaluate", "--dataset", str(release), "--guard", spec, "--device", "cpu", "--batch-size", "8",

@@ -33,7 +33,7 @@ def load_line() -> str:
     return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} cores"
 
 
-def interleaved(paths: Mapping[str, Callable[[int], Any]], rounds: int) -> dict[str, list[float]]:
+def interleaved(paths: Mapping[str, Callable[[int], Any]], rounds: int) -> dict[str, dict[str, list[float]]]:
     """Seconds of every path in every round; the order rotates each round so drifting load hits all alike.
 
     Args:
@@ -41,32 +41,34 @@ def interleaved(paths: Mapping[str, Callable[[int], Any]], rounds: int) -> dict[
         rounds: how many rounds.
 
     Returns:
-        name -> seconds per round.
+        name -> ``{"wall": seconds per round, "cpu": this process's CPU seconds per round}`` (CPU time is
+        far less distorted than wall clock when other processes compete for the cores).
     """
     names = list(paths)
-    seconds: dict[str, list[float]] = {name: [0.0] * rounds for name in names}
+    seconds = {name: {"wall": [0.0] * rounds, "cpu": [0.0] * rounds} for name in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             paths[name](r)
-            seconds[name][r] = time.perf_counter() - t0
+            seconds[name]["wall"][r] = time.perf_counter() - t0
+            seconds[name]["cpu"][r] = time.process_time() - c0
     return seconds
 
 
-def print_overhead(title: str, seconds: Mapping[str, Sequence[float]], base: str, goal: float) -> dict[str, float]:
-    """Print each path's seconds per round and its median per-round ratio to ``base``; return the medians."""
+def print_overhead(title: str, seconds: Mapping[str, Mapping[str, Sequence[float]]], base: str,
+                   goal: float) -> None:
+    """Print each path's wall and CPU seconds per round and its median per-round ratio to ``base``."""
     print(title)
-    medians = {}
-    for name, values in seconds.items():
-        cells = " ".join(f"{v:6.2f}" for v in values)
-        if name == base:
-            print(f"  {name:<24} s/round {cells}   median {statistics.median(values):6.2f} s")
-            continue
-        ratios = [v / b for v, b in zip(values, seconds[base])]
-        medians[name] = statistics.median(ratios)
-        print(f"  {name:<24} s/round {cells}   ratio/round {' '.join(f'{x:.3f}' for x in ratios)}   "
-              f"median {medians[name]:.3f}x (goal <= {goal:.2f}x)")
-    return medians
+    for clock in ("wall", "cpu"):
+        for name, runs in seconds.items():
+            values = runs[clock]
+            cells = " ".join(f"{v:6.2f}" for v in values)
+            line = f"  {clock:<4} {name:<27} s/round {cells}   median {statistics.median(values):6.2f} s"
+            if name != base:
+                ratios = [v / b for v, b in zip(values, seconds[base][clock])]
+                line += (f"   ratio/round {' '.join(f'{x:.3f}' for x in ratios)}   median {statistics.median(ratios):.3f}x "
+                         f"(goal <= {goal:.2f}x)")
+            print(line)
 
 
 def critical_path(meta: Mapping[str, Any]) -> tuple[float, float]:
