@@ -1,10 +1,24 @@
-"""Benchmark: metrics over 3,020 images x 1,000 bootstrap resamples, and guard overhead vs a bare loop.
+"""Benchmark evaluation: bootstrap metrics at release size, guard overhead vs a bare loop, and 2 processes vs 1.
 
-Run: OMP_NUM_THREADS=2 PYTHONPATH=src:tests python benchmarks/bench_evaluate.py
+    OMP_NUM_THREADS=1 python benchmarks/bench_evaluate.py [--quick]
+
+1. Metrics: 3,020 images x 1,000 bootstrap resamples over pairs (goal < 2 s).
+2. Overhead: a tiny random Llava guard (``hf-vlm:<path>``, 224 px) over the ``images`` config of a
+   release folder made of real skimage photos. The bare loop reads the same parquet rows, decodes the
+   same image bytes with `load_image` and calls the same ``classify`` on the same batches; against it
+   run `predict` (in-process `map_stage`) and `evaluate_release` (the shared runner, the CLI's path:
+   chunks + parquet + merge, then scoring without bootstrap and the report). Rounds are interleaved
+   (order rotates); the ratio is the median of the per-round ratios (goal <= 1.05x).
+3. Scaling: ``safetypairs evaluate`` as 1 process and under ``torchrun --nproc_per_node 2`` (one thread
+   each); wall clock, start-up and compute seconds apart (goal >= 1.6x compute).
+
+Timings are side by side in one run; on a shared machine other processes distort them (the load
+average is printed with them).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import tempfile
@@ -13,11 +27,18 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / p) for p in ("src", "tests")]
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 os.environ.setdefault("SAFETYPAIRS_NO_PROGRESS", "1")
+
+from harness import interleaved, load_line, print_overhead, scaling  # noqa: E402
+
+SIDE = 224
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "clock", "stereo_motorcycle")
 
 
 def bench_metrics(repeats: int = 3) -> float:
+    """Best-of-``repeats`` seconds of `compute_metrics` on a release-sized prediction table."""
     from safetypairs.metrics import compute_metrics
 
     rng = np.random.default_rng(0)
@@ -40,45 +61,103 @@ def bench_metrics(repeats: int = 3) -> float:
     return min(times)
 
 
-def bench_guard_overhead(n_images: int = 96, batch_size: int = 8) -> tuple[float, float]:
-    """Seconds for run_evaluate's guard pass vs a bare loop calling the same VLM on the same batches."""
+def write_release(n_images: int, folder: Path) -> Path:
+    """A release folder with only an ``images`` config: ``n_images`` crops of real photos, one pair per two."""
     from datasets import Dataset
-    from PIL import Image
-    from tiny_models import build_tiny_vlm
+    from PIL import ImageDraw
 
-    from safetypairs.evaluate import EvaluateConfig, predict
+    from safetypairs.runner import write_parquet
+    from safetypairs.schema import IMAGE_FEATURES
+    from safetypairs.sources import demo_photo
+
+    rng = np.random.default_rng(0)
+    rows = {"image": [], "label": [], "category": [], "pair_id": [], "role": []}
+    for i in range(n_images):
+        photo = demo_photo(PHOTOS[(i // 2) % len(PHOTOS)])
+        x, y = rng.integers(0, photo.width - SIDE), rng.integers(0, photo.height - SIDE)
+        image = photo.crop((x, y, x + SIDE, y + SIDE))
+        if i % 2 == 0:
+            ImageDraw.Draw(image).text((8, 8), f"BAD {i // 2}", fill=(255, 0, 0))
+        rows["image"].append(image)
+        rows["label"].append(1 - i % 2)
+        rows["category"].append(f"O{(i // 2) % 9 + 1}")
+        rows["pair_id"].append(f"p{i // 2:05d}")
+        rows["role"].append("original" if i % 2 == 0 else "edited")
+    (folder / "data" / "images").mkdir(parents=True, exist_ok=True)
+    write_parquet(Dataset.from_dict(rows, features=IMAGE_FEATURES), folder / "data" / "images" / "test-00000.parquet")
+    (folder / "README.md").write_text("---\nconfigs:\n- config_name: images\n  data_files:\n  - split: test\n"
+                                      "    path: data/images/test-*.parquet\n---\n")
+    return folder
+
+
+def overhead(release: Path, spec: str, work: Path, rounds: int, batch_size: int, chunk_size: int) -> None:
+    """Bare loop vs `predict` vs `evaluate_release`, interleaved rounds on the same rows."""
+    import pyarrow.parquet as pq
+
+    from safetypairs.evaluate import (
+        EvaluateConfig,
+        evaluate_release,
+        load_release,
+        predict,
+    )
+    from safetypairs.images import load_image
     from safetypairs.policy import load_policy
     from safetypairs.registry import load_backend
-    from safetypairs.schema import IMAGE_FEATURES
+    from safetypairs.runner import RunConfig
+    from safetypairs.stage import undecoded
 
-    path = build_tiny_vlm(Path(tempfile.mkdtemp()) / "vlm", image_size=224)
-    spec = f"hf-vlm:{path},max_new_tokens=8"
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)) for _ in range(n_images)]
-    rows = {"image": images, "label": [i % 2 for i in range(n_images)], "category": ["O1"] * n_images,
-            "pair_id": [f"p{i // 2}" for i in range(n_images)], "role": ["original", "edited"] * (n_images // 2)}
-    dataset = Dataset.from_dict(rows, features=IMAGE_FEATURES)
-    guard, policy = load_backend("guards", spec, "cpu"), load_policy("llavaguard")
-    guard.classify(images[:batch_size], ["O1"] * batch_size, policy)  # warm up
-    start = time.perf_counter()
-    for i in range(0, n_images, batch_size):
-        guard.classify(images[i:i + batch_size], ["O1"] * len(images[i:i + batch_size]), policy)
-    bare = time.perf_counter() - start
-    start = time.perf_counter()
-    predict(dataset, EvaluateConfig(guards=(spec,), device="cpu", batch_size=batch_size))
-    staged = time.perf_counter() - start
-    return bare, staged
+    images = load_release(str(release), "images")
+    written = sum(pq.read_metadata(f).num_rows for f in release.glob("data/images/*.parquet"))
+    assert len(images) == written, f"loaded {len(images)} images of {written}: a stale datasets cache"
+    config = EvaluateConfig(guards=(spec,), device="cpu", batch_size=batch_size, n_bootstrap=0)
+    guard, policy = load_backend("guards", spec, "cpu"), load_policy(config.policy)
+
+    def bare(_: int) -> None:
+        for batch in undecoded(images).iter(batch_size=batch_size):
+            guard.classify([load_image(cell) for cell in batch["image"]], batch["category"], policy)
+
+    def mapped(_: int) -> None:
+        predict(images, config)
+
+    def runner(r: int) -> None:
+        evaluate_release(str(release), config, RunConfig(out=work / f"evaluate-{r}", chunk_size=chunk_size))
+
+    bare(0)  # warm-up: model load, first-call allocations
+    paths = {"bare loop": bare, "predict (map_stage)": mapped, "evaluate_release (runner)": runner}
+    seconds = interleaved(paths, rounds)
+    print_overhead(f"guard overhead, tiny Llava {SIDE} px, {len(images)} images, batch {batch_size}, chunk {chunk_size}, "
+                   f"{rounds} interleaved rounds ({load_line()}):", seconds, "bare loop", 1.05)
 
 
 def main() -> None:
+    """Run the three benchmarks and print their numbers."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer images and rounds (a smoke run)")
+    parser.add_argument("--n", type=int, default=None, help="images (default: 192, quick: 64)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
+    parser.add_argument("--skip-scaling", action="store_true", help="no 1 vs 2 process CLI runs")
+    args = parser.parse_args()
+    n = args.n or (64 if args.quick else 192)
     import datasets
+    import torch
+    from tiny_models import build_tiny_vlm
 
     datasets.disable_progress_bars()
+    datasets.disable_caching()  # a repeated map recomputes instead of loading the previous round's result
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    print(f"bench_evaluate ({load_line()}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
     seconds = bench_metrics()
     print(f"metrics: 3,020 images, 1,000 bootstrap resamples over pairs (+9 categories): {seconds:.3f} s (goal < 2 s)")
-    bare, staged = bench_guard_overhead()
-    print(f"guard inference, tiny VLM, 96 images 224px: bare loop {bare:.2f} s, evaluate stage {staged:.2f} s, "
-          f"ratio {staged / bare:.3f}x (goal <= 1.10x)")
+    with tempfile.TemporaryDirectory(prefix="bench-evaluate-") as tmp:
+        work = Path(tmp)
+        spec = f"hf-vlm:{build_tiny_vlm(work / 'vlm', image_size=SIDE)},max_new_tokens=8"
+        # a unique folder name: `datasets` caches a local folder by its name and README, not its files
+        release = write_release(n, Path(tempfile.mkdtemp(prefix="release-", dir=work)))
+        overhead(release, spec, work, args.rounds, batch_size=8, chunk_size=32)
+        if not args.skip_scaling:
+            scaling(["evaluate", "--dataset", str(release), "--guard", spec, "--device", "cpu", "--batch-size", "8",
+                     "--chunk-size", "16", "--bootstrap", "100"], work, args.rounds, "evaluate")
+    print(f"done ({load_line()})")
 
 
 if __name__ == "__main__":

@@ -162,8 +162,8 @@ def load_policy(name_or_path: str | Path = "llavaguard") -> Policy:
             raise PolicyError(f"unknown policy {name!r}; built-in: {', '.join(builtin_policies())}, or a .yaml path")
         text = resources.files(_BUILTIN_PACKAGE).joinpath(f"{name}.yaml").read_text(encoding="utf-8")
         source = f"{name}.yaml"
-    try:
-        data = yaml.safe_load(text)
+    try:  # libyaml's safe loader when PyYAML has it: the same result ~10x faster than the pure-Python one
+        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as err:
         raise PolicyError(f"{source}: not valid YAML: {err}") from err
     return parse_policy(data, source)

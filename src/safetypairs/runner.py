@@ -175,7 +175,9 @@ def run_stage(data: Dataset, compute: ChunkFn, *, stage: str, settings: Mapping[
     out = Path(run.out)
     check_not_input(out, inputs)
     state = process_state(device)
-    fingerprint = run_fingerprint(data, stage, settings, run.chunk_size, rows_per_input)
+    # only rank 0 opens and finishes the folder: the other ranks skip hashing every input byte
+    fingerprint = (run_fingerprint(data, stage, settings, run.chunk_size, rows_per_input)
+                   if state.is_main_process else "")
     opened = _broadcast(state, lambda: _open_run(out, fingerprint, stage, run))
     if "error" in opened:
         raise OutputDirError(opened["error"])
