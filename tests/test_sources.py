@@ -44,7 +44,7 @@ def test_load_source_from_saved_dataset_adds_missing_columns(tmp_path):
     ds.save_to_disk(tmp_path / "saved")
     loaded = load_source(str(tmp_path / "saved"))
     assert loaded[0][S.SOURCE_ID] == "000000" and loaded[0][S.CATEGORY] == ""
-    with pytest.raises(ValueError, match="no 'image' column"):
+    with pytest.raises(ValueError, match="no column 'image' \\(--image-column\\)"):
         Dataset.from_dict({"x": [1]}).save_to_disk(tmp_path / "bad")
         load_source(str(tmp_path / "bad"))
 

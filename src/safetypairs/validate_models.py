@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from PIL import Image
 
 from safetypairs import schema as S
 from safetypairs.change import ChangeMask, blank_region, masked_mean
+from safetypairs.policy import cached_policy
 from safetypairs.registry import load_backend
 from safetypairs.stage import isolate
 
@@ -94,13 +94,6 @@ def encoder_metrics(config: Any, pairs: list[PairImages], rows: list[dict[str, A
             rows[pair.index][S.METRICS_RAN].append(clip_enc.name)
 
 
-@functools.lru_cache(maxsize=8)
-def _policy(name: str) -> Any:
-    from safetypairs.policy import load_policy
-
-    return load_policy(name)
-
-
 def judge_reason(original: str, edited: str) -> str | None:
     """The label-flip decision: ``None`` when the original is unsafe and the edit safe.
 
@@ -146,7 +139,7 @@ def judge_rows(config: Any, batch: dict[str, list], pairs: list[PairImages], row
         return
     judge = load_backend("judges", config.judge, device)
     column = batch.get(config.category_column)
-    policy = _policy(config.policy)
+    policy = cached_policy(config.policy)
 
     def classify(some: list[PairImages]) -> list[tuple[Any, Any]]:
         categories = [column[p.index] if column else None for p in some]
@@ -167,6 +160,7 @@ def judge_rows(config: Any, batch: dict[str, list], pairs: list[PairImages], row
         row.update({S.JUDGE_ORIGINAL: before.label, S.JUDGE_EDITED: after.label,
                     S.JUDGE_ORIGINAL_RAW: verdict_json(before), S.JUDGE_EDITED_RAW: verdict_json(after)})
         row[S.METRICS_RAN].append(f"judge:{config.judge}")
+        row[S.LABEL_FLIP_CHECKED] = True
         if row[S.REJECT_REASON] is None:
             row[S.REJECT_REASON] = judge_reason(before.label, after.label)
 
