@@ -9,7 +9,17 @@ import numpy as np
 from datasets import Dataset
 
 from safetypairs.metrics import CONFIDENCE, encode_labels
-from safetypairs.schema import CATEGORY, IMAGE, LABEL, PAIR_ID, ROLE, SAFE, SOURCE_LABEL, UNSAFE, role_names
+from safetypairs.schema import (
+    CATEGORY,
+    IMAGE,
+    LABEL,
+    PAIR_ID,
+    ROLE,
+    SAFE,
+    SOURCE_LABEL,
+    UNSAFE,
+    role_names,
+)
 
 NATURAL_ROLE = "natural"
 
