@@ -213,3 +213,22 @@ def test_a_guard_that_raises_marks_only_its_rows(isolated_registry):
     assert preds["rationale"][1] == ("image 'p0' (edited): guard fussy-test failed: "
                                      "RuntimeError: guard crashed on a blue image")
     assert entry["metrics"]["n_unknown"] == 1 and entry["metrics"]["pair_accuracy"] == 0.5
+
+
+def test_evaluate_metric_takes_ints_numpy_arrays_and_bools():
+    """The images config's own ClassLabel ints, numpy arrays and booleans score like the strings."""
+    import evaluate
+
+    from safetypairs.metrics import compute_metrics
+
+    metric = evaluate.load(str(REPO / "metrics" / "safetypairs"))
+    refs = [1, 0, 1, 1, 0, 1]  # original, edited, control of two pairs
+    preds = [1, 1, 1, 1, 0, 0]
+    pairs, roles = ["a", "a", "a", "b", "b", "b"], [0, 1, 2, 0, 1, 2]
+    expected = compute_metrics(["unsafe" if p else "safe" for p in preds], ["unsafe" if r else "safe" for r in refs],
+                               pairs, roles=["original", "edited", "control"] * 2, n_bootstrap=50)
+    for p, r in [(preds, refs), (np.array(preds), np.array(refs)), ([bool(v) for v in preds], np.array(refs, bool))]:
+        got = metric.compute(predictions=p, references=r, pair_ids=np.array(pairs), roles=np.array(roles),
+                             n_bootstrap=50)
+        assert got == expected
+    assert expected["control"]["n"] == 2 and expected["n"] == 4

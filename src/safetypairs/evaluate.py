@@ -10,7 +10,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from datasets import Dataset, DatasetDict, Features, Value
 
@@ -204,9 +204,18 @@ def _labels(values: Sequence[Any]) -> list[str]:
     return [LABELS[v] if isinstance(v, int) else str(v) for v in values]
 
 
+class ScoringSettings(Protocol):
+    """What scoring reads from a config: `EvaluateConfig`, or `score.ScoreConfig` for a predictions file."""
+
+    guards: tuple[str, ...]
+    policy: str | Policy
+    n_bootstrap: int
+    seed: int
+
+
 def score_predictions(
     predictions: Dataset | Mapping[str, Sequence[Any]],
-    config: EvaluateConfig,
+    config: ScoringSettings,
     pairs: Dataset | None = None,
     runs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -214,8 +223,8 @@ def score_predictions(
 
     Args:
         predictions: the output of `predict` (or its ``to_dict()``).
-        config: the evaluation config (guards, bootstrap settings).
-        pairs: the ``pairs`` config, for the correlation of errors with pair similarity.
+        config: the evaluation config (guards, bootstrap settings; a dataclass).
+        pairs: the ``pairs`` config, for the correlation of errors with pair similarity and the caveats.
         runs: per-guard run info from `predict` (statuses, seconds).
 
     Returns:

@@ -209,6 +209,8 @@ def check_source(source: Dataset, policy: str | Policy) -> None:
     Raises:
         ValueError: naming how many rows fail for which reason, an example value and the fix.
     """
+    if not len(source):
+        return  # an empty source is the runner's (or the caller's) clear error
     policy = load_policy(policy)
     names = source.column_names
     categories = source[S.CATEGORY] if S.CATEGORY in names else [None] * len(source)
@@ -219,10 +221,14 @@ def check_source(source: Dataset, policy: str | Policy) -> None:
         if code is not None:
             return
         failures.setdefault(status, []).append(category)
-    if failures:
-        raise ValueError("no source row can be instructed: " + "; ".join(
-            f"{len(values)} row(s): {status_error(status, values[0], policy)} -> {_FIXES[status]}"
-            for status, values in failures.items()))
+    safe = failures.pop(S.NOT_UNSAFE, [])
+    aside = f"{len(safe)} row(s) labelled safe are set aside as natural negatives" if safe else ""
+    if not failures:
+        raise ValueError(f"no source row can be instructed: all {aside} -> {_FIXES[S.NOT_UNSAFE]}")
+    parts = [f"{len(values)} row(s): {status_error(status, values[0], policy)}"
+             + (f" (values: {', '.join(map(repr, sorted(set(map(str, values)))[:3]))})" if len(set(values)) > 1 else "")
+             + f" -> {_FIXES[status]}" for status, values in failures.items()]
+    raise ValueError("no source row can be instructed: " + "; ".join(parts + ([aside] if aside else [])))
 
 
 def check_survivors(summary: RunSummary) -> None:
