@@ -8,7 +8,13 @@ from datasets import Dataset
 from safetypairs import schema as S
 from safetypairs.instructions import demo_text
 from safetypairs.policy import load_policy
-from safetypairs.sources import DEMO_PHOTOS, SourceColumns, build_demo_source, demo_photo, load_source
+from safetypairs.sources import (
+    DEMO_PHOTOS,
+    SourceColumns,
+    build_demo_source,
+    demo_photo,
+    load_source,
+)
 
 
 def test_demo_text_is_consistent_with_the_policy_lexicon():

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 from datasets import load_dataset
+from user_data import CAPTIONED, SAFE, make_llavaguard_folder
 
 from safetypairs import schema as S
 from safetypairs.metrics import compute_metrics
-from user_data import CAPTIONED, SAFE, make_llavaguard_folder
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 ALWAYS_UNSAFE = '''
