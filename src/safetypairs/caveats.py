@@ -31,10 +31,13 @@ def backend_of(spec: str, kind: str = "guards") -> tuple[str, str | None]:
 
 
 def shares_backend(guard: str, judge: str) -> bool:
-    """Whether a guard and a judge are the same backend (same alias) or the same model under two aliases."""
+    """Whether a guard and a judge are the same backend: the same model (under any alias) when both name one,
+    else the same alias (``ocr-lexicon`` with other thresholds is still the same OCR models and lexicon)."""
     g_alias, g_model = backend_of(guard, "guards")
     j_alias, j_model = backend_of(judge, "judges")
-    return g_alias == j_alias or (g_model is not None and g_model == j_model)
+    if g_model is not None and j_model is not None:
+        return g_model == j_model
+    return g_alias == j_alias
 
 
 def circularity_notes(guards: Iterable[str], judges: Iterable[str | None]) -> dict[str, str]:
