@@ -87,6 +87,7 @@ def test_image_folder_with_metadata_csv_ids_are_relative_paths(tmp_path):
         "pics/coins.png,Unsafe,O1: Hate Humiliation Harassment,insult,ann1\n"
         "pics/moon.png,Safe,NA: None applying,,ann2\n"
         "pics/clock.png,unsafe,Harassment,a slur,ann1\n")
+    (tmp_path / "data" / "README.md").write_text("# my data\n")  # a card beside the metadata changes nothing
     rows = load_source(str(tmp_path / "data"), columns=SourceColumns(keep=("annotator",)))
     assert rows[S.SOURCE_ID] == ["pics/coins.png", "pics/moon.png", "pics/clock.png"]
     assert rows[S.SOURCE_LABEL] == ["unsafe", "safe", "unsafe"]

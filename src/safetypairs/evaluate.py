@@ -139,8 +139,8 @@ class GuardTransform:
             backend = load_backend("guards", self.guard, device_for_rank(self.device, rank))
             policy = cached_policy(self.policy)
             items = [(images[j], batch[CATEGORY][i]) for j, i in enumerate(keep)]
-            answers = isolate(lambda some: backend.classify([im for im, _ in some], [c for _, c in some], policy),
-                              items)
+            answers = isolate(lambda some: [as_verdict(v) for v in backend.classify(
+                [im for im, _ in some], [c for _, c in some], policy)], items)  # plain labels from user guards too
             for i, (verdict, error) in zip(keep, answers):
                 if error is not None:
                     out[cols["pred"]][i], out[cols["status"]][i] = UNKNOWN, GUARD_ERROR
@@ -148,7 +148,6 @@ class GuardTransform:
                         f"image {batch[PAIR_ID][i]!r} ({role_names([batch[ROLE][i]])[0]}): guard {self.guard} "
                         f"failed: {error}")
                     continue
-                verdict = as_verdict(verdict)
                 out[cols["pred"]][i], out[cols["score"]][i] = verdict.label, verdict.score
                 out[cols["rationale"]][i], out[cols["raw"]][i] = verdict.rationale, verdict.raw
                 out[cols["status"]][i] = OK if verdict.label != UNKNOWN else UNPARSABLE

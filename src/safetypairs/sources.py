@@ -212,6 +212,9 @@ def _read(spec: str, split: str) -> tuple[Any, Path | None]:
 
 
 def _is_image_folder(path: Path) -> bool:
+    """Images with a top-level metadata file (even beside a README), or a folder with no parquet and no card."""
+    if any((path / name).is_file() for name in ("metadata.jsonl", "metadata.csv")):
+        return True
     return not any(path.glob("*.parquet")) and not any(path.glob("data/**/*.parquet")) and not (path / "README.md").exists()
 
 
