@@ -43,7 +43,7 @@ def test_builder_used_directly(raw, tmp_path):
     builder.download_and_prepare()
     images = builder.as_dataset(split="test")
     assert images.features == S.IMAGE_FEATURES
-    assert set(images[S.ROLE]) == {"original", "edited", "control"}
+    assert set(S.role_names(images[S.ROLE])) == {"original", "edited", "control"}
     with pytest.raises(ValueError, match="data_dir"):
         SafetyPairsRaw(config_name="pairs", cache_dir=str(tmp_path / "c2")).download_and_prepare()
 

@@ -22,7 +22,7 @@ LOAD_WITHOUT_SAFETYPAIRS = textwrap.dedent(
     p, i = pairs[split], images[split]
     print(json.dumps({
         "split": split, "n_pairs": len(p), "n_images": len(i),
-        "label_names": i.features["label"].names, "roles": sorted(set(i["role"])),
+        "label_names": i.features["label"].names, "roles": sorted(set(i.features["role"].int2str(i["role"]))),
         "sizes_match": all(r["unsafe_image"].size == r["safe_image"].size == r["edit_mask"].size for r in p),
         "pair_columns": p.column_names,
     }))

@@ -45,19 +45,22 @@ def _instructed(n=3, instructions=None):
     return Dataset.from_list(rows).cast_column(S.IMAGE, Image())
 
 
-def test_candidates_get_distinct_stable_seeds_and_one_control(flaky_editor):
+def test_candidates_get_distinct_stable_seeds_and_one_control(flaky_editor, caplog):
     ds = _instructed(3, ["make it blue", "boom", "make it red"])
     out, result = run_edit(ds, EditConfig(editor=flaky_editor, candidates=2, control=True, seed=7, device="cpu"))
     assert (result.rows_in, result.rows_out) == (3, 6)
     assert out[S.CANDIDATE] == [0, 1, 0, 1, 0, 1]
     assert out[S.SEED][0] != out[S.SEED][1] and out[S.SEED][0] == candidate_seed(7, out[S.SOURCE_ID][0], 0)
-    assert out[S.EDIT_STATUS] == ["ok", "ok", "error", "error", "ok", "ok"]
+    # the editor ignores the seed: candidate 1 equals candidate 0 and is dropped, with a warning
+    assert out[S.EDIT_STATUS] == ["ok", "duplicate", "error", "error", "ok", "duplicate"]
+    assert out[S.EDITED_IMAGE][1] is None and "identical to candidate 0" in out[S.EDIT_ERROR][1]
+    assert "dropped 2 candidate(s) identical" in caplog.text
     assert "out of memory" in out[S.EDIT_ERROR][2] and out[S.SOURCE_ID][2] in out[S.EDIT_ERROR][2]
     controls = [c is not None for c in out[S.CONTROL_IMAGE]]
     assert controls == [True, False, True, False, True, False]  # the no-op control of row 1 still ran
     original, edited = out[0][S.IMAGE], out[0][S.EDITED_IMAGE]
     assert edited.size == original.size and list(ImageOps.invert(original).getdata()) == list(edited.getdata())
-    assert result.statuses == {"ok": 4, "error": 2}
+    assert result.statuses == {"ok": 2, "error": 2, "duplicate": 2}
 
 
 def test_seeds_do_not_depend_on_batching(flaky_editor):

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _rows(n_pairs=4, bad_image=False):
     names = ["astronaut", "chelsea", "coffee", "rocket", "camera"]
-    rows = {"image": [], "label": [], "category": [], "pair_id": [], "role": []}
+    rows = {"image": [], "label": [], "category": [], "pair_id": [], "role": [], "image_id": []}
     for i in range(n_pairs):
         image = Image.fromarray(getattr(data, names[i % len(names)])()).convert("RGB").resize((64, 64))
         for role, label in (("original", 1), ("edited", 0), ("control", 1)):
@@ -32,6 +32,7 @@ def _rows(n_pairs=4, bad_image=False):
             rows["category"].append(f"O{i % 2 + 1}")
             rows["pair_id"].append(f"p{i}")
             rows["role"].append(role)
+            rows["image_id"].append(f"p{i}-{role}")
     if bad_image:
         rows["image"][1] = {"bytes": b"not an image", "path": None}
     return rows
@@ -200,7 +201,8 @@ def test_a_guard_that_raises_marks_only_its_rows(isolated_registry):
     isolated_registry.register("guards", "fussy-test", f"{__name__}:FussyGuard")
     colours = [(255, 0, 0), (0, 0, 255), (255, 0, 0), (0, 255, 0)]  # original, edited of p0, p1
     rows = {"image": [Image.new("RGB", (32, 32), c) for c in colours], "label": [1, 0, 1, 0],
-            "category": ["O1"] * 4, "pair_id": ["p0", "p0", "p1", "p1"], "role": ["original", "edited"] * 2}
+            "category": ["O1"] * 4, "pair_id": ["p0", "p0", "p1", "p1"], "role": ["original", "edited"] * 2,
+            "image_id": ["p0-original", "p0-edited", "p1-original", "p1-edited"]}
     dataset = Dataset.from_dict(rows, features=IMAGE_FEATURES)
     FussyGuard.calls = 0
     results = run_evaluate(dataset, EvaluateConfig(guards=("fussy-test",), n_bootstrap=0, batch_size=4))
@@ -211,3 +213,22 @@ def test_a_guard_that_raises_marks_only_its_rows(isolated_registry):
     assert preds["rationale"][1] == ("image 'p0' (edited): guard fussy-test failed: "
                                      "RuntimeError: guard crashed on a blue image")
     assert entry["metrics"]["n_unknown"] == 1 and entry["metrics"]["pair_accuracy"] == 0.5
+
+
+def test_evaluate_metric_takes_ints_numpy_arrays_and_bools():
+    """The images config's own ClassLabel ints, numpy arrays and booleans score like the strings."""
+    import evaluate
+
+    from safetypairs.metrics import compute_metrics
+
+    metric = evaluate.load(str(REPO / "metrics" / "safetypairs"))
+    refs = [1, 0, 1, 1, 0, 1]  # original, edited, control of two pairs
+    preds = [1, 1, 1, 1, 0, 0]
+    pairs, roles = ["a", "a", "a", "b", "b", "b"], [0, 1, 2, 0, 1, 2]
+    expected = compute_metrics(["unsafe" if p else "safe" for p in preds], ["unsafe" if r else "safe" for r in refs],
+                               pairs, roles=["original", "edited", "control"] * 2, n_bootstrap=50)
+    for p, r in [(preds, refs), (np.array(preds), np.array(refs)), ([bool(v) for v in preds], np.array(refs, bool))]:
+        got = metric.compute(predictions=p, references=r, pair_ids=np.array(pairs), roles=np.array(roles),
+                             n_bootstrap=50)
+        assert got == expected
+    assert expected["control"]["n"] == 2 and expected["n"] == 4

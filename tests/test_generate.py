@@ -180,3 +180,34 @@ def test_config_errors_name_allowed_values():
         GenerateConfig(editor="diffuser:x")
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         RunConfig(out="x", chunk_size=0)
+
+
+def test_generate_pairs_takes_a_policy_object_and_llavaguard_labels():
+    from safetypairs.policy import load_policy
+    from safetypairs.sources import render_demo_row
+
+    rows = [render_demo_row(i, 3) for i in range(2)] + [render_demo_row(5, 3, "benign")]
+    rows[0][S.CATEGORY] = "O1: Hate, Humiliation, Harassment"
+    rows[1][S.CATEGORY] = "hate, humiliation, harassment"
+    rows[2].update({S.CATEGORY: "NA: None applying", S.SOURCE_LABEL: ""})
+    out = generate_pairs(Dataset.from_list(rows, features=S.SOURCE_FEATURES), load_policy("llavaguard"), device="cpu")
+    assert out[S.INSTRUCT_STATUS] == ["ok", "ok", S.NOT_UNSAFE] and out[S.CATEGORY][:2] == ["O1", "O1"]
+    assert out[S.EDIT_STATUS][:2] == ["ok", "ok"] and out[S.POLICY][0] == "llavaguard@1.1"
+
+
+def test_a_source_no_row_of_which_can_be_instructed_is_refused_before_any_model(tmp_path):
+    from safetypairs.generate import check_survivors
+    from safetypairs.runner import RunSummary
+
+    source = Dataset.from_dict({S.IMAGE: [None] * 3, S.SOURCE_ID: ["a", "b", "c"],
+                                S.CATEGORY: ["Hateful memes", "Hateful memes", "NA"]})
+    with pytest.raises(ValueError, match=r"2 row\(s\): category 'Hateful memes' is not in policy .*--category-column"
+                                         r".*1 row\(s\) labelled safe are set aside"):
+        run_generate(source, GenerateConfig(device="cpu"), RunConfig(out=tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="ocr-inpaint option radius must be an integer, got 'abc'"):
+        GenerateConfig(editor="ocr-inpaint:radius=abc")
+    summary = RunSummary("generate", tmp_path, 3, 3, {"instruct": {"no_violation_found": 2, S.NOT_UNSAFE: 1}}, 1, 0, 0.0)
+    with pytest.raises(ValueError, match="all 2 rows ended no_violation_found -> the template instructor"):
+        check_survivors(summary)
+    check_survivors(RunSummary("generate", tmp_path, 3, 3, {"instruct": {"ok": 1, "error": 2}}, 1, 0, 0.0))

@@ -75,3 +75,16 @@ def test_evaluate_cli_reports_natural_beside_pairs(tmp_path, capsys):
         cmp["natural_accuracy"]["value"] - cmp["release_pair_accuracy"]["value"])
     assert "natural vs pairs" in capsys.readouterr().out
     assert "Natural images vs counterfactual pairs" in (tmp_path / "run" / "report.html").read_text()
+
+
+def test_source_rows_labelled_by_source_label_are_natural_images():
+    """Rows a source labels safe (set aside as not_unsafe by generate) are natural negatives; unlabelled rows are left out."""
+    from datasets import Dataset
+
+    from safetypairs.natural import natural_images
+    from safetypairs.schema import IMAGE, LABEL, SOURCE_LABEL
+
+    rows = Dataset.from_dict({IMAGE: [None] * 4, SOURCE_LABEL: ["unsafe", "safe", "", "safe"],
+                              "candidate": [0, 0, 0, 1]})
+    natural = natural_images(rows)
+    assert natural[LABEL] == [1, 0] and natural["role"] == ["natural", "natural"]

@@ -88,3 +88,27 @@ def test_missing_file_and_unknown_name():
         load_policy("/nonexistent/policy.yaml")
     with pytest.raises(PolicyError, match="built-in: llavaguard"):
         load_policy("llavaguardd")
+
+
+def test_categories_resolve_from_codes_names_and_aliases():
+    from safetypairs.policy import is_none_category
+
+    policy = load_policy("llavaguard")
+    for label in ("O1", "o1", " O1 ", "O1: Hate, Humiliation, Harassment", "Hate, Humiliation, Harassment",
+                  "hate humiliation harassment", "Harassment"):
+        assert policy.resolve(label) == "O1", label
+    assert policy.resolve("Violence, Harm or Cruelty") == "O2"  # LlavaGuard v1 punctuation
+    assert policy.resolve("Self-harm") == "O7" and policy.resolve("Illegal activity") == "O5"  # UnsafeBench
+    for label in ("Shocking", "O10", "", None, 3):
+        assert policy.resolve(label) is None
+    assert is_none_category("NA: None applying") and is_none_category("NA") and not is_none_category("O1")
+    assert {c.code: c.name for c in policy.categories.values()}["O6"] == "Weapons or Substance Abuse"
+    assert load_policy(policy) is policy
+
+
+def test_an_alias_of_two_categories_is_refused(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("name: p\nversion: 1\ncategories:\n  A: {name: Apples, should_not: [x], aliases: [fruit]}\n"
+                   "  B: {name: Bananas, should_not: [y], aliases: [Fruit]}\n")
+    with pytest.raises(PolicyError, match="'Fruit' names both A and B"):
+        load_policy(bad)

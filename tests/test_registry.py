@@ -197,3 +197,27 @@ def test_cli_lists_entry_point_backends_in_a_fresh_process(tmp_path):
     assert "Mirrors each image" in proc.stdout
     assert "ocr-inpaint  (built-in: safetypairs.backends.ocr_edit:OCRInpaintEditor)" in proc.stdout
     assert "ignoring entry point 'painters.mirror'" in proc.stderr
+
+
+def test_user_code_specs_are_imported_only_when_spelled_out(tmp_path, monkeypatch):
+    from safetypairs.backends.base import as_verdict
+    from safetypairs.registry import backend_class
+
+    (tmp_path / "lab_guards").mkdir()
+    (tmp_path / "lab_guards" / "__init__.py").write_text("")
+    (tmp_path / "lab_guards" / "simple.py").write_text(
+        "class Guard:\n    def classify(self, images, categories, policy):\n        return [(1, 0.9)] * len(images)\n"
+        "INSTANCE = Guard()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = parse_spec("guards", "lab_guards.simple:Guard")
+    assert spec.imported and spec.alias == "lab_guards.simple:Guard" and spec.arg is None
+    guard = load_backend("guards", "lab_guards.simple:Guard")
+    assert as_verdict(guard.classify([None], [None], None)[0]).label == "unsafe"
+    assert load_backend("guards", "lab_guards.simple:INSTANCE").classify([None], [None], None) == [(1, 0.9)]
+    with pytest.raises(ValueError, match="cannot import guard 'lab_guards.simple:Nope'"):
+        backend_class("guards", "lab_guards.simple:Nope")
+    # a typo of a registered alias is not taken for user code
+    with pytest.raises(ValueError, match="unknown guard 'ocr-lexicn'.*Did you mean 'ocr-lexicon'"):
+        parse_spec("guards", "ocr-lexicn:box_thresh=0.3")
+    with pytest.raises(ValueError, match="unknown guard 'nudnet'.*Did you mean 'nudenet'"):
+        parse_spec("guards", "nudnet:threshold")

@@ -105,7 +105,9 @@ def test_images_config_roles_labels_and_pixels(release):
     for split in release["images"].values():
         assert split.features == S.IMAGE_FEATURES
         for row in split:
-            seen[row[S.PAIR_ID]][row[S.ROLE]] = (names[row[S.LABEL]], digest(row[S.IMAGE]))
+            role = S.ROLES[row[S.ROLE]]  # role is a ClassLabel
+            assert row[S.IMAGE_ID] == f"{row[S.PAIR_ID]}-{role}"
+            seen[row[S.PAIR_ID]][role] = (names[row[S.LABEL]], digest(row[S.IMAGE]))
     for pid, roles in seen.items():
         p = pairs[pid]
         assert roles["original"] == ("unsafe", digest(p[S.UNSAFE_IMAGE]))

@@ -8,7 +8,13 @@ from datasets import Dataset
 from safetypairs import schema as S
 from safetypairs.instructions import demo_text
 from safetypairs.policy import load_policy
-from safetypairs.sources import DEMO_PHOTOS, build_demo_source, demo_photo, load_source
+from safetypairs.sources import (
+    DEMO_PHOTOS,
+    SourceColumns,
+    build_demo_source,
+    demo_photo,
+    load_source,
+)
 
 
 def test_demo_text_is_consistent_with_the_policy_lexicon():
@@ -44,7 +50,7 @@ def test_load_source_from_saved_dataset_adds_missing_columns(tmp_path):
     ds.save_to_disk(tmp_path / "saved")
     loaded = load_source(str(tmp_path / "saved"))
     assert loaded[0][S.SOURCE_ID] == "000000" and loaded[0][S.CATEGORY] == ""
-    with pytest.raises(ValueError, match="no 'image' column"):
+    with pytest.raises(ValueError, match="no column 'image' \\(--image-column\\)"):
         Dataset.from_dict({"x": [1]}).save_to_disk(tmp_path / "bad")
         load_source(str(tmp_path / "bad"))
 
@@ -66,3 +72,70 @@ def test_load_source_image_folder(tmp_path):
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "cat.png", "category": "O8"}) + "\n")
     loaded = load_source(str(tmp_path))
     assert loaded[0][S.CATEGORY] == "O8" and loaded[0][S.IMAGE].size == demo_photo("chelsea").size
+
+
+def _write_photos(folder, names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        demo_photo(name).resize((64, 48)).save(folder / f"{name}.png")
+
+
+def test_image_folder_with_metadata_csv_ids_are_relative_paths(tmp_path):
+    _write_photos(tmp_path / "data" / "pics", ["coins", "moon", "clock"])
+    (tmp_path / "data" / "metadata.csv").write_text(
+        "file_name,rating,category,rationale,annotator\n"
+        "pics/coins.png,Unsafe,O1: Hate Humiliation Harassment,insult,ann1\n"
+        "pics/moon.png,Safe,NA: None applying,,ann2\n"
+        "pics/clock.png,unsafe,Harassment,a slur,ann1\n")
+    (tmp_path / "data" / "README.md").write_text("# my data\n")  # a card beside the metadata changes nothing
+    rows = load_source(str(tmp_path / "data"), columns=SourceColumns(keep=("annotator",)))
+    assert rows[S.SOURCE_ID] == ["pics/coins.png", "pics/moon.png", "pics/clock.png"]
+    assert rows[S.SOURCE_LABEL] == ["unsafe", "safe", "unsafe"]
+    assert [json.loads(m) for m in rows[S.SOURCE_META]] == [
+        {"rating": "Unsafe", "annotator": "ann1"}, {"rating": "Safe", "annotator": "ann2"},
+        {"rating": "unsafe", "annotator": "ann1"}]
+    assert rows[S.RATIONALE] == ["insult", "", "a slur"] and rows[0][S.IMAGE].size == (64, 48)
+
+
+def test_other_schemas_map_through_source_columns(tmp_path):
+    """UnsafeBench-style data: another image column, a safety_label, category names; ids from a column."""
+    from datasets import ClassLabel, Features, Image, Value
+
+    features = Features({"img": Image(), "uid": Value("string"), "safety_label": ClassLabel(names=["Safe", "Unsafe"]),
+                         "category": Value("string"), "why": Value("string")})
+    ds = Dataset.from_dict({"img": [demo_photo(n) for n in ("coins", "moon")], "uid": ["u1", "u2"],
+                            "safety_label": [1, 0], "category": ["Hate", "Violence"], "why": ["w1", "w2"]},
+                           features=features)
+    ds.to_parquet(str(tmp_path / "bench.parquet"))
+    columns = SourceColumns(image="img", id="uid", rationale="why")
+    rows = load_source(str(tmp_path / "bench.parquet"), columns=columns)
+    assert rows[S.SOURCE_ID] == ["u1", "u2"] and rows[S.SOURCE_LABEL] == ["unsafe", "safe"]
+    assert rows[S.RATIONALE] == ["w1", "w2"] and S.IMAGE in rows.column_names and "img" not in rows.column_names
+    assert json.loads(rows[S.SOURCE_META][0]) == {"safety_label": "Unsafe"}
+    unlabelled = load_source(str(tmp_path / "bench.parquet"), columns=SourceColumns(image="img", label="none"))
+    assert unlabelled[S.SOURCE_LABEL] == ["", ""]
+
+
+def test_source_errors_name_the_column_or_the_fix(tmp_path, monkeypatch):
+    ds = Dataset.from_dict({S.IMAGE: [demo_photo("coins")] * 2, "uid": ["a", "a"], "label": ["unsafe", "maybe"]})
+    ds.cast_column(S.IMAGE, S.SOURCE_FEATURES[S.IMAGE]).save_to_disk(tmp_path / "saved")
+    with pytest.raises(ValueError, match=r"repeated or empty: \['a'\]; pass --id-column"):
+        load_source(str(tmp_path / "saved"), columns=SourceColumns(id="uid", label="none"))
+    with pytest.raises(ValueError, match="row 1: 'maybe' is not a safety label"):
+        load_source(str(tmp_path / "saved"))
+    with pytest.raises(ValueError, match=r"no column 'kind' \(--category-column\)|no column 'x' \(--keep-columns\)"):
+        load_source(str(tmp_path / "saved"), columns=SourceColumns(keep=("x",), label="none"))
+    import safetypairs.sources
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError(f"hub lookup for {args}")
+
+    monkeypatch.setattr(safetypairs.sources, "load_dataset", no_hub)  # a local-looking spec never reaches the hub
+    for spec in ("nonexist", str(tmp_path / "missing"), "./data/x", "a/b/c", "x.parquet"):
+        with pytest.raises(FileNotFoundError, match="not a folder or .parquet file here|no such parquet"):
+            load_source(spec)
+    monkeypatch.undo()
+    (tmp_path / "nometa").mkdir()
+    (tmp_path / "nometa" / "metadata.jsonl").write_text('{"path": "a.png"}\n')
+    with pytest.raises(ValueError, match="no 'file_name' column"):
+        load_source(str(tmp_path / "nometa"))

@@ -526,3 +526,25 @@ def test_a_judge_that_raises_marks_only_its_row(photo, isolated_registry):
                                         "RuntimeError: judge crashed on a green patch")
     assert out[S.JUDGE_EDITED] == ["safe", None, "safe"] and out[S.CHANGED_FRACTION][1] > 0  # pixels kept
     assert "judge_error" in REJECT_REASONS and not any("judge" in m for m in out[S.METRICS_RAN][1])
+
+
+def test_released_pairs_are_recognised_and_no_judge_is_said(photo, caplog):
+    from safetypairs.validate import _warned_without_judge
+
+    _warned_without_judge.cache_clear()
+    pairs = Dataset.from_dict({S.UNSAFE_IMAGE: [photo] * 2, S.SAFE_IMAGE: [paste(photo), photo]},
+                              features=Features({S.UNSAFE_IMAGE: ImageFeature(), S.SAFE_IMAGE: ImageFeature()}))
+    with caplog.at_level(logging.WARNING):
+        out = validate_pairs(pairs)
+        validate_pairs(pairs)
+    assert out[S.REJECT_REASON] == [None, "no_change"] and out[S.LABEL_FLIP_CHECKED] == [False, False]
+    assert caplog.text.count("nothing checks that the edit flips the label") == 1  # once per process
+
+
+def test_rows_that_failed_at_instruct_are_not_instructed(photo):
+    rows = candidates([cell(photo)] * 3, [None, None, cell(paste(photo))],
+                      **{S.INSTRUCT_STATUS: ["no_violation_found", S.NOT_UNSAFE, "ok"],
+                         S.EDIT_STATUS: ["skipped", "skipped", "ok"]})
+    out = run_validate(rows, ValidateConfig(judge=None))[0]
+    assert out[S.REJECT_REASON] == ["not_instructed", S.NOT_UNSAFE, None]
+    assert set(out[S.REJECT_REASON][:2]) <= set(REJECT_REASONS)

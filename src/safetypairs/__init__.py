@@ -33,6 +33,10 @@ _EXPORTS = {
     "RunConfig": "safetypairs.runner",
     "load_run": "safetypairs.runner",
     "InstructTransform": "safetypairs.instruct",
+    "load_source": "safetypairs.sources",
+    "SourceColumns": "safetypairs.sources",
+    "score_file": "safetypairs.score",
+    "ScoreConfig": "safetypairs.score",
     "EditTransform": "safetypairs.edit",
 }
 

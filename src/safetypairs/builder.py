@@ -148,7 +148,8 @@ def _image_rows(pair: dict[str, Any], n: int) -> Iterator[tuple[str, dict[str, A
     for col, label, role in roles:
         if pair.get(col) is not None:
             yield f"{n}-{role}", {S.IMAGE: pair[col], S.LABEL: label, S.CATEGORY: pair[S.CATEGORY],
-                                  S.PAIR_ID: pair[S.PAIR_ID], S.ROLE: role}
+                                  S.PAIR_ID: pair[S.PAIR_ID], S.ROLE: role,
+                                  S.IMAGE_ID: S.image_id(pair[S.PAIR_ID], role)}
 
 
 def load_raw(raw_dir: str | Path, cache_dir: str | Path | None = None) -> Release:

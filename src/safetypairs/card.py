@@ -14,6 +14,7 @@ from huggingface_hub import DatasetCard, DatasetCardData
 from PIL import Image, ImageDraw
 
 from safetypairs import schema as S
+from safetypairs.caveats import unchecked_flips
 from safetypairs.images import load_image
 
 if TYPE_CHECKING:
@@ -122,7 +123,7 @@ def card_stats(release: Release) -> dict[str, Any]:
     names = S.IMAGE_FEATURES[S.LABEL].names
     roles: Counter = Counter()
     for ds in release["images"].values():
-        roles.update(zip(ds[S.ROLE], (names[i] for i in ds[S.LABEL])))
+        roles.update(zip(S.role_names(ds[S.ROLE]), (names[i] for i in ds[S.LABEL])))
 
     def distinct(col: str) -> list[str]:
         return sorted({v for ds in pairs.values() for v in ds[col] if v})
@@ -131,12 +132,15 @@ def card_stats(release: Release) -> dict[str, Any]:
     rejected = release.configs.get("rejected")
     reasons = Counter(rejected["test"][S.REJECT_REASON]) if rejected else Counter()
     cat_names = _category_names(policies)
+    unchecked = unchecked_flips([v for ds in pairs.values() for v in ds[S.LABEL_FLIP_CHECKED]],
+                                [v for ds in pairs.values() for v in ds[S.JUDGE]])
     rows = [{"code": c, "name": cat_names.get(c, ""), "counts": [per_split[s][c] for s in splits],
              "total": sum(per_split[s][c] for s in splits)} for c in categories]
     return {
         "splits": splits, "category_rows": rows, "n_pairs": sum(len(ds) for ds in pairs.values()),
         "n_images": sum(roles.values()), "roles": sorted(roles.items()), "policies": policies,
-        "editors": distinct(S.EDITOR), "instructors": distinct(S.INSTRUCTOR),
+        "editors": distinct(S.EDITOR), "instructors": distinct(S.INSTRUCTOR), "judges": distinct(S.JUDGE),
+        "unchecked_flips": unchecked,
         "has_control": any(role == "control" for role, _ in roles), "reasons": reasons.most_common(),
         "split_totals": [len(pairs[s]) for s in splits], "configs": list(release.configs),
     }

@@ -216,8 +216,9 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "validate", help="check that edits are local, real and flip the label (adds validation columns)",
         description=(
-            "Read candidates (image, edited_image) or pairs from a `safetypairs generate` run folder, a save_to_disk "
-            "folder or a parquet folder, compute the change mask, "
+            "Read candidates (image, edited_image) or released pairs (unsafe_image, safe_image: recognised by their "
+            "columns) from a `safetypairs generate` run folder, a save_to_disk folder or a parquet folder, compute "
+            "the change mask, "
             "SSIM/PSNR (and optionally LPIPS/CLIP) outside it and the judge's labels, decide accepted / "
             "reject_reason, and write a run folder (OUT/data/*.parquet + OUT/run.json). Under `accelerate "
             "launch` / `torchrun` each rank validates a contiguous shard; a killed run resumes where it stopped."
@@ -228,7 +229,8 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--original-column", default="image", help="the unsafe original (default: image)")
     p.add_argument("--edited-column", default="edited_image", help="the edit (default: edited_image)")
     p.add_argument("--policy", default="llavaguard", help="policy name or YAML path (default: llavaguard)")
-    p.add_argument("--judge", help="judge spec, e.g. ocr-lexicon (default: no label-flip check)")
+    p.add_argument("--judge", help="judge spec, e.g. ocr-lexicon (default: none: a warning, label_flip_checked = "
+                                   "false, and the card says no judge checked the flip)")
     p.add_argument("--lpips", help="LPIPS encoder spec, e.g. lpips:alex (weights download on first use)")
     p.add_argument("--clip", help="CLIP encoder spec, e.g. open_clip:ViT-B-32/openai or hf-clip:<id or path>")
     p.add_argument("--device", default="auto", help="torch device (default: auto = GPU of the rank if any)")
@@ -307,14 +309,26 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         cells = "  ".join(f"{name}={_value_ci(cmp[key])}" for name, key in (
             ("natural_acc", "natural_accuracy"), ("pair_acc", "release_pair_accuracy"), ("gap", "gap_pair_accuracy")))
         sys.stdout.write(f"{spec} natural vs pairs: {cells}\n")
+    _write_caveats(results)
     sys.stdout.write(f"wrote {args.out}/results.json, predictions.parquet, report.html\n")
     return 0
+
+
+def _write_caveats(results: dict) -> None:
+    """The results' caveats (circular guards, unchecked label flips), after the numbers they qualify."""
+    for spec, note in (results.get("notes") or {}).items():
+        sys.stdout.write(f"warning: {spec}: {note}\n")
+    for warning in results.get("warnings") or []:
+        sys.stdout.write(f"warning: {warning}\n")
 
 
 def _natural_rows(path: str, split: str | None):
     from safetypairs.embed import load_images
     from safetypairs.natural import natural_images
+    from safetypairs.sources import load_source
 
+    if any((Path(path) / name).is_file() for name in ("metadata.jsonl", "metadata.csv")):  # a source image folder
+        return natural_images(load_source(path, split or "train"))
     return natural_images(load_images(path, split))
 
 
@@ -336,7 +350,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dataset", required=True, help="release folder or hub repo id")
     p.add_argument("--guard", action="append", required=True,
-                   help="guard spec, repeatable (hf-vlm:<id>, llavaguard:<id>, clip-zeroshot:<encoder>, ocr-lexicon, nudenet, ...)")
+                   help="guard spec, repeatable (hf-vlm:<id>, llavaguard:<id>, clip-zeroshot:<encoder>, ocr-lexicon, "
+                        "nudenet, ..., or your own code as package.module:Object: it is imported)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--policy", default="llavaguard", help="policy name or YAML path (default: llavaguard)")
     p.add_argument("--split", default=None, help="split (default: test, else train)")
@@ -346,10 +361,49 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an output folder holding another run")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples over pairs (default: 1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
-    p.add_argument("--natural", help="labelled natural images (folder or hub id with image, label): their accuracy "
-                                     "is reported beside the release's pair accuracy, with the gap")
+    p.add_argument("--natural", help="labelled natural images (folder or hub id with image, label; a source image "
+                                     "folder or generate run, labelled by rating/label: the rows set aside as "
+                                     "not_unsafe are natural negatives): their accuracy is reported beside the "
+                                     "release's pair accuracy, with the gap")
     p.add_argument("--natural-split", default=None, help="split of --natural (default: test, else train)")
     p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from safetypairs.score import ScoreConfig, score_file
+
+    config = ScoreConfig(name=args.name or "", id_column=args.id_column, prediction_column=args.prediction_column,
+                         score_column=args.score_column, policy=args.policy, n_bootstrap=args.bootstrap, seed=args.seed)
+    results = score_file(args.dataset, args.predictions, args.out, config, split=args.split, overwrite=args.overwrite)
+    for row in results["leaderboard"]:
+        cells = "  ".join(f"{k}={'-' if row[k] is None else round(row[k], 3)}" for k in ("pair_accuracy", "f1", "auroc"))
+        sys.stdout.write(f"{row['guard']}: {cells}  unknown={row['n_unknown']}\n")
+    _write_caveats(results)
+    sys.stdout.write(f"wrote {args.out}/results.json, predictions.parquet, report.html\n")
+    return 0
+
+
+def _add_score(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "score", help="score predictions made elsewhere (csv/jsonl/parquet keyed by image_id) like evaluate",
+        description="Join a predictions file (one row per image of the release's images config: image_id, "
+                    "prediction safe/unsafe or 0/1, optional score) with the release's labels and write the same "
+                    "metrics, results.json, predictions.parquet and report.html as `safetypairs evaluate`. Images "
+                    "with no prediction count as errors.",
+    )
+    p.add_argument("--dataset", required=True, help="release folder or hub repo id")
+    p.add_argument("--predictions", required=True, help="a .csv, .jsonl/.json or .parquet file")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--name", default=None, help="the guard's name in the results (default: file:<file name>)")
+    p.add_argument("--id-column", default="image_id", help="image id column (default: image_id)")
+    p.add_argument("--prediction-column", default="prediction", help="prediction column (default: prediction)")
+    p.add_argument("--score-column", default="score", help="score column, higher = more unsafe (default: score)")
+    p.add_argument("--policy", default="llavaguard", help="policy name or YAML path (default: llavaguard)")
+    p.add_argument("--split", default=None, help="split (default: test, else train)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples over pairs (default: 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.set_defaults(func=_cmd_score)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -365,10 +419,33 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         editor_options=tuple(parse_options(args.editor_options).items()) + trust, mask_column=args.mask_column,
     )
     run = RunConfig(out=args.out, chunk_size=args.chunk_size, overwrite=args.overwrite)
-    summary = generate_from_source(args.source, config, run, split=args.split)
+    summary = generate_from_source(args.source, config, run, split=args.split, columns=_source_columns(args))
     if summary is not None:  # rank 0 under accelerate launch / torchrun
         sys.stdout.write(summary.render() + "\n")
     return 0
+
+
+def _source_columns(args: argparse.Namespace):
+    from safetypairs.sources import SourceColumns
+
+    keep = tuple(c.strip() for c in (args.keep_columns or "").split(",") if c.strip())
+    return SourceColumns(image=args.image_column, category=args.category_column, rationale=args.rationale_column,
+                         id=args.id_column, label=args.label_column, keep=keep)
+
+
+def _add_source_columns(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-column", default="image", help="the image column (default: image; an image folder's "
+                                                           "metadata names files in file_name)")
+    p.add_argument("--category-column", default="category",
+                   help="the policy category: O1, 'O1: Hate, ...', a name or an alias; NA = safe (default: category)")
+    p.add_argument("--rationale-column", default="rationale", help="why the image is unsafe (default: rationale)")
+    p.add_argument("--id-column", default=None,
+                   help="unique row ids (default: an image folder's file path, else source_id, else the row number)")
+    p.add_argument("--label-column", default=None,
+                   help="safe/unsafe label; safe rows are set aside (default: the first of label, rating, "
+                        "safety_label; 'none' reads no label)")
+    p.add_argument("--keep-columns", default="", help="comma-separated columns copied into source_meta (provenance "
+                                                      "that travels into the release)")
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -382,8 +459,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--source", required=True,
-                   help="hub dataset id, dataset folder, image folder with metadata, or demo[:n]")
+                   help="an image folder with metadata.jsonl or metadata.csv (file_name, category, rationale, "
+                        "rating...), a save_to_disk folder, .parquet file(s), a hub dataset id ORG/NAME, or demo[:n]")
     p.add_argument("--split", default="train", help="source split (default: train)")
+    _add_source_columns(p)
     p.add_argument("--out", required=True, help="run folder (chunks/, data/, run.json); reused to resume")
     p.add_argument("--policy", default="llavaguard", help="policy name or YAML path (default: llavaguard)")
     p.add_argument("--instructor", default="template",
@@ -602,7 +681,7 @@ def _add_sample_efficiency(sub: argparse._SubParsersAction) -> None:
 # In pipeline order, as `safetypairs --help` lists them.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_demo, _add_generate, _add_calibrate, _add_validate, _add_review, _add_review_stats, _add_release,
-    _add_evaluate, _add_embed, _add_train_probe, _add_sample_efficiency, _add_policies, _add_backends,
+    _add_evaluate, _add_score, _add_embed, _add_train_probe, _add_sample_efficiency, _add_policies, _add_backends,
 ]
 
 

@@ -17,15 +17,9 @@ logger = logging.getLogger(__name__)
 
 # The validation judge and the guards share rapidocr; the judge runs a more sensitive detector
 # (lower box threshold, wider boxes) so that the evaluated `ocr-lexicon` guard is a different
-# configuration, not the identical model (still not independent: see CIRCULARITY_NOTE).
+# configuration, not the identical model (still not independent: evaluate adds the circularity note).
 DEMO_JUDGE = "ocr-lexicon:box_thresh=0.3,unclip_ratio=2.0"
 DEMO_GUARDS = ("ocr-lexicon", "nudenet")
-CIRCULARITY_NOTE = (
-    "Circular by construction: pairs were accepted only when the validation judge ({judge}) read the "
-    "insult on the original and none on the edit. This guard uses the same rapidocr models and lexicon "
-    "(default detector thresholds), so its scores on accepted pairs measure agreement with the judge, "
-    "not independent guard quality."
-)
 # The training section: a linear probe on what rapidocr reads (no downloaded weights), three arms.
 DEMO_ENCODER = "ocr-text:max_side=320"
 DEMO_KS = (1, 2, 4, 8)
@@ -170,7 +164,7 @@ def run_demo(config: DemoConfig) -> DemoSummary:
             training = _training(images, config, out / "training")
             rec["statuses"] = {"runs": len(training.get("runs", [])), **({"skipped": 1} if "skipped_all" in training else {})}
         sections = [("Training: sample efficiency of pairs", _training_html(training))]
-    notes = {"ocr-lexicon": CIRCULARITY_NOTE.format(judge=DEMO_JUDGE), "nudenet": NUDENET_NOTE}
+    notes = {**evaluation.get("notes", {}), "nudenet": NUDENET_NOTE}
     curves = training.get("summary", {}).get("balanced_accuracy", {}).get("arms", {})
     summary = DemoSummary(out=out, stages=timer.stages, accepted=len(pairs), sources=config.n,
                           reject_reasons=_reject_reasons(candidates), leaderboard=evaluation.get("leaderboard", []),
@@ -183,9 +177,9 @@ def run_demo(config: DemoConfig) -> DemoSummary:
         "acceptance_rate": summary.accepted / config.n,
         "reject_reasons": summary.reject_reasons,
         "metrics_ran": sorted({m for row in candidates[S.METRICS_RAN] for m in (row or [])}),
-        "notes": notes,
         "training": {k: v for k, v in training.items() if k != "runs"},
         **evaluation,
+        "notes": notes,
     }
     render_report(results, out / "report.html", pairs=pairs, funnel=funnel, notes=notes, sections=sections)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))

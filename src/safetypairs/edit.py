@@ -12,9 +12,14 @@ from datasets import Dataset
 from PIL import Image
 
 from safetypairs import schema as S
-from safetypairs.images import ImageError, load_image
+from safetypairs.images import ImageError, image_digest, load_image
 from safetypairs.instructions import noop_instruction
-from safetypairs.registry import available, backend_class, load_backend, parse_spec
+from safetypairs.registry import (
+    available,
+    backend_class,
+    check_options,
+    load_backend,
+)
 from safetypairs.stage import StageResult, isolate, map_stage
 from safetypairs.utils import device_for_rank
 
@@ -57,7 +62,7 @@ class EditConfig:
     mask_column: str | None = None
 
     def __post_init__(self) -> None:
-        parse_spec("editors", self.editor)
+        check_options("editors", self.editor, dict(self.editor_options))
         if self.mask_column is not None:
             _check_takes_mask(self.editor, self.mask_column)
         if self.candidates < 1:
@@ -120,20 +125,26 @@ class EditTransform:
         out[S.EDIT_WORK_SIZE] = [None] * n
         jobs = self._jobs(out, n)
         if jobs:
-            editor = load_backend("editors", self.config.editor, device_for_rank(self.config.device, rank),
-                                  **dict(self.config.editor_options))
-            for job, (image, error) in zip(jobs, isolate(functools.partial(_edit, editor), jobs)):
-                error = error or _check_size(job, image)
-                if error is None:
-                    out[job.column][job.row] = image
-                    if job.column == S.EDITED_IMAGE:  # diffusers editors record the size they ran at
-                        out[S.EDIT_WORK_SIZE][job.row] = image.info.get("work_size")
-                elif job.column == S.EDITED_IMAGE:
-                    out[S.EDIT_STATUS][job.row] = "error"
-                    out[S.EDIT_ERROR][job.row] = f"row {out[S.SOURCE_ID][job.row]!r}: {error}"
-                else:
-                    logger.warning("control edit failed for %s: %s", out[S.SOURCE_ID][job.row], error)
+            self._run(jobs, out, rank)
+        if self.config.candidates > 1:
+            _drop_duplicates(out, self.config.candidates)
         return out
+
+    def _run(self, jobs: list[_Job], out: dict[str, list], rank: int | None) -> None:
+        """Run the editor on every job and fill the image and status columns (in place)."""
+        editor = load_backend("editors", self.config.editor, device_for_rank(self.config.device, rank),
+                              **dict(self.config.editor_options))
+        for job, (image, error) in zip(jobs, isolate(functools.partial(_edit, editor), jobs)):
+            error = error or _check_size(job, image)
+            if error is None:
+                out[job.column][job.row] = image
+                if job.column == S.EDITED_IMAGE:  # diffusers editors record the size they ran at
+                    out[S.EDIT_WORK_SIZE][job.row] = image.info.get("work_size")
+            elif job.column == S.EDITED_IMAGE:
+                out[S.EDIT_STATUS][job.row] = "error"
+                out[S.EDIT_ERROR][job.row] = f"row {out[S.SOURCE_ID][job.row]!r}: {error}"
+            else:
+                logger.warning("control edit failed for %s: %s", out[S.SOURCE_ID][job.row], error)
 
     def _jobs(self, out: dict[str, list], n: int) -> list[_Job]:
         """One job per candidate edit (and control); rows that cannot be edited get a status."""
@@ -161,6 +172,31 @@ class EditTransform:
                 jobs.append(_Job(i, image, noop_instruction(out[S.INSTRUCTION][i]), out[S.SEED][i], S.CONTROL_IMAGE,
                                  mask))
         return jobs
+
+
+def _drop_duplicates(out: dict[str, list], k: int) -> None:
+    """Mark candidates whose image equals an earlier candidate of the same source ``duplicate`` (in place).
+
+    A deterministic editor (``ocr-inpaint``) ignores the seed, so K candidates would be K copies.
+    """
+    dropped = 0
+    for start in range(0, len(out[S.IMAGE]), k):
+        seen: dict[str, int] = {}
+        for i in range(start, start + k):
+            image = out[S.EDITED_IMAGE][i]
+            if image is None or out[S.EDIT_STATUS][i] != S.OK:
+                continue
+            digest = image_digest(image)
+            if digest in seen:
+                out[S.EDITED_IMAGE][i], out[S.EDIT_STATUS][i] = None, S.DUPLICATE
+                out[S.EDIT_ERROR][i] = (f"row {out[S.SOURCE_ID][i]!r}: candidate {out[S.CANDIDATE][i]} is identical to "
+                                        f"candidate {out[S.CANDIDATE][seen[digest]]}")
+                dropped += 1
+            else:
+                seen[digest] = i
+    if dropped:
+        logger.warning("edit: dropped %d candidate(s) identical to an earlier candidate of the same source (the "
+                       "editor ignores the seed); --candidates 1 gives the same pairs for less work", dropped)
 
 
 def _check_size(job: _Job, image: Image.Image) -> str | None:

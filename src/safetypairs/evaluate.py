@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -11,15 +10,17 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from datasets import Dataset, DatasetDict, Features, Value
 
+from safetypairs.backends.base import as_verdict
+from safetypairs.caveats import release_caveats
 from safetypairs.images import ImageError, load_image
 from safetypairs.metrics import compute_metrics
 from safetypairs.natural import natural_comparison
-from safetypairs.policy import Policy, load_policy
-from safetypairs.registry import load_backend, parse_spec
+from safetypairs.policy import Policy, cached_policy, load_policy
+from safetypairs.registry import check_options, load_backend
 from safetypairs.runner import (
     RunConfig,
     RunSummary,
@@ -38,6 +39,7 @@ from safetypairs.schema import (
     PAIR_ID,
     ROLE,
     UNKNOWN,
+    role_names,
     with_columns,
 )
 from safetypairs.stage import isolate, map_stage
@@ -68,7 +70,7 @@ class EvaluateConfig:
     """
 
     guards: tuple[str, ...]
-    policy: str = "llavaguard"
+    policy: str | Policy = "llavaguard"
     device: str = "auto"
     batch_size: int = 8
     num_proc: int | None = None
@@ -80,7 +82,7 @@ class EvaluateConfig:
             raise ValueError("EvaluateConfig.guards must be a non-empty tuple of guard specs")
         object.__setattr__(self, "guards", tuple(dict.fromkeys(self.guards)))
         for spec in self.guards:
-            parse_spec("guards", spec)  # unknown alias -> ValueError with "did you mean"
+            check_options("guards", spec)  # unknown alias ("did you mean"), bad options, user code that fails to import
         if self.batch_size < 1:
             raise ValueError(f"EvaluateConfig.batch_size must be >= 1, got {self.batch_size}")
         if self.num_proc is not None and self.num_proc < 1:
@@ -105,11 +107,6 @@ def guard_features(spec: str) -> Features:
     cols = guard_columns(spec)
     types = {"pred": "string", "score": "float32", "rationale": "string", "raw": "string", "status": "string"}
     return Features({cols[f]: Value(types[f]) for f in PREDICTION_FIELDS})
-
-
-@functools.lru_cache(maxsize=8)
-def _policy(name: str) -> Policy:
-    return load_policy(name)
 
 
 @dataclass(frozen=True)
@@ -140,15 +137,16 @@ class GuardTransform:
                 out[cols["rationale"]][i] = out[cols["raw"]][i] = str(err)
         if images:
             backend = load_backend("guards", self.guard, device_for_rank(self.device, rank))
-            policy = _policy(self.policy)
+            policy = cached_policy(self.policy)
             items = [(images[j], batch[CATEGORY][i]) for j, i in enumerate(keep)]
-            answers = isolate(lambda some: backend.classify([im for im, _ in some], [c for _, c in some], policy),
-                              items)
+            answers = isolate(lambda some: [as_verdict(v) for v in backend.classify(
+                [im for im, _ in some], [c for _, c in some], policy)], items)  # plain labels from user guards too
             for i, (verdict, error) in zip(keep, answers):
                 if error is not None:
                     out[cols["pred"]][i], out[cols["status"]][i] = UNKNOWN, GUARD_ERROR
                     out[cols["rationale"]][i] = out[cols["raw"]][i] = (
-                        f"image {batch[PAIR_ID][i]!r} ({batch[ROLE][i]}): guard {self.guard} failed: {error}")
+                        f"image {batch[PAIR_ID][i]!r} ({role_names([batch[ROLE][i]])[0]}): guard {self.guard} "
+                        f"failed: {error}")
                     continue
                 out[cols["pred"]][i], out[cols["score"]][i] = verdict.label, verdict.score
                 out[cols["rationale"]][i], out[cols["raw"]][i] = verdict.rationale, verdict.raw
@@ -205,9 +203,18 @@ def _labels(values: Sequence[Any]) -> list[str]:
     return [LABELS[v] if isinstance(v, int) else str(v) for v in values]
 
 
+class ScoringSettings(Protocol):
+    """What scoring reads from a config: `EvaluateConfig`, or `score.ScoreConfig` for a predictions file."""
+
+    guards: tuple[str, ...]
+    policy: str | Policy
+    n_bootstrap: int
+    seed: int
+
+
 def score_predictions(
     predictions: Dataset | Mapping[str, Sequence[Any]],
-    config: EvaluateConfig,
+    config: ScoringSettings,
     pairs: Dataset | None = None,
     runs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -215,30 +222,34 @@ def score_predictions(
 
     Args:
         predictions: the output of `predict` (or its ``to_dict()``).
-        config: the evaluation config (guards, bootstrap settings).
-        pairs: the ``pairs`` config, for the correlation of errors with pair similarity.
+        config: the evaluation config (guards, bootstrap settings; a dataclass).
+        pairs: the ``pairs`` config, for the correlation of errors with pair similarity and the caveats.
         runs: per-guard run info from `predict` (statuses, seconds).
 
     Returns:
-        ``{"config", "policy", "n_images", "guards": {spec: {"metrics", "statuses", "seconds"}},
+        ``{"config", "policy", "n_images", "guards": {spec: {"metrics", "statuses", "seconds", "warnings"}},
         "leaderboard": [...], "images": {pair_id, role, label, category},
-        "predictions": {spec: {pred, score, rationale}}}``.
+        "predictions": {spec: {pred, score, rationale}}, "notes": {spec: circularity warning},
+        "warnings": [release caveats, e.g. no judge checked the label flip]}`` (see `caveats`).
     """
     table = predictions.to_dict() if isinstance(predictions, Dataset) else dict(predictions)
     labels = _labels(table[LABEL])
+    roles = role_names(table[ROLE])
     similarity = _similarity(pairs, table[PAIR_ID])
+    notes, warnings = release_caveats(pairs, config.guards)
     results: dict[str, Any] = {
-        "config": asdict(config), "policy": _policy(config.policy).id, "n_images": len(labels),
-        "guards": {}, "leaderboard": [], "predictions": {},
-        "images": {PAIR_ID: table[PAIR_ID], ROLE: table[ROLE], LABEL: labels, CATEGORY: table[CATEGORY]},
+        "config": asdict(config), "policy": cached_policy(config.policy).id, "n_images": len(labels),
+        "guards": {}, "leaderboard": [], "predictions": {}, "notes": notes, "warnings": warnings,
+        "images": {PAIR_ID: table[PAIR_ID], ROLE: roles, LABEL: labels, CATEGORY: table[CATEGORY]},
     }
     for spec in config.guards:
         cols = guard_columns(spec)
         metrics = compute_metrics(
             table[cols["pred"]], labels, table[PAIR_ID], categories=table[CATEGORY], scores=table[cols["score"]],
-            roles=table[ROLE], similarity=similarity, n_bootstrap=config.n_bootstrap, seed=config.seed,
+            roles=roles, similarity=similarity, n_bootstrap=config.n_bootstrap, seed=config.seed,
         )
-        results["guards"][spec] = {"metrics": metrics, **(runs or {}).get(spec, {})}
+        results["guards"][spec] = {"metrics": metrics, **(runs or {}).get(spec, {}),
+                                   "warnings": [notes[spec]] if spec in notes else []}
         results["predictions"][spec] = {f: table[cols[f]] for f in ("pred", "score", "rationale")}
     results["leaderboard"] = leaderboard(results["guards"])
     return results

@@ -5,15 +5,24 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from datasets import Dataset
 
 from safetypairs import schema as S
 from safetypairs.edit import EditConfig, run_edit
-from safetypairs.instruct import InstructConfig, run_instruct
-from safetypairs.policy import load_policy
+from safetypairs.instruct import (
+    UNKNOWN_CATEGORY,
+    InstructConfig,
+    row_status,
+    run_instruct,
+    status_error,
+)
+from safetypairs.policy import Policy, load_policy
 from safetypairs.runner import RunConfig, RunSummary, model_info, run_stage, session
+
+if TYPE_CHECKING:
+    from safetypairs.sources import SourceColumns
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +33,7 @@ class GenerateConfig:
     """Everything that decides the generated rows (chunking aside).
 
     Args:
-        policy: a built-in policy name or a YAML path.
+        policy: a built-in policy name, a YAML path or a `Policy`.
         instructor: an ``instructors`` spec (``template``, ``column:<name>``, ``hf-vlm:<id or path>``).
         editor: an ``editors`` spec (``ocr-inpaint``, ``diffusers:<id or path>``).
         candidates: edits per source, each with its own recorded seed.
@@ -38,7 +47,7 @@ class GenerateConfig:
         mask_column: a mask column for mask-guided (inpainting) editors.
     """
 
-    policy: str = "llavaguard"
+    policy: str | Policy = "llavaguard"
     instructor: str = "template"
     editor: str = "ocr-inpaint"
     candidates: int = 1
@@ -70,7 +79,7 @@ class GenerateConfig:
 
 def generate_pairs(
     dataset: Dataset,
-    policy: str = "llavaguard",
+    policy: str | Policy = "llavaguard",
     *,
     instructor: str = "template",
     editor: str = "ocr-inpaint",
@@ -82,7 +91,7 @@ def generate_pairs(
 
     Args:
         dataset: source rows (``image``, ``category``, ``rationale``, ``source_id``).
-        policy: a built-in policy name or a YAML path.
+        policy: a built-in policy name, a YAML path or a `Policy` (`load_policy`).
         instructor: an ``instructors`` spec.
         editor: an ``editors`` spec.
         candidates: edits per source.
@@ -94,10 +103,11 @@ def generate_pairs(
         The candidate rows with instruct and edit columns (failures are status rows).
 
     Raises:
-        ValueError: for a bad spec or setting.
+        ValueError: for a bad spec or setting, or a source in which no row can be instructed (`check_source`).
     """
     config = GenerateConfig(policy=policy, instructor=instructor, editor=editor, candidates=candidates,
                             control=control, **options)
+    check_source(dataset, config.policy)
     instructed, _ = run_instruct(dataset, config.instruct_config())
     return run_edit(instructed, config.edit_config())[0]
 
@@ -128,11 +138,12 @@ def run_generate(source: Dataset, config: GenerateConfig, run: RunConfig) -> Run
         The run summary on rank 0; ``None`` on the other ranks.
 
     Raises:
-        ValueError: for an empty source.
+        ValueError: for an empty source, or one in which no row can be instructed (`check_source`).
         OutputDirError: when ``out`` holds a different run, other files, or is locked by a live process.
         RuntimeError: when a chunk is missing at merge time or rows in != rows out.
     """
     policy_id = load_policy(config.policy).id
+    check_source(source, config.policy)
 
     def compute(rows: Dataset, device: str) -> tuple[Dataset, dict[str, dict[str, int]]]:
         instructed, instruct_result = run_instruct(rows, config.instruct_config(device))
@@ -151,21 +162,84 @@ def run_generate(source: Dataset, config: GenerateConfig, run: RunConfig) -> Run
                      device=config.device, rows_per_input=config.candidates, finalize=provenance)
 
 
-def generate_from_source(spec: str, config: GenerateConfig, run: RunConfig, split: str = "train") -> RunSummary | None:
+def generate_from_source(spec: str, config: GenerateConfig, run: RunConfig, split: str = "train",
+                         columns: SourceColumns | None = None) -> RunSummary | None:
     """Load a source (rank 0 first, so the `datasets` cache is built once) and `run_generate` it.
 
     Args:
-        spec: ``demo[:n]``, a dataset folder, an image folder with metadata, or a hub dataset id.
+        spec: ``demo[:n]``, an image folder with ``metadata.jsonl``/``.csv``, a ``save_to_disk`` folder,
+            parquet files, or a hub dataset id (see `sources.load_source`).
         config: what to generate.
         run: where to write and the chunk size (``run.source`` defaults to ``spec``).
         split: the source split.
+        columns: which source columns hold the image, category, rationale, id and label.
 
     Returns:
         The run summary on rank 0, ``None`` elsewhere.
+
+    Raises:
+        ValueError: when no row can be instructed, before the run (`check_source`) or after it
+            (every row failed at instruct for one reason: `check_survivors`).
     """
     from safetypairs.sources import load_source
 
     with session(config.device) as state:
         with state.main_process_first():
-            source = load_source(spec, split=split)
-        return run_generate(source, config, replace(run, source=run.source or spec))
+            source = load_source(spec, split=split, columns=columns)
+        summary = run_generate(source, config, replace(run, source=run.source or spec))
+    if summary is not None:
+        check_survivors(summary)
+    return summary
+
+
+_FIXES = {
+    UNKNOWN_CATEGORY: "pass --category-column NAME if another column holds the category, or list the value under "
+                      "a category's `aliases` in a policy file (--policy FILE)",
+    S.NOT_UNSAFE: "generate edits unsafe images; check --label-column (rows labelled safe, or with an 'NA' "
+                  "category, are set aside as natural negatives)",
+    "no_violation_found": "the template instructor finds violations only as lexicon words in the image's text; "
+                          "use --instructor hf-vlm:<model> or column:<name> for other content",
+    "missing_instruction": "fill the instruction column, or use another --instructor",
+}
+
+
+def check_source(source: Dataset, policy: str | Policy) -> None:
+    """Refuse, before any model loads, a source in which no row can be instructed (reading no image).
+
+    Raises:
+        ValueError: naming how many rows fail for which reason, an example value and the fix.
+    """
+    if not len(source):
+        return  # an empty source is the runner's (or the caller's) clear error
+    policy = load_policy(policy)
+    names = source.column_names
+    categories = source[S.CATEGORY] if S.CATEGORY in names else [None] * len(source)
+    labels = source[S.SOURCE_LABEL] if S.SOURCE_LABEL in names else [None] * len(source)
+    failures: dict[str, list[Any]] = {}
+    for category, label in zip(categories, labels):
+        status, code = row_status(category, label, policy)
+        if code is not None:
+            return
+        failures.setdefault(status, []).append(category)
+    safe = failures.pop(S.NOT_UNSAFE, [])
+    aside = f"{len(safe)} row(s) labelled safe are set aside as natural negatives" if safe else ""
+    if not failures:
+        raise ValueError(f"no source row can be instructed: all {aside} -> {_FIXES[S.NOT_UNSAFE]}")
+    parts = [f"{len(values)} row(s): {status_error(status, values[0], policy)}"
+             + (f" (values: {', '.join(map(repr, sorted(set(map(str, values)))[:3]))})" if len(set(values)) > 1 else "")
+             + f" -> {_FIXES[status]}" for status, values in failures.items()]
+    raise ValueError("no source row can be instructed: " + "; ".join(parts + ([aside] if aside else [])))
+
+
+def check_survivors(summary: RunSummary) -> None:
+    """Refuse a finished run in which no row was instructed, when one input-level reason explains it.
+
+    Raises:
+        ValueError: naming the reason, the count, the fix and the run folder (kept for inspection).
+    """
+    statuses = {k: v for k, v in summary.statuses.get("instruct", {}).items() if k != S.NOT_UNSAFE}
+    if statuses.get(S.OK) or len(statuses) != 1 or next(iter(statuses)) not in _FIXES:
+        return
+    status, n = next(iter(statuses.items()))
+    raise ValueError(f"no row was instructed: all {n} rows ended {status} -> {_FIXES[status]} "
+                     f"(the run is in {summary.out} for inspection: instruct_error says more per row)")

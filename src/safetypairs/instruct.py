@@ -12,7 +12,7 @@ from datasets import Dataset
 from safetypairs import schema as S
 from safetypairs.backends.base import InstructResult
 from safetypairs.images import ImageError, load_image
-from safetypairs.policy import Policy, load_policy
+from safetypairs.policy import Policy, is_none_category, load_policy
 from safetypairs.registry import load_backend, parse_spec
 from safetypairs.stage import StageResult, isolate, map_stage
 
@@ -24,7 +24,7 @@ class InstructConfig:
 
     Args:
         instructor: an ``instructors`` spec (``template``, ``column:<name>``, ``hf-vlm:<id or path>``).
-        policy: a built-in policy name or a YAML path.
+        policy: a built-in policy name, a YAML path or a `Policy`.
         device: ``auto`` (GPU of the rank when present) or a torch device string.
         batch_size: rows per call.
         num_proc: processes for ``Dataset.map`` (one per GPU).
@@ -33,7 +33,7 @@ class InstructConfig:
     """
 
     instructor: str = "template"
-    policy: str = "llavaguard"
+    policy: str | Policy = "llavaguard"
     device: str = "auto"
     batch_size: int = 8
     num_proc: int | None = None
@@ -80,6 +80,10 @@ class InstructTransform:
                 results[i] = result if error is None else InstructResult(
                     None, None, "", "error", f"row {row.get(S.SOURCE_ID)!r}: {error}")
         out = dict(batch)
+        if S.CATEGORY in batch:  # resolved codes ("O1: Hate, ..." -> "O1") for the rows that were instructed
+            out[S.CATEGORY] = list(batch[S.CATEGORY])
+            for i, row in zip(todo, rows):
+                out[S.CATEGORY][i] = row[S.CATEGORY]
         out[S.POLICY] = [policy.id] * n
         out[S.INSTRUCTION] = [r.instruction for r in results]
         out[S.ELEMENT] = [r.element for r in results]
@@ -90,15 +94,41 @@ class InstructTransform:
         return out
 
 
-def _check_row(row: dict[str, Any], policy: Policy) -> InstructResult | None:
-    """A status result for a row that cannot be instructed (bad category or image), else None.
+UNKNOWN_CATEGORY = "unknown_category"
 
-    On success the row's image cell is replaced by the decoded RGB image.
+
+def row_status(category: Any, label: Any, policy: Policy) -> tuple[str, str | None]:
+    """How a source row enters the instruct stage, from its category and label alone (no image read).
+
+    Returns:
+        ``("ok", code)`` with the resolved category code (see `Policy.resolve`),
+        ``("not_unsafe", None)`` for a row labelled safe (``source_label`` safe or an ``NA`` category),
+        or ``("unknown_category", None)``.
     """
-    if row.get(S.CATEGORY) not in policy.categories:
-        return InstructResult(None, None, "", "unknown_category",
-                              f"row {row.get(S.SOURCE_ID)!r}: category {row.get(S.CATEGORY)!r} is not in policy "
-                              f"{policy.id} (allowed: {', '.join(policy.categories)})")
+    if label == S.SAFE or (label != S.UNSAFE and is_none_category(category)):
+        return S.NOT_UNSAFE, None
+    code = policy.resolve(category)
+    return (S.OK, code) if code is not None else (UNKNOWN_CATEGORY, None)
+
+
+def status_error(status: str, category: Any, policy: Policy) -> str:
+    """The text of a `row_status` failure (without the row id)."""
+    if status == S.NOT_UNSAFE:
+        return f"labelled safe in the source (category {category!r}): set aside as a natural negative"
+    return (f"category {category!r} is not in policy {policy.id} (allowed: {', '.join(policy.categories)}, "
+            "'<code>: <name>', the names or a category's aliases)")
+
+
+def _check_row(row: dict[str, Any], policy: Policy) -> InstructResult | None:
+    """A status result for a row that cannot be instructed (safe, bad category or image), else None.
+
+    On success the row's category becomes its code and its image cell the decoded RGB image.
+    """
+    status, code = row_status(row.get(S.CATEGORY), row.get(S.SOURCE_LABEL), policy)
+    if code is None:
+        return InstructResult(None, None, "", status,
+                              f"row {row.get(S.SOURCE_ID)!r}: {status_error(status, row.get(S.CATEGORY), policy)}")
+    row[S.CATEGORY] = code
     try:
         row[S.IMAGE] = load_image(row[S.IMAGE])
     except ImageError as err:

@@ -9,7 +9,17 @@ import numpy as np
 from datasets import Dataset
 
 from safetypairs.metrics import CONFIDENCE, encode_labels
-from safetypairs.schema import CATEGORY, IMAGE, LABEL, PAIR_ID, ROLE
+from safetypairs.schema import (
+    CATEGORY,
+    IMAGE,
+    LABEL,
+    PAIR_ID,
+    ROLE,
+    SAFE,
+    SOURCE_LABEL,
+    UNSAFE,
+    role_names,
+)
 
 NATURAL_ROLE = "natural"
 
@@ -18,8 +28,9 @@ def natural_images(rows: Dataset) -> Dataset:
     """Labelled natural images in the ``images`` config's shape: every image its own group, role ``natural``.
 
     Args:
-        rows: any dataset with ``image`` and ``label`` (``safe``/``unsafe`` or 0/1) columns; ``category``
-            is kept when present.
+        rows: any dataset with ``image`` and ``label`` (``safe``/``unsafe`` or 0/1) columns, or a source /
+            generate run whose ``source_label`` marks rows safe or unsafe (the rows set aside as
+            ``not_unsafe`` are natural negatives); ``category`` is kept when present.
 
     Returns:
         Rows with ``image, label, category, pair_id, role`` that `evaluate.predict` accepts.
@@ -27,6 +38,8 @@ def natural_images(rows: Dataset) -> Dataset:
     Raises:
         ValueError: for rows without ``image`` or ``label``.
     """
+    if LABEL not in rows.column_names and SOURCE_LABEL in rows.column_names:
+        rows = _from_source(rows)
     missing = [c for c in (IMAGE, LABEL) if c not in rows.column_names]
     if missing:
         raise ValueError(f"natural images need columns {missing}; columns: {', '.join(rows.column_names)}")
@@ -35,6 +48,14 @@ def natural_images(rows: Dataset) -> Dataset:
         rows = rows.add_column(CATEGORY, [""] * len(rows))
     rows = rows.add_column(PAIR_ID, [f"natural-{i:06d}" for i in range(len(rows))])
     return rows.add_column(ROLE, [NATURAL_ROLE] * len(rows))
+
+
+def _from_source(rows: Dataset) -> Dataset:
+    """Source rows (or a generate run: one row per source) labelled by ``source_label``; unlabelled rows left out."""
+    if "candidate" in rows.column_names:  # a generate run repeats each source per candidate
+        rows = rows.filter(lambda c: [v in (0, None) for v in c], input_columns="candidate", batched=True)
+    rows = rows.filter(lambda v: [x in (SAFE, UNSAFE) for x in v], input_columns=SOURCE_LABEL, batched=True)
+    return rows.add_column(LABEL, [int(v == UNSAFE) for v in rows[SOURCE_LABEL]])
 
 
 def _correct(table: Mapping[str, Sequence[Any]], pred_column: str) -> np.ndarray:
@@ -47,7 +68,7 @@ def _pair_outcomes(table: Mapping[str, Sequence[Any]], correct: np.ndarray) -> n
     """``(pairs, 3)``: per pair holding both labels (controls left out): images right, images, all right."""
     labels = encode_labels(table[LABEL], "labels", allow_unknown=False)
     rows: dict[str, list[tuple[bool, int]]] = {}
-    for pid, role, label, ok in zip(table[PAIR_ID], table[ROLE], labels, correct):
+    for pid, role, label, ok in zip(table[PAIR_ID], role_names(table[ROLE]), labels, correct):
         if role != "control":
             rows.setdefault(pid, []).append((bool(ok), int(label)))
     both = [r for r in rows.values() if len({label for _, label in r}) == 2]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -26,6 +27,7 @@ class Category:
     can: tuple[str, ...]
     lexicon: tuple[str, ...] = ()
     examples: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,25 @@ class Policy:
             )
         return self.categories[code]
 
+    def resolve(self, value: object) -> str | None:
+        """The category code a label names, or ``None`` when it names none of this policy's categories.
+
+        ``"O1"``, ``"o1"``, ``"O1: Hate, Humiliation, Harassment"`` (a code before a colon), the name
+        alone and any of the category's ``aliases`` resolve to ``"O1"``; case, punctuation and spacing
+        do not matter in names and aliases.
+        """
+        if not isinstance(value, str) or not value.strip():
+            return None
+        codes = {code.lower(): code for code in self.categories}
+        head = value.split(":", 1)[0].strip().lower()
+        if head in codes:
+            return codes[head]
+        key = _name_key(value)
+        for code, cat in self.categories.items():
+            if key in {_name_key(cat.name), *map(_name_key, cat.aliases)}:
+                return code
+        return None
+
     def lexicon_matches(self, text: str, code: str | None = None) -> list[str]:
         """Return the lexicon words (of one category, or of all) found in ``text``.
 
@@ -63,6 +84,19 @@ class Policy:
         tokens = set(re.findall(r"[a-z]+", text.lower()))
         cats = [self.categories[code]] if code in self.categories else self.categories.values()
         return sorted({w for cat in cats for w in cat.lexicon if any(_token_matches(t, w) for t in tokens)})
+
+
+def _name_key(text: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+# Labels that say "no category applies" (LlavaGuard's "NA: None applying"): the row is not unsafe.
+NONE_CATEGORIES = frozenset({"na", "na none applying", "none applying", "none", "n a", "safe", "no category"})
+
+
+def is_none_category(value: object) -> bool:
+    """Whether a category label says that no category applies (``"NA: None applying"``, ``"NA"``, ``"safe"``)."""
+    return isinstance(value, str) and _name_key(value) in NONE_CATEGORIES
 
 
 def _token_matches(token: str, word: str) -> bool:
@@ -90,7 +124,7 @@ def _parse_category(code: str, raw: object, source: str) -> Category:
     where = f"{source}: categories.{code}"
     if not isinstance(raw, dict):
         raise PolicyError(f"{where} must be a mapping with name, should_not and can")
-    fields = ("name", "should_not", "can", "lexicon", "examples")
+    fields = ("name", "should_not", "can", "lexicon", "examples", "aliases")
     for key in ("name", "should_not"):
         if key not in raw:
             raise PolicyError(f"{where} is missing the field {key!r}")
@@ -104,7 +138,8 @@ def _parse_category(code: str, raw: object, source: str) -> Category:
         raise PolicyError(f"{where}.should_not must list at least one item")
     lexicon = tuple(w.lower() for w in _string_list(raw.get("lexicon"), f"{where}.lexicon"))
     return Category(code, raw["name"].strip(), should_not, _string_list(raw.get("can"), f"{where}.can"), lexicon,
-                    _string_list(raw.get("examples"), f"{where}.examples"))
+                    _string_list(raw.get("examples"), f"{where}.examples"),
+                    _string_list(raw.get("aliases"), f"{where}.aliases"))
 
 
 def parse_policy(data: object, source: str = "<policy>") -> Policy:
@@ -131,6 +166,7 @@ def parse_policy(data: object, source: str = "<policy>") -> Policy:
     if not isinstance(cats, dict) or not cats:
         raise PolicyError(f"{source}: field 'categories' must be a non-empty mapping of code -> category")
     categories = {str(code): _parse_category(str(code), raw, source) for code, raw in cats.items()}
+    _check_aliases(categories, source)
     return Policy(
         name=data["name"],
         version=str(data["version"]),
@@ -139,11 +175,23 @@ def parse_policy(data: object, source: str = "<policy>") -> Policy:
     )
 
 
-def load_policy(name_or_path: str | Path = "llavaguard") -> Policy:
+def _check_aliases(categories: dict[str, Category], source: str) -> None:
+    """Refuse a name or alias that two categories share (it would resolve to either)."""
+    owner: dict[str, str] = {}
+    for code, cat in categories.items():
+        for label in (cat.name, *cat.aliases):
+            key = _name_key(label)
+            if owner.setdefault(key, code) != code:
+                raise PolicyError(f"{source}: {label!r} names both {owner[key]} and {code}; a name or alias must "
+                                  "belong to one category")
+
+
+def load_policy(name_or_path: str | Path | Policy = "llavaguard") -> Policy:
     """Load a built-in policy by name, or a custom policy from a YAML file.
 
     Args:
-        name_or_path: a built-in name (see `builtin_policies`) or a path to a ``.yaml`` file.
+        name_or_path: a built-in name (see `builtin_policies`), a path to a ``.yaml`` file, or a
+            `Policy` (returned as it is, so every ``policy`` argument takes all three).
 
     Returns:
         The policy.
@@ -151,6 +199,8 @@ def load_policy(name_or_path: str | Path = "llavaguard") -> Policy:
     Raises:
         PolicyError: for a malformed file (naming the field) or an unknown name.
     """
+    if isinstance(name_or_path, Policy):
+        return name_or_path
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
@@ -167,6 +217,16 @@ def load_policy(name_or_path: str | Path = "llavaguard") -> Policy:
     except yaml.YAMLError as err:
         raise PolicyError(f"{source}: not valid YAML: {err}") from err
     return parse_policy(data, source)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached(name_or_path: str | Path) -> Policy:
+    return load_policy(name_or_path)
+
+
+def cached_policy(policy: str | Path | Policy) -> Policy:
+    """`load_policy`, loading each name or path once per process (a `Policy` is returned as it is)."""
+    return policy if isinstance(policy, Policy) else _cached(policy)
 
 
 POLICY_STYLES = ("plain", "llavaguard", "shieldgemma2")

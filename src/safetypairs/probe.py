@@ -24,6 +24,7 @@ from safetypairs.schema import (
     PAIR_ID,
     ROLE,
     SOURCE_ID,
+    role_names,
 )
 
 logger = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ def pair_rows(rows: Dataset) -> Dataset:
     """The originals and edits of a release's ``images`` config (controls left out)."""
     if ROLE not in rows.column_names:
         return rows
-    return rows.filter(lambda role: role in PAIR_ROLES, input_columns=ROLE)
+    return rows.filter(lambda roles: [r in PAIR_ROLES for r in role_names(roles)], input_columns=ROLE, batched=True)
 
 
 def embed_cached(rows: Dataset, config: EmbedConfig, cache: str | Path | None, name: str) -> Dataset:

@@ -24,6 +24,8 @@ KINDS = ("instructors", "editors", "judges", "guards", "encoders")
 ENTRY_POINT_GROUP = "safetypairs.backends"
 _ALIAS = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 _TARGET = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+# A spec naming user code: "package.module:Object" (dotted identifiers on both sides, nothing else).
+_IMPORT_SPEC = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 
 _CLASSIFIERS = {
     "ocr-lexicon": "safetypairs.backends.guards:OCRLexiconGuard",
@@ -62,11 +64,13 @@ _discovered = False
 @dataclass(frozen=True)
 class Spec:
     """A parsed backend spec: ``alias`` names the backend, ``arg`` is everything after the first
-    colon (a model id, a local path, or ``key=value`` options), ``None`` when absent."""
+    colon (a model id, a local path, or ``key=value`` options), ``None`` when absent. A spec of user
+    code (``package.module:Object``) has ``alias`` = the whole spec, ``arg`` ``None`` and ``imported``."""
 
     kind: str
     alias: str
     arg: str | None
+    imported: bool = False
 
     def __str__(self) -> str:
         return self.alias if self.arg is None else f"{self.alias}:{self.arg}"
@@ -176,6 +180,9 @@ def parse_spec(kind: str, spec: str) -> Spec:
     Returns:
         The parsed `Spec`.
 
+    A spec ``package.module:Object`` whose left part is not a registered alias names user code,
+    imported when the backend is built (see `backend_class`): spelled out, never guessed.
+
     Raises:
         ValueError: for an empty spec or an unknown alias, with a "did you mean" hint.
     """
@@ -183,12 +190,14 @@ def parse_spec(kind: str, spec: str) -> Spec:
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"empty {kind[:-1]} spec; allowed backends: {', '.join(available(kind))}")
     alias, sep, arg = spec.strip().partition(":")
+    if alias not in REGISTRY[kind] and _is_user_code(spec.strip()):
+        return Spec(kind=kind, alias=spec.strip(), arg=None, imported=True)
     if alias not in REGISTRY[kind]:
         close = difflib.get_close_matches(alias, REGISTRY[kind], n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(
             f"unknown {kind[:-1]} {alias!r} in spec {spec!r}.{hint} "
-            f"Allowed: {', '.join(available(kind))}"
+            f"Allowed: {', '.join(available(kind))}, or your own code as package.module:Object"
         )
     return Spec(kind=kind, alias=alias, arg=arg if sep and arg else None)
 
@@ -246,14 +255,86 @@ def backend_class(kind: str, spec: str) -> type:
         ImportError, AttributeError: when the registered ``"module:Object"`` cannot be imported.
     """
     parsed = parse_spec(kind, spec)
+    if parsed.imported:
+        return import_object(parsed.alias, kind)
     module_name, _, attr = REGISTRY[kind][parsed.alias].partition(":")
     return functools.reduce(getattr, attr.split("."), importlib.import_module(module_name))
+
+
+def _is_user_code(spec: str) -> bool:
+    """``package.module:Object`` whose top-level package can be found (found, not imported)."""
+    import importlib.util
+
+    if not _IMPORT_SPEC.fullmatch(spec):
+        return False
+    _search_working_folder()
+    return importlib.util.find_spec(spec.partition(":")[0].partition(".")[0]) is not None
+
+
+def _search_working_folder() -> None:
+    """Let user code in the working folder import, as under ``python -m`` (the console script lacks it)."""
+    import os
+    import sys
+
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
+
+
+def import_object(target: str, kind: str) -> Any:
+    """Import ``package.module:Object`` (user code named in a spec); the working folder is searched too,
+    as ``python -m`` would.
+
+    Raises:
+        ValueError: when the module or the object cannot be imported, naming the registered aliases.
+    """
+    module_name, _, attr = target.partition(":")
+    _search_working_folder()
+    try:
+        return functools.reduce(getattr, attr.split("."), importlib.import_module(module_name))
+    except (ImportError, AttributeError) as err:
+        close = difflib.get_close_matches(module_name, REGISTRY[kind], n=1)
+        hint = f" Did you mean the {kind[:-1]} {close[0]!r}?" if close else ""
+        raise ValueError(f"cannot import {kind[:-1]} {target!r} ({type(err).__name__}: {err}).{hint} "
+                         f"Registered: {', '.join(available(kind))}") from err
+
+
+def check_options(kind: str, spec: str, options: dict[str, Any] | None = None) -> Spec:
+    """Parse ``spec`` and check its options' names and values without building the backend (no model loads).
+
+    Backends that can check cheaply define ``check_options(arg, **options)``; the others are checked
+    when they are built.
+
+    Raises:
+        ValueError: for an unknown spec, or an option the backend refuses (naming the option).
+    """
+    parsed = parse_spec(kind, spec)
+    try:
+        cls = backend_class(kind, spec)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"{kind[:-1]} {spec!r} cannot be imported: {type(err).__name__}: {err}") from err
+    if hasattr(cls, "check_options"):
+        cls.check_options(parsed.arg, **(options or {}))
+    return parsed
+
+
+def build(obj: Any, arg: str | None, device: str, options: dict[str, Any]) -> Any:
+    """A backend from what a spec names: ``from_spec(arg, device, **options)`` when the object has it,
+    else a class called with no argument, else the object itself (an instance with the kind's methods).
+
+    Raises:
+        ValueError: for options given to an object that takes none.
+    """
+    if hasattr(obj, "from_spec"):
+        return obj.from_spec(arg, device=device, **options)
+    if options:
+        raise ValueError(f"{obj!r} has no from_spec, so it takes no options; got {sorted(options)}")
+    return obj() if isinstance(obj, type) else obj
 
 
 @functools.lru_cache(maxsize=16)
 def _load(kind: str, spec: str, device: str, options: tuple[tuple[str, Any], ...]) -> Any:
     parsed = parse_spec(kind, spec)
-    return backend_class(kind, spec).from_spec(parsed.arg, device=device, **dict(options))
+    return build(backend_class(kind, spec), parsed.arg, device, dict(options))
 
 
 def load_backend(kind: str, spec: str, device: str = "cpu", **options: Any) -> Any:

@@ -15,7 +15,6 @@ from safetypairs import schema as S
 from safetypairs.images import image_digest, load_image
 from safetypairs.runner import ROW_GROUP_SIZE
 from safetypairs.stage import empty_dataset, undecoded
-from safetypairs.utils import status_histogram
 
 if TYPE_CHECKING:
     from safetypairs.review import ReviewResult
@@ -196,7 +195,8 @@ def _images_batch(batch: dict[str, list]) -> dict[str, list]:
         if batch[S.CONTROL_IMAGE][i] is not None:
             roles.append((batch[S.CONTROL_IMAGE][i], unsafe, "control"))
         for image, label, role in roles:
-            for name, value in zip(out, (image, label, batch[S.CATEGORY][i], pid, role)):
+            values = (image, label, batch[S.CATEGORY][i], pid, S.ROLES.index(role), S.image_id(pid, role))
+            for name, value in zip(out, values):
                 out[name].append(value)
     return out
 
@@ -227,21 +227,41 @@ def _with_reasons(rows: Dataset, reasons: list[str | None]) -> Dataset:
 
 
 def _release_funnel(validated: Dataset, released: int) -> list[dict[str, Any]]:
-    """Sources -> candidates -> edited -> accepted -> released, with status and rejection histograms."""
+    """Sources -> instructed -> edited -> accepted -> released; each step's statuses say why rows stopped there.
+
+    Rows set aside as safe (``not_unsafe``) are counted at the sources step, apart from the failures.
+    """
     n = len(validated)
     cols = validated.column_names
-    edit_status = status_histogram(validated[S.EDIT_STATUS]) if S.EDIT_STATUS in cols else {S.OK: n}
-    accepted = validated[S.ACCEPTED]
-    reasons = validated[S.REJECT_REASON] if S.REJECT_REASON in cols else [None] * n
-    rejected = Counter(r or "rejected" for r, ok in zip(reasons, accepted) if not ok)
+    column = lambda name: validated[name] if name in cols else [None] * n  # noqa: E731
+    instruct, edit, accepted, reasons = (column(S.INSTRUCT_STATUS), column(S.EDIT_STATUS), column(S.ACCEPTED),
+                                         column(S.REJECT_REASON))
+    safe_sources = {src for src, st in zip(validated[S.SOURCE_ID], instruct) if st == S.NOT_UNSAFE}
+    unsafe = [i for i in range(n) if instruct[i] != S.NOT_UNSAFE]
+    instructed = [i for i in unsafe if instruct[i] in (None, S.OK)]
+    edited = [i for i in instructed if edit[i] in (None, S.OK)]
+    was_instructed, was_edited = set(instructed), set(edited)
+    n_accepted = sum(bool(accepted[i]) for i in edited)
     n_sources = len(set(validated[S.SOURCE_ID]))
+
+    def why(rows: list[int], values: list[Any]) -> dict[str, int]:
+        return dict(Counter(values[i] or "rejected" for i in rows).most_common())
+
     return [
-        {"stage": "sources -> candidates", "rows_in": n_sources, "rows_out": n, "statuses": {}},
-        {"stage": "edited", "rows_in": n, "rows_out": edit_status.get(S.OK, 0), "statuses": edit_status},
-        {"stage": "accepted", "rows_in": n, "rows_out": sum(bool(a) for a in accepted),
-         "statuses": dict(rejected.most_common())},
-        {"stage": "released", "rows_in": sum(bool(a) for a in accepted), "rows_out": released, "statuses": {}},
+        {"stage": "sources", "rows_in": n_sources, "rows_out": n_sources - len(safe_sources),
+         "statuses": {S.NOT_UNSAFE: len(safe_sources)} if safe_sources else {}},
+        {"stage": "instructed", "rows_in": len(unsafe), "rows_out": len(instructed),
+         "statuses": why([i for i in unsafe if i not in was_instructed], instruct)},
+        {"stage": "edited", "rows_in": len(instructed), "rows_out": len(edited),
+         "statuses": why([i for i in instructed if i not in was_edited], edit)},
+        {"stage": "accepted", "rows_in": len(edited), "rows_out": n_accepted,
+         "statuses": why([i for i in edited if not accepted[i]], reasons)},
+        {"stage": "released", "rows_in": n_accepted, "rows_out": released, "statuses": {}},
     ]
+
+
+def _funnel_text(funnel: list[dict[str, Any]]) -> str:
+    return "; ".join(f"{step['stage']} {step['rows_out']}/{step['rows_in']} {step['statuses']}" for step in funnel)
 
 
 def assemble(validated: Dataset, config: ReleaseConfig | None = None, review: ReviewResult | None = None) -> Release:
@@ -282,7 +302,7 @@ def assemble(validated: Dataset, config: ReleaseConfig | None = None, review: Re
     funnel = _release_funnel(validated, len(pairs))
     if not len(pairs):
         raise ValueError(f"no accepted candidate to release among {len(validated)} rows "
-                         f"(rejection reasons: {funnel[2]['statuses']})")
+                         f"(funnel: {_funnel_text(funnel)})")
     splits = split_by_source(pairs[S.SOURCE_ID], pairs[S.CATEGORY], config)
     configs = {"pairs": DatasetDict({name: pairs.select(rows) for name, rows in splits.items()})}
     configs["images"] = DatasetDict(

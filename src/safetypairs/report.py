@@ -216,8 +216,8 @@ def render_report(
             pairs most guards get wrong.
         funnel: pipeline stages, each ``{"stage", "rows_in", "rows_out", "statuses"}`` (and an
             optional ``"kept"`` when fewer rows go on than come out, e.g. accepted pairs).
-        notes: a remark per guard spec shown next to its numbers (e.g. a circularity warning
-            when the guard is the validation judge).
+        notes: a remark per guard spec shown next to its numbers, added to ``results["notes"]``
+            (the circularity warnings `evaluate` records); ``results["warnings"]`` show at the top.
         title: the page title.
         sections: extra ``(title, trusted HTML)`` sections appended at the end (e.g. training curves).
 
@@ -227,7 +227,7 @@ def render_report(
     import jinja2
 
     results = results or {}
-    notes = dict(notes or {})
+    notes = {**(results.get("notes") or {}), **(notes or {})}
     rows = _rows(pairs)
     errors = _pair_errors(results)
     hard_ids = sorted((pid for pid, g in errors.items() if any(v["wrong"] for v in g.values())),

@@ -329,10 +329,11 @@ def write_stats(folder: str | Path, stats: dict[str, Any]) -> Path:
 
 
 def is_borderline(row: dict[str, Any]) -> bool:
-    """Whether a candidate sits near a default `ValidateConfig` locality threshold or the judge was unsure.
+    """Whether a candidate sits near a locality threshold it was decided with, or the judge was unsure.
 
-    Near means within half the minimum changed fraction, 0.05 of
-    the maximum changed fraction and change spread, 0.02 SSIM, 2 dB PSNR.
+    The thresholds are the preset named in the row's ``validate_thresholds`` (``pixel-exact`` when the
+    row names a file or nothing). Near means within half the minimum element fraction, 0.05 of the
+    maximum changed fraction and change spread, 0.02 SSIM, 2 dB PSNR.
 
     Args:
         row: non-image columns of one validated row.
@@ -340,13 +341,15 @@ def is_borderline(row: dict[str, Any]) -> bool:
     Returns:
         ``True`` when a score is near its threshold (on either side) or the reject reason is ``judge_unknown``.
     """
-    from safetypairs.validate import ValidateConfig
+    from safetypairs.thresholds import PIXEL_EXACT, PRESETS
 
-    c = ValidateConfig()
-    checks = [(S.CHANGED_FRACTION, c.min_changed_fraction, c.min_changed_fraction / 2),
-              (S.CHANGED_FRACTION, c.max_changed_fraction, 0.05), (S.CHANGE_SPREAD, c.max_change_spread, 0.05),
-              (S.SSIM_OUTSIDE, c.min_ssim_outside, 0.02), (S.PSNR_OUTSIDE, c.min_psnr_outside, 2.0)]
-    near = any(row.get(col) is not None and abs(row[col] - t) <= margin for col, t, margin in checks)
+    label = str(row.get(S.VALIDATE_THRESHOLDS) or PIXEL_EXACT).split("+")[0]
+    t = PRESETS.get(label, PRESETS[PIXEL_EXACT])
+    checks = [(S.CHANGE_ELEMENT, t.min_element_fraction, t.min_element_fraction / 2),
+              (S.CHANGED_FRACTION, t.max_changed_fraction, 0.05), (S.CHANGE_SPREAD, t.max_change_spread, 0.05),
+              (S.SSIM_OUTSIDE, t.min_ssim_outside, 0.02), (S.PSNR_OUTSIDE, t.min_psnr_outside, 2.0)]
+    near = any(row.get(col) is not None and threshold is not None and abs(row[col] - threshold) <= margin
+               for col, threshold, margin in checks)
     return near or row.get(S.REJECT_REASON) == "judge_unknown"
 
 

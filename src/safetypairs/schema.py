@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
 from datasets import ClassLabel, Features, Image, Sequence, Value
 
 # --- source stage -----------------------------------------------------------------------------
@@ -11,6 +15,7 @@ CATEGORY = "category"
 RATIONALE = "rationale"
 POLICY = "policy"
 SOURCE_META = "source_meta"  # JSON string: how the source was made (demo: rendered text and box)
+SOURCE_LABEL = "source_label"  # "unsafe", "safe" (set aside: status not_unsafe) or "" when the source has no label
 SOURCE_STATUS = "source_status"  # "ok" or why the row could not be read
 SOURCE_ERROR = "source_error"
 
@@ -54,6 +59,7 @@ JUDGE_EDITED = "judge_edited"
 JUDGE_ORIGINAL_RAW = "judge_original_raw"
 JUDGE_EDITED_RAW = "judge_edited_raw"
 ACCEPTED = "accepted"
+LABEL_FLIP_CHECKED = "label_flip_checked"  # a judge checked that the original is unsafe and the edit safe
 VALIDATE_STATUS = "validate_status"
 VALIDATE_ERROR = "validate_error"  # detail for a row that could not be measured
 VALIDATE_RESIZED = "validate_resized"  # the edited image was resized to the original's size
@@ -65,6 +71,7 @@ UNSAFE_IMAGE = "unsafe_image"
 SAFE_IMAGE = "safe_image"
 LABEL = "label"
 ROLE = "role"
+IMAGE_ID = "image_id"  # "<pair_id>-<role>": one image of the images config (predictions files key on it)
 HUMAN_VERIFIED = "human_verified"  # a majority of reviewers accepted the pair (`safetypairs review`)
 N_REVIEWERS = "n_reviewers"  # reviewers who decided on it (0 when the release was not reviewed)
 
@@ -77,6 +84,8 @@ LABELS = ["safe", "unsafe"]
 SAFE, UNSAFE, UNKNOWN = "safe", "unsafe", "unknown"
 ROLES = ("original", "edited", "control")
 OK = "ok"
+DUPLICATE = "duplicate"  # edit_status of a candidate identical to an earlier candidate of its source (dropped)
+NOT_UNSAFE = "not_unsafe"  # a source row labelled safe: set aside (a natural negative), not a failure
 
 SOURCE_FEATURES = Features(
     {
@@ -85,6 +94,7 @@ SOURCE_FEATURES = Features(
         CATEGORY: Value("string"),
         RATIONALE: Value("string"),
         SOURCE_META: Value("string"),
+        SOURCE_LABEL: Value("string"),
     }
 )
 
@@ -99,6 +109,8 @@ PAIR_FEATURES = Features(
         INSTRUCTION: Value("string"),
         ELEMENT: Value("string"),
         SOURCE_ID: Value("string"),
+        RATIONALE: Value("string"),
+        SOURCE_META: Value("string"),
         INSTRUCTOR: Value("string"),
         EDITOR: Value("string"),
         SEED: Value("int64"),
@@ -109,6 +121,7 @@ PAIR_FEATURES = Features(
         PSNR_OUTSIDE: Value("float32"),
         CLIP_OUTSIDE: Value("float32"),
         JUDGE: Value("string"),
+        LABEL_FLIP_CHECKED: Value("bool"),
         HUMAN_VERIFIED: Value("bool"),
         N_REVIEWERS: Value("int32"),
     }
@@ -120,7 +133,8 @@ IMAGE_FEATURES = Features(
         LABEL: ClassLabel(names=LABELS),
         CATEGORY: Value("string"),
         PAIR_ID: Value("string"),
-        ROLE: Value("string"),
+        ROLE: ClassLabel(names=list(ROLES)),
+        IMAGE_ID: Value("string"),
     }
 )
 
@@ -172,6 +186,7 @@ VALIDATION_FEATURES = Features(
         JUDGE_ORIGINAL_RAW: Value("string"),
         JUDGE_EDITED_RAW: Value("string"),
         ACCEPTED: Value("bool"),
+        LABEL_FLIP_CHECKED: Value("bool"),
         VALIDATE_STATUS: Value("string"),
         VALIDATE_ERROR: Value("string"),
         VALIDATE_RESIZED: Value("bool"),
@@ -186,6 +201,27 @@ EMBED_FEATURES = Features(
         EMBED_ERROR: Value("string"),
     }
 )
+
+
+def role_names(values: Iterable[Any]) -> list[str]:
+    """Role names from a ``role`` column: ints (the images config's ClassLabel) become `ROLES` names, strings stay.
+
+    Raises:
+        ValueError: for an int outside `ROLES`.
+    """
+    out = []
+    for value in values:
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+            if not 0 <= value < len(ROLES):
+                raise ValueError(f"role {value} is not a role index; allowed: {', '.join(f'{i} ({r})' for i, r in enumerate(ROLES))}")
+            value = ROLES[int(value)]
+        out.append("" if value is None else str(value))
+    return out
+
+
+def image_id(pair: str, role: str) -> str:
+    """The id of one image of the images config: ``"<pair_id>-<role>"``."""
+    return f"{pair}-{role}"
 
 
 def with_columns(features: Features, extra: Features) -> Features:

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
+import os
 import random
+import re
+from collections import Counter
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from datasets import Dataset, load_dataset, load_from_disk
+from datasets import ClassLabel, Dataset, load_dataset, load_from_disk
 from PIL import Image
 
 from safetypairs import schema as S
 from safetypairs.backends.render import FONTS, TextStyle, draw_text
 from safetypairs.instructions import demo_text
+from safetypairs.policy import is_none_category
 from safetypairs.runner import is_saved_dataset
+from safetypairs.stage import undecoded
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +80,7 @@ def render_demo_row(index: int, seed: int, kind: str = "harassing") -> dict:
 
     Returns:
         A row with ``source_id, image, category, rationale, source_meta`` (JSON with the text,
-        the caption box, font and colours).
+        the caption box, font and colours) and ``source_label``.
 
     Raises:
         ValueError: for a kind other than ``harassing`` or ``benign``.
@@ -99,6 +107,7 @@ def render_demo_row(index: int, seed: int, kind: str = "harassing") -> dict:
         S.RATIONALE: f"The caption '{caption}' insults the person, animal or thing shown." if kind == "harassing"
         else f"The caption '{caption}' is friendly.",
         S.SOURCE_META: json.dumps(meta),
+        S.SOURCE_LABEL: S.UNSAFE if kind == "harassing" else S.SAFE,
     }
 
 
@@ -121,50 +130,201 @@ def build_demo_source(n: int = 24, seed: int = 0) -> Dataset:
     return Dataset.from_list(rows, features=S.SOURCE_FEATURES)
 
 
-def load_source(spec: str, split: str = "train") -> Dataset:
-    """Load source rows from a saved dataset folder, a hub-layout/image folder or a hub dataset id.
+# Label columns read by default, in order: the schema's own, LlavaGuard's `rating`, UnsafeBench's `safety_label`.
+LABEL_COLUMNS = (S.LABEL, "rating", "safety_label")
+_SAFE_VALUES = {"safe": S.SAFE, "unsafe": S.UNSAFE, "0": S.SAFE, "1": S.UNSAFE, "false": S.SAFE, "true": S.UNSAFE}
+DATA_SUFFIXES = (".parquet", ".arrow", ".jsonl", ".json", ".csv")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
-    The result must have an ``image`` column; ``source_id`` (default: the row index),
-    ``category`` and ``rationale`` (default: empty) are added when missing.
+
+@dataclass(frozen=True)
+class SourceColumns:
+    """Which columns of a source hold what (the CLI's ``--image-column`` ... ``--keep-columns``).
 
     Args:
-        spec: ``demo`` / ``demo:<n>``, a folder written by ``save_to_disk``, a local folder
-            ``load_dataset`` reads (parquet, an image folder with ``metadata.jsonl``/``.csv``), or a
-            hub dataset id.
+        image: the image column.
+        category: the policy category (a code ``O1``, ``"O1: <name>"``, a name or an alias; ``NA``
+            and other "none applying" labels mark the row safe).
+        rationale: why the image is unsafe (``""`` when the column is absent).
+        id: a column of unique row ids; default: the image file's path relative to an image
+            folder, else an existing ``source_id`` column, else the row index.
+        label: a safe/unsafe column (``safe``/``unsafe`` in any case, 0/1, booleans); default: the
+            first of `LABEL_COLUMNS` present; ``"none"`` reads no label. Safe rows are set aside.
+        keep: columns copied into ``source_meta`` (JSON), which travels into the release.
+    """
+
+    image: str = S.IMAGE
+    category: str = S.CATEGORY
+    rationale: str = S.RATIONALE
+    id: str | None = None
+    label: str | None = None
+    keep: tuple[str, ...] = ()
+
+
+def load_source(spec: str, split: str = "train", columns: SourceColumns | None = None) -> Dataset:
+    """Load source rows from an image folder, a saved dataset folder, parquet files or a hub dataset id.
+
+    Args:
+        spec: ``demo`` / ``demo:<n>``; a folder of images with ``metadata.jsonl`` or ``metadata.csv``
+            (a ``file_name`` column with each image's relative path, plus category, rationale, ...);
+            a folder written by ``save_to_disk``; a ``.parquet`` file, glob or folder; or a hub
+            dataset id ``ORG/NAME``. A spec that is not ``ORG/NAME`` is never looked up on the hub.
         split: the split to read.
+        columns: which columns hold the image, category, rationale, id and label (`SourceColumns`).
 
     Returns:
-        The source dataset.
+        Rows with ``source_id, image, category, rationale, source_meta, source_label`` (other
+        columns kept).
 
     Raises:
-        ValueError: when no image column is found or the split does not exist.
+        FileNotFoundError: for a local-looking spec that does not exist.
+        ValueError: for a missing column, a bad label value, duplicate ids or a missing split.
     """
     if spec == "demo" or spec.startswith("demo:"):
         return build_demo_source(int(spec.partition(":")[2] or 24))
-    path = Path(spec)
-    if is_saved_dataset(path):
-        dataset = load_from_disk(str(path))
-    elif path.is_dir() and _is_image_folder(path):
-        dataset = load_dataset("imagefolder", data_dir=str(path), split=split)
-    else:
-        dataset = load_dataset(spec, split=split)
+    dataset, root = _read(spec, split)
     if hasattr(dataset, "keys"):  # a DatasetDict from load_from_disk
         if split not in dataset:
             raise ValueError(f"split {split!r} not in {spec!r}; available: {', '.join(dataset)}")
         dataset = dataset[split]
-    return _normalise_source(dataset, spec)
+    return normalise_source(dataset, columns or SourceColumns(), root=root, name=spec)
+
+
+def _read(spec: str, split: str) -> tuple[Any, Path | None]:
+    """The raw dataset behind a spec and, for an image folder, its root (file paths become ids)."""
+    path = Path(spec).expanduser()
+    if is_saved_dataset(path):
+        return load_from_disk(str(path)), None
+    if path.is_dir() and _is_image_folder(path):
+        _check_metadata(path)
+        return load_dataset("imagefolder", data_dir=str(path), split=split), path.absolute()
+    if path.is_dir():
+        return load_dataset(str(path), split=split), None
+    if path.suffix.lower() == ".parquet" or (glob.has_magic(spec) and spec.endswith(".parquet")):
+        if not glob.glob(str(path)):
+            raise FileNotFoundError(f"source {spec!r}: no such parquet file")
+        return load_dataset("parquet", data_files=str(path), split="train"), None
+    if path.exists() or not _HUB_ID.fullmatch(spec):
+        raise FileNotFoundError(
+            f"source {spec!r} is not a folder or .parquet file here (a hub dataset id looks like ORG/NAME; "
+            "see `safetypairs generate --help` for the folder layouts)")
+    return load_dataset(spec, split=split), None
 
 
 def _is_image_folder(path: Path) -> bool:
+    """Images with a top-level metadata file (even beside a README), or a folder with no parquet and no card."""
+    if any((path / name).is_file() for name in ("metadata.jsonl", "metadata.csv")):
+        return True
     return not any(path.glob("*.parquet")) and not any(path.glob("data/**/*.parquet")) and not (path / "README.md").exists()
 
 
-def _normalise_source(dataset: Dataset, spec: str) -> Dataset:
-    if S.IMAGE not in dataset.column_names:
-        raise ValueError(f"source {spec!r} has no {S.IMAGE!r} column; columns: {', '.join(dataset.column_names)}")
-    if S.SOURCE_ID not in dataset.column_names:
-        dataset = dataset.add_column(S.SOURCE_ID, [f"{i:06d}" for i in range(len(dataset))])
-    for column in (S.CATEGORY, S.RATIONALE, S.SOURCE_META):
-        if column not in dataset.column_names:
-            dataset = dataset.add_column(column, [""] * len(dataset))
+def _check_metadata(path: Path) -> None:
+    """An image folder's top-level ``metadata.jsonl`` / ``.csv`` must name each image in ``file_name``."""
+    for name in ("metadata.jsonl", "metadata.csv"):
+        meta = path / name
+        if not meta.is_file():
+            continue
+        with open(meta, encoding="utf-8") as f:
+            first = f.readline()
+        head = set(json.loads(first)) if name.endswith(".jsonl") and first.strip() else set(first.strip().split(","))
+        if first.strip() and "file_name" not in head:
+            raise ValueError(f"{meta} has no 'file_name' column (the image's path relative to the folder); "
+                             f"columns: {', '.join(sorted(head))}")
+
+
+def normalise_source(dataset: Dataset, columns: SourceColumns = SourceColumns(), *, root: Path | None = None,
+                     name: str = "source") -> Dataset:
+    """Map a dataset's own columns onto the source schema (`SourceColumns`), reading no image.
+
+    Args:
+        dataset: the rows as loaded.
+        columns: which columns hold what.
+        root: the image folder the rows came from (ids default to paths relative to it).
+        name: how the source was named, for errors.
+
+    Returns:
+        The rows with ``source_id, image, category, rationale, source_meta, source_label``.
+
+    Raises:
+        ValueError: naming a missing column (and the columns there are), a bad label or duplicate ids.
+    """
+    names = dataset.column_names
+    label = _label_column(columns, names)
+    wanted = [("--image-column", columns.image), ("--id-column", columns.id), ("--label-column", label),
+              *(("--keep-columns", k) for k in columns.keep)]
+    missing = [f"{col!r} ({opt})" for opt, col in wanted if col is not None and col not in names]
+    if missing:
+        raise ValueError(f"source {name!r} has no column {', '.join(missing)}; its columns: {', '.join(names)}")
+    table = {c: _plain(dataset, c) for c in {columns.category, columns.rationale, columns.id, label, S.SOURCE_META,
+                                            S.SOURCE_ID, *LABEL_COLUMNS, *columns.keep} if c in names}
+    n = len(dataset)
+    ids = _ids(dataset, columns, table, root, n)
+    category = [_text(v) for v in table.get(columns.category, [""] * n)]
+    labels = [_label(v, label, i) for i, v in enumerate(table.get(label, [None] * n))]
+    labels = [S.SAFE if not lab and is_none_category(cat) else lab for lab, cat in zip(labels, category)]
+    meta = [_meta(table, label, columns.keep, i) for i in range(n)]
+    new = {S.SOURCE_ID: ids, S.CATEGORY: category, S.RATIONALE: [_text(v) for v in table.get(columns.rationale, [""] * n)],
+           S.SOURCE_META: meta, S.SOURCE_LABEL: labels}
+    if columns.image != S.IMAGE:
+        dataset = dataset.remove_columns([c for c in (S.IMAGE,) if c in names]).rename_column(columns.image, S.IMAGE)
+    dataset = dataset.remove_columns([c for c in new if c in dataset.column_names])
+    for column, values in new.items():
+        dataset = dataset.add_column(column, values, feature=S.SOURCE_FEATURES[column])
     return dataset
+
+
+def _plain(dataset: Dataset, column: str) -> list[Any]:
+    """A non-image column's values, ClassLabel ints as their names."""
+    values = dataset[column]
+    feature = dataset.features[column]
+    return [feature.int2str(v) if v is not None else None for v in values] if isinstance(feature, ClassLabel) else values
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value).strip()
+
+
+def _label_column(columns: SourceColumns, names: list[str]) -> str | None:
+    if columns.label is not None:
+        return None if columns.label.lower() == "none" else columns.label
+    return next((c for c in LABEL_COLUMNS if c in names), None)
+
+
+def _label(value: Any, column: str | None, row: int) -> str:
+    """``unsafe``, ``safe`` or ``""`` (no value) from a label cell."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return ""
+    key = str(int(value)) if isinstance(value, (bool, int, float, np.integer, np.bool_)) else str(value).strip().lower()
+    if key not in _SAFE_VALUES:
+        raise ValueError(f"label column {column!r}, row {row}: {value!r} is not a safety label; allowed: safe/unsafe "
+                         "(any case), 0/1, true/false; pass --label-column NAME (or none) to read another column")
+    return _SAFE_VALUES[key]
+
+
+def _ids(dataset: Dataset, columns: SourceColumns, table: dict[str, list], root: Path | None, n: int) -> list[str]:
+    if columns.id is not None:
+        ids = [_text(v) for v in table[columns.id]]
+    elif root is not None:
+        cells = undecoded(dataset.select_columns([columns.image]))[columns.image]
+        ids = [Path(os.path.relpath(cell["path"], root)).as_posix() for cell in cells]
+    elif S.SOURCE_ID in table:
+        ids = [_text(v) for v in table[S.SOURCE_ID]]
+    else:
+        return [f"{i:06d}" for i in range(n)]
+    repeated = [k for k, c in Counter(ids).items() if c > 1 or not k]
+    if repeated:
+        raise ValueError(f"source ids must be unique and non-empty; repeated or empty: {repeated[:5]}; "
+                         "pass --id-column NAME for a column of unique ids")
+    return ids
+
+
+def _meta(table: dict[str, list], label: str | None, keep: tuple[str, ...], i: int) -> str:
+    """The row's provenance as JSON: the label column's value, the kept columns and any earlier source_meta."""
+    meta = {}
+    old = table.get(S.SOURCE_META, [None] * (i + 1))[i]
+    if old:
+        meta.update(json.loads(old) if str(old).startswith("{") else {S.SOURCE_META: old})
+    for column in dict.fromkeys((label, *LABEL_COLUMNS, *keep)):
+        if column in table:
+            meta[column] = table[column][i]
+    return json.dumps(meta, default=str, ensure_ascii=False) if meta else ""

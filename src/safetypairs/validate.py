@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -25,7 +26,8 @@ from safetypairs.change import (
     to_float,
 )
 from safetypairs.images import ImageError, load_image
-from safetypairs.registry import parse_spec
+from safetypairs.policy import Policy
+from safetypairs.registry import check_options, parse_spec
 from safetypairs.runner import RunConfig, RunSummary, run_stage
 from safetypairs.stage import StageResult, map_stage
 from safetypairs.thresholds import (
@@ -52,6 +54,9 @@ logger = logging.getLogger(__name__)
 # Every value `validate_status` and `reject_reason` can take (reject_reason is None when accepted).
 STATUS_OK = "ok"  # measured and decided: see `accepted` / `reject_reason`
 ROW_FAILURES = {
+    S.NOT_UNSAFE: "the source row is labelled safe: set aside (a natural negative), never instructed or edited",
+    "not_instructed": "the instruct stage wrote no instruction for this row (its instruct_status in validate_error)",
+    "duplicate_candidate": "the editor returned the same image as an earlier candidate of this source",
     "edit_failed": "the edit stage failed for this row or left no edited image",
     "unreadable": "an image cell could not be decoded (detail in validate_error)",
     "size_mismatch": "the two images differ in size and size_mismatch='reject'",
@@ -89,14 +94,16 @@ class ValidateConfig:
     fingerprint then cancels, and the reference-vs-original difference is recorded as its noise floor.
 
     Attributes:
-        original_column: the unsafe original (``image`` for candidates, ``unsafe_image`` for pairs).
+        original_column: the unsafe original (``image`` for candidates, ``unsafe_image`` for pairs:
+            data with ``unsafe_image``/``safe_image`` and neither default column is read as pairs).
         edited_column: the edit (``edited_image`` for candidates, ``safe_image`` for pairs).
         control_column: the artifact control (used as the reference; composited with ``composite``).
         editor_column: the editor spec per row (picks the preset and the VAE round trip).
         category_column: policy category passed to the judge (``None`` when the column is absent).
         edit_status_column: rows whose value here is not ``"ok"`` are ``edit_failed`` (ignored if absent).
-        policy: built-in policy name or YAML path, for the judge.
-        judge: ``judges`` spec (e.g. ``"ocr-lexicon"``), or ``None`` for no label-flip check.
+        policy: built-in policy name, YAML path or `Policy`, for the judge.
+        judge: ``judges`` spec (e.g. ``"ocr-lexicon"``), or ``None`` for no label-flip check (a
+            warning says so once, and ``label_flip_checked`` stays false).
         judge_all_rows: also judge rows the pixel checks already rejected (costs judge time).
         lpips: ``lpips:<alex|vgg|squeeze>`` spec or ``None``. An encoder that cannot load (e.g. no
             network for its weights) is skipped with a warning; ``metrics_ran`` says what ran.
@@ -127,7 +134,7 @@ class ValidateConfig:
     editor_column: str = S.EDITOR
     category_column: str = S.CATEGORY
     edit_status_column: str = S.EDIT_STATUS
-    policy: str = "llavaguard"
+    policy: str | Policy = "llavaguard"
     judge: str | None = None
     judge_all_rows: bool = False
     lpips: str | None = None
@@ -166,7 +173,7 @@ class ValidateConfig:
         if len({self.original_column, self.edited_column, self.control_column}) < 3:
             raise ValueError("original_column, edited_column and control_column must differ")
         if self.judge is not None:
-            parse_spec("judges", self.judge)
+            check_options("judges", self.judge)
         if self.lpips is not None:
             spec = parse_spec("encoders", self.lpips)
             if spec.alias != "lpips":
@@ -202,7 +209,8 @@ def _check_ranges(c: ValidateConfig) -> None:
 
 def _empty_row() -> dict[str, Any]:
     row = {name: None for name in S.VALIDATION_FEATURES}
-    row.update({S.METRICS_RAN: [], S.ACCEPTED: False, S.CHANGE_BBOX: [], S.VALIDATE_RESIZED: False})
+    row.update({S.METRICS_RAN: [], S.ACCEPTED: False, S.CHANGE_BBOX: [], S.VALIDATE_RESIZED: False,
+                S.LABEL_FLIP_CHECKED: False})
     return row
 
 
@@ -248,8 +256,14 @@ class ValidateTransform:
     def _prepare(self, batch: dict[str, list], i: int, row: dict[str, Any]) -> PairImages | None:
         """Read and size-check one row; on failure fill its status and return ``None``."""
         c = self.config
+        instructed = batch.get(S.INSTRUCT_STATUS, [None] * (i + 1))[i]
         status = batch.get(c.edit_status_column, [None] * (i + 1))[i]
         edited_cell = batch[c.edited_column][i]
+        if instructed not in (None, S.OK):
+            error = batch.get(S.INSTRUCT_ERROR, [None] * (i + 1))[i] or f"instruct_status={instructed}"
+            return _fail(row, S.NOT_UNSAFE if instructed == S.NOT_UNSAFE else "not_instructed", error)
+        if status == S.DUPLICATE:
+            return _fail(row, "duplicate_candidate", batch.get(S.EDIT_ERROR, [None] * (i + 1))[i] or status)
         if status is not None and status != S.OK:
             error = batch.get(S.EDIT_ERROR, [None] * (i + 1))[i]
             return _fail(row, "edit_failed", error or f"{c.edit_status_column}={status}")
@@ -355,13 +369,39 @@ def run_validate(dataset: Dataset, config: ValidateConfig | None = None) -> tupl
     Raises:
         ValueError: when an image column is missing.
     """
-    config = config or ValidateConfig()
+    config = for_columns(dataset, config or ValidateConfig())
+    _warn_without_judge(config)
     missing = [c for c in (config.original_column, config.edited_column) if c not in dataset.column_names]
     if missing:
         raise ValueError(f"validate needs column(s) {missing}; the dataset has {dataset.column_names}")
     features = S.with_columns(dataset.features, S.VALIDATION_FEATURES)
     return map_stage(dataset, ValidateTransform(config), stage="validate", features=features,
                      status_column=S.VALIDATE_STATUS, batch_size=config.batch_size, num_proc=config.num_proc)
+
+
+def for_columns(dataset: Dataset, config: ValidateConfig) -> ValidateConfig:
+    """``config`` reading a released ``pairs`` table (``unsafe_image``/``safe_image``) when the data has
+    those columns and neither default one (explicitly chosen columns are kept)."""
+    names = dataset.column_names
+    defaults = (config.original_column, config.edited_column) == (S.IMAGE, S.EDITED_IMAGE)
+    if defaults and S.IMAGE not in names and S.EDITED_IMAGE not in names and {S.UNSAFE_IMAGE, S.SAFE_IMAGE} <= set(names):
+        logger.info("validate: reading pairs (%s -> %s)", S.UNSAFE_IMAGE, S.SAFE_IMAGE)
+        return replace(config, original_column=S.UNSAFE_IMAGE, edited_column=S.SAFE_IMAGE)
+    return config
+
+
+@functools.lru_cache(maxsize=1)
+def _warned_without_judge() -> bool:
+    logger.warning("validate: no --judge, so nothing checks that the edit flips the label (original unsafe, edit "
+                   "safe); accepted pairs passed the pixel checks only (label_flip_checked = false, said in the "
+                   "card). Pass --judge (e.g. ocr-lexicon, hf-vlm:<model>) to check it.")
+    return True
+
+
+def _warn_without_judge(config: ValidateConfig) -> None:
+    """Warn once per process when no judge checks the label flip."""
+    if config.judge is None:
+        _warned_without_judge()
 
 
 def validate_run(dataset: Dataset, config: ValidateConfig, run: RunConfig,
@@ -382,6 +422,9 @@ def validate_run(dataset: Dataset, config: ValidateConfig, run: RunConfig,
         The run summary on rank 0 (statuses ``validate`` and ``decision``); ``None`` on other ranks.
     """
 
+    config = for_columns(dataset, config)
+    _warn_without_judge(config)
+
     def compute(rows: Dataset, device: str) -> tuple[Dataset, dict[str, dict[str, int]]]:
         validated, result = run_validate(rows, replace(config, device=device, num_proc=None))
         decisions = status_histogram(reason or "accepted" for reason in validated[S.REJECT_REASON])
@@ -398,7 +441,8 @@ def validate_pairs(dataset: Dataset, config: ValidateConfig | None = None, **ove
     """Validate ``dataset`` and return it with the validation columns (convenience for `run_validate`).
 
     Args:
-        dataset: candidates (``image``/``edited_image``) or pairs (pass ``original_column`` etc.).
+        dataset: candidates (``image``/``edited_image``) or released pairs (``unsafe_image``/``safe_image``,
+            recognised by their columns).
         config: base settings (defaults when ``None``).
         **overrides: `ValidateConfig` fields to change, e.g. ``judge="ocr-lexicon"``.
 

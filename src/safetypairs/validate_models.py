@@ -20,6 +20,7 @@ from safetypairs.change import (
     masked_mean,
     resize_mask,
 )
+from safetypairs.policy import cached_policy
 from safetypairs.registry import backend_class, load_backend
 from safetypairs.stage import isolate
 
@@ -159,13 +160,6 @@ def vae_references(pairs: list[PairImages], editors: list[str | None], work_size
             pairs[k].reference_kind = "vae_roundtrip"
 
 
-@functools.lru_cache(maxsize=8)
-def _policy(name: str) -> Any:
-    from safetypairs.policy import load_policy
-
-    return load_policy(name)
-
-
 def judge_reason(original: str, edited: str) -> str | None:
     """The label-flip decision: ``None`` when the original is unsafe and the edit safe.
 
@@ -211,7 +205,7 @@ def judge_rows(config: Any, batch: dict[str, list], pairs: list[PairImages], row
         return
     judge = load_backend("judges", config.judge, device)
     column = batch.get(config.category_column)
-    policy = _policy(config.policy)
+    policy = cached_policy(config.policy)
 
     def classify(some: list[PairImages]) -> list[tuple[Any, Any]]:
         categories = [column[p.index] if column else None for p in some]
@@ -232,6 +226,7 @@ def judge_rows(config: Any, batch: dict[str, list], pairs: list[PairImages], row
         row.update({S.JUDGE_ORIGINAL: before.label, S.JUDGE_EDITED: after.label,
                     S.JUDGE_ORIGINAL_RAW: verdict_json(before), S.JUDGE_EDITED_RAW: verdict_json(after)})
         row[S.METRICS_RAN].append(f"judge:{config.judge}")
+        row[S.LABEL_FLIP_CHECKED] = True
         if row[S.REJECT_REASON] is None:
             row[S.REJECT_REASON] = judge_reason(before.label, after.label)
 

@@ -43,6 +43,25 @@ class Verdict:
     raw: str
 
 
+def as_verdict(answer: Any) -> Verdict:
+    """A classifier's answer as a `Verdict`: a `Verdict`, a label (``"safe"``/``"unsafe"``, 0/1, a bool:
+    True = unsafe) or a ``(label, score)`` tuple, so a user guard may return plain labels.
+
+    Raises:
+        TypeError: for anything else.
+    """
+    if isinstance(answer, Verdict):
+        return answer
+    label, score = answer if isinstance(answer, tuple) and len(answer) == 2 else (answer, None)
+    if isinstance(label, (bool, int)) or type(label).__module__ == "numpy":
+        label = S.UNSAFE if int(label) == 1 else S.SAFE if int(label) == 0 else S.UNKNOWN
+    if not isinstance(label, str):
+        raise TypeError(f"a classifier answered {answer!r}; expected a Verdict, a label or (label, score)")
+    label = label.strip().lower()
+    label = label if label in (S.SAFE, S.UNSAFE) else S.UNKNOWN
+    return Verdict(label, None if score is None else float(score), "", str(answer))
+
+
 @runtime_checkable
 class Backend(Protocol):
     """What every backend class has: its options and a constructor from a spec.

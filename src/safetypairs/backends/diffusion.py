@@ -211,6 +211,16 @@ class DiffusersEditor:
             raise ValueError(f"strength is only for inpainting pipelines that take it, not {type(pipe).__name__}")
 
     @classmethod
+    def check_options(cls, arg: str | None, **options: Any) -> None:
+        """Check the model argument and the option names and values, loading nothing.
+
+        Raises:
+            ValueError: for a missing model or a bad option, naming it.
+        """
+        _, inline = split_model_arg(arg, "diffusers")
+        DiffusionOptions.parse({**inline, **options})
+
+    @classmethod
     def from_spec(cls, arg: str | None, device: str = "cpu", **options: Any) -> "DiffusersEditor":
         """Load the pipeline (safetensors only) onto ``device``.
 

@@ -70,6 +70,15 @@ class OCRLexiconGuard:
             )
         return cls(config, spec)
 
+    @classmethod
+    def check_options(cls, arg: str | None, **options: object) -> None:
+        """Check option names and values (building this backend loads nothing).
+
+        Raises:
+            ValueError: naming the bad option.
+        """
+        cls.from_spec(arg, **options)
+
     def classify(self, images: list[Image.Image], categories: list[str | None], policy: Policy) -> list[Verdict]:
         """Label each image ``unsafe`` when its text contains a lexicon word of ``policy``."""
         return [self._one(image, policy) for image in images]
@@ -127,6 +136,15 @@ class NudeNetGuard:
         if not 0 <= threshold <= 1:
             raise ValueError(f"{spec!r}: threshold must be in [0, 1], got {threshold}")
         return cls(threshold, spec)
+
+    @classmethod
+    def check_options(cls, arg: str | None, **options: object) -> None:
+        """Check option names and values (building this backend loads nothing).
+
+        Raises:
+            ValueError: naming the bad option.
+        """
+        cls.from_spec(arg, **options)
 
     def classify(self, images: list[Image.Image], categories: list[str | None], policy: Policy) -> list[Verdict]:
         """Label each image ``unsafe`` when NudeNet finds an exposed body part."""

@@ -131,15 +131,32 @@ class OCRInpaintEditor:
         """Build from ``key=value`` options (in the spec argument or as keywords, which win).
 
         Raises:
-            ValueError: for unknown options, naming the allowed ones.
+            ValueError: for unknown options or bad values, naming the option and the allowed ones.
         """
         raw = {**parse_options(arg), **options}
         allowed = {"match": float, "radius": int, "grow": float}
         unknown = set(raw) - set(allowed)
         if unknown:
             raise ValueError(f"unknown ocr-inpaint options {sorted(unknown)}; allowed: {', '.join(allowed)}")
-        options = OCRInpaintOptions(**{k: allowed[k](v) for k, v in raw.items()})
-        return cls(options, "ocr-inpaint" + (f":{arg}" if arg else ""))
+        values = {}
+        for key, value in raw.items():
+            try:
+                values[key] = allowed[key](value)
+            except (TypeError, ValueError) as err:
+                kind = "an integer" if allowed[key] is int else "a number"
+                raise ValueError(f"ocr-inpaint option {key} must be {kind}, got {value!r} ({cls.OPTIONS[key]})") from err
+        if not 0 <= values.get("match", 0.6) <= 1 or values.get("radius", 5) < 1 or values.get("grow", 0.12) < 0:
+            raise ValueError(f"ocr-inpaint options out of range in {values}: match in [0, 1], radius >= 1, grow >= 0")
+        return cls(OCRInpaintOptions(**values), "ocr-inpaint" + (f":{arg}" if arg else ""))
+
+    @classmethod
+    def check_options(cls, arg: str | None, **options: Any) -> None:
+        """Check option names and values (nothing is loaded).
+
+        Raises:
+            ValueError: naming the bad option.
+        """
+        cls.from_spec(arg, **options)
 
     def edit(self, images: list[Image.Image], instructions: list[str], seeds: list[int],
              masks: list[Image.Image | None] | None = None) -> list[Image.Image]:

@@ -174,6 +174,17 @@ class _PromptedVLMGuard:
         parsed.update({k: str(v) for k, v in options.items()})
         return cls(model, device, _vlm_options(cls.alias, parsed, cls.default_tokens))
 
+    @classmethod
+    def check_options(cls, arg: str | None, **options: object) -> None:
+        """Check the model argument and the option names and values, loading nothing.
+
+        Raises:
+            ValueError: for a missing model or a bad option, naming it.
+        """
+        _, parsed = split_model_arg(arg, cls.alias)
+        parsed.update({k: str(v) for k, v in options.items()})
+        _vlm_options(cls.alias, parsed, cls.default_tokens)
+
 
 class HFVLMGuard(_PromptedVLMGuard):
     """``hf-vlm:<id or path>``: any transformers chat VLM asked to answer ``safe`` or ``unsafe``.

@@ -1,0 +1,164 @@
+"""Bring your own data and your own guard: a LlavaGuard-style folder through the CLI, user guards, predictions files."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from datasets import load_dataset
+from user_data import CAPTIONED, SAFE, make_llavaguard_folder
+
+from safetypairs import schema as S
+from safetypairs.metrics import compute_metrics
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+ALWAYS_UNSAFE = '''
+from safetypairs.backends.base import Verdict
+
+
+class AlwaysUnsafe:
+    """A user's guard: plain labels are enough."""
+
+    def classify(self, images, categories, policy):
+        return ["unsafe"] * len(images)
+
+
+class EveryOther:
+    """A user's guard with scores, built through from_spec."""
+
+    @classmethod
+    def from_spec(cls, arg, device="cpu", **options):
+        return cls()
+
+    def classify(self, images, categories, policy):
+        return [Verdict("unsafe" if im.size[0] % 2 else "safe", float(im.size[0] % 7), "w", "") for im in images]
+'''
+
+
+def run_cli(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, str(cwd)])}
+    proc = subprocess.run([sys.executable, "-m", "safetypairs", "-q", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """generate -> validate (ocr-lexicon judge) -> release on a LlavaGuard-style folder, as a user types it."""
+    root = tmp_path_factory.mktemp("user")
+    make_llavaguard_folder(root / "llavaguard_data")
+    steps = [
+        ["generate", "--source", "llavaguard_data", "--instructor", "template", "--editor", "ocr-inpaint", "--control",
+         "--device", "cpu", "--keep-columns", "rationale", "--out", "runs/g"],
+        ["validate", "runs/g", "--judge", "ocr-lexicon", "--device", "cpu", "--out", "runs/v"],
+        ["release", "runs/v", "--out", "runs/release"],
+    ]
+    for step in steps:
+        proc = run_cli(*step, cwd=root)
+        assert proc.returncode == 0, (step[0], proc.stderr[-3000:])
+    (root / "my_guards.py").write_text(ALWAYS_UNSAFE)
+    return root
+
+
+def test_every_captioned_row_is_instructed_and_edited_and_safe_rows_set_aside(chain):
+    from safetypairs.runner import load_run
+
+    rows = load_run(chain / "runs" / "g").select_columns(
+        [S.SOURCE_ID, S.CATEGORY, S.INSTRUCT_STATUS, S.EDIT_STATUS, S.CANDIDATE]).to_list()
+    by_id = {r[S.SOURCE_ID]: r for r in rows}
+    assert sorted(by_id) == sorted(f"images/{p}.jpg" for p in [c for c, _ in CAPTIONED] + SAFE)
+    for photo, _ in CAPTIONED:
+        row = by_id[f"images/{photo}.jpg"]
+        assert (row[S.INSTRUCT_STATUS], row[S.EDIT_STATUS], row[S.CATEGORY]) == ("ok", "ok", "O1"), row
+    for photo in SAFE:
+        assert by_id[f"images/{photo}.jpg"][S.INSTRUCT_STATUS] == S.NOT_UNSAFE
+    validated = load_run(chain / "runs" / "v")
+    reasons = dict(zip(validated[S.SOURCE_ID], validated[S.REJECT_REASON]))
+    assert {reasons[f"images/{p}.jpg"] for p in SAFE} == {S.NOT_UNSAFE}
+    assert all(validated[S.LABEL_FLIP_CHECKED][i] for i, ok in enumerate(validated[S.ACCEPTED]) if ok)
+
+
+def test_released_pairs_name_their_source_files_and_load_with_plain_datasets(chain):
+    release = chain / "runs" / "release"
+    pairs = load_dataset(str(release), split="test")
+    assert len(pairs) >= 3  # the ocr-lexicon judge may reject a hard edit; most pass
+    files = {f"images/{p}.jpg": c for p, c in CAPTIONED}
+    for row in pairs:
+        assert row[S.SOURCE_ID] in files and (chain / "llavaguard_data" / row[S.SOURCE_ID]).is_file()
+        assert files[row[S.SOURCE_ID]] in row[S.RATIONALE] and row[S.CATEGORY] == "O1"
+        meta = json.loads(row[S.SOURCE_META])
+        assert meta["rating"] == "Unsafe" and files[row[S.SOURCE_ID]] in meta["rationale"]  # --keep-columns
+        assert row[S.LABEL_FLIP_CHECKED] is True and row[S.JUDGE] == "ocr-lexicon"
+    images = load_dataset(str(release), "images", split="test")
+    assert images.features[S.ROLE].names == list(S.ROLES)
+    assert set(images[S.IMAGE_ID]) == {f"{p}-{S.ROLES[r]}" for p, r in zip(images[S.PAIR_ID], images[S.ROLE])}
+    rejected = load_dataset(str(release), "rejected", split="test")
+    assert {s for s, r in zip(rejected[S.SOURCE_ID], rejected[S.REJECT_REASON]) if r == S.NOT_UNSAFE} == {
+        f"images/{p}.jpg" for p in SAFE}
+    card = (release / "README.md").read_text()
+    assert "| sources | 6 | 4 | not_unsafe: 2 |" in card and "| instructed |" in card
+    assert "roles=images[\"role\"]" in card
+
+
+def test_the_cards_recipe_scores_an_always_unsafe_guard_at_f1_two_thirds(chain):
+    images = load_dataset(str(chain / "runs" / "release"), "images", split="test")
+    assert "control" in S.role_names(images[S.ROLE])
+    predictions = ["unsafe"] * len(images)
+    with_roles = compute_metrics(predictions, images["label"], images["pair_id"], images["category"],
+                                 roles=images["role"], n_bootstrap=0)
+    without = compute_metrics(predictions, images["label"], images["pair_id"], images["category"], n_bootstrap=0)
+    assert with_roles["f1"] == pytest.approx(2 / 3) and without["f1"] == pytest.approx(0.8)
+
+
+def test_a_user_guard_and_a_predictions_file_score_like_the_builtin_path(chain):
+    proc = run_cli("evaluate", "--dataset", "runs/release", "--guard", "my_guards:AlwaysUnsafe", "--guard",
+                   "my_guards:EveryOther", "--guard", "ocr-lexicon", "--device", "cpu", "--bootstrap", "50",
+                   "--out", "runs/eval", cwd=chain)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evaluated = json.loads((chain / "runs" / "eval" / "results.json").read_text())
+    always = evaluated["guards"]["my_guards:AlwaysUnsafe"]["metrics"]
+    assert always["f1"] == pytest.approx(2 / 3) and always["pair_accuracy"] == 0.0
+    # the ocr-lexicon guard shares the judge's backend: the warning is in results.json and the report
+    assert "Circular by construction" in evaluated["notes"]["ocr-lexicon"]
+    assert evaluated["guards"]["ocr-lexicon"]["warnings"] and "my_guards:EveryOther" not in evaluated["notes"]
+    assert "Circular by construction" in (chain / "runs" / "eval" / "report.html").read_text()
+    # the same predictions, made elsewhere, written to a file keyed by image_id
+    images = evaluated["images"]
+    preds = evaluated["predictions"]["my_guards:EveryOther"]
+    ids = [S.image_id(p, r) for p, r in zip(images["pair_id"], images["role"])]
+    with open(chain / "preds.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image_id", "prediction", "score"])
+        writer.writerows(zip(ids, preds["pred"], preds["score"]))
+    proc = run_cli("score", "--dataset", "runs/release", "--predictions", "preds.csv", "--bootstrap", "50",
+                   "--out", "runs/score", cwd=chain)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scored = json.loads((chain / "runs" / "score" / "results.json").read_text())
+    assert scored["guards"]["file:preds.csv"]["metrics"] == evaluated["guards"]["my_guards:EveryOther"]["metrics"]
+    assert (chain / "runs" / "score" / "report.html").is_file()
+
+
+def test_score_refuses_a_file_of_another_release(chain):
+    (chain / "other.jsonl").write_text(json.dumps({"image_id": "sp-0000-original", "prediction": 1}) + "\n")
+    proc = run_cli("score", "--dataset", "runs/release", "--predictions", "other.jsonl", "--out", "runs/x", cwd=chain)
+    assert proc.returncode == 2 and "not in this release split" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--source", "no_such_folder", "--out", "x"], "is not a folder or .parquet file here"),
+    (["generate", "--source", "llavaguard_data", "--editor", "ocr-inpaint:radius=abc", "--out", "x"],
+     "option radius must be an integer, got 'abc'"),
+    (["generate", "--source", "llavaguard_data", "--category-column", "rationale", "--out", "x"],
+     "4 row(s): category \"The caption"),
+    (["evaluate", "--dataset", "runs/v", "--guard", "ocr-lexicon", "--out", "x"], "`safetypairs release"),
+    (["evaluate", "--dataset", "runs/release", "--guard", "my_guards:Nope", "--out", "x"], "cannot import guard"),
+])
+def test_input_errors_are_one_line_before_any_work(chain, args, message):
+    proc = run_cli(*args, cwd=chain)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (chain / "x").exists()
