@@ -12,10 +12,16 @@ from datasets import Dataset, DatasetDict, Features, Value
 from datasets.utils.py_utils import convert_file_size_to_int
 
 from safetypairs import schema as S
-from safetypairs.images import image_digest, load_image
+from safetypairs.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    check_max_pixels,
+    image_digest,
+    load_image,
+)
 from safetypairs.runner import ROW_GROUP_SIZE
 from safetypairs.stage import empty_dataset, undecoded
-from safetypairs.utils import status_histogram
+from safetypairs.utils import progress, status_histogram
 
 if TYPE_CHECKING:
     from safetypairs.review import ReviewResult
@@ -35,7 +41,9 @@ REJECTED_FEATURES = S.with_columns(
             S.CANDIDATE: Value("int32"),
             S.ACCEPTED: Value("bool"),
             S.EDIT_STATUS: Value("string"),
+            S.EDIT_ERROR: Value("string"),
             S.VALIDATE_STATUS: Value("string"),
+            S.VALIDATE_ERROR: Value("string"),
             S.REJECT_REASON: Value("string"),
         }
     ),
@@ -44,6 +52,7 @@ FEATURES = {"pairs": S.PAIR_FEATURES, "images": S.IMAGE_FEATURES, "rejected": RE
 REQUIRED_COLUMNS = (S.SOURCE_ID, S.IMAGE, S.EDITED_IMAGE, S.CATEGORY, S.ACCEPTED)
 _SELECT_COLUMNS = (S.SOURCE_ID, S.ACCEPTED, S.CANDIDATE, S.LPIPS_OUTSIDE, S.SSIM_OUTSIDE, S.PSNR_OUTSIDE)
 _ROW = "__row__"
+_PAIR = "__pair_id__"  # each row's content pair id, computed once before the configs are built
 _RENAMED = {S.UNSAFE_IMAGE: S.IMAGE, S.SAFE_IMAGE: S.EDITED_IMAGE}  # release column -> validated column
 _DEFAULTS = {S.HUMAN_VERIFIED: False, S.N_REVIEWERS: 0}  # release column -> value when the input lacks it
 
@@ -62,6 +71,8 @@ class ReleaseConfig:
         license: the card's license id (a Hub license identifier).
         pretty_name: the card's title.
         n_examples: pairs shown in the card's example grid.
+        max_pixels: images with more pixels are decoded reduced (JPEG) or, in an accepted candidate, get it
+            rejected as ``too_large``; a written image cell that does not decode within it is stored as null.
     """
 
     split_by: str | None = None
@@ -72,8 +83,10 @@ class ReleaseConfig:
     license: str = "cc-by-nc-4.0"
     pretty_name: str = "SafetyPairs"
     n_examples: int = 6
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
+        check_max_pixels(self.max_pixels)
         if self.split_by not in SPLIT_BY:
             raise ValueError(f"split_by must be one of {SPLIT_BY}, got {self.split_by!r}")
         if not 0.0 < self.test_size < 1.0:
@@ -104,7 +117,8 @@ class Release:
         return self.configs[config]
 
 
-def pair_id(policy: str | None, category: str | None, original: Any, edited: Any) -> str:
+def pair_id(policy: str | None, category: str | None, original: Any, edited: Any,
+            max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
     """A stable content id of a pair: same images, category and policy give the same id.
 
     Args:
@@ -112,11 +126,16 @@ def pair_id(policy: str | None, category: str | None, original: Any, edited: Any
         category: the category code.
         original: the unsafe image cell (any form `utils.load_image` reads).
         edited: the safe (edited) image cell.
+        max_pixels: the pixel cap of `images.load_image`.
 
     Returns:
         ``"sp-"`` followed by 16 hex characters of a SHA-256 over the pixel digests.
+
+    Raises:
+        ImageError: when an image cannot be read within ``max_pixels``.
     """
-    parts = [policy or "", category or "", image_digest(load_image(original)), image_digest(load_image(edited))]
+    parts = [policy or "", category or "", image_digest(load_image(original, max_pixels)),
+             image_digest(load_image(edited, max_pixels))]
     return "sp-" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -155,7 +174,7 @@ def split_by_source(source_ids: list[str], categories: list[str], config: Releas
     for src, cat in dict(zip(reversed(source_ids), reversed(categories))).items():
         strata[cat].append(src)
     test_sources: set[str] = set()
-    for cat in sorted(strata):
+    for cat in sorted(strata, key=str):  # str: a null category sorts too
         groups = sorted(strata[cat], key=lambda s: hashlib.sha256(f"{config.seed}|{s}".encode()).hexdigest())
         n_test = round(len(groups) * config.test_size)
         if len(groups) >= 2:
@@ -176,10 +195,7 @@ def _release_batch(batch: dict[str, list], features: Features) -> dict[str, list
             continue
         src = _RENAMED.get(name, name)
         out[name] = batch[src] if src in batch else [_DEFAULTS.get(name)] * n
-    out[S.PAIR_ID] = [
-        None if edited is None else pair_id(policy, cat, orig, edited)
-        for policy, cat, orig, edited in zip(out[S.POLICY], out[S.CATEGORY], out[S.UNSAFE_IMAGE], out[S.SAFE_IMAGE])
-    ]
+    out[S.PAIR_ID] = batch[_PAIR]
     if S.REJECT_REASON in features:
         out[S.REJECT_REASON] = [
             reason or (NOT_SELECTED if ok else "rejected") for reason, ok in zip(out[S.REJECT_REASON], out[S.ACCEPTED])
@@ -226,6 +242,35 @@ def _with_reasons(rows: Dataset, reasons: list[str | None]) -> Dataset:
     return rows.add_column(S.REJECT_REASON, merged, feature=Value("string"))
 
 
+def _with_pair_ids(source: Dataset, max_pixels: int) -> Dataset:
+    """``source`` (undecoded) with each row's content pair id; an accepted row whose images cannot be read
+    is rejected instead (``reject_reason`` ``unreadable`` / ``too_large``, the detail in ``validate_error``)."""
+    cols = [c for c in (S.POLICY, S.CATEGORY, S.IMAGE, S.EDITED_IMAGE, S.SOURCE_ID, S.ACCEPTED)
+            if c in source.column_names]
+    ids: list[str | None] = []
+    failed: dict[int, tuple[str, str]] = {}  # row -> (status, error naming the row)
+    for i, row in enumerate(progress(source.select_columns(cols), desc="release pair ids", total=len(source))):
+        try:
+            ids.append(None if row[S.EDITED_IMAGE] is None else
+                       pair_id(row.get(S.POLICY), row[S.CATEGORY], row[S.IMAGE], row[S.EDITED_IMAGE], max_pixels))
+        except ImageError as err:
+            ids.append(None)
+            if row[S.ACCEPTED]:
+                failed[i] = (err.status, f"release: row {row[S.SOURCE_ID]!r}: {err}")
+                logger.warning("%s; the candidate is rejected", failed[i][1])
+    source = source.add_column(_PAIR, ids, feature=Value("string"))
+    if not failed:
+        return source
+    errors = source[S.VALIDATE_ERROR] if S.VALIDATE_ERROR in source.column_names else [None] * len(source)
+    columns = {S.ACCEPTED: ([bool(ok) and i not in failed for i, ok in enumerate(source[S.ACCEPTED])], "bool"),
+               S.VALIDATE_ERROR: ([failed[i][1] if i in failed else e for i, e in enumerate(errors)], "string")}
+    source = _with_reasons(source, [failed[i][0] if i in failed else None for i in range(len(source))])
+    for name, (values, dtype) in columns.items():
+        source = source.remove_columns([name] if name in source.column_names else [])
+        source = source.add_column(name, values, feature=Value(dtype))
+    return source
+
+
 def _release_funnel(validated: Dataset, released: int) -> list[dict[str, Any]]:
     """Sources -> candidates -> edited -> accepted -> released, with status and rejection histograms."""
     n = len(validated)
@@ -268,8 +313,8 @@ def assemble(validated: Dataset, config: ReleaseConfig | None = None, review: Re
         from safetypairs.review import apply_review
 
         validated = apply_review(validated, review)
-    source = undecoded(validated)
-    best = best_candidates(validated)
+    source = _with_pair_ids(undecoded(validated), config.max_pixels)
+    best = best_candidates(source)
     pairs = _map(source.select(best), _release_batch, S.PAIR_FEATURES, "release pairs",
                  fn_kwargs={"features": S.PAIR_FEATURES})
     # identical images from two sources give one pair_id: keep the first, or it could sit in both splits
@@ -279,9 +324,9 @@ def assemble(validated: Dataset, config: ReleaseConfig | None = None, review: Re
     first = sorted(first_of.values())
     duplicates = set(best) - {best[i] for i in first}
     pairs, best = pairs.select(first), [best[i] for i in first]
-    funnel = _release_funnel(validated, len(pairs))
+    funnel = _release_funnel(source, len(pairs))
     if not len(pairs):
-        raise ValueError(f"no accepted candidate to release among {len(validated)} rows "
+        raise ValueError(f"no accepted candidate to release among {len(source)} rows "
                          f"(rejection reasons: {funnel[2]['statuses']})")
     splits = split_by_source(pairs[S.SOURCE_ID], pairs[S.CATEGORY], config)
     configs = {"pairs": DatasetDict({name: pairs.select(rows) for name, rows in splits.items()})}
@@ -291,7 +336,7 @@ def assemble(validated: Dataset, config: ReleaseConfig | None = None, review: Re
     )
     if config.include_rejected:
         chosen = set(best)
-        rest = [i for i in range(len(validated)) if i not in chosen]
+        rest = [i for i in range(len(source)) if i not in chosen]
         rejected = _with_reasons(source.select(rest), [DUPLICATE if i in duplicates else None for i in rest])
         configs["rejected"] = DatasetDict({"test": _map(rejected, _release_batch, REJECTED_FEATURES,
                                                         "release rejected", fn_kwargs={"features": REJECTED_FEATURES})})

@@ -9,13 +9,13 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from datasets import Dataset, load_dataset, load_from_disk
+from datasets import Dataset
 from PIL import Image
 
 from safetypairs import schema as S
 from safetypairs.backends.render import FONTS, TextStyle, draw_text
 from safetypairs.instructions import demo_text
-from safetypairs.runner import is_saved_dataset
+from safetypairs.runner import is_saved_dataset, load_checked, load_saved
 
 logger = logging.getLogger(__name__)
 
@@ -137,17 +137,18 @@ def load_source(spec: str, split: str = "train") -> Dataset:
         The source dataset.
 
     Raises:
-        ValueError: when no image column is found or the split does not exist.
+        ValueError: when no image column is found, the split does not exist or a data file is corrupt.
+        FileNotFoundError: for a folder without data.
     """
     if spec == "demo" or spec.startswith("demo:"):
         return build_demo_source(int(spec.partition(":")[2] or 24))
     path = Path(spec)
     if is_saved_dataset(path):
-        dataset = load_from_disk(str(path))
+        dataset = load_saved(path)
     elif path.is_dir() and _is_image_folder(path):
-        dataset = load_dataset("imagefolder", data_dir=str(path), split=split)
+        dataset = load_checked("imagefolder", data_dir=str(path), split=split)
     else:
-        dataset = load_dataset(spec, split=split)
+        dataset = load_checked(spec, split=split)
     if hasattr(dataset, "keys"):  # a DatasetDict from load_from_disk
         if split not in dataset:
             raise ValueError(f"split {split!r} not in {spec!r}; available: {', '.join(dataset)}")

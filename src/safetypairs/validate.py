@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import asdict, dataclass, replace
@@ -24,7 +25,13 @@ from safetypairs.change import (
     ssim_map,
     to_float,
 )
-from safetypairs.images import ImageError, load_image
+from safetypairs.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    check_max_pixels,
+    load_image,
+)
+from safetypairs.policy import Policy, load_policy
 from safetypairs.registry import parse_spec
 from safetypairs.runner import RunConfig, RunSummary, run_stage
 from safetypairs.stage import StageResult, map_stage
@@ -42,7 +49,9 @@ logger = logging.getLogger(__name__)
 STATUS_OK = "ok"  # measured and decided: see `accepted` / `reject_reason`
 ROW_FAILURES = {
     "edit_failed": "the edit stage failed for this row or left no edited image",
-    "unreadable": "an image cell could not be decoded (detail in validate_error)",
+    "unreadable": "an image cell could not be decoded (detail in validate_error; the cell is stored as null)",
+    "too_large": "an image has more pixels than max_pixels and cannot be decoded reduced (the cell is stored as null)",
+    "unknown_category": "the category is null, blank or not one of the policy's categories",
     "size_mismatch": "the two images differ in size and size_mismatch='reject'",
     "too_small": "an image side is below min_side (smaller than the LPIPS receptive field)",
     JUDGE_ERROR: "the judge raised on this row (detail in validate_error); its pixel metrics are kept",
@@ -104,6 +113,7 @@ class ValidateConfig:
         max_lpips_outside / min_clip_outside: optional thresholds (``None`` = recorded, not used:
             they cannot be calibrated without the real weights, which this project's CI lacks).
         batch_size / num_proc: `Dataset.map` settings.
+        max_pixels: images with more pixels are decoded reduced (JPEG) or are ``too_large``.
     """
 
     original_column: str = S.IMAGE
@@ -136,8 +146,10 @@ class ValidateConfig:
     min_clip_outside: float | None = None
     batch_size: int = 8
     num_proc: int | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
+        check_max_pixels(self.max_pixels)
         if self.size_mismatch not in SIZE_POLICIES:
             raise ValueError(f"size_mismatch must be one of {SIZE_POLICIES}, got {self.size_mismatch!r}")
         if self.original_column == self.edited_column:
@@ -152,8 +164,6 @@ class ValidateConfig:
         if self.clip is not None and parse_spec("encoders", self.clip).alias not in CLIP_ALIASES:
             raise ValueError(f"clip must be an {' or '.join(CLIP_ALIASES)} spec, got {self.clip!r}")
         _check_ranges(self)
-        from safetypairs.policy import load_policy
-
         load_policy(self.policy)
 
     @property
@@ -194,6 +204,11 @@ class ValidateTransform:
     def __init__(self, config: ValidateConfig) -> None:
         self.config = config
 
+    @functools.cached_property
+    def policy(self) -> Policy:
+        """The policy categories are checked against (loaded once per process)."""
+        return load_policy(self.config.policy)
+
     def __call__(self, batch: dict[str, list], rank: int | None = None) -> dict[str, list]:
         """Measure and decide every row of ``batch``.
 
@@ -202,12 +217,14 @@ class ValidateTransform:
             rank: the `Dataset.map` process rank (picks the GPU).
 
         Returns:
-            The validation columns (`schema.VALIDATION_FEATURES`), one value per row.
+            The validation columns (`schema.VALIDATION_FEATURES`), one value per row, and the two
+            image columns with the cells that could not be decoded set to null.
         """
         c = self.config
         n = len(batch[c.original_column])
         rows = [_empty_row() for _ in range(n)]
-        pairs = [p for i in range(n) if (p := self._prepare(batch, i, rows[i])) is not None]
+        images = {c.original_column: list(batch[c.original_column]), c.edited_column: list(batch[c.edited_column])}
+        pairs = [p for i in range(n) if (p := self._prepare(batch, i, rows[i], images)) is not None]
         device = device_for_rank(c.device, rank)
         for pair in pairs:
             self._pixel_metrics(pair, rows[pair.index])
@@ -217,23 +234,34 @@ class ValidateTransform:
         judge_rows(c, batch, pairs, rows, device)
         for row in rows:
             row[S.ACCEPTED] = row[S.VALIDATE_STATUS] == STATUS_OK and row[S.REJECT_REASON] is None
-        return {name: [row[name] for row in rows] for name in S.VALIDATION_FEATURES}
+        return {**images, **{name: [row[name] for row in rows] for name in S.VALIDATION_FEATURES}}
 
-    def _prepare(self, batch: dict[str, list], i: int, row: dict[str, Any]) -> PairImages | None:
-        """Read and size-check one row; on failure fill its status and return ``None``."""
+    def _prepare(self, batch: dict[str, list], i: int, row: dict[str, Any],
+                 images: dict[str, list]) -> PairImages | None:
+        """Read and size-check one row; on failure fill its status and return ``None``.
+
+        A cell that cannot be decoded is set to null in ``images`` (its bytes are not carried on).
+        """
         c = self.config
+        name = _row_name(batch, i)
         status = batch.get(c.edit_status_column, [None] * (i + 1))[i]
-        edited_cell = batch[c.edited_column][i]
         if status is not None and status != S.OK:
             error = batch.get(S.EDIT_ERROR, [None] * (i + 1))[i]
-            return _fail(row, "edit_failed", error or f"{c.edit_status_column}={status}")
-        if edited_cell is None:
-            return _fail(row, "edit_failed", "no edited image")
-        try:
-            original = load_image(batch[c.original_column][i])
-            edited = load_image(edited_cell)
-        except ImageError as err:
-            return _fail(row, "unreadable", str(err))
+            return _fail(row, "edit_failed", error or f"row {name}: {c.edit_status_column}={status}")
+        if batch[c.edited_column][i] is None:
+            return _fail(row, "edit_failed", f"row {name}: no edited image")
+        category = batch[c.category_column][i] if c.category_column in batch else None
+        if c.category_column in batch and category not in self.policy.categories:
+            return _fail(row, "unknown_category", f"row {name}: category {category!r} is not in policy "
+                                                  f"{self.policy.id} (allowed: {', '.join(self.policy.categories)})")
+        decoded = []
+        for column in (c.original_column, c.edited_column):
+            try:
+                decoded.append(load_image(batch[column][i], c.max_pixels))
+            except ImageError as err:
+                images[column][i] = None
+                return _fail(row, err.status, f"row {name}: {column}: {err}")
+        original, edited = decoded
         if original.size != edited.size:
             if c.size_mismatch == "reject":
                 return _fail(row, "size_mismatch", f"original {original.size} vs edited {edited.size}")
@@ -262,6 +290,15 @@ class ValidateTransform:
         row[S.SSIM_OUTSIDE] = masked_mean(ssim_map(pair.original, pair.edited), outside)
         row[S.PSNR_OUTSIDE] = psnr_where(pair.original, pair.edited, outside)
         row[S.METRICS_RAN] += ["change_mask", "ssim", "psnr"]
+
+
+def _row_name(batch: dict[str, list], i: int) -> str:
+    """How an error names a row: its source id (and candidate) or pair id, else its place in the batch."""
+    for column in (S.SOURCE_ID, S.PAIR_ID):
+        if batch.get(column) and batch[column][i] is not None:
+            candidate = batch.get(S.CANDIDATE, [None] * (i + 1))[i]
+            return repr(batch[column][i]) + (f" (candidate {candidate})" if candidate is not None else "")
+    return f"#{i} of its batch"
 
 
 def _fail(row: dict[str, Any], status: str, error: str) -> None:
@@ -354,7 +391,7 @@ def validate_run(dataset: Dataset, config: ValidateConfig, run: RunConfig,
 
     settings = {k: v for k, v in asdict(config).items() if k not in ("batch_size", "num_proc")}
     return run_stage(dataset, compute, stage="validate", settings=settings, run=run, device=config.device,
-                     inputs=inputs)
+                     inputs=inputs, max_pixels=config.max_pixels)
 
 
 def validate_pairs(dataset: Dataset, config: ValidateConfig | None = None, **overrides: Any) -> Dataset:
