@@ -105,7 +105,7 @@ def _opened(value: Any) -> Iterator[tuple[ImageFile.ImageFile, str]]:
         yield _identify(io.BytesIO(bytes(data)), where), where
         return
     if path is None:
-        raise ImageError("no image (null cell)" if value is None or isinstance(value, dict)
+        raise ImageError("missing image (a null cell)" if value is None or isinstance(value, dict)
                          else f"unsupported image value of type {type(value).__name__}")
     if not os.path.isfile(path):
         raise ImageError(f"{where}{'not a file' if os.path.exists(path) else 'file not found'}")

@@ -697,7 +697,7 @@ def load_saved(path: str | Path) -> Any:
     try:
         return load_from_disk(str(path))
     except (KeyError, IndexError, TypeError, ValueError, pa.ArrowException) as err:  # what a broken state.json,
-        raise ValueError(f"cannot read the save_to_disk folder {str(path)!r}; it is incomplete or corrupt "
+        raise ValueError(f"cannot read the save_to_disk folder {str(path)!r}; it is empty, incomplete or corrupt "
                          f"({type(err).__name__}: {err})") from None  # a missing or bad .arrow file raise
 
 

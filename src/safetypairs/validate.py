@@ -264,11 +264,11 @@ class ValidateTransform:
         original, edited = decoded
         if original.size != edited.size:
             if c.size_mismatch == "reject":
-                return _fail(row, "size_mismatch", f"original {original.size} vs edited {edited.size}")
+                return _fail(row, "size_mismatch", f"row {name}: original {original.size} vs edited {edited.size}")
             edited = edited.resize(original.size, Image.Resampling.LANCZOS)
             row[S.VALIDATE_RESIZED] = True
         if min(original.size) < c.min_side:
-            return _fail(row, "too_small", f"size {original.size} below min_side={c.min_side}")
+            return _fail(row, "too_small", f"row {name}: size {original.size} below min_side={c.min_side}")
         row[S.VALIDATE_STATUS] = STATUS_OK
         work_a, work_b = original, edited
         scale = c.max_side / max(original.size)
