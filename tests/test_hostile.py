@@ -12,7 +12,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from datasets import Dataset, Features, Value, concatenate_datasets, load_dataset
+from datasets import (
+    Dataset,
+    Features,
+    Value,
+    concatenate_datasets,
+    load_dataset,
+    load_from_disk,
+)
 from datasets import Image as ImageFeature
 from hostile_files import LIE_SIDE, encode, hostile_files, photo, write_files
 from PIL import Image, ImageDraw
@@ -167,6 +174,9 @@ def test_release_and_evaluate_of_the_hostile_run(runs, tmp_path, capsys):
 def test_release_never_fails_on_a_row_it_rejects(tmp_path):
     from release_rows import validated_rows
 
+    from safetypairs.builder import export_raw, load_raw
+    from safetypairs.release import assemble
+
     files = hostile_files()
     rows = validated_rows(4, 2, 48).cast_column(S.IMAGE, ImageFeature(decode=False)).to_list()
     rows = [dict(r) for r in rows]
@@ -188,6 +198,12 @@ def test_release_never_fails_on_a_row_it_rejects(tmp_path):
     assert "src-000" in unreadable[S.VALIDATE_ERROR] and "truncated" in unreadable[S.VALIDATE_ERROR]
     assert rejected[("src-002", 1)][S.SAFE_IMAGE] is None and rejected[("src-002", 1)][S.PAIR_ID] is None
     assert rejected[("src-003", 0)][S.UNSAFE_IMAGE] is None
+    release = assemble(load_from_disk(str(tmp_path / "validated")))  # in memory, before any writer: null cells too
+    for splits in release.configs.values():
+        for ds in splits.values():
+            iterate_everything(ds)
+    export_raw(release, tmp_path / "raw")
+    assert len(load_raw(tmp_path / "raw")["rejected"]["test"]) == len(rejected)
 
 
 def test_evaluate_a_release_holding_unreadable_bytes(runs, tmp_path):

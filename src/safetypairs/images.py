@@ -87,6 +87,16 @@ def reencoded(value: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes | None:
     return buffer.getvalue()
 
 
+def image_format(value: Any) -> str:
+    """The format Pillow names for a stored cell (``"PNG"``, ``"JPEG"`` ...), from its header alone.
+
+    Raises:
+        ImageError: for a missing or empty cell or data that is not an image.
+    """
+    with _opened(value) as (image, _):
+        return image.format or "PNG"
+
+
 def _decode(image: ImageFile.ImageFile, where: str) -> None:
     try:
         image.load()
@@ -164,7 +174,12 @@ def _reduce_loaded(image: Image.Image, max_pixels: int) -> Image.Image:
     factor = 1
     while -(-w // factor) * -(-h // factor) > max_pixels:
         factor += 1
-    return image if factor == 1 else image.reduce(factor)
+    if factor == 1:
+        return image
+    try:
+        return image.reduce(factor)
+    except ValueError:  # modes `reduce` does not take (P, 1, I;16): reduce the RGB version
+        return _to_rgb(image).reduce(factor)
 
 
 def _upright_rgb(image: Image.Image, where: str) -> Image.Image:

@@ -8,7 +8,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from datasets import Dataset, DatasetDict, Features, Value
+from datasets import Dataset, DatasetDict, Features, Sequence, Value
 from datasets.utils.py_utils import convert_file_size_to_int
 
 from safetypairs import schema as S
@@ -53,6 +53,7 @@ REQUIRED_COLUMNS = (S.SOURCE_ID, S.IMAGE, S.EDITED_IMAGE, S.CATEGORY, S.ACCEPTED
 _SELECT_COLUMNS = (S.SOURCE_ID, S.ACCEPTED, S.CANDIDATE, S.LPIPS_OUTSIDE, S.SSIM_OUTSIDE, S.PSNR_OUTSIDE)
 _ROW = "__row__"
 _PAIR = "__pair_id__"  # each row's content pair id, computed once before the configs are built
+_UNREADABLE = "__unreadable__"  # the row's image columns that cannot be read (written as null)
 _RENAMED = {S.UNSAFE_IMAGE: S.IMAGE, S.SAFE_IMAGE: S.EDITED_IMAGE}  # release column -> validated column
 _DEFAULTS = {S.HUMAN_VERIFIED: False, S.N_REVIEWERS: 0}  # release column -> value when the input lacks it
 
@@ -134,8 +135,12 @@ def pair_id(policy: str | None, category: str | None, original: Any, edited: Any
     Raises:
         ImageError: when an image cannot be read within ``max_pixels``.
     """
-    parts = [policy or "", category or "", image_digest(load_image(original, max_pixels)),
-             image_digest(load_image(edited, max_pixels))]
+    return _content_id(policy, category, image_digest(load_image(original, max_pixels)),
+                       image_digest(load_image(edited, max_pixels)))
+
+
+def _content_id(policy: str | None, category: str | None, original_digest: str, edited_digest: str) -> str:
+    parts = [policy or "", category or "", original_digest, edited_digest]
     return "sp-" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -187,7 +192,8 @@ def split_by_source(source_ids: list[str], categories: list[str], config: Releas
 
 
 def _release_batch(batch: dict[str, list], features: Features) -> dict[str, list]:
-    """Validated rows -> rows of ``features`` (pairs or rejected), with a content pair id."""
+    """Validated rows -> rows of ``features`` (pairs or rejected), with a content pair id and null cells
+    where an image cannot be read."""
     n = len(batch[S.SOURCE_ID])
     out: dict[str, list] = {}
     for name in features:
@@ -195,6 +201,7 @@ def _release_batch(batch: dict[str, list], features: Features) -> dict[str, list
             continue
         src = _RENAMED.get(name, name)
         out[name] = batch[src] if src in batch else [_DEFAULTS.get(name)] * n
+        out[name] = [None if src in bad else v for v, bad in zip(out[name], batch[_UNREADABLE])]
     out[S.PAIR_ID] = batch[_PAIR]
     if S.REJECT_REASON in features:
         out[S.REJECT_REASON] = [
@@ -243,22 +250,28 @@ def _with_reasons(rows: Dataset, reasons: list[str | None]) -> Dataset:
 
 
 def _with_pair_ids(source: Dataset, max_pixels: int) -> Dataset:
-    """``source`` (undecoded) with each row's content pair id; an accepted row whose images cannot be read
-    is rejected instead (``reject_reason`` ``unreadable`` / ``too_large``, the detail in ``validate_error``)."""
+    """``source`` (undecoded) with each row's content pair id and its unreadable image columns (written as
+    null); an accepted row with one is rejected instead (``unreadable`` / ``too_large``, detail in ``validate_error``)."""
     cols = [c for c in (S.POLICY, S.CATEGORY, S.IMAGE, S.EDITED_IMAGE, S.SOURCE_ID, S.ACCEPTED)
             if c in source.column_names]
     ids: list[str | None] = []
-    failed: dict[int, tuple[str, str]] = {}  # row -> (status, error naming the row)
+    unreadable: list[list[str]] = []
+    failed: dict[int, tuple[str, str]] = {}  # accepted row -> (status, error naming the row)
     for i, row in enumerate(progress(source.select_columns(cols), desc="release pair ids", total=len(source))):
-        try:
-            ids.append(None if row[S.EDITED_IMAGE] is None else
-                       pair_id(row.get(S.POLICY), row[S.CATEGORY], row[S.IMAGE], row[S.EDITED_IMAGE], max_pixels))
-        except ImageError as err:
-            ids.append(None)
-            if row[S.ACCEPTED]:
-                failed[i] = (err.status, f"release: row {row[S.SOURCE_ID]!r}: {err}")
-                logger.warning("%s; the candidate is rejected", failed[i][1])
+        digests, bad = {}, []
+        for column in (S.IMAGE, S.EDITED_IMAGE):
+            try:
+                digests[column] = None if row[column] is None else image_digest(load_image(row[column], max_pixels))
+            except ImageError as err:
+                bad.append(column)
+                if row[S.ACCEPTED] and i not in failed:
+                    failed[i] = (err.status, f"release: row {row[S.SOURCE_ID]!r}: {column}: {err}")
+                    logger.warning("%s; the candidate is rejected", failed[i][1])
+        ids.append(None if bad or None in digests.values() else
+                   _content_id(row.get(S.POLICY), row[S.CATEGORY], digests[S.IMAGE], digests[S.EDITED_IMAGE]))
+        unreadable.append(bad)
     source = source.add_column(_PAIR, ids, feature=Value("string"))
+    source = source.add_column(_UNREADABLE, unreadable, feature=Sequence(Value("string")))
     if not failed:
         return source
     errors = source[S.VALIDATE_ERROR] if S.VALIDATE_ERROR in source.column_names else [None] * len(source)
