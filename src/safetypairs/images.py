@@ -56,8 +56,8 @@ def load_image(value: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         ImageTooLargeError: for an image that does not fit ``max_pixels`` even reduced.
         ImageError: for a missing value, a missing or empty file, or data that is not a readable image.
     """
-    if isinstance(value, Image.Image):
-        return _upright_rgb(_reduce_loaded(value, max_pixels), "")
+    if isinstance(value, Image.Image):  # already decoded: orient, convert, then reduce to the cap
+        return _reduce_loaded(_upright_rgb(value, ""), max_pixels)
     with _opened(value) as (image, where):
         _fit(image, max_pixels, where)
         _decode(image, where)
@@ -73,17 +73,19 @@ def reencoded(value: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes | None:
 
     Returns:
         ``None`` when the stored data decodes at full size within the cap (keep it as it is), else
-        the image reduced to fit the cap (`load_image`), as PNG bytes, to store instead.
+        the image reduced to fit (`load_image`), as PNG bytes, to store instead. What is kept also
+        stays within Pillow's own decompression-bomb limit, so `datasets` decodes it without complaint.
 
     Raises:
         ImageError: as `load_image` (the cell should become null).
     """
+    keep = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
     with _opened(value) as (image, where):
-        if image.width * image.height <= max_pixels:
+        if image.width * image.height <= keep:
             _decode(image, where)
             return None
     buffer = io.BytesIO()
-    load_image(value, max_pixels).save(buffer, format="PNG")
+    _reduce_loaded(load_image(value, max_pixels), keep).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -160,7 +162,7 @@ def _fit(image: ImageFile.ImageFile, max_pixels: int, where: str) -> None:
         return
     scale = next((s for s in JPEG_SCALES if -(-w // s) * -(-h // s) <= max_pixels), None)
     if image.format in ("JPEG", "MPO") and scale is not None:
-        image.draft(image.mode, (w // scale, h // scale))
+        image.draft(image.mode, (max(1, w // scale), max(1, h // scale)))
         if image.width * image.height <= max_pixels:
             return
     raise ImageTooLargeError(f"{where}{image.format} of {w}x{h} = {w * h:,} pixels exceeds max_pixels={max_pixels:,}"
@@ -174,12 +176,7 @@ def _reduce_loaded(image: Image.Image, max_pixels: int) -> Image.Image:
     factor = 1
     while -(-w // factor) * -(-h // factor) > max_pixels:
         factor += 1
-    if factor == 1:
-        return image
-    try:
-        return image.reduce(factor)
-    except ValueError:  # modes `reduce` does not take (P, 1, I;16): reduce the RGB version
-        return _to_rgb(image).reduce(factor)
+    return image if factor == 1 else image.reduce(factor)
 
 
 def _upright_rgb(image: Image.Image, where: str) -> Image.Image:
@@ -187,7 +184,7 @@ def _upright_rgb(image: Image.Image, where: str) -> Image.Image:
     try:
         return _to_rgb(ImageOps.exif_transpose(image))
     except DECODE_ERRORS as err:
-        raise ImageError(f"{where}cannot convert a {image.mode} {image.format or 'image'} to RGB: "
+        raise ImageError(f"{where}cannot orient or convert a {image.mode} {image.format or 'image'} to RGB: "
                          f"{type(err).__name__}: {err}") from None
 
 
