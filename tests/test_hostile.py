@@ -350,8 +350,8 @@ def test_write_parquet_nulls_unreadable_cells_and_reduces_oversized_ones(tmp_pat
 
 def test_written_cells_stay_within_pillows_own_limit(tmp_path, monkeypatch):
     """A cap above Pillow's bomb limit still writes cells that default decoding reads (reduced to that limit)."""
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000)
     png = encode(photo(96).resize((640, 480)))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000)
     ds = Dataset.from_dict({S.IMAGE: [{"bytes": png, "path": None}]}, features=Features({S.IMAGE: ImageFeature()}))
     assert write_parquet(ds, tmp_path / "rows.parquet", max_pixels=10_000_000) == {"image: reduced": 1}
     (row,) = iterate_everything(Dataset.from_parquet(str(tmp_path / "rows.parquet")))
