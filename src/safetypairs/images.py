@@ -142,16 +142,17 @@ def _identify(fp: IO[bytes], where: str) -> ImageFile.ImageFile:
     failed = None
     for fmt in Image.ID:
         factory, accept = Image.OPEN[fmt]
-        accepted = accept(prefix) if accept else True
-        if fmt in UNSAFE_FORMATS or isinstance(accepted, str) or not accepted:
-            continue  # a string is Pillow's "recognised but unsupported" note
-        fp.seek(0)
+        signed = False  # the data carries this format's signature
         try:
+            accepted = accept(prefix) if accept else True
+            if fmt in UNSAFE_FORMATS or isinstance(accepted, str) or not accepted:
+                continue  # a string is Pillow's "recognised but unsupported" note
+            signed = accept is not None
+            fp.seek(0)
             return factory(fp, "")
         except DECODE_ERRORS as err:
-            if accept is None:  # a plugin without a signature test: its failure says nothing
-                continue
-            failed = failed or f"{fmt} header unreadable (truncated or corrupt): {type(err).__name__}: {err}"
+            if signed:  # a plugin without a signature test failing says nothing about the data
+                failed = failed or f"{fmt} header unreadable (truncated or corrupt): {type(err).__name__}: {err}"
     raise ImageError(where + (failed or f"not an image in a format Pillow reads (the data starts with {prefix[:8]!r})"))
 
 
