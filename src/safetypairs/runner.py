@@ -595,7 +595,8 @@ def _checked_images(table: pa.Table, name: str, max_pixels: int, counts: dict[st
         try:
             smaller = reencoded(cell, max_pixels)
         except ImageError as err:
-            logger.warning("row %r: column %r: %s; the cell is stored as null", ids[i] if ids else i, name, err)
+            row = repr(ids[i]) if ids else f"#{i} of its row group"
+            logger.warning("row %s: column %r: %s; the cell is stored as null", row, name, err)
             cells[i], outcome = None, err.status
         else:
             if smaller is None:
