@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -23,6 +24,7 @@ class FakeHub:
     def __init__(self, monkeypatch, existing=("data/pairs/test-00000-of-00009.parquet", "README.md")):
         self.calls: dict[str, object] = {}
         self.tokens: set = set()
+        self.uploaded: dict[str, bytes] = {}
         hub = self
 
         def create_repo(api, repo_id, **kw):
@@ -34,6 +36,8 @@ class FakeHub:
 
         def create_commit(api, repo_id, operations, **kw):
             hub.calls["commit"] = (repo_id, list(operations), kw)
+            hub.uploaded = {op.path_in_repo: Path(op.path_or_fileobj).read_bytes()  # what the upload sends, now
+                            for op in operations if hasattr(op, "path_or_fileobj")}
             return type("CommitInfo", (), {"commit_url": f"https://huggingface.co/datasets/{repo_id}/commit/abc"})()
 
         def update_repo_settings(api, repo_id, **kw):
@@ -67,8 +71,8 @@ def test_push_commits_exactly_the_dry_run_layout(saved, tmp_path, monkeypatch, c
     deletes = [op.path_in_repo for op in operations if not hasattr(op, "path_or_fileobj")]
     expected = layout_files(dry)
     assert repo_id == "org/sp" and sorted(adds) == sorted(expected)
-    for rel, op in adds.items():
-        assert open(op.path_or_fileobj, "rb").read() == expected[rel].read_bytes(), rel
+    for rel in adds:
+        assert hub.uploaded[rel] == expected[rel].read_bytes() == (pushed / rel).read_bytes(), rel
     assert deletes == ["data/pairs/test-00000-of-00009.parquet"]  # stale shard of an older push
     assert hub.calls["create_repo"] == ("org/sp", {"repo_type": "dataset", "private": True, "exist_ok": True})
     assert hub.calls["settings"] == ("org/sp", {"gated": "auto", "repo_type": "dataset"})

@@ -93,7 +93,8 @@ def test_edit_failed_rows_never_crash(photo):
     out = validate_pairs(data)
     assert out[S.VALIDATE_STATUS] == ["edit_failed", "edit_failed", "ok"]
     assert out[S.REJECT_REASON] == ["edit_failed", "edit_failed", None]
-    assert out[S.VALIDATE_ERROR][:2] == ["editor blocked output", "no edited image"]
+    assert out[S.VALIDATE_ERROR][0] == "editor blocked output"  # the edit stage's own error, as it is
+    assert out[S.VALIDATE_ERROR][1] == "row #1 of its batch: no edited image"
     assert out[S.ACCEPTED] == [False, False, True] and out[S.METRICS_RAN][0] == []
 
 
@@ -105,7 +106,8 @@ def test_bad_input_gets_clear_statuses(photo):
     )
     out = validate_pairs(data)
     assert out[S.VALIDATE_STATUS] == ["ok", "unreadable", "size_mismatch", "too_small"]
-    assert "unreadable image" in out[S.VALIDATE_ERROR][1]
+    assert out[S.VALIDATE_ERROR][1].startswith("row #1 of its batch: image: not an image")
+    assert "\\x89PNG" in out[S.VALIDATE_ERROR][1] and "BytesIO" not in out[S.VALIDATE_ERROR][1]
     assert "(160, 120)" in out[S.VALIDATE_ERROR][2] and "min_side=32" in out[S.VALIDATE_ERROR][3]
     assert set(out[S.REJECT_REASON][1:]) <= set(REJECT_REASONS)
     resized = validate_pairs(data.select([2]), size_mismatch="resize")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from collections.abc import Iterator
@@ -11,9 +10,9 @@ from typing import Any
 
 import datasets
 from datasets import DatasetDict
-from PIL import Image as PILImage
 
 from safetypairs import schema as S
+from safetypairs.images import ImageError, image_format
 from safetypairs.release import FEATURES, Release
 from safetypairs.stage import undecoded
 from safetypairs.utils import prepare_out_dir, progress
@@ -29,8 +28,12 @@ def _save_image(cell: dict[str, Any] | None, folder: Path, stem: str, root: Path
     """Write an undecoded image cell's bytes unchanged; return its path relative to ``root``."""
     if cell is None:
         return None
-    data = cell.get("bytes") or Path(cell["path"]).read_bytes()
-    fmt = (PILImage.open(io.BytesIO(data)).format or "png").lower()
+    try:
+        fmt = image_format(cell).lower()
+        data = cell.get("bytes") or Path(cell["path"]).read_bytes()
+    except ImageError as err:
+        logger.warning("%s/%s: %s; left out (null)", folder.name, stem, err)
+        return None
     path = folder / f"{stem}.{'jpg' if fmt == 'jpeg' else fmt}"
     path.write_bytes(data)
     return path.relative_to(root).as_posix()

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 from safetypairs import schema as S
 from safetypairs.caveats import unchecked_flips
-from safetypairs.images import load_image
+from safetypairs.images import ImageError, load_image
 
 if TYPE_CHECKING:
     from safetypairs.release import Release, ReleaseConfig
@@ -119,7 +119,7 @@ def card_stats(release: Release) -> dict[str, Any]:
     pairs = release["pairs"]
     splits = list(pairs)
     per_split = {s: Counter(pairs[s][S.CATEGORY]) for s in splits}
-    categories = sorted(set().union(*per_split.values())) if per_split else []
+    categories = sorted(set().union(*per_split.values()), key=str) if per_split else []  # str: null sorts too
     names = S.IMAGE_FEATURES[S.LABEL].names
     roles: Counter = Counter()
     for ds in release["images"].values():
@@ -180,7 +180,7 @@ def _grid_rows(release: Release, n: int) -> list[int]:
     by_cat: dict[str, list[int]] = {}
     for i, cat in enumerate(ds[S.CATEGORY]):
         by_cat.setdefault(cat, []).append(i)
-    queues = [by_cat[c] for c in sorted(by_cat)]
+    queues = [by_cat[c] for c in sorted(by_cat, key=str)]  # str: a null category sorts too
     picked: list[int] = []
     while len(picked) < n and any(queues):
         for q in queues:
@@ -191,8 +191,12 @@ def _grid_rows(release: Release, n: int) -> list[int]:
 
 def _cell(value: Any, caption: str) -> Image.Image:
     cell = Image.new("RGB", (GRID_CELL, GRID_CELL + 20), "white")
-    if value is not None:
-        image = load_image(value)
+    try:
+        image = None if value is None else load_image(value)
+    except ImageError as err:
+        logger.warning("example grid: %s: %s", caption, err)
+        image, caption = None, f"{caption} (unreadable)"
+    if image is not None:
         image.thumbnail((GRID_CELL, GRID_CELL))
         cell.paste(image, ((GRID_CELL - image.width) // 2, 20 + (GRID_CELL - image.height) // 2))
     ImageDraw.Draw(cell).text((4, 4), caption, fill="black")

@@ -15,6 +15,14 @@ class CLIError(Exception):
     """A user error the CLI reports as one line and exit status 2 (no traceback)."""
 
 
+def _add_max_pixels(p: argparse.ArgumentParser) -> None:
+    from safetypairs.images import DEFAULT_MAX_PIXELS
+
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"largest image decoded, in pixels (default: {DEFAULT_MAX_PIXELS:,}); larger JPEGs are decoded "
+                        "reduced, other larger images get status too_large and a null cell")
+
+
 def _cmd_policies(args: argparse.Namespace) -> int:
     from safetypairs.policy import builtin_policies, load_policy
 
@@ -130,7 +138,7 @@ def _cmd_release(args: argparse.Namespace) -> int:
 
     config = ReleaseConfig(split_by=args.split_by, test_size=args.test_size, seed=args.seed,
                            include_rejected=not args.no_rejected, max_shard_size=args.max_shard_size,
-                           license=args.license, pretty_name=args.name)
+                           license=args.license, pretty_name=args.name, max_pixels=args.max_pixels)
     push = PushConfig(args.push, private=not args.public, gated=args.gated) if args.push else None
     if args.min_reviewers is not None and not args.require_review:
         raise CLIError("--min-reviewers needs --require-review")
@@ -145,7 +153,10 @@ def _cmd_release(args: argparse.Namespace) -> int:
         if not isinstance(data, Dataset):
             raise CLIError("--require-review needs validated rows, not a raw layout")
         review = load_review(args.input, data, args.min_reviewers or 1)
-    out = write_release(data, args.out, config, overwrite=args.overwrite, inputs=(args.input,), review=review)
+    pushed: list[str] = []
+    upload = (lambda work: pushed.append(push_release(work, push))) if push and not args.dry_run else None
+    out = write_release(data, args.out, config, overwrite=args.overwrite, inputs=(args.input,), review=review,
+                        before_rename=upload)  # a failed upload leaves no folder
     files = layout_files(out)
     sys.stdout.write(f"release written to {out} ({len(files)} files)\n")
     for rel, path in files.items():
@@ -154,7 +165,7 @@ def _cmd_release(args: argparse.Namespace) -> int:
         sys.stdout.write(f"dry run: these files would be committed to datasets/{push.repo_id} "
                          f"({'private' if push.private else 'public'}{', gated' if push.gated else ''})\n")
     elif push:
-        sys.stdout.write(f"pushed: {push_release(out, push)}\n")
+        sys.stdout.write(f"pushed: {pushed[0]}\n")
     return 0
 
 
@@ -189,6 +200,7 @@ def _add_release(sub: argparse._SubParsersAction) -> None:
                    help="release only pairs a majority of reviewers accepted (INPUT/review.jsonl, `safetypairs review`)")
     p.add_argument("--min-reviewers", type=int, default=None,
                    help="with --require-review: reviewers needed per pair (default: 1)")
+    _add_max_pixels(p)
     p.set_defaults(func=_cmd_release)
 
 
@@ -200,7 +212,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     config = ValidateConfig(original_column=args.original_column, edited_column=args.edited_column,
                             policy=args.policy, judge=args.judge, lpips=args.lpips, clip=args.clip,
                             device=args.device, size_mismatch=args.size_mismatch, batch_size=args.batch_size,
-                            thresholds=args.thresholds, composite=args.composite)
+                            thresholds=args.thresholds, composite=args.composite, max_pixels=args.max_pixels)
     check_not_input(args.out, (args.input,))
     run = RunConfig(out=args.out, chunk_size=args.chunk_size, source=args.input, overwrite=args.overwrite)
     with session(config.device) as state:
@@ -245,6 +257,7 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
                         "decisions are made before compositing")
     p.add_argument("--chunk-size", type=int, default=64, help="rows per resumable chunk (default: 64)")
     p.add_argument("--overwrite", action="store_true", help="replace an output folder holding another run")
+    _add_max_pixels(p)
     p.set_defaults(func=_cmd_validate)
 
 
@@ -295,7 +308,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from safetypairs.runner import RunConfig, session
 
     config = EvaluateConfig(guards=tuple(args.guard), policy=args.policy, device=args.device,
-                            batch_size=args.batch_size, n_bootstrap=args.bootstrap, seed=args.seed)
+                            batch_size=args.batch_size, n_bootstrap=args.bootstrap, seed=args.seed,
+                            max_pixels=args.max_pixels)
     natural = _natural_rows(args.natural, args.natural_split) if args.natural else None
     run = RunConfig(out=args.out, chunk_size=args.chunk_size, overwrite=args.overwrite)
     with session(config.device):
@@ -366,6 +380,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                                      "not_unsafe are natural negatives): their accuracy is reported beside the "
                                      "release's pair accuracy, with the gap")
     p.add_argument("--natural-split", default=None, help="split of --natural (default: test, else train)")
+    _add_max_pixels(p)
     p.set_defaults(func=_cmd_evaluate)
 
 
@@ -409,7 +424,7 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from safetypairs.generate import GenerateConfig, generate_from_source
     from safetypairs.registry import parse_options
-    from safetypairs.runner import RunConfig
+    from safetypairs.runner import RunConfig, check_not_input
 
     trust = (("trust_remote_code", "true"),) if args.trust_remote_code else ()
     config = GenerateConfig(
@@ -417,7 +432,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         control=args.control, seed=args.seed, device=args.device, batch_size=args.batch_size,
         instructor_options=tuple(parse_options(args.instructor_options).items()) + trust,
         editor_options=tuple(parse_options(args.editor_options).items()) + trust, mask_column=args.mask_column,
+        max_pixels=args.max_pixels,
     )
+    check_not_input(args.out, (args.source,) if Path(args.source).exists() else ())
     run = RunConfig(out=args.out, chunk_size=args.chunk_size, overwrite=args.overwrite)
     summary = generate_from_source(args.source, config, run, split=args.split, columns=_source_columns(args))
     if summary is not None:  # rank 0 under accelerate launch / torchrun
@@ -482,6 +499,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an output folder holding another run")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow model repos' own code (off by default; only for repos you trust)")
+    _add_max_pixels(p)
     p.set_defaults(func=_cmd_generate)
 
 
@@ -549,7 +567,7 @@ def _embed_config(args: argparse.Namespace):
     from safetypairs.embed import EmbedConfig
 
     return EmbedConfig(encoder=args.encoder, image_column=args.image_column, device=args.device,
-                       batch_size=args.batch_size)
+                       batch_size=args.batch_size, max_pixels=args.max_pixels)
 
 
 def _add_embed_options(p: argparse.ArgumentParser) -> None:
@@ -558,6 +576,7 @@ def _add_embed_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-column", default="image", help="the image column (default: image)")
     p.add_argument("--batch-size", type=int, default=32, help="images per encoder call (default: 32)")
     p.add_argument("--device", default="auto", help="auto (the rank's GPU when present) or a torch device")
+    _add_max_pixels(p)
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
@@ -727,5 +746,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CLIError, ValueError, OSError) as err:  # OSError: missing/unwritable files and folders
         if args.verbose:
             raise
-        sys.stderr.write(f"safetypairs {args.command}: error: {err}\n")
+        sys.stderr.write(f"safetypairs {args.command}: error: {' '.join(str(err).splitlines())}\n")
         return 2

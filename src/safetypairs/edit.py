@@ -12,7 +12,13 @@ from datasets import Dataset
 from PIL import Image
 
 from safetypairs import schema as S
-from safetypairs.images import ImageError, image_digest, load_image
+from safetypairs.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    check_max_pixels,
+    image_digest,
+    load_image,
+)
 from safetypairs.instructions import noop_instruction
 from safetypairs.registry import (
     available,
@@ -49,6 +55,7 @@ class EditConfig:
         editor_options: extra ``(key, value)`` options for the editor backend (steps, guidance...).
         mask_column: a column of masks (white = edit) for editors that take masks (``takes_mask``,
             e.g. ``diffusers:`` with an inpainting pipeline); refused for any other editor.
+        max_pixels: images with more pixels are decoded reduced (JPEG) or get status ``too_large``.
     """
 
     editor: str = "ocr-inpaint"
@@ -60,9 +67,11 @@ class EditConfig:
     num_proc: int | None = None
     editor_options: tuple[tuple[str, Any], ...] = ()
     mask_column: str | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
         check_options("editors", self.editor, dict(self.editor_options))
+        check_max_pixels(self.max_pixels)
         if self.mask_column is not None:
             _check_takes_mask(self.editor, self.mask_column)
         if self.candidates < 1:
@@ -161,11 +170,12 @@ class EditTransform:
                 source = i // self.config.candidates
                 if source not in decoded:
                     mask_cell = out[self.config.mask_column][i] if self.config.mask_column else None
-                    decoded[source] = (load_image(out[S.IMAGE][i]),
-                                       load_image(mask_cell).convert("L") if self.config.mask_column else None)
+                    cap = self.config.max_pixels
+                    decoded[source] = (load_image(out[S.IMAGE][i], cap),
+                                       load_image(mask_cell, cap).convert("L") if self.config.mask_column else None)
                 image, mask = decoded[source]
             except ImageError as err:
-                out[S.EDIT_STATUS][i], out[S.EDIT_ERROR][i] = "unreadable", f"row {sid!r}: {err}"
+                out[S.EDIT_STATUS][i], out[S.EDIT_ERROR][i] = err.status, f"row {sid!r}: {err}"
                 continue
             jobs.append(_Job(i, image, out[S.INSTRUCTION][i], out[S.SEED][i], S.EDITED_IMAGE, mask))
             if self.config.control and out[S.CANDIDATE][i] == 0:

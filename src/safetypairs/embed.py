@@ -10,7 +10,12 @@ from typing import Any
 import numpy as np
 from datasets import Dataset, Features
 
-from safetypairs.images import ImageError, load_image
+from safetypairs.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    check_max_pixels,
+    load_image,
+)
 from safetypairs.registry import available, backend_class, load_backend, parse_spec
 from safetypairs.schema import (
     CATEGORY,
@@ -52,6 +57,7 @@ class EmbedConfig:
         device: ``"auto"`` (the rank's GPU when present) or a torch device string.
         batch_size: images per encoder call.
         num_proc: `Dataset.map` processes for `embed_dataset` (one per GPU); ``None`` for this process.
+        max_pixels: images with more pixels are decoded reduced (JPEG) or get status ``too_large``.
     """
 
     encoder: str
@@ -59,8 +65,10 @@ class EmbedConfig:
     device: str = "auto"
     batch_size: int = 32
     num_proc: int | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
+        check_max_pixels(self.max_pixels)
         alias = parse_spec("encoders", self.encoder).alias
         allowed = embedding_encoders()
         if alias not in allowed:
@@ -71,8 +79,8 @@ class EmbedConfig:
             raise ValueError(f"EmbedConfig.num_proc must be >= 1 or None, got {self.num_proc}")
 
     def settings(self) -> dict[str, Any]:
-        """What decides the output rows (the run fingerprint): the encoder and the image column."""
-        return {"encoder": self.encoder, "image_column": self.image_column}
+        """What decides the output rows (the run fingerprint): the encoder, the image column and the pixel cap."""
+        return {"encoder": self.encoder, "image_column": self.image_column, "max_pixels": self.max_pixels}
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,7 @@ class EmbedTransform:
     encoder: str
     image_column: str = IMAGE
     device: str = "auto"
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __call__(self, batch: dict[str, list], rank: int | None = None) -> dict[str, list]:
         """Embed the readable images of a batch in one encoder call."""
@@ -94,11 +103,12 @@ class EmbedTransform:
         images, keep = [], []
         for i, cell in enumerate(batch[self.image_column]):
             try:
-                images.append(load_image(cell))
+                images.append(load_image(cell, self.max_pixels))
                 keep.append(i)
             except ImageError as err:
                 row = batch[SOURCE_ID][i] if SOURCE_ID in batch else f"#{i} of the batch"
-                out[EMBED_STATUS][i], out[EMBED_ERROR][i] = BAD_IMAGE, f"row {row}: {err}"
+                status = BAD_IMAGE if err.status == ImageError.status else err.status
+                out[EMBED_STATUS][i], out[EMBED_ERROR][i] = status, f"row {row}: {err}"
         if images:
             vectors = load_backend("encoders", self.encoder, device_for_rank(self.device, rank)).embed(images)
             for i, vector in zip(keep, np.asarray(vectors, dtype=np.float32)):
@@ -135,7 +145,8 @@ def embed_dataset(dataset: Dataset, config: EmbedConfig) -> Dataset:
     _check_input(dataset, config)
     features = output_features(dataset)
     mapped, _ = map_stage(
-        dataset, EmbedTransform(config.encoder, config.image_column, config.device), stage=f"{STAGE} {config.encoder}",
+        dataset, EmbedTransform(config.encoder, config.image_column, config.device, config.max_pixels),
+        stage=f"{STAGE} {config.encoder}",
         features=with_columns(dataset.features, EMBED_FEATURES), status_column=EMBED_STATUS,
         batch_size=config.batch_size, num_proc=config.num_proc,
     )
@@ -217,4 +228,4 @@ def run_embed(dataset: Dataset, config: EmbedConfig, run: Any) -> Any:
 
     _check_input(dataset, config)
     return run_stage(dataset, EmbedChunk(config), stage=STAGE, settings=config.settings(), run=run,
-                     device=config.device)
+                     device=config.device, max_pixels=config.max_pixels)

@@ -16,7 +16,12 @@ from datasets import Dataset, DatasetDict, Features, Value
 
 from safetypairs.backends.base import as_verdict
 from safetypairs.caveats import release_caveats
-from safetypairs.images import ImageError, load_image
+from safetypairs.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    check_max_pixels,
+    load_image,
+)
 from safetypairs.metrics import compute_metrics
 from safetypairs.natural import natural_comparison
 from safetypairs.policy import Policy, cached_policy, load_policy
@@ -24,7 +29,9 @@ from safetypairs.registry import check_options, load_backend
 from safetypairs.runner import (
     RunConfig,
     RunSummary,
+    check_not_input,
     content_fingerprint,
+    load_checked,
     process_state,
     run_stage,
 )
@@ -67,6 +74,7 @@ class EvaluateConfig:
         num_proc: `Dataset.map` processes (one per GPU); ``None`` for this process.
         n_bootstrap: bootstrap resamples over pairs for the CIs (0 turns them off).
         seed: bootstrap seed.
+        max_pixels: images with more pixels are decoded reduced (JPEG) or get status ``too_large``.
     """
 
     guards: tuple[str, ...]
@@ -76,8 +84,10 @@ class EvaluateConfig:
     num_proc: int | None = None
     n_bootstrap: int = 1000
     seed: int = 0
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
+        check_max_pixels(self.max_pixels)
         if isinstance(self.guards, str) or not self.guards:
             raise ValueError("EvaluateConfig.guards must be a non-empty tuple of guard specs")
         object.__setattr__(self, "guards", tuple(dict.fromkeys(self.guards)))
@@ -120,21 +130,25 @@ class GuardTransform:
     guard: str
     policy: str
     device: str = "auto"
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __call__(self, batch: dict[str, list], rank: int | None = None) -> dict[str, list]:
-        """Classify a batch; unreadable images get ``unknown`` with status ``bad_image``, images the
-        guard raised on get ``unknown`` with status ``error`` (the others of the batch still run)."""
+        """Classify a batch; unreadable images get ``unknown`` with status ``bad_image`` (``too_large``
+        over the pixel cap), images the guard raised on get ``unknown`` with status ``error`` (the
+        others of the batch still run)."""
         cols = guard_columns(self.guard)
         n = len(batch[IMAGE])
         out: dict[str, list] = {cols[f]: [None] * n for f in PREDICTION_FIELDS}
         images, keep = [], []
         for i, cell in enumerate(batch[IMAGE]):
             try:
-                images.append(load_image(cell))
+                images.append(load_image(cell, self.max_pixels))
                 keep.append(i)
             except ImageError as err:
-                out[cols["pred"]][i], out[cols["status"]][i] = UNKNOWN, BAD_IMAGE
-                out[cols["rationale"]][i] = out[cols["raw"]][i] = str(err)
+                status = BAD_IMAGE if err.status == ImageError.status else err.status
+                out[cols["pred"]][i], out[cols["status"]][i] = UNKNOWN, status
+                out[cols["rationale"]][i] = out[cols["raw"]][i] = (
+                    f"image {batch[PAIR_ID][i]!r} ({batch[ROLE][i]}): {err}")
         if images:
             backend = load_backend("guards", self.guard, device_for_rank(self.device, rank))
             policy = cached_policy(self.policy)
@@ -180,7 +194,7 @@ def predict(dataset: Dataset, config: EvaluateConfig) -> tuple[Dataset, dict[str
     for spec in config.guards:
         start = time.perf_counter()
         current, result = map_stage(
-            current, GuardTransform(spec, config.policy, config.device), stage=f"evaluate {spec}",
+            current, GuardTransform(spec, config.policy, config.device, config.max_pixels), stage=f"evaluate {spec}",
             features=with_columns(current.features, guard_features(spec)),
             status_column=guard_columns(spec)["status"], batch_size=config.batch_size, num_proc=config.num_proc,
         )
@@ -305,7 +319,7 @@ def load_release(path: str, name: str = "images", split: str | None = None) -> D
     if name not in datasets.get_dataset_config_names(path):
         logger.info("release %s has no %r config", path, name)
         return None
-    loaded = datasets.load_dataset(path, name)
+    loaded = load_checked(path, name)
     if not isinstance(loaded, DatasetDict):
         return loaded
     if split is None:
@@ -336,9 +350,12 @@ def evaluate_release(path: str, config: EvaluateConfig, run: RunConfig, split: s
 
     Raises:
         ValueError: when ``path`` is not a release (no ``images`` config).
+        OutputDirError: when ``run.out`` is the input, contains it or lies inside it.
     """
     from safetypairs.report import render_report
 
+    local = (path,) if Path(path).exists() else ()
+    check_not_input(run.out, local)  # before anything is read
     state = process_state(config.device)
     with state.main_process_first():
         images = load_release(path, "images", split)
@@ -371,9 +388,8 @@ def evaluate_release(path: str, config: EvaluateConfig, run: RunConfig, split: s
 
     settings = {**evaluate_settings(config), "dataset": str(path), "split": used,
                 "natural": content_fingerprint(natural) if natural is not None else None}
-    local = (path,) if Path(path).exists() else ()
     summary = run_stage(images, compute, stage="evaluate", settings=settings, run=replace(run, source=run.source or str(path)),
-                        device=config.device, finalize=finalize, inputs=local)
+                        device=config.device, finalize=finalize, inputs=local, max_pixels=config.max_pixels)
     if summary is None:  # not rank 0: rank 0 scores and writes
         return {}
     if not results:  # a finished folder with the same settings and data was reused

@@ -11,6 +11,7 @@ from datasets import Dataset
 
 from safetypairs import schema as S
 from safetypairs.edit import EditConfig, run_edit
+from safetypairs.images import DEFAULT_MAX_PIXELS
 from safetypairs.instruct import (
     UNKNOWN_CATEGORY,
     InstructConfig,
@@ -45,6 +46,8 @@ class GenerateConfig:
         instructor_options: ``(key, value)`` options for the instructor backend.
         editor_options: ``(key, value)`` options for the editor backend.
         mask_column: a mask column for mask-guided (inpainting) editors.
+        max_pixels: images with more pixels are decoded reduced (JPEG) or get status ``too_large``;
+            an output image cell that does not decode within it is stored as null.
     """
 
     policy: str | Policy = "llavaguard"
@@ -59,6 +62,7 @@ class GenerateConfig:
     instructor_options: tuple[tuple[str, Any], ...] = ()
     editor_options: tuple[tuple[str, Any], ...] = ()
     mask_column: str | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
         self.instruct_config()  # both stage configs validate their fields up front
@@ -68,13 +72,14 @@ class GenerateConfig:
         """The instruct stage's settings (``device`` overrides the configured one)."""
         return InstructConfig(instructor=self.instructor, policy=self.policy, device=device or self.device,
                               batch_size=self.batch_size, num_proc=self.num_proc,
-                              instructor_options=tuple(self.instructor_options))
+                              instructor_options=tuple(self.instructor_options), max_pixels=self.max_pixels)
 
     def edit_config(self, device: str | None = None) -> EditConfig:
         """The edit stage's settings (``device`` overrides the configured one)."""
         return EditConfig(editor=self.editor, candidates=self.candidates, control=self.control, seed=self.seed,
                           device=device or self.device, batch_size=self.batch_size, num_proc=self.num_proc,
-                          editor_options=tuple(self.editor_options), mask_column=self.mask_column)
+                          editor_options=tuple(self.editor_options), mask_column=self.mask_column,
+                          max_pixels=self.max_pixels)
 
 
 def generate_pairs(
@@ -121,7 +126,8 @@ def run_settings(config: GenerateConfig) -> dict[str, Any]:
     return {k: v for k, v in asdict(config).items() if k not in NOT_FINGERPRINTED}
 
 
-def run_generate(source: Dataset, config: GenerateConfig, run: RunConfig) -> RunSummary | None:
+def run_generate(source: Dataset, config: GenerateConfig, run: RunConfig,
+                 inputs: tuple[str | Path, ...] = ()) -> RunSummary | None:
     """Generate candidate rows for ``source`` on the shared runner: sharded over the launched processes, resumable.
 
     Under ``accelerate launch`` / ``torchrun`` each rank takes a contiguous run of chunks and skips
@@ -133,6 +139,7 @@ def run_generate(source: Dataset, config: GenerateConfig, run: RunConfig) -> Run
         source: the source rows.
         config: what to generate.
         run: where to write, the chunk size and the overwrite policy.
+        inputs: local input paths ``run.out`` must not be, contain or lie inside.
 
     Returns:
         The run summary on rank 0; ``None`` on the other ranks.
@@ -159,7 +166,8 @@ def run_generate(source: Dataset, config: GenerateConfig, run: RunConfig) -> Run
         }
 
     return run_stage(source, compute, stage="generate", settings=run_settings(config), run=run,
-                     device=config.device, rows_per_input=config.candidates, finalize=provenance)
+                     device=config.device, rows_per_input=config.candidates, finalize=provenance,
+                     inputs=inputs, max_pixels=config.max_pixels)
 
 
 def generate_from_source(spec: str, config: GenerateConfig, run: RunConfig, split: str = "train",
@@ -186,7 +194,8 @@ def generate_from_source(spec: str, config: GenerateConfig, run: RunConfig, spli
     with session(config.device) as state:
         with state.main_process_first():
             source = load_source(spec, split=split, columns=columns)
-        summary = run_generate(source, config, replace(run, source=run.source or spec))
+        local = (spec,) if Path(spec).exists() else ()
+        summary = run_generate(source, config, replace(run, source=run.source or spec), inputs=local)
     if summary is not None:
         check_survivors(summary)
     return summary

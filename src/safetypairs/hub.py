@@ -58,11 +58,14 @@ def layout_files(out_dir: str | Path) -> dict[str, Path]:
 
     Raises:
         FileNotFoundError: if the folder holds no ``README.md``.
+
+    Hidden files and folders (``.cache``, a writer's ``.lock``) are left out.
     """
     root = Path(out_dir)
     if not (root / "README.md").is_file():
         raise FileNotFoundError(f"{root} is not a release folder (no README.md); run write_release first")
-    files = (p for p in root.rglob("*") if p.is_file() and ".cache" not in p.relative_to(root).parts)
+    files = (p for p in root.rglob("*") if p.is_file()
+             and not any(part.startswith(".") for part in p.relative_to(root).parts))  # .cache, a writer's .lock
     return {p.relative_to(root).as_posix(): p for p in sorted(files)}
 
 
@@ -91,9 +94,10 @@ def push_release(out_dir: str | Path, config: PushConfig, token: str | None = No
 
     Raises:
         HubAccessError: if no token is available, or the Hub refuses it.
+        ConnectionError: when the Hub cannot be reached (no network, offline mode).
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, HTTPError
 
     files = layout_files(out_dir)
     api = HfApi(token=_resolve_token(token))
@@ -111,6 +115,9 @@ def push_release(out_dir: str | Path, config: PushConfig, token: str | None = No
         status = getattr(getattr(err, "response", None), "status_code", "?")
         raise HubAccessError(f"the Hub refused the upload to {config.repo_id} (HTTP {status}); check that your "
                              "token has write access to that namespace") from None
+    except (HTTPError, ConnectionError) as err:  # the transport failed (HfHubHTTPError, a reply, is above)
+        raise ConnectionError(f"cannot reach the Hub to push {config.repo_id}: {type(err).__name__}: "
+                              f"{' '.join(str(err).split())}") from None
     logger.info("pushed %d files to %s (%s%s)", len(files), config.repo_id,
                 "private" if config.private else "public", f", gated={config.gated}" if config.gated else "")
     return str(getattr(info, "commit_url", info))

@@ -11,7 +11,13 @@ from datasets import Dataset
 
 from safetypairs import schema as S
 from safetypairs.backends.base import InstructResult
-from safetypairs.images import ImageError, load_image
+from safetypairs.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    ImageTooLargeError,
+    check_max_pixels,
+    load_image,
+)
 from safetypairs.policy import Policy, is_none_category, load_policy
 from safetypairs.registry import load_backend, parse_spec
 from safetypairs.stage import StageResult, isolate, map_stage
@@ -30,6 +36,7 @@ class InstructConfig:
         num_proc: processes for ``Dataset.map`` (one per GPU).
         instructor_options: extra ``(key, value)`` options for the instructor backend
             (``hf-vlm``: dtype, trust_remote_code, revision, max_new_tokens).
+        max_pixels: images with more pixels are decoded reduced (JPEG) or get status ``too_large``.
     """
 
     instructor: str = "template"
@@ -38,9 +45,11 @@ class InstructConfig:
     batch_size: int = 8
     num_proc: int | None = None
     instructor_options: tuple[tuple[str, Any], ...] = ()
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
         parse_spec("instructors", self.instructor)
+        check_max_pixels(self.max_pixels)
         load_policy(self.policy)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
@@ -62,13 +71,16 @@ class InstructTransform:
 
         policy = self.policy
         n = len(batch[S.IMAGE])
+        out_images = list(batch[S.IMAGE])
         results: list[InstructResult | None] = [None] * n
         todo, rows = [], []
         for i in range(n):
             row = {k: v[i] for k, v in batch.items()}
-            problem = _check_row(row, policy)
+            problem = _check_row(row, policy, self.config.max_pixels)
             if problem:
                 results[i] = problem
+                if problem.status in (ImageError.status, ImageTooLargeError.status):
+                    out_images[i] = None  # the unreadable bytes are not carried on
             else:
                 todo.append(i)
                 rows.append(row)
@@ -80,6 +92,7 @@ class InstructTransform:
                 results[i] = result if error is None else InstructResult(
                     None, None, "", "error", f"row {row.get(S.SOURCE_ID)!r}: {error}")
         out = dict(batch)
+        out[S.IMAGE] = out_images
         if S.CATEGORY in batch:  # resolved codes ("O1: Hate, ..." -> "O1") for the rows that were instructed
             out[S.CATEGORY] = list(batch[S.CATEGORY])
             for i, row in zip(todo, rows):
@@ -119,7 +132,7 @@ def status_error(status: str, category: Any, policy: Policy) -> str:
             "'<code>: <name>', the names or a category's aliases)")
 
 
-def _check_row(row: dict[str, Any], policy: Policy) -> InstructResult | None:
+def _check_row(row: dict[str, Any], policy: Policy, max_pixels: int) -> InstructResult | None:
     """A status result for a row that cannot be instructed (safe, bad category or image), else None.
 
     On success the row's category becomes its code and its image cell the decoded RGB image.
@@ -130,9 +143,9 @@ def _check_row(row: dict[str, Any], policy: Policy) -> InstructResult | None:
                               f"row {row.get(S.SOURCE_ID)!r}: {status_error(status, row.get(S.CATEGORY), policy)}")
     row[S.CATEGORY] = code
     try:
-        row[S.IMAGE] = load_image(row[S.IMAGE])
+        row[S.IMAGE] = load_image(row[S.IMAGE], max_pixels)
     except ImageError as err:
-        return InstructResult(None, None, "", "unreadable", f"row {row.get(S.SOURCE_ID)!r}: {err}")
+        return InstructResult(None, None, "", err.status, f"row {row.get(S.SOURCE_ID)!r}: {err}")
     return None
 
 

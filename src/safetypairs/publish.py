@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ def write_release(
     overwrite: bool = False,
     inputs: tuple[str | Path, ...] = (),
     review: ReviewResult | None = None,
+    before_rename: Callable[[Path], object] | None = None,
 ) -> Path:
     """Write the exact hub layout: ``README.md`` card, ``data/<config>/<split>-xxxxx-of-xxxxx.parquet``, ``assets/``.
 
@@ -41,12 +43,15 @@ def write_release(
         overwrite: replace a non-empty ``out_dir`` (only once the new release is complete).
         inputs: input paths ``out_dir`` must not be or contain.
         review: human verdicts (`review.load_review`) to release only verified pairs; needs validated rows.
+        before_rename: called with the complete work folder before it moves into place (the Hub upload
+            of ``--push``): when it raises, no folder is left.
 
     Returns:
         ``out_dir`` as a `Path`.
 
     The folder appears whole or not at all: it is written into a locked ``<out_dir>.partial``
     sibling and renamed into place, so a failure part-way leaves the previous folder (or none).
+    Image cells that do not decode within ``config.max_pixels`` are written as null (`runner.write_parquet`).
 
     Raises:
         OutputDirError: if ``out_dir`` is an input, not empty and ``overwrite`` is false, not writable,
@@ -62,9 +67,13 @@ def write_release(
         for config_name, split, ds in progress(jobs, desc="write release"):
             (work / "data" / config_name).mkdir(parents=True, exist_ok=True)
             for index, n, shard in shards(ds, config.max_shard_size):
-                write_parquet(shard, work / "data" / config_name / f"{split}-{index:05d}-of-{n:05d}.parquet")
+                path = work / "data" / config_name / f"{split}-{index:05d}-of-{n:05d}.parquet"
+                if images := write_parquet(shard, path, config.max_pixels):
+                    logger.warning("release %s/%s: image cells stored as null or reduced: %s", config_name, split, images)
         grid = write_example_grid(release, work, config.n_examples)
         render_card(release, work, config, funnel=funnel, grid=grid).save(work / "README.md")
+        if before_rename is not None:
+            before_rename(work)
     logger.info("release written to %s", out_dir)
     return Path(out_dir)
 

@@ -8,13 +8,20 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from datasets import Dataset, DatasetDict, Features, Value
+from datasets import Dataset, DatasetDict, Features, Sequence, Value
 from datasets.utils.py_utils import convert_file_size_to_int
 
 from safetypairs import schema as S
-from safetypairs.images import image_digest, load_image
+from safetypairs.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    check_max_pixels,
+    image_digest,
+    load_image,
+)
 from safetypairs.runner import ROW_GROUP_SIZE
 from safetypairs.stage import empty_dataset, undecoded
+from safetypairs.utils import progress
 
 if TYPE_CHECKING:
     from safetypairs.review import ReviewResult
@@ -34,7 +41,9 @@ REJECTED_FEATURES = S.with_columns(
             S.CANDIDATE: Value("int32"),
             S.ACCEPTED: Value("bool"),
             S.EDIT_STATUS: Value("string"),
+            S.EDIT_ERROR: Value("string"),
             S.VALIDATE_STATUS: Value("string"),
+            S.VALIDATE_ERROR: Value("string"),
             S.REJECT_REASON: Value("string"),
         }
     ),
@@ -43,6 +52,8 @@ FEATURES = {"pairs": S.PAIR_FEATURES, "images": S.IMAGE_FEATURES, "rejected": RE
 REQUIRED_COLUMNS = (S.SOURCE_ID, S.IMAGE, S.EDITED_IMAGE, S.CATEGORY, S.ACCEPTED)
 _SELECT_COLUMNS = (S.SOURCE_ID, S.ACCEPTED, S.CANDIDATE, S.LPIPS_OUTSIDE, S.SSIM_OUTSIDE, S.PSNR_OUTSIDE)
 _ROW = "__row__"
+_PAIR = "__pair_id__"  # each row's content pair id, computed once before the configs are built
+_UNREADABLE = "__unreadable__"  # the row's image columns that cannot be read (written as null)
 _RENAMED = {S.UNSAFE_IMAGE: S.IMAGE, S.SAFE_IMAGE: S.EDITED_IMAGE}  # release column -> validated column
 _DEFAULTS = {S.HUMAN_VERIFIED: False, S.N_REVIEWERS: 0}  # release column -> value when the input lacks it
 
@@ -61,6 +72,8 @@ class ReleaseConfig:
         license: the card's license id (a Hub license identifier).
         pretty_name: the card's title.
         n_examples: pairs shown in the card's example grid.
+        max_pixels: images with more pixels are decoded reduced (JPEG) or, in an accepted candidate, get it
+            rejected as ``too_large``; a written image cell that does not decode within it is stored as null.
     """
 
     split_by: str | None = None
@@ -71,8 +84,10 @@ class ReleaseConfig:
     license: str = "cc-by-nc-4.0"
     pretty_name: str = "SafetyPairs"
     n_examples: int = 6
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
+        check_max_pixels(self.max_pixels)
         if self.split_by not in SPLIT_BY:
             raise ValueError(f"split_by must be one of {SPLIT_BY}, got {self.split_by!r}")
         if not 0.0 < self.test_size < 1.0:
@@ -103,7 +118,8 @@ class Release:
         return self.configs[config]
 
 
-def pair_id(policy: str | None, category: str | None, original: Any, edited: Any) -> str:
+def pair_id(policy: str | None, category: str | None, original: Any, edited: Any,
+            max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
     """A stable content id of a pair: same images, category and policy give the same id.
 
     Args:
@@ -111,11 +127,20 @@ def pair_id(policy: str | None, category: str | None, original: Any, edited: Any
         category: the category code.
         original: the unsafe image cell (any form `utils.load_image` reads).
         edited: the safe (edited) image cell.
+        max_pixels: the pixel cap of `images.load_image`.
 
     Returns:
         ``"sp-"`` followed by 16 hex characters of a SHA-256 over the pixel digests.
+
+    Raises:
+        ImageError: when an image cannot be read within ``max_pixels``.
     """
-    parts = [policy or "", category or "", image_digest(load_image(original)), image_digest(load_image(edited))]
+    return _content_id(policy, category, image_digest(load_image(original, max_pixels)),
+                       image_digest(load_image(edited, max_pixels)))
+
+
+def _content_id(policy: str | None, category: str | None, original_digest: str, edited_digest: str) -> str:
+    parts = [policy or "", category or "", original_digest, edited_digest]
     return "sp-" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -154,7 +179,7 @@ def split_by_source(source_ids: list[str], categories: list[str], config: Releas
     for src, cat in dict(zip(reversed(source_ids), reversed(categories))).items():
         strata[cat].append(src)
     test_sources: set[str] = set()
-    for cat in sorted(strata):
+    for cat in sorted(strata, key=str):  # str: a null category sorts too
         groups = sorted(strata[cat], key=lambda s: hashlib.sha256(f"{config.seed}|{s}".encode()).hexdigest())
         n_test = round(len(groups) * config.test_size)
         if len(groups) >= 2:
@@ -167,7 +192,8 @@ def split_by_source(source_ids: list[str], categories: list[str], config: Releas
 
 
 def _release_batch(batch: dict[str, list], features: Features) -> dict[str, list]:
-    """Validated rows -> rows of ``features`` (pairs or rejected), with a content pair id."""
+    """Validated rows -> rows of ``features`` (pairs or rejected), with a content pair id and null cells
+    where an image cannot be read."""
     n = len(batch[S.SOURCE_ID])
     out: dict[str, list] = {}
     for name in features:
@@ -175,10 +201,8 @@ def _release_batch(batch: dict[str, list], features: Features) -> dict[str, list
             continue
         src = _RENAMED.get(name, name)
         out[name] = batch[src] if src in batch else [_DEFAULTS.get(name)] * n
-    out[S.PAIR_ID] = [
-        None if edited is None else pair_id(policy, cat, orig, edited)
-        for policy, cat, orig, edited in zip(out[S.POLICY], out[S.CATEGORY], out[S.UNSAFE_IMAGE], out[S.SAFE_IMAGE])
-    ]
+        out[name] = [None if src in bad else v for v, bad in zip(out[name], batch[_UNREADABLE])]
+    out[S.PAIR_ID] = batch[_PAIR]
     if S.REJECT_REASON in features:
         out[S.REJECT_REASON] = [
             reason or (NOT_SELECTED if ok else "rejected") for reason, ok in zip(out[S.REJECT_REASON], out[S.ACCEPTED])
@@ -224,6 +248,41 @@ def _with_reasons(rows: Dataset, reasons: list[str | None]) -> Dataset:
     merged = [new or prev for new, prev in zip(reasons, old)]
     rows = rows.remove_columns([c for c in (S.REJECT_REASON,) if c in rows.column_names])
     return rows.add_column(S.REJECT_REASON, merged, feature=Value("string"))
+
+
+def _with_pair_ids(source: Dataset, max_pixels: int) -> Dataset:
+    """``source`` (undecoded) with each row's content pair id and its unreadable image columns (written as
+    null); an accepted row with one is rejected instead (``unreadable`` / ``too_large``, detail in ``validate_error``)."""
+    cols = [c for c in (S.POLICY, S.CATEGORY, S.IMAGE, S.EDITED_IMAGE, S.SOURCE_ID, S.ACCEPTED)
+            if c in source.column_names]
+    ids: list[str | None] = []
+    unreadable: list[list[str]] = []
+    failed: dict[int, tuple[str, str]] = {}  # accepted row -> (status, error naming the row)
+    for i, row in enumerate(progress(source.select_columns(cols), desc="release pair ids", total=len(source))):
+        digests, bad = {}, []
+        for column in (S.IMAGE, S.EDITED_IMAGE):
+            try:
+                digests[column] = None if row[column] is None else image_digest(load_image(row[column], max_pixels))
+            except ImageError as err:
+                bad.append(column)
+                if row[S.ACCEPTED] and i not in failed:
+                    failed[i] = (err.status, f"release: row {row[S.SOURCE_ID]!r}: {column}: {err}")
+                    logger.warning("%s; the candidate is rejected", failed[i][1])
+        ids.append(None if bad or None in digests.values() else
+                   _content_id(row.get(S.POLICY), row[S.CATEGORY], digests[S.IMAGE], digests[S.EDITED_IMAGE]))
+        unreadable.append(bad)
+    source = source.add_column(_PAIR, ids, feature=Value("string"))
+    source = source.add_column(_UNREADABLE, unreadable, feature=Sequence(Value("string")))
+    if not failed:
+        return source
+    errors = source[S.VALIDATE_ERROR] if S.VALIDATE_ERROR in source.column_names else [None] * len(source)
+    columns = {S.ACCEPTED: ([bool(ok) and i not in failed for i, ok in enumerate(source[S.ACCEPTED])], "bool"),
+               S.VALIDATE_ERROR: ([failed[i][1] if i in failed else e for i, e in enumerate(errors)], "string")}
+    source = _with_reasons(source, [failed[i][0] if i in failed else None for i in range(len(source))])
+    for name, (values, dtype) in columns.items():
+        source = source.remove_columns([name] if name in source.column_names else [])
+        source = source.add_column(name, values, feature=Value(dtype))
+    return source
 
 
 def _release_funnel(validated: Dataset, released: int) -> list[dict[str, Any]]:
@@ -288,8 +347,8 @@ def assemble(validated: Dataset, config: ReleaseConfig | None = None, review: Re
         from safetypairs.review import apply_review
 
         validated = apply_review(validated, review)
-    source = undecoded(validated)
-    best = best_candidates(validated)
+    source = _with_pair_ids(undecoded(validated), config.max_pixels)
+    best = best_candidates(source)
     pairs = _map(source.select(best), _release_batch, S.PAIR_FEATURES, "release pairs",
                  fn_kwargs={"features": S.PAIR_FEATURES})
     # identical images from two sources give one pair_id: keep the first, or it could sit in both splits
@@ -299,7 +358,7 @@ def assemble(validated: Dataset, config: ReleaseConfig | None = None, review: Re
     first = sorted(first_of.values())
     duplicates = set(best) - {best[i] for i in first}
     pairs, best = pairs.select(first), [best[i] for i in first]
-    funnel = _release_funnel(validated, len(pairs))
+    funnel = _release_funnel(source, len(pairs))
     if not len(pairs):
         raise ValueError(f"no accepted candidate to release among {len(validated)} rows "
                          f"(funnel: {_funnel_text(funnel)})")
@@ -311,7 +370,7 @@ def assemble(validated: Dataset, config: ReleaseConfig | None = None, review: Re
     )
     if config.include_rejected:
         chosen = set(best)
-        rest = [i for i in range(len(validated)) if i not in chosen]
+        rest = [i for i in range(len(source)) if i not in chosen]
         rejected = _with_reasons(source.select(rest), [DUPLICATE if i in duplicates else None for i in rest])
         configs["rejected"] = DatasetDict({"test": _map(rejected, _release_batch, REJECTED_FEATURES,
                                                         "release rejected", fn_kwargs={"features": REJECTED_FEATURES})})

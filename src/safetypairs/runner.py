@@ -22,11 +22,13 @@ from datasets import Dataset, Image, load_dataset
 from datasets.table import embed_table_storage
 from datasets.utils.py_utils import convert_file_size_to_int
 
+from safetypairs.images import DEFAULT_MAX_PIXELS, ImageError, reencoded
 from safetypairs.utils import OutputDirError, progress
 
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
+IMAGES_STATUS = "images"  # status histogram key of the image cells the writer nulled or reduced
 CHUNKS_DIR = "chunks"
 DATA_DIR = "data"
 LOCK_FILE = ".lock"
@@ -139,7 +141,7 @@ def check_not_input(out: str | Path, inputs: tuple[str | Path, ...]) -> None:
 def run_stage(data: Dataset, compute: ChunkFn, *, stage: str, settings: Mapping[str, Any], run: RunConfig,
               device: str = "auto", rows_per_input: int = 1,
               finalize: Finalize | None = None,
-              inputs: tuple[str | Path, ...] = ()) -> RunSummary | None:
+              inputs: tuple[str | Path, ...] = (), max_pixels: int = DEFAULT_MAX_PIXELS) -> RunSummary | None:
     """Run ``compute`` over ``data`` in fixed-size chunks, sharded over the launched processes, resumable.
 
     Under ``accelerate launch`` / ``torchrun`` each rank takes a contiguous run of global chunks (so
@@ -159,6 +161,7 @@ def run_stage(data: Dataset, compute: ChunkFn, *, stage: str, settings: Mapping[
         finalize: rank 0's hook ``(work folder, merged rows, summary) -> extra run.json fields``, run
             before the folder is renamed into place (write reports there).
         inputs: input paths ``out`` must not be or contain.
+        max_pixels: the pixel cap of the image cells the chunks keep (see `write_parquet`).
 
     Returns:
         The summary on rank 0 (also for a finished folder that is reused without computing);
@@ -191,7 +194,7 @@ def run_stage(data: Dataset, compute: ChunkFn, *, stage: str, settings: Mapping[
         logger.info("%s rank %d/%d on %s: %d chunk(s), %d already done", stage, state.process_index,
                     state.num_processes, dev, len(spans), len(spans) - len(todo))
         for span in progress(todo, desc=f"{stage} (rank {state.process_index})"):
-            _run_chunk(data, span, compute, work, dev, run_id)
+            _run_chunk(data, span, compute, work, dev, run_id, max_pixels)
         state.wait_for_everyone()
         if not state.is_main_process:
             return None
@@ -248,8 +251,8 @@ def _open_run(out: Path, fingerprint: str, stage: str, run: RunConfig) -> dict[s
 
 
 def _run_chunk(data: Dataset, span: tuple[int, int, int], compute: ChunkFn, work: Path, device: str,
-               run_id: str) -> None:
-    """Compute one chunk; write its parquet (image bytes embedded), then its JSON done-marker."""
+               run_id: str, max_pixels: int) -> None:
+    """Compute one chunk; write its parquet (image bytes embedded, unreadable cells null), then its JSON done-marker."""
     index, start, stop = span
     t0 = time.perf_counter()
     rows = data.select(range(start, stop)).flatten_indices(keep_in_memory=True)
@@ -257,7 +260,9 @@ def _run_chunk(data: Dataset, span: tuple[int, int, int], compute: ChunkFn, work
     t1 = time.perf_counter()
     path = chunk_path(work, index, ".parquet")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write_parquet(decoding(result), tmp)
+    images = write_parquet(decoding(result), tmp, max_pixels)
+    if images:
+        statuses = {**statuses, IMAGES_STATUS: images}
     os.replace(tmp, path)
     write_json(chunk_path(work, index, ".json"), {
         "chunk": index, "run_id": run_id, "start": start, "stop": stop, "rows_in": stop - start,
@@ -554,21 +559,57 @@ def decoding(dataset: Dataset) -> Dataset:
     return dataset.cast(features) if features != dataset.features else dataset
 
 
-def write_parquet(dataset: Dataset, path: Path) -> int:
+def write_parquet(dataset: Dataset, path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, int]:
     """Write one parquet file with image bytes embedded, in row groups of `ROW_GROUP_SIZE` (flat memory).
+
+    Every image cell is checked first (`images.reencoded`), so what is written always decodes with
+    `datasets`' default decoding: a cell that cannot be decoded within ``max_pixels`` becomes null
+    (its bytes are not carried on; a warning names the row, the column and the cause), and one that
+    only fits reduced is stored reduced, as PNG.
 
     Args:
         dataset: the rows; its features (Image, ClassLabel) go into the schema metadata.
         path: the file to write.
+        max_pixels: the pixel cap of a kept image cell.
 
     Returns:
-        The number of rows written.
+        How many image cells were nulled or reduced, keyed ``"<column>: <unreadable|too_large|reduced>"``.
     """
     schema = dataset.features.arrow_schema
+    images = [name for name, feature in dataset.features.items() if isinstance(feature, Image)]
+    counts: dict[str, int] = {}
     with pq.ParquetWriter(path, schema=schema) as writer:
         for table in dataset.with_format("arrow").iter(batch_size=ROW_GROUP_SIZE):
+            for name in images:
+                table = _checked_images(table, name, max_pixels, counts)
             writer.write_table(embed_table_storage(table).cast(schema), row_group_size=ROW_GROUP_SIZE)
-    return len(dataset)
+    return counts
+
+
+def _checked_images(table: pa.Table, name: str, max_pixels: int, counts: dict[str, int]) -> pa.Table:
+    """``table`` with the image column ``name`` checked cell by cell: unreadable -> null, oversized -> reduced."""
+    cells = table.column(name).to_pylist()
+    ids = next((table.column(c).to_pylist() for c in ("source_id", "pair_id") if c in table.column_names), None)
+    changed = False
+    for i, cell in enumerate(cells):
+        if cell is None or (cell.get("bytes") is None and cell.get("path") is None):
+            continue
+        try:
+            smaller = reencoded(cell, max_pixels)
+        except ImageError as err:
+            row = repr(ids[i]) if ids else f"#{i} of its row group"
+            logger.warning("row %s: column %r: %s; the cell is stored as null", row, name, err)
+            cells[i], outcome = None, err.status
+        else:
+            if smaller is None:
+                continue
+            cells[i], outcome = {"bytes": smaller, "path": None}, "reduced"
+        changed = True
+        counts[f"{name}: {outcome}"] = counts.get(f"{name}: {outcome}", 0) + 1
+    if not changed:
+        return table
+    index = table.column_names.index(name)
+    return table.set_column(index, table.schema.field(index), pa.array(cells, type=table.schema.field(index).type))
 
 
 def shards(dataset: Dataset, max_shard_size: int | str) -> Iterator[tuple[int, int, Dataset]]:
@@ -592,13 +633,75 @@ def load_run(out: str | Path) -> Dataset:
     """Load the merged rows of a finished run (``out/data/*.parquet``) as one `datasets.Dataset`.
 
     Raises:
-        FileNotFoundError: when the run has no merged data (unfinished, or not a run folder).
+        FileNotFoundError: when the run has no merged data (unfinished, or not a run folder) or a data
+            file its ``run.json`` lists is missing.
+        ValueError: when a data file is corrupt (named).
     """
-    files = sorted(str(p) for p in (Path(out) / DATA_DIR).glob("train-*.parquet"))
-    if not files:
+    listed = [str(Path(out) / f) for f in (read_json(Path(out) / RUN_FILE) or {}).get("files", [])]
+    missing = [f for f in listed if not Path(f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"data file {missing[0]!r} of the run {str(out)!r} is missing ({len(missing)} of "
+                                f"{len(listed)} listed in {RUN_FILE})")
+    found = sorted(str(p) for p in (Path(out) / DATA_DIR).glob("train-*.parquet"))
+    if not found:
         hint = f"; an unfinished run resumes from {str(partial_dir(Path(out)))!r}" if partial_dir(Path(out)).is_dir() else ""
         raise FileNotFoundError(f"no merged data in {str(Path(out) / DATA_DIR)!r}; has the run finished?{hint}")
-    return load_dataset("parquet", data_files=files, split="train")
+    return load_checked("parquet", data_files=found, split="train")
+
+
+def load_checked(path: str, *args: Any, **kwargs: Any) -> Any:
+    """`datasets.load_dataset` on local input, with a corrupt file reported as one error naming it.
+
+    Args:
+        path, *args, **kwargs: as for `datasets.load_dataset` (``data_files`` or a local folder give
+            the parquet files checked).
+
+    Returns:
+        What `datasets.load_dataset` returns.
+
+    Raises:
+        ValueError: naming a corrupt or unreadable parquet file, or saying what could not be read.
+        FileNotFoundError: when there are no data files.
+    """
+    from datasets.exceptions import DatasetGenerationError
+
+    files = kwargs.get("data_files") or (sorted(Path(path).rglob("*.parquet")) if Path(path).is_dir() else [])
+    files = [str(f) for f in ([files] if isinstance(files, (str, Path)) else files)]
+    for file in files:  # footers first: a truncated or foreign file fails here, cheaply, named
+        _check_parquet(file, footer_only=True)
+    try:
+        return load_dataset(path, *args, **kwargs)
+    except DatasetGenerationError as err:
+        for file in files:  # name the file whose data cannot be read
+            _check_parquet(file, footer_only=False)
+        cause = err.__cause__ or err
+        raise ValueError(f"cannot read {path!r}: {type(cause).__name__}: {cause}") from None
+
+
+def _check_parquet(file: str, footer_only: bool) -> None:
+    try:
+        if footer_only:
+            pq.read_metadata(file)
+            return
+        for _ in pq.ParquetFile(file).iter_batches(batch_size=ROW_GROUP_SIZE):
+            pass
+    except (pa.ArrowException, OSError) as err:
+        raise ValueError(f"corrupt or truncated parquet file {file!r}: {err}") from None
+
+
+def load_saved(path: str | Path) -> Any:
+    """`datasets.load_from_disk`, with an incomplete or corrupt folder reported as one error naming it.
+
+    Raises:
+        ValueError: when the folder cannot be read.
+    """
+    from datasets import load_from_disk
+
+    try:
+        return load_from_disk(str(path))
+    except (KeyError, IndexError, TypeError, ValueError, pa.ArrowException) as err:  # what a broken state.json,
+        raise ValueError(f"cannot read the save_to_disk folder {str(path)!r}; it is empty, incomplete or corrupt "
+                         f"({type(err).__name__}: {err})") from None  # a missing or bad .arrow file raise
 
 
 def is_saved_dataset(path: str | Path) -> bool:
@@ -619,8 +722,9 @@ def read_rows(path: str | Path) -> Dataset:
 
     Raises:
         FileNotFoundError: if ``path`` is not a folder or holds none of these.
+        ValueError: if a data file is corrupt (named).
     """
-    from datasets import DatasetDict, concatenate_datasets, load_from_disk
+    from datasets import DatasetDict, concatenate_datasets
 
     root = Path(path)
     if not root.is_dir():
@@ -628,9 +732,9 @@ def read_rows(path: str | Path) -> Dataset:
     if (root / RUN_FILE).is_file():
         return load_run(root)
     if is_saved_dataset(root):
-        loaded = load_from_disk(str(root))
+        loaded = load_saved(root)
     elif (root / "README.md").is_file() or any(root.rglob("*.parquet")):
-        loaded = load_dataset(str(root))
+        loaded = load_checked(str(root))
     else:
         raise FileNotFoundError(f"{str(root)!r} holds no run, save_to_disk dataset or parquet files")
     return concatenate_datasets(list(loaded.values())) if isinstance(loaded, DatasetDict) else loaded

@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from datasets import ClassLabel, Dataset, load_dataset, load_from_disk
+from datasets import ClassLabel, Dataset, load_dataset
 from PIL import Image
 
 from safetypairs import schema as S
 from safetypairs.backends.render import FONTS, TextStyle, draw_text
 from safetypairs.instructions import demo_text
 from safetypairs.policy import is_none_category
-from safetypairs.runner import is_saved_dataset
+from safetypairs.runner import is_saved_dataset, load_checked, load_saved
 from safetypairs.stage import undecoded
 
 logger = logging.getLogger(__name__)
@@ -194,16 +194,16 @@ def _read(spec: str, split: str) -> tuple[Any, Path | None]:
     """The raw dataset behind a spec and, for an image folder, its root (file paths become ids)."""
     path = Path(spec).expanduser()
     if is_saved_dataset(path):
-        return load_from_disk(str(path)), None
+        return load_saved(path), None
     if path.is_dir() and _is_image_folder(path):
         _check_metadata(path)
-        return load_dataset("imagefolder", data_dir=str(path), split=split), path.absolute()
+        return load_checked("imagefolder", data_dir=str(path), split=split), path.absolute()
     if path.is_dir():
-        return load_dataset(str(path), split=split), None
+        return load_checked(str(path), split=split), None
     if path.suffix.lower() == ".parquet" or (glob.has_magic(spec) and spec.endswith(".parquet")):
         if not glob.glob(str(path)):
             raise FileNotFoundError(f"source {spec!r}: no such parquet file")
-        return load_dataset("parquet", data_files=str(path), split="train"), None
+        return load_checked("parquet", data_files=str(path), split="train"), None
     if path.exists() or not _HUB_ID.fullmatch(spec):
         raise FileNotFoundError(
             f"source {spec!r} is not a folder or .parquet file here (a hub dataset id looks like ORG/NAME; "

@@ -25,8 +25,13 @@ from safetypairs.change import (
     ssim_map,
     to_float,
 )
-from safetypairs.images import ImageError, load_image
-from safetypairs.policy import Policy
+from safetypairs.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    check_max_pixels,
+    load_image,
+)
+from safetypairs.policy import Policy, load_policy
 from safetypairs.registry import check_options, parse_spec
 from safetypairs.runner import RunConfig, RunSummary, run_stage
 from safetypairs.stage import StageResult, map_stage
@@ -58,7 +63,9 @@ ROW_FAILURES = {
     "not_instructed": "the instruct stage wrote no instruction for this row (its instruct_status in validate_error)",
     "duplicate_candidate": "the editor returned the same image as an earlier candidate of this source",
     "edit_failed": "the edit stage failed for this row or left no edited image",
-    "unreadable": "an image cell could not be decoded (detail in validate_error)",
+    "unreadable": "an image cell could not be decoded (detail in validate_error; the cell is stored as null)",
+    "too_large": "an image has more pixels than max_pixels and cannot be decoded reduced (the cell is stored as null)",
+    "unknown_category": "the category is null, blank or not one of the policy's categories",
     "size_mismatch": "the two images differ in size and size_mismatch='reject'",
     "too_small": "an image side is below min_side (smaller than the LPIPS receptive field)",
     JUDGE_ERROR: "the judge raised on this row (detail in validate_error); its pixel metrics are kept",
@@ -126,6 +133,7 @@ class ValidateConfig:
             (5 px covers the 7x7 SSIM window around a changed pixel, diagonal included).
         mask_delta_e ... min_clip_outside: `Thresholds` overrides (``None`` = from the preset or file).
         batch_size / num_proc: `Dataset.map` settings.
+        max_pixels: images with more pixels are decoded reduced (JPEG) or are ``too_large``.
     """
 
     original_column: str = S.IMAGE
@@ -164,8 +172,10 @@ class ValidateConfig:
     min_clip_outside: float | None = None
     batch_size: int = 8
     num_proc: int | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
+        check_max_pixels(self.max_pixels)
         if self.size_mismatch not in SIZE_POLICIES:
             raise ValueError(f"size_mismatch must be one of {SIZE_POLICIES}, got {self.size_mismatch!r}")
         if self.reference not in REFERENCE_MODES:
@@ -220,6 +230,11 @@ class ValidateTransform:
     def __init__(self, config: ValidateConfig) -> None:
         self.config = config
 
+    @functools.cached_property
+    def policy(self) -> Policy:
+        """The policy categories are checked against (loaded once per process)."""
+        return load_policy(self.config.policy)
+
     def __call__(self, batch: dict[str, list], rank: int | None = None) -> dict[str, list]:
         """Measure and decide every row of ``batch`` (and composite it with ``config.composite``).
 
@@ -228,13 +243,15 @@ class ValidateTransform:
             rank: the `Dataset.map` process rank (picks the GPU).
 
         Returns:
-            The validation columns (`schema.VALIDATION_FEATURES`), one value per row, plus the
-            composited edited (and control) columns with ``composite``.
+            The validation columns (`schema.VALIDATION_FEATURES`), one value per row, the two image
+            columns with the cells that could not be decoded set to null, and (with ``composite``) the
+            composited edited (and control) columns.
         """
         c = self.config
         n = len(batch[c.original_column])
         rows = [_empty_row() for _ in range(n)]
-        pairs = [p for i in range(n) if (p := self._prepare(batch, i, rows[i])) is not None]
+        images = {c.original_column: list(batch[c.original_column]), c.edited_column: list(batch[c.edited_column])}
+        pairs = [p for i in range(n) if (p := self._prepare(batch, i, rows[i], images)) is not None]
         device = device_for_rank(c.device, rank)
         self._references(batch, pairs, device)
         editors = batch.get(c.editor_column) or [None] * n
@@ -248,17 +265,21 @@ class ValidateTransform:
         judge_rows(c, batch, pairs, rows, device)
         for row in rows:
             row[S.ACCEPTED] = row[S.VALIDATE_STATUS] == STATUS_OK and row[S.REJECT_REASON] is None
-        out = {name: [row[name] for row in rows] for name in S.VALIDATION_FEATURES}
+        out = {**images, **{name: [row[name] for row in rows] for name in S.VALIDATION_FEATURES}}
         if c.composite:
             out.update(composite_columns(c, batch, pairs, rows))
         return out
 
-    def _prepare(self, batch: dict[str, list], i: int, row: dict[str, Any]) -> PairImages | None:
-        """Read and size-check one row; on failure fill its status and return ``None``."""
+    def _prepare(self, batch: dict[str, list], i: int, row: dict[str, Any],
+                 images: dict[str, list]) -> PairImages | None:
+        """Read and size-check one row; on failure fill its status and return ``None``.
+
+        A cell that cannot be decoded is set to null in ``images`` (its bytes are not carried on).
+        """
         c = self.config
+        name = _row_name(batch, i)
         instructed = batch.get(S.INSTRUCT_STATUS, [None] * (i + 1))[i]
         status = batch.get(c.edit_status_column, [None] * (i + 1))[i]
-        edited_cell = batch[c.edited_column][i]
         if instructed not in (None, S.OK):
             error = batch.get(S.INSTRUCT_ERROR, [None] * (i + 1))[i] or f"instruct_status={instructed}"
             return _fail(row, S.NOT_UNSAFE if instructed == S.NOT_UNSAFE else "not_instructed", error)
@@ -266,21 +287,28 @@ class ValidateTransform:
             return _fail(row, "duplicate_candidate", batch.get(S.EDIT_ERROR, [None] * (i + 1))[i] or status)
         if status is not None and status != S.OK:
             error = batch.get(S.EDIT_ERROR, [None] * (i + 1))[i]
-            return _fail(row, "edit_failed", error or f"{c.edit_status_column}={status}")
-        if edited_cell is None:
-            return _fail(row, "edit_failed", "no edited image")
-        try:
-            original = load_image(batch[c.original_column][i])
-            edited = load_image(edited_cell)
-        except ImageError as err:
-            return _fail(row, "unreadable", str(err))
+            return _fail(row, "edit_failed", error or f"row {name}: {c.edit_status_column}={status}")
+        if batch[c.edited_column][i] is None:
+            return _fail(row, "edit_failed", f"row {name}: no edited image")
+        category = batch[c.category_column][i] if c.category_column in batch else None
+        if c.category_column in batch and category not in self.policy.categories:
+            return _fail(row, "unknown_category", f"row {name}: category {category!r} is not in policy "
+                                                  f"{self.policy.id} (allowed: {', '.join(self.policy.categories)})")
+        decoded = []
+        for column in (c.original_column, c.edited_column):
+            try:
+                decoded.append(load_image(batch[column][i], c.max_pixels))
+            except ImageError as err:
+                images[column][i] = None
+                return _fail(row, err.status, f"row {name}: {column}: {err}")
+        original, edited = decoded
         if original.size != edited.size:
             if c.size_mismatch == "reject":
-                return _fail(row, "size_mismatch", f"original {original.size} vs edited {edited.size}")
+                return _fail(row, "size_mismatch", f"row {name}: original {original.size} vs edited {edited.size}")
             edited = edited.resize(original.size, Image.Resampling.LANCZOS)
             row[S.VALIDATE_RESIZED] = True
         if min(original.size) < c.min_side:
-            return _fail(row, "too_small", f"size {original.size} below min_side={c.min_side}")
+            return _fail(row, "too_small", f"row {name}: size {original.size} below min_side={c.min_side}")
         row[S.VALIDATE_STATUS] = STATUS_OK
         work_a, work_b = original, edited
         if _scale(c, original.size) < 1.0:
@@ -349,6 +377,13 @@ def _scale(config: ValidateConfig, size: tuple[int, int]) -> float:
 def _work_size(config: ValidateConfig, size: tuple[int, int]) -> tuple[int, int]:
     scale = _scale(config, size)
     return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+def _row_name(batch: dict[str, list], i: int) -> str:
+    """How an error names a row: its source id (and candidate) or pair id, else its place in the batch."""
+    for column in (S.SOURCE_ID, S.PAIR_ID):
+        if batch.get(column) and batch[column][i] is not None:
+            candidate = batch.get(S.CANDIDATE, [None] * (i + 1))[i]
+            return repr(batch[column][i]) + (f" (candidate {candidate})" if candidate is not None else "")
+    return f"#{i} of its batch"
 
 
 def _fail(row: dict[str, Any], status: str, error: str) -> None:
@@ -434,7 +469,8 @@ def validate_run(dataset: Dataset, config: ValidateConfig, run: RunConfig,
     settings = {**{k: v for k, v in asdict(config).items() if k not in ("batch_size", "num_proc")},
                 "thresholds_used": decided_with}
     return run_stage(dataset, compute, stage="validate", settings=settings, run=run, device=config.device,
-                     finalize=lambda work, rows, summary: {"thresholds": decided_with}, inputs=inputs)
+                     finalize=lambda work, rows, summary: {"thresholds": decided_with}, inputs=inputs,
+                     max_pixels=config.max_pixels)
 
 
 def validate_pairs(dataset: Dataset, config: ValidateConfig | None = None, **overrides: Any) -> Dataset:
