@@ -11,6 +11,7 @@ from safetypairs.sample_efficiency import (
     disjoint_eval,
     mean_ci,
     pair_index,
+    plot_png,
     run_sweep,
     write_results,
 )
@@ -84,6 +85,19 @@ def test_write_results_png_svg_json(tmp_path, sweep):
     html = paths["html"].read_text()
     assert html.count("<svg") == 1 and "+ k pairs" in html and "<polygon" in html
     assert json.loads(paths["results"].read_text())["summary"]["balanced_accuracy"]["arms"]["pairs"]["2"]["n"] == 8
+
+
+def test_plot_png_leaves_the_callers_matplotlib_backend_alone(tmp_path, sweep):
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # a notebook's inline backend stands in; plot_png used to switch it to Agg
+    try:
+        path = plot_png(sweep, tmp_path / "curve.png")
+        assert matplotlib.get_backend() == "svg"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        matplotlib.use(before)
 
 
 def test_config_checks_values():

@@ -250,15 +250,17 @@ def curve_svg(results: Mapping[str, Any], metric: str | None = None) -> str:
 
 
 def plot_png(results: Mapping[str, Any], path: str | Path, metric: str | None = None) -> Path:
-    """The same curves as `curve_svg`, drawn with matplotlib (Agg) into a PNG."""
-    import matplotlib
+    """The same curves as `curve_svg`, drawn with matplotlib into a PNG.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    A bare `matplotlib.figure.Figure` (no pyplot): the caller's backend, e.g. a notebook's inline
+    one, is left alone.
+    """
+    from matplotlib.figure import Figure
 
     metric = metric or results["config"]["metric"]
     arms = results["summary"][metric]["arms"]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.subplots()
     for arm in ARMS:
         cells = sorted((int(k), c) for k, c in arms[arm].items() if c["mean"] is not None)
         ks = [k for k, _ in cells]
@@ -275,7 +277,6 @@ def plot_png(results: Mapping[str, Any], path: str | Path, metric: str | None = 
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
