@@ -188,3 +188,20 @@ def test_sigkill_after_the_first_chunk_resumes_and_a_second_writer_refuses(tmp_p
     assert "1 computed" not in done.stdout and "3 computed, 1 reused" in done.stdout
     _job(tmp_path / "ref")
     assert _table(out).equals(_table(tmp_path / "ref"))
+
+
+def test_two_local_folders_with_the_same_name_each_load_their_own_rows(tmp_path):
+    """`datasets` caches a local folder by its base name and config: two "release/" folders must not mix."""
+    from datasets import Dataset
+
+    from safetypairs.runner import load_checked, write_parquet
+
+    for n, parent in ((3, "a"), (5, "b")):
+        release = tmp_path / parent / "release"
+        (release / "data" / "images").mkdir(parents=True)
+        write_parquet(Dataset.from_dict({"x": list(range(n))}), release / "data" / "images" / "test-0.parquet")
+        (release / "README.md").write_text("---\nconfigs:\n- config_name: images\n  data_files:\n  - split: test\n"
+                                           "    path: data/images/test-*.parquet\n---\n")
+        assert load_checked(str(release), "images")["test"]["x"] == list(range(n))
+    with pytest.raises(ValueError, match="has no config 'pairs'"):
+        load_checked(str(tmp_path / "a" / "release"), "pairs")

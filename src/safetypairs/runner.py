@@ -665,7 +665,14 @@ def load_checked(path: str, *args: Any, **kwargs: Any) -> Any:
     """
     from datasets.exceptions import DatasetGenerationError
 
-    files = kwargs.get("data_files") or (sorted(Path(path).rglob("*.parquet")) if Path(path).is_dir() else [])
+    if Path(path).is_dir() and "data_dir" not in kwargs and "data_files" not in kwargs:
+        # a local folder by its own files: `datasets` caches a folder under its base name and config alone,
+        # so two folders named alike (two runs' "release/") would give the first one's rows
+        name = args[0] if args else kwargs.pop("name", None)
+        path, args, kwargs = "parquet", (), {**kwargs, "data_files": local_data_files(Path(path), name)}
+    files = kwargs.get("data_files") or []
+    if isinstance(files, dict):
+        files = [f for split_files in files.values() for f in split_files]
     files = [str(f) for f in ([files] if isinstance(files, (str, Path)) else files)]
     for file in files:  # footers first: a truncated or foreign file fails here, cheaply, named
         _check_parquet(file, footer_only=True)
@@ -676,6 +683,59 @@ def load_checked(path: str, *args: Any, **kwargs: Any) -> Any:
             _check_parquet(file, footer_only=False)
         cause = err.__cause__ or err
         raise ValueError(f"cannot read {path!r}: {type(cause).__name__}: {cause}") from None
+
+
+def local_data_files(folder: Path, name: str | None = None) -> dict[str, list[str]]:
+    """The parquet files of one config of a local folder, by split, as `datasets` would resolve them.
+
+    The README's YAML ``configs`` decide (``name``, else the ``default: true`` config, else the first);
+    without them every ``*.parquet`` below the folder, split by a ``<split>-`` file-name prefix
+    (``train`` when there is none).
+
+    Raises:
+        ValueError: for a config the README does not declare.
+        FileNotFoundError: when the folder holds no parquet file.
+    """
+    configs = _readme_configs(folder)
+    if configs:
+        chosen = next((c for c in configs if c.get("config_name") == name), None) if name else \
+            next((c for c in configs if c.get("default")), configs[0])
+        if chosen is None:
+            raise ValueError(f"{str(folder)!r} has no config {name!r}; it declares "
+                             f"{', '.join(str(c.get('config_name')) for c in configs)}")
+        declared = chosen.get("data_files") or []
+        if isinstance(declared, str):
+            declared = [{"split": "train", "path": declared}]
+        found = {entry["split"]: sorted(str(f) for pattern in ([entry["path"]] if isinstance(entry["path"], str)
+                                                                else entry["path"]) for f in folder.glob(pattern))
+                 for entry in declared}
+    else:
+        found = {}
+        for file in sorted(folder.rglob("*.parquet")):
+            prefix = file.name.split("-", 1)[0] if "-" in file.name else "train"
+            found.setdefault(prefix if prefix.isidentifier() else "train", []).append(str(file))
+    found = {split: files for split, files in found.items() if files}
+    if not found:
+        raise FileNotFoundError(f"{str(folder)!r} holds no parquet files" + (f" for config {name!r}" if name else ""))
+    return found
+
+
+def _readme_configs(folder: Path) -> list[dict[str, Any]]:
+    """The ``configs`` list of a folder's README.md YAML header (empty without one)."""
+    import yaml
+
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return []
+    text = readme.read_text(encoding="utf-8")
+    if not text.startswith("---"):
+        return []
+    header = text.split("---", 2)[1] if text.count("---") >= 2 else ""
+    try:
+        configs = (yaml.safe_load(header) or {}).get("configs") or []
+    except yaml.YAMLError as err:
+        raise ValueError(f"unreadable YAML header in {str(readme)!r}: {err}") from None
+    return [c for c in configs if isinstance(c, dict)]
 
 
 def _check_parquet(file: str, footer_only: bool) -> None:
