@@ -301,7 +301,8 @@ def import_object(target: str, kind: str) -> Any:
 def check_options(kind: str, spec: str, options: dict[str, Any] | None = None) -> Spec:
     """Parse ``spec`` and check its options' names and values without building the backend (no model loads).
 
-    Backends that can check cheaply define ``check_options(arg, **options)``; the others are checked
+    Backends that can check cheaply define ``check_options(arg, **options)``; those whose ``from_spec``
+    loads nothing say so with ``builds_cheaply = True`` and are built to check; the others are checked
     when they are built.
 
     Raises:
@@ -314,6 +315,8 @@ def check_options(kind: str, spec: str, options: dict[str, Any] | None = None) -
         raise ValueError(f"{kind[:-1]} {spec!r} cannot be imported: {type(err).__name__}: {err}") from err
     if hasattr(cls, "check_options"):
         cls.check_options(parsed.arg, **(options or {}))
+    elif getattr(cls, "builds_cheaply", False):
+        cls.from_spec(parsed.arg, **(options or {}))
     return parsed
 
 

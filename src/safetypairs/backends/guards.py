@@ -40,6 +40,8 @@ class OCRLexiconGuard:
         "mode": "det (detector + recogniser, default) or rec (recogniser alone on the whole image)",
     }
 
+    builds_cheaply = True  # from_spec loads no model: checking options is building it
+
     def __init__(self, ocr: OCRConfig, spec: str) -> None:
         self.ocr = ocr
         self.spec = spec
@@ -69,15 +71,6 @@ class OCRLexiconGuard:
                 f"unknown options {sorted(options)} for {spec!r}; allowed: box_thresh, text_score, unclip_ratio, mode"
             )
         return cls(config, spec)
-
-    @classmethod
-    def check_options(cls, arg: str | None, **options: object) -> None:
-        """Check option names and values (building this backend loads nothing).
-
-        Raises:
-            ValueError: naming the bad option.
-        """
-        cls.from_spec(arg, **options)
 
     def classify(self, images: list[Image.Image], categories: list[str | None], policy: Policy) -> list[Verdict]:
         """Label each image ``unsafe`` when its text contains a lexicon word of ``policy``."""
@@ -117,6 +110,8 @@ class NudeNetGuard:
 
     OPTIONS = {"threshold": "detector score (0..1) from which an exposed body part counts (default 0.5)"}
 
+    builds_cheaply = True  # from_spec loads no model: checking options is building it
+
     def __init__(self, threshold: float, spec: str) -> None:
         self.threshold = threshold
         self.spec = spec
@@ -136,15 +131,6 @@ class NudeNetGuard:
         if not 0 <= threshold <= 1:
             raise ValueError(f"{spec!r}: threshold must be in [0, 1], got {threshold}")
         return cls(threshold, spec)
-
-    @classmethod
-    def check_options(cls, arg: str | None, **options: object) -> None:
-        """Check option names and values (building this backend loads nothing).
-
-        Raises:
-            ValueError: naming the bad option.
-        """
-        cls.from_spec(arg, **options)
 
     def classify(self, images: list[Image.Image], categories: list[str | None], policy: Policy) -> list[Verdict]:
         """Label each image ``unsafe`` when NudeNet finds an exposed body part."""

@@ -122,6 +122,8 @@ class OCRInpaintEditor:
     }
     takes_mask = False  # it finds the text itself
 
+    builds_cheaply = True  # from_spec loads no model: checking options is building it
+
     def __init__(self, options: OCRInpaintOptions, spec: str) -> None:
         self.options = options
         self.spec = spec
@@ -148,15 +150,6 @@ class OCRInpaintEditor:
         if not 0 <= values.get("match", 0.6) <= 1 or values.get("radius", 5) < 1 or values.get("grow", 0.12) < 0:
             raise ValueError(f"ocr-inpaint options out of range in {values}: match in [0, 1], radius >= 1, grow >= 0")
         return cls(OCRInpaintOptions(**values), "ocr-inpaint" + (f":{arg}" if arg else ""))
-
-    @classmethod
-    def check_options(cls, arg: str | None, **options: Any) -> None:
-        """Check option names and values (nothing is loaded).
-
-        Raises:
-            ValueError: naming the bad option.
-        """
-        cls.from_spec(arg, **options)
 
     def edit(self, images: list[Image.Image], instructions: list[str], seeds: list[int],
              masks: list[Image.Image | None] | None = None) -> list[Image.Image]:
