@@ -66,7 +66,7 @@ def write_release(n_images: int, folder: Path) -> Path:
     from datasets import Dataset
     from PIL import ImageDraw
 
-    from safetypairs.runner import write_parquet
+    from safetypairs.datafiles import write_parquet
     from safetypairs.schema import IMAGE_FEATURES
     from safetypairs.sources import demo_photo
 

@@ -78,7 +78,7 @@ def check_sharding_and_resume(make_args: Callable[[Path, int], list[str]], root:
         root: a scratch folder.
         table: ``out folder -> the table to compare`` (value for value, pixel for pixel).
     """
-    from safetypairs.runner import partial_dir, read_json
+    from safetypairs.folders import partial_dir, read_json
 
     _cli(make_args(root / "ref", 2))
     reference = table(root / "ref")

@@ -13,9 +13,9 @@ from safetypairs.backends.ocr_text import (
     hash_features,
     word_ngrams,
 )
+from safetypairs.datafiles import load_run
 from safetypairs.embed import EmbedConfig, embed_dataset, load_embedded, run_embed
 from safetypairs.registry import load_backend
-from safetypairs.runner import load_run
 from safetypairs.sources import demo_photo, render_demo_row
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins")

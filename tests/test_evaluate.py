@@ -154,7 +154,7 @@ def test_evaluate_shards_and_resumes_like_one_process(tmp_path):
     """SIGKILL after the first chunk + restart == uninterrupted == another chunk size == 2 processes."""
     from slow_backends import check_sharding_and_resume
 
-    from safetypairs.runner import write_parquet
+    from safetypairs.datafiles import write_parquet
 
     release = tmp_path / "release"
     (release / "data" / "images").mkdir(parents=True)

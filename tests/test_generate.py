@@ -18,8 +18,10 @@ from tiny_models import build_tiny_ip2p
 
 from safetypairs import schema as S
 from safetypairs.backends.diffusion import work_size
+from safetypairs.datafiles import load_run
+from safetypairs.folders import partial_dir
 from safetypairs.generate import GenerateConfig, generate_pairs, run_generate
-from safetypairs.runner import RunConfig, load_run, partial_dir
+from safetypairs.runner import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 N_SOURCES = 6

@@ -26,8 +26,9 @@ from PIL import Image, ImageDraw
 
 from safetypairs import schema as S
 from safetypairs.cli import main
+from safetypairs.datafiles import load_run, write_parquet
+from safetypairs.folders import partial_dir
 from safetypairs.images import ImageError, ImageTooLargeError, load_image
-from safetypairs.runner import load_run, partial_dir, write_parquet
 from safetypairs.sources import render_demo_row
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")

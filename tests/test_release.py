@@ -15,6 +15,7 @@ from release_rows import digest, validated_rows
 
 from safetypairs import schema as S
 from safetypairs.cli import main
+from safetypairs.datafiles import data_files
 from safetypairs.publish import read_input, write_release
 from safetypairs.release import (
     DUPLICATE,
@@ -24,7 +25,6 @@ from safetypairs.release import (
     best_candidates,
     split_by_source,
 )
-from safetypairs.runner import data_files
 from safetypairs.utils import OutputDirError
 from safetypairs.validate import select_best
 
@@ -178,7 +178,7 @@ def test_write_refuses_non_empty_folder(release, written):
 
 def test_a_failure_mid_release_leaves_the_previous_folder_or_none(release, written, tmp_path, monkeypatch):
     import safetypairs.publish as publish
-    from safetypairs.runner import partial_dir
+    from safetypairs.folders import partial_dir
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk full while writing the card")

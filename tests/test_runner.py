@@ -15,17 +15,15 @@ import pyarrow.parquet as pq
 import pytest
 from runner_job import compute, toy_rows
 
-from safetypairs.runner import (
+from safetypairs.datafiles import load_run
+from safetypairs.folders import (
     LOCK_FILE,
-    RunConfig,
     atomic_dir,
     check_not_input,
-    chunk_ranges,
-    load_run,
     partial_dir,
     read_json,
-    run_stage,
 )
+from safetypairs.runner import RunConfig, chunk_ranges, run_stage
 from safetypairs.utils import OutputDirError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,7 +192,7 @@ def test_two_local_folders_with_the_same_name_each_load_their_own_rows(tmp_path)
     """`datasets` caches a local folder by its base name and config: two "release/" folders must not mix."""
     from datasets import Dataset
 
-    from safetypairs.runner import load_checked, write_parquet
+    from safetypairs.datafiles import load_checked, write_parquet
 
     for n, parent in ((3, "a"), (5, "b")):
         release = tmp_path / parent / "release"

@@ -13,8 +13,8 @@ from PIL import Image, ImageFilter, ImageOps
 from benchmarks.calibration import calibration_pairs, measure, summarize
 from safetypairs import schema as S
 from safetypairs.calibrate import EXPECTED, LOCAL
+from safetypairs.datafiles import read_rows
 from safetypairs.registry import REGISTRY
-from safetypairs.runner import read_rows
 from safetypairs.thresholds import LATENT_DIFFUSION, PIXEL_EXACT, PRESETS
 from safetypairs.validate import (
     REJECT_REASONS,

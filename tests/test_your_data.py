@@ -64,7 +64,7 @@ def chain(tmp_path_factory):
 
 
 def test_every_captioned_row_is_instructed_and_edited_and_safe_rows_set_aside(chain):
-    from safetypairs.runner import load_run
+    from safetypairs.datafiles import load_run
 
     rows = load_run(chain / "runs" / "g").select_columns(
         [S.SOURCE_ID, S.CATEGORY, S.INSTRUCT_STATUS, S.EDIT_STATUS, S.CANDIDATE]).to_list()

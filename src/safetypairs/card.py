@@ -64,8 +64,8 @@ def card_data(release: Release, out_dir: Path, config: ReleaseConfig) -> Dataset
     Returns:
         A `DatasetCardData` the Hub accepts.
     """
+    from safetypairs.datafiles import data_files
     from safetypairs.release import DEFAULT_CONFIG
-    from safetypairs.runner import data_files
 
     configs, infos = [], DatasetInfosDict()
     for name, splits in release.configs.items():

@@ -131,10 +131,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_release(args: argparse.Namespace) -> int:
+    from safetypairs.folders import check_not_input
     from safetypairs.hub import PushConfig, layout_files, push_release
     from safetypairs.publish import read_input, write_release
     from safetypairs.release import ReleaseConfig
-    from safetypairs.runner import check_not_input
 
     config = ReleaseConfig(split_by=args.split_by, test_size=args.test_size, seed=args.seed,
                            include_rejected=not args.no_rejected, max_shard_size=args.max_shard_size,
@@ -206,7 +206,9 @@ def _add_release(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
 
-    from safetypairs.runner import RunConfig, check_not_input, read_rows, session
+    from safetypairs.datafiles import read_rows
+    from safetypairs.folders import check_not_input
+    from safetypairs.runner import RunConfig, session
     from safetypairs.validate import ValidateConfig, validate_run
 
     config = ValidateConfig(original_column=args.original_column, edited_column=args.edited_column,
@@ -422,9 +424,10 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from safetypairs.folders import check_not_input
     from safetypairs.generate import GenerateConfig, generate_from_source
     from safetypairs.registry import parse_options
-    from safetypairs.runner import RunConfig, check_not_input
+    from safetypairs.runner import RunConfig
 
     trust = (("trust_remote_code", "true"),) if args.trust_remote_code else ()
     config = GenerateConfig(
@@ -533,8 +536,8 @@ def _add_review(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_review_stats(args: argparse.Namespace) -> int:
+    from safetypairs.datafiles import read_rows
     from safetypairs.review import agreement, read_decisions, write_stats
-    from safetypairs.runner import read_rows
 
     records = read_decisions(args.input)
     if not records:
@@ -581,7 +584,8 @@ def _add_embed_options(p: argparse.ArgumentParser) -> None:
 
 def _cmd_embed(args: argparse.Namespace) -> int:
     from safetypairs.embed import load_images, run_embed
-    from safetypairs.runner import RunConfig, check_not_input, session
+    from safetypairs.folders import check_not_input
+    from safetypairs.runner import RunConfig, session
 
     config = _embed_config(args)
     check_not_input(args.out, (args.dataset,) if Path(args.dataset).exists() else ())

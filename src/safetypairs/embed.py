@@ -167,8 +167,8 @@ def load_images(path: str, split: str | None = None) -> Dataset:
     Raises:
         ValueError: when ``path`` has neither an ``images`` nor a ``default`` config.
     """
+    from safetypairs.datafiles import RUN_FILE, is_saved_dataset, read_rows
     from safetypairs.evaluate import load_release
-    from safetypairs.runner import RUN_FILE, is_saved_dataset, read_rows
 
     root = Path(path)
     if root.is_dir() and ((root / RUN_FILE).is_file() or is_saved_dataset(root)):
@@ -186,7 +186,8 @@ def load_embedded(path: str, encoder: str, split: str | None = None) -> Dataset:
     Raises:
         ValueError: when ``path`` is an embed run of a different encoder.
     """
-    from safetypairs.runner import RUN_FILE, read_json
+    from safetypairs.datafiles import RUN_FILE
+    from safetypairs.folders import read_json
 
     meta = read_json(Path(path) / RUN_FILE) if Path(path).is_dir() else None
     used = ((meta or {}).get("settings") or {}).get("encoder") if (meta or {}).get("stage") == STAGE else None
@@ -218,7 +219,7 @@ def run_embed(dataset: Dataset, config: EmbedConfig, run: Any) -> Any:
         run: a `safetypairs.runner.RunConfig` (output folder, chunk size, overwrite).
 
     Returns:
-        The runner's `RunSummary` on rank 0, ``None`` on the other ranks. `runner.load_run(out)`
+        The runner's `RunSummary` on rank 0, ``None`` on the other ranks. `datafiles.load_run(out)`
         reads the rows.
 
     Raises:

@@ -16,6 +16,8 @@ from datasets import Dataset, DatasetDict, Features, Value
 
 from safetypairs.backends.base import as_verdict
 from safetypairs.caveats import release_caveats
+from safetypairs.datafiles import load_checked
+from safetypairs.folders import check_not_input
 from safetypairs.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -29,9 +31,7 @@ from safetypairs.registry import check_options, load_backend
 from safetypairs.runner import (
     RunConfig,
     RunSummary,
-    check_not_input,
     content_fingerprint,
-    load_checked,
     process_state,
     run_stage,
 )

@@ -185,7 +185,8 @@ def embed_cached(rows: Dataset, config: EmbedConfig, cache: str | Path | None, n
         return rows
     if cache is None:
         return embed_dataset(rows, config)
-    from safetypairs.runner import RunConfig, load_run
+    from safetypairs.datafiles import load_run
+    from safetypairs.runner import RunConfig
 
     folder = Path(cache) / f"{name}-{hashlib.sha1(config.encoder.encode()).hexdigest()[:10]}"
     run_embed(rows, config, RunConfig(out=folder, source=name, overwrite=True))

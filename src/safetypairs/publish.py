@@ -11,9 +11,10 @@ from datasets import Dataset
 
 from safetypairs.builder import load_raw
 from safetypairs.card import render_card, write_example_grid
+from safetypairs.datafiles import read_rows, shards, write_parquet
+from safetypairs.folders import atomic_dir
 from safetypairs.release import Release, ReleaseConfig, assemble
 from safetypairs.review import ReviewResult
-from safetypairs.runner import atomic_dir, read_rows, shards, write_parquet
 from safetypairs.utils import progress
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def write_release(
 
     The folder appears whole or not at all: it is written into a locked ``<out_dir>.partial``
     sibling and renamed into place, so a failure part-way leaves the previous folder (or none).
-    Image cells that do not decode within ``config.max_pixels`` are written as null (`runner.write_parquet`).
+    Image cells that do not decode within ``config.max_pixels`` are written as null (`datafiles.write_parquet`).
 
     Raises:
         OutputDirError: if ``out_dir`` is an input, not empty and ``overwrite`` is false, not writable,

@@ -12,6 +12,7 @@ from datasets import Dataset, DatasetDict, Features, Sequence, Value
 from datasets.utils.py_utils import convert_file_size_to_int
 
 from safetypairs import schema as S
+from safetypairs.datafiles import ROW_GROUP_SIZE
 from safetypairs.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -19,7 +20,6 @@ from safetypairs.images import (
     image_digest,
     load_image,
 )
-from safetypairs.runner import ROW_GROUP_SIZE
 from safetypairs.stage import empty_dataset, undecoded
 from safetypairs.utils import progress
 

@@ -15,6 +15,7 @@ from datasets import Image as ImageFeature
 from PIL import Image
 
 from safetypairs import schema as S
+from safetypairs.datafiles import read_rows
 from safetypairs.review import (
     ACCEPT,
     REASONS,
@@ -27,7 +28,6 @@ from safetypairs.review import (
     make_decision,
     read_decisions,
 )
-from safetypairs.runner import read_rows
 from safetypairs.stage import undecoded
 
 logger = logging.getLogger(__name__)
@@ -281,7 +281,7 @@ def create_server(folder: str | Path, config: ReviewConfig) -> Any:
     """The app as a FastAPI application: the Gradio page plus a route serving the stored image bytes.
 
     Args:
-        folder: a validated folder (anything `runner.read_rows` reads).
+        folder: a validated folder (anything `datafiles.read_rows` reads).
         config: reviewer and scope.
 
     Returns:

@@ -19,9 +19,10 @@ from safetypairs.evaluate import (
     load_release,
     score_predictions,
 )
+from safetypairs.folders import atomic_dir
 from safetypairs.metrics import label_names
 from safetypairs.policy import Policy, load_policy
-from safetypairs.runner import atomic_dir, content_fingerprint
+from safetypairs.runner import content_fingerprint
 
 logger = logging.getLogger(__name__)
 

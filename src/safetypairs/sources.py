@@ -20,9 +20,9 @@ from PIL import Image
 
 from safetypairs import schema as S
 from safetypairs.backends.render import FONTS, TextStyle, draw_text
+from safetypairs.datafiles import is_saved_dataset, load_checked, load_saved
 from safetypairs.instructions import demo_text
 from safetypairs.policy import is_none_category
-from safetypairs.runner import is_saved_dataset, load_checked, load_saved
 from safetypairs.stage import undecoded
 
 logger = logging.getLogger(__name__)

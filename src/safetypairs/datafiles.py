@@ -1,0 +1,274 @@
+"""Parquet data files: written with checked, embedded images; read back from runs, saved datasets and hub layouts."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from datasets import Dataset, Image, load_dataset
+from datasets.table import embed_table_storage
+from datasets.utils.py_utils import convert_file_size_to_int
+
+from safetypairs.folders import partial_dir, read_json
+from safetypairs.images import DEFAULT_MAX_PIXELS, ImageError, reencoded
+
+logger = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+DATA_DIR = "data"
+IMAGES_STATUS = "images"  # status histogram key of the image cells the writer nulled or reduced
+ROW_GROUP_SIZE = 64  # rows per parquet row group: bounds memory with images
+
+
+def decoding(dataset: Dataset) -> Dataset:
+    """Image columns back to decoding ``Image()``, so the written parquet loads as images."""
+    features = dataset.features.copy()
+    for name, feature in features.items():
+        if isinstance(feature, Image) and not feature.decode:
+            features[name] = Image()
+    return dataset.cast(features) if features != dataset.features else dataset
+
+
+def write_parquet(dataset: Dataset, path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, int]:
+    """Write one parquet file with image bytes embedded, in row groups of `ROW_GROUP_SIZE` (flat memory).
+
+    Every image cell is checked first (`images.reencoded`), so what is written always decodes with
+    `datasets`' default decoding: a cell that cannot be decoded within ``max_pixels`` becomes null
+    (its bytes are not carried on; a warning names the row, the column and the cause), and one that
+    only fits reduced is stored reduced, as PNG.
+
+    Args:
+        dataset: the rows; its features (Image, ClassLabel) go into the schema metadata.
+        path: the file to write.
+        max_pixels: the pixel cap of a kept image cell.
+
+    Returns:
+        How many image cells were nulled or reduced, keyed ``"<column>: <unreadable|too_large|reduced>"``.
+    """
+    schema = dataset.features.arrow_schema
+    images = [name for name, feature in dataset.features.items() if isinstance(feature, Image)]
+    counts: dict[str, int] = {}
+    with pq.ParquetWriter(path, schema=schema) as writer:
+        for table in dataset.with_format("arrow").iter(batch_size=ROW_GROUP_SIZE):
+            for name in images:
+                table = _checked_images(table, name, max_pixels, counts)
+            writer.write_table(embed_table_storage(table).cast(schema), row_group_size=ROW_GROUP_SIZE)
+    return counts
+
+
+def _checked_images(table: pa.Table, name: str, max_pixels: int, counts: dict[str, int]) -> pa.Table:
+    """``table`` with the image column ``name`` checked cell by cell: unreadable -> null, oversized -> reduced."""
+    cells = table.column(name).to_pylist()
+    ids = next((table.column(c).to_pylist() for c in ("source_id", "pair_id") if c in table.column_names), None)
+    changed = False
+    for i, cell in enumerate(cells):
+        if cell is None or (cell.get("bytes") is None and cell.get("path") is None):
+            continue
+        try:
+            smaller = reencoded(cell, max_pixels)
+        except ImageError as err:
+            row = repr(ids[i]) if ids else f"#{i} of its row group"
+            logger.warning("row %s: column %r: %s; the cell is stored as null", row, name, err)
+            cells[i], outcome = None, err.status
+        else:
+            if smaller is None:
+                continue
+            cells[i], outcome = {"bytes": smaller, "path": None}, "reduced"
+        changed = True
+        counts[f"{name}: {outcome}"] = counts.get(f"{name}: {outcome}", 0) + 1
+    if not changed:
+        return table
+    index = table.column_names.index(name)
+    return table.set_column(index, table.schema.field(index), pa.array(cells, type=table.schema.field(index).type))
+
+
+def shards(dataset: Dataset, max_shard_size: int | str) -> Iterator[tuple[int, int, Dataset]]:
+    """Contiguous shards of at most ~``max_shard_size`` bytes (of the rows' arrow data)."""
+    nbytes = sum(table.nbytes for table in dataset.with_format("arrow").iter(batch_size=1000))
+    n = max(1, int(nbytes / convert_file_size_to_int(max_shard_size)) + 1)
+    n = min(n, max(1, len(dataset)))
+    for index in range(n):
+        yield index, n, dataset.shard(num_shards=n, index=index, contiguous=True)
+
+
+def data_files(out_dir: Path, config_name: str, split: str) -> list[Path]:
+    """The parquet shards of one config and split in a release folder, sorted."""
+    return sorted((out_dir / "data" / config_name).glob(f"{split}-*.parquet"))
+
+
+# ----------------------------------------------------------------------------- reading what runs wrote
+
+
+def load_run(out: str | Path) -> Dataset:
+    """Load the merged rows of a finished run (``out/data/*.parquet``) as one `datasets.Dataset`.
+
+    Raises:
+        FileNotFoundError: when the run has no merged data (unfinished, or not a run folder) or a data
+            file its ``run.json`` lists is missing.
+        ValueError: when a data file is corrupt (named).
+    """
+    listed = [str(Path(out) / f) for f in (read_json(Path(out) / RUN_FILE) or {}).get("files", [])]
+    missing = [f for f in listed if not Path(f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"data file {missing[0]!r} of the run {str(out)!r} is missing ({len(missing)} of "
+                                f"{len(listed)} listed in {RUN_FILE})")
+    found = sorted(str(p) for p in (Path(out) / DATA_DIR).glob("train-*.parquet"))
+    if not found:
+        hint = f"; an unfinished run resumes from {str(partial_dir(Path(out)))!r}" if partial_dir(Path(out)).is_dir() else ""
+        raise FileNotFoundError(f"no merged data in {str(Path(out) / DATA_DIR)!r}; has the run finished?{hint}")
+    return load_checked("parquet", data_files=found, split="train")
+
+
+def load_checked(path: str, *args: Any, **kwargs: Any) -> Any:
+    """`datasets.load_dataset` on local input, with a corrupt file reported as one error naming it.
+
+    Args:
+        path, *args, **kwargs: as for `datasets.load_dataset` (``data_files`` or a local folder give
+            the parquet files checked).
+
+    Returns:
+        What `datasets.load_dataset` returns.
+
+    Raises:
+        ValueError: naming a corrupt or unreadable parquet file, or saying what could not be read.
+        FileNotFoundError: when there are no data files.
+    """
+    from datasets.exceptions import DatasetGenerationError
+
+    if Path(path).is_dir() and "data_dir" not in kwargs and "data_files" not in kwargs:
+        # a local folder by its own files: `datasets` caches a folder under its base name and config alone,
+        # so two folders named alike (two runs' "release/") would give the first one's rows
+        name = args[0] if args else kwargs.pop("name", None)
+        path, args, kwargs = "parquet", (), {**kwargs, "data_files": local_data_files(Path(path), name)}
+    files = kwargs.get("data_files") or []
+    if isinstance(files, dict):
+        files = [f for split_files in files.values() for f in split_files]
+    files = [str(f) for f in ([files] if isinstance(files, (str, Path)) else files)]
+    for file in files:  # footers first: a truncated or foreign file fails here, cheaply, named
+        _check_parquet(file, footer_only=True)
+    try:
+        return load_dataset(path, *args, **kwargs)
+    except DatasetGenerationError as err:
+        for file in files:  # name the file whose data cannot be read
+            _check_parquet(file, footer_only=False)
+        cause = err.__cause__ or err
+        raise ValueError(f"cannot read {path!r}: {type(cause).__name__}: {cause}") from None
+
+
+def local_data_files(folder: Path, name: str | None = None) -> dict[str, list[str]]:
+    """The parquet files of one config of a local folder, by split, as `datasets` would resolve them.
+
+    The README's YAML ``configs`` decide (``name``, else the ``default: true`` config, else the first);
+    without them every ``*.parquet`` below the folder, split by a ``<split>-`` file-name prefix
+    (``train`` when there is none).
+
+    Raises:
+        ValueError: for a config the README does not declare.
+        FileNotFoundError: when the folder holds no parquet file.
+    """
+    configs = _readme_configs(folder)
+    if configs:
+        chosen = next((c for c in configs if c.get("config_name") == name), None) if name else \
+            next((c for c in configs if c.get("default")), configs[0])
+        if chosen is None:
+            raise ValueError(f"{str(folder)!r} has no config {name!r}; it declares "
+                             f"{', '.join(str(c.get('config_name')) for c in configs)}")
+        declared = chosen.get("data_files") or []
+        if isinstance(declared, str):
+            declared = [{"split": "train", "path": declared}]
+        found = {entry["split"]: sorted(str(f) for pattern in ([entry["path"]] if isinstance(entry["path"], str)
+                                                                else entry["path"]) for f in folder.glob(pattern))
+                 for entry in declared}
+    else:
+        found = {}
+        for file in sorted(folder.rglob("*.parquet")):
+            prefix = file.name.split("-", 1)[0] if "-" in file.name else "train"
+            found.setdefault(prefix if prefix.isidentifier() else "train", []).append(str(file))
+    found = {split: files for split, files in found.items() if files}
+    if not found:
+        raise FileNotFoundError(f"{str(folder)!r} holds no parquet files" + (f" for config {name!r}" if name else ""))
+    return found
+
+
+def _readme_configs(folder: Path) -> list[dict[str, Any]]:
+    """The ``configs`` list of a folder's README.md YAML header (empty without one)."""
+    import yaml
+
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return []
+    text = readme.read_text(encoding="utf-8")
+    if not text.startswith("---"):
+        return []
+    header = text.split("---", 2)[1] if text.count("---") >= 2 else ""
+    try:
+        configs = (yaml.safe_load(header) or {}).get("configs") or []
+    except yaml.YAMLError as err:
+        raise ValueError(f"unreadable YAML header in {str(readme)!r}: {err}") from None
+    return [c for c in configs if isinstance(c, dict)]
+
+
+def _check_parquet(file: str, footer_only: bool) -> None:
+    try:
+        if footer_only:
+            pq.read_metadata(file)
+            return
+        for _ in pq.ParquetFile(file).iter_batches(batch_size=ROW_GROUP_SIZE):
+            pass
+    except (pa.ArrowException, OSError) as err:
+        raise ValueError(f"corrupt or truncated parquet file {file!r}: {err}") from None
+
+
+def load_saved(path: str | Path) -> Any:
+    """`datasets.load_from_disk`, with an incomplete or corrupt folder reported as one error naming it.
+
+    Raises:
+        ValueError: when the folder cannot be read.
+    """
+    from datasets import load_from_disk
+
+    try:
+        return load_from_disk(str(path))
+    except (KeyError, IndexError, TypeError, ValueError, pa.ArrowException) as err:  # what a broken state.json,
+        raise ValueError(f"cannot read the save_to_disk folder {str(path)!r}; it is empty, incomplete or corrupt "
+                         f"({type(err).__name__}: {err})") from None  # a missing or bad .arrow file raise
+
+
+def is_saved_dataset(path: str | Path) -> bool:
+    """Whether ``path`` is a folder written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    return any((Path(path) / name).is_file() for name in ("state.json", "dataset_info.json", "dataset_dict.json"))
+
+
+def read_rows(path: str | Path) -> Dataset:
+    """Read the rows a stage wrote, whatever the writer.
+
+    Args:
+        path: a run folder (``run.json`` + ``data/*.parquet``), a folder written by
+            `Dataset.save_to_disk`, or a folder of parquet files / a hub layout (all splits are
+            concatenated).
+
+    Returns:
+        The rows.
+
+    Raises:
+        FileNotFoundError: if ``path`` is not a folder or holds none of these.
+        ValueError: if a data file is corrupt (named).
+    """
+    from datasets import DatasetDict, concatenate_datasets
+
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"input {str(root)!r} is not a folder")
+    if (root / RUN_FILE).is_file():
+        return load_run(root)
+    if is_saved_dataset(root):
+        loaded = load_saved(root)
+    elif (root / "README.md").is_file() or any(root.rglob("*.parquet")):
+        loaded = load_checked(str(root))
+    else:
+        raise FileNotFoundError(f"{str(root)!r} holds no run, save_to_disk dataset or parquet files")
+    return concatenate_datasets(list(loaded.values())) if isinstance(loaded, DatasetDict) else loaded

@@ -1,0 +1,166 @@
+"""Output folders that appear whole or not at all: the ``.partial`` sibling, the writer lock, atomic JSON."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from safetypairs.utils import OutputDirError
+
+logger = logging.getLogger(__name__)
+
+LOCK_FILE = ".lock"
+PARTIAL_SUFFIX = ".partial"
+
+
+class RunLockedError(OutputDirError):
+    """Another live process is writing the same run folder."""
+
+
+def partial_dir(out: Path) -> Path:
+    """The sibling folder an unfinished run works in."""
+    return out.with_name(out.name + PARTIAL_SUFFIX)
+
+
+def check_not_input(out: str | Path, inputs: tuple[str | Path, ...]) -> None:
+    """Refuse an output folder that is an input, contains one or lies inside one (writing or replacing it
+    would destroy or pollute the input).
+
+    Raises:
+        OutputDirError: naming the input.
+    """
+    target = Path(out).resolve()
+    for given in inputs:
+        path = Path(given).resolve()
+        if path == target or target in path.parents or path in target.parents:
+            raise OutputDirError(f"--out {str(out)!r} is the input {str(given)!r}, contains it or lies inside it; "
+                                 "choose another folder")
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ----------------------------------------------------------------------------- locks and atomic folders
+
+
+def acquire_lock(folder: Path) -> None:
+    """Take ``folder``'s writer lock; a lock left by a dead process on this host is taken over.
+
+    Raises:
+        RunLockedError: when a live process (or one on another host) holds it.
+    """
+    path = folder / LOCK_FILE
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "since": utc_now()}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = read_json(path) or {}
+            if not _stale(holder):
+                raise RunLockedError(
+                    f"{str(folder)!r} is being written by another safetypairs process (pid {holder.get('pid')} on "
+                    f"{holder.get('host')!r} since {holder.get('since')}); wait for it, or delete "
+                    f"{str(path)!r} if that process is gone") from None
+            logger.warning("taking over the stale lock of dead process %s in %s", holder.get("pid"), folder)
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(me, handle)
+        return
+    raise RunLockedError(f"could not take the lock {str(path)!r}")
+
+
+def _stale(holder: dict[str, Any]) -> bool:
+    """A lock is stale when its process is gone (only knowable on the same host)."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return not holder  # an unreadable lock file is a crash mid-write
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def release_lock(folder: Path) -> None:
+    """Drop ``folder``'s writer lock (if this process holds it)."""
+    path = folder / LOCK_FILE
+    holder = read_json(path) or {}
+    if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+        path.unlink(missing_ok=True)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished folder ``src`` to ``dst``, replacing what was there, never leaving a mix."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_dir(out: str | os.PathLike, overwrite: bool, inputs: tuple[str | Path, ...] = ()) -> Iterator[Path]:
+    """Write a whole output folder or nothing: yields a locked temporary sibling, renamed into place on success.
+
+    Args:
+        out: the final folder.
+        overwrite: replace a non-empty ``out`` (only once the new one is complete).
+        inputs: input paths ``out`` must not be or contain.
+
+    Yields:
+        The temporary folder to write into.
+
+    Raises:
+        OutputDirError: when ``out`` is an input, not a folder, non-empty without ``overwrite``,
+            not writable, or being written by another process.
+    """
+    out = Path(out)
+    check_not_input(out, inputs)
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"output path {str(out)!r} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputDirError(f"output folder {str(out)!r} is not empty; pass --overwrite to replace it")
+    tmp = partial_dir(out)
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputDirError(f"cannot write next to output folder {str(out)!r}: {err.strerror or err}") from err
+    acquire_lock(tmp)
+    for stale in tmp.iterdir():  # leftovers of a failed earlier attempt: this folder has no resume
+        if stale.name != LOCK_FILE:
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    release_lock(tmp)
+    replace_dir(tmp, out)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON file's object, or ``None`` when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    """Write JSON atomically (a killed run never leaves a half-written file under the final name)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str), encoding="utf-8")
+    os.replace(tmp, path)
