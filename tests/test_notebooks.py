@@ -18,7 +18,7 @@ nbclient = pytest.importorskip("nbclient")
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 # Seconds per notebook, start to finish (each runs in about 1-2 minutes on 2 idle CPU cores).
-BUDGET_S = {"01_quickstart.ipynb": 600, "03_guards_and_probes.ipynb": 900}
+BUDGET_S = {"01_quickstart.ipynb": 600, "02_your_data.ipynb": 900, "03_guards_and_probes.ipynb": 900}
 IMAGE_TAG = "shows-image"
 # tqdm's text bar ("12/40 [00:03<00:07, 4.1it/s]") and its Jupyter widget.
 PROGRESS_TEXT = re.compile(r"\d+/\d+ \[\d+:\d+|it/s\]|s/it\]")
