@@ -41,7 +41,7 @@ from safetypairs.thresholds import (
     thresholds_for,
     thresholds_used,
 )
-from safetypairs.utils import device_for_rank, status_histogram
+from safetypairs.utils import Range, check_ranges, device_for_rank, status_histogram
 from safetypairs.validate_models import (
     JUDGE_ERROR,
     PairImages,
@@ -204,17 +204,14 @@ class ValidateConfig:
 
 
 def _check_ranges(c: ValidateConfig) -> None:
-    checks = {
-        "max_side": c.max_side >= c.min_side >= 8, "min_side": c.min_side >= 8,
-        "mask_open_px": c.mask_open_px >= 0, "mask_close_px": c.mask_close_px >= 0,
-        "mask_min_region": 0 <= c.mask_min_region < 1, "dilate_fraction": 0 <= c.dilate_fraction < 0.5,
-        "dilate_min_px": c.dilate_min_px >= 0, "spread_grid": c.spread_grid >= 1,
-        "spread_cell_min": 0 <= c.spread_cell_min < 1, "feather_px": c.feather_px >= 0,
-        "batch_size": c.batch_size >= 1, "num_proc": c.num_proc is None or c.num_proc >= 1,
+    """The ranges of the measuring settings (threshold overrides: `thresholds.RANGES`, via `thresholds_for`)."""
+    ranges = {
+        "max_side": Range(c.min_side), "min_side": Range(8), "mask_open_px": Range(0), "mask_close_px": Range(0),
+        "mask_min_region": Range(0, 1, open_high=True), "dilate_fraction": Range(0, 0.5, open_high=True),
+        "dilate_min_px": Range(0), "spread_grid": Range(1), "spread_cell_min": Range(0, 1, open_high=True),
+        "feather_px": Range(0), "batch_size": Range(1), "num_proc": Range(1, optional=True),
     }
-    bad = [name for name, ok in checks.items() if not ok]
-    if bad:
-        raise ValueError(f"invalid ValidateConfig value(s) for {', '.join(bad)}: {[getattr(c, b) for b in bad]}")
+    check_ranges("ValidateConfig", {name: getattr(c, name) for name in ranges}, ranges)
 
 
 def _empty_row() -> dict[str, Any]:
