@@ -67,10 +67,23 @@ class LPIPSEncoder:
         Raises:
             ValueError: for an unknown net or option.
         """
+        net, pnet_rand = cls._arguments(arg, options)
+        return cls(net, device=device, pnet_rand=pnet_rand)
+
+    @classmethod
+    def check_options(cls, arg: str | None, **options: Any) -> None:
+        """Check the net and the options, loading nothing.
+
+        Raises:
+            ValueError: for an unknown net or option, or options given as keywords.
+        """
+        cls._arguments(arg, options)
+
+    @staticmethod
+    def _arguments(arg: str | None, options: dict[str, Any]) -> tuple[str, bool]:
         if options:
             raise ValueError(f"lpips options go in the spec (lpips:<net>,pnet_rand=true), got {sorted(options)}")
-        net, pnet_rand = lpips_arguments(arg)
-        return cls(net, device=device, pnet_rand=pnet_rand)
+        return lpips_arguments(arg)
 
     @property
     def name(self) -> str:
