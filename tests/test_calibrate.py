@@ -117,7 +117,7 @@ def test_run_calibrate_on_a_source(fingerprint_editor, tmp_path):
 @pytest.mark.parametrize("text, match", [
     ("format: other\nthresholds: {}\n", "not a thresholds file"),
     (f"format: {FORMAT}\nthresholds: {{min_psnr: 3}}\n", "unknown threshold"),
-    (f"format: {FORMAT}\nthresholds: {{min_ssim_outside: 3}}\n", "min_ssim_outside"),
+    (f"format: {FORMAT}\nthresholds: {{min_ssim_outside: 3}}\n", r"t.yaml: .*min_ssim_outside=3.0 \(allowed: \[-1, 1\]\)"),
 ])
 def test_bad_thresholds_files_are_refused(tmp_path, text, match):
     path = tmp_path / "t.yaml"

@@ -7,6 +7,9 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,3 +269,35 @@ def test_from_spec_refuses_unknown_options_and_names_every_option_in_OPTIONS(kin
     if "allowed: " in str(err.value):  # the parser's own list of what it accepts: OPTIONS must document each
         accepted = {n.strip(" .'[]\"") for n in str(err.value).split("allowed: ", 1)[1].split(",")}
         assert accepted == set(cls.OPTIONS), f"{alias}: from_spec accepts {sorted(accepted)}, OPTIONS has {sorted(cls.OPTIONS)}"
+
+
+# Model libraries: `registry.check_options` must not import one (it runs before any work, loading nothing).
+MODEL_LIBRARIES = ("torch", "transformers", "diffusers", "open_clip", "lpips", "rapidocr", "nudenet", "onnxruntime")
+_CHECK_EVERY_SPEC = """
+import json, sys
+from safetypairs.registry import check_options
+refused = {}
+for kind, spec in json.loads(sys.argv[1]):
+    try:
+        check_options(kind, spec, {"not_an_option": "1"})
+        refused[f"{kind}/{spec}"] = None
+    except ValueError as err:
+        refused[f"{kind}/{spec}"] = str(err)
+    check_options(kind, spec)  # the probe spec itself passes
+print(json.dumps({"refused": refused, "imported": [m for m in json.loads(sys.argv[2]) if m in sys.modules]}))
+"""
+
+
+def test_check_options_refuses_unknown_options_of_every_backend_before_any_model_loads():
+    """The up-front check that generate / validate / evaluate run (`registry.check_options`) refuses an
+    unknown option of every registered backend by name, accepts the probe spec (whose model does not
+    exist, so a load would fail) and imports no model library on the way."""
+    specs = [(kind, f"{alias}:{arg}" if (arg := OPTION_PROBE_ARG[(kind, alias)]) else alias) for kind, alias in REGISTERED]
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    proc = subprocess.run([sys.executable, "-c", _CHECK_EVERY_SPEC, json.dumps(specs), json.dumps(MODEL_LIBRARIES)],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": src}, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    unchecked = sorted(spec for spec, error in result["refused"].items() if error is None or "not_an_option" not in error)
+    assert not unchecked, f"check_options lets an unknown option through (add a check_options classmethod): {unchecked}"
+    assert result["imported"] == [], f"check_options imported model libraries: {result['imported']}"

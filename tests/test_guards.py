@@ -30,10 +30,13 @@ def test_ocr_lexicon_flags_insults_and_passes_benign_text():
 def test_ocr_lexicon_options():
     guard = OCRLexiconGuard.from_spec("box_thresh=0.3,mode=det")
     assert guard.ocr.box_thresh == 0.3 and guard.spec == "ocr-lexicon:box_thresh=0.3,mode=det"
-    with pytest.raises(ValueError, match="'det' or 'rec'"):
+    with pytest.raises(ValueError, match="ocr-lexicon option mode must be one of det, rec, got 'both'"):
         OCRLexiconGuard.from_spec("mode=both")
-    with pytest.raises(ValueError, match="must be a number"):
+    with pytest.raises(ValueError, match="ocr-lexicon option box_thresh must be a number, got 'high'"):
         OCRLexiconGuard.from_spec("box_thresh=high")
+    with pytest.raises(ValueError, match=r"box_thresh must be in \[0, 1\], got 2.0"):
+        OCRLexiconGuard.from_spec("box_thresh=2")
+    assert not OCRLexiconGuard.from_spec(None, mode="rec").ocr.use_det
 
 
 def test_nudenet_calls_clothed_photos_safe():
@@ -42,5 +45,8 @@ def test_nudenet_calls_clothed_photos_safe():
     assert [v.label for v in verdicts] == ["safe", "safe"]
     assert all(0.0 <= v.score < 0.5 for v in verdicts)
     assert isinstance(json.loads(verdicts[0].raw), list)
-    with pytest.raises(ValueError, match="threshold"):
+    with pytest.raises(ValueError, match=r"nudenet option value\(s\): threshold=2.0 \(allowed: \[0, 1\]\)"):
         NudeNetGuard.from_spec("threshold=2")
+    with pytest.raises(ValueError, match="unknown nudenet option.*'thresh'.*allowed: threshold"):
+        NudeNetGuard.from_spec("thresh=0.2")
+    assert NudeNetGuard.from_spec("threshold=0.2", threshold="0.7").threshold == 0.7  # keywords win

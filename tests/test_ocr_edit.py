@@ -4,7 +4,12 @@ import numpy as np
 import pytest
 
 from safetypairs.backends.ocr import read_text
-from safetypairs.backends.ocr_edit import EditError, OCRInpaintEditor, replace_text
+from safetypairs.backends.ocr_edit import (
+    EditError,
+    OCRInpaintEditor,
+    OCRInpaintOptions,
+    replace_text,
+)
 from safetypairs.backends.render import TextStyle, draw_text
 from safetypairs.sources import demo_photo
 
@@ -46,3 +51,8 @@ def test_errors_are_clear():
         editor.edit([image], ["Remove the insult"], [0])
     with pytest.raises(ValueError, match="allowed: match, radius, grow"):
         OCRInpaintEditor.from_spec("strength=2")
+    with pytest.raises(ValueError, match="ocr-inpaint option radius must be an integer, got 2.5"):
+        OCRInpaintEditor.from_spec(None, radius=2.5)
+    with pytest.raises(ValueError, match=r"match=1.5 \(allowed: \[0, 1\]\); radius=0 \(allowed: >= 1\)"):
+        OCRInpaintEditor.from_spec("match=1.5,radius=0")
+    assert OCRInpaintEditor.from_spec("radius=3", grow="0.2").options == OCRInpaintOptions(0.6, 3, 0.2)

@@ -10,12 +10,14 @@ import pytest
 from safetypairs.registry import (
     KINDS,
     available,
+    cast_options,
     load_backend,
     parse_bool,
     parse_options,
     parse_spec,
     split_model_arg,
 )
+from safetypairs.utils import Range, check_ranges
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -70,6 +72,37 @@ def test_parse_bool_accepts_text_and_refuses_junk():
     assert parse_bool("Yes", "x") is True and parse_bool("0", "x") is False and parse_bool(True, "x") is True
     with pytest.raises(ValueError, match="option trust_remote_code expects true or false"):
         parse_bool("ture", "trust_remote_code")
+
+
+def test_cast_options_casts_and_names_what_is_wrong():
+    types = {"n": int, "x": float, "flag": bool, "mode": ("a", "b"), "name": str}
+    given = {"n": "3", "x": "0.5", "flag": "yes", "mode": "b", "name": 7}
+    assert cast_options("demo", given, types) == {"n": 3, "x": 0.5, "flag": True, "mode": "b", "name": "7"}
+    assert cast_options("demo", {}, types) == {}
+    for options, message in [
+        ({"size": "1"}, r"unknown demo option\(s\) \['size'\]; allowed: n, x, flag, mode, name"),
+        ({"n": "1.5"}, "demo option n must be an integer, got '1.5'"),
+        ({"n": 1.5}, "demo option n must be an integer, got 1.5"),
+        ({"x": "big"}, "demo option x must be a number, got 'big'"),
+        ({"flag": "maybe"}, "demo option flag must be true or false, got 'maybe'"),
+        ({"mode": "c"}, "demo option mode must be one of a, b, got 'c'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            cast_options("demo", options, types)
+    with pytest.raises(ValueError, match=r"invalid demo option value\(s\): x=2.0 \(allowed: \(0, 1\]\)"):
+        cast_options("demo", {"x": "2"}, types, {"x": Range(0, 1, open_low=True)})
+    with pytest.raises(ValueError, match=r"x=nan \(allowed: \(0, 1\]\)"):
+        cast_options("demo", {"x": "nan"}, types, {"x": Range(0, 1, open_low=True)})
+
+
+def test_range_text_and_membership():
+    assert [str(r) for r in (Range(0, 1), Range(0, 1, open_high=True), Range(0, open_low=True), Range(high=5),
+                             Range(1, optional=True), Range())] == \
+        ["[0, 1]", "[0, 1)", "> 0", "<= 5", ">= 1 or None", "any number"]
+    assert 0 in Range(0, 1) and 0 not in Range(0, open_low=True) and 1 not in Range(0, 1, open_high=True)
+    assert None in Range(optional=True) and None not in Range() and "1" not in Range() and True not in Range()
+    with pytest.raises(ValueError, match=r"invalid thing value\(s\): a=-1 \(allowed: >= 0\); b=None"):
+        check_ranges("thing", {"a": -1, "b": None, "c": 5}, {"a": Range(0), "b": Range(0), "c": Range(0)})
 
 
 def test_split_model_arg():

@@ -268,15 +268,19 @@ def test_select_best_keeps_best_preserved_accepted_candidate():
 @pytest.mark.parametrize("kwargs, match", [
     ({"size_mismatch": "crop"}, "size_mismatch must be one of"),
     ({"judge": "ocr-lexicom"}, "Did you mean 'ocr-lexicon'"),
+    ({"judge": "shieldgemma2:no/such-model,scope=everything"}, "scope='everything' not allowed"),  # before any load
+    ({"judge": "clip-zeroshot:open_clip:ViT-B-32/none,thresh=0"}, "allowed: threshold"),
     ({"lpips": "open_clip:ViT-B-32/openai"}, "lpips must be an"),
     ({"lpips": "lpips:resnet"}, "allowed: alex, vgg, squeeze"),
     ({"clip": "lpips:alex"}, "clip must be an open_clip or hf-clip spec"),
-    ({"min_element_fraction": 1.5}, "min_element_fraction"),
-    ({"max_changed_fraction": 0.0}, "max_changed_fraction"),
+    ({"min_element_fraction": 1.5}, r"threshold value\(s\): min_element_fraction=1.5 \(allowed: \[0, 1\)\)"),
+    ({"max_changed_fraction": 0.0}, r"max_changed_fraction=0.0 \(allowed: \(0, 1\]\)"),
+    ({"max_lpips_outside": float("nan")}, r"max_lpips_outside=nan \(allowed: >= 0 or None\)"),
     ({"reference": "vae"}, "reference must be one of"),
     ({"thresholds": "latent"}, "thresholds must be one of pixel-exact, latent-diffusion"),
     ({"control_column": S.IMAGE}, "must differ"),
-    ({"min_side": 4}, "min_side"),
+    ({"min_side": 4}, r"ValidateConfig value\(s\): min_side=4 \(allowed: >= 8\)"),
+    ({"num_proc": 0}, r"num_proc=0 \(allowed: >= 1 or None\)"),
     ({"policy": "no-such-policy"}, "no-such-policy"),
     ({"edited_column": S.IMAGE}, "must differ"),
 ])

@@ -18,7 +18,7 @@ from safetypairs.backends.vlm_guards import (
     render_guard_prompt,
 )
 from safetypairs.policy import load_policy
-from safetypairs.registry import load_backend
+from safetypairs.registry import check_options, load_backend
 
 POLICY = load_policy("llavaguard")
 
@@ -81,6 +81,25 @@ def test_bad_specs_raise(vlm_path):
         HFVLMGuard.from_spec(f"{vlm_path},scope=everything")
 
 
+@pytest.mark.parametrize("spec, message", [
+    ("shieldgemma2:some/model,temperature=2", r"unknown shieldgemma2 option\(s\) \['temperature'\]; allowed: dtype"),
+    ("shieldgemma2:some/model,dtype=fp16", "dtype='fp16' not allowed; allowed: auto"),
+    ("shieldgemma2:some/model,max_new_tokens=x", "shieldgemma2 option max_new_tokens must be an integer, got 'x'"),
+    ("shieldgemma2:some/model,score=maybe", "shieldgemma2 option score must be true or false, got 'maybe'"),
+    ("shieldgemma2", "shieldgemma2 needs a model"),
+    ("clip-zeroshot:open_clip:ViT-B-32/none,thresh=0", r"unknown clip-zeroshot option\(s\) \['thresh'\]; allowed: threshold"),
+    ("clip-zeroshot:open_clip:ViT-B-32/none,threshold=abc", "clip-zeroshot option threshold must be a number, got 'abc'"),
+    ("clip-zeroshot:open_clp:ViT-B-32/none", "Did you mean 'open_clip'"),
+    ("clip-zeroshot:hf-clip", "hf-clip encoder spec needs a model"),
+    ("clip-zeroshot", "clip-zeroshot needs an encoder"),
+])
+def test_model_guards_check_options_up_front_without_a_model(spec, message):
+    """`some/model` does not exist: these fail in the option check, before anything would load."""
+    with pytest.raises(ValueError, match=message):
+        check_options("guards", spec)
+    check_options("guards", spec.partition(",")[0] if "some/model" in spec else "clip-zeroshot:open_clip:ViT-B-32/none")
+
+
 def test_clip_zeroshot(tmp_path):
     arch = register_tiny_open_clip(tmp_path)
     guard = load_backend("guards", f"clip-zeroshot:open_clip:{arch}/none,threshold=0.0")
@@ -89,6 +108,7 @@ def test_clip_zeroshot(tmp_path):
         assert v.label == ("unsafe" if v.score > 0 else "safe") and '"gap"' in v.raw
     with pytest.raises(ValueError, match="threshold"):
         load_backend("guards", f"clip-zeroshot:open_clip:{arch}/none,threshold=abc")
+    assert load_backend("guards", f"clip-zeroshot:open_clip:{arch}/none,threshold=0.5", threshold=0.25).threshold == 0.25
 
 
 def test_llavaguard_truncated_answer_keeps_its_rating():

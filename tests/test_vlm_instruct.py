@@ -16,7 +16,7 @@ from safetypairs.backends.vlm_instruct import (
 from safetypairs.generate import generate_pairs
 from safetypairs.instruct import InstructConfig, run_instruct
 from safetypairs.policy import load_policy
-from safetypairs.registry import load_backend
+from safetypairs.registry import check_options, load_backend
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +108,22 @@ def test_unknown_option_is_an_error(vlm_path):
         load_backend("instructors", f"hf-vlm:{vlm_path}", "cpu", temperature="0.7")
     with pytest.raises(ValueError, match="unknown hf-vlm option"):
         load_backend("instructors", f"hf-vlm:{vlm_path},temperature=0.7", "cpu")
+
+
+@pytest.mark.parametrize("spec, options, message", [
+    ("hf-vlm:some/model", {"temperature": "0.7"}, r"unknown hf-vlm option\(s\) \['temperature'\]; allowed: dtype"),
+    ("hf-vlm:some/model,dtype=fp8", {}, "hf-vlm option dtype must be one of auto, float32, float16, bfloat16, got 'fp8'"),
+    ("hf-vlm:some/model", {"max_new_tokens": "0"}, r"max_new_tokens=0 \(allowed: >= 1\)"),
+    ("hf-vlm:some/model,trust_remote_code=perhaps", {}, "hf-vlm option trust_remote_code must be true or false, got .perhaps."),
+    ("hf-vlm", {}, "hf-vlm needs a model"),
+])
+def test_instructor_options_are_checked_up_front_without_a_model(spec, options, message):
+    """`some/model` does not exist: these fail in the option check, before anything would load."""
+    with pytest.raises(ValueError, match=message):
+        check_options("instructors", spec, options)
+    check_options("instructors", "hf-vlm:some/model,dtype=bfloat16", {"max_new_tokens": "12"})
+    with pytest.raises(ValueError, match="temperature"):
+        InstructConfig(instructor="hf-vlm:some/model,temperature=0.7")
 
 
 def test_options_inline_in_the_spec_like_the_guards(vlm_path):

@@ -13,12 +13,25 @@ import yaml
 from datasets import Dataset
 
 from safetypairs import schema as S
+from safetypairs.utils import Range, check_ranges
 
 FORMAT = "safetypairs-thresholds/1"
 PIXEL_EXACT = "pixel-exact"
 LATENT_DIFFUSION = "latent-diffusion"
 # Editors whose output is re-rendered through a VAE (every pixel changes a little) use LATENT_DIFFUSION.
 LATENT_EDITORS = ("diffusers",)
+
+# The allowed values of each `Thresholds` field (``ValidateConfig``'s overrides are checked by the same table).
+RANGES = {
+    "mask_delta_e": Range(0, open_low=True),
+    "min_element_fraction": Range(0, 1, open_high=True),
+    "max_changed_fraction": Range(0, 1, open_low=True),
+    "max_change_spread": Range(0, 1, open_low=True),
+    "min_ssim_outside": Range(-1, 1),
+    "min_psnr_outside": Range(0),
+    "max_lpips_outside": Range(0, optional=True),
+    "min_clip_outside": Range(-1, 1, optional=True),
+}
 
 
 @dataclass(frozen=True)
@@ -46,17 +59,7 @@ class Thresholds:
     min_clip_outside: float | None = None
 
     def __post_init__(self) -> None:
-        checks = {
-            "mask_delta_e": self.mask_delta_e > 0, "min_element_fraction": 0 <= self.min_element_fraction < 1,
-            "max_changed_fraction": 0 < self.max_changed_fraction <= 1,
-            "max_change_spread": 0 < self.max_change_spread <= 1,
-            "min_ssim_outside": -1 <= self.min_ssim_outside <= 1, "min_psnr_outside": self.min_psnr_outside >= 0,
-            "max_lpips_outside": self.max_lpips_outside is None or self.max_lpips_outside >= 0,
-            "min_clip_outside": self.min_clip_outside is None or -1 <= self.min_clip_outside <= 1,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"invalid threshold value(s) for {', '.join(bad)}: {[getattr(self, b) for b in bad]}")
+        check_ranges("threshold", self.as_dict(), RANGES)
 
     def as_dict(self) -> dict[str, float | None]:
         """The values as a plain dict (YAML / JSON ready)."""
@@ -114,7 +117,10 @@ def load_thresholds(name_or_path: str) -> Thresholds:
     unknown = sorted(set(values) - set(allowed))
     if unknown:
         raise ValueError(f"unknown threshold(s) {unknown} in {path}; allowed: {', '.join(allowed)}")
-    return Thresholds(**{k: None if v is None else float(v) for k, v in values.items()})
+    try:
+        return Thresholds(**{k: None if v is None else float(v) for k, v in values.items()})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: {err}") from err
 
 
 def write_thresholds(path: str | Path, thresholds: Thresholds, **about: Any) -> Path:

@@ -1,14 +1,17 @@
-"""Shared helpers: progress bars, devices per rank, output folders, status histograms."""
+"""Shared helpers: progress bars, devices per rank, output folders, status histograms, value ranges."""
 
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import os
 import shutil
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -96,3 +99,52 @@ def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
 def status_histogram(values: Iterable[str | None]) -> dict[str, int]:
     """Count statuses (``None`` counts as ``"ok"``), most common first."""
     return dict(Counter(v or "ok" for v in values).most_common())
+
+
+@dataclass(frozen=True)
+class Range:
+    """An allowed interval of numbers: a bound of ``None`` is unbounded, ``open_low``/``open_high`` exclude
+    the bound itself, ``optional`` also allows ``None``. NaN, text and bools are never in a range."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+    optional: bool = False
+
+    def __contains__(self, value: Any) -> bool:
+        if value is None:
+            return self.optional
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+            return False
+        above = self.low is None or (value > self.low if self.open_low else value >= self.low)
+        below = self.high is None or (value < self.high if self.open_high else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            text = f"{'(' if self.open_low else '['}{self.low:g}, {self.high:g}{')' if self.open_high else ']'}"
+        elif self.low is not None:
+            text = f"{'>' if self.open_low else '>='} {self.low:g}"
+        elif self.high is not None:
+            text = f"{'<' if self.open_high else '<='} {self.high:g}"
+        else:
+            text = "any number"
+        return text + (" or None" if self.optional else "")
+
+
+def check_ranges(owner: str, values: Mapping[str, Any], ranges: Mapping[str, Range]) -> None:
+    """Check each named value against its range (one place per range rule: the ``ranges`` table).
+
+    Args:
+        owner: what the values belong to, for the message (e.g. ``"threshold"``, ``"ValidateConfig"``).
+        values: name -> value (names missing here are not checked).
+        ranges: name -> allowed `Range`.
+
+    Raises:
+        ValueError: naming every value out of its range, with the value and the allowed range.
+    """
+    bad = [f"{name}={values[name]!r} (allowed: {allowed})" for name, allowed in ranges.items()
+           if name in values and values[name] not in allowed]
+    if bad:
+        raise ValueError(f"invalid {owner} value(s): {'; '.join(bad)}")

@@ -8,29 +8,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from datasets import Dataset
-from PIL import Image
 
 from safetypairs import schema as S
 from safetypairs.backends.encoders import lpips_arguments
-from safetypairs.change import (
-    MaskParams,
-    bbox,
-    change_mask,
-    masked_mean,
-    psnr,
-    psnr_where,
-    resize_mask,
-    ssim_map,
-    to_float,
-)
-from safetypairs.images import (
-    DEFAULT_MAX_PIXELS,
-    ImageError,
-    check_max_pixels,
-    load_image,
-)
+from safetypairs.change import MaskParams
+from safetypairs.images import DEFAULT_MAX_PIXELS, check_max_pixels
 from safetypairs.policy import Policy, load_policy
 from safetypairs.registry import check_options, parse_spec
 from safetypairs.runner import RunConfig, RunSummary, run_stage
@@ -41,14 +24,19 @@ from safetypairs.thresholds import (
     thresholds_for,
     thresholds_used,
 )
-from safetypairs.utils import device_for_rank, status_histogram
+from safetypairs.utils import Range, check_ranges, device_for_rank, status_histogram
 from safetypairs.validate_models import (
     JUDGE_ERROR,
-    PairImages,
     composite_columns,
     encoder_metrics,
     judge_rows,
-    vae_references,
+)
+from safetypairs.validate_rows import (
+    STATUS_OK,
+    choose_references,
+    empty_row,
+    pixel_metrics,
+    prepare_pair,
 )
 
 __all__ = ["ValidateConfig", "ValidateTransform", "decide_pixels", "run_validate", "select_best",
@@ -56,8 +44,7 @@ __all__ = ["ValidateConfig", "ValidateTransform", "decide_pixels", "run_validate
 
 logger = logging.getLogger(__name__)
 
-# Every value `validate_status` and `reject_reason` can take (reject_reason is None when accepted).
-STATUS_OK = "ok"  # measured and decided: see `accepted` / `reject_reason`
+# Every value `validate_status` (besides `STATUS_OK`) and `reject_reason` can take (None when accepted).
 ROW_FAILURES = {
     S.NOT_UNSAFE: "the source row is labelled safe: set aside (a natural negative), never instructed or edited",
     "not_instructed": "the instruct stage wrote no instruction for this row (its instruct_status in validate_error)",
@@ -204,24 +191,14 @@ class ValidateConfig:
 
 
 def _check_ranges(c: ValidateConfig) -> None:
-    checks = {
-        "max_side": c.max_side >= c.min_side >= 8, "min_side": c.min_side >= 8,
-        "mask_open_px": c.mask_open_px >= 0, "mask_close_px": c.mask_close_px >= 0,
-        "mask_min_region": 0 <= c.mask_min_region < 1, "dilate_fraction": 0 <= c.dilate_fraction < 0.5,
-        "dilate_min_px": c.dilate_min_px >= 0, "spread_grid": c.spread_grid >= 1,
-        "spread_cell_min": 0 <= c.spread_cell_min < 1, "feather_px": c.feather_px >= 0,
-        "batch_size": c.batch_size >= 1, "num_proc": c.num_proc is None or c.num_proc >= 1,
+    """The ranges of the measuring settings (threshold overrides: `thresholds.RANGES`, via `thresholds_for`)."""
+    ranges = {
+        "max_side": Range(c.min_side), "min_side": Range(8), "mask_open_px": Range(0), "mask_close_px": Range(0),
+        "mask_min_region": Range(0, 1, open_high=True), "dilate_fraction": Range(0, 0.5, open_high=True),
+        "dilate_min_px": Range(0), "spread_grid": Range(1), "spread_cell_min": Range(0, 1, open_high=True),
+        "feather_px": Range(0), "batch_size": Range(1), "num_proc": Range(1, optional=True),
     }
-    bad = [name for name, ok in checks.items() if not ok]
-    if bad:
-        raise ValueError(f"invalid ValidateConfig value(s) for {', '.join(bad)}: {[getattr(c, b) for b in bad]}")
-
-
-def _empty_row() -> dict[str, Any]:
-    row = {name: None for name in S.VALIDATION_FEATURES}
-    row.update({S.METRICS_RAN: [], S.ACCEPTED: False, S.CHANGE_BBOX: [], S.VALIDATE_RESIZED: False,
-                S.LABEL_FLIP_CHECKED: False})
-    return row
+    check_ranges("ValidateConfig", {name: getattr(c, name) for name in ranges}, ranges)
 
 
 class ValidateTransform:
@@ -249,15 +226,15 @@ class ValidateTransform:
         """
         c = self.config
         n = len(batch[c.original_column])
-        rows = [_empty_row() for _ in range(n)]
+        rows = [empty_row() for _ in range(n)]
         images = {c.original_column: list(batch[c.original_column]), c.edited_column: list(batch[c.edited_column])}
-        pairs = [p for i in range(n) if (p := self._prepare(batch, i, rows[i], images)) is not None]
+        pairs = [p for i in range(n) if (p := prepare_pair(c, self.policy, batch, i, rows[i], images)) is not None]
         device = device_for_rank(c.device, rank)
-        self._references(batch, pairs, device)
+        choose_references(c, batch, pairs, device)
         editors = batch.get(c.editor_column) or [None] * n
         for pair in pairs:
             rows[pair.index][S.VALIDATE_THRESHOLDS], thresholds = thresholds_for(c, editors[pair.index])
-            self._pixel_metrics(pair, rows[pair.index], thresholds)
+            pixel_metrics(c, pair, rows[pair.index], thresholds)
         encoder_metrics(c, pairs, rows, device)
         for pair in pairs:
             rows[pair.index][S.REJECT_REASON] = decide_pixels(thresholds_for(c, editors[pair.index])[1],
@@ -269,127 +246,6 @@ class ValidateTransform:
         if c.composite:
             out.update(composite_columns(c, batch, pairs, rows))
         return out
-
-    def _prepare(self, batch: dict[str, list], i: int, row: dict[str, Any],
-                 images: dict[str, list]) -> PairImages | None:
-        """Read and size-check one row; on failure fill its status and return ``None``.
-
-        A cell that cannot be decoded is set to null in ``images`` (its bytes are not carried on).
-        """
-        c = self.config
-        name = _row_name(batch, i)
-        instructed = batch.get(S.INSTRUCT_STATUS, [None] * (i + 1))[i]
-        status = batch.get(c.edit_status_column, [None] * (i + 1))[i]
-        if instructed not in (None, S.OK):
-            error = batch.get(S.INSTRUCT_ERROR, [None] * (i + 1))[i] or f"instruct_status={instructed}"
-            return _fail(row, S.NOT_UNSAFE if instructed == S.NOT_UNSAFE else "not_instructed", error)
-        if status == S.DUPLICATE:
-            return _fail(row, "duplicate_candidate", batch.get(S.EDIT_ERROR, [None] * (i + 1))[i] or status)
-        if status is not None and status != S.OK:
-            error = batch.get(S.EDIT_ERROR, [None] * (i + 1))[i]
-            return _fail(row, "edit_failed", error or f"row {name}: {c.edit_status_column}={status}")
-        if batch[c.edited_column][i] is None:
-            return _fail(row, "edit_failed", f"row {name}: no edited image")
-        category = batch[c.category_column][i] if c.category_column in batch else None
-        if c.category_column in batch and category not in self.policy.categories:
-            return _fail(row, "unknown_category", f"row {name}: category {category!r} is not in policy "
-                                                  f"{self.policy.id} (allowed: {', '.join(self.policy.categories)})")
-        decoded = []
-        for column in (c.original_column, c.edited_column):
-            try:
-                decoded.append(load_image(batch[column][i], c.max_pixels))
-            except ImageError as err:
-                images[column][i] = None
-                return _fail(row, err.status, f"row {name}: {column}: {err}")
-        original, edited = decoded
-        if original.size != edited.size:
-            if c.size_mismatch == "reject":
-                return _fail(row, "size_mismatch", f"row {name}: original {original.size} vs edited {edited.size}")
-            edited = edited.resize(original.size, Image.Resampling.LANCZOS)
-            row[S.VALIDATE_RESIZED] = True
-        if min(original.size) < c.min_side:
-            return _fail(row, "too_small", f"row {name}: size {original.size} below min_side={c.min_side}")
-        row[S.VALIDATE_STATUS] = STATUS_OK
-        work_a, work_b = original, edited
-        if _scale(c, original.size) < 1.0:
-            work_a, work_b = (im.resize(_work_size(c, original.size), Image.Resampling.BOX) for im in (original, edited))
-        control = self._control(batch, i, original.size) if c.reference != "original" or c.composite else None
-        return PairImages(i, to_float(work_a), to_float(work_b), original.size, original, edited,
-                          control_image=control)
-
-    def _control(self, batch: dict[str, list], i: int, size: tuple[int, int]) -> Image.Image | None:
-        """The row's artifact control, or ``None`` (absent, not wanted, unreadable or of another size)."""
-        column = self.config.control_column
-        cell = batch[column][i] if column in batch else None
-        if cell is None:
-            return None
-        try:
-            control = load_image(cell)
-        except ImageError as err:
-            logger.warning("row %d: control image unreadable (%s); not used as the reference", i, err)
-            return None
-        if control.size != size:
-            logger.warning("row %d: control %s differs from the original %s; not used", i, control.size, size)
-            return None
-        return control
-
-    def _references(self, batch: dict[str, list], pairs: list[PairImages], device: str) -> None:
-        """Pick each pair's reference: control, VAE round trip or original (`REFERENCE_MODES`)."""
-        c = self.config
-        for pair in pairs:
-            if c.reference != "original" and pair.control_image is not None:
-                pair.reference_image, pair.reference_kind = pair.control_image, "control"
-        if c.reference == "auto":
-            n = len(batch[c.original_column])
-            editors, sizes = batch.get(c.editor_column) or [None] * n, batch.get(S.EDIT_WORK_SIZE) or [None] * n
-            vae_references(pairs, [editors[p.index] for p in pairs], [sizes[p.index] for p in pairs], device)
-        for pair in pairs:
-            if pair.reference_image is None:
-                pair.reference = pair.original
-                continue
-            ref = pair.reference_image
-            pair.reference = to_float(ref if _scale(c, ref.size) >= 1.0 else
-                                      ref.resize(_work_size(c, ref.size), Image.Resampling.BOX))
-
-    def _pixel_metrics(self, pair: PairImages, row: dict[str, Any], thresholds: Thresholds) -> None:
-        mask = change_mask(pair.reference, pair.edited, self.config.mask_params(thresholds))
-        pair.mask = mask
-        outside = ~mask.region
-        full = resize_mask(mask.changed, pair.full_size)
-        row[S.EDIT_MASK] = Image.fromarray(full.astype(np.uint8) * 255)  # 2-D uint8: mode "L"
-        row[S.CHANGED_FRACTION] = mask.changed_fraction
-        row[S.CHANGE_ELEMENT] = mask.element_fraction
-        row[S.CHANGE_BBOX] = bbox(full)
-        row[S.CHANGE_SPREAD] = mask.spread(self.config.spread_grid, self.config.spread_cell_min)
-        row[S.COLOR_CHANGE_INSIDE] = masked_mean(mask.delta_e, mask.changed)
-        row[S.SSIM_OUTSIDE] = masked_mean(ssim_map(pair.reference, pair.edited), outside)
-        row[S.PSNR_OUTSIDE] = psnr_where(pair.reference, pair.edited, outside)
-        row[S.VALIDATE_REFERENCE] = pair.reference_kind
-        if pair.reference_kind != "original":
-            row[S.NOISE_FLOOR_PSNR] = psnr(pair.original, pair.reference)
-        row[S.METRICS_RAN] += ["change_mask", "ssim", "psnr"]
-
-
-def _scale(config: ValidateConfig, size: tuple[int, int]) -> float:
-    return config.max_side / max(size)
-
-
-def _work_size(config: ValidateConfig, size: tuple[int, int]) -> tuple[int, int]:
-    scale = _scale(config, size)
-    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
-def _row_name(batch: dict[str, list], i: int) -> str:
-    """How an error names a row: its source id (and candidate) or pair id, else its place in the batch."""
-    for column in (S.SOURCE_ID, S.PAIR_ID):
-        if batch.get(column) and batch[column][i] is not None:
-            candidate = batch.get(S.CANDIDATE, [None] * (i + 1))[i]
-            return repr(batch[column][i]) + (f" (candidate {candidate})" if candidate is not None else "")
-    return f"#{i} of its batch"
-
-
-def _fail(row: dict[str, Any], status: str, error: str) -> None:
-    row.update({S.VALIDATE_STATUS: status, S.REJECT_REASON: status, S.VALIDATE_ERROR: error})
-    return None
-
 
 def run_validate(dataset: Dataset, config: ValidateConfig | None = None) -> tuple[Dataset, StageResult]:
     """Run validation over a dataset of candidates or pairs.

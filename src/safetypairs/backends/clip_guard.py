@@ -11,7 +11,12 @@ from PIL import Image
 
 from safetypairs.backends.base import Verdict
 from safetypairs.policy import Policy
-from safetypairs.registry import load_backend
+from safetypairs.registry import (
+    cast_options,
+    check_options,
+    load_backend,
+    parse_options,
+)
 from safetypairs.schema import SAFE, UNSAFE
 
 logger = logging.getLogger(__name__)
@@ -67,6 +72,20 @@ def embed_text(encoder: Any, texts: list[str]) -> np.ndarray:
     return feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
 
 
+def _arguments(arg: str | None, options: dict[str, object]) -> tuple[str, float]:
+    """The encoder spec and threshold of ``<encoder spec>[,threshold=<float>]`` plus keyword ``options`` (these win).
+
+    Raises:
+        ValueError: for a missing encoder spec, an encoder spec the registry refuses or a bad option.
+    """
+    encoder_spec, _, rest = (arg or "").partition(",")
+    if not encoder_spec:
+        raise ValueError("clip-zeroshot needs an encoder: clip-zeroshot:open_clip:<arch>/<pretrained>")
+    values = cast_options("clip-zeroshot", {**parse_options(rest), **options}, {"threshold": float})
+    check_options("encoders", encoder_spec)
+    return encoder_spec, values.get("threshold", 0.0)
+
+
 class CLIPZeroShotGuard:
     """``clip-zeroshot:<encoder spec>[,threshold=0]`` (e.g. ``clip-zeroshot:open_clip:ViT-B-32/openai``).
 
@@ -90,22 +109,17 @@ class CLIPZeroShotGuard:
         Raises:
             ValueError: for a missing encoder spec or a bad option.
         """
-        encoder_spec, _, rest = (arg or "").partition(",")
-        if not encoder_spec:
-            raise ValueError("clip-zeroshot needs an encoder: clip-zeroshot:open_clip:<arch>/<pretrained>")
-        threshold = options.pop("threshold", None)
-        if rest:
-            key, _, value = rest.partition("=")
-            if key.strip() != "threshold":
-                raise ValueError(f"unknown clip-zeroshot option {key!r}; allowed: threshold")
-            threshold = value
-        if options:
-            raise ValueError(f"unknown clip-zeroshot option(s) {sorted(options)}; allowed: threshold")
-        try:
-            value = 0.0 if threshold is None else float(threshold)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"clip-zeroshot option threshold must be a number, got {threshold!r}") from err
-        return cls(encoder_spec, value, device)
+        encoder_spec, threshold = _arguments(arg, options)
+        return cls(encoder_spec, threshold, device)
+
+    @classmethod
+    def check_options(cls, arg: str | None, **options: object) -> None:
+        """Check the encoder spec (its name and options) and the threshold, loading nothing.
+
+        Raises:
+            ValueError: for a missing or unknown encoder spec or a bad option, naming it.
+        """
+        _arguments(arg, options)
 
     def _text(self, prompts: list[str]) -> np.ndarray:
         key = tuple(prompts)

@@ -67,10 +67,23 @@ class LPIPSEncoder:
         Raises:
             ValueError: for an unknown net or option.
         """
+        net, pnet_rand = cls._arguments(arg, options)
+        return cls(net, device=device, pnet_rand=pnet_rand)
+
+    @classmethod
+    def check_options(cls, arg: str | None, **options: Any) -> None:
+        """Check the net and the options, loading nothing.
+
+        Raises:
+            ValueError: for an unknown net or option, or options given as keywords.
+        """
+        cls._arguments(arg, options)
+
+    @staticmethod
+    def _arguments(arg: str | None, options: dict[str, Any]) -> tuple[str, bool]:
         if options:
             raise ValueError(f"lpips options go in the spec (lpips:<net>,pnet_rand=true), got {sorted(options)}")
-        net, pnet_rand = lpips_arguments(arg)
-        return cls(net, device=device, pnet_rand=pnet_rand)
+        return lpips_arguments(arg)
 
     @property
     def name(self) -> str:
@@ -112,17 +125,38 @@ class LPIPSEncoder:
             return self.model(prep(a), prep(b))[:, 0].float().cpu().numpy()
 
 
-def _spec_argument(alias: str, arg: str | None, options: dict[str, Any], usage: str) -> str:
-    """The spec argument of a CLIP encoder, which takes no options.
+class _ModelSpec:
+    """``from_spec`` and ``check_options`` of the CLIP encoders: the spec argument names the model, no options."""
 
-    Raises:
-        ValueError: for options or a missing argument, showing ``alias:usage``.
-    """
-    if options:
-        raise ValueError(f"{alias} encoder takes no options, got {sorted(options)}")
-    if not arg:
-        raise ValueError(f"{alias} encoder spec needs a model: {alias}:{usage}")
-    return arg
+    alias = ""
+    usage = ""  # what follows ``<alias>:``, shown when the model is missing
+    OPTIONS: dict[str, str] = {}
+
+    @classmethod
+    def _model(cls, arg: str | None, options: dict[str, Any]) -> str:
+        if options:
+            raise ValueError(f"{cls.alias} encoder takes no options, got {sorted(options)}")
+        if not arg:
+            raise ValueError(f"{cls.alias} encoder spec needs a model: {cls.alias}:{cls.usage}")
+        return arg
+
+    @classmethod
+    def check_options(cls, arg: str | None, **options: Any) -> None:
+        """Check that the spec names a model and that no options are given, loading nothing.
+
+        Raises:
+            ValueError: when the model is missing or options are given.
+        """
+        cls._model(arg, options)
+
+    @classmethod
+    def from_spec(cls, arg: str | None, device: str = "cpu", **options: Any) -> Any:
+        """Build from the spec argument (``usage``) on ``device``.
+
+        Raises:
+            ValueError: when the model is missing or options are given.
+        """
+        return cls(cls._model(arg, options), device=device)
 
 
 def _l2_normalize(features: Any) -> np.ndarray:
@@ -166,7 +200,7 @@ def open_clip_arguments(spec: str) -> tuple[str, str | None, bool]:
 _OPEN_CLIP_USAGE = "<arch>/<pretrained>, hf-hub:<org>/<name> or local-dir:<folder>, e.g. ViT-B-32/openai"
 
 
-class OpenCLIPEncoder:
+class OpenCLIPEncoder(_ModelSpec):
     """CLIP image embeddings from ``open_clip``.
 
     Spec: ``open_clip:<arch>/<pretrained>`` where ``<pretrained>`` is an open_clip tag (e.g.
@@ -176,7 +210,7 @@ class OpenCLIPEncoder:
     to the model's input size (no centre crop) so the whole frame is compared.
     """
 
-    OPTIONS: dict[str, str] = {}
+    alias, usage = "open_clip", _OPEN_CLIP_USAGE
 
     def __init__(self, spec: str, device: str = "cpu") -> None:
         import open_clip
@@ -194,15 +228,6 @@ class OpenCLIPEncoder:
         self.device = device
         self._torch = torch
 
-    @classmethod
-    def from_spec(cls, arg: str | None, device: str = "cpu", **options: Any) -> OpenCLIPEncoder:
-        """Build from ``"<arch>/<pretrained>"``, ``"hf-hub:<org>/<name>"`` or ``"local-dir:<folder>"``.
-
-        Raises:
-            ValueError: when the arch is missing or options are given.
-        """
-        return cls(_spec_argument("open_clip", arg, options, _OPEN_CLIP_USAGE), device=device)
-
     def embed(self, images: list[Image.Image]) -> np.ndarray:
         """L2-normalised image embeddings, shape ``(len(images), dim)``."""
         torch = self._torch
@@ -211,14 +236,14 @@ class OpenCLIPEncoder:
             return _l2_normalize(self.model.encode_image(batch))
 
 
-class HFCLIPEncoder:
+class HFCLIPEncoder(_ModelSpec):
     """CLIP image embeddings from ``transformers`` (``CLIPModel`` + ``CLIPImageProcessor``).
 
     Spec: ``hf-clip:<hub id or local path>``. Loaded with ``from_pretrained`` (safetensors, no
     remote code). Images are squashed to the processor's crop size so nothing is cropped away.
     """
 
-    OPTIONS: dict[str, str] = {}
+    alias, usage = "hf-clip", "<hub id or local path>"
 
     def __init__(self, model_id: str, device: str = "cpu") -> None:
         import torch
@@ -232,15 +257,6 @@ class HFCLIPEncoder:
         self.size = (int(crop.get("width", side)), int(crop.get("height", side)))
         self.device = device
         self._torch = torch
-
-    @classmethod
-    def from_spec(cls, arg: str | None, device: str = "cpu", **options: Any) -> HFCLIPEncoder:
-        """Build from a hub id or a local ``save_pretrained`` folder.
-
-        Raises:
-            ValueError: when the id is missing or options are given.
-        """
-        return cls(_spec_argument("hf-clip", arg, options, "<hub id or local path>"), device=device)
 
     def embed(self, images: list[Image.Image]) -> np.ndarray:
         """L2-normalised image embeddings, shape ``(len(images), dim)``."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -12,17 +13,11 @@ from PIL import Image
 from safetypairs.backends.base import Verdict
 from safetypairs.backends.ocr import OCRConfig, read_text
 from safetypairs.policy import Policy
-from safetypairs.registry import parse_options
+from safetypairs.registry import cast_options, parse_options
 from safetypairs.schema import SAFE, UNSAFE
+from safetypairs.utils import Range
 
 logger = logging.getLogger(__name__)
-
-
-def _float_option(options: dict[str, str], key: str, default: float, spec: str) -> float:
-    try:
-        return float(options.pop(key, default))
-    except ValueError as err:
-        raise ValueError(f"option {key!r} of {spec!r} must be a number") from err
 
 
 class OCRLexiconGuard:
@@ -55,21 +50,10 @@ class OCRLexiconGuard:
             ValueError: for unknown options or bad values, naming the allowed ones.
         """
         spec = "ocr-lexicon" + (f":{arg}" if arg else "")
-        options = {**parse_options(arg), **options}
-        mode = options.pop("mode", "det")
-        if mode not in ("det", "rec"):
-            raise ValueError(f"option mode of {spec!r} must be 'det' or 'rec', got {mode!r}")
-        defaults = OCRConfig()
-        config = OCRConfig(
-            box_thresh=_float_option(options, "box_thresh", defaults.box_thresh, spec),
-            text_score=_float_option(options, "text_score", defaults.text_score, spec),
-            unclip_ratio=_float_option(options, "unclip_ratio", defaults.unclip_ratio, spec),
-            use_det=mode == "det",
-        )
-        if options:
-            raise ValueError(
-                f"unknown options {sorted(options)} for {spec!r}; allowed: box_thresh, text_score, unclip_ratio, mode"
-            )
+        types = {"box_thresh": float, "text_score": float, "unclip_ratio": float, "mode": ("det", "rec")}
+        values = cast_options("ocr-lexicon", {**parse_options(arg), **options}, types)
+        use_det = values.pop("mode", "det") == "det"
+        config = dataclasses.replace(OCRConfig(), use_det=use_det, **values)  # OCRConfig checks the ranges
         return cls(config, spec)
 
     def classify(self, images: list[Image.Image], categories: list[str | None], policy: Policy) -> list[Verdict]:
@@ -123,14 +107,9 @@ class NudeNetGuard:
         Raises:
             ValueError: for unknown options or a threshold outside [0, 1].
         """
-        spec = "nudenet" + (f":{arg}" if arg else "")
-        options = {**parse_options(arg), **options}
-        threshold = _float_option(options, "threshold", 0.5, spec)
-        if options:
-            raise ValueError(f"unknown options {sorted(options)} for {spec!r}; allowed: threshold")
-        if not 0 <= threshold <= 1:
-            raise ValueError(f"{spec!r}: threshold must be in [0, 1], got {threshold}")
-        return cls(threshold, spec)
+        values = cast_options("nudenet", {**parse_options(arg), **options}, {"threshold": float},
+                              {"threshold": Range(0, 1)})
+        return cls(values.get("threshold", 0.5), "nudenet" + (f":{arg}" if arg else ""))
 
     def classify(self, images: list[Image.Image], categories: list[str | None], policy: Policy) -> list[Verdict]:
         """Label each image ``unsafe`` when NudeNet finds an exposed body part."""

@@ -14,7 +14,8 @@ from PIL import Image
 from safetypairs.backends.ocr import OCRConfig, TextBox, read_text
 from safetypairs.backends.render import DEFAULT_FONT, TextStyle, draw_text
 from safetypairs.instructions import text_replacements
-from safetypairs.registry import parse_options
+from safetypairs.registry import cast_options, parse_options
+from safetypairs.utils import Range
 
 logger = logging.getLogger(__name__)
 
@@ -135,20 +136,9 @@ class OCRInpaintEditor:
         Raises:
             ValueError: for unknown options or bad values, naming the option and the allowed ones.
         """
-        raw = {**parse_options(arg), **options}
-        allowed = {"match": float, "radius": int, "grow": float}
-        unknown = set(raw) - set(allowed)
-        if unknown:
-            raise ValueError(f"unknown ocr-inpaint options {sorted(unknown)}; allowed: {', '.join(allowed)}")
-        values = {}
-        for key, value in raw.items():
-            try:
-                values[key] = allowed[key](value)
-            except (TypeError, ValueError) as err:
-                kind = "an integer" if allowed[key] is int else "a number"
-                raise ValueError(f"ocr-inpaint option {key} must be {kind}, got {value!r} ({cls.OPTIONS[key]})") from err
-        if not 0 <= values.get("match", 0.6) <= 1 or values.get("radius", 5) < 1 or values.get("grow", 0.12) < 0:
-            raise ValueError(f"ocr-inpaint options out of range in {values}: match in [0, 1], radius >= 1, grow >= 0")
+        values = cast_options("ocr-inpaint", {**parse_options(arg), **options},
+                              {"match": float, "radius": int, "grow": float},
+                              {"match": Range(0, 1), "radius": Range(1), "grow": Range(0)})
         return cls(OCRInpaintOptions(**values), "ocr-inpaint" + (f":{arg}" if arg else ""))
 
     def edit(self, images: list[Image.Image], instructions: list[str], seeds: list[int],

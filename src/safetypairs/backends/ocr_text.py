@@ -51,6 +51,7 @@ class OCRTextEncoder:
         "ngrams": "longest word n-gram hashed (default 2)",
         "max_side": "downscale images to this longest side before OCR (0 = as given)",
     }
+    builds_cheaply = True  # from_spec loads no model (rapidocr loads on the first image)
 
     def __init__(self, dim: int = 1024, ngrams: int = 2, max_side: int = 0) -> None:
         if dim < 2:

@@ -13,8 +13,9 @@ from PIL import Image
 
 from safetypairs.backends.base import Verdict
 from safetypairs.policy import Policy
-from safetypairs.registry import load_backend, split_model_arg
+from safetypairs.registry import cast_options, load_backend, split_model_arg
 from safetypairs.schema import SAFE, UNSAFE
+from safetypairs.utils import Range
 
 logger = logging.getLogger(__name__)
 
@@ -112,17 +113,23 @@ class LinearProbeGuard:
             ValueError: for a missing folder argument, an unknown option or a threshold outside [0, 1].
             FileNotFoundError: when the folder holds no probe.
         """
-        folder, inline = split_model_arg(arg, "linear-probe")
-        given = {**inline, **options}
-        if set(given) - {"threshold"}:
-            raise ValueError(f"unknown linear-probe option(s) {sorted(set(given) - {'threshold'})}; allowed: threshold")
-        try:
-            threshold = float(given.get("threshold", 0.5))
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"linear-probe option threshold must be a number, got {given['threshold']!r}") from err
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"linear-probe option threshold must be in [0, 1], got {threshold}")
+        folder, threshold = cls._arguments(arg, options)
         return cls(load_probe(folder), threshold, device, f"linear-probe:{arg}")
+
+    @classmethod
+    def check_options(cls, arg: str | None, **options: Any) -> None:
+        """Check the folder argument and the threshold, loading nothing (the folder is read when built).
+
+        Raises:
+            ValueError: for a missing folder argument, an unknown option or a threshold outside [0, 1].
+        """
+        cls._arguments(arg, options)
+
+    @staticmethod
+    def _arguments(arg: str | None, options: dict[str, Any]) -> tuple[str, float]:
+        folder, inline = split_model_arg(arg, "linear-probe")
+        values = cast_options("linear-probe", {**inline, **options}, {"threshold": float}, {"threshold": Range(0, 1)})
+        return folder, values.get("threshold", 0.5)
 
     def classify(self, images: list[Image.Image], categories: list[str | None], policy: Policy) -> list[Verdict]:
         """P(unsafe) from the probe on each image's embedding (the policy and categories are not used)."""

@@ -22,6 +22,7 @@ class TemplateInstructor:
 
     spec = "template"
     OPTIONS: dict[str, str] = {}
+    builds_cheaply = True  # from_spec loads no model: checking options is building it
 
     @classmethod
     def from_spec(cls, arg: str | None, device: str = "cpu", **options: Any) -> "TemplateInstructor":
@@ -62,6 +63,7 @@ class ColumnInstructor:
     """``column:<name>``: the instructions are already in a column of the data."""
 
     OPTIONS: dict[str, str] = {}
+    builds_cheaply = True  # from_spec loads no model: checking options is building it
 
     def __init__(self, column: str) -> None:
         self.column = column

@@ -14,7 +14,7 @@ from PIL import Image
 from safetypairs.backends.base import Verdict
 from safetypairs.backends.vlm import DTYPES, VLMConfig, load_vlm
 from safetypairs.policy import Policy, render_policy
-from safetypairs.registry import parse_bool, split_model_arg
+from safetypairs.registry import cast_options, split_model_arg
 from safetypairs.schema import SAFE, UNKNOWN, UNSAFE
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class VLMGuardOptions:
         if self.dtype not in DTYPES:
             raise ValueError(f"option dtype={self.dtype!r} not allowed; allowed: {', '.join(DTYPES)}")
         if self.max_new_tokens < 1:
-            raise ValueError("option max_new_tokens must be >= 1")
+            raise ValueError(f"option max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
 VLM_GUARD_OPTIONS = {
@@ -85,23 +85,15 @@ VLM_GUARD_OPTIONS = {
 }
 
 
-def _vlm_options(alias: str, options: dict[str, str], max_new_tokens: int) -> VLMGuardOptions:
-    allowed = {"dtype", "max_new_tokens", "trust_remote_code", "revision", "scope", "score"}
-    unknown = set(options) - allowed
-    if unknown:
-        raise ValueError(f"unknown {alias} option(s) {sorted(unknown)}; allowed: {', '.join(sorted(allowed))}")
-    try:
-        tokens = int(options.get("max_new_tokens", max_new_tokens))
-    except ValueError as err:
-        raise ValueError(f"{alias} option max_new_tokens must be an integer") from err
-    return VLMGuardOptions(
-        dtype=options.get("dtype", "auto"),
-        max_new_tokens=tokens,
-        trust_remote_code=parse_bool(options.get("trust_remote_code", False), "trust_remote_code"),
-        revision=options.get("revision") or None,
-        scope=options.get("scope", "all"),
-        score=parse_bool(options.get("score", True), "score"),
-    )
+def _guard_arguments(alias: str, arg: str | None, options: dict[str, object],
+                     max_new_tokens: int) -> tuple[str, VLMGuardOptions]:
+    """The model and the options of ``<alias>:<model>[,key=value,...]`` plus keyword ``options`` (these win)."""
+    model, parsed = split_model_arg(arg, alias)
+    parsed.update({k: str(v) for k, v in options.items()})
+    types = {"dtype": str, "max_new_tokens": int, "trust_remote_code": bool, "revision": str, "scope": str,
+             "score": bool}
+    values = {"max_new_tokens": max_new_tokens, **cast_options(alias, parsed, types)}
+    return model, VLMGuardOptions(**{**values, "revision": values.get("revision") or None})
 
 
 def _in_scope(policy: Policy, category: str | None, scope: str) -> list[str]:
@@ -170,9 +162,8 @@ class _PromptedVLMGuard:
         Raises:
             ValueError: for a missing model or an unknown option.
         """
-        model, parsed = split_model_arg(arg, cls.alias)
-        parsed.update({k: str(v) for k, v in options.items()})
-        return cls(model, device, _vlm_options(cls.alias, parsed, cls.default_tokens))
+        model, opts = _guard_arguments(cls.alias, arg, options, cls.default_tokens)
+        return cls(model, device, opts)
 
     @classmethod
     def check_options(cls, arg: str | None, **options: object) -> None:
@@ -181,9 +172,7 @@ class _PromptedVLMGuard:
         Raises:
             ValueError: for a missing model or a bad option, naming it.
         """
-        _, parsed = split_model_arg(arg, cls.alias)
-        parsed.update({k: str(v) for k, v in options.items()})
-        _vlm_options(cls.alias, parsed, cls.default_tokens)
+        _guard_arguments(cls.alias, arg, options, cls.default_tokens)
 
 
 class HFVLMGuard(_PromptedVLMGuard):
@@ -322,9 +311,17 @@ class ShieldGemma2Guard:
 
         if not hasattr(transformers, "ShieldGemma2ForImageClassification"):
             raise ValueError(f"shieldgemma2 needs transformers with ShieldGemma2 (installed {transformers.__version__})")
-        model, parsed = split_model_arg(arg, "shieldgemma2")
-        parsed.update({k: str(v) for k, v in options.items()})
-        return cls(model, device, _vlm_options("shieldgemma2", parsed, 1))
+        model, opts = _guard_arguments("shieldgemma2", arg, options, 1)
+        return cls(model, device, opts)
+
+    @classmethod
+    def check_options(cls, arg: str | None, **options: object) -> None:
+        """Check the model argument and the option names and values, loading nothing (not even transformers).
+
+        Raises:
+            ValueError: for a missing model or a bad option, naming it.
+        """
+        _guard_arguments("shieldgemma2", arg, options, 1)
 
     def classify(self, images: list[Image.Image], categories: list[str | None], policy: Policy) -> list[Verdict]:
         """P(Yes, violates) per category from ShieldGemma 2's two-token head."""

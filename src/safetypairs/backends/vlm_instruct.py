@@ -12,7 +12,8 @@ from safetypairs import schema as S
 from safetypairs.backends.base import InstructResult
 from safetypairs.images import load_image
 from safetypairs.policy import Policy, render_policy
-from safetypairs.registry import parse_bool, split_model_arg
+from safetypairs.registry import cast_options, split_model_arg
+from safetypairs.utils import Range
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +119,15 @@ def parse_answer(text: str) -> dict[str, str]:
     return found
 
 
+def _arguments(arg: str | None, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The model and the cast options of ``hf-vlm:<model>[,key=value,...]`` plus keyword ``options`` (these win)."""
+    from safetypairs.backends.vlm import DTYPES
+
+    model, inline = split_model_arg(arg, "hf-vlm")
+    types = {"dtype": DTYPES, "trust_remote_code": bool, "revision": str, "max_new_tokens": int}
+    return model, cast_options("hf-vlm", {**inline, **options}, types, {"max_new_tokens": Range(1)})
+
+
 class HFVLMInstructor:
     """``hf-vlm:<model id or local path>``: any transformers image-text-to-text chat model.
 
@@ -153,15 +163,19 @@ class HFVLMInstructor:
         """
         from safetypairs.backends.vlm import VLMConfig, load_vlm
 
-        model, inline = split_model_arg(arg, "hf-vlm")
-        options = {**inline, **options}
-        allowed = {"dtype", "trust_remote_code", "revision", "max_new_tokens"}
-        if set(options) - allowed:
-            raise ValueError(f"unknown hf-vlm option(s) {sorted(set(options) - allowed)}; allowed: {sorted(allowed)}")
-        trust = parse_bool(options.get("trust_remote_code", False), "trust_remote_code")
-        config = VLMConfig(model=model, device=device, dtype=str(options.get("dtype", "auto")),
-                           trust_remote_code=trust, revision=options.get("revision"))
-        return cls(load_vlm(config), f"hf-vlm:{model}", int(options.get("max_new_tokens", 160)))
+        model, values = _arguments(arg, options)
+        config = VLMConfig(model=model, device=device, dtype=values.get("dtype", "auto"),
+                           trust_remote_code=values.get("trust_remote_code", False), revision=values.get("revision"))
+        return cls(load_vlm(config), f"hf-vlm:{model}", values.get("max_new_tokens", 160))
+
+    @classmethod
+    def check_options(cls, arg: str | None, **options: Any) -> None:
+        """Check the model argument and the option names and values, loading nothing.
+
+        Raises:
+            ValueError: for a missing model or a bad option, naming it.
+        """
+        _arguments(arg, options)
 
     def instruct(self, rows: list[dict[str, Any]], policy: Policy) -> list[InstructResult]:
         """One greedy answer per row, parsed into an instruction (or an ``unparsable`` status)."""
