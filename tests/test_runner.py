@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from runner_job import compute, toy_rows
 
+from safetypairs.chunks import chunk_ranges
 from safetypairs.datafiles import load_run
 from safetypairs.folders import (
     LOCK_FILE,
@@ -23,7 +24,7 @@ from safetypairs.folders import (
     partial_dir,
     read_json,
 )
-from safetypairs.runner import RunConfig, chunk_ranges, run_stage
+from safetypairs.runner import RunConfig, run_stage
 from safetypairs.utils import OutputDirError
 
 ROOT = Path(__file__).resolve().parents[1]
