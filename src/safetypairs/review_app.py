@@ -18,15 +18,19 @@ from safetypairs import schema as S
 from safetypairs.datafiles import read_rows
 from safetypairs.review import (
     ACCEPT,
+    CONTENT_COLUMNS,
     REASONS,
     REJECT,
     SCOPES,
     append_decision,
     candidate_ids,
+    cell_bytes,
+    content_stamp,
     in_scope,
     latest_decisions,
     make_decision,
     read_decisions,
+    split_stale,
 )
 from safetypairs.stage import undecoded
 
@@ -97,16 +101,27 @@ class ReviewSource:
         images = [name for name, f in rows.features.items() if isinstance(f, ImageFeature)]
         self.meta = rows.select_columns([c for c in rows.column_names if c not in images]).to_list()
         self.ids = candidate_ids(rows)
+        self.index = {cid: i for i, cid in enumerate(self.ids)}
         plain = undecoded(rows)
         self.images = {column: plain.select_columns([column]) for _, column, _ in VIEWS if column in images}
         self.scope_rows = [i for i, row in enumerate(self.meta) if in_scope(row, config.scope)]
         self._lock = threading.Lock()
+        self._stamps: dict[int, str] = {}
         self.decided = self._own_decisions()
 
+    def stamp(self, row: int) -> str:
+        """The `review.content_stamp` of ``row``'s images (cached)."""
+        if row not in self._stamps:
+            self._stamps[row] = content_stamp(self.images[c][row][c] for c in CONTENT_COLUMNS if c in self.images)
+        return self._stamps[row]
+
     def _own_decisions(self) -> dict[str, str]:
-        latest = latest_decisions(read_decisions(self.folder))
-        return {cid: per[self.config.reviewer]["decision"] for cid, per in latest.items()
-                if self.config.reviewer in per}
+        """This reviewer's last decisions on the images the rows have now (stale ones are to be made again)."""
+        mine = [r for r in read_decisions(self.folder) if r["reviewer"] == self.config.reviewer]
+        stamps = {r["candidate_id"]: self.stamp(self.index[r["candidate_id"]]) for r in mine
+                  if r.get("content") and r["candidate_id"] in self.index}
+        latest = latest_decisions(split_stale(mine, stamps)[0])
+        return {cid: per[self.config.reviewer]["decision"] for cid, per in latest.items()}
 
     def pending(self) -> list[int]:
         """In-scope rows this reviewer has not decided yet (re-read from the file: resumes after a restart)."""
@@ -116,7 +131,7 @@ class ReviewSource:
 
     def decide(self, row: int, decision: str, reason: str | None, note: str) -> None:
         """Record this reviewer's decision on ``row`` (appended to ``review.jsonl``)."""
-        record = make_decision(self.config.reviewer, self.ids[row], decision, reason, note)
+        record = make_decision(self.config.reviewer, self.ids[row], decision, reason, note, self.stamp(row))
         append_decision(self.folder, record)
         with self._lock:
             self.decided[self.ids[row]] = decision
@@ -127,7 +142,7 @@ class ReviewSource:
         if column not in self.images or not 0 <= row < len(self.meta):
             return None
         cell = self.images[column][row][column]
-        data = (cell or {}).get("bytes") or (Path(cell["path"]).read_bytes() if cell and cell.get("path") else None)
+        data = cell_bytes(cell)
         if not data:
             return None
         try:

@@ -128,8 +128,8 @@ def rank_device(state: Any, device: str) -> str:
 
 def run_stage(data: Dataset, compute: ChunkFn, *, stage: str, settings: Mapping[str, Any], run: RunConfig,
               device: str = "auto", rows_per_input: int = 1,
-              finalize: Finalize | None = None,
-              inputs: tuple[str | Path, ...] = (), max_pixels: int = DEFAULT_MAX_PIXELS) -> RunSummary | None:
+              finalize: Finalize | None = None, inputs: tuple[str | Path, ...] = (),
+              max_pixels: int = DEFAULT_MAX_PIXELS, keep: tuple[str, ...] = ()) -> RunSummary | None:
     """Run ``compute`` over ``data`` in fixed-size chunks, sharded over the launched processes, resumable.
 
     Under ``accelerate launch`` / ``torchrun`` each rank takes a contiguous run of global chunks (so
@@ -150,6 +150,8 @@ def run_stage(data: Dataset, compute: ChunkFn, *, stage: str, settings: Mapping[
             before the folder is renamed into place (write reports there).
         inputs: input paths ``out`` must not be or contain.
         max_pixels: the pixel cap of the image cells the chunks keep (see `write_parquet`).
+        keep: names of files that work beside the data made in a finished ``out`` (human review
+            decisions): when ``run.overwrite`` replaces that folder they carry into the new one, with a warning.
 
     Returns:
         The summary on rank 0 (also for a finished folder that is reused without computing);
@@ -186,8 +188,10 @@ def run_stage(data: Dataset, compute: ChunkFn, *, stage: str, settings: Mapping[
         state.wait_for_everyone()
         if not state.is_main_process:
             return None
-        return _finish(work, out, data, run, stage, fingerprint, settings, run_id, rows_per_input, finalize,
-                       state.num_processes, t0)
+        summary = _finish(work, out, data, run, stage, fingerprint, settings, run_id, rows_per_input, finalize,
+                          state.num_processes, t0)
+        _move_into_place(work, out, stage, keep)
+        return summary
     except BaseException as err:
         if state.is_main_process:
             _mark_failed(work, err)
@@ -263,7 +267,7 @@ def _finish(work: Path, out: Path, data: Dataset, run: RunConfig, stage: str, fi
             settings: Mapping[str, Any], run_id: str, rows_per_input: int,
             finalize: Finalize | None, world: int,
             t0: float) -> RunSummary:
-    """Rank 0: merge, check counts, finalize, write ``run.json`` and rename the work folder into place."""
+    """Rank 0: merge, check counts, finalize and write ``run.json`` (the folder is complete after this)."""
     n_chunks = -(-len(data) // run.chunk_size)
     files, rows_out, markers = merge_chunks(work, n_chunks)
     if rows_out != len(data) * rows_per_input:
@@ -285,10 +289,16 @@ def _finish(work: Path, out: Path, data: Dataset, run: RunConfig, stage: str, fi
                     "chunks_computed_last_run": computed, "chunks_reused_last_run": len(markers) - computed},
         **extra,
     })
+    return summary
+
+
+def _move_into_place(work: Path, out: Path, stage: str, keep: tuple[str, ...]) -> None:
+    """Rank 0: drop the chunks, free the lock and replace ``out`` by the work folder, carrying ``keep`` files over."""
     shutil.rmtree(work / CHUNKS_DIR)
     release_lock(work)
-    replace_dir(work, out)
-    return summary
+    for name in replace_dir(work, out, keep):
+        logger.warning("%s: kept %s of the replaced %s in the new run folder (made there after the old run, "
+                       "it is not part of the run and --overwrite does not discard it)", stage, name, out)
 
 
 def _reused_summary(out: Path, stage: str) -> RunSummary:
