@@ -27,7 +27,6 @@ from safetypairs.review import (
     append_decision,
     candidate_ids,
     candidate_stamps,
-    in_scope,
     load_review,
     make_decision,
     read_decisions,
@@ -39,7 +38,7 @@ from tests.release_rows import validated_rows
 pytest.importorskip("gradio")
 from gradio_client import Client  # noqa: E402
 
-from safetypairs.review_app import ReviewConfig, ReviewSource, create_server  # noqa: E402
+from safetypairs.review_app import ReviewConfig, ReviewSource, create_server, in_scope  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,6 @@ from safetypairs.review import (
     candidate_ids,
     cell_bytes,
     content_stamp,
-    in_scope,
     latest_decisions,
     make_decision,
     read_decisions,
@@ -90,6 +89,44 @@ class ReviewConfig:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
+
+
+def is_borderline(row: dict[str, Any]) -> bool:
+    """Whether a candidate sits near a locality threshold it was decided with, or the judge was unsure.
+
+    The thresholds are the preset named in the row's ``validate_thresholds`` (``pixel-exact`` when the
+    row names a file or nothing). Near means within half the minimum element fraction, 0.05 of the
+    maximum changed fraction and change spread, 0.02 SSIM, 2 dB PSNR.
+
+    Args:
+        row: non-image columns of one validated row.
+
+    Returns:
+        ``True`` when a score is near its threshold (on either side) or the reject reason is ``judge_unknown``.
+    """
+    from safetypairs.thresholds import PIXEL_EXACT, PRESETS
+
+    label = str(row.get(S.VALIDATE_THRESHOLDS) or PIXEL_EXACT).split("+")[0]
+    t = PRESETS.get(label, PRESETS[PIXEL_EXACT])
+    checks = [(S.CHANGE_ELEMENT, t.min_element_fraction, t.min_element_fraction / 2),
+              (S.CHANGED_FRACTION, t.max_changed_fraction, 0.05), (S.CHANGE_SPREAD, t.max_change_spread, 0.05),
+              (S.SSIM_OUTSIDE, t.min_ssim_outside, 0.02), (S.PSNR_OUTSIDE, t.min_psnr_outside, 2.0)]
+    near = any(row.get(col) is not None and threshold is not None and abs(row[col] - threshold) <= margin
+               for col, threshold, margin in checks)
+    return near or row.get(S.REJECT_REASON) == "judge_unknown"
+
+
+def in_scope(row: dict[str, Any], scope: str) -> bool:
+    """Whether a row belongs to a review scope (one of `SCOPES`) by its automatic decision.
+
+    Raises:
+        ValueError: for an unknown scope.
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if scope == "borderline":
+        return is_borderline(row)
+    return scope == "all" or bool(row.get(S.ACCEPTED)) == (scope == "accepted")
 
 
 class ReviewSource:
