@@ -14,6 +14,7 @@ from safetypairs import schema as S
 from safetypairs.card import GRID_PATH, render_card, size_category, template_path
 from safetypairs.publish import write_release
 from safetypairs.release import ReleaseConfig, assemble
+from safetypairs.validate import ValidateConfig, run_validate
 
 FUNNEL = [
     {"stage": "source", "rows_in": 9, "rows_out": 9, "statuses": {"ok": 9}},
@@ -62,6 +63,7 @@ def test_body_generated_from_the_data(written):
     assert "`ocr-inpaint@test`" in text and "`llavaguard@1`" in text and "`template`" in text
     assert "arXiv:2510.21120" in text and "Content warning" in text and "confound" in text
     assert f"]({GRID_PATH})" in text
+    assert "omposit" not in text  # validation did not composite these rows: the card says nothing about it
     grid = Image.open(out / GRID_PATH)
     assert grid.width == 3 * 256 and grid.height >= 256
 
@@ -88,3 +90,18 @@ def test_template_ships_in_the_package_and_dataset_card_points_to_it():
 @pytest.mark.parametrize("n,label", [(0, "n<1K"), (999, "n<1K"), (3020, "1K<n<10K"), (10**6, "1M<n<10M")])
 def test_size_category(n, label):
     assert size_category(n) == label
+
+
+def test_card_says_when_validation_composited_the_edits(tmp_path):
+    config = ReleaseConfig(n_examples=0)
+    validated, _ = run_validate(validated_rows(n_sources=4), ValidateConfig(device="cpu", composite=True))
+    release = assemble(validated, config)
+    n = len(release["pairs"]["test"])
+    assert release.composited == n > 0
+    text = (write_release(release, tmp_path / "ds", config) / "README.md").read_text()
+    how_made, limitations = text.split("## How it was made")[1].split("## Limitations")
+    assert f"**Composited:** {n} of {n} pairs were pasted back onto their originals (`validate --composite`)" in how_made
+    assert "the safe image and the control are the original's pixels" in how_made
+    assert f"**Composited edits.** {n} of {n} safe images" in limitations and "before compositing" in limitations
+    plain, _ = run_validate(validated_rows(n_sources=4), ValidateConfig(device="cpu"))
+    assert assemble(plain, config).composited == 0

@@ -12,7 +12,8 @@ from tiny_models import (
     build_tiny_sd_inpaint,
 )
 
-from safetypairs.backends.diffusion import DiffusersEditor, DiffusionOptions, work_size
+from safetypairs.backends.diffusion import DiffusersEditor
+from safetypairs.backends.diffusion_pipelines import DiffusionOptions, work_size
 from safetypairs.registry import load_backend
 
 

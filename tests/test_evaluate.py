@@ -15,8 +15,9 @@ from skimage import data
 from tiny_models import register_tiny_open_clip
 
 from safetypairs.cli import main
-from safetypairs.evaluate import EvaluateConfig, guard_columns, run_evaluate
+from safetypairs.evaluate import EvaluateConfig, run_evaluate
 from safetypairs.schema import IMAGE_FEATURES, PAIR_FEATURES
+from safetypairs.scoring import guard_columns
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -143,7 +144,7 @@ def test_evaluate_metric_folder_loads_offline_in_subprocess():
 
 
 def test_leaderboard_puts_undefined_after_zero():
-    from safetypairs.evaluate import leaderboard
+    from safetypairs.scoring import leaderboard
 
     guards = {name: {"metrics": {"pair_accuracy": pa, "f1": f1}}
               for name, pa, f1 in [("none", None, None), ("zero", 0.0, 0.0), ("half", 0.5, 0.2), ("half-better-f1", 0.5, 0.9)]}

@@ -17,7 +17,7 @@ from PIL import Image as PILImage
 from tiny_models import build_tiny_ip2p
 
 from safetypairs import schema as S
-from safetypairs.backends.diffusion import work_size
+from safetypairs.backends.diffusion_pipelines import work_size
 from safetypairs.datafiles import load_run
 from safetypairs.folders import partial_dir
 from safetypairs.generate import GenerateConfig, generate_pairs, run_generate

@@ -15,7 +15,7 @@ from safetypairs.backends.probe import (
     save_probe,
 )
 from safetypairs.embed import EmbedConfig, embed_dataset
-from safetypairs.evaluate import EvaluateConfig, guard_columns, run_evaluate
+from safetypairs.evaluate import EvaluateConfig, run_evaluate
 from safetypairs.probe import (
     ProbeConfig,
     embedded_arrays,
@@ -24,6 +24,7 @@ from safetypairs.probe import (
     validation_split,
 )
 from safetypairs.registry import load_backend
+from safetypairs.scoring import guard_columns
 from safetypairs.sources import DEMO_PHOTOS, demo_photo
 
 IMAGES = Features({"image": Image(), "label": ClassLabel(names=S.LABELS), "category": Value("string"),

@@ -9,8 +9,9 @@ import pytest
 from PIL import Image, ImageDraw
 from skimage import data
 
-from safetypairs.evaluate import EvaluateConfig, guard_columns, score_predictions
+from safetypairs.evaluate import EvaluateConfig
 from safetypairs.report import render_report
+from safetypairs.scoring import guard_columns, score_predictions
 
 GUARDS = ("ocr-lexicon", "nudenet")
 

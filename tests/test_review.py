@@ -19,23 +19,26 @@ from sklearn.metrics import cohen_kappa_score
 
 from safetypairs import schema as S
 from safetypairs.cli import build_parser, main
+from safetypairs.datafiles import read_rows
 from safetypairs.release import ReleaseConfig, assemble
 from safetypairs.review import (
     DECISIONS_FILE,
     agreement,
     append_decision,
     candidate_ids,
-    in_scope,
+    candidate_stamps,
     load_review,
     make_decision,
     read_decisions,
 )
+from safetypairs.runner import RunConfig
+from safetypairs.validate import ValidateConfig, validate_run
 from tests.release_rows import validated_rows
 
 pytest.importorskip("gradio")
 from gradio_client import Client  # noqa: E402
 
-from safetypairs.review_app import ReviewConfig, ReviewSource, create_server  # noqa: E402
+from safetypairs.review_app import ReviewConfig, ReviewSource, create_server, in_scope  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -304,3 +307,45 @@ def test_in_a_real_browser_the_accept_key_records_a_decision(folder, rows, tmp_p
             driver.quit()
     assert shot.stat().st_size > 10_000
     assert _latest(folder)[("dave", first)]["decision"] == "accept"
+
+
+def _brighter(row: dict) -> dict:
+    """Candidate 1 of each source also brightens the whole photo a little (an edit that is not local)."""
+    if row[S.CANDIDATE] == 1:
+        row[S.EDITED_IMAGE] = row[S.EDITED_IMAGE].point(lambda v: min(255, v + 6))
+    return row
+
+
+def test_validate_overwrite_keeps_decisions_and_stale_ones_do_not_count(rows, tmp_path, caplog):
+    rows = rows.map(_brighter)
+    out = tmp_path / "validated"
+    validate_run(rows, ValidateConfig(device="cpu"), RunConfig(out))
+    first = read_rows(out)
+    ids, stamps = candidate_ids(first), candidate_stamps(first)
+    for cid, stamp in zip(ids, stamps):
+        append_decision(out, make_decision("alice", cid, "accept", content=stamp))
+    append_decision(out, make_decision("bob", ids[1], "accept"))  # no stamp (an older app): never stale
+    before = (out / DECISIONS_FILE).read_bytes()
+    # other thresholds: same images, so every decision still counts
+    validate_run(rows, ValidateConfig(device="cpu", max_changed_fraction=0.9), RunConfig(out, overwrite=True))
+    assert (out / DECISIONS_FILE).read_bytes() == before
+    assert f"kept {DECISIONS_FILE}" in caplog.text
+    again = read_rows(out)
+    assert candidate_stamps(again) == stamps
+    review = load_review(out, again)
+    assert review.summary["stale_decisions"] == 0 and all(v.human_verified for v in review.verdicts.values())
+    # --composite pastes the edits back onto the originals: decisions on the old edits are stale
+    caplog.clear()
+    validate_run(rows, ValidateConfig(device="cpu", composite=True), RunConfig(out, overwrite=True))
+    assert (out / DECISIONS_FILE).read_bytes() == before
+    composited = read_rows(out)
+    changed = [cid for cid, old, new in zip(ids, stamps, candidate_stamps(composited)) if old != new]
+    assert changed == [cid for cid in ids if cid.endswith("#1")]  # composite took the brightening back
+    review = load_review(out, composited)
+    assert review.summary["stale_decisions"] == len(changed)
+    assert "not counted: review those candidates again" in caplog.text
+    assert [cid for cid, v in review.verdicts.items() if not v.human_verified] == changed[1:]
+    assert changed[0] == ids[1] and review.verdicts[ids[1]].n_reviewers == 1  # bob's unstamped decision counts
+    assert review.verdicts[ids[0]] == review.verdicts[ids[1]]  # alice on unchanged images counts
+    source = ReviewSource(out, ReviewConfig("alice", scope="all"))  # the app asks alice for the changed ones again
+    assert [source.ids[i] for i in source.pending()] == changed

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from runner_job import compute, toy_rows
 
+from safetypairs.chunks import chunk_ranges
 from safetypairs.datafiles import load_run
 from safetypairs.folders import (
     LOCK_FILE,
@@ -23,7 +24,7 @@ from safetypairs.folders import (
     partial_dir,
     read_json,
 )
-from safetypairs.runner import RunConfig, chunk_ranges, run_stage
+from safetypairs.runner import RunConfig, run_stage
 from safetypairs.utils import OutputDirError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,6 +105,23 @@ def test_changed_settings_and_foreign_folders_are_refused(tmp_path):
     with pytest.raises(OutputDirError, match="contains it"):
         check_not_input(tmp_path, (tmp_path / "in",))
     check_not_input(tmp_path / "out", (tmp_path / "in",))
+
+
+def test_overwrite_carries_the_files_a_stage_keeps_and_drops_the_rest(tmp_path, caplog):
+    out = tmp_path / "run"
+    _run(out)
+    (out / "review.jsonl").write_text("decision\n")
+    (out / "notes.txt").write_text("scratch")
+
+    def rerun(**settings):
+        return run_stage(toy_rows(7), compute(0.0), stage="toy", settings={"version": 2, **settings},
+                         run=RunConfig(out, chunk_size=2, overwrite=True), device="cpu", keep=("review.jsonl", "gone.txt"))
+
+    assert rerun().rows_out == 7 and read_json(out / "run.json")["settings"] == {"version": 2}
+    assert sorted(p.name for p in out.iterdir()) == ["data", "review.jsonl", "run.json"]
+    assert (out / "review.jsonl").read_text() == "decision\n"
+    assert "toy: kept review.jsonl" in caplog.text and "gone.txt" not in caplog.text
+    assert not list(tmp_path.glob(".run.old-*")) and not partial_dir(out).exists()
 
 
 def test_lock_held_by_a_live_process_refuses_and_a_dead_one_is_taken_over(tmp_path):

@@ -113,8 +113,8 @@ def card_stats(release: Release) -> dict[str, Any]:
         release: the assembled configs.
 
     Returns:
-        Category counts per split, role/label counts, provenance (policies, editors, instructors)
-        and rejection reasons.
+        Category counts per split, role/label counts, provenance (policies, editors, instructors),
+        rejection reasons and how many pairs validation composited.
     """
     pairs = release["pairs"]
     splits = list(pairs)
@@ -140,7 +140,7 @@ def card_stats(release: Release) -> dict[str, Any]:
         "splits": splits, "category_rows": rows, "n_pairs": sum(len(ds) for ds in pairs.values()),
         "n_images": sum(roles.values()), "roles": sorted(roles.items()), "policies": policies,
         "editors": distinct(S.EDITOR), "instructors": distinct(S.INSTRUCTOR), "judges": distinct(S.JUDGE),
-        "unchecked_flips": unchecked,
+        "unchecked_flips": unchecked, "composited": release.composited,
         "has_control": any(role == "control" for role, _ in roles), "reasons": reasons.most_common(),
         "split_totals": [len(pairs[s]) for s in splits], "configs": list(release.configs),
     }

@@ -1,21 +1,17 @@
-"""Evaluate stage: run guards over the ``images`` config and score them with `compute_metrics`."""
+"""Evaluate stage: run guards over the ``images`` config and score them (`scoring.score_predictions`)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import re
 import time
-from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from datasets import Dataset, DatasetDict, Features, Value
+from datasets import Dataset, DatasetDict
 
 from safetypairs.backends.base import as_verdict
-from safetypairs.caveats import release_caveats
 from safetypairs.datafiles import load_checked
 from safetypairs.folders import check_not_input
 from safetypairs.images import (
@@ -24,7 +20,6 @@ from safetypairs.images import (
     check_max_pixels,
     load_image,
 )
-from safetypairs.metrics import compute_metrics
 from safetypairs.natural import natural_comparison
 from safetypairs.policy import Policy, cached_policy, load_policy
 from safetypairs.registry import check_options, load_backend
@@ -37,11 +32,8 @@ from safetypairs.runner import (
 )
 from safetypairs.schema import (
     CATEGORY,
-    CHANGED_FRACTION,
     IMAGE,
     LABEL,
-    LABELS,
-    LPIPS_OUTSIDE,
     OK,
     PAIR_ID,
     ROLE,
@@ -49,17 +41,22 @@ from safetypairs.schema import (
     role_names,
     with_columns,
 )
+from safetypairs.scoring import (
+    BAD_IMAGE,
+    GUARD_ERROR,
+    PREDICTION_FIELDS,
+    UNPARSABLE,
+    guard_columns,
+    guard_features,
+    score_predictions,
+)
 from safetypairs.stage import isolate, map_stage
 from safetypairs.utils import device_for_rank
 
 logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = (IMAGE, LABEL, CATEGORY, PAIR_ID, ROLE)
-SIMILARITY_COLUMNS = (CHANGED_FRACTION, LPIPS_OUTSIDE)
-# Row statuses of a guard's prediction (besides "ok"); the detail goes in the rationale and raw columns.
-UNPARSABLE, BAD_IMAGE, GUARD_ERROR = "unparsable", "bad_image", "error"
 GUARD_SECONDS = "guard_seconds"  # per-chunk guard seconds, summed by the runner next to the status counts
-PREDICTION_FIELDS = ("pred", "score", "rationale", "raw", "status")
 
 
 @dataclass(frozen=True)
@@ -100,23 +97,6 @@ class EvaluateConfig:
         if self.n_bootstrap < 0:
             raise ValueError(f"EvaluateConfig.n_bootstrap must be >= 0, got {self.n_bootstrap}")
         load_policy(self.policy)  # a bad policy fails before any model loads
-
-
-def guard_columns(spec: str) -> dict[str, str]:
-    """Column names of one guard's predictions: ``{"pred": ..., "score": ..., ...}``.
-
-    A readable slug of the spec plus a short hash keeps names distinct and stable.
-    """
-    slug = re.sub(r"[^A-Za-z0-9]+", "_", spec).strip("_")[:40]
-    digest = hashlib.sha1(spec.encode()).hexdigest()[:6]
-    return {field: f"guard_{slug}_{digest}_{field}" for field in PREDICTION_FIELDS}
-
-
-def guard_features(spec: str) -> Features:
-    """`datasets.Features` of one guard's prediction columns."""
-    cols = guard_columns(spec)
-    types = {"pred": "string", "score": "float32", "rationale": "string", "raw": "string", "status": "string"}
-    return Features({cols[f]: Value(types[f]) for f in PREDICTION_FIELDS})
 
 
 @dataclass(frozen=True)
@@ -201,83 +181,6 @@ def predict(dataset: Dataset, config: EvaluateConfig) -> tuple[Dataset, dict[str
         runs[spec] = {"statuses": result.statuses, "seconds": round(time.perf_counter() - start, 3)}
     keep = [c for spec in config.guards for c in guard_columns(spec).values()]
     return current.select_columns([LABEL, CATEGORY, PAIR_ID, ROLE, *keep]), runs
-
-
-def _similarity(pairs: Dataset | None, pair_ids: Sequence[str]) -> dict[str, list[float | None]]:
-    """Per-image similarity columns joined from the ``pairs`` config by ``pair_id``."""
-    if pairs is None:
-        return {}
-    names = [c for c in SIMILARITY_COLUMNS if c in pairs.column_names]
-    table = pairs.select_columns([PAIR_ID, *names]).to_dict()
-    by_id = {pid: i for i, pid in enumerate(table[PAIR_ID])}
-    return {name: [table[name][by_id[p]] if p in by_id else None for p in pair_ids] for name in names}
-
-
-def _labels(values: Sequence[Any]) -> list[str]:
-    return [LABELS[v] if isinstance(v, int) else str(v) for v in values]
-
-
-class ScoringSettings(Protocol):
-    """What scoring reads from a config: `EvaluateConfig`, or `score.ScoreConfig` for a predictions file."""
-
-    guards: tuple[str, ...]
-    policy: str | Policy
-    n_bootstrap: int
-    seed: int
-
-
-def score_predictions(
-    predictions: Dataset | Mapping[str, Sequence[Any]],
-    config: ScoringSettings,
-    pairs: Dataset | None = None,
-    runs: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Metrics per guard, a leaderboard and the per-image predictions (JSON-ready).
-
-    Args:
-        predictions: the output of `predict` (or its ``to_dict()``).
-        config: the evaluation config (guards, bootstrap settings; a dataclass).
-        pairs: the ``pairs`` config, for the correlation of errors with pair similarity and the caveats.
-        runs: per-guard run info from `predict` (statuses, seconds).
-
-    Returns:
-        ``{"config", "policy", "n_images", "guards": {spec: {"metrics", "statuses", "seconds", "warnings"}},
-        "leaderboard": [...], "images": {pair_id, role, label, category},
-        "predictions": {spec: {pred, score, rationale}}, "notes": {spec: circularity warning},
-        "warnings": [release caveats, e.g. no judge checked the label flip]}`` (see `caveats`).
-    """
-    table = predictions.to_dict() if isinstance(predictions, Dataset) else dict(predictions)
-    labels = _labels(table[LABEL])
-    roles = role_names(table[ROLE])
-    similarity = _similarity(pairs, table[PAIR_ID])
-    notes, warnings = release_caveats(pairs, config.guards)
-    results: dict[str, Any] = {
-        "config": asdict(config), "policy": cached_policy(config.policy).id, "n_images": len(labels),
-        "guards": {}, "leaderboard": [], "predictions": {}, "notes": notes, "warnings": warnings,
-        "images": {PAIR_ID: table[PAIR_ID], ROLE: roles, LABEL: labels, CATEGORY: table[CATEGORY]},
-    }
-    for spec in config.guards:
-        cols = guard_columns(spec)
-        metrics = compute_metrics(
-            table[cols["pred"]], labels, table[PAIR_ID], categories=table[CATEGORY], scores=table[cols["score"]],
-            roles=roles, similarity=similarity, n_bootstrap=config.n_bootstrap, seed=config.seed,
-        )
-        results["guards"][spec] = {"metrics": metrics, **(runs or {}).get(spec, {}),
-                                   "warnings": [notes[spec]] if spec in notes else []}
-        results["predictions"][spec] = {f: table[cols[f]] for f in ("pred", "score", "rationale")}
-    results["leaderboard"] = leaderboard(results["guards"])
-    return results
-
-
-def leaderboard(guards: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Guards ranked by pair accuracy, then F1 (undefined values last)."""
-    keys = ("pair_accuracy", "f1", "balanced_accuracy", "auroc", "same_label_rate", "flip_detection_rate", "n_unknown")
-    rows = [{"guard": spec, **{k: g["metrics"].get(k) for k in keys}} for spec, g in guards.items()]
-
-    def rank(value: float | None) -> tuple[bool, float]:
-        return value is None, -(value or 0.0)  # undefined after every defined value, 0.0 included
-
-    return sorted(rows, key=lambda r: (rank(r["pair_accuracy"]), rank(r["f1"])))
 
 
 def run_evaluate(dataset: Dataset, config: EvaluateConfig, pairs: Dataset | None = None) -> dict[str, Any]:

@@ -100,8 +100,25 @@ def release_lock(folder: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished folder ``src`` to ``dst``, replacing what was there, never leaving a mix."""
+def replace_dir(src: Path, dst: Path, keep: tuple[str, ...] = ()) -> list[str]:
+    """Move the finished folder ``src`` to ``dst``, replacing what was there, never leaving a mix.
+
+    Args:
+        src: the complete new folder.
+        dst: the folder to replace (may be missing).
+        keep: names of files in ``dst`` that carry over into the new folder (work made beside the data,
+            such as human review decisions); one ``src`` already holds is not replaced. A kept file is
+            hard-linked, so a write to it while the folders swap lands in the kept file too.
+
+    Returns:
+        The names in ``keep`` that were carried over.
+    """
+    kept = [name for name in keep if (dst / name).is_file() and not (src / name).exists()]
+    for name in kept:
+        try:
+            os.link(dst / name, src / name)
+        except OSError:  # a file system without hard links
+            shutil.copy2(dst / name, src / name)
     old = None
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
@@ -109,6 +126,7 @@ def replace_dir(src: Path, dst: Path) -> None:
     os.replace(src, dst)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    return kept
 
 
 @contextmanager

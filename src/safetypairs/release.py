@@ -108,11 +108,14 @@ class Release:
         configs: config name (``pairs``, ``images``, optionally ``rejected``) -> splits.
         funnel: the release funnel, a list of ``{stage, rows_in, rows_out, statuses}`` dicts.
         review: the human review's protocol and agreement (`review.ReviewResult.summary`), if reviewed.
+        composited: released pairs whose edit validation composited onto the original (``validate
+            --composite``: outside the feathered change mask the safe image is the original's pixels).
     """
 
     configs: dict[str, DatasetDict]
     funnel: list[dict[str, Any]] = field(default_factory=list)
     review: dict[str, Any] | None = None
+    composited: int = 0
 
     def __getitem__(self, config: str) -> DatasetDict:
         return self.configs[config]
@@ -374,10 +377,20 @@ def assemble(validated: Dataset, config: ReleaseConfig | None = None, review: Re
         rejected = _with_reasons(source.select(rest), [DUPLICATE if i in duplicates else None for i in rest])
         configs["rejected"] = DatasetDict({"test": _map(rejected, _release_batch, REJECTED_FEATURES,
                                                         "release rejected", fn_kwargs={"features": REJECTED_FEATURES})})
+    composited = _composited(source, best)
     logger.info("release: %d candidates -> %d pairs %s", len(validated), len(pairs),
                 {name: len(ds) for name, ds in configs["pairs"].items()})
     # `load_dataset` cannot read a split with no rows: leave empty splits (and configs) out
     configs = {name: DatasetDict({s: ds for s, ds in dd.items() if len(ds)}) for name, dd in configs.items()}
-    return Release({name: dd for name, dd in configs.items() if dd}, funnel, review.summary if review else None)
+    return Release({name: dd for name, dd in configs.items() if dd}, funnel, review.summary if review else None,
+                   composited)
+
+
+def _composited(source: Dataset, rows: list[int]) -> int:
+    """How many of ``rows`` validation composited (``composite`` in their ``metrics_ran``; 0 without the column)."""
+    if S.METRICS_RAN not in source.column_names:
+        return 0
+    ran = source.select_columns([S.METRICS_RAN]).select(rows)[S.METRICS_RAN]
+    return sum("composite" in (metrics or []) for metrics in ran)
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import math
 import os
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import combinations
@@ -18,6 +20,7 @@ from datasets import Dataset, Value
 
 from safetypairs import __version__
 from safetypairs import schema as S
+from safetypairs.stage import undecoded
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +39,8 @@ REASONS = {
 }
 SCOPES = ("accepted", "borderline", "rejected", "all")
 HUMAN_REJECTED = "human_rejected"
+# What a verdict is about: a decision stores a stamp of these cells, so it never counts for other images.
+CONTENT_COLUMNS = (S.IMAGE, S.EDITED_IMAGE)
 NOT_REVIEWED = "not_reviewed"
 
 
@@ -66,7 +71,54 @@ def candidate_ids(rows: Dataset) -> list[str]:
     return ids
 
 
-def make_decision(reviewer: str, cid: str, decision: str, reason: str | None = None, note: str = "") -> dict[str, Any]:
+def cell_bytes(cell: dict[str, Any] | None) -> bytes | None:
+    """The stored bytes of an undecoded image cell (read from its path when it holds none); ``None`` when empty."""
+    if not cell:
+        return None
+    return cell.get("bytes") or (Path(cell["path"]).read_bytes() if cell.get("path") else None)
+
+
+def content_stamp(cells: Iterable[dict[str, Any] | None]) -> str:
+    """A short hash of a candidate's stored image bytes (the `CONTENT_COLUMNS` cells, in that order).
+
+    A decision carries the stamp of the images the reviewer saw; validation passes image bytes through
+    unchanged, so a re-validated folder keeps its stamps unless the images changed (a new edit, ``--composite``).
+    """
+    h = hashlib.sha256()
+    for cell in cells:
+        data = cell_bytes(cell) or b""
+        h.update(len(data).to_bytes(8, "little") + data)
+    return h.hexdigest()[:16]
+
+
+def candidate_stamps(rows: Dataset) -> list[str]:
+    """`content_stamp` of every row, in row order (reads the stored bytes, decodes nothing)."""
+    columns = [c for c in CONTENT_COLUMNS if c in rows.column_names]
+    plain = undecoded(rows.select_columns(columns))
+    return [content_stamp(row[c] for c in columns) for row in plain]
+
+
+def split_stale(records: list[dict[str, Any]], stamps: dict[str, str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Records about the images each candidate has now, and stale ones made on other images under the same id.
+
+    A record without a stamp (written before stamps existed) or about an id not in ``stamps`` is not stale.
+
+    Args:
+        records: decision records (`read_decisions`).
+        stamps: candidate id -> its current `content_stamp`.
+
+    Returns:
+        ``(current, stale)``, each in write order.
+    """
+    current, stale = [], []
+    for record in records:
+        stamp, now = record.get("content"), stamps.get(record["candidate_id"])
+        (stale if stamp and now and stamp != now else current).append(record)
+    return current, stale
+
+
+def make_decision(reviewer: str, cid: str, decision: str, reason: str | None = None, note: str = "",
+                  content: str | None = None) -> dict[str, Any]:
     """A checked decision record, stamped with the UTC time and the app version.
 
     Args:
@@ -75,6 +127,7 @@ def make_decision(reviewer: str, cid: str, decision: str, reason: str | None = N
         decision: ``"accept"`` or ``"reject"``.
         reason: for a rejection, one of `REASONS`.
         note: free text (needed for reason ``"other"``).
+        content: the `content_stamp` of the images decided on (a decision for other images is stale).
 
     Returns:
         The record as written to ``review.jsonl``.
@@ -91,7 +144,7 @@ def make_decision(reviewer: str, cid: str, decision: str, reason: str | None = N
     if reason == "other" and not note.strip():
         raise ValueError("reason 'other' needs a note")
     return {"reviewer": reviewer.strip(), "candidate_id": cid, "decision": decision,
-            "reason": reason if decision == REJECT else None, "note": note.strip(),
+            "reason": reason if decision == REJECT else None, "note": note.strip(), "content": content,
             "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "app_version": APP_VERSION}
 
 
@@ -197,6 +250,9 @@ class ReviewResult:
 def load_review(folder: str | Path, rows: Dataset, min_reviewers: int = 1) -> ReviewResult:
     """Read ``folder/review.jsonl`` and decide every candidate of ``rows`` by majority.
 
+    Decisions are keyed by candidate id; one made on other images than the row's (its stamp differs:
+    the rows were re-made since, e.g. kept across ``validate --overwrite``) is not counted, with a warning.
+
     Args:
         folder: the reviewed data folder.
         rows: its validated candidate rows.
@@ -213,10 +269,16 @@ def load_review(folder: str | Path, rows: Dataset, min_reviewers: int = 1) -> Re
     records = read_decisions(folder)
     if not records:
         raise ValueError(f"no review decisions in {str(Path(folder) / DECISIONS_FILE)!r}; run `safetypairs review` first")
+    ids = candidate_ids(rows)
+    records, stale = split_stale(records, dict(zip(ids, candidate_stamps(rows))))
+    if stale:
+        logger.warning("review: %d decision(s) on %d candidate(s) were made on other images than the rows have now "
+                       "(re-edited or re-validated since); not counted: review those candidates again", len(stale),
+                       len({r["candidate_id"] for r in stale}))
     latest = latest_decisions(records)
-    verdicts = {cid: verdict(latest.get(cid, {}), min_reviewers) for cid in candidate_ids(rows)}
+    verdicts = {cid: verdict(latest.get(cid, {}), min_reviewers) for cid in ids}
     summary = {"min_reviewers": min_reviewers, "rule": "strict majority of each reviewer's last decision",
-               "reasons": REASONS, "agreement": agreement(rows, records)}
+               "reasons": REASONS, "agreement": agreement(rows, records), "stale_decisions": len(stale)}
     return ReviewResult(verdicts, min_reviewers, summary)
 
 
@@ -326,41 +388,3 @@ def write_stats(folder: str | Path, stats: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
     return path
-
-
-def is_borderline(row: dict[str, Any]) -> bool:
-    """Whether a candidate sits near a locality threshold it was decided with, or the judge was unsure.
-
-    The thresholds are the preset named in the row's ``validate_thresholds`` (``pixel-exact`` when the
-    row names a file or nothing). Near means within half the minimum element fraction, 0.05 of the
-    maximum changed fraction and change spread, 0.02 SSIM, 2 dB PSNR.
-
-    Args:
-        row: non-image columns of one validated row.
-
-    Returns:
-        ``True`` when a score is near its threshold (on either side) or the reject reason is ``judge_unknown``.
-    """
-    from safetypairs.thresholds import PIXEL_EXACT, PRESETS
-
-    label = str(row.get(S.VALIDATE_THRESHOLDS) or PIXEL_EXACT).split("+")[0]
-    t = PRESETS.get(label, PRESETS[PIXEL_EXACT])
-    checks = [(S.CHANGE_ELEMENT, t.min_element_fraction, t.min_element_fraction / 2),
-              (S.CHANGED_FRACTION, t.max_changed_fraction, 0.05), (S.CHANGE_SPREAD, t.max_change_spread, 0.05),
-              (S.SSIM_OUTSIDE, t.min_ssim_outside, 0.02), (S.PSNR_OUTSIDE, t.min_psnr_outside, 2.0)]
-    near = any(row.get(col) is not None and threshold is not None and abs(row[col] - threshold) <= margin
-               for col, threshold, margin in checks)
-    return near or row.get(S.REJECT_REASON) == "judge_unknown"
-
-
-def in_scope(row: dict[str, Any], scope: str) -> bool:
-    """Whether a row belongs to a review scope (one of `SCOPES`) by its automatic decision.
-
-    Raises:
-        ValueError: for an unknown scope.
-    """
-    if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-    if scope == "borderline":
-        return is_borderline(row)
-    return scope == "all" or bool(row.get(S.ACCEPTED)) == (scope == "accepted")

@@ -18,15 +18,18 @@ from safetypairs import schema as S
 from safetypairs.datafiles import read_rows
 from safetypairs.review import (
     ACCEPT,
+    CONTENT_COLUMNS,
     REASONS,
     REJECT,
     SCOPES,
     append_decision,
     candidate_ids,
-    in_scope,
+    cell_bytes,
+    content_stamp,
     latest_decisions,
     make_decision,
     read_decisions,
+    split_stale,
 )
 from safetypairs.stage import undecoded
 
@@ -88,6 +91,44 @@ class ReviewConfig:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
 
 
+def is_borderline(row: dict[str, Any]) -> bool:
+    """Whether a candidate sits near a locality threshold it was decided with, or the judge was unsure.
+
+    The thresholds are the preset named in the row's ``validate_thresholds`` (``pixel-exact`` when the
+    row names a file or nothing). Near means within half the minimum element fraction, 0.05 of the
+    maximum changed fraction and change spread, 0.02 SSIM, 2 dB PSNR.
+
+    Args:
+        row: non-image columns of one validated row.
+
+    Returns:
+        ``True`` when a score is near its threshold (on either side) or the reject reason is ``judge_unknown``.
+    """
+    from safetypairs.thresholds import PIXEL_EXACT, PRESETS
+
+    label = str(row.get(S.VALIDATE_THRESHOLDS) or PIXEL_EXACT).split("+")[0]
+    t = PRESETS.get(label, PRESETS[PIXEL_EXACT])
+    checks = [(S.CHANGE_ELEMENT, t.min_element_fraction, t.min_element_fraction / 2),
+              (S.CHANGED_FRACTION, t.max_changed_fraction, 0.05), (S.CHANGE_SPREAD, t.max_change_spread, 0.05),
+              (S.SSIM_OUTSIDE, t.min_ssim_outside, 0.02), (S.PSNR_OUTSIDE, t.min_psnr_outside, 2.0)]
+    near = any(row.get(col) is not None and threshold is not None and abs(row[col] - threshold) <= margin
+               for col, threshold, margin in checks)
+    return near or row.get(S.REJECT_REASON) == "judge_unknown"
+
+
+def in_scope(row: dict[str, Any], scope: str) -> bool:
+    """Whether a row belongs to a review scope (one of `SCOPES`) by its automatic decision.
+
+    Raises:
+        ValueError: for an unknown scope.
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if scope == "borderline":
+        return is_borderline(row)
+    return scope == "all" or bool(row.get(S.ACCEPTED)) == (scope == "accepted")
+
+
 class ReviewSource:
     """A validated folder for the app: non-image columns in memory, image bytes read from the data per request."""
 
@@ -97,16 +138,27 @@ class ReviewSource:
         images = [name for name, f in rows.features.items() if isinstance(f, ImageFeature)]
         self.meta = rows.select_columns([c for c in rows.column_names if c not in images]).to_list()
         self.ids = candidate_ids(rows)
+        self.index = {cid: i for i, cid in enumerate(self.ids)}
         plain = undecoded(rows)
         self.images = {column: plain.select_columns([column]) for _, column, _ in VIEWS if column in images}
         self.scope_rows = [i for i, row in enumerate(self.meta) if in_scope(row, config.scope)]
         self._lock = threading.Lock()
+        self._stamps: dict[int, str] = {}
         self.decided = self._own_decisions()
 
+    def stamp(self, row: int) -> str:
+        """The `review.content_stamp` of ``row``'s images (cached)."""
+        if row not in self._stamps:
+            self._stamps[row] = content_stamp(self.images[c][row][c] for c in CONTENT_COLUMNS if c in self.images)
+        return self._stamps[row]
+
     def _own_decisions(self) -> dict[str, str]:
-        latest = latest_decisions(read_decisions(self.folder))
-        return {cid: per[self.config.reviewer]["decision"] for cid, per in latest.items()
-                if self.config.reviewer in per}
+        """This reviewer's last decisions on the images the rows have now (stale ones are to be made again)."""
+        mine = [r for r in read_decisions(self.folder) if r["reviewer"] == self.config.reviewer]
+        stamps = {r["candidate_id"]: self.stamp(self.index[r["candidate_id"]]) for r in mine
+                  if r.get("content") and r["candidate_id"] in self.index}
+        latest = latest_decisions(split_stale(mine, stamps)[0])
+        return {cid: per[self.config.reviewer]["decision"] for cid, per in latest.items()}
 
     def pending(self) -> list[int]:
         """In-scope rows this reviewer has not decided yet (re-read from the file: resumes after a restart)."""
@@ -116,7 +168,7 @@ class ReviewSource:
 
     def decide(self, row: int, decision: str, reason: str | None, note: str) -> None:
         """Record this reviewer's decision on ``row`` (appended to ``review.jsonl``)."""
-        record = make_decision(self.config.reviewer, self.ids[row], decision, reason, note)
+        record = make_decision(self.config.reviewer, self.ids[row], decision, reason, note, self.stamp(row))
         append_decision(self.folder, record)
         with self._lock:
             self.decided[self.ids[row]] = decision
@@ -127,7 +179,7 @@ class ReviewSource:
         if column not in self.images or not 0 <= row < len(self.meta):
             return None
         cell = self.images[column][row][column]
-        data = (cell or {}).get("bytes") or (Path(cell["path"]).read_bytes() if cell and cell.get("path") else None)
+        data = cell_bytes(cell)
         if not data:
             return None
         try:

@@ -16,11 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from datasets import Dataset
 
+from safetypairs.chunks import (
+    CHUNKS_DIR,
+    chunk_done,
+    chunk_path,
+    chunk_ranges,
+    merge_chunks,
+)
 from safetypairs.datafiles import (
-    DATA_DIR,
     IMAGES_STATUS,
     RUN_FILE,
     decoding,
@@ -42,8 +47,6 @@ from safetypairs.utils import OutputDirError, progress
 
 logger = logging.getLogger(__name__)
 
-CHUNKS_DIR = "chunks"
-MERGE_ROWS = 2000  # rows per merged data file (whole chunks)
 BARRIER_TIMEOUT = timedelta(hours=float(os.environ.get("SAFETYPAIRS_BARRIER_TIMEOUT_HOURS", "6")))
 
 # compute(chunk rows, device) -> (output rows, {stage name: status histogram})
@@ -125,8 +128,8 @@ def rank_device(state: Any, device: str) -> str:
 
 def run_stage(data: Dataset, compute: ChunkFn, *, stage: str, settings: Mapping[str, Any], run: RunConfig,
               device: str = "auto", rows_per_input: int = 1,
-              finalize: Finalize | None = None,
-              inputs: tuple[str | Path, ...] = (), max_pixels: int = DEFAULT_MAX_PIXELS) -> RunSummary | None:
+              finalize: Finalize | None = None, inputs: tuple[str | Path, ...] = (),
+              max_pixels: int = DEFAULT_MAX_PIXELS, keep: tuple[str, ...] = ()) -> RunSummary | None:
     """Run ``compute`` over ``data`` in fixed-size chunks, sharded over the launched processes, resumable.
 
     Under ``accelerate launch`` / ``torchrun`` each rank takes a contiguous run of global chunks (so
@@ -147,6 +150,8 @@ def run_stage(data: Dataset, compute: ChunkFn, *, stage: str, settings: Mapping[
             before the folder is renamed into place (write reports there).
         inputs: input paths ``out`` must not be or contain.
         max_pixels: the pixel cap of the image cells the chunks keep (see `write_parquet`).
+        keep: names of files that work beside the data made in a finished ``out`` (human review
+            decisions): when ``run.overwrite`` replaces that folder they carry into the new one, with a warning.
 
     Returns:
         The summary on rank 0 (also for a finished folder that is reused without computing);
@@ -183,8 +188,10 @@ def run_stage(data: Dataset, compute: ChunkFn, *, stage: str, settings: Mapping[
         state.wait_for_everyone()
         if not state.is_main_process:
             return None
-        return _finish(work, out, data, run, stage, fingerprint, settings, run_id, rows_per_input, finalize,
-                       state.num_processes, t0)
+        summary = _finish(work, out, data, run, stage, fingerprint, settings, run_id, rows_per_input, finalize,
+                          state.num_processes, t0)
+        _move_into_place(work, out, stage, keep)
+        return summary
     except BaseException as err:
         if state.is_main_process:
             _mark_failed(work, err)
@@ -260,7 +267,7 @@ def _finish(work: Path, out: Path, data: Dataset, run: RunConfig, stage: str, fi
             settings: Mapping[str, Any], run_id: str, rows_per_input: int,
             finalize: Finalize | None, world: int,
             t0: float) -> RunSummary:
-    """Rank 0: merge, check counts, finalize, write ``run.json`` and rename the work folder into place."""
+    """Rank 0: merge, check counts, finalize and write ``run.json`` (the folder is complete after this)."""
     n_chunks = -(-len(data) // run.chunk_size)
     files, rows_out, markers = merge_chunks(work, n_chunks)
     if rows_out != len(data) * rows_per_input:
@@ -282,10 +289,16 @@ def _finish(work: Path, out: Path, data: Dataset, run: RunConfig, stage: str, fi
                     "chunks_computed_last_run": computed, "chunks_reused_last_run": len(markers) - computed},
         **extra,
     })
+    return summary
+
+
+def _move_into_place(work: Path, out: Path, stage: str, keep: tuple[str, ...]) -> None:
+    """Rank 0: drop the chunks, free the lock and replace ``out`` by the work folder, carrying ``keep`` files over."""
     shutil.rmtree(work / CHUNKS_DIR)
     release_lock(work)
-    replace_dir(work, out)
-    return summary
+    for name in replace_dir(work, out, keep):
+        logger.warning("%s: kept %s of the replaced %s in the new run folder (made there after the old run, "
+                       "it is not part of the run and --overwrite does not discard it)", stage, name, out)
 
 
 def _reused_summary(out: Path, stage: str) -> RunSummary:
@@ -333,85 +346,6 @@ def content_fingerprint(data: Dataset) -> str:
             writer.write_table(table)
         h.update(sink.getvalue())
     return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------- chunks and the merge
-
-
-def chunk_ranges(n_rows: int, chunk_size: int, rank: int, world: int) -> list[tuple[int, int, int]]:
-    """The ``(chunk index, start, stop)`` of one rank: a contiguous run of global chunks, so
-    chunk contents (and batches) do not depend on the number of processes."""
-    n_chunks = -(-n_rows // chunk_size)
-    first, last = n_chunks * rank // world, n_chunks * (rank + 1) // world
-    return [(c, c * chunk_size, min(n_rows, (c + 1) * chunk_size)) for c in range(first, last)]
-
-
-def chunk_path(out: Path, index: int, suffix: str) -> Path:
-    """The chunk file of ``index`` (``.parquet`` data or ``.json`` done-marker)."""
-    return out / CHUNKS_DIR / f"chunk-{index:06d}{suffix}"
-
-
-def chunk_done(out: Path, index: int) -> bool:
-    """A chunk is finished when its parquet and its JSON marker (written last) both exist."""
-    return chunk_path(out, index, ".parquet").exists() and read_json(chunk_path(out, index, ".json")) is not None
-
-
-def merge_chunks(out: Path, n_chunks: int) -> tuple[list[Path], int, list[dict[str, Any]]]:
-    """Stream every chunk, in input order, into ``out/data/train-*.parquet``.
-
-    Args:
-        out: the run (work) folder.
-        n_chunks: how many chunks the run has.
-
-    Returns:
-        The data files, the number of rows written and each chunk's JSON marker.
-
-    Raises:
-        RuntimeError: when a chunk is missing.
-    """
-    missing = [c for c in range(n_chunks) if not chunk_done(out, c)]
-    if missing:
-        raise RuntimeError(f"chunks {missing[:10]} of {n_chunks} are missing in {out / CHUNKS_DIR}")
-    markers = [read_json(chunk_path(out, c, ".json")) or {} for c in range(n_chunks)]
-    groups = _merge_groups([m["rows_out"] for m in markers])
-    data = out / DATA_DIR
-    data.mkdir(exist_ok=True)
-    for stale in data.glob("*.parquet"):
-        stale.unlink()
-    files, rows_out = [], 0
-    for k, group in enumerate(groups):
-        path = data / f"train-{k:05d}-of-{len(groups):05d}.parquet"
-        rows_out += _concat_parquet([chunk_path(out, c, ".parquet") for c in group], path)
-        files.append(path)
-    return files, rows_out, markers
-
-
-def _merge_groups(rows_per_chunk: list[int]) -> list[list[int]]:
-    groups: list[list[int]] = [[]]
-    total = 0
-    for chunk, rows in enumerate(rows_per_chunk):
-        if groups[-1] and total + rows > MERGE_ROWS:
-            groups.append([])
-            total = 0
-        groups[-1].append(chunk)
-        total += rows
-    return groups
-
-
-def _concat_parquet(sources: list[Path], path: Path) -> int:
-    """Concatenate parquet files (same schema) row group by row group into ``path``; returns rows."""
-    schema = pq.read_schema(sources[0])
-    rows = 0
-    tmp = path.with_name(f".{path.name}.tmp")
-    with pq.ParquetWriter(tmp, schema=schema) as writer:
-        for source in sources:
-            parquet = pq.ParquetFile(source)
-            for group in range(parquet.num_row_groups):
-                table = parquet.read_row_group(group)
-                writer.write_table(table.cast(schema))
-                rows += table.num_rows
-    os.replace(tmp, path)
-    return rows
 
 
 def model_info(spec: str) -> dict[str, Any]:

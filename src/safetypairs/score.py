@@ -13,16 +13,12 @@ from typing import Any
 from datasets import Dataset
 
 from safetypairs import schema as S
-from safetypairs.evaluate import (
-    UNPARSABLE,
-    guard_columns,
-    load_release,
-    score_predictions,
-)
+from safetypairs.evaluate import load_release
 from safetypairs.folders import atomic_dir
 from safetypairs.metrics import label_names
 from safetypairs.policy import Policy, load_policy
 from safetypairs.runner import content_fingerprint
+from safetypairs.scoring import UNPARSABLE, guard_columns, score_predictions
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +56,7 @@ class ScoreConfig:
 
     @property
     def guards(self) -> tuple[str, ...]:
-        """The one scored "guard": the file's name (what `evaluate.score_predictions` reads)."""
+        """The one scored "guard": the file's name (what `scoring.score_predictions` reads)."""
         return (self.name,)
 
 

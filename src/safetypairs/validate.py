@@ -16,6 +16,7 @@ from safetypairs.change import MaskParams
 from safetypairs.images import DEFAULT_MAX_PIXELS, check_max_pixels
 from safetypairs.policy import Policy, load_policy
 from safetypairs.registry import check_options, parse_spec
+from safetypairs.review import DECISIONS_FILE
 from safetypairs.runner import RunConfig, RunSummary, run_stage
 from safetypairs.stage import StageResult, map_stage
 from safetypairs.thresholds import (
@@ -326,7 +327,7 @@ def validate_run(dataset: Dataset, config: ValidateConfig, run: RunConfig,
                 "thresholds_used": decided_with}
     return run_stage(dataset, compute, stage="validate", settings=settings, run=run, device=config.device,
                      finalize=lambda work, rows, summary: {"thresholds": decided_with}, inputs=inputs,
-                     max_pixels=config.max_pixels)
+                     max_pixels=config.max_pixels, keep=(DECISIONS_FILE,))  # human decisions survive --overwrite
 
 
 def validate_pairs(dataset: Dataset, config: ValidateConfig | None = None, **overrides: Any) -> Dataset:

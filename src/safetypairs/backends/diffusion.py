@@ -3,167 +3,22 @@
 from __future__ import annotations
 
 import inspect
-import logging
-import math
-import os
-from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
 
-from safetypairs.backends.vlm import DTYPES
-from safetypairs.registry import parse_bool, split_model_arg
-
-logger = logging.getLogger(__name__)
-
-OFFLOADS = ("none", "model", "sequential")
-
-
-@dataclass(frozen=True)
-class PipelineFamily:
-    """How to drive one diffusers pipeline class.
-
-    Attributes:
-        resolution: default working resolution (the side of a square of the same area).
-        packed: latents are packed 2x2 (Flux, Qwen): sizes are multiples of 2 * vae_scale_factor.
-        batched: one call may carry several source images (QwenImageEditPlus reads a list of
-            images as several references for ONE edit, so it runs image by image).
-        cfg_arg: the call argument that takes ``guidance``.
-        negative_prompt: passed to enable true classifier-free guidance (Qwen).
-        guidance: the model card's guidance when it differs from the pipeline's default
-            (``None``: the pipeline's default).
-    """
-
-    resolution: int
-    packed: bool
-    batched: bool = True
-    cfg_arg: str = "guidance_scale"
-    negative_prompt: str | None = None
-    guidance: float | None = None
-
-
-_QWEN = PipelineFamily(1024, packed=True, batched=False, cfg_arg="true_cfg_scale", negative_prompt=" ")
-# FLUX.1 Kontext [dev]'s model card runs guidance_scale=2.5; the pipelines default to 3.5.
-_KONTEXT = PipelineFamily(1024, packed=True, guidance=2.5)
-# Inpainting pipelines default to a partial strength (FluxInpaint, QwenImageEditInpaint: 0.6) that
-# keeps much of the masked content; a replacement repaints the mask from noise.
-REPLACE_STRENGTH = 1.0
-PIPELINES: dict[str, PipelineFamily] = {
-    "StableDiffusionInstructPix2PixPipeline": PipelineFamily(512, packed=False),
-    "StableDiffusionXLInstructPix2PixPipeline": PipelineFamily(768, packed=False),
-    "FluxKontextPipeline": _KONTEXT,
-    "FluxKontextInpaintPipeline": _KONTEXT,
-    "QwenImageEditPipeline": _QWEN,
-    "QwenImageEditPlusPipeline": _QWEN,
-    "QwenImageEditInpaintPipeline": _QWEN,
-    "StableDiffusionInpaintPipeline": PipelineFamily(512, packed=False),
-    "StableDiffusionXLInpaintPipeline": PipelineFamily(1024, packed=False),
-    "FluxFillPipeline": PipelineFamily(1024, packed=True),
-    "FluxInpaintPipeline": PipelineFamily(1024, packed=True),
-}
-
-
-def _optional(kind: type) -> Any:
-    return lambda v: None if v is None or str(v).lower() in ("", "none", "default") else kind(v)
-
-
-@dataclass(frozen=True)
-class DiffusionOptions:
-    """Options of the ``diffusers`` editor (given as backend options, strings are coerced).
-
-    Attributes:
-        steps: denoising steps; ``None`` keeps the pipeline's default.
-        guidance: text guidance (``guidance_scale``, or ``true_cfg_scale`` for Qwen); ``None`` = the
-            family's model-card value (FLUX.1 Kontext: 2.5), else the pipeline's default.
-        image_guidance: image guidance (InstructPix2Pix ``image_guidance_scale`` only).
-        strength: how far inpainting pipelines re-noise the masked area (0 < strength <= 1);
-            ``None`` = ``REPLACE_STRENGTH`` (1.0) for pipelines that take it.
-        resolution: working resolution (side of the equal-area square); ``None`` = the pipeline
-            family's default, ``0`` = the source size rounded to the pipeline's multiple.
-        dtype: one of ``DTYPES``; ``auto`` is bfloat16 on CUDA (float16 without bf16 support), float32 on CPU.
-        offload: one of ``OFFLOADS`` (diffusers model / sequential CPU offload; CUDA only).
-        trust_remote_code: allow custom pipeline code from the model repo.
-        revision: a hub revision (branch, tag or commit).
-        safety_checker: keep the pipeline's own NSFW safety checker when it ships one
-            (its flagged outputs are black images, reported as an error for that row).
-        allow_pickle: load components that ship only pickle weights (``.bin``/``.pt``, which can
-            run code when loaded); off by default: such a component is an error naming it.
-    """
-
-    steps: int | None = None
-    guidance: float | None = None
-    image_guidance: float | None = None
-    strength: float | None = None
-    resolution: int | None = None
-    dtype: str = "auto"
-    offload: str = "none"
-    trust_remote_code: bool = False
-    revision: str | None = None
-    safety_checker: bool = True
-    allow_pickle: bool = False
-
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"diffusers dtype {self.dtype!r} not allowed; allowed: {', '.join(DTYPES)}")
-        if self.offload not in OFFLOADS:
-            raise ValueError(f"diffusers offload {self.offload!r} not allowed; allowed: {', '.join(OFFLOADS)}")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"diffusers steps must be >= 1, got {self.steps}")
-        if self.resolution is not None and self.resolution < 0:
-            raise ValueError(f"diffusers resolution must be >= 0, got {self.resolution}")
-        if self.strength is not None and not 0.0 < self.strength <= 1.0:
-            raise ValueError(f"diffusers strength must be in (0, 1], got {self.strength}")
-
-    @classmethod
-    def parse(cls, options: dict[str, Any]) -> "DiffusionOptions":
-        """Build from backend options (values may be strings, e.g. from ``parse_options``).
-
-        Raises:
-            ValueError: for an unknown option (naming the allowed ones) or a bad value.
-        """
-        casts = {"steps": _optional(int), "guidance": _optional(float), "image_guidance": _optional(float),
-                 "strength": _optional(float), "resolution": _optional(int), "dtype": str, "offload": str,
-                 "trust_remote_code": lambda v: parse_bool(v, "trust_remote_code"),
-                 "revision": _optional(str), "safety_checker": lambda v: parse_bool(v, "safety_checker"),
-                 "allow_pickle": lambda v: parse_bool(v, "allow_pickle")}
-        unknown = set(options) - set(casts)
-        if unknown:
-            raise ValueError(f"unknown diffusers option(s) {sorted(unknown)}; allowed: {', '.join(casts)}")
-        try:
-            return cls(**{k: casts[k](v) for k, v in options.items()})
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"bad diffusers option value in {options}: {err}") from err
-
-
-def model_index(model: str, revision: str | None = None) -> dict[str, Any]:
-    """Read a pipeline's ``model_index.json`` (local folder or hub id); ``_class_name`` names its class.
-
-    Raises:
-        OSError: when the folder or repo has no ``model_index.json``.
-    """
-    from diffusers import DiffusionPipeline
-
-    return dict(DiffusionPipeline.load_config(model, revision=revision))
-
-
-def work_size(size: tuple[int, int], resolution: int, multiple: int) -> tuple[int, int]:
-    """The size a pipeline runs at: the source's aspect at ``resolution**2`` pixels (``0``: the
-    source size), each side rounded to a multiple of ``multiple`` (at least one multiple)."""
-    w, h = size
-    if resolution:
-        scale = math.sqrt(resolution * resolution / (w * h))
-        w, h = w * scale, h * scale
-    return max(multiple, round(w / multiple) * multiple), max(multiple, round(h / multiple) * multiple)
-
-
-def _torch_dtype(name: str, device: str) -> Any:
-    import torch
-
-    if name != "auto":
-        return getattr(torch, name)
-    if not device.startswith("cuda"):
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+from safetypairs.backends.diffusion_pipelines import (
+    PIPELINES,
+    REPLACE_STRENGTH,
+    DiffusionOptions,
+    PipelineFamily,
+    components_without_safetensors,
+    load_pipeline,
+    model_index,
+    torch_dtype,
+    work_size,
+)
+from safetypairs.registry import split_model_arg
 
 
 class BlockedOutputError(RuntimeError):
@@ -249,7 +104,7 @@ class DiffusersEditor:
             raise ValueError(f"{model!r}: component(s) {', '.join(pickled)} ship no safetensors weights, only "
                              f"pickle files (.bin/.pt) that can run code when loaded; pass allow_pickle=true "
                              f"to load them anyway")
-        pipe = _load_pipeline(model, device, opts, has_checker="safety_checker" in index)
+        pipe = load_pipeline(model, device, opts, has_checker="safety_checker" in index)
         return cls(pipe, model, family or PipelineFamily(1024, packed=False, batched=False), opts)
 
     def edit(
@@ -351,81 +206,12 @@ class DiffusersEditor:
         return VAERoundTrip.from_spec(arg, device)
 
 
-def _check_dtype(pipe: Any, model: str, dtype: Any) -> None:
-    """The denoiser (transformer or unet) must hold the requested dtype.
-
-    Raises:
-        ValueError: naming the component, both dtypes and the diffusers version.
-    """
-    import diffusers
-
-    for name in ("transformer", "unet"):
-        loaded = getattr(getattr(pipe, name, None), "dtype", None)
-        if loaded is not None and loaded != dtype:
-            raise ValueError(f"{model!r}: the {name} loaded as {loaded}, not the requested {dtype} (diffusers "
-                             f"{diffusers.__version__}; from_pretrained(dtype=...) needs diffusers >= 0.40)")
-
-
 def _to_source_size(image: Image.Image, size: tuple[int, int], work: tuple[int, int]) -> Image.Image:
     image = image.convert("RGB")
     if image.size != size:
         image = image.resize(size, Image.Resampling.LANCZOS)
     image.info["work_size"] = list(work)
     return image
-
-
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
-
-
-def components_without_safetensors(model: str, index: dict[str, Any], revision: str | None = None) -> list[str]:
-    """The pipeline components whose weights exist only as pickle files (no ``.safetensors``).
-
-    Reads a local folder directly, or a hub repo's file list; when the list cannot be read
-    (offline), returns ``[]`` and leaves the check to ``from_pretrained``.
-    """
-    if os.path.isdir(model):
-        files = [os.path.relpath(os.path.join(root, f), model).replace(os.sep, "/")
-                 for root, _, names in os.walk(model) for f in names]
-    else:
-        from huggingface_hub import list_repo_files
-
-        try:
-            files = list_repo_files(model, revision=revision)
-        except OSError:  # offline or unreachable: from_pretrained reports it
-            return []
-    missing = []
-    for name in (k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and None not in v):
-        weights = [f for f in files if f.startswith(f"{name}/") and f.endswith(_WEIGHT_SUFFIXES)]
-        if weights and not any(f.endswith(".safetensors") for f in weights):
-            missing.append(name)
-    return missing
-
-
-def _load_pipeline(model: str, device: str, opts: DiffusionOptions, has_checker: bool) -> Any:
-    """``DiffusionPipeline.from_pretrained`` (safetensors unless ``allow_pickle``), then device or offload set-up.
-
-    Raises:
-        ValueError: when the denoiser did not load in the requested dtype.
-    """
-    from diffusers import DiffusionPipeline
-
-    extra: dict[str, Any] = {}
-    if has_checker and not opts.safety_checker:
-        extra = {"safety_checker": None, "requires_safety_checker": False}
-    dtype = _torch_dtype(opts.dtype, device)
-    pipe = DiffusionPipeline.from_pretrained(  # dtype= needs diffusers >= 0.40 (older releases ignore it)
-        model, dtype=dtype, use_safetensors=None if opts.allow_pickle else True,
-        trust_remote_code=opts.trust_remote_code, revision=opts.revision, **extra,
-    )
-    _check_dtype(pipe, model, dtype)
-    if opts.offload != "none" and device.startswith("cuda"):
-        enable = pipe.enable_model_cpu_offload if opts.offload == "model" else pipe.enable_sequential_cpu_offload
-        enable(device=device)
-    else:
-        pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    logger.info("loaded %s (%s) on %s", model, type(pipe).__name__, device)
-    return pipe
 
 
 class VAERoundTrip:
@@ -460,7 +246,7 @@ class VAERoundTrip:
         if library != "diffusers" or not hasattr(diffusers, str(class_name)):
             raise ValueError(f"{model!r} has no diffusers VAE component (vae: {index.get('vae')})")
         vae = getattr(diffusers, class_name).from_pretrained(
-            model, subfolder="vae", torch_dtype=_torch_dtype(opts.dtype, device), use_safetensors=True,
+            model, subfolder="vae", torch_dtype=torch_dtype(opts.dtype, device), use_safetensors=True,
             revision=opts.revision)
         family = PIPELINES.get(index.get("_class_name"), PipelineFamily(1024, packed=False))
         return cls(vae.to(device).eval(), family, opts)
