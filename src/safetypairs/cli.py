@@ -517,7 +517,7 @@ def _cmd_review(args: argparse.Namespace) -> int:
 
 
 def _add_review(sub: argparse._SubParsersAction) -> None:
-    from safetypairs.review import SCOPES
+    from safetypairs.utils import REVIEW_SCOPES
 
     p = sub.add_parser(
         "review", help="open the review app: accept or reject validated candidates in the browser",
@@ -528,7 +528,7 @@ def _add_review(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("input", help="validated rows (a validate output folder)")
     p.add_argument("--reviewer", required=True, help="your name, stored with each decision")
-    p.add_argument("--only", choices=SCOPES, default="accepted",
+    p.add_argument("--only", choices=REVIEW_SCOPES, default="accepted",
                    help="candidates to show by their automatic decision (default: accepted)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")

@@ -18,6 +18,7 @@ from datasets import Dataset, Value
 
 from safetypairs import __version__
 from safetypairs import schema as S
+from safetypairs.utils import REVIEW_SCOPES as SCOPES
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,6 @@ REASONS = {
     "artifact": "the edit left visible artifacts",
     "other": "another reason (see the note)",
 }
-SCOPES = ("accepted", "borderline", "rejected", "all")
 HUMAN_REJECTED = "human_rejected"
 NOT_REVIEWED = "not_reviewed"
 
