@@ -7,35 +7,32 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from safetypairs.cli.catalog import _add_backends, _add_policies
+from safetypairs.cli.catalog import add_backends, add_policies
 from safetypairs.cli.common import CLIError
 from safetypairs.cli.evaluation import (
-    _add_embed,
-    _add_evaluate,
-    _add_sample_efficiency,
-    _add_score,
-    _add_train_probe,
+    add_embed,
+    add_evaluate,
+    add_sample_efficiency,
+    add_score,
+    add_train_probe,
 )
 from safetypairs.cli.pipeline import (
-    _add_calibrate,
-    _add_demo,
-    _add_generate,
-    _add_release,
-    _add_validate,
+    add_calibrate,
+    add_demo,
+    add_generate,
+    add_release,
+    add_validate,
 )
-from safetypairs.cli.review import _add_review, _add_review_stats
+from safetypairs.cli.review import add_review, add_review_stats
 
 __all__ = ["CLIError", "build_parser", "main"]
 
-logger = logging.getLogger("safetypairs")
-
 # Each entry adds one subcommand, in pipeline order, as `safetypairs --help` lists them.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_demo, _add_generate, _add_calibrate, _add_validate, _add_review,
-    _add_review_stats, _add_release, _add_evaluate, _add_score,
-    _add_embed, _add_train_probe, _add_sample_efficiency, _add_policies,
-    _add_backends,
+    add_demo, add_generate, add_calibrate, add_validate, add_review, add_review_stats, add_release,
+    add_evaluate, add_score, add_embed, add_train_probe, add_sample_efficiency, add_policies, add_backends,
 ]
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``safetypairs`` argument parser with every subcommand."""

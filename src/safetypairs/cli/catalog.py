@@ -32,7 +32,8 @@ def _cmd_policies(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_policies(sub: argparse._SubParsersAction) -> None:
+def add_policies(sub: argparse._SubParsersAction) -> None:
+    """The ``policies`` subcommand."""
     p = sub.add_parser("policies", help="list the built-in policies and their categories",
                        description="List built-in safety policies (or one policy file) with their categories.")
     p.add_argument("policy", nargs="?", help="a built-in policy name or a .yaml path (default: all built-in)")
@@ -74,7 +75,8 @@ def _cmd_backends(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_backends(sub: argparse._SubParsersAction) -> None:
+def add_backends(sub: argparse._SubParsersAction) -> None:
+    """The ``backends`` subcommand."""
     from safetypairs.registry import ENTRY_POINT_GROUP, KINDS
 
     p = sub.add_parser("backends", help="list the registered backends of each kind with their options",

@@ -6,22 +6,39 @@ import argparse
 import sys
 from pathlib import Path
 
-from safetypairs.cli.common import CLIError, _add_max_pixels
+from safetypairs.cli.common import CLIError, run_config, run_sharded
+from safetypairs.cli.options import (
+    add_batch_size,
+    add_bootstrap,
+    add_chunk_size,
+    add_device,
+    add_max_pixels,
+    add_out,
+    add_overwrite,
+    add_policy,
+    add_seed,
+    add_split,
+)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from safetypairs.evaluate import EvaluateConfig, evaluate_release
-    from safetypairs.runner import RunConfig, session
+    from safetypairs.runner import session
 
     config = EvaluateConfig(guards=tuple(args.guard), policy=args.policy, device=args.device,
                             batch_size=args.batch_size, n_bootstrap=args.bootstrap, seed=args.seed,
                             max_pixels=args.max_pixels)
     natural = _natural_rows(args.natural, args.natural_split) if args.natural else None
-    run = RunConfig(out=args.out, chunk_size=args.chunk_size, overwrite=args.overwrite)
+    run = run_config(args)
     with session(config.device):
         results = evaluate_release(args.dataset, config, run, split=args.split, natural=natural)
-    if not results:  # a non-zero rank under accelerate launch / torchrun: rank 0 reports
-        return 0
+    if results:  # empty on a non-zero rank under accelerate launch / torchrun: rank 0 reports
+        _write_results(results, args.out)
+    return 0
+
+
+def _write_results(results: dict, out: str) -> None:
+    """The leaderboard, natural-image comparisons and caveats of `evaluate` / `score` results, then the files."""
     for row in results["leaderboard"]:
         cells = "  ".join(f"{k}={'-' if row[k] is None else round(row[k], 3)}" for k in ("pair_accuracy", "f1", "auroc"))
         sys.stdout.write(f"{row['guard']}: {cells}  unknown={row['n_unknown']}\n")
@@ -29,17 +46,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         cells = "  ".join(f"{name}={_value_ci(cmp[key])}" for name, key in (
             ("natural_acc", "natural_accuracy"), ("pair_acc", "release_pair_accuracy"), ("gap", "gap_pair_accuracy")))
         sys.stdout.write(f"{spec} natural vs pairs: {cells}\n")
-    _write_caveats(results)
-    sys.stdout.write(f"wrote {args.out}/results.json, predictions.parquet, report.html\n")
-    return 0
-
-
-def _write_caveats(results: dict) -> None:
-    """The results' caveats (circular guards, unchecked label flips), after the numbers they qualify."""
+    # the caveats (circular guards, unchecked label flips), after the numbers they qualify
     for spec, note in (results.get("notes") or {}).items():
         sys.stdout.write(f"warning: {spec}: {note}\n")
     for warning in results.get("warnings") or []:
         sys.stdout.write(f"warning: {warning}\n")
+    sys.stdout.write(f"wrote {out}/results.json, predictions.parquet, report.html\n")
 
 
 def _natural_rows(path: str, split: str | None):
@@ -61,32 +73,36 @@ def _value_ci(cell: dict) -> str:
     return value + (f" [{cell['ci'][0]:.3f}, {cell['ci'][1]:.3f}]" if cell.get("ci") else "")
 
 
-def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+def _add_release_dataset(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", required=True, help="release folder or hub repo id")
+
+
+def add_evaluate(sub: argparse._SubParsersAction) -> None:
+    """The ``evaluate`` subcommand."""
     p = sub.add_parser(
         "evaluate", help="evaluate guard models on a released benchmark (metrics, results.json, report.html)",
         description="Run guards over the images config of a release (folder or ORG/NAME) and score them: "
                     "per-image, per-pair and per-category metrics with bootstrap CIs, and a report. Under "
                     "`accelerate launch` / `torchrun` each rank predicts a contiguous shard; a killed run resumes.",
     )
-    p.add_argument("--dataset", required=True, help="release folder or hub repo id")
+    _add_release_dataset(p)
     p.add_argument("--guard", action="append", required=True,
                    help="guard spec, repeatable (hf-vlm:<id>, llavaguard:<id>, clip-zeroshot:<encoder>, ocr-lexicon, "
                         "nudenet, ..., or your own code as package.module:Object: it is imported)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--policy", default="llavaguard", help="policy name or YAML path (default: llavaguard)")
-    p.add_argument("--split", default=None, help="split (default: test, else train)")
-    p.add_argument("--device", default="auto", help="auto (GPU per rank when present) or a torch device")
-    p.add_argument("--batch-size", type=int, default=8, help="images per guard call (default: 8)")
-    p.add_argument("--chunk-size", type=int, default=256, help="images per resumable chunk (default: 256)")
-    p.add_argument("--overwrite", action="store_true", help="replace an output folder holding another run")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples over pairs (default: 1000)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+    add_out(p, "output folder")
+    add_policy(p)
+    add_split(p)
+    add_device(p)
+    add_batch_size(p, 8, "images per guard call")
+    add_chunk_size(p, 256, "images")
+    add_overwrite(p, run=True)
+    add_bootstrap(p)
     p.add_argument("--natural", help="labelled natural images (folder or hub id with image, label; a source image "
                                      "folder or generate run, labelled by rating/label: the rows set aside as "
                                      "not_unsafe are natural negatives): their accuracy is reported beside the "
                                      "release's pair accuracy, with the gap")
-    p.add_argument("--natural-split", default=None, help="split of --natural (default: test, else train)")
-    _add_max_pixels(p)
+    add_split(p, of="natural", flag="--natural-split")
+    add_max_pixels(p)
     p.set_defaults(func=_cmd_evaluate)
 
 
@@ -96,15 +112,12 @@ def _cmd_score(args: argparse.Namespace) -> int:
     config = ScoreConfig(name=args.name or "", id_column=args.id_column, prediction_column=args.prediction_column,
                          score_column=args.score_column, policy=args.policy, n_bootstrap=args.bootstrap, seed=args.seed)
     results = score_file(args.dataset, args.predictions, args.out, config, split=args.split, overwrite=args.overwrite)
-    for row in results["leaderboard"]:
-        cells = "  ".join(f"{k}={'-' if row[k] is None else round(row[k], 3)}" for k in ("pair_accuracy", "f1", "auroc"))
-        sys.stdout.write(f"{row['guard']}: {cells}  unknown={row['n_unknown']}\n")
-    _write_caveats(results)
-    sys.stdout.write(f"wrote {args.out}/results.json, predictions.parquet, report.html\n")
+    _write_results(results, args.out)
     return 0
 
 
-def _add_score(sub: argparse._SubParsersAction) -> None:
+def add_score(sub: argparse._SubParsersAction) -> None:
+    """The ``score`` subcommand."""
     p = sub.add_parser(
         "score", help="score predictions made elsewhere (csv/jsonl/parquet keyed by image_id) like evaluate",
         description="Join a predictions file (one row per image of the release's images config: image_id, "
@@ -112,18 +125,17 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
                     "metrics, results.json, predictions.parquet and report.html as `safetypairs evaluate`. Images "
                     "with no prediction count as errors.",
     )
-    p.add_argument("--dataset", required=True, help="release folder or hub repo id")
+    _add_release_dataset(p)
     p.add_argument("--predictions", required=True, help="a .csv, .jsonl/.json or .parquet file")
-    p.add_argument("--out", required=True, help="output folder")
+    add_out(p, "output folder")
     p.add_argument("--name", default=None, help="the guard's name in the results (default: file:<file name>)")
     p.add_argument("--id-column", default="image_id", help="image id column (default: image_id)")
     p.add_argument("--prediction-column", default="prediction", help="prediction column (default: prediction)")
     p.add_argument("--score-column", default="score", help="score column, higher = more unsafe (default: score)")
-    p.add_argument("--policy", default="llavaguard", help="policy name or YAML path (default: llavaguard)")
-    p.add_argument("--split", default=None, help="split (default: test, else train)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples over pairs (default: 1000)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    add_policy(p)
+    add_split(p)
+    add_bootstrap(p)
+    add_overwrite(p, run=False)
     p.set_defaults(func=_cmd_score)
 
 
@@ -135,32 +147,26 @@ def _embed_config(args: argparse.Namespace):
 
 
 def _add_embed_options(p: argparse.ArgumentParser) -> None:
+    """The options of `_embed_config`: embed, train-probe and sample-efficiency embed images alike."""
     p.add_argument("--encoder", required=True,
                    help="open_clip:<arch>/<pretrained> | hf-clip:<id or path> | ocr-text[:dim=1024,ngrams=2]")
     p.add_argument("--image-column", default="image", help="the image column (default: image)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per encoder call (default: 32)")
-    p.add_argument("--device", default="auto", help="auto (the rank's GPU when present) or a torch device")
-    _add_max_pixels(p)
+    add_batch_size(p, 32, "images per encoder call")
+    add_device(p)
+    add_max_pixels(p)
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
     from safetypairs.embed import load_images, run_embed
-    from safetypairs.folders import check_not_input
-    from safetypairs.runner import RunConfig, session
 
     config = _embed_config(args)
-    check_not_input(args.out, (args.dataset,) if Path(args.dataset).exists() else ())
-    run = RunConfig(out=args.out, chunk_size=args.chunk_size, source=args.dataset, overwrite=args.overwrite)
-    with session(config.device) as state:
-        with state.main_process_first():
-            rows = load_images(args.dataset, args.split)
-        summary = run_embed(rows, config, run)
-    if summary is not None:  # rank 0 under accelerate launch / torchrun
-        sys.stdout.write(summary.render() + "\n")
-    return 0
+    run = run_config(args, (args.dataset,), source=args.dataset)
+    return run_sharded(config.device, lambda: load_images(args.dataset, args.split),
+                       lambda rows: run_embed(rows, config, run))
 
 
-def _add_embed(sub: argparse._SubParsersAction) -> None:
+def add_embed(sub: argparse._SubParsersAction) -> None:
+    """The ``embed`` subcommand."""
     p = sub.add_parser(
         "embed", help="image embeddings of a release or any image dataset (sharded, resumable, cached)",
         description="Embed every image with an encoder into OUT/data/*.parquet (id/label columns, embedding, "
@@ -168,11 +174,11 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
                     "without any encoder call; an interrupted run resumes.",
     )
     p.add_argument("--dataset", required=True, help="release folder or ORG/NAME (images config), dataset folder or hub id")
-    p.add_argument("--split", default=None, help="split (default: test, else train)")
-    p.add_argument("--out", required=True, help="run folder (data/, run.json)")
+    add_split(p)
+    add_out(p, "run folder (data/, run.json)")
     _add_embed_options(p)
-    p.add_argument("--chunk-size", type=int, default=256, help="rows per resumable chunk (default: 256)")
-    p.add_argument("--overwrite", action="store_true", help="replace a folder holding a different run")
+    add_chunk_size(p, 256)
+    add_overwrite(p, run=True)
     p.set_defaults(func=_cmd_embed)
 
 
@@ -191,7 +197,8 @@ def _cmd_train_probe(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_train_probe(sub: argparse._SubParsersAction) -> None:
+def add_train_probe(sub: argparse._SubParsersAction) -> None:
+    """The ``train-probe`` subcommand."""
     p = sub.add_parser(
         "train-probe", help="train a linear probe on image embeddings (loads as the guard linear-probe:<out>)",
         description="Fit a class-weighted logistic regression on embeddings of labelled images (C chosen on a "
@@ -199,19 +206,17 @@ def _add_train_probe(sub: argparse._SubParsersAction) -> None:
                     "probe.safetensors + probe.json naming the encoder.",
     )
     p.add_argument("--train", required=True, help="labelled images (image/embedding + label): folder, hub id or embed run")
-    p.add_argument("--split", default=None, help="split of --train (default: test, else train)")
+    add_split(p, of="train")
     p.add_argument("--pairs", help="a release (or its embed run) whose originals and edits are added")
-    p.add_argument("--pairs-split", default=None, help="split of --pairs (default: test, else train)")
-    p.add_argument("--out", required=True, help="probe folder")
+    add_split(p, of="pairs", flag="--pairs-split")
+    add_out(p, "probe folder")
     _add_embed_options(p)
     p.add_argument("--val-fraction", type=float, default=0.25, help="share of groups held out to choose C (0.25)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the validation split (default: 0)")
+    add_seed(p, "seed of the validation split")
     p.set_defaults(func=_cmd_train_probe)
 
 
 def _cmd_sample_efficiency(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from safetypairs.embed import load_embedded
     from safetypairs.probe import embed_cached
     from safetypairs.sample_efficiency import SweepConfig, run_sample_efficiency
@@ -237,7 +242,8 @@ def _cmd_sample_efficiency(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_sample_efficiency(sub: argparse._SubParsersAction) -> None:
+def add_sample_efficiency(sub: argparse._SubParsersAction) -> None:
+    """The ``sample-efficiency`` subcommand."""
     p = sub.add_parser(
         "sample-efficiency", help="probe accuracy vs k: base alone, + k pairs, + k random extra images",
         description="For each k and seed, train a linear probe on k base examples per class alone, with k "
@@ -249,14 +255,13 @@ def _add_sample_efficiency(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pairs", required=True, help="a release (its images config) or its embed run")
     p.add_argument("--eval", required=True, help="held-out labelled images")
     for name in ("base", "pairs", "eval"):
-        p.add_argument(f"--{name}-split", default=None, help=f"split of --{name} (default: test, else train)")
-    p.add_argument("--out", required=True, help="output folder")
+        add_split(p, of=name, flag=f"--{name}-split")
+    add_out(p, "output folder")
     _add_embed_options(p)
     p.add_argument("--k", default="2,4,8,16,32,64", help="comma-separated k values (default: 2,4,8,16,32,64)")
     p.add_argument("--seeds", type=int, default=10, help="seeds per k (default: 10)")
-    p.add_argument("--seed", type=int, default=0, help="run seed (default: 0)")
+    add_seed(p, "run seed")
     p.add_argument("--metric", default="balanced_accuracy", choices=["balanced_accuracy", "accuracy", "auroc"],
                    help="the plotted metric (default: balanced_accuracy)")
     p.add_argument("--cache", default=None, help="embedding cache folder (default: OUT/embeddings)")
     p.set_defaults(func=_cmd_sample_efficiency)
-

@@ -4,21 +4,37 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from safetypairs.cli.common import CLIError, _add_max_pixels
+from safetypairs.cli.common import (
+    CLIError,
+    check_out,
+    run_config,
+    run_sharded,
+    spec_options,
+    write_summary,
+)
+from safetypairs.cli.options import (
+    add_batch_size,
+    add_chunk_size,
+    add_device,
+    add_max_pixels,
+    add_out,
+    add_overwrite,
+    add_policy,
+    add_seed,
+    add_source_split,
+)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from safetypairs.demo import DemoConfig, run_demo
 
     config = DemoConfig(out=args.out, n=args.n, overwrite=args.overwrite, seed=args.seed, train=not args.no_train)
-    summary = run_demo(config)
-    sys.stdout.write(summary.render() + "\n")
-    return 0
+    return write_summary(run_demo(config))
 
 
-def _add_demo(sub: argparse._SubParsersAction) -> None:
+def add_demo(sub: argparse._SubParsersAction) -> None:
+    """The ``demo`` subcommand."""
     p = sub.add_parser(
         "demo",
         help="build a real benchmark offline from bundled photos (O1 harassment text overlays)",
@@ -29,35 +45,29 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
             "OCR judge) -> a hub-layout dataset -> guard evaluation (ocr-lexicon, nudenet) -> report.html."
         ),
     )
-    p.add_argument("--out", required=True, help="output folder (dataset/, report.html, results.json)")
+    add_out(p, "output folder (dataset/, report.html, results.json)")
     p.add_argument("--n", type=int, default=24, help="number of source images (default: 24)")
-    p.add_argument("--seed", type=int, default=0, help="seed for captions, fonts and placement (default: 0)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    add_seed(p, "seed for captions, fonts and placement")
+    add_overwrite(p, run=False)
     p.add_argument("--no-train", action="store_true",
                    help="skip the training section (ocr-text probes: base vs + pairs vs + random extra images)")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from safetypairs.folders import check_not_input
     from safetypairs.generate import GenerateConfig, generate_from_source
-    from safetypairs.registry import parse_options
-    from safetypairs.runner import RunConfig
 
     trust = (("trust_remote_code", "true"),) if args.trust_remote_code else ()
     config = GenerateConfig(
         policy=args.policy, instructor=args.instructor, editor=args.editor, candidates=args.candidates,
         control=args.control, seed=args.seed, device=args.device, batch_size=args.batch_size,
-        instructor_options=tuple(parse_options(args.instructor_options).items()) + trust,
-        editor_options=tuple(parse_options(args.editor_options).items()) + trust, mask_column=args.mask_column,
+        instructor_options=spec_options(args.instructor_options) + trust,
+        editor_options=spec_options(args.editor_options) + trust, mask_column=args.mask_column,
         max_pixels=args.max_pixels,
     )
-    check_not_input(args.out, (args.source,) if Path(args.source).exists() else ())
-    run = RunConfig(out=args.out, chunk_size=args.chunk_size, overwrite=args.overwrite)
-    summary = generate_from_source(args.source, config, run, split=args.split, columns=_source_columns(args))
-    if summary is not None:  # rank 0 under accelerate launch / torchrun
-        sys.stdout.write(summary.render() + "\n")
-    return 0
+    run = run_config(args, (args.source,))
+    return write_summary(generate_from_source(args.source, config, run, split=args.split,
+                                              columns=_source_columns(args)))
 
 
 def _source_columns(args: argparse.Namespace):
@@ -83,7 +93,8 @@ def _add_source_columns(p: argparse.ArgumentParser) -> None:
                                                       "that travels into the release)")
 
 
-def _add_generate(sub: argparse._SubParsersAction) -> None:
+def add_generate(sub: argparse._SubParsersAction) -> None:
+    """The ``generate`` subcommand."""
     p = sub.add_parser(
         "generate", help="write edit instructions and K candidate edits per source (sharded, resumable)",
         description=(
@@ -96,10 +107,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--source", required=True,
                    help="an image folder with metadata.jsonl or metadata.csv (file_name, category, rationale, "
                         "rating...), a save_to_disk folder, .parquet file(s), a hub dataset id ORG/NAME, or demo[:n]")
-    p.add_argument("--split", default="train", help="source split (default: train)")
+    add_source_split(p)
     _add_source_columns(p)
-    p.add_argument("--out", required=True, help="run folder (chunks/, data/, run.json); reused to resume")
-    p.add_argument("--policy", default="llavaguard", help="policy name or YAML path (default: llavaguard)")
+    add_out(p, "run folder (chunks/, data/, run.json); reused to resume")
+    add_policy(p)
     p.add_argument("--instructor", default="template",
                    help="template | column:<name> | hf-vlm:<model id or path> (default: template)")
     p.add_argument("--instructor-options", default="", help="k=v,k=v for the instructor (e.g. max_new_tokens=200)")
@@ -110,22 +121,21 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mask-column", default=None, help="mask column for inpainting editors (white = edit)")
     p.add_argument("--candidates", type=int, default=1, help="edits per source, each with its own seed (default: 1)")
     p.add_argument("--control", action="store_true", help="also edit the original with a no-op instruction")
-    p.add_argument("--seed", type=int, default=0, help="run seed all candidate seeds derive from (default: 0)")
-    p.add_argument("--chunk-size", type=int, default=64, help="source rows per resumable chunk (default: 64)")
-    p.add_argument("--batch-size", type=int, default=4, help="rows per instructor/editor call (default: 4)")
-    p.add_argument("--device", default="auto", help="auto (the rank's GPU when present) or a torch device")
-    p.add_argument("--overwrite", action="store_true", help="replace an output folder holding another run")
+    add_seed(p, "run seed all candidate seeds derive from")
+    add_chunk_size(p, 64, "source rows")
+    add_batch_size(p, 4, "rows per instructor/editor call")
+    add_device(p)
+    add_overwrite(p, run=True)
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow model repos' own code (off by default; only for repos you trust)")
-    _add_max_pixels(p)
+    add_max_pixels(p)
     p.set_defaults(func=_cmd_generate)
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from safetypairs.calibrate import CalibrateConfig, run_calibrate
-    from safetypairs.registry import parse_options
 
-    config = CalibrateConfig(editor=args.editor, editor_options=tuple(parse_options(args.editor_options).items()),
+    config = CalibrateConfig(editor=args.editor, editor_options=spec_options(args.editor_options),
                              base=args.base, seed=args.seed, device=args.device, batch_size=args.batch_size,
                              lpips=args.lpips, clip=args.clip)
     result = run_calibrate(args.source, args.out, config, n=args.n, split=args.split)
@@ -137,7 +147,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+def add_calibrate(sub: argparse._SubParsersAction) -> None:
+    """The ``calibrate`` subcommand."""
     p = sub.add_parser(
         "calibrate", help="fit validation thresholds for an editor on your images (writes thresholds.yaml)",
         description=(
@@ -151,41 +162,33 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--editor", required=True, help="editor spec, e.g. diffusers:<model id or path>")
     p.add_argument("--editor-options", default="", help="k=v,k=v for the editor (as for generate)")
     p.add_argument("--source", required=True, help="hub dataset id, dataset folder, image folder, or demo[:n]")
-    p.add_argument("--split", default="train", help="source split (default: train)")
+    add_source_split(p)
     p.add_argument("--n", type=int, default=8, help="source images to use (default: 8)")
-    p.add_argument("--out", required=True, help="thresholds YAML file to write")
+    add_out(p, "thresholds YAML file to write")
     p.add_argument("--base", default=None, help="preset to start from (default: by editor)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every editor call (default: 0)")
-    p.add_argument("--device", default="auto", help="auto (GPU when present) or a torch device")
-    p.add_argument("--batch-size", type=int, default=4, help="images per editor call (default: 4)")
+    add_seed(p, "seed of every editor call")
+    add_device(p)
+    add_batch_size(p, 4, "images per editor call")
     p.add_argument("--lpips", help="also fit an LPIPS-outside threshold with this encoder (e.g. lpips:alex)")
     p.add_argument("--clip", help="also fit a CLIP-outside threshold with this encoder")
     p.set_defaults(func=_cmd_calibrate)
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-
     from safetypairs.datafiles import read_rows
-    from safetypairs.folders import check_not_input
-    from safetypairs.runner import RunConfig, session
     from safetypairs.validate import ValidateConfig, validate_run
 
     config = ValidateConfig(original_column=args.original_column, edited_column=args.edited_column,
                             policy=args.policy, judge=args.judge, lpips=args.lpips, clip=args.clip,
                             device=args.device, size_mismatch=args.size_mismatch, batch_size=args.batch_size,
                             thresholds=args.thresholds, composite=args.composite, max_pixels=args.max_pixels)
-    check_not_input(args.out, (args.input,))
-    run = RunConfig(out=args.out, chunk_size=args.chunk_size, source=args.input, overwrite=args.overwrite)
-    with session(config.device) as state:
-        with state.main_process_first():
-            rows = read_rows(args.input)  # bad input or settings fail before the output folder is touched
-        summary = validate_run(rows, config, run, inputs=(args.input,))
-    if summary is not None:  # rank 0 under accelerate launch / torchrun
-        sys.stdout.write(summary.render() + "\n")
-    return 0
+    run = run_config(args, (args.input,), source=args.input)
+    return run_sharded(config.device, lambda: read_rows(args.input),
+                       lambda rows: validate_run(rows, config, run, inputs=(args.input,)))
 
 
-def _add_validate(sub: argparse._SubParsersAction) -> None:
+def add_validate(sub: argparse._SubParsersAction) -> None:
+    """The ``validate`` subcommand."""
     p = sub.add_parser(
         "validate", help="check that edits are local, real and flip the label (adds validation columns)",
         description=(
@@ -198,32 +201,31 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("input", help="a generate run folder, a datasets.save_to_disk folder or a parquet folder")
-    p.add_argument("--out", required=True, help="output run folder (data/*.parquet, run.json); reused to resume")
+    add_out(p, "output run folder (data/*.parquet, run.json); reused to resume")
     p.add_argument("--original-column", default="image", help="the unsafe original (default: image)")
     p.add_argument("--edited-column", default="edited_image", help="the edit (default: edited_image)")
-    p.add_argument("--policy", default="llavaguard", help="policy name or YAML path (default: llavaguard)")
+    add_policy(p)
     p.add_argument("--judge", help="judge spec, e.g. ocr-lexicon (default: none: a warning, label_flip_checked = "
                                    "false, and the card says no judge checked the flip)")
     p.add_argument("--lpips", help="LPIPS encoder spec, e.g. lpips:alex (weights download on first use)")
     p.add_argument("--clip", help="CLIP encoder spec, e.g. open_clip:ViT-B-32/openai or hf-clip:<id or path>")
-    p.add_argument("--device", default="auto", help="torch device (default: auto = GPU of the rank if any)")
+    add_device(p)
     p.add_argument("--size-mismatch", choices=["reject", "resize"], default="reject",
                    help="what to do when the two images differ in size (default: reject)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per map batch (default: 8)")
+    add_batch_size(p, 8, "rows per map batch")
     p.add_argument("--thresholds", default=None,
                    help="pixel-exact | latent-diffusion | a YAML file from `safetypairs calibrate` "
                         "(default: the preset of each row's editor)")
     p.add_argument("--composite", action="store_true",
                    help="release original outside the feathered change mask + edit inside (control likewise); "
                         "decisions are made before compositing")
-    p.add_argument("--chunk-size", type=int, default=64, help="rows per resumable chunk (default: 64)")
-    p.add_argument("--overwrite", action="store_true", help="replace an output folder holding another run")
-    _add_max_pixels(p)
+    add_chunk_size(p, 64)
+    add_overwrite(p, run=True)
+    add_max_pixels(p)
     p.set_defaults(func=_cmd_validate)
 
 
 def _cmd_release(args: argparse.Namespace) -> int:
-    from safetypairs.folders import check_not_input
     from safetypairs.hub import PushConfig, layout_files, push_release
     from safetypairs.publish import read_input, write_release
     from safetypairs.release import ReleaseConfig
@@ -234,17 +236,9 @@ def _cmd_release(args: argparse.Namespace) -> int:
     push = PushConfig(args.push, private=not args.public, gated=args.gated) if args.push else None
     if args.min_reviewers is not None and not args.require_review:
         raise CLIError("--min-reviewers needs --require-review")
-    check_not_input(args.out, (args.input,))
+    check_out(args.out, (args.input,))
     data = read_input(args.input)
-    review = None
-    if args.require_review:
-        from datasets import Dataset
-
-        from safetypairs.review import load_review
-
-        if not isinstance(data, Dataset):
-            raise CLIError("--require-review needs validated rows, not a raw layout")
-        review = load_review(args.input, data, args.min_reviewers or 1)
+    review = _load_review(args, data) if args.require_review else None
     pushed: list[str] = []
     upload = (lambda work: pushed.append(push_release(work, push))) if push and not args.dry_run else None
     out = write_release(data, args.out, config, overwrite=args.overwrite, inputs=(args.input,), review=review,
@@ -261,7 +255,19 @@ def _cmd_release(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_release(sub: argparse._SubParsersAction) -> None:
+def _load_review(args: argparse.Namespace, data):
+    """The reviewers' verdicts on validated rows for ``--require-review``."""
+    from datasets import Dataset
+
+    from safetypairs.review import load_review
+
+    if not isinstance(data, Dataset):
+        raise CLIError("--require-review needs validated rows, not a raw layout")
+    return load_review(args.input, data, args.min_reviewers or 1)
+
+
+def add_release(sub: argparse._SubParsersAction) -> None:
+    """The ``release`` subcommand."""
     p = sub.add_parser(
         "release", help="assemble validated pairs into a hub-layout dataset (card + parquet) and optionally push it",
         description=(
@@ -273,16 +279,16 @@ def _add_release(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("input", help="validated rows (a save_to_disk folder or parquet/hub layout) or a raw layout "
                                  "with metadata.jsonl")
-    p.add_argument("--out", required=True, help="output folder for the hub layout")
+    add_out(p, "output folder for the hub layout")
     p.add_argument("--split-by", choices=["source"], default=None,
                    help="make a train/test split grouped by source, stratified by category (default: test only)")
     p.add_argument("--test-size", type=float, default=0.5, help="share of sources in test with --split-by (0.5)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split (default: 0)")
+    add_seed(p, "seed of the split")
     p.add_argument("--no-rejected", action="store_true", help="leave out the rejected config")
     p.add_argument("--max-shard-size", default="500MB", help="largest parquet shard (default: 500MB)")
     p.add_argument("--license", default="cc-by-nc-4.0", help="Hub license id for the card (default: cc-by-nc-4.0)")
     p.add_argument("--name", default="SafetyPairs", help="the card's title")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    add_overwrite(p, run=False)
     p.add_argument("--push", metavar="ORG/NAME", help="upload to this Hub dataset repo (token: hf auth login / HF_TOKEN)")
     p.add_argument("--public", action="store_true", help="create the repo public (default: private)")
     p.add_argument("--gated", nargs="?", const="auto", choices=["auto", "manual"], default=None,
@@ -292,6 +298,5 @@ def _add_release(sub: argparse._SubParsersAction) -> None:
                    help="release only pairs a majority of reviewers accepted (INPUT/review.jsonl, `safetypairs review`)")
     p.add_argument("--min-reviewers", type=int, default=None,
                    help="with --require-review: reviewers needed per pair (default: 1)")
-    _add_max_pixels(p)
+    add_max_pixels(p)
     p.set_defaults(func=_cmd_release)
-

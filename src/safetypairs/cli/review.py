@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from safetypairs.cli.common import CLIError
+from safetypairs.utils import REVIEW_SCOPES
 
 
 def _cmd_review(args: argparse.Namespace) -> int:
@@ -18,9 +19,8 @@ def _cmd_review(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_review(sub: argparse._SubParsersAction) -> None:
-    from safetypairs.utils import REVIEW_SCOPES
-
+def add_review(sub: argparse._SubParsersAction) -> None:
+    """The ``review`` subcommand."""
     p = sub.add_parser(
         "review", help="open the review app: accept or reject validated candidates in the browser",
         description="Serve a Gradio page on localhost showing one candidate at a time (original | edit | control | "
@@ -59,7 +59,8 @@ def _cmd_review_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_review_stats(sub: argparse._SubParsersAction) -> None:
+def add_review_stats(sub: argparse._SubParsersAction) -> None:
+    """The ``review-stats`` subcommand."""
     p = sub.add_parser("review-stats", help="review counts and agreement (Cohen's kappa) of a reviewed folder",
                        description="Read INPUT/review.jsonl (each reviewer's last decision counts) and print counts "
                                    "per reviewer and reason, Cohen's kappa between reviewers and of each reviewer "
