@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from safetypairs.cli.common import (
     CLIError,
@@ -255,8 +256,8 @@ def _cmd_release(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_review(args: argparse.Namespace, data):
-    """The reviewers' verdicts on validated rows for ``--require-review``."""
+def _load_review(args: argparse.Namespace, data: Any) -> Any:
+    """The reviewers' verdicts (`review.ReviewResult`) on validated rows for ``--require-review``."""
     from datasets import Dataset
 
     from safetypairs.review import load_review
