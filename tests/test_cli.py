@@ -28,6 +28,19 @@ def test_help_lists_the_subcommands():
     assert "--out" in demo_help and "--overwrite" in demo_help and "rapidocr" in demo_help
 
 
+HEAVY = ("datasets", "torch", "transformers", "diffusers", "gradio", "accelerate")
+
+
+def test_help_imports_no_heavy_library():
+    """Building the parser (what `--help` and `<cmd> --help` do) imports none of the ML stack."""
+    code = (f"import sys; from safetypairs import cli; cli.build_parser(); "
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": SRC})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
 def test_policies_lists_categories(capsys):
     assert main(["policies"]) == 0
     out = capsys.readouterr().out

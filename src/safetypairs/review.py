@@ -37,7 +37,6 @@ REASONS = {
     "artifact": "the edit left visible artifacts",
     "other": "another reason (see the note)",
 }
-SCOPES = ("accepted", "borderline", "rejected", "all")
 HUMAN_REJECTED = "human_rejected"
 # What a verdict is about: a decision stores a stamp of these cells, so it never counts for other images.
 CONTENT_COLUMNS = (S.IMAGE, S.EDITED_IMAGE)

@@ -21,7 +21,6 @@ from safetypairs.review import (
     CONTENT_COLUMNS,
     REASONS,
     REJECT,
-    SCOPES,
     append_decision,
     candidate_ids,
     cell_bytes,
@@ -32,6 +31,7 @@ from safetypairs.review import (
     split_stale,
 )
 from safetypairs.stage import undecoded
+from safetypairs.utils import REVIEW_SCOPES
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class ReviewConfig:
 
     Attributes:
         reviewer: the name stored with each decision.
-        scope: which candidates to show, by their automatic decision: one of `review.SCOPES`.
+        scope: which candidates to show, by their automatic decision: one of `utils.REVIEW_SCOPES`.
         host: the address to serve on (localhost by default).
         port: the port to serve on.
     """
@@ -85,8 +85,8 @@ class ReviewConfig:
     def __post_init__(self) -> None:
         if not self.reviewer.strip() or "\n" in self.reviewer:
             raise ValueError(f"reviewer must be a non-empty single line, got {self.reviewer!r}")
-        if self.scope not in SCOPES:
-            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.scope not in REVIEW_SCOPES:
+            raise ValueError(f"scope must be one of {REVIEW_SCOPES}, got {self.scope!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
 
@@ -117,13 +117,13 @@ def is_borderline(row: dict[str, Any]) -> bool:
 
 
 def in_scope(row: dict[str, Any], scope: str) -> bool:
-    """Whether a row belongs to a review scope (one of `SCOPES`) by its automatic decision.
+    """Whether a row belongs to a review scope (one of `REVIEW_SCOPES`) by its automatic decision.
 
     Raises:
         ValueError: for an unknown scope.
     """
-    if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if scope not in REVIEW_SCOPES:
+        raise ValueError(f"scope must be one of {REVIEW_SCOPES}, got {scope!r}")
     if scope == "borderline":
         return is_borderline(row)
     return scope == "all" or bool(row.get(S.ACCEPTED)) == (scope == "accepted")

@@ -15,6 +15,9 @@ from typing import Any, TypeVar
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+# Which validated candidates the review app shows, by their automatic decision (here, not in review.py,
+# so that `safetypairs review --help` offers them without importing `datasets`).
+REVIEW_SCOPES = ("accepted", "borderline", "rejected", "all")
 
 
 def progress_enabled() -> bool:

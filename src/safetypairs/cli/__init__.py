@@ -1,0 +1,81 @@
+"""Command line: a thin layer over the ``run_<stage>()`` functions (``safetypairs --help``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from safetypairs.cli.catalog import add_backends, add_policies
+from safetypairs.cli.common import CLIError
+from safetypairs.cli.evaluation import (
+    add_embed,
+    add_evaluate,
+    add_sample_efficiency,
+    add_score,
+    add_train_probe,
+)
+from safetypairs.cli.pipeline import (
+    add_calibrate,
+    add_demo,
+    add_generate,
+    add_release,
+    add_validate,
+)
+from safetypairs.cli.review import add_review, add_review_stats
+
+__all__ = ["CLIError", "build_parser", "main"]
+
+# Each entry adds one subcommand, in pipeline order, as `safetypairs --help` lists them.
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_demo, add_generate, add_calibrate, add_validate, add_review, add_review_stats, add_release,
+    add_evaluate, add_score, add_embed, add_train_probe, add_sample_efficiency, add_policies, add_backends,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``safetypairs`` argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="safetypairs",
+        description=(
+            "SafetyPairs: counterfactual image pairs for image-safety research (arXiv 2510.21120). "
+            "Generate targeted edits that flip a policy label, validate that they are local, release the "
+            "benchmark as a Hugging Face dataset and evaluate guard models on it."
+        ),
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def _configure_output(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("RapidOCR", "httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    if quiet:
+        import datasets
+
+        datasets.disable_progress_bars()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``safetypairs`` command.
+
+    Returns:
+        The exit status: 0 on success, 2 for a user error (reported as one line on stderr).
+    """
+    args = build_parser().parse_args(argv)
+    _configure_output(args.verbose, args.quiet)
+    try:
+        return int(args.func(args) or 0)
+    except (CLIError, ValueError, OSError) as err:  # OSError: missing/unwritable files and folders
+        if args.verbose:
+            raise
+        sys.stderr.write(f"safetypairs {args.command}: error: {' '.join(str(err).splitlines())}\n")
+        return 2
+

@@ -1,0 +1,64 @@
+"""What several subcommands share when they run: the one-line user error, run folders, the summary."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from safetypairs.runner import RunConfig, RunSummary
+
+
+class CLIError(Exception):
+    """A user error the CLI reports as one line and exit status 2 (no traceback)."""
+
+
+def check_out(out: str, inputs: tuple[str, ...]) -> None:
+    """Refuse an ``--out`` that is, contains or lies inside one of the ``inputs`` that are local paths.
+
+    Raises:
+        OutputDirError: naming the input (hub ids and other names that are not local paths are not checked).
+    """
+    from safetypairs.folders import check_not_input
+
+    check_not_input(out, tuple(path for path in inputs if Path(path).exists()))
+
+
+def run_config(args: argparse.Namespace, inputs: tuple[str, ...] = (), source: str = "") -> RunConfig:
+    """The sharded run folder of ``--out``, ``--chunk-size`` and ``--overwrite``, checked against the inputs.
+
+    Raises:
+        OutputDirError: if ``--out`` is, contains or lies inside a local input.
+    """
+    from safetypairs.runner import RunConfig
+
+    check_out(args.out, inputs)
+    return RunConfig(out=args.out, chunk_size=args.chunk_size, source=source, overwrite=args.overwrite)
+
+
+def write_summary(summary: RunSummary | None) -> int:
+    """Print a run's summary (``None`` on a non-zero rank under accelerate launch / torchrun: rank 0 reports)."""
+    if summary is not None:
+        sys.stdout.write(summary.render() + "\n")
+    return 0
+
+
+def run_sharded(device: str, load: Callable[[], Any], stage: Callable[[Any], RunSummary | None]) -> int:
+    """Load the rows (rank 0 first, so the `datasets` cache is built once), run the stage, print its summary."""
+    from safetypairs.runner import session
+
+    with session(device) as state:
+        with state.main_process_first():
+            rows = load()  # bad input or settings fail before the output folder is touched
+        summary = stage(rows)
+    return write_summary(summary)
+
+
+def spec_options(text: str) -> tuple[tuple[str, str], ...]:
+    """A backend's ``k=v,k=v`` options flag as the (key, value) pairs a stage config stores."""
+    from safetypairs.registry import parse_options
+
+    return tuple(parse_options(text).items())
