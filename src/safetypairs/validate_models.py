@@ -220,7 +220,7 @@ def judge_rows(config: Any, batch: dict[str, list], pairs: list[PairImages], row
         row[S.JUDGE] = config.judge
         if error is not None:
             row.update({S.VALIDATE_STATUS: JUDGE_ERROR, S.REJECT_REASON: row[S.REJECT_REASON] or JUDGE_ERROR,
-                        S.VALIDATE_ERROR: f"{_row_name(batch, pair.index)}: judge {config.judge} failed: {error}"})
+                        S.VALIDATE_ERROR: f"{row_name(batch, pair.index)}: judge {config.judge} failed: {error}"})
             continue
         before, after = verdicts
         row.update({S.JUDGE_ORIGINAL: before.label, S.JUDGE_EDITED: after.label,
@@ -231,13 +231,15 @@ def judge_rows(config: Any, batch: dict[str, list], pairs: list[PairImages], row
             row[S.REJECT_REASON] = judge_reason(before.label, after.label)
 
 
-def _row_name(batch: dict[str, list], index: int) -> str:
-    """``row '<pair_id or source_id>'`` (candidate number added), or the row's place in the batch."""
-    for key in (S.PAIR_ID, S.SOURCE_ID):
-        if batch.get(key):
-            candidate = batch.get(S.CANDIDATE)
-            return f"row {batch[key][index]!r}" + (f" candidate {candidate[index]}" if candidate else "")
-    return f"row {index} of its batch"
+def row_name(batch: dict[str, list], i: int) -> str:
+    """How an error names a row: ``row '<source_id or pair_id>' (candidate N)``, else its place in the batch."""
+    for column in (S.SOURCE_ID, S.PAIR_ID):
+        if batch.get(column) and batch[column][i] is not None:
+            candidate = batch.get(S.CANDIDATE, [None] * (i + 1))[i]
+            return f"row {batch[column][i]!r}" + (f" (candidate {candidate})" if candidate is not None else "")
+    return f"row #{i} of its batch"
+
+
 def composite_columns(config: Any, batch: dict[str, list], pairs: list[PairImages],
                       rows: list[dict[str, Any]]) -> dict[str, list]:
     """The edited (and control) columns with every measured pair composited onto its original.

@@ -22,7 +22,7 @@ from safetypairs.change import (
 from safetypairs.images import ImageError, load_image
 from safetypairs.policy import Policy
 from safetypairs.thresholds import Thresholds
-from safetypairs.validate_models import PairImages, vae_references
+from safetypairs.validate_models import PairImages, row_name, vae_references
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def prepare_pair(c: Any, policy: Policy, batch: dict[str, list], i: int, row: di
     Returns:
         The pair at working resolution, or ``None`` when the row failed.
     """
-    name = _row_name(batch, i)
+    name = row_name(batch, i)
     instructed = batch.get(S.INSTRUCT_STATUS, [None] * (i + 1))[i]
     status = batch.get(c.edit_status_column, [None] * (i + 1))[i]
     if instructed not in (None, S.OK):
@@ -63,12 +63,12 @@ def prepare_pair(c: Any, policy: Policy, batch: dict[str, list], i: int, row: di
         return _fail(row, "duplicate_candidate", batch.get(S.EDIT_ERROR, [None] * (i + 1))[i] or status)
     if status is not None and status != S.OK:
         error = batch.get(S.EDIT_ERROR, [None] * (i + 1))[i]
-        return _fail(row, "edit_failed", error or f"row {name}: {c.edit_status_column}={status}")
+        return _fail(row, "edit_failed", error or f"{name}: {c.edit_status_column}={status}")
     if batch[c.edited_column][i] is None:
-        return _fail(row, "edit_failed", f"row {name}: no edited image")
+        return _fail(row, "edit_failed", f"{name}: no edited image")
     category = batch[c.category_column][i] if c.category_column in batch else None
     if c.category_column in batch and category not in policy.categories:
-        return _fail(row, "unknown_category", f"row {name}: category {category!r} is not in policy "
+        return _fail(row, "unknown_category", f"{name}: category {category!r} is not in policy "
                                               f"{policy.id} (allowed: {', '.join(policy.categories)})")
     decoded = []
     for column in (c.original_column, c.edited_column):
@@ -76,15 +76,15 @@ def prepare_pair(c: Any, policy: Policy, batch: dict[str, list], i: int, row: di
             decoded.append(load_image(batch[column][i], c.max_pixels))
         except ImageError as err:
             images[column][i] = None
-            return _fail(row, err.status, f"row {name}: {column}: {err}")
+            return _fail(row, err.status, f"{name}: {column}: {err}")
     original, edited = decoded
     if original.size != edited.size:
         if c.size_mismatch == "reject":
-            return _fail(row, "size_mismatch", f"row {name}: original {original.size} vs edited {edited.size}")
+            return _fail(row, "size_mismatch", f"{name}: original {original.size} vs edited {edited.size}")
         edited = edited.resize(original.size, Image.Resampling.LANCZOS)
         row[S.VALIDATE_RESIZED] = True
     if min(original.size) < c.min_side:
-        return _fail(row, "too_small", f"row {name}: size {original.size} below min_side={c.min_side}")
+        return _fail(row, "too_small", f"{name}: size {original.size} below min_side={c.min_side}")
     row[S.VALIDATE_STATUS] = STATUS_OK
     work_a, work_b = original, edited
     if _scale(c, original.size) < 1.0:
@@ -167,15 +167,6 @@ def _scale(config: Any, size: tuple[int, int]) -> float:
 def _work_size(config: Any, size: tuple[int, int]) -> tuple[int, int]:
     scale = _scale(config, size)
     return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
-
-
-def _row_name(batch: dict[str, list], i: int) -> str:
-    """How an error names a row: its source id (and candidate) or pair id, else its place in the batch."""
-    for column in (S.SOURCE_ID, S.PAIR_ID):
-        if batch.get(column) and batch[column][i] is not None:
-            candidate = batch.get(S.CANDIDATE, [None] * (i + 1))[i]
-            return repr(batch[column][i]) + (f" (candidate {candidate})" if candidate is not None else "")
-    return f"#{i} of its batch"
 
 
 def _fail(row: dict[str, Any], status: str, error: str) -> None:
