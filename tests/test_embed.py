@@ -101,7 +101,7 @@ def test_word_ngrams_and_hashing_are_stable():
     assert np.array_equal(a, b) and np.isclose(np.linalg.norm(a), 1.0)
     with pytest.raises(ValueError, match="allowed: dim, ngrams, max_side"):
         OCRTextEncoder.from_spec("size=3")
-    with pytest.raises(ValueError, match="must be integers"):
+    with pytest.raises(ValueError, match=r"dim must be an integer, got 'big'"):
         OCRTextEncoder.from_spec("dim=big")
     with pytest.raises(ValueError, match="ngrams must be 1, 2, 3 or 4"):
         OCRTextEncoder.from_spec("ngrams=7")

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from safetypairs.backends.ocr import read_text
-from safetypairs.registry import parse_options
+from safetypairs.registry import cast_options, parse_options
 
 NO_TEXT = "<no-text>"  # the token of an image without readable text, so every embedding has unit norm
 _WORD = re.compile(r"[a-z0-9]+")
@@ -68,16 +68,10 @@ class OCRTextEncoder:
         """Build from ``"dim=<int>,ngrams=<int>,max_side=<int>"``; ``device`` is unused (ONNX on the CPU).
 
         Raises:
-            ValueError: for unknown options or values that are not integers.
+            ValueError: for unknown options, values that are not integers or out of range.
         """
-        given = {**parse_options(arg), **options}
-        unknown = set(given) - {"dim", "ngrams", "max_side"}
-        if unknown:
-            raise ValueError(f"unknown ocr-text option(s) {sorted(unknown)}; allowed: dim, ngrams, max_side")
-        try:
-            values = {key: int(value) for key, value in given.items()}
-        except ValueError as err:
-            raise ValueError(f"ocr-text options dim, ngrams and max_side must be integers, got {given}") from err
+        values = cast_options("ocr-text", {**parse_options(arg), **options},
+                              {"dim": int, "ngrams": int, "max_side": int})
         return cls(**values)
 
     def texts(self, images: list[Image.Image]) -> list[str]:
