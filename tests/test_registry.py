@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from safetypairs.registry import (
     parse_options,
     parse_spec,
     split_model_arg,
+    unload_backends,
 )
 from safetypairs.utils import Range, check_ranges
 
@@ -66,6 +68,16 @@ def test_backends_are_cached_per_spec():
     assert a is b and a.ocr.box_thresh == 0.4
     with pytest.raises(ValueError, match="allowed: box_thresh"):
         load_backend("judges", "ocr-lexicon:boxthresh=0.4")
+
+
+def test_unload_backends_lets_the_models_go():
+    first = load_backend("instructors", "template")
+    gone = weakref.ref(first)
+    del first
+    unload_backends()
+    assert gone() is None  # nothing else held it: its memory is free
+    again = load_backend("instructors", "template")
+    assert again is load_backend("instructors", "template")  # cached again from here on
 
 
 def test_parse_bool_accepts_text_and_refuses_junk():

@@ -405,3 +405,20 @@ def load_backend(kind: str, spec: str, device: str = "cpu", **options: Any) -> A
         ValueError: for an unknown spec.
     """
     return _load(kind, spec, device, tuple(sorted(options.items())))
+
+
+def unload_backends() -> None:
+    """Drop every backend `load_backend` keeps, so the memory of their models can be freed.
+
+    A process keeps each backend it builds, for reuse across chunks and stages. A notebook or script
+    that runs a large instructor, editor and judge one after the other on one GPU calls this between
+    stages (CUDA's cached blocks are released too); the next `load_backend` builds afresh.
+    """
+    import gc
+    import sys
+
+    _load.cache_clear()
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
