@@ -8,15 +8,17 @@ from pathlib import Path
 
 import pytest
 
+from safetypairs.backend_options import (
+    cast_options,
+    parse_bool,
+    parse_options,
+    split_model_arg,
+)
 from safetypairs.registry import (
     KINDS,
     available,
-    cast_options,
     load_backend,
-    parse_bool,
-    parse_options,
     parse_spec,
-    split_model_arg,
     unload_backends,
 )
 from safetypairs.utils import Range, check_ranges

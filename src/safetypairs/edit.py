@@ -20,12 +20,7 @@ from safetypairs.images import (
     load_image,
 )
 from safetypairs.instructions import noop_instruction
-from safetypairs.registry import (
-    available,
-    backend_class,
-    check_options,
-    load_backend,
-)
+from safetypairs.registry import available, backend_class, check_options, load_backend
 from safetypairs.stage import StageResult, isolate, map_stage
 from safetypairs.utils import device_for_rank
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from PIL import Image
 
+from safetypairs.backend_options import split_model_arg
 from safetypairs.backends.diffusion_pipelines import (
     PIPELINES,
     REPLACE_STRENGTH,
@@ -18,7 +19,6 @@ from safetypairs.backends.diffusion_pipelines import (
     torch_dtype,
     work_size,
 )
-from safetypairs.registry import split_model_arg
 
 
 class BlockedOutputError(RuntimeError):

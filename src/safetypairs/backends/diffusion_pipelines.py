@@ -8,8 +8,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from safetypairs.backend_options import parse_bool
 from safetypairs.backends.vlm import DTYPES
-from safetypairs.registry import parse_bool
 
 logger = logging.getLogger(__name__)
 

@@ -10,10 +10,10 @@ import logging
 import numpy as np
 from PIL import Image
 
+from safetypairs.backend_options import cast_options, parse_options
 from safetypairs.backends.base import Verdict
 from safetypairs.backends.ocr import OCRConfig, read_text
 from safetypairs.policy import Policy
-from safetypairs.registry import cast_options, parse_options
 from safetypairs.schema import SAFE, UNSAFE
 from safetypairs.utils import Range
 

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from safetypairs.backend_options import cast_options, parse_options
 from safetypairs.backends.ocr import read_text
-from safetypairs.registry import cast_options, parse_options
 
 NO_TEXT = "<no-text>"  # the token of an image without readable text, so every embedding has unit norm
 _WORD = re.compile(r"[a-z0-9]+")

@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from safetypairs.backend_options import cast_options, split_model_arg
 from safetypairs.backends.base import Verdict
 from safetypairs.policy import Policy
-from safetypairs.registry import cast_options, load_backend, split_model_arg
+from safetypairs.registry import load_backend
 from safetypairs.schema import SAFE, UNSAFE
 from safetypairs.utils import Range
 

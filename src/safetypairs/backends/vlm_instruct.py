@@ -9,10 +9,10 @@ import re
 from typing import Any
 
 from safetypairs import schema as S
+from safetypairs.backend_options import cast_options, split_model_arg
 from safetypairs.backends.base import InstructResult
 from safetypairs.images import load_image
 from safetypairs.policy import Policy, render_policy
-from safetypairs.registry import cast_options, split_model_arg
 from safetypairs.utils import Range
 
 logger = logging.getLogger(__name__)

@@ -59,6 +59,6 @@ def run_sharded(device: str, load: Callable[[], Any], stage: Callable[[Any], Run
 
 def spec_options(text: str) -> tuple[tuple[str, str], ...]:
     """A backend's ``k=v,k=v`` options flag as the (key, value) pairs a stage config stores."""
-    from safetypairs.registry import parse_options
+    from safetypairs.backend_options import parse_options
 
     return tuple(parse_options(text).items())
