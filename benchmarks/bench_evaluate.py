@@ -67,11 +67,11 @@ def write_release(n_images: int, folder: Path) -> Path:
     from PIL import ImageDraw
 
     from safetypairs.datafiles import write_parquet
-    from safetypairs.schema import IMAGE_FEATURES
+    from safetypairs.schema import IMAGE_FEATURES, image_id
     from safetypairs.sources import demo_photo
 
     rng = np.random.default_rng(0)
-    rows = {"image": [], "label": [], "category": [], "pair_id": [], "role": []}
+    rows = {"image": [], "label": [], "category": [], "pair_id": [], "role": [], "image_id": []}
     for i in range(n_images):
         photo = demo_photo(PHOTOS[(i // 2) % len(PHOTOS)])
         x, y = rng.integers(0, photo.width - SIDE), rng.integers(0, photo.height - SIDE)
@@ -83,6 +83,7 @@ def write_release(n_images: int, folder: Path) -> Path:
         rows["category"].append(f"O{(i // 2) % 9 + 1}")
         rows["pair_id"].append(f"p{i // 2:05d}")
         rows["role"].append("original" if i % 2 == 0 else "edited")
+        rows["image_id"].append(image_id(rows["pair_id"][-1], rows["role"][-1]))
     (folder / "data" / "images").mkdir(parents=True, exist_ok=True)
     write_parquet(Dataset.from_dict(rows, features=IMAGE_FEATURES), folder / "data" / "images" / "test-00000.parquet")
     (folder / "README.md").write_text("---\nconfigs:\n- config_name: images\n  data_files:\n  - split: test\n"

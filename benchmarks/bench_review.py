@@ -166,6 +166,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=384)
     parser.add_argument("--decisions", type=int, default=30)
     args = parser.parse_args()
+    if not 0 < args.decisions < args.n:
+        parser.error(f"--decisions must be between 1 and --n - 1 (each decision needs a next pair), got {args.decisions}")
     os.environ["SAFETYPAIRS_NO_PROGRESS"] = "1"
     with tempfile.TemporaryDirectory() as tmp:
         results = {}

@@ -97,9 +97,11 @@ def bare_loop(data, lpips_spec: str | None, clip_spec: str, batch_size: int) -> 
     from safetypairs.images import load_image
     from safetypairs.registry import load_backend
     from safetypairs.stage import undecoded
+    from safetypairs.thresholds import thresholds_for
     from safetypairs.validate import ValidateConfig
 
-    params = ValidateConfig().mask_params
+    config = ValidateConfig()
+    params = config.mask_params(thresholds_for(config, None)[1])  # the pixel-exact preset's mask settings
     lpips_enc = load_backend("encoders", lpips_spec, "cpu") if lpips_spec else None
     clip_enc = load_backend("encoders", clip_spec, "cpu")
     results = []
