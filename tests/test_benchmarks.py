@@ -19,7 +19,9 @@ SMOKE = {
     "bench_evaluate.py": (["--quick", "--n", "16", "--rounds", "1", "--skip-scaling"], "ratio"),
     "bench_generate.py": (["--quick", "--n", "8", "--rounds", "1", "--skip-scaling"], "ratio"),
     "bench_release.py": (["--n", "8", "--factor", "2", "--size", "96"], "ratio"),
+    "bench_hostile.py": ([], "peak RSS"),
 }
+# Not here: bench_embed.py (no smaller size than its ~1 minute) and bench_review.py (a browser session per size).
 
 
 @pytest.mark.parametrize("script", sorted(SMOKE))
