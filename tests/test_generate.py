@@ -18,7 +18,7 @@ from tiny_models import build_tiny_ip2p
 
 from safetypairs import schema as S
 from safetypairs.backends.diffusion_pipelines import work_size
-from safetypairs.datafiles import load_run
+from safetypairs.datafiles import load_run, read_rows
 from safetypairs.folders import partial_dir
 from safetypairs.generate import GenerateConfig, generate_pairs, run_generate
 from safetypairs.runner import RunConfig
@@ -213,3 +213,24 @@ def test_a_source_no_row_of_which_can_be_instructed_is_refused_before_any_model(
     with pytest.raises(ValueError, match="all 2 rows ended no_violation_found -> the template instructor"):
         check_survivors(summary)
     check_survivors(RunSummary("generate", tmp_path, 3, 3, {"instruct": {"ok": 1, "error": 2}}, 1, 0, 0.0))
+    check_survivors(RunSummary("generate", tmp_path, 3, 3, {"instruct": {"ok": 3}, "edit": {"ok": 1, "error": 2}},
+                               1, 0, 0.0))
+
+
+def test_a_run_that_made_no_edit_fails_and_names_the_first_error(tmp_path):
+    """template writes a generic instruction for a category without a lexicon; ocr-inpaint cannot carry it out."""
+    from safetypairs.generate import generate_from_source
+    from safetypairs.sources import demo_photo
+
+    folder = tmp_path / "o2"
+    folder.mkdir()
+    lines = []
+    for name in ("astronaut", "coffee"):
+        demo_photo(name).save(folder / f"{name}.png")
+        lines.append(json.dumps({"file_name": f"{name}.png", "rating": "Unsafe", "rationale": "a knife",
+                                 "category": "O2: Violence, Harm, or Cruelty"}) + "\n")
+    (folder / "metadata.jsonl").write_text("".join(lines))
+    with pytest.raises(ValueError, match=r"no row was edited \(edit: \{'error': 2\}; instruct: \{'ok': 2\}\); the "
+                                         r"first error: row 'astronaut.png': EditError: ocr-inpaint only carries out"):
+        generate_from_source(str(folder), GenerateConfig(device="cpu"), RunConfig(out=tmp_path / "run"))
+    assert read_rows(tmp_path / "run")[S.EDIT_STATUS] == ["error", "error"]  # kept for inspection

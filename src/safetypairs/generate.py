@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from datasets import Dataset
 
 from safetypairs import schema as S
+from safetypairs.datafiles import read_rows
 from safetypairs.edit import EditConfig, run_edit
 from safetypairs.images import DEFAULT_MAX_PIXELS
 from safetypairs.instruct import (
@@ -186,8 +187,8 @@ def generate_from_source(spec: str, config: GenerateConfig, run: RunConfig, spli
         The run summary on rank 0, ``None`` elsewhere.
 
     Raises:
-        ValueError: when no row can be instructed, before the run (`check_source`) or after it
-            (every row failed at instruct for one reason: `check_survivors`).
+        ValueError: when no row can be instructed, before the run (`check_source`), or when the
+            finished run made no edit (`check_survivors`: the run folder stays for inspection).
     """
     from safetypairs.sources import load_source
 
@@ -241,14 +242,23 @@ def check_source(source: Dataset, policy: str | Policy) -> None:
 
 
 def check_survivors(summary: RunSummary) -> None:
-    """Refuse a finished run in which no row was instructed, when one input-level reason explains it.
+    """Refuse a finished run that made no edit, saying why (the run folder is kept for inspection).
+
+    When one input-level reason explains why no row was instructed, the error names it and its fix;
+    otherwise, when no edit succeeded, it names the statuses and the first row's edit error.
 
     Raises:
-        ValueError: naming the reason, the count, the fix and the run folder (kept for inspection).
+        ValueError: naming the reason or statuses, the count, the fix or first error, and the run folder.
     """
-    statuses = {k: v for k, v in summary.statuses.get("instruct", {}).items() if k != S.NOT_UNSAFE}
-    if statuses.get(S.OK) or len(statuses) != 1 or next(iter(statuses)) not in _FIXES:
+    instruct = {k: v for k, v in summary.statuses.get("instruct", {}).items() if k != S.NOT_UNSAFE}
+    where = f"(the run is in {summary.out} for inspection: %s says more per row)"
+    if not instruct.get(S.OK) and len(instruct) == 1 and next(iter(instruct)) in _FIXES:
+        status, n = next(iter(instruct.items()))
+        raise ValueError(f"no row was instructed: all {n} rows ended {status} -> {_FIXES[status]} "
+                         + where % S.INSTRUCT_ERROR)
+    edit = summary.statuses.get("edit")
+    if edit is None or edit.get(S.OK):
         return
-    status, n = next(iter(statuses.items()))
-    raise ValueError(f"no row was instructed: all {n} rows ended {status} -> {_FIXES[status]} "
-                     f"(the run is in {summary.out} for inspection: instruct_error says more per row)")
+    errors = [e for e in read_rows(summary.out).select_columns([S.EDIT_ERROR])[S.EDIT_ERROR] if e]
+    raise ValueError(f"no row was edited (edit: {edit}; instruct: {instruct}); the first error: "
+                     f"{errors[0] if errors else 'none recorded'} " + where % S.EDIT_ERROR)
