@@ -11,7 +11,7 @@ from skimage import data
 
 from safetypairs.evaluate import EvaluateConfig
 from safetypairs.report import render_report
-from safetypairs.scoring import guard_columns, score_predictions
+from safetypairs.scoring import guard_columns, score_predictions, unanswered
 
 GUARDS = ("ocr-lexicon", "nudenet")
 
@@ -58,6 +58,19 @@ def test_render_report_is_self_contained(tmp_path):
                  "Pairs most guards get wrong"):
         assert text in html
     assert "&lt;b&gt;loser0&lt;/b&gt;" in html  # user text is escaped
+
+
+def test_a_guard_that_answered_no_image_is_named_in_the_results_and_the_report(tmp_path):
+    results, pairs = _results_and_pairs()
+    assert unanswered(results) == {}
+    table = {"label": ["unsafe", "safe"] * 3, "category": ["O1"] * 6, "pair_id": ["p0", "p0", "p1", "p1", "p2", "p2"],
+             "role": ["original", "edited"] * 3}
+    cols = guard_columns("nudenet")
+    table.update({cols["pred"]: ["unknown"] * 6, cols["score"]: [None] * 6, cols["rationale"]: [None, "timed out"] * 3})
+    silent = score_predictions(table, EvaluateConfig(guards=("nudenet",), n_bootstrap=0))
+    assert unanswered(silent) == {"nudenet": "answered no image: {'unknown': 6}; the first: timed out"}
+    html = render_report(silent, tmp_path / "report.html").read_text()
+    assert "answered no image" in html
 
 
 def test_render_report_without_results(tmp_path):

@@ -35,6 +35,13 @@ class EveryOther:
 
     def classify(self, images, categories, policy):
         return [Verdict("unsafe" if im.size[0] % 2 else "safe", float(im.size[0] % 7), "w", "") for im in images]
+
+
+class Broken:
+    """A user's guard that fails on every batch (a wrong checkpoint, no GPU memory, ...)."""
+
+    def classify(self, images, categories, policy):
+        raise RuntimeError("CUDA out of memory")
 '''
 
 
@@ -139,6 +146,17 @@ def test_a_user_guard_and_a_predictions_file_score_like_the_builtin_path(chain):
     scored = json.loads((chain / "runs" / "score" / "results.json").read_text())
     assert scored["guards"]["file:preds.csv"]["metrics"] == evaluated["guards"]["my_guards:EveryOther"]["metrics"]
     assert (chain / "runs" / "score" / "report.html").is_file()
+
+
+def test_a_guard_that_answered_no_image_fails_the_command_after_the_results_are_written(chain):
+    proc = run_cli("evaluate", "--dataset", "runs/release", "--guard", "my_guards:Broken", "--guard", "ocr-lexicon",
+                   "--device", "cpu", "--bootstrap", "20", "--out", "runs/broken", cwd=chain)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "my_guards:Broken answered no image: {'error': " in proc.stderr and "CUDA out of memory" in proc.stderr
+    results = json.loads((chain / "runs" / "broken" / "results.json").read_text())
+    assert results["guards"]["ocr-lexicon"]["metrics"]["pair_accuracy"] == 1.0  # the other guard's numbers stay
+    assert any(w.startswith("answered no image") for w in results["guards"]["my_guards:Broken"]["warnings"])
+    assert "answered no image" in (chain / "runs" / "broken" / "report.html").read_text()
 
 
 def test_score_refuses_a_file_of_another_release(chain):

@@ -170,7 +170,9 @@ def _guard_rows(results: Mapping[str, Any], notes: Mapping[str, str]) -> list[di
                  for k in ("pair_accuracy", "f1", "balanced_accuracy", "recall", "specificity", "auroc",
                            "same_label_rate", "flip_detection_rate")}
         control = m.get("control") or {}
-        rows.append({"guard": spec, "color": PALETTE[i % len(PALETTE)], "note": notes.get(spec, ""), "cells": cells,
+        remarks = dict.fromkeys([notes.get(spec, ""), *results["guards"][spec].get("warnings", [])])
+        rows.append({"guard": spec, "color": PALETTE[i % len(PALETTE)], "note": " ".join(r for r in remarks if r),
+                     "cells": cells,
                      "n_unknown": m.get("n_unknown", 0), "confusion": m.get("confusion", {}),
                      "control_unsafe": _fmt(control.get("unsafe_rate")), "control_n": control.get("n", 0),
                      "statuses": results["guards"][spec].get("statuses", {}),
@@ -216,8 +218,9 @@ def render_report(
             pairs most guards get wrong.
         funnel: pipeline stages, each ``{"stage", "rows_in", "rows_out", "statuses"}`` (and an
             optional ``"kept"`` when fewer rows go on than come out, e.g. accepted pairs).
-        notes: a remark per guard spec shown next to its numbers, added to ``results["notes"]``
-            (the circularity warnings `evaluate` records); ``results["warnings"]`` show at the top.
+        notes: a remark per guard spec shown next to its numbers, with ``results["notes"]`` (the
+            circularity warnings `evaluate` records) and each guard's ``warnings`` (e.g. one that
+            answered no image); ``results["warnings"]`` show at the top.
         title: the page title.
         sections: extra ``(title, trusted HTML)`` sections appended at the end (e.g. training curves).
 

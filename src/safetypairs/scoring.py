@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any, Protocol
@@ -28,6 +29,7 @@ SIMILARITY_COLUMNS = (CHANGED_FRACTION, LPIPS_OUTSIDE)
 # Row statuses of a guard's prediction (besides "ok"); the detail goes in the rationale and raw columns.
 UNPARSABLE, BAD_IMAGE, GUARD_ERROR = "unparsable", "bad_image", "error"
 PREDICTION_FIELDS = ("pred", "score", "rationale", "raw", "status")
+NO_ANSWER = "answered no image"  # a guard whose every prediction failed: its metrics measure nothing
 
 
 def guard_columns(spec: str) -> dict[str, str]:
@@ -108,9 +110,24 @@ def score_predictions(
         )
         results["guards"][spec] = {"metrics": metrics, **(runs or {}).get(spec, {}),
                                    "warnings": [notes[spec]] if spec in notes else []}
+        if labels and not any(pred in LABELS for pred in table[cols["pred"]]):  # scored: each image an error
+            results["guards"][spec]["warnings"].append(
+                _no_answer(table.get(cols["status"]) or table[cols["pred"]], table.get(cols["rationale"]) or []))
         results["predictions"][spec] = {f: table[cols[f]] for f in ("pred", "score", "rationale")}
     results["leaderboard"] = leaderboard(results["guards"])
     return results
+
+
+def _no_answer(statuses: Sequence[str | None], rationales: Sequence[str | None]) -> str:
+    """The warning for a guard that answered no image: its statuses (or predictions) and the first recorded reason."""
+    first = next((r for r in rationales if r), "none recorded")
+    return f"{NO_ANSWER}: {dict(Counter(statuses).most_common())}; the first: {first}"
+
+
+def unanswered(results: Mapping[str, Any]) -> dict[str, str]:
+    """Guard -> its `NO_ANSWER` warning, for the guards of `score_predictions` results that answered no image."""
+    return {spec: warning for spec, guard in results["guards"].items()
+            for warning in guard.get("warnings", []) if warning.startswith(NO_ANSWER)}
 
 
 def leaderboard(guards: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:

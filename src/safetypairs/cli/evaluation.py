@@ -38,7 +38,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _write_results(results: dict, out: str) -> None:
-    """The leaderboard, natural-image comparisons and caveats of `evaluate` / `score` results, then the files."""
+    """The leaderboard, natural-image comparisons and caveats of `evaluate` / `score` results, then the files.
+
+    Raises:
+        CLIError: after writing, when a guard answered no image (its numbers measure nothing).
+    """
+    from safetypairs.scoring import unanswered
+
     for row in results["leaderboard"]:
         cells = "  ".join(f"{k}={'-' if row[k] is None else round(row[k], 3)}" for k in ("pair_accuracy", "f1", "auroc"))
         sys.stdout.write(f"{row['guard']}: {cells}  unknown={row['n_unknown']}\n")
@@ -52,6 +58,9 @@ def _write_results(results: dict, out: str) -> None:
     for warning in results.get("warnings") or []:
         sys.stdout.write(f"warning: {warning}\n")
     sys.stdout.write(f"wrote {out}/results.json, predictions.parquet, report.html\n")
+    if silent := unanswered(results):
+        raise CLIError("; ".join(f"{spec} {warning}" for spec, warning in silent.items())
+                       + f" (every prediction failed; the results in {out} count each as an error)")
 
 
 def _natural_rows(path: str, split: str | None):
