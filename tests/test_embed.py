@@ -5,6 +5,7 @@ import pytest
 from datasets import ClassLabel, Dataset, Features, Image, Value
 from PIL import Image as PILImage
 from tiny_models import register_tiny_open_clip
+from user_data import CAPTIONED, SAFE, make_llavaguard_folder
 
 from safetypairs import schema as S
 from safetypairs.backends.ocr_text import (
@@ -14,7 +15,13 @@ from safetypairs.backends.ocr_text import (
     word_ngrams,
 )
 from safetypairs.datafiles import load_run
-from safetypairs.embed import EmbedConfig, embed_dataset, load_embedded, run_embed
+from safetypairs.embed import (
+    EmbedConfig,
+    embed_dataset,
+    load_embedded,
+    load_images,
+    run_embed,
+)
 from safetypairs.registry import load_backend
 from safetypairs.sources import demo_photo, render_demo_row
 
@@ -121,3 +128,16 @@ def test_ocr_text_embeds_what_rapidocr_reads():
     np.testing.assert_allclose(emb[2], hash_features([NO_TEXT], 256))
     small = load_backend("encoders", "ocr-text:dim=256,max_side=320")
     assert small.name.endswith(",max_side=320") and small.texts([rows[0]["image"]]) == texts[:1]
+
+
+def test_an_image_folder_loads_like_a_source_with_labels_from_its_rating(tmp_path):
+    rows = load_images(str(make_llavaguard_folder(tmp_path / "labelled")))
+    assert rows[S.LABEL] == [1] * len(CAPTIONED) + [0] * len(SAFE)  # rating Unsafe / Safe
+    assert rows[S.SOURCE_ID][0] == f"images/{CAPTIONED[0][0]}.jpg" and rows[0][S.IMAGE].size[0] > 0
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    demo_photo("coins").save(plain / "coins.png")
+    (plain / "metadata.jsonl").write_text('{"file_name": "coins.png"}\n')
+    unlabelled = load_images(str(plain))  # embedding needs no label: the row stays
+    assert len(unlabelled) == 1 and S.LABEL not in unlabelled.column_names
+

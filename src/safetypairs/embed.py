@@ -28,7 +28,10 @@ from safetypairs.schema import (
     OK,
     PAIR_ID,
     ROLE,
+    SAFE,
     SOURCE_ID,
+    SOURCE_LABEL,
+    UNSAFE,
     with_columns,
 )
 from safetypairs.stage import map_stage
@@ -154,12 +157,15 @@ def embed_dataset(dataset: Dataset, config: EmbedConfig) -> Dataset:
 
 
 def load_images(path: str, split: str | None = None) -> Dataset:
-    """Images (labelled or not) from a release (its ``images`` config), a run or saved folder, or a hub dataset.
+    """Images (labelled or not) from a release (its ``images`` config), a run or saved folder, an image
+    folder, or a hub dataset.
 
     Args:
         path: a release folder or ``ORG/NAME``, an embed/generate run folder, a ``save_to_disk``
-            folder, or any dataset ``load_dataset`` reads.
-        split: the split (default: test, else train, else the first).
+            folder, an image folder with ``metadata.jsonl`` / ``.csv`` (read like a source: its
+            ``rating`` / ``label`` column gives ``label``, and when any row has one, rows without
+            are left out), or any dataset ``load_dataset`` reads.
+        split: the split (default: test, else train, else the first; ``train`` for an image folder).
 
     Returns:
         The rows.
@@ -169,10 +175,15 @@ def load_images(path: str, split: str | None = None) -> Dataset:
     """
     from safetypairs.datafiles import RUN_FILE, is_saved_dataset, read_rows
     from safetypairs.evaluate import load_release
+    from safetypairs.natural import labelled
+    from safetypairs.sources import is_image_folder, load_source
 
     root = Path(path)
     if root.is_dir() and ((root / RUN_FILE).is_file() or is_saved_dataset(root)):
         return read_rows(root)
+    if root.is_dir() and is_image_folder(root):
+        rows = load_source(path, split or "train")
+        return labelled(rows) if any(v in (SAFE, UNSAFE) for v in rows[SOURCE_LABEL]) else rows
     rows = load_release(path, "images", split)
     rows = rows if rows is not None else load_release(path, "default", split)
     if rows is None:

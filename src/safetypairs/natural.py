@@ -39,7 +39,7 @@ def natural_images(rows: Dataset) -> Dataset:
         ValueError: for rows without ``image`` or ``label``.
     """
     if LABEL not in rows.column_names and SOURCE_LABEL in rows.column_names:
-        rows = _from_source(rows)
+        rows = labelled(rows)
     missing = [c for c in (IMAGE, LABEL) if c not in rows.column_names]
     if missing:
         raise ValueError(f"natural images need columns {missing}; columns: {', '.join(rows.column_names)}")
@@ -50,8 +50,9 @@ def natural_images(rows: Dataset) -> Dataset:
     return rows.add_column(ROLE, [NATURAL_ROLE] * len(rows))
 
 
-def _from_source(rows: Dataset) -> Dataset:
-    """Source rows (or a generate run: one row per source) labelled by ``source_label``; unlabelled rows left out."""
+def labelled(rows: Dataset) -> Dataset:
+    """Source rows (or a generate run: one row per source) with a ``label`` (1 unsafe, 0 safe) from
+    ``source_label``; rows without a safe/unsafe label are left out."""
     if "candidate" in rows.column_names:  # a generate run repeats each source per candidate
         rows = rows.filter(lambda c: [v in (0, None) for v in c], input_columns="candidate", batched=True)
     rows = rows.filter(lambda v: [x in (SAFE, UNSAFE) for x in v], input_columns=SOURCE_LABEL, batched=True)

@@ -195,7 +195,7 @@ def _read(spec: str, split: str) -> tuple[Any, Path | None]:
     path = Path(spec).expanduser()
     if is_saved_dataset(path):
         return load_saved(path), None
-    if path.is_dir() and _is_image_folder(path):
+    if path.is_dir() and is_image_folder(path):
         _check_metadata(path)
         return load_checked("imagefolder", data_dir=str(path), split=split), path.absolute()
     if path.is_dir():
@@ -211,7 +211,7 @@ def _read(spec: str, split: str) -> tuple[Any, Path | None]:
     return load_dataset(spec, split=split), None
 
 
-def _is_image_folder(path: Path) -> bool:
+def is_image_folder(path: Path) -> bool:
     """Images with a top-level metadata file (even beside a README), or a folder with no parquet and no card."""
     if any((path / name).is_file() for name in ("metadata.jsonl", "metadata.csv")):
         return True

@@ -66,10 +66,7 @@ def _write_results(results: dict, out: str) -> None:
 def _natural_rows(path: str, split: str | None):
     from safetypairs.embed import load_images
     from safetypairs.natural import natural_images
-    from safetypairs.sources import load_source
 
-    if any((Path(path) / name).is_file() for name in ("metadata.jsonl", "metadata.csv")):  # a source image folder
-        return natural_images(load_source(path, split or "train"))
     return natural_images(load_images(path, split))
 
 
@@ -182,7 +179,8 @@ def add_embed(sub: argparse._SubParsersAction) -> None:
                     "embed_status) + OUT/run.json. A finished OUT with the same encoder and input is reused "
                     "without any encoder call; an interrupted run resumes.",
     )
-    p.add_argument("--dataset", required=True, help="release folder or ORG/NAME (images config), dataset folder or hub id")
+    p.add_argument("--dataset", required=True, help="release folder or ORG/NAME (images config), image folder with "
+                                                   "metadata.jsonl/.csv, dataset folder or hub id")
     add_split(p)
     add_out(p, "run folder (data/, run.json)")
     _add_embed_options(p)
@@ -214,7 +212,8 @@ def add_train_probe(sub: argparse._SubParsersAction) -> None:
                     "validation split, grouped by source), optionally adding a release's pairs; save "
                     "probe.safetensors + probe.json naming the encoder.",
     )
-    p.add_argument("--train", required=True, help="labelled images (image/embedding + label): folder, hub id or embed run")
+    p.add_argument("--train", required=True, help="labelled images (image/embedding + label, or an image folder "
+                                                 "whose metadata has rating/label): folder, hub id or embed run")
     add_split(p, of="train")
     p.add_argument("--pairs", help="a release (or its embed run) whose originals and edits are added")
     add_split(p, of="pairs", flag="--pairs-split")
