@@ -33,7 +33,6 @@ from safetypairs.validate_models import (
     judge_rows,
 )
 from safetypairs.validate_rows import (
-    STATUS_OK,
     choose_references,
     empty_row,
     pixel_metrics,
@@ -45,7 +44,7 @@ __all__ = ["ValidateConfig", "ValidateTransform", "decide_pixels", "run_validate
 
 logger = logging.getLogger(__name__)
 
-# Every value `validate_status` (besides `STATUS_OK`) and `reject_reason` can take (None when accepted).
+# Every value `validate_status` (besides ``ok``) and `reject_reason` can take (None when accepted).
 ROW_FAILURES = {
     S.NOT_UNSAFE: "the source row is labelled safe: set aside (a natural negative), never instructed or edited",
     "not_instructed": "the instruct stage wrote no instruction for this row (its instruct_status in validate_error)",
@@ -242,7 +241,7 @@ class ValidateTransform:
                                                               rows[pair.index])
         judge_rows(c, batch, pairs, rows, device)
         for row in rows:
-            row[S.ACCEPTED] = row[S.VALIDATE_STATUS] == STATUS_OK and row[S.REJECT_REASON] is None
+            row[S.ACCEPTED] = row[S.VALIDATE_STATUS] == S.OK and row[S.REJECT_REASON] is None
         out = {**images, **{name: [row[name] for row in rows] for name in S.VALIDATION_FEATURES}}
         if c.composite:
             out.update(composite_columns(c, batch, pairs, rows))

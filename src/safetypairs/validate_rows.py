@@ -26,9 +26,6 @@ from safetypairs.validate_models import PairImages, row_name, vae_references
 
 logger = logging.getLogger(__name__)
 
-STATUS_OK = "ok"  # measured and decided: see `accepted` / `reject_reason`
-
-
 def empty_row() -> dict[str, Any]:
     """A validation output row before anything is measured (not accepted, nothing ran)."""
     row = {name: None for name in S.VALIDATION_FEATURES}
@@ -85,7 +82,7 @@ def prepare_pair(c: Any, policy: Policy, batch: dict[str, list], i: int, row: di
         row[S.VALIDATE_RESIZED] = True
     if min(original.size) < c.min_side:
         return _fail(row, "too_small", f"{name}: size {original.size} below min_side={c.min_side}")
-    row[S.VALIDATE_STATUS] = STATUS_OK
+    row[S.VALIDATE_STATUS] = S.OK  # measured and decided: see accepted / reject_reason
     work_a, work_b = original, edited
     if _scale(c, original.size) < 1.0:
         work_a, work_b = (im.resize(_work_size(c, original.size), Image.Resampling.BOX) for im in (original, edited))
