@@ -56,7 +56,8 @@ def bench_stage_vs_bare(n: int = 128, batch_size: int = 32, repeats: int = 2) ->
 
 
 def bench_sweep(dim: int = 768) -> tuple[float, int]:
-    """Seconds for 6 k x 10 seeds x 3 arms on cached (synthetic) embeddings of CLIP ViT-L/14 size."""
+    """Seconds for 6 k x 10 seeds x 4 arms on cached (synthetic) embeddings of CLIP ViT-L/14 size."""
+    from safetypairs.identity import identity_of
     from safetypairs.sample_efficiency import Labelled, SweepConfig, run_sweep
 
     rng = np.random.default_rng(0)
@@ -64,8 +65,9 @@ def bench_sweep(dim: int = 768) -> tuple[float, int]:
     def rows(n, prefix):
         y = np.arange(n) % 2
         x = rng.normal(size=(n, dim)) + 0.3 * (2 * y - 1)[:, None] * (np.arange(dim) < 8)
-        return Labelled(x / np.linalg.norm(x, axis=1, keepdims=True), y,
-                        np.array([f"{prefix}{i // (2 if prefix == 'p' else 1)}" for i in range(n)], dtype=object))
+        ids = [f"{prefix}{i // (2 if prefix == 'p' else 1)}" for i in range(n)]
+        identity = identity_of({"source_id": ids, "image_digest": [f"{prefix}-{i}" for i in range(n)]}, prefix)
+        return Labelled(x / np.linalg.norm(x, axis=1, keepdims=True), y, identity)
 
     base, pairs, evaluation = rows(300, "b"), rows(200, "p"), rows(600, "e")
     start = time.perf_counter()
@@ -96,7 +98,7 @@ def main() -> None:
     print(f"embed 128 images ({ENCODER}, batch 32): stage {stage:.2f} s, bare loop {bare:.2f} s, "
           f"ratio {stage / bare:.3f} (target <= 1.05)")
     seconds, runs = bench_sweep()
-    print(f"sample-efficiency sweep 6 k x 10 seeds x 3 arms ({runs} probes, 768-d): {seconds:.2f} s (target < 10 s)")
+    print(f"sample-efficiency sweep 6 k x 10 seeds x 4 arms ({runs} probes, 768-d): {seconds:.2f} s (target < 10 s)")
     first, second = bench_second_run()
     print(f"run_embed on 64 images: first run embedded {first} images, second run {second} (target 0)")
 

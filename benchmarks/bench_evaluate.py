@@ -71,7 +71,8 @@ def write_release(n_images: int, folder: Path) -> Path:
     from safetypairs.sources import demo_photo
 
     rng = np.random.default_rng(0)
-    rows = {"image": [], "label": [], "category": [], "pair_id": [], "role": [], "image_id": []}
+    rows = {"image": [], "label": [], "category": [], "pair_id": [], "role": [], "image_id": [], "source_id": [],
+            "image_digest": []}
     for i in range(n_images):
         photo = demo_photo(PHOTOS[(i // 2) % len(PHOTOS)])
         x, y = rng.integers(0, photo.width - SIDE), rng.integers(0, photo.height - SIDE)
@@ -84,6 +85,8 @@ def write_release(n_images: int, folder: Path) -> Path:
         rows["pair_id"].append(f"p{i // 2:05d}")
         rows["role"].append("original" if i % 2 == 0 else "edited")
         rows["image_id"].append(image_id(rows["pair_id"][-1], rows["role"][-1]))
+        rows["source_id"].append(f"s{i // 2:05d}")
+        rows["image_digest"].append(None)
     (folder / "data" / "images").mkdir(parents=True, exist_ok=True)
     write_parquet(Dataset.from_dict(rows, features=IMAGE_FEATURES), folder / "data" / "images" / "test-00000.parquet")
     (folder / "README.md").write_text("---\nconfigs:\n- config_name: images\n  data_files:\n  - split: test\n"

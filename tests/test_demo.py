@@ -75,17 +75,36 @@ def test_demo_results_account_for_every_row(demo_run):
     assert "wrote" in summary.render() and "accepted pairs" in summary.render()
 
 
-def test_demo_training_section_has_three_arms(demo_run):
+def test_demo_training_section_has_four_arms_and_the_two_effects(demo_run):
     out, summary = demo_run
     training = json.loads((out / "results.json").read_text())["training"]
     assert training["encoder"] == "ocr-text:max_side=320" and training["n"]["pairs"] == summary.accepted
     arms = training["summary"]["balanced_accuracy"]["arms"]
-    assert set(arms) == {"base", "pairs", "random"} and list(arms["base"]) == [str(k) for k in (1, 2, 4, 8) if k <= summary.accepted]
-    assert all(cell["n"] == 5 for arm in arms.values() for cell in arm.values())
+    ks = [str(k) for k in (1, 2, 4, 8) if 2 * k <= summary.accepted]  # the unpaired arm needs 2k pairs
+    assert set(arms) == {"base", "pairs", "unpaired", "random"} and list(arms["base"]) == ks
+    assert all(cell["n"] == 10 for arm in arms.values() for cell in arm.values())
+    effects = training["summary"]["auroc"]["effects"]
+    assert set(effects) >= {"pair_structure", "more_data"} and list(effects["pair_structure"]) == ks
+    assert training["eval_exclusion"]["excluded"] == {} and training["n"]["eval_sources"] == 6
     assert (out / "training" / "curve.png").is_file() and (out / "training" / "results.json").is_file()
     html = (out / "report.html").read_text()
-    assert "Training: sample efficiency of pairs" in html and "+ k random extra images" in html
-    assert "probe (ocr-text:max_side=320) k=2" in summary.render()
+    assert "Training: sample efficiency of pairs" in html and "+ 2k random images" in html and "pair structure" in html
+    assert "probe (ocr-text:max_side=320) k=1: balanced accuracy, pair structure (pairs - unpaired)" in summary.render()
+
+
+def test_demo_eval_images_share_no_photo_and_no_caption_with_training():
+    """The eval set's photos and caption strings appear nowhere in the sources, the edits or the base set."""
+    from safetypairs.demo import DEMO_EVAL_PER_CLASS, _captioned_rows
+    from safetypairs.instructions import demo_text
+    from safetypairs.sources import DEMO_PHOTOS, HELDOUT_PHOTOS
+
+    text = demo_text()
+    training_strings = set(text["harassing"]) | set(text["benign"])  # sources, edits (benign phrases), base
+    heldout_strings = set(text["heldout_harassing"]) | set(text["heldout_benign"])
+    assert not training_strings & heldout_strings and not set(DEMO_PHOTOS) & set(HELDOUT_PHOTOS)
+    evaluation = _captioned_rows(DEMO_EVAL_PER_CLASS, 2, "benign", "train-eval", heldout=True)
+    assert {s.removeprefix("train-eval-") for s in evaluation["source_id"]} <= set(HELDOUT_PHOTOS)
+    assert len(set(evaluation["source_id"])) == 6 and evaluation["label"].count(1) == DEMO_EVAL_PER_CLASS
 
 
 def test_output_folder_checks(tmp_path):
@@ -103,3 +122,19 @@ def test_output_folder_checks(tmp_path):
     assert not any((tmp_path / "full").iterdir())
     with pytest.raises(ValueError, match="at least 1"):
         DemoConfig(out=tmp_path, n=0)
+
+
+def test_every_stage_gives_the_rows_it_gave_before_the_house_was_reshaped():
+    """Row content of source, instruct, edit, validate and the release configs on the demo (n=4) equals the
+    golden digests written before the reshaping (`tests/demo_rows.py`); only columns named new are left out."""
+    from pathlib import Path
+
+    from demo_rows import stage_digests
+
+    golden = json.loads((Path(__file__).parent / "data" / "demo_rows.json").read_text())
+    now = stage_digests()
+    assert set(now) == set(golden)
+    for stage, expected in golden.items():
+        assert now[stage]["rows"] == expected["rows"], stage
+        assert set(expected["columns"]) <= set(now[stage]["columns"]), stage
+        assert now[stage]["digest"] == expected["digest"], f"{stage}: rows changed"

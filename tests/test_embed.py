@@ -1,5 +1,7 @@
 """Embed stage: tiny random open_clip through the real embed path, the ocr-text encoder, cached run_embed."""
 
+import hashlib
+
 import numpy as np
 import pytest
 from datasets import ClassLabel, Dataset, Features, Image, Value
@@ -62,10 +64,13 @@ class _Counting:
 def test_tiny_open_clip_through_the_embed_stage(tiny_clip):
     dataset = _photos(bad_row=3)
     out = embed_dataset(dataset, EmbedConfig(encoder=tiny_clip, batch_size=4, device="cpu"))
-    assert out.column_names == ["pair_id", "role", "label", "source_id", "embedding", "embed_status", "embed_error"]
+    assert out.column_names == ["pair_id", "role", "label", "source_id", "embedding", "image_digest", "embed_status",
+                                "embed_error"]
     assert out.features["label"] == FEATURES["label"] and len(out) == len(dataset)
     assert out["embed_status"] == ["ok", "ok", "ok", "bad_image", "ok", "ok"]
-    assert out[3]["embedding"] is None and "row s3" in out[3]["embed_error"]
+    assert out[3]["embedding"] is None and "row s3" in out[3]["embed_error"] and out[3]["image_digest"] is None
+    rgb = demo_photo(PHOTOS[0]).resize((48, 40)).convert("RGB")  # the digest: SHA-256 of mode, size and pixels
+    assert out[0]["image_digest"] == hashlib.sha256(f"RGB{rgb.size}".encode() + rgb.tobytes()).hexdigest()[:16]
     got = np.array([out[i]["embedding"] for i in (0, 1, 2, 4, 5)], dtype=np.float32)
     encoder = load_backend("encoders", tiny_clip, "cpu")
     bare = encoder.embed([demo_photo(PHOTOS[i]).resize((48, 40)) for i in (0, 1, 2, 4, 5)])

@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _rows(n_pairs=4, bad_image=False):
     names = ["astronaut", "chelsea", "coffee", "rocket", "camera"]
-    rows = {"image": [], "label": [], "category": [], "pair_id": [], "role": [], "image_id": []}
+    rows = {"image": [], "label": [], "category": [], "pair_id": [], "role": [], "image_id": [], "source_id": [],
+            "image_digest": []}
     for i in range(n_pairs):
         image = Image.fromarray(getattr(data, names[i % len(names)])()).convert("RGB").resize((64, 64))
         for role, label in (("original", 1), ("edited", 0), ("control", 1)):
@@ -34,6 +35,8 @@ def _rows(n_pairs=4, bad_image=False):
             rows["pair_id"].append(f"p{i}")
             rows["role"].append(role)
             rows["image_id"].append(f"p{i}-{role}")
+            rows["source_id"].append(f"s{i}")
+            rows["image_digest"].append(None)
     if bad_image:
         rows["image"][1] = {"bytes": b"not an image", "path": None}
     return rows
@@ -203,7 +206,8 @@ def test_a_guard_that_raises_marks_only_its_rows(isolated_registry):
     colours = [(255, 0, 0), (0, 0, 255), (255, 0, 0), (0, 255, 0)]  # original, edited of p0, p1
     rows = {"image": [Image.new("RGB", (32, 32), c) for c in colours], "label": [1, 0, 1, 0],
             "category": ["O1"] * 4, "pair_id": ["p0", "p0", "p1", "p1"], "role": ["original", "edited"] * 2,
-            "image_id": ["p0-original", "p0-edited", "p1-original", "p1-edited"]}
+            "image_id": ["p0-original", "p0-edited", "p1-original", "p1-edited"], "source_id": ["s0", "s0", "s1", "s1"],
+            "image_digest": [None] * 4}
     dataset = Dataset.from_dict(rows, features=IMAGE_FEATURES)
     FussyGuard.calls = 0
     results = run_evaluate(dataset, EvaluateConfig(guards=("fussy-test",), n_bootstrap=0, batch_size=4))

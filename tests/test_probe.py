@@ -64,8 +64,9 @@ def test_fit_probe_chooses_c_on_a_grouped_validation_split():
     assert probe.meta["val_balanced_accuracy"]["1.0"] >= probe.meta["val_balanced_accuracy"]["0.001"]
     assert np.mean((probe.predict_proba(x) >= 0.5) == y) > 0.95
     assert probe.meta["n_unsafe"] == 30 and probe.meta["n_safe"] == 30
+    assert 0 < probe.threshold < 1 and probe.meta["threshold"] == probe.threshold
     tiny = fit_probe(x[:2], y[:2], ProbeConfig("ocr-text"))  # one per class: nothing to hold out
-    assert tiny.meta["C"] == 1.0 and tiny.meta["C_selection"].startswith("default")
+    assert tiny.meta["C"] == 1.0 and tiny.meta["C_selection"].startswith("default") and tiny.threshold == 0.5
     with pytest.raises(ValueError, match="safe and unsafe"):
         fit_probe(x[y == 1], y[y == 1], ProbeConfig("ocr-text"))
 
@@ -86,7 +87,7 @@ def test_save_load_round_trip(tmp_path):
     assert config["encoder"] == "ocr-text:dim=5" and config["dim"] == 5 and config["classes"] == ["safe", "unsafe"]
     loaded = load_probe(folder)
     np.testing.assert_allclose(loaded.predict_proba(x), probe.predict_proba(x), rtol=1e-5)
-    assert loaded.meta["C"] == probe.meta["C"]
+    assert loaded.meta["C"] == probe.meta["C"] and loaded.threshold == probe.threshold
     with pytest.raises(ValueError, match="expects embeddings of size 5"):
         loaded.predict_proba(np.zeros((1, 4)))
     (folder / "probe.safetensors").unlink()
@@ -98,6 +99,8 @@ def test_guard_spec_options(tmp_path, tiny_clip):
     save_probe(LinearProbe(np.zeros(32, np.float32), 0.0, tiny_clip), tmp_path / "p")
     guard = load_backend("guards", f"linear-probe:{tmp_path / 'p'},threshold=0.7")
     assert isinstance(guard, LinearProbeGuard) and guard.threshold == 0.7
+    save_probe(LinearProbe(np.zeros(32, np.float32), 0.0, tiny_clip, threshold=0.3), tmp_path / "q")
+    assert load_backend("guards", f"linear-probe:{tmp_path / 'q'}").threshold == 0.3  # the probe's own cut
     with pytest.raises(ValueError, match="allowed: threshold"):
         LinearProbeGuard.from_spec(f"{tmp_path / 'p'},thresh=1")
     with pytest.raises(ValueError, match=r"linear-probe option value\(s\): threshold=2.0 \(allowed: \[0, 1\]\)"):
@@ -117,7 +120,9 @@ def test_trained_probe_is_scored_by_evaluate_like_any_guard(tmp_path, tiny_clip)
     scores = np.array(results["predictions"][spec]["score"])
     x, _, _ = embedded_arrays(embedded, "all")
     np.testing.assert_allclose(scores, load_probe(tmp_path / "probe").predict_proba(x), rtol=1e-4, atol=1e-6)
-    assert results["predictions"][spec]["pred"] == ["unsafe" if s >= 0.5 else "safe" for s in scores]
+    threshold = load_probe(tmp_path / "probe").threshold
+    assert threshold == probe.meta["threshold"]  # the guard applies the cut the probe chose on validation
+    assert results["predictions"][spec]["pred"] == ["unsafe" if s >= threshold else "safe" for s in scores]
     assert results["guards"][spec]["metrics"]["auroc"] is not None
     assert guard_columns(spec)["score"]
 
@@ -129,3 +134,25 @@ def test_train_probe_adds_the_pairs_originals_and_edits(tmp_path, tiny_clip):
                               "source_id": [f"n{i}" for i in range(8)]})
     probe = train_probe(base, ProbeConfig(tiny_clip), tmp_path / "p", pairs=images, embed=EmbedConfig(tiny_clip))
     assert probe.meta["n_train"] == 8 + 8 and probe.meta["n_pairs_images"] == 8  # controls left out
+    assert probe.meta["n_groups"] == 8 + 4  # a pair's two images are one group
+
+
+def test_train_rows_that_are_pair_images_join_their_pair_in_the_validation_split(tmp_path, tiny_clip):
+    """Natural training rows named by file that hold a pair's original: one group with that pair, so C and the
+    threshold are never chosen on a copy of a training image."""
+    images = _images(4)
+    originals = images.filter(lambda r: r == "original", input_columns="role")
+    natural = Dataset.from_dict({"image": list(originals["image"]) + [demo_photo("moon").resize((40, 40))] * 1,
+                                 "label": [1, 1, 1, 1, 0], "source_id": [f"photos/{i}.png" for i in range(5)]})
+    probe = train_probe(natural, ProbeConfig(tiny_clip), tmp_path / "p", pairs=images, embed=EmbedConfig(tiny_clip))
+    assert probe.meta["n_groups"] == 4 + 1  # 4 pair groups (each with its natural copy) + the moon
+
+
+def test_choose_threshold_hand_computed():
+    from safetypairs.probe import choose_threshold
+
+    # cuts 0.05, 0.35, 0.65, 0.8, 0.95 give balanced accuracy 0.5, 0.75, 1.0, 0.75, 0.5
+    assert choose_threshold(np.array([0, 0, 1, 1]), np.array([0.1, 0.6, 0.7, 0.9])) == pytest.approx(0.65)
+    assert choose_threshold(np.array([0, 1]), np.array([0.2, 0.8])) == pytest.approx(0.5)
+    # a probe that ranks perfectly but scores everything high: the cut moves up, not 0.5
+    assert choose_threshold(np.array([0, 0, 1, 1]), np.array([0.8, 0.85, 0.95, 0.99])) == pytest.approx(0.9)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -107,6 +108,9 @@ def test_images_config_roles_labels_and_pixels(release):
         for row in split:
             role = S.ROLES[row[S.ROLE]]  # role is a ClassLabel
             assert row[S.IMAGE_ID] == f"{row[S.PAIR_ID]}-{role}"
+            assert row[S.SOURCE_ID] == pairs[row[S.PAIR_ID]][S.SOURCE_ID]  # identity travels to every image row
+            rgb = row[S.IMAGE].convert("RGB")  # the digest: SHA-256 of mode, size and pixels, 16 hex characters
+            assert row[S.IMAGE_DIGEST] == hashlib.sha256(f"RGB{rgb.size}".encode() + rgb.tobytes()).hexdigest()[:16]
             seen[row[S.PAIR_ID]][role] = (names[row[S.LABEL]], digest(row[S.IMAGE]))
     for pid, roles in seen.items():
         p = pairs[pid]

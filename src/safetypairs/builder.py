@@ -12,6 +12,7 @@ import datasets
 from datasets import DatasetDict
 
 from safetypairs import schema as S
+from safetypairs.identity import image_digests
 from safetypairs.images import ImageError, image_format
 from safetypairs.release import FEATURES, Release
 from safetypairs.stage import undecoded
@@ -145,14 +146,15 @@ class SafetyPairsRaw(datasets.GeneratorBasedBuilder):
 
 
 def _image_rows(pair: dict[str, Any], n: int) -> Iterator[tuple[str, dict[str, Any]]]:
-    """The ``images`` rows of one pair (same roles and labels as `release.assemble`)."""
+    """The ``images`` rows of one pair (same roles, labels, source id and pixel digests as `release.assemble`)."""
     roles = [(S.UNSAFE_IMAGE, S.UNSAFE, "original"), (S.SAFE_IMAGE, S.SAFE, "edited"),
              (S.CONTROL_IMAGE, S.UNSAFE, "control")]
     for col, label, role in roles:
         if pair.get(col) is not None:
             yield f"{n}-{role}", {S.IMAGE: pair[col], S.LABEL: label, S.CATEGORY: pair[S.CATEGORY],
                                   S.PAIR_ID: pair[S.PAIR_ID], S.ROLE: role,
-                                  S.IMAGE_ID: S.image_id(pair[S.PAIR_ID], role)}
+                                  S.IMAGE_ID: S.image_id(pair[S.PAIR_ID], role),
+                                  S.SOURCE_ID: pair.get(S.SOURCE_ID), S.IMAGE_DIGEST: image_digests([pair[col]])[0]}
 
 
 def load_raw(raw_dir: str | Path, cache_dir: str | Path | None = None) -> Release:

@@ -20,17 +20,18 @@ logger = logging.getLogger(__name__)
 # configuration, not the identical model (still not independent: evaluate adds the circularity note).
 DEMO_JUDGE = "ocr-lexicon:box_thresh=0.3,unclip_ratio=2.0"
 DEMO_GUARDS = ("ocr-lexicon", "nudenet")
-# The training section: a linear probe on what rapidocr reads (no downloaded weights), three arms.
+# The training section: a linear probe on what rapidocr reads (no downloaded weights), four arms.
 DEMO_ENCODER = "ocr-text:max_side=320"
 DEMO_KS = (1, 2, 4, 8)
-DEMO_SEEDS = 5
-DEMO_EVAL_PER_CLASS = 8
+DEMO_SEEDS = 10
+DEMO_EVAL_PER_CLASS = 12
 TRAINING_NOTE = (
     "Base set: harassing memes (unsafe) and plain photos (safe), so 'has a caption' predicts the label there. "
-    "Eval set: fresh renders (new seed, ids unseen in training) with harassing or friendly captions, so only the "
-    "words tell the labels apart. The pair arm adds k demo pairs (original + edit: same photo and caption box, "
-    "different words); the random arm adds k more base images per class. All three arms share the 16 skimage "
-    "photos; the ocr-text encoder sees only the text read from each image."
+    "Eval set: images no training set or pair holds: six other skimage images with held-out harassing or "
+    "friendly captions (no caption string of the eval set appears in a source, an edit or the base set), so only "
+    "the words tell the labels apart. Pairs add k demo pairs (original + its edit: same photo and caption box, "
+    "different words); unpaired adds the same k originals with the edits of k other pairs; random adds k more "
+    "base images per class. The ocr-text encoder sees only the text read from each image."
 )
 NUDENET_NOTE = (
     "NudeNet only detects nudity (O4); the demo pairs are O1 text overlays, so it is expected to call "
@@ -49,7 +50,7 @@ class DemoConfig:
         seed: seed for captions, styles, placement and edit seeds.
         num_proc: processes for the map stages.
         n_bootstrap: bootstrap resamples for the guard metrics' confidence intervals.
-        train: add the training section (probes on ``ocr-text`` embeddings: base vs + pairs vs + random).
+        train: add the training section (probes on ``ocr-text`` embeddings: base, + pairs, + unpaired, + random).
     """
 
     out: str | Path
@@ -77,7 +78,7 @@ class DemoSummary:
     sources: int = 0
     reject_reasons: dict[str, int] = field(default_factory=dict)
     leaderboard: list[dict[str, Any]] = field(default_factory=list)
-    training: dict[str, Any] = field(default_factory=dict)
+    training: list[str] = field(default_factory=list)
 
     def render(self) -> str:
         """A short plain-text summary for the terminal."""
@@ -92,9 +93,7 @@ class DemoSummary:
             fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
             lines.append(f"guard {row['guard']:<44} pair_acc={fmt(row.get('pair_accuracy'))} "
                          f"f1={fmt(row.get('f1'))} bal_acc={fmt(row.get('balanced_accuracy'))}")
-        for k, arms in self.training.items():
-            cells = "  ".join(f"{arm}={'n/a' if c['mean'] is None else format(c['mean'], '.3f')}" for arm, c in arms.items())
-            lines.append(f"probe ({DEMO_ENCODER}) k={k}: balanced accuracy {cells}")
+        lines += [f"probe ({DEMO_ENCODER}) {line}" for line in self.training]
         lines.append(f"wrote {self.out / 'dataset'}, {self.out / 'report.html'}, {self.out / 'results.json'}")
         return "\n".join(lines)
 
@@ -165,10 +164,9 @@ def run_demo(config: DemoConfig) -> DemoSummary:
             rec["statuses"] = {"runs": len(training.get("runs", [])), **({"skipped": 1} if "skipped_all" in training else {})}
         sections = [("Training: sample efficiency of pairs", _training_html(training))]
     notes = {**evaluation.get("notes", {}), "nudenet": NUDENET_NOTE}
-    curves = training.get("summary", {}).get("balanced_accuracy", {}).get("arms", {})
     summary = DemoSummary(out=out, stages=timer.stages, accepted=len(pairs), sources=config.n,
                           reject_reasons=_reject_reasons(candidates), leaderboard=evaluation.get("leaderboard", []),
-                          training={k: {arm: curves[arm][k] for arm in curves} for k in curves.get("base", {})})
+                          training=_training_lines(training))
     results = {
         "demo": {**asdict(config), "out": str(out), "judge": DEMO_JUDGE, "guards": list(DEMO_GUARDS)},
         "stages": timer.stages,
@@ -209,49 +207,82 @@ def _funnel(stages: list[dict[str, Any]], validated: Any) -> list[dict[str, Any]
     ]
 
 
-def _captioned_rows(n_per_class: int, seed: int, safe: str, prefix: str) -> Any:
-    """Unsafe harassing memes and safe images (``plain`` photos or ``benign`` captions), with fresh ids."""
+def _captioned_rows(n_per_class: int, seed: int, safe: str, prefix: str, heldout: bool = False) -> Any:
+    """Unsafe harassing memes and safe images (``plain`` photos or ``benign`` captions); each row's source id
+    names its photo, so the rows of one photo form one source. ``heldout``: `sources.HELDOUT_PHOTOS` and
+    held-out captions only."""
     from datasets import ClassLabel, Dataset, Features, Image, Value
 
     from safetypairs.sources import DEMO_PHOTOS, demo_photo, render_demo_row
 
     rows = []
     for i in range(n_per_class):
-        plain = demo_photo(DEMO_PHOTOS[(i + 5) % len(DEMO_PHOTOS)])
-        negative = render_demo_row(i, seed, "benign")[S.IMAGE] if safe == "benign" else plain
-        rows += [{S.IMAGE: render_demo_row(i, seed)[S.IMAGE], S.LABEL: 1, S.SOURCE_ID: f"{prefix}-unsafe-{i}"},
-                 {S.IMAGE: negative, S.LABEL: 0, S.SOURCE_ID: f"{prefix}-safe-{i}"}]
+        unsafe = render_demo_row(i, seed, heldout=heldout)
+        if safe == "benign":
+            negative = render_demo_row(i, seed, "benign", heldout=heldout)
+            photo = json.loads(negative[S.SOURCE_META])["photo"]
+            negative = negative[S.IMAGE]
+        else:
+            photo = DEMO_PHOTOS[(i + 5) % len(DEMO_PHOTOS)]
+            negative = demo_photo(photo)
+        rows += [{S.IMAGE: unsafe[S.IMAGE], S.LABEL: 1,
+                  S.SOURCE_ID: f"{prefix}-{json.loads(unsafe[S.SOURCE_META])['photo']}"},
+                 {S.IMAGE: negative, S.LABEL: 0, S.SOURCE_ID: f"{prefix}-{photo}"}]
     features = Features({S.IMAGE: Image(), S.LABEL: ClassLabel(names=S.LABELS), S.SOURCE_ID: Value("string")})
     return Dataset.from_list(rows, features=features)
 
 
 def _training(images: Any, config: DemoConfig, out: Path) -> dict[str, Any]:
-    """The three arms' curves on the demo's O1 data with the offline ``ocr-text`` encoder."""
+    """The four arms' curves on the demo's O1 data with the offline ``ocr-text`` encoder, scored on held-out images."""
     from safetypairs.embed import EmbedConfig, embed_dataset
     from safetypairs.probe import pair_rows
     from safetypairs.sample_efficiency import SweepConfig, run_sample_efficiency
 
     pair_images = pair_rows(images)
     n_pairs = len(set(pair_images[S.PAIR_ID]))
-    ks = tuple(k for k in DEMO_KS if k <= n_pairs)
+    ks = tuple(k for k in DEMO_KS if 2 * k <= n_pairs)
     if not ks:
-        return {"skipped_all": f"{n_pairs} accepted pairs: too few for a probe"}
+        return {"skipped_all": f"{n_pairs} accepted pairs: too few for a probe (k=1 needs 2)"}
     embed = EmbedConfig(encoder=DEMO_ENCODER, num_proc=config.num_proc)
-    base = _captioned_rows(max(8, 2 * max(ks)), config.seed + 1, "plain", "train-base")
-    evaluation = _captioned_rows(DEMO_EVAL_PER_CLASS, config.seed + 2, "benign", "train-eval")
+    base = _captioned_rows(2 * max(ks), config.seed + 1, "plain", "train-base")
+    evaluation = _captioned_rows(DEMO_EVAL_PER_CLASS, config.seed + 2, "benign", "train-eval", heldout=True)
     return run_sample_efficiency(embed_dataset(base, embed), embed_dataset(pair_images, embed),
                                  embed_dataset(evaluation, embed),
-                                 SweepConfig(ks=ks, seeds=DEMO_SEEDS, seed=config.seed), DEMO_ENCODER, out=out)
+                                 SweepConfig(ks=ks, seeds=DEMO_SEEDS, seed=config.seed,
+                                             n_bootstrap=max(config.n_bootstrap, 100)),
+                                 DEMO_ENCODER, out=out)
+
+
+def _training_lines(training: dict[str, Any]) -> list[str]:
+    """The training section for the terminal: the skip reason, or the eval set and, per k, the pair-structure and
+    more-data effects on balanced accuracy (every metric's sentences are in the report and results.json)."""
+    if not training:
+        return []
+    if "skipped_all" in training:
+        return [f"training skipped: {training['skipped_all']}"]
+
+    def cell(c: dict[str, Any]) -> str:
+        sign = "*" if c["significant"] else " (n.s.)"
+        return f"{c['mean']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]{sign}"
+
+    effects = training["summary"]["balanced_accuracy"]["effects"]
+    return [f"eval: {training['eval_exclusion']['sentence']}"] + [
+        f"k={k}: balanced accuracy, pair structure (pairs - unpaired) {cell(effects['pair_structure'][k])}; "
+        f"more data (random - base) {cell(effects['more_data'][k])}" for k in effects["pair_structure"]]
 
 
 def _training_html(training: dict[str, Any]) -> str:
     import html
 
-    from safetypairs.sample_efficiency import curve_svg
+    from safetypairs.sample_efficiency import COMPARISON_NOTE, curve_svg
 
     if "skipped_all" in training:
         return f"<p class='muted'>Skipped: {html.escape(training['skipped_all'])}</p>"
     n = training["n"]
+    words = "".join(f"<li>{html.escape(line)}</li>" for line in training["findings"])
     return (f"<p class='muted small'>{html.escape(TRAINING_NOTE)} Base pool {n['base']} images, {n['pairs']} pairs, "
-            f"{n['eval']} eval images; mean and 95% CI over {training['config']['seeds']} seeds. Files: "
-            f"training/results.json, training/curve.png.</p>{curve_svg(training)}")
+            f"{n['eval']} eval images from {n['eval_sources']} sources "
+            f"({html.escape(training['eval_exclusion']['sentence'])}); mean and 95% CI over "
+            f"{training['config']['seeds']} seeds and the eval sources. Files: training/results.json, "
+            f"training/curve.png, training/report.html.</p>"
+            f"<p class='muted small'>{html.escape(COMPARISON_NOTE)}</p>{curve_svg(training)}<ul>{words}</ul>")

@@ -14,6 +14,7 @@ from safetypairs.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
     check_max_pixels,
+    image_digest,
     load_image,
 )
 from safetypairs.registry import available, backend_class, load_backend, parse_spec
@@ -24,6 +25,7 @@ from safetypairs.schema import (
     EMBED_STATUS,
     EMBEDDING,
     IMAGE,
+    IMAGE_DIGEST,
     LABEL,
     OK,
     PAIR_ID,
@@ -82,16 +84,19 @@ class EmbedConfig:
             raise ValueError(f"EmbedConfig.num_proc must be >= 1 or None, got {self.num_proc}")
 
     def settings(self) -> dict[str, Any]:
-        """What decides the output rows (the run fingerprint): the encoder, the image column and the pixel cap."""
-        return {"encoder": self.encoder, "image_column": self.image_column, "max_pixels": self.max_pixels}
+        """What decides the output rows (the run fingerprint): the encoder, the image column, the pixel cap
+        and the columns the stage writes."""
+        return {"encoder": self.encoder, "image_column": self.image_column, "max_pixels": self.max_pixels,
+                "columns": list(EMBED_FEATURES)}
 
 
 @dataclass(frozen=True)
 class EmbedTransform:
-    """Batched `Dataset.map` transform adding ``embedding, embed_status, embed_error``.
+    """Batched `Dataset.map` transform adding ``embedding, image_digest, embed_status, embed_error``.
 
-    Holds only plain config; the encoder is built lazily once per process and device. An image
-    that cannot be read gets a null embedding and status ``bad_image`` (the error names the row).
+    Holds only plain config; the encoder is built lazily once per process and device. Each image's
+    pixel digest is taken from the decoded image the encoder sees (the identity `identity` compares).
+    An image that cannot be read gets a null embedding and status ``bad_image`` (the error names the row).
     """
 
     encoder: str
@@ -102,11 +107,13 @@ class EmbedTransform:
     def __call__(self, batch: dict[str, list], rank: int | None = None) -> dict[str, list]:
         """Embed the readable images of a batch in one encoder call."""
         n = len(batch[self.image_column])
-        out: dict[str, list] = {EMBEDDING: [None] * n, EMBED_STATUS: [OK] * n, EMBED_ERROR: [None] * n}
+        out: dict[str, list] = {EMBEDDING: [None] * n, IMAGE_DIGEST: [None] * n, EMBED_STATUS: [OK] * n,
+                                EMBED_ERROR: [None] * n}
         images, keep = [], []
         for i, cell in enumerate(batch[self.image_column]):
             try:
                 images.append(load_image(cell, self.max_pixels))
+                out[IMAGE_DIGEST][i] = image_digest(images[-1])
                 keep.append(i)
             except ImageError as err:
                 row = batch[SOURCE_ID][i] if SOURCE_ID in batch else f"#{i} of the batch"
@@ -140,7 +147,8 @@ def embed_dataset(dataset: Dataset, config: EmbedConfig) -> Dataset:
 
     Returns:
         The kept id/label columns (``pair_id, role, label, category, source_id`` where present),
-        ``embedding`` (float32 list; null for an unreadable image), ``embed_status`` and ``embed_error``.
+        ``embedding`` (float32 list; null for an unreadable image), ``image_digest``, ``embed_status`` and
+        ``embed_error``.
 
     Raises:
         ValueError: for a dataset without the image column.

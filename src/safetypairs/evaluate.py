@@ -20,7 +20,8 @@ from safetypairs.images import (
     check_max_pixels,
     load_image,
 )
-from safetypairs.natural import natural_comparison
+from safetypairs.metrics import encode_labels
+from safetypairs.natural import NaturalSet, natural_comparison, select_natural
 from safetypairs.policy import Policy, cached_policy, load_policy
 from safetypairs.registry import check_options, load_backend
 from safetypairs.runner import (
@@ -34,6 +35,7 @@ from safetypairs.schema import (
     CATEGORY,
     IMAGE,
     LABEL,
+    LABELS,
     OK,
     PAIR_ID,
     ROLE,
@@ -246,7 +248,9 @@ def evaluate_release(path: str, config: EvaluateConfig, run: RunConfig, split: s
         config: the evaluation config.
         run: the output folder, chunk size and overwrite policy.
         split: the split to use (default: test, else train).
-        natural: labelled natural images (see `natural_images`); adds ``results["natural"]`` (`natural_comparison`).
+        natural: labelled natural images (see `natural_images`); those inside the policy that share no image and
+            no source with the release (`natural.select_natural`) are compared with the pairs: adds
+            ``results["natural"]`` (`natural_comparison`) and ``results["natural_set"]`` (what was left out, why).
 
     Returns:
         The results dict (as written to ``results.json``); ``{}`` on ranks other than 0.
@@ -267,6 +271,7 @@ def evaluate_release(path: str, config: EvaluateConfig, run: RunConfig, split: s
         raise ValueError(f"{path} is not a SafetyPairs release (no 'images' config); make one with "
                          "`safetypairs release <validated folder> --out <release folder>`")
     used = split or (str(images.split) if images.split is not None else None)
+    chosen = _natural_set(natural, images, config) if natural is not None else None
     results: dict[str, Any] = {}
 
     def compute(rows: Dataset, device: str) -> tuple[Dataset, dict[str, dict[str, Any]]]:
@@ -280,8 +285,9 @@ def evaluate_release(path: str, config: EvaluateConfig, run: RunConfig, split: s
                        "seconds": summary.statuses.get(GUARD_SECONDS, {}).get(spec)} for spec in config.guards}
         results.update(score_predictions(preds, config, pairs=pairs, runs=runs))
         results["dataset"] = {"path": str(path), "split": used, "fingerprint": summary.fingerprint, "n_rows": len(images)}
-        if natural is not None:
-            natural_preds = predict(natural, replace(config, num_proc=None))[0]
+        if chosen is not None:
+            natural_preds = predict(chosen.rows, replace(config, num_proc=None))[0]
+            results["natural_set"] = chosen.account
             results["natural"] = natural_comparison(preds, natural_preds, _pred_columns(config),
                                                     n_bootstrap=config.n_bootstrap, seed=config.seed)
         preds.to_parquet(str(work / "predictions.parquet"))
@@ -290,7 +296,7 @@ def evaluate_release(path: str, config: EvaluateConfig, run: RunConfig, split: s
         return {"results": "results.json", "report": "report.html"}
 
     settings = {**evaluate_settings(config), "dataset": str(path), "split": used,
-                "natural": content_fingerprint(natural) if natural is not None else None}
+                "natural": content_fingerprint(chosen.rows) if chosen is not None else None}
     summary = run_stage(images, compute, stage="evaluate", settings=settings, run=replace(run, source=run.source or str(path)),
                         device=config.device, finalize=finalize, inputs=local, max_pixels=config.max_pixels)
     if summary is None:  # not rank 0: rank 0 scores and writes
@@ -299,6 +305,22 @@ def evaluate_release(path: str, config: EvaluateConfig, run: RunConfig, split: s
         results.update(json.loads((Path(run.out) / "results.json").read_text(encoding="utf-8")))
     logger.info("wrote %s", Path(run.out) / "report.html")
     return results
+
+
+def _natural_set(natural: Dataset, images: Dataset, config: EvaluateConfig) -> NaturalSet:
+    """The natural rows to compare (`natural.select_natural`), checked before any guard runs.
+
+    Raises:
+        ValueError: when no natural image of either class is left.
+    """
+    chosen = select_natural(natural, images, load_policy(config.policy), config.max_pixels)
+    labels = {LABELS[v] for v in encode_labels(chosen.rows[LABEL], "natural labels", allow_unknown=False)}
+    if len(labels) < 2:
+        have = "no natural image" if not labels else f"natural images of one class only ({labels.pop()})"
+        raise ValueError(f"--natural: {have} left to compare: {chosen.account['sentence']}; give labelled safe and "
+                         "unsafe images that are not release images, in the policy's categories")
+    logger.info("natural images: %s", chosen.account["sentence"])
+    return chosen
 
 
 def evaluate_settings(config: EvaluateConfig) -> dict[str, Any]:

@@ -116,8 +116,10 @@ def _pair_stats(pred: np.ndarray, ref: np.ndarray, pair_index: np.ndarray, n_pai
     return np.stack([np.asarray(c, dtype=np.float64) for c in columns], axis=1)
 
 
-def _auroc(scores: np.ndarray, ref: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Weighted AUROC, vectorised over rows of ``weights`` ``(B, n)`` (ties count one half)."""
+def weighted_auroc(scores: np.ndarray, ref: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Weighted AUROC of ``scores`` (higher = unsafe) against ``ref`` (1/0), vectorised over the rows of
+    ``weights`` ``(B, n)`` (bootstrap counts; ties count one half). Returns ``(B,)``, NaN where a row has
+    no weight on one class."""
     order = np.argsort(scores, kind="stable")
     s_sorted = scores[order]
     starts = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])
@@ -156,7 +158,7 @@ def _summary(pred, ref, scores, pair_index, n_boot: int, rng: np.random.Generato
     scored = ~np.isnan(scores)
     point["auroc"] = None
     if scored.any() and len(np.unique(ref[scored])) == 2:
-        point["auroc"] = _to_json(_auroc(scores[scored], ref[scored], np.ones((1, int(scored.sum()))))[0])
+        point["auroc"] = _to_json(weighted_auroc(scores[scored], ref[scored], np.ones((1, int(scored.sum()))))[0])
     out: dict[str, Any] = {**point, "n": int(len(ref)), "n_unsafe": int((ref == 1).sum()), "n_safe": int((ref == 0).sum()),
                            "n_pairs": int(totals["pairs"]), "n_unknown": int(totals["n_unknown"]),
                            "unknown_rate": _to_json(_safe_div(totals["n_unknown"], len(ref))),
@@ -180,7 +182,7 @@ def _bootstrap_ci(stats, scores, ref, pair_index, n_boot: int, rng, with_auroc: 
     boot = _rates({k: sums[:, i] for i, k in enumerate(_STATS)})
     if with_auroc:
         scored = ~np.isnan(scores)
-        boot["auroc"] = _auroc(scores[scored], ref[scored], weights[:, pair_index[scored]])
+        boot["auroc"] = weighted_auroc(scores[scored], ref[scored], weights[:, pair_index[scored]])
     alpha = (1 - CONFIDENCE) / 2
     ci: dict[str, list | None] = {}
     for key in CI_KEYS:

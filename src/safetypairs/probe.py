@@ -14,6 +14,7 @@ from datasets import Dataset
 
 from safetypairs.backends.probe import LinearProbe, save_probe
 from safetypairs.embed import EmbedConfig, embed_dataset, run_embed
+from safetypairs.identity import Identity, identity_of, merged_groups
 from safetypairs.metrics import encode_labels
 from safetypairs.registry import parse_spec
 from safetypairs.schema import (
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 DEFAULT_C = 1.0  # used when a class has too few examples to hold one out for validation
+DEFAULT_THRESHOLD = 0.5  # likewise, the P(unsafe) cut
 PAIR_ROLES = ("original", "edited")  # the pair images used for training (controls are left out)
 
 
@@ -88,20 +90,35 @@ def _balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
     return float(np.mean([np.mean(pred[y == c] == c) for c in (0, 1)]))
 
 
-def fit_probe(x: np.ndarray, y: np.ndarray, config: ProbeConfig, groups: np.ndarray | None = None) -> LinearProbe:
-    """Fit a class-weighted logistic regression, C chosen on a grouped validation split, refit on all rows.
+def choose_threshold(y: np.ndarray, p: np.ndarray) -> float:
+    """The P(unsafe) cut with the best balanced accuracy on held-out rows (ties: the cut nearest 0.5).
 
-    C is the grid value with the best validation balanced accuracy (ties: lower log-loss, then
-    smaller C). When a class has fewer than two groups no split exists and ``DEFAULT_C`` is used.
+    Candidate cuts lie halfway between consecutive distinct probabilities (and below / above them all).
+    """
+    values = np.unique(p)
+    cuts = np.r_[values[0] / 2, (values[1:] + values[:-1]) / 2, (1 + values[-1]) / 2]
+    scores = np.array([_balanced_accuracy(y, (p >= t).astype(np.int64)) for t in cuts])
+    best = np.flatnonzero(scores >= scores.max() - 1e-12)
+    return float(cuts[best[np.argmin(np.abs(cuts[best] - 0.5))]])
+
+
+def fit_probe(x: np.ndarray, y: np.ndarray, config: ProbeConfig, groups: np.ndarray | None = None) -> LinearProbe:
+    """Fit a class-weighted logistic regression, C and the decision threshold chosen on a grouped
+    validation split, then refit on all rows.
+
+    C is the grid value with the best validation balanced accuracy at P(unsafe) 0.5 (ties: lower
+    log-loss, then smaller C); the threshold is the cut with the best validation balanced accuracy
+    of that C's model (`choose_threshold`). When a class has fewer than two groups no split exists:
+    ``DEFAULT_C`` and the threshold 0.5 are used, and ``meta`` says so.
 
     Args:
         x: embeddings ``(n, dim)``.
         y: labels, 1 = unsafe, 0 = safe.
         config: the grid, validation share and seed.
-        groups: a group per row (source or pair id); default: every row its own group.
+        groups: a group per row (rows of one source, see `identity.merged_groups`); default: every row its own.
 
     Returns:
-        The probe; ``meta`` records C, how it was chosen, the validation score and class counts.
+        The probe; ``meta`` records C, the threshold, how both were chosen, the validation scores and class counts.
 
     Raises:
         ValueError: when ``y`` does not hold both classes.
@@ -111,38 +128,32 @@ def fit_probe(x: np.ndarray, y: np.ndarray, config: ProbeConfig, groups: np.ndar
         raise ValueError(f"a probe needs safe and unsafe examples, got labels {sorted(set(y.tolist()))}")
     groups = np.arange(len(y)) if groups is None else np.asarray(groups)
     split = validation_split(y, groups, config.val_fraction, np.random.default_rng(config.seed))
-    chosen, how, scores = DEFAULT_C, "default (too few examples for a validation split)", {}
+    chosen, threshold, how, scores = DEFAULT_C, DEFAULT_THRESHOLD, "default (too few examples for a validation split)", {}
     if split is not None:
         train, val = split
+        val_p = {}
         for c in config.c_grid:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # convergence warnings on separable toy data
                 model = _logistic(c, config.max_iter).fit(x[train], y[train])
             p = np.clip(model.predict_proba(x[val])[:, 1], 1e-9, 1 - 1e-9)
             loss = float(-np.mean(y[val] * np.log(p) + (1 - y[val]) * np.log(1 - p)))
-            scores[c] = (_balanced_accuracy(y[val], (p >= 0.5).astype(np.int64)), -loss, -c)
+            scores[c], val_p[c] = (_balanced_accuracy(y[val], (p >= 0.5).astype(np.int64)), -loss, -c), p
         chosen = max(scores, key=scores.get)
+        threshold = choose_threshold(y[val], val_p[chosen])
         how = f"validation split ({len(val)} rows)"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = _logistic(chosen, config.max_iter).fit(x, y)
-    meta = {"C": chosen, "C_selection": how, "c_grid": list(config.c_grid),
+    meta = {"C": chosen, "threshold": threshold, "C_selection": how, "c_grid": list(config.c_grid),
             "val_balanced_accuracy": {str(c): s[0] for c, s in scores.items()},
             "n_train": int(len(y)), "n_unsafe": int(y.sum()), "n_safe": int(len(y) - y.sum())}
-    return LinearProbe(model.coef_[0].astype(np.float32), float(model.intercept_[0]), config.encoder, meta)
+    return LinearProbe(model.coef_[0].astype(np.float32), float(model.intercept_[0]), config.encoder, meta,
+                       threshold)
 
 
-def group_ids(rows: Dataset, name: str) -> np.ndarray:
-    """A source group per row: ``source_id`` when present, else ``pair_id``, else ``<name>#<row>``."""
-    for column in (SOURCE_ID, PAIR_ID):
-        if column in rows.column_names:
-            return np.array([str(v) if v not in (None, "") else f"{name}#{i}" for i, v in enumerate(rows[column])],
-                            dtype=object)
-    return np.array([f"{name}#{i}" for i in range(len(rows))], dtype=object)
-
-
-def embedded_arrays(rows: Dataset, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(embeddings, labels, groups)`` of the rows whose embedding succeeded (others are logged and left out).
+def embedded_arrays(rows: Dataset, name: str) -> tuple[np.ndarray, np.ndarray, Identity]:
+    """``(embeddings, labels, identity)`` of the rows whose embedding succeeded (others are logged and left out).
 
     Raises:
         ValueError: for rows without ``embedding`` or ``label`` columns or with labels other than safe/unsafe.
@@ -158,7 +169,7 @@ def embedded_arrays(rows: Dataset, name: str) -> tuple[np.ndarray, np.ndarray, n
     rows = rows.select(ok)
     x = np.asarray(rows.with_format("numpy")[EMBEDDING], dtype=np.float32)
     return x.reshape(len(rows), -1), encode_labels(rows[LABEL], f"{name} labels", allow_unknown=False), \
-        group_ids(rows, name)
+        identity_of(rows, name)
 
 
 def pair_rows(rows: Dataset) -> Dataset:
@@ -217,9 +228,10 @@ def train_probe(train: Dataset, config: ProbeConfig, out: str | Path, pairs: Dat
     arrays = [embedded_arrays(part, name) for part, name in zip(parts, ("train", "pairs"))]
     x = np.concatenate([a[0] for a in arrays])
     y = np.concatenate([a[1] for a in arrays])
-    groups = np.concatenate([a[2] for a in arrays])
+    groups = merged_groups(*(a[2] for a in arrays))
     probe = fit_probe(x, y, config, groups)
-    probe.meta.update(n_pairs_images=int(len(arrays[1][1])) if pairs is not None else 0)
+    probe.meta.update(n_pairs_images=int(len(arrays[1][1])) if pairs is not None else 0,
+                      n_groups=int(len(set(groups))), groups="source groups merged where they share an image")
     save_probe(probe, out)
     logger.info("probe on %s: C=%s (%s), %d rows; saved to %s", config.encoder, probe.meta["C"],
                 probe.meta["C_selection"], len(y), out)

@@ -13,6 +13,7 @@ from datasets.utils.py_utils import convert_file_size_to_int
 
 from safetypairs import schema as S
 from safetypairs.datafiles import ROW_GROUP_SIZE
+from safetypairs.identity import image_digests
 from safetypairs.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -54,6 +55,7 @@ _SELECT_COLUMNS = (S.SOURCE_ID, S.ACCEPTED, S.CANDIDATE, S.LPIPS_OUTSIDE, S.SSIM
 _ROW = "__row__"
 _PAIR = "__pair_id__"  # each row's content pair id, computed once before the configs are built
 _UNREADABLE = "__unreadable__"  # the row's image columns that cannot be read (written as null)
+_DIGESTS = "__digests__"  # the row's [original, edited] pixel digests, computed once with the pair id
 _RENAMED = {S.UNSAFE_IMAGE: S.IMAGE, S.SAFE_IMAGE: S.EDITED_IMAGE}  # release column -> validated column
 _DEFAULTS = {S.HUMAN_VERIFIED: False, S.N_REVIEWERS: 0}  # release column -> value when the input lacks it
 
@@ -213,16 +215,20 @@ def _release_batch(batch: dict[str, list], features: Features) -> dict[str, list
     return {name: out[name] for name in features}
 
 
-def _images_batch(batch: dict[str, list]) -> dict[str, list]:
-    """Pairs -> one row per image: original (unsafe), edited (safe) and control (unsafe) when present."""
+def _images_batch(batch: dict[str, list], digests: dict[str, list[str]], max_pixels: int) -> dict[str, list]:
+    """Pairs -> one row per image: original (unsafe), edited (safe) and control (unsafe) when present, each
+    with its pair's source id and its own pixel digest (``digests``: pair id -> [original, edited])."""
     out: dict[str, list] = {name: [] for name in S.IMAGE_FEATURES}
     unsafe, safe = S.LABELS.index(S.UNSAFE), S.LABELS.index(S.SAFE)
     for i, pid in enumerate(batch[S.PAIR_ID]):
-        roles = [(batch[S.UNSAFE_IMAGE][i], unsafe, "original"), (batch[S.SAFE_IMAGE][i], safe, "edited")]
+        roles = [(batch[S.UNSAFE_IMAGE][i], unsafe, "original", digests[pid][0]),
+                 (batch[S.SAFE_IMAGE][i], safe, "edited", digests[pid][1])]
         if batch[S.CONTROL_IMAGE][i] is not None:
-            roles.append((batch[S.CONTROL_IMAGE][i], unsafe, "control"))
-        for image, label, role in roles:
-            values = (image, label, batch[S.CATEGORY][i], pid, S.ROLES.index(role), S.image_id(pid, role))
+            control = batch[S.CONTROL_IMAGE][i]
+            roles.append((control, unsafe, "control", image_digests([control], max_pixels)[0]))
+        for image, label, role, digest in roles:
+            values = (image, label, batch[S.CATEGORY][i], pid, S.ROLES.index(role), S.image_id(pid, role),
+                      batch[S.SOURCE_ID][i], digest)
             for name, value in zip(out, values):
                 out[name].append(value)
     return out
@@ -260,6 +266,7 @@ def _with_pair_ids(source: Dataset, max_pixels: int) -> Dataset:
             if c in source.column_names]
     ids: list[str | None] = []
     unreadable: list[list[str]] = []
+    pixel_digests: list[list[str | None]] = []
     failed: dict[int, tuple[str, str]] = {}  # accepted row -> (status, error naming the row)
     for i, row in enumerate(progress(source.select_columns(cols), desc="release pair ids", total=len(source))):
         digests, bad = {}, []
@@ -274,7 +281,9 @@ def _with_pair_ids(source: Dataset, max_pixels: int) -> Dataset:
         ids.append(None if bad or None in digests.values() else
                    _content_id(row.get(S.POLICY), row[S.CATEGORY], digests[S.IMAGE], digests[S.EDITED_IMAGE]))
         unreadable.append(bad)
+        pixel_digests.append([digests.get(S.IMAGE), digests.get(S.EDITED_IMAGE)])
     source = source.add_column(_PAIR, ids, feature=Value("string"))
+    source = source.add_column(_DIGESTS, pixel_digests, feature=Sequence(Value("string")))
     source = source.add_column(_UNREADABLE, unreadable, feature=Sequence(Value("string")))
     if not failed:
         return source
@@ -367,8 +376,10 @@ def assemble(validated: Dataset, config: ReleaseConfig | None = None, review: Re
                          f"(funnel: {_funnel_text(funnel)})")
     splits = split_by_source(pairs[S.SOURCE_ID], pairs[S.CATEGORY], config)
     configs = {"pairs": DatasetDict({name: pairs.select(rows) for name, rows in splits.items()})}
+    digests = dict(zip(pairs[S.PAIR_ID], source.select_columns([_DIGESTS]).select(best)[_DIGESTS]))
     configs["images"] = DatasetDict(
-        {name: _map(undecoded(ds), _images_batch, S.IMAGE_FEATURES, f"release images/{name}")
+        {name: _map(undecoded(ds), _images_batch, S.IMAGE_FEATURES, f"release images/{name}",
+                    fn_kwargs={"digests": digests, "max_pixels": config.max_pixels})
          for name, ds in configs["pairs"].items()}
     )
     if config.include_rejected:

@@ -72,6 +72,7 @@ SAFE_IMAGE = "safe_image"
 LABEL = "label"
 ROLE = "role"
 IMAGE_ID = "image_id"  # "<pair_id>-<role>": one image of the images config (predictions files key on it)
+IMAGE_DIGEST = "image_digest"  # pixel digest of the image (`images.image_digest`): its identity across datasets
 HUMAN_VERIFIED = "human_verified"  # a majority of reviewers accepted the pair (`safetypairs review`)
 N_REVIEWERS = "n_reviewers"  # reviewers who decided on it (0 when the release was not reviewed)
 
@@ -135,6 +136,8 @@ IMAGE_FEATURES = Features(
         PAIR_ID: Value("string"),
         ROLE: ClassLabel(names=list(ROLES)),
         IMAGE_ID: Value("string"),
+        SOURCE_ID: Value("string"),
+        IMAGE_DIGEST: Value("string"),
     }
 )
 
@@ -197,6 +200,7 @@ VALIDATION_FEATURES = Features(
 EMBED_FEATURES = Features(
     {
         EMBEDDING: Sequence(Value("float32")),
+        IMAGE_DIGEST: Value("string"),
         EMBED_STATUS: Value("string"),
         EMBED_ERROR: Value("string"),
     }

@@ -42,24 +42,35 @@ _SCHEMES = (
     ((255, 255, 255), None, (25, 25, 25)),
     ((170, 170, 170), None, None),  # low contrast, no outline: hard for OCR and inpainting
 )
+# Other images in the wheel that no demo source, base image or pair uses: the held-out backgrounds of the
+# demo's training eval set (photos of a scene in DEMO_PHOTOS, e.g. the right motorcycle view, are left out).
+HELDOUT_PHOTOS = ("horse", "colorwheel", "shepp_logan_phantom", "logo", "microaneurysms", "checkerboard")
 _POSITIONS = ("top", "bottom", "middle", "top", "bottom")
 MAX_SIDE = 512
+MIN_SIDE = 256  # smaller images are enlarged so a caption stays legible
 
 
-@lru_cache(maxsize=len(DEMO_PHOTOS))
+@lru_cache(maxsize=len(DEMO_PHOTOS) + len(HELDOUT_PHOTOS))
 def demo_photo(name: str) -> Image.Image:
-    """A real photo from ``skimage.data`` as RGB, longest side at most 512 px.
+    """An image from ``skimage.data`` as 8-bit RGB, longest side between 256 and 512 px.
 
     Raises:
-        ValueError: for a name not in `DEMO_PHOTOS`.
+        ValueError: for a name in neither `DEMO_PHOTOS` nor `HELDOUT_PHOTOS`.
     """
-    if name not in DEMO_PHOTOS:
-        raise ValueError(f"unknown demo photo {name!r}; allowed: {', '.join(DEMO_PHOTOS)}")
+    if name not in DEMO_PHOTOS + HELDOUT_PHOTOS:
+        raise ValueError(f"unknown demo photo {name!r}; allowed: {', '.join(DEMO_PHOTOS + HELDOUT_PHOTOS)}")
     import skimage.data
 
     arr = getattr(skimage.data, name)()
-    arr = arr[0] if isinstance(arr, tuple) else arr  # stereo pairs
-    image = Image.fromarray(np.asarray(arr).astype(np.uint8)).convert("RGB")
+    arr = np.asarray(arr[0] if isinstance(arr, tuple) else arr)  # stereo pairs
+    if arr.dtype == bool:
+        arr = arr * 255
+    elif arr.dtype.kind == "f":
+        arr = 255 * (arr - arr.min()) / max(float(np.ptp(arr)), 1e-9)
+    image = Image.fromarray(arr.astype(np.uint8)).convert("RGB")
+    if max(image.size) < MIN_SIDE:
+        scale = MIN_SIDE / max(image.size)
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
     image.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)
     return image
 
@@ -74,9 +85,15 @@ def _caption_box(image: Image.Image, rng: random.Random) -> tuple[int, int, int,
     return x0, y0, x0 + width, y0 + height
 
 
-def render_demo_row(index: int, seed: int, kind: str = "harassing") -> dict:
+def render_demo_row(index: int, seed: int, kind: str = "harassing", heldout: bool = False) -> dict:
     """Make one demo source row: a photo with a harassing (or, with ``kind="benign"``, a friendly)
     caption in a random style and place.
+
+    Args:
+        index: the row number (it picks the photo).
+        seed: seed of the caption, style and place.
+        kind: ``harassing`` or ``benign``.
+        heldout: use `HELDOUT_PHOTOS` and the held-out captions, which no source, edit or base image uses.
 
     Returns:
         A row with ``source_id, image, category, rationale, source_meta`` (JSON with the text,
@@ -88,8 +105,9 @@ def render_demo_row(index: int, seed: int, kind: str = "harassing") -> dict:
     if kind not in ("harassing", "benign"):
         raise ValueError(f"unknown caption kind {kind!r}; allowed: harassing, benign")
     rng = random.Random(f"{seed}:{index}")
-    photo = DEMO_PHOTOS[index % len(DEMO_PHOTOS)]
-    caption = rng.choice(demo_text()[kind])
+    photos = HELDOUT_PHOTOS if heldout else DEMO_PHOTOS
+    photo = photos[index % len(photos)]
+    caption = rng.choice(demo_text()[f"heldout_{kind}" if heldout else kind])
     image = demo_photo(photo).copy()
     box = _caption_box(image, rng)
     fill, stroke, band = rng.choice(_SCHEMES)

@@ -34,12 +34,14 @@ class LinearProbe:
         intercept: the bias.
         encoder: the encoder spec whose embeddings the probe reads (``open_clip:...``, ``ocr-text``).
         meta: training facts kept in the JSON config (C, class counts, validation score, ...).
+        threshold: the P(unsafe) at or above which an image is unsafe (chosen on the validation split).
     """
 
     coef: np.ndarray
     intercept: float
     encoder: str
     meta: dict[str, Any] = field(default_factory=dict)
+    threshold: float = 0.5
 
     def predict_proba(self, embeddings: np.ndarray) -> np.ndarray:
         """P(unsafe) for each row of ``embeddings`` (shape ``(n, dim)``).
@@ -68,7 +70,7 @@ def save_probe(probe: LinearProbe, path: str | Path) -> Path:
     save_file({"coef": probe.coef.astype(np.float32), "intercept": np.array([probe.intercept], dtype=np.float32)},
               str(folder / WEIGHTS_FILE))
     config = {"format": FORMAT, "encoder": probe.encoder, "dim": int(probe.coef.shape[0]),
-              "classes": [SAFE, UNSAFE], "meta": probe.meta}
+              "classes": [SAFE, UNSAFE], "threshold": probe.threshold, "meta": probe.meta}
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str), encoding="utf-8")
     return folder
 
@@ -93,14 +95,17 @@ def load_probe(path: str | Path) -> LinearProbe:
     coef = tensors["coef"].astype(np.float32)
     if coef.shape != (config["dim"],):
         raise ValueError(f"{str(folder)!r}: coef has shape {coef.shape}, config says dim {config['dim']}")
-    return LinearProbe(coef, float(tensors["intercept"][0]), config["encoder"], config.get("meta", {}))
+    return LinearProbe(coef, float(tensors["intercept"][0]), config["encoder"], config.get("meta", {}),
+                       float(config.get("threshold", 0.5)))
 
 
 class LinearProbeGuard:
-    """``linear-probe:<probe folder>[,threshold=0.5]``: embeds each image with the probe's encoder and
-    applies the probe; score = P(unsafe), unsafe when the score reaches ``threshold``."""
+    """``linear-probe:<probe folder>[,threshold=<0..1>]``: embeds each image with the probe's encoder and
+    applies the probe; score = P(unsafe), unsafe when the score reaches ``threshold`` (default: the
+    probe's own, chosen on its validation split)."""
 
-    OPTIONS: dict[str, str] = {"threshold": "P(unsafe) at or above which an image is called unsafe (default 0.5)"}
+    OPTIONS: dict[str, str] = {"threshold": "P(unsafe) at or above which an image is called unsafe (default: the "
+                                            "threshold the probe chose on its validation split)"}
 
     def __init__(self, probe: LinearProbe, threshold: float, device: str, spec: str) -> None:
         self.probe, self.threshold, self.spec = probe, threshold, spec
@@ -115,7 +120,8 @@ class LinearProbeGuard:
             FileNotFoundError: when the folder holds no probe.
         """
         folder, threshold = cls._arguments(arg, options)
-        return cls(load_probe(folder), threshold, device, f"linear-probe:{arg}")
+        probe = load_probe(folder)
+        return cls(probe, probe.threshold if threshold is None else threshold, device, f"linear-probe:{arg}")
 
     @classmethod
     def check_options(cls, arg: str | None, **options: Any) -> None:
@@ -127,10 +133,10 @@ class LinearProbeGuard:
         cls._arguments(arg, options)
 
     @staticmethod
-    def _arguments(arg: str | None, options: dict[str, Any]) -> tuple[str, float]:
+    def _arguments(arg: str | None, options: dict[str, Any]) -> tuple[str, float | None]:
         folder, inline = split_model_arg(arg, "linear-probe")
         values = cast_options("linear-probe", {**inline, **options}, {"threshold": float}, {"threshold": Range(0, 1)})
-        return folder, values.get("threshold", 0.5)
+        return folder, values.get("threshold")
 
     def classify(self, images: list[Image.Image], categories: list[str | None], policy: Policy) -> list[Verdict]:
         """P(unsafe) from the probe on each image's embedding (the policy and categories are not used)."""

@@ -48,10 +48,13 @@ def _write_results(results: dict, out: str) -> None:
     for row in results["leaderboard"]:
         cells = "  ".join(f"{k}={'-' if row[k] is None else round(row[k], 3)}" for k in ("pair_accuracy", "f1", "auroc"))
         sys.stdout.write(f"{row['guard']}: {cells}  unknown={row['n_unknown']}\n")
+    if results.get("natural_set"):
+        sys.stdout.write(f"natural images: {results['natural_set']['sentence']}\n")
     for spec, cmp in (results.get("natural") or {}).items():
-        cells = "  ".join(f"{name}={_value_ci(cmp[key])}" for name, key in (
-            ("natural_acc", "natural_accuracy"), ("pair_acc", "release_pair_accuracy"), ("gap", "gap_pair_accuracy")))
-        sys.stdout.write(f"{spec} natural vs pairs: {cells}\n")
+        for rate in ("balanced_accuracy", "pair_accuracy"):
+            cells = "  ".join(f"{side}={_value_ci(cmp[side][rate])}" for side in ("natural", "release", "gap"))
+            sys.stdout.write(f"{spec} {rate} natural vs pairs: {cells}\n")
+        sys.stdout.write(f"{spec}: {cmp['finding']}\n")
     # the caveats (circular guards, unchecked label flips), after the numbers they qualify
     for spec, note in (results.get("notes") or {}).items():
         sys.stdout.write(f"warning: {spec}: {note}\n")
@@ -105,8 +108,9 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     add_bootstrap(p)
     p.add_argument("--natural", help="labelled natural images (folder or hub id with image, label; a source image "
                                      "folder or generate run, labelled by rating/label: the rows set aside as "
-                                     "not_unsafe are natural negatives): their accuracy is reported beside the "
-                                     "release's pair accuracy, with the gap")
+                                     "not_unsafe are natural negatives), compared with the pairs per class, as "
+                                     "balanced accuracy and as pair accuracy of matched natural pairs; release "
+                                     "images (and their sources) and rows outside the policy are left out and counted")
     add_split(p, of="natural", flag="--natural-split")
     add_max_pixels(p)
     p.set_defaults(func=_cmd_evaluate)
@@ -227,25 +231,29 @@ def add_train_probe(sub: argparse._SubParsersAction) -> None:
 def _cmd_sample_efficiency(args: argparse.Namespace) -> int:
     from safetypairs.embed import load_embedded
     from safetypairs.probe import embed_cached
-    from safetypairs.sample_efficiency import SweepConfig, run_sample_efficiency
+    from safetypairs.sample_efficiency import ARMS, EFFECTS, SweepConfig, run_sample_efficiency
 
     try:
         ks = tuple(int(k) for k in args.k.split(","))
     except ValueError as err:
         raise CLIError(f"--k must be comma-separated integers, got {args.k!r}") from err
-    config = SweepConfig(ks=ks, seeds=args.seeds, seed=args.seed, metric=args.metric)
+    config = SweepConfig(ks=ks, seeds=args.seeds, seed=args.seed, metric=args.metric, n_bootstrap=args.bootstrap)
     embed = _embed_config(args)
     cache = Path(args.cache) if args.cache else Path(args.out) / "embeddings"
     sets = {name: embed_cached(load_embedded(path, args.encoder, split), embed, cache, name)
             for name, path, split in (("base", args.base, args.base_split), ("pairs", args.pairs, args.pairs_split),
                                       ("eval", args.eval, args.eval_split))}
     results = run_sample_efficiency(sets["base"], sets["pairs"], sets["eval"], config, args.encoder, out=args.out)
+    sys.stdout.write(f"eval: {results['eval_exclusion']['sentence']}\n")
     summary = results["summary"][config.metric]
     for k in summary["arms"]["base"]:
-        cells = "  ".join(f"{arm}={_mean_ci(summary['arms'][arm][k])}" for arm in ("base", "pairs", "random"))
-        sys.stdout.write(f"k={k:>3}  {cells}\n")
+        cells = "  ".join(f"{arm}={_mean_ci(summary['arms'][arm][k])}" for arm in ARMS)
+        effects = "  ".join(f"{name}={_mean_ci(summary['effects'][name][k])}" for name in EFFECTS)
+        sys.stdout.write(f"k={k:>3}  {cells}\n       {effects}\n")
     for k, why in results["skipped"].items():
         sys.stdout.write(f"k={k} skipped: {why}\n")
+    for line in results["findings"]:
+        sys.stdout.write(f"{line}\n")
     sys.stdout.write(f"wrote {args.out}/results.json, curve.png, report.html\n")
     return 0
 
@@ -253,11 +261,13 @@ def _cmd_sample_efficiency(args: argparse.Namespace) -> int:
 def add_sample_efficiency(sub: argparse._SubParsersAction) -> None:
     """The ``sample-efficiency`` subcommand."""
     p = sub.add_parser(
-        "sample-efficiency", help="probe accuracy vs k: base alone, + k pairs, + k random extra images",
-        description="For each k and seed, train a linear probe on k base examples per class alone, with k "
-                    "counterfactual pairs added, and with k random extra base images per class added; score "
-                    "held-out images sharing no source with training; mean and 95%% CI per k and arm "
-                    "(results.json, curve.png, report.html). Embeddings are cached under --cache.",
+        "sample-efficiency", help="probe accuracy vs k: base alone, + k pairs, + k unpaired pair images, + 2k random",
+        description="For each k and seed, train a linear probe on k base examples per class alone, + k "
+                    "counterfactual pairs, + the same k originals with the edits of k other pairs (unpaired), and + "
+                    "k random extra base images per class. Pair structure = pairs - unpaired, more data = random - "
+                    "base, each with a 95%% CI over seeds and eval sources. Eval images that are, or share a source "
+                    "with, a base or pair image are left out and counted (results.json, curve.png, report.html). "
+                    "Embeddings are cached under --cache.",
     )
     p.add_argument("--base", required=True, help="labelled natural images (folder, hub id or embed run)")
     p.add_argument("--pairs", required=True, help="a release (its images config) or its embed run")
@@ -269,7 +279,8 @@ def add_sample_efficiency(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", default="2,4,8,16,32,64", help="comma-separated k values (default: 2,4,8,16,32,64)")
     p.add_argument("--seeds", type=int, default=10, help="seeds per k (default: 10)")
     add_seed(p, "run seed")
-    p.add_argument("--metric", default="balanced_accuracy", choices=["balanced_accuracy", "accuracy", "auroc"],
-                   help="the plotted metric (default: balanced_accuracy)")
+    p.add_argument("--metric", default="balanced_accuracy", choices=["balanced_accuracy", "auroc", "accuracy"],
+                   help="the plotted metric (default: balanced_accuracy; AUROC is always reported beside it)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples behind every interval (1000)")
     p.add_argument("--cache", default=None, help="embedding cache folder (default: OUT/embeddings)")
     p.set_defaults(func=_cmd_sample_efficiency)

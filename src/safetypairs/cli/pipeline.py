@@ -51,7 +51,7 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     add_seed(p, "seed for captions, fonts and placement")
     add_overwrite(p, run=False)
     p.add_argument("--no-train", action="store_true",
-                   help="skip the training section (ocr-text probes: base vs + pairs vs + random extra images)")
+                   help="skip the training section (ocr-text probes: base, + pairs, + unpaired pair images, + random images)")
     p.set_defaults(func=_cmd_demo)
 
 
