@@ -32,11 +32,11 @@ def _photos(n: int):
 
 
 def bench_stage_vs_bare(n: int = 128, batch_size: int = 32, repeats: int = 2) -> tuple[float, float]:
-    """Seconds for `embed_dataset` vs a loop decoding the same cells and calling the same encoder."""
-    from safetypairs.embed import EmbedConfig, embed_dataset
+    """Seconds for `run_embed` vs a loop decoding the same cells and calling the same encoder."""
+    from safetypairs.probes.embed import EmbedConfig, run_embed
     from safetypairs.images import load_image
-    from safetypairs.registry import load_backend
-    from safetypairs.stage import undecoded
+    from safetypairs.backends.registry import load_backend
+    from safetypairs.engine.stage import undecoded
 
     dataset = _photos(n)
     encoder = load_backend("encoders", ENCODER, "cpu")
@@ -45,7 +45,7 @@ def bench_stage_vs_bare(n: int = 128, batch_size: int = 32, repeats: int = 2) ->
     stage, bare = [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        embed_dataset(dataset, config)
+        run_embed(dataset, config)
         stage.append(time.perf_counter() - start)
         start = time.perf_counter()
         cells = undecoded(dataset)
@@ -58,7 +58,7 @@ def bench_stage_vs_bare(n: int = 128, batch_size: int = 32, repeats: int = 2) ->
 def bench_sweep(dim: int = 768) -> tuple[float, int]:
     """Seconds for 6 k x 10 seeds x 4 arms on cached (synthetic) embeddings of CLIP ViT-L/14 size."""
     from safetypairs.identity import identity_of
-    from safetypairs.sample_efficiency import Labelled, SweepConfig, run_sweep
+    from safetypairs.probes.sample_efficiency import Labelled, SweepConfig, run_sweep
 
     rng = np.random.default_rng(0)
 
@@ -76,10 +76,10 @@ def bench_sweep(dim: int = 768) -> tuple[float, int]:
 
 
 def bench_second_run(n: int = 64) -> tuple[int, int, str]:
-    """Encoder images embedded by a first and a second `run_embed` on the same data and encoder."""
-    from safetypairs import runner
-    from safetypairs.embed import EmbedConfig, run_embed
-    from safetypairs.registry import load_backend
+    """Encoder images embedded by a first and a second `embed_run` on the same data and encoder."""
+    from safetypairs.engine import runner
+    from safetypairs.probes.embed import EmbedConfig, embed_run
+    from safetypairs.backends.registry import load_backend
 
     encoder = load_backend("encoders", ENCODER, "cpu")
     calls = []
@@ -87,9 +87,9 @@ def bench_second_run(n: int = 64) -> tuple[int, int, str]:
     encoder.embed = lambda images: calls.append(len(images)) or original(images)
     dataset, out = _photos(n), Path(tempfile.mkdtemp()) / "emb"
     config = EmbedConfig(encoder=ENCODER, device="cpu")
-    run_embed(dataset, config, runner.RunConfig(out=out, chunk_size=32))
+    embed_run(dataset, config, runner.RunConfig(out=out, chunk_size=32))
     first = sum(calls)
-    run_embed(dataset, config, runner.RunConfig(out=out, chunk_size=32))
+    embed_run(dataset, config, runner.RunConfig(out=out, chunk_size=32))
     return first, sum(calls) - first
 
 
@@ -100,7 +100,7 @@ def main() -> None:
     seconds, runs = bench_sweep()
     print(f"sample-efficiency sweep 6 k x 10 seeds x 4 arms ({runs} probes, 768-d): {seconds:.2f} s (target < 10 s)")
     first, second = bench_second_run()
-    print(f"run_embed on 64 images: first run embedded {first} images, second run {second} (target 0)")
+    print(f"embed_run on 64 images: first run embedded {first} images, second run {second} (target 0)")
 
 
 if __name__ == "__main__":

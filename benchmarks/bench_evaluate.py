@@ -6,7 +6,7 @@
 2. Overhead: a tiny random Llava guard (``hf-vlm:<path>``, 224 px) over the ``images`` config of a
    release folder made of real skimage photos. The bare loop reads the same parquet rows, decodes the
    same image bytes with `load_image` and calls the same ``classify`` on the same batches; against it
-   run `predict` (in-process `map_stage`) and `evaluate_release` (the shared runner, the CLI's path:
+   run `predict` (in-process `map_stage`) and `evaluate_run` (the shared runner, the CLI's path:
    chunks + parquet + merge, then scoring without bootstrap and the report). Rounds are interleaved
    (order rotates); the ratio is the median of the per-round ratios (goal <= 1.05x).
 3. Scaling: ``safetypairs evaluate`` as 1 process and under ``torchrun --nproc_per_node 2`` (one thread
@@ -39,7 +39,7 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "clock"
 
 def bench_metrics(repeats: int = 3) -> float:
     """Best-of-``repeats`` seconds of `compute_metrics` on a release-sized prediction table."""
-    from safetypairs.metrics import compute_metrics
+    from safetypairs.evaluate.metrics import compute_metrics
 
     rng = np.random.default_rng(0)
     n_pairs = 1510
@@ -66,7 +66,7 @@ def write_release(n_images: int, folder: Path) -> Path:
     from datasets import Dataset
     from PIL import ImageDraw
 
-    from safetypairs.datafiles import write_parquet
+    from safetypairs.engine.datafiles import write_parquet
     from safetypairs.schema import IMAGE_FEATURES, image_id
     from safetypairs.sources import demo_photo
 
@@ -95,20 +95,20 @@ def write_release(n_images: int, folder: Path) -> Path:
 
 
 def overhead(release: Path, spec: str, work: Path, rounds: int, batch_size: int, chunk_size: int) -> None:
-    """Bare loop vs `predict` vs `evaluate_release`, interleaved rounds on the same rows."""
+    """Bare loop vs `predict` vs `evaluate_run`, interleaved rounds on the same rows."""
     import pyarrow.parquet as pq
 
-    from safetypairs.evaluate import (
+    from safetypairs.evaluate.stage import (
         EvaluateConfig,
-        evaluate_release,
+        evaluate_run,
         load_release,
         predict,
     )
     from safetypairs.images import load_image
     from safetypairs.policy import load_policy
-    from safetypairs.registry import load_backend
-    from safetypairs.runner import RunConfig
-    from safetypairs.stage import undecoded
+    from safetypairs.backends.registry import load_backend
+    from safetypairs.engine.runner import RunConfig
+    from safetypairs.engine.stage import undecoded
 
     images = load_release(str(release), "images")
     written = sum(pq.read_metadata(f).num_rows for f in release.glob("data/images/*.parquet"))
@@ -124,10 +124,10 @@ def overhead(release: Path, spec: str, work: Path, rounds: int, batch_size: int,
         predict(images, config)
 
     def runner(r: int) -> None:
-        evaluate_release(str(release), config, RunConfig(out=work / f"evaluate-{r}", chunk_size=chunk_size))
+        evaluate_run(str(release), config, RunConfig(out=work / f"evaluate-{r}", chunk_size=chunk_size))
 
     bare(0)  # warm-up: model load, first-call allocations
-    paths = {"bare loop": bare, "predict (map_stage)": mapped, "evaluate_release (runner)": runner}
+    paths = {"bare loop": bare, "predict (map_stage)": mapped, "evaluate_run (runner)": runner}
     seconds = interleaved(paths, rounds)
     print_overhead(f"guard overhead, tiny Llava {SIDE} px, {len(images)} images, batch {batch_size}, chunk {chunk_size}, "
                    f"{rounds} interleaved rounds ({load_line()}):", seconds, "bare loop", 1.05)

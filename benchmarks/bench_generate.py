@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/bench_generate.py [--quick]
 
-1. Overhead: `generate_pairs` (in-process `map_stage`) and `run_generate` (the shared runner, the CLI's
+1. Overhead: `generate_pairs` (in-process `map_stage`) and `generate_run` (the shared runner, the CLI's
    path: chunks + parquet + merge) with a tiny random InstructPix2Pix editor (``diffusers:<path>``) over
    ``n`` sources, against a bare loop that calls the same pipeline, batch by batch, on the same decoded
    images with the same seeds and resizes back. The three run over ``--rounds`` slices of the source in
@@ -82,7 +82,7 @@ def bare_loop(pipe, source) -> float:
 
 
 def overhead(editor_path: str, source_path: Path, work: Path, rounds: int) -> None:
-    """Bare loop vs `generate_pairs` vs `run_generate`, interleaved over ``rounds`` slices of the source
+    """Bare loop vs `generate_pairs` vs `generate_run`, interleaved over ``rounds`` slices of the source
     (the order rotates each round, so load changes on a shared machine hit all three alike), after a warm-up."""
     from datasets import load_from_disk
     from diffusers import DiffusionPipeline
@@ -91,7 +91,7 @@ def overhead(editor_path: str, source_path: Path, work: Path, rounds: int) -> No
         GenerateConfig,
         RunConfig,
         generate_pairs,
-        run_generate,
+        generate_run,
     )
 
     source = load_from_disk(str(source_path))
@@ -109,7 +109,7 @@ def overhead(editor_path: str, source_path: Path, work: Path, rounds: int) -> No
         assert rows.unique("edit_status") == ["ok"], rows.unique("edit_status")
 
     paths = {"bare loop": lambda r: bare_loop(pipe, parts[r]), "generate_pairs (map_stage)": pairs,
-             "run_generate (runner)": lambda r: run_generate(parts[r], config,
+             "generate_run (runner)": lambda r: generate_run(parts[r], config,
                                                              RunConfig(out=work / f"overhead-run-{r}", chunk_size=64))}
     seconds = interleaved(paths, rounds)
     print_overhead(f"generate overhead, tiny InstructPix2Pix {SIDE} px, {STEPS} steps, {len(source)} sources in {rounds} "

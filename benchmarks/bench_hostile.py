@@ -86,7 +86,7 @@ def bench_write(n: int = 64) -> None:
     from datasets import Dataset, Features, Image
     from datasets.table import embed_table_storage
 
-    from safetypairs.datafiles import ROW_GROUP_SIZE, write_parquet
+    from safetypairs.engine.datafiles import ROW_GROUP_SIZE, write_parquet
     from safetypairs.sources import DEMO_PHOTOS, demo_photo
 
     images = [demo_photo(DEMO_PHOTOS[i % len(DEMO_PHOTOS)]).rotate(i) for i in range(n)]

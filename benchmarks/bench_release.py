@@ -78,8 +78,8 @@ def release(path: str) -> dict:
     """Load the validated rows from disk, write the release; report RSS and time."""
     from datasets import load_from_disk
 
-    from safetypairs.publish import write_release
-    from safetypairs.release import ReleaseConfig
+    from safetypairs.release.publish import write_release
+    from safetypairs.release.assemble import ReleaseConfig
 
     validated = load_from_disk(os.path.join(path, "validated"))
     before, sampler = _status_mb("RssAnon"), AnonPeak()

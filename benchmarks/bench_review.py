@@ -145,7 +145,7 @@ def measure(folder: Path, decisions: int) -> dict:
 def serving_cost(folder: Path, repeats: int = 200) -> tuple[float, float]:
     """Milliseconds per image: stored bytes as the app serves them vs decode + PNG re-encode."""
     from safetypairs.images import load_image
-    from safetypairs.review_app import ReviewConfig, ReviewSource
+    from safetypairs.review.app import ReviewConfig, ReviewSource
 
     source = ReviewSource(folder, ReviewConfig("bench"))
     t = time.perf_counter()

@@ -79,7 +79,7 @@ def write_pairs(n: int, out: Path, control: bool = False) -> Path:
                 row = {**row, S.EDITED_IMAGE: jpeg(row[S.EDITED_IMAGE], 80), S.CONTROL_IMAGE: jpeg(row[S.IMAGE], 80)}
             yield row
 
-    from safetypairs.calibrate import jpeg
+    from safetypairs.validate.calibrate import jpeg
 
     features = Features({S.IMAGE: Image(), S.EDITED_IMAGE: Image(), **({S.CONTROL_IMAGE: Image()} if control else {})})
     base = Dataset.from_generator(rows, gen_kwargs={"count": min(n, 1000)}, features=features,
@@ -92,13 +92,13 @@ def write_pairs(n: int, out: Path, control: bool = False) -> Path:
 def bare_loop(data, lpips_spec: str | None, clip_spec: str, batch_size: int) -> int:
     """The same metric calls as `ValidateTransform`, in a plain loop that keeps only the numbers."""
 
-    from safetypairs import change
+    from safetypairs.validate import change
     from safetypairs import schema as S
     from safetypairs.images import load_image
-    from safetypairs.registry import load_backend
-    from safetypairs.stage import undecoded
-    from safetypairs.thresholds import thresholds_for
-    from safetypairs.validate import ValidateConfig
+    from safetypairs.backends.registry import load_backend
+    from safetypairs.engine.stage import undecoded
+    from safetypairs.validate.thresholds import thresholds_for
+    from safetypairs.validate.stage import ValidateConfig
 
     config = ValidateConfig()
     params = config.mask_params(thresholds_for(config, None)[1])  # the pixel-exact preset's mask settings
@@ -125,8 +125,8 @@ def overhead(path: Path, clip_spec: str, work: Path, rounds: int, batch_size: in
     """Bare loop vs `run_validate` vs `validate_run`, interleaved rounds on the same rows (warm models)."""
     from datasets import load_from_disk
 
-    from safetypairs.runner import RunConfig
-    from safetypairs.validate import ValidateConfig, run_validate, validate_run
+    from safetypairs.engine.runner import RunConfig
+    from safetypairs.validate.stage import ValidateConfig, run_validate, validate_run
 
     data = load_from_disk(str(path))
     config = ValidateConfig(lpips=LPIPS_SPEC, clip=clip_spec, device="cpu", batch_size=batch_size)
@@ -148,7 +148,7 @@ def _memory_child(path: str, batch_size: int) -> None:
     import datasets
     from datasets import load_from_disk
 
-    from safetypairs.validate import validate_pairs
+    from safetypairs.validate.stage import validate_pairs
 
     datasets.disable_progress_bars()
     clip_spec = _tiny_clip_spec(Path(path).parent / "clip")
@@ -195,7 +195,7 @@ def control_ratio(n: int, batch_size: int, encoders: bool, tmp: Path) -> dict:
     alternating runs each, in this process."""
     from datasets import load_from_disk
 
-    from safetypairs.validate import validate_pairs
+    from safetypairs.validate.stage import validate_pairs
 
     path = write_pairs(n, tmp / f"pairs-control-{n}", control=True)
     kwargs = {"lpips": LPIPS_SPEC, "clip": _tiny_clip_spec(tmp / "clip")} if encoders else {}

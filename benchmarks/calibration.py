@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from safetypairs import schema as S
-from safetypairs.calibrate import EXPECTED, jpeg, known_edits, verdict
+from safetypairs.validate.calibrate import EXPECTED, jpeg, known_edits, outcome
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "stereo_motorcycle")  # colour photos (recolour)
 
@@ -94,7 +94,7 @@ def measure(pairs: list[CalibrationPair], config=None) -> list[dict]:
     """
     from datasets import Dataset
 
-    from safetypairs.validate import ValidateConfig, validate_pairs
+    from safetypairs.validate.stage import ValidateConfig, validate_pairs
 
     config = replace(config or ValidateConfig(), judge=None)
     columns = {S.IMAGE: [p.original for p in pairs], S.EDITED_IMAGE: [p.edited for p in pairs],
@@ -103,7 +103,7 @@ def measure(pairs: list[CalibrationPair], config=None) -> list[dict]:
     out = validate_pairs(data, config).remove_columns([*columns, S.EDIT_MASK])
     rows = []
     for pair, row in zip(pairs, out):
-        decision = verdict(row)
+        decision = outcome(row)
         rows.append({"photo": pair.photo, "case": pair.case, "expected": " or ".join(EXPECTED[pair.case]),
                      "decision": decision, "ok": decision in EXPECTED[pair.case], **{c: row[c] for c in _COLUMNS}})
     return rows
@@ -133,7 +133,7 @@ def summarize(rows: list[dict]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the calibration table (optionally through a fingerprint, with LPIPS / CLIP encoders)."""
-    from safetypairs.validate import ValidateConfig
+    from safetypairs.validate.stage import ValidateConfig
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.calibration", description=__doc__)
     parser.add_argument("--fingerprint", choices=list(FINGERPRINTS), default="none")

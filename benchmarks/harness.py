@@ -76,7 +76,7 @@ def critical_path(meta: Mapping[str, Any]) -> tuple[float, float]:
     each rank's first chunk (which loads the models: imports, weights, warm-up) counted at the median
     time of the run's other chunks."""
     sys.path.insert(0, str(ROOT / "src"))
-    from safetypairs.chunks import chunk_ranges
+    from safetypairs.engine.chunks import chunk_ranges
 
     seconds = {int(k): sum(v.values()) for k, v in meta["timings"]["chunk_seconds"].items()}
     world = meta["num_processes"]

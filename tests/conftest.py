@@ -20,7 +20,7 @@ import pytest  # noqa: E402 - after the environment set-up above
 @pytest.fixture
 def isolated_registry(monkeypatch):
     """Backend registries that a test may `register` into; restored (and the backend cache cleared) after it."""
-    from safetypairs import registry
+    from safetypairs.backends import registry
 
     monkeypatch.setattr(registry, "REGISTRY", {kind: dict(aliases) for kind, aliases in registry.REGISTRY.items()})
     monkeypatch.setattr(registry, "_ORIGINS", dict(registry._ORIGINS))

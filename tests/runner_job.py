@@ -16,7 +16,7 @@ import numpy as np
 from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
 
-from safetypairs.runner import RunConfig, run_stage, session
+from safetypairs.engine.runner import RunConfig, run_stage, session
 from safetypairs.utils import OutputDirError
 
 

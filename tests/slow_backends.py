@@ -47,7 +47,7 @@ class SlowClassifier:
 
 def register() -> None:
     """Add ``slow`` to the judges and guards registries."""
-    from safetypairs.registry import REGISTRY
+    from safetypairs.backends.registry import REGISTRY
 
     for kind in ("judges", "guards"):
         REGISTRY[kind]["slow"] = "slow_backends:SlowClassifier"
@@ -78,7 +78,7 @@ def check_sharding_and_resume(make_args: Callable[[Path, int], list[str]], root:
         root: a scratch folder.
         table: ``out folder -> the table to compare`` (value for value, pixel for pixel).
     """
-    from safetypairs.folders import partial_dir, read_json
+    from safetypairs.engine.folders import partial_dir, read_json
 
     _cli(make_args(root / "ref", 2))
     reference = table(root / "ref")

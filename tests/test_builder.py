@@ -8,9 +8,9 @@ import pytest
 from release_rows import digest, validated_rows
 
 from safetypairs import schema as S
-from safetypairs.builder import METADATA, SafetyPairsRaw, export_raw, load_raw
+from safetypairs.release.builder import METADATA, SafetyPairsRaw, export_raw, load_raw
 from safetypairs.cli import main
-from safetypairs.release import ReleaseConfig, assemble
+from safetypairs.release.assemble import ReleaseConfig, assemble
 from safetypairs.utils import OutputDirError
 
 

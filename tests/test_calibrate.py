@@ -5,7 +5,7 @@ import yaml
 
 from benchmarks.calibration import FINGERPRINTS
 from safetypairs import schema as S
-from safetypairs.calibrate import (
+from safetypairs.validate.calibrate import (
     EXPECTED,
     GLOBAL,
     LOCAL,
@@ -14,15 +14,15 @@ from safetypairs.calibrate import (
     known_edits,
     run_calibrate,
 )
-from safetypairs.registry import REGISTRY
-from safetypairs.thresholds import (
+from safetypairs.backends.registry import REGISTRY
+from safetypairs.validate.thresholds import (
     FORMAT,
     PIXEL_EXACT,
     PRESETS,
     load_thresholds,
     write_thresholds,
 )
-from safetypairs.validate import ValidateConfig, validate_pairs
+from safetypairs.validate.stage import ValidateConfig, validate_pairs
 
 
 class FingerprintEditor:
@@ -82,7 +82,7 @@ def test_calibration_round_trip(photos, fingerprint, fingerprint_editor, tmp_pat
     for name, value in fitted.as_dict().items():
         assert getattr(loaded, name) == (None if value is None else pytest.approx(value, rel=1e-5))
     # validate the same candidates with the file: the same decision for every case
-    from safetypairs.calibrate import edited_cases
+    from safetypairs.validate.calibrate import edited_cases
 
     data = edited_cases(photos, CalibrateConfig(editor=spec))
     out = validate_pairs(data, ValidateConfig(thresholds=str(path)))

@@ -11,10 +11,10 @@ from PIL import Image
 from release_rows import validated_rows
 
 from safetypairs import schema as S
-from safetypairs.card import GRID_PATH, render_card, size_category, template_path
-from safetypairs.publish import write_release
-from safetypairs.release import ReleaseConfig, assemble
-from safetypairs.validate import ValidateConfig, run_validate
+from safetypairs.release.card import GRID_PATH, render_card, size_category, template_path
+from safetypairs.release.publish import write_release
+from safetypairs.release.assemble import ReleaseConfig, assemble
+from safetypairs.validate.stage import ValidateConfig, run_validate
 
 FUNNEL = [
     {"stage": "source", "rows_in": 9, "rows_out": 9, "statuses": {"ok": 9}},
@@ -59,7 +59,7 @@ def test_body_generated_from_the_data(written):
         assert f"| {code} | " in text and f" {n_test} | {n_train} | {n_test + n_train} |" in text
     assert "Hate, Humiliation, Harassment" in text  # names from the built-in llavaguard policy
     assert "| edit | 18 | 18 | ok: 17, no_text_found: 1 |" in text  # the pipeline funnel given
-    assert "| not_local |" in text  # rejection reasons
+    assert "| `not_local` |" in text and "the change covers too much of the image" in text  # reasons, meanings
     assert "`ocr-inpaint@test`" in text and "`llavaguard@1`" in text and "`template`" in text
     assert "arXiv:2510.21120" in text and "Content warning" in text and "confound" in text
     assert f"]({GRID_PATH})" in text

@@ -1,8 +1,8 @@
 """Caveats results carry: guards sharing the judge's backend, pairs no judge checked."""
 
 from safetypairs import schema as S
-from safetypairs.caveats import circularity_notes, release_caveats, shares_backend
-from safetypairs.report import render_report
+from safetypairs.evaluate.caveats import circularity_notes, release_caveats, shares_backend
+from safetypairs.evaluate.report import render_report
 
 
 def test_a_guard_sharing_the_judges_backend_or_model_is_flagged():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from safetypairs.change import MaskParams, change_mask, composite, feather, to_float
+from safetypairs.validate.change import MaskParams, change_mask, composite, feather, to_float
 
 PARAMS = MaskParams(8.0, 1, 3, 0.0005, 0.02, 5)
 

@@ -21,6 +21,8 @@ import tiny_models as tiny_builders
 from PIL import Image
 
 from safetypairs import schema as S
+
+from safetypairs import statuses as ST
 from safetypairs.backends.base import (
     PROTOCOLS,
     InstructResult,
@@ -29,7 +31,7 @@ from safetypairs.backends.base import (
 )
 from safetypairs.instructions import text_instruction
 from safetypairs.policy import load_policy
-from safetypairs.registry import REGISTRY, backend_class, load_backend
+from safetypairs.backends.registry import REGISTRY, backend_class, load_backend
 from safetypairs.sources import demo_photo, render_demo_row
 
 POLICY = load_policy("llavaguard")
@@ -140,12 +142,12 @@ def _check_instructor(backend: Any, config: Tiny, alias: str) -> None:
     assert len(results) == 1 and isinstance(results[0], InstructResult)
     result = results[0]
     assert isinstance(result.raw, str) and isinstance(result.status, str)
-    if result.status == S.OK:
+    if result.status == ST.OK:
         assert isinstance(result.instruction, str) and result.instruction.strip()
     else:
         assert result.instruction is None and result.error
     if alias in ("template", "column"):  # deterministic backends must succeed on this row
-        assert result.status == S.OK, result.error
+        assert result.status == ST.OK, result.error
     if alias == "column":
         assert result.instruction == row[INSTRUCTION_COLUMN]
 
@@ -275,7 +277,7 @@ def test_from_spec_refuses_unknown_options_and_names_every_option_in_OPTIONS(kin
 MODEL_LIBRARIES = ("torch", "transformers", "diffusers", "open_clip", "lpips", "rapidocr", "nudenet", "onnxruntime")
 _CHECK_EVERY_SPEC = """
 import json, sys
-from safetypairs.registry import check_options
+from safetypairs.backends.registry import check_options
 refused = {}
 for kind, spec in json.loads(sys.argv[1]):
     try:

@@ -138,3 +138,15 @@ def test_every_stage_gives_the_rows_it_gave_before_the_house_was_reshaped():
         assert now[stage]["rows"] == expected["rows"], stage
         assert set(expected["columns"]) <= set(now[stage]["columns"]), stage
         assert now[stage]["digest"] == expected["digest"], f"{stage}: rows changed"
+
+
+def test_every_status_the_demo_writes_is_a_word_of_the_vocabulary(demo_run):
+    from safetypairs import statuses as ST
+
+    out, _ = demo_run
+    results = json.loads((out / "results.json").read_text())
+    words = [k for stage in results["stages"] if stage["stage"] in ("instruct", "edit", "validate")
+             for k in stage["statuses"]]
+    words += [k for step in results["funnel"] for k in step["statuses"]] + list(results["reject_reasons"])
+    words += [k for guard in results["guards"].values() for k in guard["statuses"]]
+    assert words and not [w for w in words if not ST.is_known(w)]

@@ -14,7 +14,7 @@ from tiny_models import (
 
 from safetypairs.backends.diffusion import DiffusersEditor
 from safetypairs.backends.diffusion_pipelines import DiffusionOptions, work_size
-from safetypairs.registry import load_backend
+from safetypairs.backends.registry import load_backend
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,8 @@ def test_inpainting_pipeline_needs_and_uses_masks(tmp_path, photos):
     from datasets import Dataset
 
     from safetypairs import schema as S
+
+    from safetypairs import statuses as ST
     from safetypairs.edit import EditConfig, run_edit
 
     path = build_tiny_sd_inpaint(tmp_path / "inpaint")
@@ -94,7 +96,7 @@ def test_inpainting_pipeline_needs_and_uses_masks(tmp_path, photos):
                               S.INSTRUCTION: ["a wooden spoon"] * 2})
     out, result = run_edit(rows, EditConfig(editor=f"diffusers:{path}", control=False, device="cpu",
                                             editor_options=(("steps", "2"), ("resolution", "0")), mask_column="mask"))
-    assert out[S.EDIT_STATUS] == [S.OK, "unreadable"] and "missing image" in out[S.EDIT_ERROR][1]
+    assert out[S.EDIT_STATUS] == [ST.OK, "unreadable"] and "missing image" in out[S.EDIT_ERROR][1]
     assert out[0][S.EDITED_IMAGE].size == photos[0].size
 
 

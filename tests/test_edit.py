@@ -6,7 +6,7 @@ import pytest
 from datasets import Dataset, Image
 from PIL import ImageOps
 
-from safetypairs import registry
+from safetypairs.backends import registry
 from safetypairs import schema as S
 from safetypairs.edit import EditConfig, candidate_seed, run_edit
 from safetypairs.instruct import InstructConfig, run_instruct
@@ -52,7 +52,7 @@ def test_candidates_get_distinct_stable_seeds_and_one_control(flaky_editor, capl
     assert out[S.CANDIDATE] == [0, 1, 0, 1, 0, 1]
     assert out[S.SEED][0] != out[S.SEED][1] and out[S.SEED][0] == candidate_seed(7, out[S.SOURCE_ID][0], 0)
     # the editor ignores the seed: candidate 1 equals candidate 0 and is dropped, with a warning
-    assert out[S.EDIT_STATUS] == ["ok", "duplicate", "error", "error", "ok", "duplicate"]
+    assert out[S.EDIT_STATUS] == ["ok", "duplicate_candidate", "edit_error", "edit_error", "ok", "duplicate_candidate"]
     assert out[S.EDITED_IMAGE][1] is None and "identical to candidate 0" in out[S.EDIT_ERROR][1]
     assert "dropped 2 candidate(s) identical" in caplog.text
     assert "out of memory" in out[S.EDIT_ERROR][2] and out[S.SOURCE_ID][2] in out[S.EDIT_ERROR][2]
@@ -60,7 +60,7 @@ def test_candidates_get_distinct_stable_seeds_and_one_control(flaky_editor, capl
     assert controls == [True, False, True, False, True, False]  # the no-op control of row 1 still ran
     original, edited = out[0][S.IMAGE], out[0][S.EDITED_IMAGE]
     assert edited.size == original.size and list(ImageOps.invert(original).getdata()) == list(edited.getdata())
-    assert result.statuses == {"ok": 2, "error": 2, "duplicate": 2}
+    assert result.statuses == {"ok": 2, "edit_error": 2, "duplicate_candidate": 2}
 
 
 def test_seeds_do_not_depend_on_batching(flaky_editor):
@@ -70,10 +70,10 @@ def test_seeds_do_not_depend_on_batching(flaky_editor):
     assert a[S.SEED] == b[S.SEED]
 
 
-def test_rows_without_instruction_are_skipped_not_lost(flaky_editor):
+def test_rows_without_instruction_are_not_instructed_not_lost(flaky_editor):
     ds = _instructed(2).map(lambda r, i: {S.INSTRUCT_STATUS: "no_violation_found" if i == 0 else "ok"}, with_indices=True)
     out, result = run_edit(ds, EditConfig(editor=flaky_editor, device="cpu"))
-    assert out[S.EDIT_STATUS] == ["skipped", "ok"] and "no_violation_found" in out[S.EDIT_ERROR][0]
+    assert out[S.EDIT_STATUS] == ["not_instructed", "ok"] and "no_violation_found" in out[S.EDIT_ERROR][0]
 
 
 

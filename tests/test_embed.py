@@ -1,4 +1,4 @@
-"""Embed stage: tiny random open_clip through the real embed path, the ocr-text encoder, cached run_embed."""
+"""Embed stage: tiny random open_clip through the real embed path, the ocr-text encoder, cached embed_run."""
 
 import hashlib
 
@@ -16,15 +16,15 @@ from safetypairs.backends.ocr_text import (
     hash_features,
     word_ngrams,
 )
-from safetypairs.datafiles import load_run
-from safetypairs.embed import (
+from safetypairs.engine.datafiles import load_run
+from safetypairs.probes.embed import (
     EmbedConfig,
-    embed_dataset,
+    run_embed,
     load_embedded,
     load_images,
-    run_embed,
+    embed_run,
 )
-from safetypairs.registry import load_backend
+from safetypairs.backends.registry import load_backend
 from safetypairs.sources import demo_photo, render_demo_row
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins")
@@ -63,11 +63,11 @@ class _Counting:
 
 def test_tiny_open_clip_through_the_embed_stage(tiny_clip):
     dataset = _photos(bad_row=3)
-    out = embed_dataset(dataset, EmbedConfig(encoder=tiny_clip, batch_size=4, device="cpu"))
+    out, result = run_embed(dataset, EmbedConfig(encoder=tiny_clip, batch_size=4, device="cpu"))
     assert out.column_names == ["pair_id", "role", "label", "source_id", "embedding", "image_digest", "embed_status",
                                 "embed_error"]
     assert out.features["label"] == FEATURES["label"] and len(out) == len(dataset)
-    assert out["embed_status"] == ["ok", "ok", "ok", "bad_image", "ok", "ok"]
+    assert out["embed_status"] == ["ok", "ok", "ok", "unreadable", "ok", "ok"]
     assert out[3]["embedding"] is None and "row s3" in out[3]["embed_error"] and out[3]["image_digest"] is None
     rgb = demo_photo(PHOTOS[0]).resize((48, 40)).convert("RGB")  # the digest: SHA-256 of mode, size and pixels
     assert out[0]["image_digest"] == hashlib.sha256(f"RGB{rgb.size}".encode() + rgb.tobytes()).hexdigest()[:16]
@@ -86,18 +86,18 @@ def test_embed_config_checks_values(tiny_clip):
     with pytest.raises(ValueError, match="batch_size"):
         EmbedConfig(encoder=tiny_clip, batch_size=0)
     with pytest.raises(ValueError, match="no image column 'picture'"):
-        embed_dataset(_photos(), EmbedConfig(encoder=tiny_clip, image_column="picture"))
+        run_embed(_photos(), EmbedConfig(encoder=tiny_clip, image_column="picture"))
 
 
 def test_run_embed_reuses_a_finished_run_without_encoder_calls(tmp_path, monkeypatch, tiny_clip):
-    from safetypairs.runner import RunConfig
+    from safetypairs.engine.runner import RunConfig
 
     counter = _Counting(monkeypatch, tiny_clip)
     dataset, config = _photos(), EmbedConfig(encoder=tiny_clip, device="cpu")
-    first = run_embed(dataset, config, RunConfig(out=tmp_path / "emb", chunk_size=4))
+    first = embed_run(dataset, config, RunConfig(out=tmp_path / "emb", chunk_size=4))
     assert counter.images == len(dataset) and first.chunks_computed == 2
     rows = load_run(tmp_path / "emb")
-    again = run_embed(dataset, config, RunConfig(out=tmp_path / "emb", chunk_size=4))
+    again = embed_run(dataset, config, RunConfig(out=tmp_path / "emb", chunk_size=4))
     assert counter.images == len(dataset), "a second run on the same data and encoder made encoder calls"
     assert again.chunks_computed == 0 and load_run(tmp_path / "emb")["embedding"] == rows["embedding"]
     assert rows["source_id"] == dataset["source_id"] and rows["embed_status"] == ["ok"] * len(dataset)

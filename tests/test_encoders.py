@@ -13,7 +13,7 @@ from safetypairs.backends.encoders import (
     open_clip_arguments,
 )
 from safetypairs.policy import load_policy
-from safetypairs.registry import REGISTRY, load_backend
+from safetypairs.backends.registry import REGISTRY, load_backend
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ from skimage import data
 from tiny_models import register_tiny_open_clip
 
 from safetypairs.cli import main
-from safetypairs.evaluate import EvaluateConfig, run_evaluate
+from safetypairs.evaluate.stage import EvaluateConfig, run_evaluate
 from safetypairs.schema import IMAGE_FEATURES, PAIR_FEATURES
-from safetypairs.scoring import guard_columns
+from safetypairs.evaluate.scoring import guard_columns
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,7 +62,7 @@ def test_run_evaluate_counts_bad_images_and_is_reproducible(clip_guard):
     config = EvaluateConfig(guards=(clip_guard,), n_bootstrap=50, batch_size=5)
     results = run_evaluate(dataset, config)
     entry = results["guards"][clip_guard]
-    assert entry["statuses"] == {"ok": 11, "bad_image": 1}
+    assert entry["statuses"] == {"ok": 11, "unreadable": 1}
     metrics = entry["metrics"]
     assert metrics["n"] == 8 and metrics["n_unknown"] == 1 and metrics["control"]["n"] == 4
     assert metrics["auroc"] is not None and set(metrics["per_category"]) == {"O1", "O2"}
@@ -139,7 +139,7 @@ def test_evaluate_metric_folder_loads_offline_in_subprocess():
     proc = subprocess.run([sys.executable, "-c", script, json.dumps(kwargs)], capture_output=True, text=True,
                           timeout=120, env={**__import__("os").environ, "PYTHONPATH": str(REPO / "src")})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    from safetypairs.metrics import compute_metrics
+    from safetypairs.evaluate.metrics import compute_metrics
 
     expected = json.loads(json.dumps(compute_metrics(**kwargs)))
     assert json.loads(proc.stdout) == expected
@@ -147,7 +147,7 @@ def test_evaluate_metric_folder_loads_offline_in_subprocess():
 
 
 def test_leaderboard_puts_undefined_after_zero():
-    from safetypairs.scoring import leaderboard
+    from safetypairs.evaluate.scoring import leaderboard
 
     guards = {name: {"metrics": {"pair_accuracy": pa, "f1": f1}}
               for name, pa, f1 in [("none", None, None), ("zero", 0.0, 0.0), ("half", 0.5, 0.2), ("half-better-f1", 0.5, 0.9)]}
@@ -158,7 +158,7 @@ def test_evaluate_shards_and_resumes_like_one_process(tmp_path):
     """SIGKILL after the first chunk + restart == uninterrupted == another chunk size == 2 processes."""
     from slow_backends import check_sharding_and_resume
 
-    from safetypairs.datafiles import write_parquet
+    from safetypairs.engine.datafiles import write_parquet
 
     release = tmp_path / "release"
     (release / "data" / "images").mkdir(parents=True)
@@ -213,7 +213,7 @@ def test_a_guard_that_raises_marks_only_its_rows(isolated_registry):
     results = run_evaluate(dataset, EvaluateConfig(guards=("fussy-test",), n_bootstrap=0, batch_size=4))
     assert FussyGuard.calls == 5  # the batch of 4, then each image alone
     entry, preds = results["guards"]["fussy-test"], results["predictions"]["fussy-test"]
-    assert entry["statuses"] == {"ok": 3, "error": 1}
+    assert entry["statuses"] == {"ok": 3, "guard_error": 1}
     assert preds["pred"] == ["unsafe", "unknown", "unsafe", "safe"]
     assert preds["rationale"][1] == ("image 'p0' (edited): guard fussy-test failed: "
                                      "RuntimeError: guard crashed on a blue image")
@@ -224,7 +224,7 @@ def test_evaluate_metric_takes_ints_numpy_arrays_and_bools():
     """The images config's own ClassLabel ints, numpy arrays and booleans score like the strings."""
     import evaluate
 
-    from safetypairs.metrics import compute_metrics
+    from safetypairs.evaluate.metrics import compute_metrics
 
     metric = evaluate.load(str(REPO / "metrics" / "safetypairs"))
     refs = [1, 0, 1, 1, 0, 1]  # original, edited, control of two pairs

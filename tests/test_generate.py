@@ -17,11 +17,13 @@ from PIL import Image as PILImage
 from tiny_models import build_tiny_ip2p
 
 from safetypairs import schema as S
+
+from safetypairs import statuses as ST
 from safetypairs.backends.diffusion_pipelines import work_size
-from safetypairs.datafiles import load_run, read_rows
-from safetypairs.folders import partial_dir
-from safetypairs.generate import GenerateConfig, generate_pairs, run_generate
-from safetypairs.runner import RunConfig
+from safetypairs.engine.datafiles import load_run, read_rows
+from safetypairs.engine.folders import partial_dir
+from safetypairs.generate import GenerateConfig, generate_pairs, generate_run
+from safetypairs.engine.runner import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 N_SOURCES = 6
@@ -93,7 +95,7 @@ def test_reference_rows_and_metadata(reference):
     assert rows[S.CANDIDATE] == [0, 1] * N_SOURCES
     by_source = dict(zip(rows[S.SOURCE_ID], rows[S.INSTRUCT_STATUS]))
     assert by_source["src-002"] == "unknown_category" and by_source["src-004"] == "missing_instruction"
-    ok = [r for r in rows if r[S.EDIT_STATUS] == S.OK]
+    ok = [r for r in rows if r[S.EDIT_STATUS] == ST.OK]
     assert len(ok) == 8
     seeds = [r[S.SEED] for r in ok]
     assert len(set(seeds)) == len(seeds)  # distinct recorded seeds per candidate
@@ -105,7 +107,7 @@ def test_reference_rows_and_metadata(reference):
     assert meta["policy"] == "llavaguard@1.1" and meta["rows_in"] == N_SOURCES
     assert meta["models"]["editor"]["revision"] == "local"
     assert {"torch", "diffusers", "datasets", "accelerate"} <= set(meta["versions"])
-    assert meta["statuses"]["edit"] == {"ok": 8, "skipped": 4}
+    assert meta["statuses"]["edit"] == {"ok": 8, "not_instructed": 4}
     assert len(meta["timings"]["chunk_seconds"]) == 3
 
 
@@ -155,13 +157,13 @@ def test_generate_pairs_in_process_matches_runner(setup, tmp_path):
     options = dict(editor_options=(("steps", "1"), ("resolution", "16")), device="cpu", batch_size=2)
     rows = generate_pairs(source, "llavaguard", instructor="column:instruction",
                           editor=f"diffusers:{setup['editor']}", candidates=2, control=True, **options)
-    assert len(rows) == 6 and set(rows[S.EDIT_STATUS]) == {S.OK, "skipped"}
+    assert len(rows) == 6 and set(rows[S.EDIT_STATUS]) == {ST.OK, "not_instructed"}
     config = GenerateConfig(instructor="column:instruction", editor=f"diffusers:{setup['editor']}",
                             candidates=2, control=True, **options)
     work = partial_dir(tmp_path / "run")  # a run that failed before finishing any chunk does not block the folder
     work.mkdir()
     (work / "run.json").write_text('{"fingerprint": "other", "status": "running"}')
-    summary = run_generate(source, config, RunConfig(out=tmp_path / "run", chunk_size=2))
+    summary = generate_run(source, config, RunConfig(out=tmp_path / "run", chunk_size=2))
     assert summary.rows_out == 6 and summary.chunks_computed == 2
     ran = load_run(tmp_path / "run")
     assert ran[S.SEED] == rows[S.SEED] and ran[S.EDIT_STATUS] == rows[S.EDIT_STATUS]
@@ -172,7 +174,7 @@ def test_empty_source_is_a_clear_error(tmp_path):
     empty = _source(0)
     assert len(generate_pairs(empty, instructor="column:instruction", device="cpu")) == 0
     with pytest.raises(ValueError, match="input has no rows"):
-        run_generate(empty, GenerateConfig(device="cpu"), RunConfig(out=tmp_path / "run"))
+        generate_run(empty, GenerateConfig(device="cpu"), RunConfig(out=tmp_path / "run"))
     assert not (tmp_path / "run").exists()
 
 def test_config_errors_name_allowed_values():
@@ -193,27 +195,27 @@ def test_generate_pairs_takes_a_policy_object_and_llavaguard_labels():
     rows[1][S.CATEGORY] = "hate, humiliation, harassment"
     rows[2].update({S.CATEGORY: "NA: None applying", S.SOURCE_LABEL: ""})
     out = generate_pairs(Dataset.from_list(rows, features=S.SOURCE_FEATURES), load_policy("llavaguard"), device="cpu")
-    assert out[S.INSTRUCT_STATUS] == ["ok", "ok", S.NOT_UNSAFE] and out[S.CATEGORY][:2] == ["O1", "O1"]
+    assert out[S.INSTRUCT_STATUS] == ["ok", "ok", ST.NOT_UNSAFE] and out[S.CATEGORY][:2] == ["O1", "O1"]
     assert out[S.EDIT_STATUS][:2] == ["ok", "ok"] and out[S.POLICY][0] == "llavaguard@1.1"
 
 
 def test_a_source_no_row_of_which_can_be_instructed_is_refused_before_any_model(tmp_path):
     from safetypairs.generate import check_survivors
-    from safetypairs.runner import RunSummary
+    from safetypairs.engine.runner import RunSummary
 
     source = Dataset.from_dict({S.IMAGE: [None] * 3, S.SOURCE_ID: ["a", "b", "c"],
                                 S.CATEGORY: ["Hateful memes", "Hateful memes", "NA"]})
     with pytest.raises(ValueError, match=r"2 row\(s\): category 'Hateful memes' is not in policy .*--category-column"
                                          r".*1 row\(s\) labelled safe are set aside"):
-        run_generate(source, GenerateConfig(device="cpu"), RunConfig(out=tmp_path / "run"))
+        generate_run(source, GenerateConfig(device="cpu"), RunConfig(out=tmp_path / "run"))
     assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="ocr-inpaint option radius must be an integer, got 'abc'"):
         GenerateConfig(editor="ocr-inpaint:radius=abc")
-    summary = RunSummary("generate", tmp_path, 3, 3, {"instruct": {"no_violation_found": 2, S.NOT_UNSAFE: 1}}, 1, 0, 0.0)
+    summary = RunSummary("generate", tmp_path, 3, 3, {"instruct": {"no_violation_found": 2, ST.NOT_UNSAFE: 1}}, 1, 0, 0.0)
     with pytest.raises(ValueError, match="all 2 rows ended no_violation_found -> the template instructor"):
         check_survivors(summary)
-    check_survivors(RunSummary("generate", tmp_path, 3, 3, {"instruct": {"ok": 1, "error": 2}}, 1, 0, 0.0))
-    check_survivors(RunSummary("generate", tmp_path, 3, 3, {"instruct": {"ok": 3}, "edit": {"ok": 1, "error": 2}},
+    check_survivors(RunSummary("generate", tmp_path, 3, 3, {"instruct": {"ok": 1, "instruct_error": 2}}, 1, 0, 0.0))
+    check_survivors(RunSummary("generate", tmp_path, 3, 3, {"instruct": {"ok": 3}, "edit": {"ok": 1, "edit_error": 2}},
                                1, 0, 0.0))
 
 
@@ -230,7 +232,7 @@ def test_a_run_that_made_no_edit_fails_and_names_the_first_error(tmp_path):
         lines.append(json.dumps({"file_name": f"{name}.png", "rating": "Unsafe", "rationale": "a knife",
                                  "category": "O2: Violence, Harm, or Cruelty"}) + "\n")
     (folder / "metadata.jsonl").write_text("".join(lines))
-    with pytest.raises(ValueError, match=r"no row was edited \(edit: \{'error': 2\}; instruct: \{'ok': 2\}\); the "
+    with pytest.raises(ValueError, match=r"no row was edited \(edit: \{'edit_error': 2\}; instruct: \{'ok': 2\}\); the "
                                          r"first error: row 'astronaut.png': EditError: ocr-inpaint only carries out"):
         generate_from_source(str(folder), GenerateConfig(device="cpu"), RunConfig(out=tmp_path / "run"))
-    assert read_rows(tmp_path / "run")[S.EDIT_STATUS] == ["error", "error"]  # kept for inspection
+    assert read_rows(tmp_path / "run")[S.EDIT_STATUS] == ["edit_error", "edit_error"]  # kept for inspection

@@ -25,9 +25,11 @@ from hostile_files import LIE_SIDE, encode, hostile_files, photo, write_files
 from PIL import Image, ImageDraw
 
 from safetypairs import schema as S
+
+from safetypairs import statuses as ST
 from safetypairs.cli import main
-from safetypairs.datafiles import load_run, write_parquet
-from safetypairs.folders import partial_dir
+from safetypairs.engine.datafiles import load_run, write_parquet
+from safetypairs.engine.folders import partial_dir
 from safetypairs.images import ImageError, ImageTooLargeError, load_image
 from safetypairs.sources import render_demo_row
 
@@ -83,7 +85,7 @@ def candidate_rows(features) -> Dataset:
         row = {name: None for name in features}
         row.update({S.SOURCE_ID: sid, S.CATEGORY: category, S.IMAGE: {"bytes": original, "path": None},
                     S.EDITED_IMAGE: {"bytes": edited, "path": None}, S.INSTRUCTION: "paint a red box",
-                    S.EDIT_STATUS: S.OK, S.INSTRUCT_STATUS: S.OK, S.CANDIDATE: 0})
+                    S.EDIT_STATUS: ST.OK, S.INSTRUCT_STATUS: ST.OK, S.CANDIDATE: 0})
         out.append(row)
     return Dataset.from_list(out, features=features)
 
@@ -123,18 +125,18 @@ def test_generate_keeps_every_row_and_nulls_unreadable_cells(runs):
         assert row[S.INSTRUCT_STATUS] == ("too_large" if name in TOO_LARGE else "unreadable")
         assert name in row[S.INSTRUCT_ERROR] and cause in row[S.INSTRUCT_ERROR], row[S.INSTRUCT_ERROR]
         assert "BytesIO" not in row[S.INSTRUCT_ERROR] and "DecompressionBomb" not in row[S.INSTRUCT_ERROR]
-        assert row[S.EDIT_STATUS] == "skipped"
+        assert row[S.EDIT_STATUS] == "not_instructed"
     for name in READABLE:
         assert isinstance(rows[name][S.IMAGE], Image.Image), name
     for name in ("good.png", "cmyk_icc.jpg", "exif_rotated.jpg"):  # the captioned photo in odd encodings is edited
-        assert rows[name][S.EDIT_STATUS] == S.OK and rows[name][S.EDITED_IMAGE].size == (512, 512), name
+        assert rows[name][S.EDIT_STATUS] == ST.OK and rows[name][S.EDITED_IMAGE].size == (512, 512), name
 
 
 def test_validate_names_rows_and_causes_and_checks_categories(runs):
     out = load_run(runs["root"] / "val")
     rows = {row[S.SOURCE_ID]: row for row in iterate_everything(out)}
     assert len(out) == runs["n_validate"]
-    expected = {"cand-good": S.OK, "cand-edit-truncated": "unreadable", "cand-mismatch": "size_mismatch",
+    expected = {"cand-good": ST.OK, "cand-edit-truncated": "unreadable", "cand-mismatch": "size_mismatch",
                 "cand-one-pixel": "too_small", "cand-cat-null": "unknown_category",
                 "cand-cat-blank": "unknown_category", "cand-cat-unknown": "unknown_category",
                 **{f"cand-orig-{n}": "unreadable" for n in UNREADABLE}, **{f"cand-orig-{n}": "too_large" for n in TOO_LARGE}}
@@ -149,7 +151,7 @@ def test_validate_names_rows_and_causes_and_checks_categories(runs):
     assert "O99" in rows["cand-cat-unknown"][S.REJECT_REASON] or "O99" in rows["cand-cat-unknown"][S.VALIDATE_ERROR]
     assert "allowed: O1" in rows["cand-cat-null"][S.VALIDATE_ERROR]
     for name in ("good.png", "cmyk_icc.jpg", "exif_rotated.jpg"):
-        assert rows[name][S.VALIDATE_STATUS] == S.OK, rows[name][S.VALIDATE_ERROR]
+        assert rows[name][S.VALIDATE_STATUS] == ST.OK, rows[name][S.VALIDATE_ERROR]
 
 
 def test_release_and_evaluate_of_the_hostile_run(runs, tmp_path, capsys):
@@ -175,8 +177,8 @@ def test_release_and_evaluate_of_the_hostile_run(runs, tmp_path, capsys):
 def test_release_never_fails_on_a_row_it_rejects(tmp_path):
     from release_rows import validated_rows
 
-    from safetypairs.builder import export_raw, load_raw
-    from safetypairs.release import assemble
+    from safetypairs.release.builder import export_raw, load_raw
+    from safetypairs.release.assemble import assemble
 
     files = hostile_files()
     rows = validated_rows(4, 2, 48).cast_column(S.IMAGE, ImageFeature(decode=False)).to_list()
@@ -225,7 +227,7 @@ def test_evaluate_a_release_holding_unreadable_bytes(runs, tmp_path):
     predictions = Dataset.from_parquet(str(out / "predictions.parquet"))
     status = next(c for c in predictions.column_names if c.endswith("_status"))
     assert len(predictions) == len(images)
-    assert predictions[status][: len(bad)] == ["bad_image", "bad_image", "too_large", "too_large"]
+    assert predictions[status][: len(bad)] == ["unreadable", "unreadable", "too_large", "too_large"]
 
 
 # ----------------------------------------------------------------------------- CLI failures
@@ -331,7 +333,7 @@ def test_load_image_caps_pixels_without_pils_bomb_check():
     with pytest.raises(ImageError, match=r"image 'x\.png': empty file \(0 bytes\)"):
         load_image({"bytes": b"", "path": "x.png"})
     with pytest.raises(ValueError, match="max_pixels"):
-        from safetypairs.validate import ValidateConfig
+        from safetypairs.validate.stage import ValidateConfig
 
         ValidateConfig(max_pixels=0)
 

@@ -13,7 +13,7 @@ from release_rows import validated_rows
 
 import safetypairs
 from safetypairs.cli import main
-from safetypairs.hub import HubAccessError, PushConfig, layout_files, push_release
+from safetypairs.release.hub import HubAccessError, PushConfig, layout_files, push_release
 
 TOKEN = "hf_TESTsecretTOKEN0123456789abcdefXYZ"
 

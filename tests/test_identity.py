@@ -7,15 +7,14 @@ from datasets import Dataset
 from PIL import Image
 
 from safetypairs.identity import (
-    SAME_ID,
-    SAME_IMAGE,
-    SAME_SOURCE,
     exclude_shared,
     identity_of,
     image_digests,
     merged_groups,
     with_digests,
 )
+from safetypairs.statuses import SAME_IMAGE, SAME_SOURCE
+from safetypairs.statuses import SAME_SOURCE_ID as SAME_ID
 
 
 def _pixels_digest(image: Image.Image) -> str:

@@ -97,7 +97,7 @@ class ForgetfulInstructor:
 
 
 def test_an_instructor_answering_too_few_rows_is_retried_row_by_row(monkeypatch):
-    from safetypairs import registry
+    from safetypairs.backends import registry
 
     monkeypatch.setitem(registry.REGISTRY["instructors"], "forgetful", f"{__name__}:ForgetfulInstructor")
     registry._load.cache_clear()

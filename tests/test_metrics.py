@@ -1,11 +1,11 @@
-"""Tests for safetypairs.metrics: sklearn agreement, hand-computed pair metrics, bootstrap."""
+"""Tests for safetypairs.evaluate.metrics: sklearn agreement, hand-computed pair metrics, bootstrap."""
 
 import numpy as np
 import pytest
 from sklearn import metrics as skm
 
 import safetypairs
-from safetypairs.metrics import compute_metrics
+from safetypairs.evaluate.metrics import compute_metrics
 
 
 def _random_case(seed, n_pairs=200, p_unknown=0.1):

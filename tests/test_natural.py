@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 from datasets import Dataset
 
-from safetypairs.natural import (
+from safetypairs.evaluate.natural import (
     NATURAL_ROLE,
-    OUTSIDE_POLICY,
     POOLED,
     natural_comparison,
     natural_images,
     select_natural,
 )
 from safetypairs.policy import load_policy
+from safetypairs.statuses import OUTSIDE_POLICY
 from safetypairs.sources import demo_photo
 
 PRED = "guard_pred"
@@ -134,8 +134,8 @@ def test_select_natural_leaves_out_release_images_and_rows_outside_the_policy(tm
     from datasets import load_dataset
     from release_rows import validated_rows
 
-    from safetypairs.publish import write_release
-    from safetypairs.release import ReleaseConfig
+    from safetypairs.release.publish import write_release
+    from safetypairs.release.assemble import ReleaseConfig
 
     release = write_release(validated_rows(4), tmp_path / "release", ReleaseConfig())
     images = load_dataset(str(release), "images", split="test")
@@ -161,8 +161,8 @@ def test_evaluate_cli_compares_natural_images_with_pairs(tmp_path, capsys):
     from tiny_models import register_tiny_open_clip
 
     from safetypairs.cli import main
-    from safetypairs.publish import write_release
-    from safetypairs.release import ReleaseConfig
+    from safetypairs.release.publish import write_release
+    from safetypairs.release.assemble import ReleaseConfig
 
     release = write_release(validated_rows(6), tmp_path / "release", ReleaseConfig())
     natural = Dataset.from_dict({"image": [demo_photo(n).resize((32, 32)) for n in ("coffee", "rocket", "moon", "clock")],
@@ -188,8 +188,8 @@ def test_evaluate_cli_refuses_a_natural_set_that_is_all_release_images(tmp_path,
     from release_rows import validated_rows
 
     from safetypairs.cli import main
-    from safetypairs.publish import write_release
-    from safetypairs.release import ReleaseConfig
+    from safetypairs.release.publish import write_release
+    from safetypairs.release.assemble import ReleaseConfig
 
     release = write_release(validated_rows(3), tmp_path / "release", ReleaseConfig())
     images = load_dataset(str(release), "images", split="test")

@@ -14,17 +14,17 @@ from safetypairs.backends.probe import (
     load_probe,
     save_probe,
 )
-from safetypairs.embed import EmbedConfig, embed_dataset
-from safetypairs.evaluate import EvaluateConfig, run_evaluate
-from safetypairs.probe import (
+from safetypairs.probes.embed import EmbedConfig, run_embed
+from safetypairs.evaluate.stage import EvaluateConfig, run_evaluate
+from safetypairs.probes.probe import (
     ProbeConfig,
     embedded_arrays,
     fit_probe,
     train_probe,
     validation_split,
 )
-from safetypairs.registry import load_backend
-from safetypairs.scoring import guard_columns
+from safetypairs.backends.registry import load_backend
+from safetypairs.evaluate.scoring import guard_columns
 from safetypairs.sources import DEMO_PHOTOS, demo_photo
 
 IMAGES = Features({"image": Image(), "label": ClassLabel(names=S.LABELS), "category": Value("string"),
@@ -111,7 +111,7 @@ def test_guard_spec_options(tmp_path, tiny_clip):
 
 def test_trained_probe_is_scored_by_evaluate_like_any_guard(tmp_path, tiny_clip):
     images = _images()
-    embedded = embed_dataset(images, EmbedConfig(encoder=tiny_clip, device="cpu"))
+    embedded, _ = run_embed(images, EmbedConfig(encoder=tiny_clip, device="cpu"))
     train = embedded.filter(lambda r: r != "control", input_columns="role")
     probe = train_probe(train, ProbeConfig(tiny_clip), tmp_path / "probe")
     assert probe.meta["n_train"] == 12
@@ -129,7 +129,7 @@ def test_trained_probe_is_scored_by_evaluate_like_any_guard(tmp_path, tiny_clip)
 
 def test_train_probe_adds_the_pairs_originals_and_edits(tmp_path, tiny_clip):
     images = _images(4)
-    base = embed_dataset(images.filter(lambda r: r == "original", input_columns="role"), EmbedConfig(tiny_clip))
+    base, _ = run_embed(images.filter(lambda r: r == "original", input_columns="role"), EmbedConfig(tiny_clip))
     base = Dataset.from_dict({"embedding": list(base["embedding"]) * 2, "label": [1] * 4 + [0] * 4,
                               "source_id": [f"n{i}" for i in range(8)]})
     probe = train_probe(base, ProbeConfig(tiny_clip), tmp_path / "p", pairs=images, embed=EmbedConfig(tiny_clip))
@@ -149,7 +149,7 @@ def test_train_rows_that_are_pair_images_join_their_pair_in_the_validation_split
 
 
 def test_choose_threshold_hand_computed():
-    from safetypairs.probe import choose_threshold
+    from safetypairs.probes.probe import choose_threshold
 
     # cuts 0.05, 0.35, 0.65, 0.8, 0.95 give balanced accuracy 0.5, 0.75, 1.0, 0.75, 0.5
     assert choose_threshold(np.array([0, 0, 1, 1]), np.array([0.1, 0.6, 0.7, 0.9])) == pytest.approx(0.65)

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import pytest
 
-from safetypairs import cli, registry
+from safetypairs import cli
+from safetypairs.backends import registry
 
 try:
     import tomllib

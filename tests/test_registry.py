@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from safetypairs.backend_options import (
+from safetypairs.backends.options import (
     cast_options,
     parse_bool,
     parse_options,
     split_model_arg,
 )
-from safetypairs.registry import (
+from safetypairs.backends.registry import (
     KINDS,
     available,
     load_backend,
@@ -58,7 +58,7 @@ def test_parse_options():
 
 
 def test_import_is_light():
-    code = ("import sys, safetypairs, safetypairs.registry; "
+    code = ("import sys, safetypairs, safetypairs.backends.registry; "
             "heavy = [m for m in ('torch', 'datasets', 'rapidocr', 'diffusers') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": SRC})
@@ -143,7 +143,7 @@ class InvertEditor:
 
 
 def test_register_adds_a_backend_by_spec(isolated_registry):
-    from safetypairs.registry import backend_class, origin, register
+    from safetypairs.backends.registry import backend_class, origin, register
 
     register("editors", "invert-test", f"{__name__}:InvertEditor")
     assert "invert-test" in available("editors") and origin("editors", "invert-test") == "register()"
@@ -154,7 +154,7 @@ def test_register_adds_a_backend_by_spec(isolated_registry):
 
 
 def test_register_refuses_bad_input_and_silent_replacement(isolated_registry):
-    from safetypairs.registry import register
+    from safetypairs.backends.registry import register
 
     with pytest.raises(ValueError, match="unknown backend kind 'editor'; allowed: instructors"):
         register("editor", "x", f"{__name__}:InvertEditor")
@@ -211,12 +211,12 @@ def test_entry_point_backends_are_discovered_on_first_lookup(tmp_path, monkeypat
 
     from safetypairs import schema as S
     from safetypairs.edit import EditConfig, run_edit
-    from safetypairs.registry import origin
+    from safetypairs.backends.registry import origin
     from safetypairs.sources import build_demo_source
 
     monkeypatch.syspath_prepend(str(_install_plugin(tmp_path)))
     isolated_registry._discovered = False
-    with caplog.at_level("WARNING", logger="safetypairs.registry"):
+    with caplog.at_level("WARNING", logger="safetypairs.backends.registry"):
         assert "mirror-plugin" in available("editors")
     assert origin("editors", "mirror-plugin") == "entry point of sp-plugin"
     warnings = "\n".join(r.getMessage() for r in caplog.records)
@@ -248,7 +248,7 @@ def test_cli_lists_entry_point_backends_in_a_fresh_process(tmp_path):
 
 def test_user_code_specs_are_imported_only_when_spelled_out(tmp_path, monkeypatch):
     from safetypairs.backends.base import as_verdict
-    from safetypairs.registry import backend_class
+    from safetypairs.backends.registry import backend_class
 
     (tmp_path / "lab_guards").mkdir()
     (tmp_path / "lab_guards" / "__init__.py").write_text("")

@@ -16,18 +16,18 @@ from release_rows import digest, validated_rows
 
 from safetypairs import schema as S
 from safetypairs.cli import main
-from safetypairs.datafiles import data_files
-from safetypairs.publish import read_input, write_release
-from safetypairs.release import (
-    DUPLICATE,
-    NOT_SELECTED,
+from safetypairs.engine.datafiles import data_files
+from safetypairs.release.publish import read_input, write_release
+from safetypairs.release.assemble import (
     ReleaseConfig,
     assemble,
     best_candidates,
     split_by_source,
 )
+from safetypairs.statuses import DUPLICATE_PAIR as DUPLICATE
+from safetypairs.statuses import NOT_SELECTED
 from safetypairs.utils import OutputDirError
-from safetypairs.validate import select_best
+from safetypairs.validate.decision import select_best
 
 
 @pytest.fixture(scope="module")
@@ -181,8 +181,8 @@ def test_write_refuses_non_empty_folder(release, written):
 
 
 def test_a_failure_mid_release_leaves_the_previous_folder_or_none(release, written, tmp_path, monkeypatch):
-    import safetypairs.publish as publish
-    from safetypairs.folders import partial_dir
+    import safetypairs.release.publish as publish
+    from safetypairs.engine.folders import partial_dir
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk full while writing the card")

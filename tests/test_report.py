@@ -1,4 +1,4 @@
-"""Tests for safetypairs.report: renders offline, self-contained, and shows in headless Chromium."""
+"""Tests for safetypairs.evaluate.report: renders offline, self-contained, and shows in headless Chromium."""
 
 import re
 import shutil
@@ -9,9 +9,9 @@ import pytest
 from PIL import Image, ImageDraw
 from skimage import data
 
-from safetypairs.evaluate import EvaluateConfig
-from safetypairs.report import render_report
-from safetypairs.scoring import guard_columns, score_predictions, unanswered
+from safetypairs.evaluate.stage import EvaluateConfig
+from safetypairs.evaluate.report import render_report
+from safetypairs.evaluate.scoring import guard_columns, score_predictions, unanswered
 
 GUARDS = ("ocr-lexicon", "nudenet")
 

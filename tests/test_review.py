@@ -19,9 +19,9 @@ from sklearn.metrics import cohen_kappa_score
 
 from safetypairs import schema as S
 from safetypairs.cli import build_parser, main
-from safetypairs.datafiles import read_rows
-from safetypairs.release import ReleaseConfig, assemble
-from safetypairs.review import (
+from safetypairs.engine.datafiles import read_rows
+from safetypairs.release.assemble import ReleaseConfig, assemble
+from safetypairs.review.store import (
     DECISIONS_FILE,
     agreement,
     append_decision,
@@ -31,14 +31,14 @@ from safetypairs.review import (
     make_decision,
     read_decisions,
 )
-from safetypairs.runner import RunConfig
-from safetypairs.validate import ValidateConfig, validate_run
+from safetypairs.engine.runner import RunConfig
+from safetypairs.validate.stage import ValidateConfig, validate_run
 from tests.release_rows import validated_rows
 
 pytest.importorskip("gradio")
 from gradio_client import Client  # noqa: E402
 
-from safetypairs.review_app import ReviewConfig, ReviewSource, create_server, in_scope  # noqa: E402
+from safetypairs.review.app import ReviewConfig, ReviewSource, create_server, in_scope  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +234,10 @@ def test_release_keeps_only_pairs_reviewers_accepted(folder, rows, tmp_path):
                        rejected[S.REJECT_REASON]))
     assert reasons[accepted[0]] == "human_rejected:not_local"  # tie of reasons: alphabetical
     assert reasons[accepted[1]] == "human_rejected:no_majority"
-    assert reasons[accepted[-1]] == "not_reviewed: 1 of 2 reviewers"
+    assert reasons[accepted[-1]] == "not_reviewed"
+    details = dict(zip((f"{s}#{c}" for s, c in zip(rejected[S.SOURCE_ID], rejected[S.CANDIDATE])),
+                       rejected[S.REJECT_DETAIL]))
+    assert details[accepted[-1]] == "1 of 2 reviewers decided" and details[accepted[1]] == "1 of 2 reviewers reject"
     assert release.review["min_reviewers"] == 2
     unreviewed = assemble(rows)["pairs"]["test"]
     assert not any(unreviewed[S.HUMAN_VERIFIED]) and set(unreviewed[S.N_REVIEWERS]) == {0}
@@ -248,7 +251,13 @@ def test_release_keeps_only_pairs_reviewers_accepted(folder, rows, tmp_path):
 def test_scopes_and_run_folder_input(rows, tmp_path):
     meta = rows.remove_columns([c for c in rows.column_names if "image" in c or c == S.EDIT_MASK]).to_list()
     assert sum(in_scope(r, "accepted") for r in meta) + sum(in_scope(r, "rejected") for r in meta) == len(meta)
-    assert in_scope({S.SSIM_OUTSIDE: 0.92}, "borderline") and not in_scope({S.SSIM_OUTSIDE: 0.99}, "borderline")
+    pixel_exact = json.dumps({"min_ssim_outside": 0.91})
+    assert in_scope({S.SSIM_OUTSIDE: 0.92, S.VALIDATE_LIMITS: pixel_exact}, "borderline")
+    assert not in_scope({S.SSIM_OUTSIDE: 0.99, S.VALIDATE_LIMITS: pixel_exact}, "borderline")
+    # the limits the row was decided with count (a thresholds file, an override), not a preset guessed from a label
+    strict = json.dumps({"min_ssim_outside": 0.98})
+    assert in_scope({S.SSIM_OUTSIDE: 0.99, S.VALIDATE_THRESHOLDS: "pixel-exact+overrides", S.VALIDATE_LIMITS: strict},
+                    "borderline")
     assert in_scope({S.REJECT_REASON: "judge_unknown"}, "borderline")
     with pytest.raises(ValueError, match="scope must be one of"):
         in_scope({}, "some")
@@ -333,7 +342,7 @@ def test_validate_overwrite_keeps_decisions_and_stale_ones_do_not_count(rows, tm
     again = read_rows(out)
     assert candidate_stamps(again) == stamps
     review = load_review(out, again)
-    assert review.summary["stale_decisions"] == 0 and all(v.human_verified for v in review.verdicts.values())
+    assert review.summary["stale_decisions"] == 0 and all(v.human_verified for v in review.majorities.values())
     # --composite pastes the edits back onto the originals: decisions on the old edits are stale
     caplog.clear()
     validate_run(rows, ValidateConfig(device="cpu", composite=True), RunConfig(out, overwrite=True))
@@ -344,8 +353,8 @@ def test_validate_overwrite_keeps_decisions_and_stale_ones_do_not_count(rows, tm
     review = load_review(out, composited)
     assert review.summary["stale_decisions"] == len(changed)
     assert "not counted: review those candidates again" in caplog.text
-    assert [cid for cid, v in review.verdicts.items() if not v.human_verified] == changed[1:]
-    assert changed[0] == ids[1] and review.verdicts[ids[1]].n_reviewers == 1  # bob's unstamped decision counts
-    assert review.verdicts[ids[0]] == review.verdicts[ids[1]]  # alice on unchanged images counts
+    assert [cid for cid, v in review.majorities.items() if not v.human_verified] == changed[1:]
+    assert changed[0] == ids[1] and review.majorities[ids[1]].n_reviewers == 1  # bob's unstamped decision counts
+    assert review.majorities[ids[0]] == review.majorities[ids[1]]  # alice on unchanged images counts
     source = ReviewSource(out, ReviewConfig("alice", scope="all"))  # the app asks alice for the changed ones again
     assert [source.ids[i] for i in source.pending()] == changed

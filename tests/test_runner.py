@@ -15,16 +15,16 @@ import pyarrow.parquet as pq
 import pytest
 from runner_job import compute, toy_rows
 
-from safetypairs.chunks import chunk_ranges
-from safetypairs.datafiles import load_run
-from safetypairs.folders import (
+from safetypairs.engine.chunks import chunk_ranges
+from safetypairs.engine.datafiles import load_run
+from safetypairs.engine.folders import (
     LOCK_FILE,
     atomic_dir,
     check_not_input,
     partial_dir,
     read_json,
 )
-from safetypairs.runner import RunConfig, run_stage
+from safetypairs.engine.runner import RunConfig, run_stage
 from safetypairs.utils import OutputDirError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,7 +210,7 @@ def test_two_local_folders_with_the_same_name_each_load_their_own_rows(tmp_path)
     """`datasets` caches a local folder by its base name and config: two "release/" folders must not mix."""
     from datasets import Dataset
 
-    from safetypairs.datafiles import load_checked, write_parquet
+    from safetypairs.engine.datafiles import load_checked, write_parquet
 
     for n, parent in ((3, "a"), (5, "b")):
         release = tmp_path / parent / "release"

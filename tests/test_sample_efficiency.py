@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from safetypairs.identity import SAME_IMAGE, SAME_SOURCE, Identity
-from safetypairs.sample_efficiency import (
+from safetypairs.identity import Identity
+from safetypairs.probes.sample_efficiency import (
     ARMS,
     Labelled,
     SweepConfig,
@@ -16,6 +16,7 @@ from safetypairs.sample_efficiency import (
     run_sweep,
     write_results,
 )
+from safetypairs.statuses import SAME_IMAGE, SAME_SOURCE
 
 KS = (2, 4)
 C_GRID = (0.1, 1.0, 10.0)
@@ -115,7 +116,7 @@ def test_sweep_is_reproducible():
 
 def test_unpaired_arm_never_holds_a_twin():
     base, pairs, _ = synthetic(n_pairs=12)
-    from safetypairs.sample_efficiency import _draw
+    from safetypairs.probes.sample_efficiency import _draw
 
     complete = pair_index(pairs)
     rows = _draw(base, complete, 6, np.random.default_rng(0))
@@ -199,9 +200,9 @@ def test_cli_embed_train_probe_and_sweep_end_to_end(tmp_path, monkeypatch, capsy
     from tiny_models import register_tiny_open_clip
 
     from safetypairs.cli import main
-    from safetypairs.publish import write_release
-    from safetypairs.registry import load_backend
-    from safetypairs.release import ReleaseConfig
+    from safetypairs.release.publish import write_release
+    from safetypairs.backends.registry import load_backend
+    from safetypairs.release.assemble import ReleaseConfig
     from safetypairs.sources import DEMO_PHOTOS, demo_photo
 
     encoder = f"open_clip:{register_tiny_open_clip(tmp_path / 'clip')}/none"
@@ -241,8 +242,8 @@ def test_cli_leaves_out_eval_images_that_are_release_originals(tmp_path, capsys)
     from tiny_models import register_tiny_open_clip
 
     from safetypairs.cli import main
-    from safetypairs.publish import write_release
-    from safetypairs.release import ReleaseConfig
+    from safetypairs.release.publish import write_release
+    from safetypairs.release.assemble import ReleaseConfig
     from safetypairs.sources import DEMO_PHOTOS, demo_photo
 
     encoder = f"open_clip:{register_tiny_open_clip(tmp_path / 'clip')}/none"

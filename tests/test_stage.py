@@ -7,7 +7,7 @@ from datasets import Dataset
 from safetypairs import schema as S
 from safetypairs.edit import EditConfig, run_edit
 from safetypairs.instruct import InstructConfig, run_instruct
-from safetypairs.stage import isolate
+from safetypairs.engine.stage import isolate
 
 
 def test_empty_dataset_gets_the_stage_columns():

@@ -12,18 +12,14 @@ from PIL import Image, ImageFilter, ImageOps
 
 from benchmarks.calibration import calibration_pairs, measure, summarize
 from safetypairs import schema as S
-from safetypairs.calibrate import EXPECTED, LOCAL
-from safetypairs.datafiles import read_rows
-from safetypairs.registry import REGISTRY
-from safetypairs.thresholds import LATENT_DIFFUSION, PIXEL_EXACT, PRESETS
-from safetypairs.validate import (
-    REJECT_REASONS,
-    ValidateConfig,
-    run_validate,
-    select_best,
-    thresholds_used,
-    validate_pairs,
-)
+from safetypairs import statuses as ST
+from safetypairs.validate.calibrate import EXPECTED, LOCAL
+from safetypairs.engine.datafiles import read_rows
+from safetypairs.backends.registry import REGISTRY
+from safetypairs.validate.thresholds import LATENT_DIFFUSION, PIXEL_EXACT, PRESETS
+from safetypairs.validate.decision import select_best
+from safetypairs.validate.stage import ValidateConfig, run_validate, validate_pairs
+from safetypairs.validate.thresholds import thresholds_used
 
 CANDIDATE_FEATURES = Features({S.IMAGE: ImageFeature(), S.EDITED_IMAGE: ImageFeature()})
 
@@ -87,12 +83,12 @@ def test_pair_schema_columns_and_mask(photo):
     assert not same[S.ACCEPTED] and same[S.REJECT_REASON] == "no_change" and same[S.CHANGE_BBOX] == []
 
 
-def test_edit_failed_rows_never_crash(photo):
+def test_rows_the_edit_stage_stopped_keep_its_status_as_their_fate(photo):
     data = candidates([photo, photo, photo], [paste(photo), None, paste(photo)],
-                      edit_status=["error", "ok", "ok"], edit_error=["editor blocked output", None, None])
+                      edit_status=["edit_error", "ok", "ok"], edit_error=["editor blocked output", None, None])
     out = validate_pairs(data)
-    assert out[S.VALIDATE_STATUS] == ["edit_failed", "edit_failed", "ok"]
-    assert out[S.REJECT_REASON] == ["edit_failed", "edit_failed", None]
+    assert out[S.VALIDATE_STATUS] == ["not_edited", "not_edited", "ok"]
+    assert out[S.REJECT_REASON] == ["edit_error", "not_edited", None]  # the edit stage's word, or ours
     assert out[S.VALIDATE_ERROR][0] == "editor blocked output"  # the edit stage's own error, as it is
     assert out[S.VALIDATE_ERROR][1] == "row #1 of its batch: no edited image"
     assert out[S.ACCEPTED] == [False, False, True] and out[S.METRICS_RAN][0] == []
@@ -109,7 +105,8 @@ def test_bad_input_gets_clear_statuses(photo):
     assert out[S.VALIDATE_ERROR][1].startswith("row #1 of its batch: image: not an image")
     assert "\\x89PNG" in out[S.VALIDATE_ERROR][1] and "BytesIO" not in out[S.VALIDATE_ERROR][1]
     assert "(160, 120)" in out[S.VALIDATE_ERROR][2] and "min_side=32" in out[S.VALIDATE_ERROR][3]
-    assert set(out[S.REJECT_REASON][1:]) <= set(REJECT_REASONS)
+    assert out[S.REJECT_REASON][1:] == ["unreadable", "size_mismatch", "too_small"]
+    assert all(ST.is_known(v) for v in list(out[S.VALIDATE_STATUS]) + list(out[S.REJECT_REASON]))
     resized = validate_pairs(data.select([2]), size_mismatch="resize")
     assert resized[S.VALIDATE_STATUS] == ["ok"] and resized[S.VALIDATE_RESIZED] == [True]
     assert resized[S.REJECT_REASON] != ["size_mismatch"]
@@ -186,7 +183,7 @@ def test_lpips_and_clip_run_on_the_rank_device(photo, tiny_clip):
 
 
 def test_unavailable_encoder_falls_back_to_ssim_psnr(photo, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="safetypairs.validate_models"):
+    with caplog.at_level(logging.WARNING, logger="safetypairs.validate.models"):
         out = validate_pairs(candidates([photo], [paste(photo)]), clip=f"hf-clip:{tmp_path / 'missing'}", device="cpu")
     assert out[S.ACCEPTED] == [True] and out[S.CLIP_OUTSIDE] == [None]
     assert out[S.METRICS_RAN] == [["change_mask", "ssim", "psnr"]]
@@ -238,7 +235,7 @@ def test_judge_flip_decisions(photo, monkeypatch):
 
 
 def test_real_ocr_lexicon_judge_flips_replaced_text(photo):
-    from safetypairs.calibrate import replace_text
+    from safetypairs.validate.calibrate import replace_text
 
     captioned, replaced = replace_text(photo.resize((480, 360)))
     out = validate_pairs(candidates([captioned, captioned], [replaced, paste(captioned, box=(300, 40, 380, 120))]),
@@ -313,7 +310,7 @@ def test_cli_validate_roundtrip(photo, tmp_path, capsys):
 
 def test_cli_validate_thresholds_and_composite(photo, tmp_path, capsys):
     from safetypairs.cli import main
-    from safetypairs.thresholds import Thresholds, write_thresholds
+    from safetypairs.validate.thresholds import Thresholds, write_thresholds
 
     candidates([photo, photo], [paste(photo), photo]).save_to_disk(str(tmp_path / "in"))
     strict = write_thresholds(tmp_path / "t.yaml", Thresholds(max_change_spread=0.01))
@@ -352,7 +349,7 @@ def test_fingerprint_against_the_original_rejects_local_edits():
 
 
 def test_thin_object_removed_is_a_change_not_no_change():
-    from safetypairs.calibrate import remove_thin_object
+    from safetypairs.validate.calibrate import remove_thin_object
     from safetypairs.sources import demo_photo
 
     photo = demo_photo("rocket").resize((384, 384))
@@ -372,7 +369,7 @@ def _with_control(originals, edited, controls, editor=None) -> Dataset:
 
 def test_composite_keeps_the_original_outside_the_feathered_mask(photo):
     from benchmarks.calibration import FINGERPRINTS
-    from safetypairs.change import feather
+    from safetypairs.validate.change import feather
 
     fp = FINGERPRINTS["mild"]
     edits = [paste(photo), photo.filter(ImageFilter.GaussianBlur(2)), photo.copy()]
@@ -443,7 +440,7 @@ def test_tiny_diffusers_vae_reference_end_to_end(tiny_ip2p):
     and saturation changes into small ones, so those two are left to the fingerprint tests above.
     """
     from safetypairs.backends.diffusion import DiffusersEditor
-    from safetypairs.calibrate import known_edits
+    from safetypairs.validate.calibrate import known_edits
     from safetypairs.sources import demo_photo
 
     spec = f"diffusers:{tiny_ip2p},resolution=0"
@@ -531,11 +528,11 @@ def test_a_judge_that_raises_marks_only_its_row(photo, isolated_registry):
     assert out[S.VALIDATE_ERROR][1] == ("row 'b': judge green-allergic failed: "
                                         "RuntimeError: judge crashed on a green patch")
     assert out[S.JUDGE_EDITED] == ["safe", None, "safe"] and out[S.CHANGED_FRACTION][1] > 0  # pixels kept
-    assert "judge_error" in REJECT_REASONS and not any("judge" in m for m in out[S.METRICS_RAN][1])
+    assert ST.is_known("judge_error") and not any("judge" in m for m in out[S.METRICS_RAN][1])
 
 
 def test_released_pairs_are_recognised_and_no_judge_is_said(photo, caplog):
-    from safetypairs.validate import _warned_without_judge
+    from safetypairs.validate.stage import _warned_without_judge
 
     _warned_without_judge.cache_clear()
     pairs = Dataset.from_dict({S.UNSAFE_IMAGE: [photo] * 2, S.SAFE_IMAGE: [paste(photo), photo]},
@@ -547,10 +544,44 @@ def test_released_pairs_are_recognised_and_no_judge_is_said(photo, caplog):
     assert caplog.text.count("nothing checks that the edit flips the label") == 1  # once per process
 
 
-def test_rows_that_failed_at_instruct_are_not_instructed(photo):
+def test_rows_the_instruct_stage_stopped_keep_its_status_as_their_fate(photo):
+    """The same word in the funnel (instruct statuses) and the card (reject reasons): no renaming on the way."""
     rows = candidates([cell(photo)] * 3, [None, None, cell(paste(photo))],
-                      **{S.INSTRUCT_STATUS: ["no_violation_found", S.NOT_UNSAFE, "ok"],
-                         S.EDIT_STATUS: ["skipped", "skipped", "ok"]})
+                      **{S.INSTRUCT_STATUS: ["no_violation_found", ST.NOT_UNSAFE, "ok"],
+                         S.EDIT_STATUS: ["not_instructed", "not_instructed", "ok"]})
     out = run_validate(rows, ValidateConfig(judge=None))[0]
-    assert out[S.REJECT_REASON] == ["not_instructed", S.NOT_UNSAFE, None]
-    assert set(out[S.REJECT_REASON][:2]) <= set(REJECT_REASONS)
+    assert out[S.VALIDATE_STATUS] == ["not_edited", "not_edited", "ok"]
+    assert out[S.REJECT_REASON] == ["no_violation_found", ST.NOT_UNSAFE, None]
+    assert all(ST.is_known(v) for v in out[S.REJECT_REASON])
+
+
+def test_a_rejection_names_the_measured_value_and_the_limit(photo):
+    """`background_changed` says which metric missed by how much; each row keeps the limits it was decided with."""
+    blurred = photo.filter(ImageFilter.GaussianBlur(2))
+    out = validate_pairs(candidates([photo, photo], [blurred, paste(photo)]))
+    assert out[S.REJECT_REASON] == ["background_changed", None]
+    limits = json.loads(out[S.VALIDATE_LIMITS][0])
+    assert limits == PRESETS[PIXEL_EXACT].as_dict() and out[S.VALIDATE_THRESHOLDS][0] == PIXEL_EXACT
+    detail = out[S.REJECT_DETAIL][0]
+    ssim, psnr = out[S.SSIM_OUTSIDE][0], out[S.PSNR_OUTSIDE][0]
+    expected = []
+    if ssim < limits["min_ssim_outside"]:
+        expected.append(f"ssim_outside {ssim:.4g} < {limits['min_ssim_outside']:.4g}")
+    if psnr < limits["min_psnr_outside"]:
+        expected.append(f"psnr_outside {psnr:.4g} < {limits['min_psnr_outside']:.4g}")
+    assert expected and detail == "; ".join(expected)
+    assert out[S.REJECT_DETAIL][1] is None
+
+
+def test_a_nan_metric_outside_the_mask_fails_its_limit():
+    """A metric that could not be computed must not pass: NaN is below every minimum and above every maximum."""
+    from safetypairs.validate.decision import decide_pixels
+    from safetypairs.validate.thresholds import Thresholds
+
+    row = {S.CHANGED_FRACTION: 0.01, S.CHANGE_SPREAD: 0.1, S.CHANGE_ELEMENT: 0.01, S.SSIM_OUTSIDE: 0.99,
+           S.PSNR_OUTSIDE: 40.0, S.CLIP_OUTSIDE: None, S.LPIPS_OUTSIDE: None}
+    limits = Thresholds(max_lpips_outside=0.1, min_clip_outside=0.9)
+    assert decide_pixels(limits, row) == (None, None)
+    for column in (S.SSIM_OUTSIDE, S.PSNR_OUTSIDE, S.LPIPS_OUTSIDE, S.CLIP_OUTSIDE):
+        reason, detail = decide_pixels(limits, {**row, column: float("nan")})
+        assert reason == "background_changed" and detail.startswith(f"{column} nan"), column

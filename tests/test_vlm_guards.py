@@ -18,7 +18,7 @@ from safetypairs.backends.vlm_guards import (
     render_guard_prompt,
 )
 from safetypairs.policy import load_policy
-from safetypairs.registry import check_options, load_backend
+from safetypairs.backends.registry import check_options, load_backend
 
 POLICY = load_policy("llavaguard")
 

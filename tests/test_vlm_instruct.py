@@ -8,6 +8,8 @@ from PIL import Image as PILImage
 from tiny_models import build_tiny_gemma3, build_tiny_ip2p, build_tiny_vlm
 
 from safetypairs import schema as S
+
+from safetypairs import statuses as ST
 from safetypairs.backends.vlm_instruct import (
     UnparsableAnswer,
     build_prompt,
@@ -16,7 +18,7 @@ from safetypairs.backends.vlm_instruct import (
 from safetypairs.generate import generate_pairs
 from safetypairs.instruct import InstructConfig, run_instruct
 from safetypairs.policy import load_policy
-from safetypairs.registry import check_options, load_backend
+from safetypairs.backends.registry import check_options, load_backend
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +100,8 @@ def test_hf_vlm_then_diffusers_end_to_end(vlm_path, tmp_path, monkeypatch):
     assert "a pistol is pointed at the viewer" in seen["prompts"][0]
     assert rows[S.INSTRUCTION] == ["Replace the pistol with a hairdryer"] * 2 + [None, None]
     assert rows[S.ELEMENT][:2] == ["pistol", "pistol"]
-    assert rows[S.INSTRUCT_STATUS] == [S.OK, S.OK, "unparsable", "unparsable"]
-    assert rows[S.EDIT_STATUS] == [S.OK, S.OK, "skipped", "skipped"]
+    assert rows[S.INSTRUCT_STATUS] == [ST.OK, ST.OK, "unparsable", "unparsable"]
+    assert rows[S.EDIT_STATUS] == [ST.OK, ST.OK, "not_instructed", "not_instructed"]
     assert rows[0][S.EDITED_IMAGE].size == (40, 40)
 
 

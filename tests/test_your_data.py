@@ -12,7 +12,9 @@ from datasets import load_dataset
 from user_data import CAPTIONED, SAFE, make_llavaguard_folder
 
 from safetypairs import schema as S
-from safetypairs.metrics import compute_metrics
+
+from safetypairs import statuses as ST
+from safetypairs.evaluate.metrics import compute_metrics
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 ALWAYS_UNSAFE = '''
@@ -71,7 +73,7 @@ def chain(tmp_path_factory):
 
 
 def test_every_captioned_row_is_instructed_and_edited_and_safe_rows_set_aside(chain):
-    from safetypairs.datafiles import load_run
+    from safetypairs.engine.datafiles import load_run
 
     rows = load_run(chain / "runs" / "g").select_columns(
         [S.SOURCE_ID, S.CATEGORY, S.INSTRUCT_STATUS, S.EDIT_STATUS, S.CANDIDATE]).to_list()
@@ -81,10 +83,10 @@ def test_every_captioned_row_is_instructed_and_edited_and_safe_rows_set_aside(ch
         row = by_id[f"images/{photo}.jpg"]
         assert (row[S.INSTRUCT_STATUS], row[S.EDIT_STATUS], row[S.CATEGORY]) == ("ok", "ok", "O1"), row
     for photo in SAFE:
-        assert by_id[f"images/{photo}.jpg"][S.INSTRUCT_STATUS] == S.NOT_UNSAFE
+        assert by_id[f"images/{photo}.jpg"][S.INSTRUCT_STATUS] == ST.NOT_UNSAFE
     validated = load_run(chain / "runs" / "v")
     reasons = dict(zip(validated[S.SOURCE_ID], validated[S.REJECT_REASON]))
-    assert {reasons[f"images/{p}.jpg"] for p in SAFE} == {S.NOT_UNSAFE}
+    assert {reasons[f"images/{p}.jpg"] for p in SAFE} == {ST.NOT_UNSAFE}
     assert all(validated[S.LABEL_FLIP_CHECKED][i] for i, ok in enumerate(validated[S.ACCEPTED]) if ok)
 
 
@@ -103,7 +105,7 @@ def test_released_pairs_name_their_source_files_and_load_with_plain_datasets(cha
     assert images.features[S.ROLE].names == list(S.ROLES)
     assert set(images[S.IMAGE_ID]) == {f"{p}-{S.ROLES[r]}" for p, r in zip(images[S.PAIR_ID], images[S.ROLE])}
     rejected = load_dataset(str(release), "rejected", split="test")
-    assert {s for s, r in zip(rejected[S.SOURCE_ID], rejected[S.REJECT_REASON]) if r == S.NOT_UNSAFE} == {
+    assert {s for s, r in zip(rejected[S.SOURCE_ID], rejected[S.REJECT_REASON]) if r == ST.NOT_UNSAFE} == {
         f"images/{p}.jpg" for p in SAFE}
     card = (release / "README.md").read_text()
     assert "| sources | 6 | 4 | not_unsafe: 2 |" in card and "| instructed |" in card
@@ -152,7 +154,7 @@ def test_a_guard_that_answered_no_image_fails_the_command_after_the_results_are_
     proc = run_cli("evaluate", "--dataset", "runs/release", "--guard", "my_guards:Broken", "--guard", "ocr-lexicon",
                    "--device", "cpu", "--bootstrap", "20", "--out", "runs/broken", cwd=chain)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "my_guards:Broken answered no image: {'error': " in proc.stderr and "CUDA out of memory" in proc.stderr
+    assert "my_guards:Broken answered no image: {'guard_error': " in proc.stderr and "CUDA out of memory" in proc.stderr
     results = json.loads((chain / "runs" / "broken" / "results.json").read_text())
     assert results["guards"]["ocr-lexicon"]["metrics"]["pair_accuracy"] == 1.0  # the other guard's numbers stay
     assert any(w.startswith("answered no image") for w in results["guards"]["my_guards:Broken"]["warnings"])
@@ -180,3 +182,23 @@ def test_input_errors_are_one_line_before_any_work(chain, args, message):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (chain / "x").exists()
+
+
+def test_every_status_written_is_a_word_of_the_vocabulary_and_one_word_per_fate(chain):
+    """Run folders, the release's rejected config, the funnel and the card use the words of `statuses`, and a row
+    that stopped at a stage carries that stage's status as its fate (the funnel and the card agree)."""
+    from safetypairs.engine.datafiles import load_run
+
+    validated = load_run(chain / "runs" / "v")
+    written = [v for c in validated.column_names if c.endswith("_status") or c == S.REJECT_REASON
+               for v in validated[c]]
+    rejected = load_dataset(str(chain / "runs" / "release"), "rejected", split="test")
+    written += [v for c in (S.EDIT_STATUS, S.VALIDATE_STATUS, S.REJECT_REASON) for v in rejected[c]]
+    unknown = sorted({v for v in written if not ST.is_known(v)})
+    assert not unknown, unknown
+    for instruct, fate in zip(validated[S.INSTRUCT_STATUS], validated[S.REJECT_REASON]):
+        if instruct != ST.OK:
+            assert fate == instruct  # not renamed on the way (it used to be not_instructed in the card)
+    card = (chain / "runs" / "release" / "README.md").read_text()
+    for reason in set(rejected[S.REJECT_REASON]):
+        assert f"| `{reason}` |" in card and ST.meaning(reason) in card

@@ -3,7 +3,7 @@
 import datasets
 import evaluate
 
-from safetypairs.metrics import compute_metrics, label_names
+from safetypairs.evaluate.metrics import compute_metrics, label_names
 
 _DESCRIPTION = """Guard metrics on SafetyPairs counterfactual image pairs: per image (accuracy, balanced accuracy,
 precision, recall, specificity, F1 with unsafe as the positive class, AUROC), per pair (pair accuracy, same-label

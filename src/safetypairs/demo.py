@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from safetypairs import schema as S
+
+from safetypairs import statuses as ST
 from safetypairs.utils import prepare_out_dir, status_histogram
 
 logger = logging.getLogger(__name__)
@@ -125,13 +127,13 @@ def run_demo(config: DemoConfig) -> DemoSummary:
         safetypairs.utils.OutputDirError: for an unusable output folder (checked before any work).
     """
     from safetypairs.edit import EditConfig, run_edit
-    from safetypairs.evaluate import EvaluateConfig, load_release, run_evaluate
+    from safetypairs.evaluate.stage import EvaluateConfig, load_release, run_evaluate
     from safetypairs.instruct import InstructConfig, run_instruct
-    from safetypairs.publish import write_release
-    from safetypairs.release import ReleaseConfig
-    from safetypairs.report import render_report
+    from safetypairs.release.publish import write_release
+    from safetypairs.release.assemble import ReleaseConfig
+    from safetypairs.evaluate.report import render_report
     from safetypairs.sources import build_demo_source
-    from safetypairs.validate import ValidateConfig, run_validate
+    from safetypairs.validate.stage import ValidateConfig, run_validate
 
     out = Path(config.out)
     prepare_out_dir(out, config.overwrite)
@@ -187,21 +189,21 @@ def run_demo(config: DemoConfig) -> DemoSummary:
 def _reject_reasons(candidates: Any, edited_only: bool = False) -> dict[str, int]:
     """Rejection reasons of the rows not accepted (only those whose edit succeeded, with ``edited_only``)."""
     rows = zip(candidates[S.REJECT_REASON], candidates[S.ACCEPTED], candidates[S.EDIT_STATUS])
-    return status_histogram(r for r, ok, edit in rows if not ok and (edit == S.OK or not edited_only))
+    return status_histogram(r for r, ok, edit in rows if not ok and (edit == ST.OK or not edited_only))
 
 
 def _funnel(stages: list[dict[str, Any]], validated: Any) -> list[dict[str, Any]]:
     """sources -> instructed -> edited -> accepted; each step's statuses cover the rows that entered it."""
     accepted = sum(bool(a) for a in validated[S.ACCEPTED])
     by_name = {st["stage"]: st for st in stages}
-    ok = lambda name: by_name[name]["statuses"].get(S.OK, 0)  # noqa: E731
+    ok = lambda name: by_name[name]["statuses"].get(ST.OK, 0)  # noqa: E731
     return [
         {"stage": "sources", "rows_in": by_name["source"]["rows_in"], "rows_out": by_name["source"]["rows_out"],
          "statuses": by_name["source"]["statuses"]},
         {"stage": "instructed", "rows_in": by_name["instruct"]["rows_in"], "rows_out": ok("instruct"),
          "statuses": by_name["instruct"]["statuses"]},
         {"stage": "edited", "rows_in": ok("instruct"), "rows_out": ok("edit"),
-         "statuses": {k: v for k, v in by_name["edit"]["statuses"].items() if k != "skipped"}},
+         "statuses": {k: v for k, v in by_name["edit"]["statuses"].items() if k != ST.NOT_INSTRUCTED}},
         {"stage": "accepted", "rows_in": ok("edit"), "rows_out": accepted,
          "statuses": _reject_reasons(validated, edited_only=True)},
     ]
@@ -234,9 +236,9 @@ def _captioned_rows(n_per_class: int, seed: int, safe: str, prefix: str, heldout
 
 def _training(images: Any, config: DemoConfig, out: Path) -> dict[str, Any]:
     """The four arms' curves on the demo's O1 data with the offline ``ocr-text`` encoder, scored on held-out images."""
-    from safetypairs.embed import EmbedConfig, embed_dataset
-    from safetypairs.probe import pair_rows
-    from safetypairs.sample_efficiency import SweepConfig, run_sample_efficiency
+    from safetypairs.probes.embed import EmbedConfig, run_embed
+    from safetypairs.probes.probe import pair_rows
+    from safetypairs.probes.sample_efficiency import SweepConfig, run_sample_efficiency
 
     pair_images = pair_rows(images)
     n_pairs = len(set(pair_images[S.PAIR_ID]))
@@ -246,8 +248,8 @@ def _training(images: Any, config: DemoConfig, out: Path) -> dict[str, Any]:
     embed = EmbedConfig(encoder=DEMO_ENCODER, num_proc=config.num_proc)
     base = _captioned_rows(2 * max(ks), config.seed + 1, "plain", "train-base")
     evaluation = _captioned_rows(DEMO_EVAL_PER_CLASS, config.seed + 2, "benign", "train-eval", heldout=True)
-    return run_sample_efficiency(embed_dataset(base, embed), embed_dataset(pair_images, embed),
-                                 embed_dataset(evaluation, embed),
+    return run_sample_efficiency(run_embed(base, embed)[0], run_embed(pair_images, embed)[0],
+                                 run_embed(evaluation, embed)[0],
                                  SweepConfig(ks=ks, seeds=DEMO_SEEDS, seed=config.seed,
                                              n_bootstrap=max(config.n_bootstrap, 100)),
                                  DEMO_ENCODER, out=out)
@@ -274,7 +276,7 @@ def _training_lines(training: dict[str, Any]) -> list[str]:
 def _training_html(training: dict[str, Any]) -> str:
     import html
 
-    from safetypairs.sample_efficiency import COMPARISON_NOTE, curve_svg
+    from safetypairs.probes.sample_efficiency import COMPARISON_NOTE, curve_svg
 
     if "skipped_all" in training:
         return f"<p class='muted'>Skipped: {html.escape(training['skipped_all'])}</p>"

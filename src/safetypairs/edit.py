@@ -12,6 +12,8 @@ from datasets import Dataset
 from PIL import Image
 
 from safetypairs import schema as S
+
+from safetypairs import statuses as ST
 from safetypairs.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -20,8 +22,8 @@ from safetypairs.images import (
     load_image,
 )
 from safetypairs.instructions import noop_instruction
-from safetypairs.registry import available, backend_class, check_options, load_backend
-from safetypairs.stage import StageResult, isolate, map_stage
+from safetypairs.backends.registry import available, backend_class, check_options, load_backend
+from safetypairs.engine.stage import StageResult, isolate, map_stage
 from safetypairs.utils import device_for_rank
 
 logger = logging.getLogger(__name__)
@@ -124,7 +126,7 @@ class EditTransform:
         out[S.SEED] = [candidate_seed(self.config.seed, sid, c) for sid, c in zip(out[S.SOURCE_ID], out[S.CANDIDATE])]
         out[S.EDITED_IMAGE] = [None] * n
         out[S.CONTROL_IMAGE] = [None] * n
-        out[S.EDIT_STATUS] = [S.OK] * n
+        out[S.EDIT_STATUS] = [ST.OK] * n
         out[S.EDIT_ERROR] = [None] * n
         out[S.EDIT_WORK_SIZE] = [None] * n
         jobs = self._jobs(out, n)
@@ -145,7 +147,7 @@ class EditTransform:
                 if job.column == S.EDITED_IMAGE:  # diffusers editors record the size they ran at
                     out[S.EDIT_WORK_SIZE][job.row] = image.info.get("work_size")
             elif job.column == S.EDITED_IMAGE:
-                out[S.EDIT_STATUS][job.row] = "error"
+                out[S.EDIT_STATUS][job.row] = ST.EDIT_ERROR
                 out[S.EDIT_ERROR][job.row] = f"row {out[S.SOURCE_ID][job.row]!r}: {error}"
             else:
                 logger.warning("control edit failed for %s: %s", out[S.SOURCE_ID][job.row], error)
@@ -153,12 +155,12 @@ class EditTransform:
     def _jobs(self, out: dict[str, list], n: int) -> list[_Job]:
         """One job per candidate edit (and control); rows that cannot be edited get a status."""
         jobs = []
-        statuses = out.get(S.INSTRUCT_STATUS) or [S.OK] * n
+        statuses = out.get(S.INSTRUCT_STATUS) or [ST.OK] * n
         decoded: dict[int, tuple[Image.Image, Image.Image | None]] = {}  # the K candidates of a source share one decode
         for i in range(n):
             sid, status = out[S.SOURCE_ID][i], statuses[i]
-            if status not in (S.OK, None) or not out[S.INSTRUCTION][i]:
-                out[S.EDIT_STATUS][i] = "skipped"
+            if status not in (ST.OK, None) or not out[S.INSTRUCTION][i]:
+                out[S.EDIT_STATUS][i] = ST.NOT_INSTRUCTED
                 out[S.EDIT_ERROR][i] = f"row {sid!r}: no instruction (instruct_status={status})"
                 continue
             try:
@@ -180,7 +182,7 @@ class EditTransform:
 
 
 def _drop_duplicates(out: dict[str, list], k: int) -> None:
-    """Mark candidates whose image equals an earlier candidate of the same source ``duplicate`` (in place).
+    """Mark candidates whose image equals an earlier candidate of the same source ``duplicate_candidate`` (in place).
 
     A deterministic editor (``ocr-inpaint``) ignores the seed, so K candidates would be K copies.
     """
@@ -189,11 +191,11 @@ def _drop_duplicates(out: dict[str, list], k: int) -> None:
         seen: dict[str, int] = {}
         for i in range(start, start + k):
             image = out[S.EDITED_IMAGE][i]
-            if image is None or out[S.EDIT_STATUS][i] != S.OK:
+            if image is None or out[S.EDIT_STATUS][i] != ST.OK:
                 continue
             digest = image_digest(image)
             if digest in seen:
-                out[S.EDITED_IMAGE][i], out[S.EDIT_STATUS][i] = None, S.DUPLICATE
+                out[S.EDITED_IMAGE][i], out[S.EDIT_STATUS][i] = None, ST.DUPLICATE_CANDIDATE
                 out[S.EDIT_ERROR][i] = (f"row {out[S.SOURCE_ID][i]!r}: candidate {out[S.CANDIDATE][i]} is identical to "
                                         f"candidate {out[S.CANDIDATE][seen[digest]]}")
                 dropped += 1

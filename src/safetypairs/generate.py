@@ -10,18 +10,15 @@ from typing import TYPE_CHECKING, Any
 from datasets import Dataset
 
 from safetypairs import schema as S
-from safetypairs.datafiles import read_rows
+
+from safetypairs import statuses as ST
+from safetypairs.engine.datafiles import read_rows
 from safetypairs.edit import EditConfig, run_edit
 from safetypairs.images import DEFAULT_MAX_PIXELS
-from safetypairs.instruct import (
-    UNKNOWN_CATEGORY,
-    InstructConfig,
-    row_status,
-    run_instruct,
-    status_error,
-)
+from safetypairs.instruct import InstructConfig, row_status, run_instruct, status_error
 from safetypairs.policy import Policy, load_policy
-from safetypairs.runner import RunConfig, RunSummary, model_info, run_stage, session
+from safetypairs.engine.runner import RunConfig, RunSummary, model_info, run_stage, session
+from safetypairs.engine.stage import StageResult
 
 if TYPE_CHECKING:
     from safetypairs.sources import SourceColumns
@@ -114,8 +111,24 @@ def generate_pairs(
     config = GenerateConfig(policy=policy, instructor=instructor, editor=editor, candidates=candidates,
                             control=control, **options)
     check_source(dataset, config.policy)
-    instructed, _ = run_instruct(dataset, config.instruct_config())
-    return run_edit(instructed, config.edit_config())[0]
+    return run_generate(dataset, config)[0]
+
+
+def run_generate(dataset: Dataset, config: GenerateConfig, device: str | None = None
+                 ) -> tuple[Dataset, dict[str, StageResult]]:
+    """Instruct and edit every row in memory (this process, or ``config.num_proc`` map processes).
+
+    Args:
+        dataset: source rows.
+        config: what to generate.
+        device: the device for both models (default: ``config.device``).
+
+    Returns:
+        The candidate rows and ``{"instruct": StageResult, "edit": StageResult}``.
+    """
+    instructed, instruct_result = run_instruct(dataset, config.instruct_config(device))
+    edited, edit_result = run_edit(instructed, config.edit_config(device))
+    return edited, {"instruct": instruct_result, "edit": edit_result}
 
 
 # GenerateConfig fields that do not decide the rows (left out of the run fingerprint, so a resume may change them)
@@ -127,7 +140,7 @@ def run_settings(config: GenerateConfig) -> dict[str, Any]:
     return {k: v for k, v in asdict(config).items() if k not in NOT_FINGERPRINTED}
 
 
-def run_generate(source: Dataset, config: GenerateConfig, run: RunConfig,
+def generate_run(source: Dataset, config: GenerateConfig, run: RunConfig,
                  inputs: tuple[str | Path, ...] = ()) -> RunSummary | None:
     """Generate candidate rows for ``source`` on the shared runner: sharded over the launched processes, resumable.
 
@@ -154,9 +167,8 @@ def run_generate(source: Dataset, config: GenerateConfig, run: RunConfig,
     check_source(source, config.policy)
 
     def compute(rows: Dataset, device: str) -> tuple[Dataset, dict[str, dict[str, int]]]:
-        instructed, instruct_result = run_instruct(rows, config.instruct_config(device))
-        edited, edit_result = run_edit(instructed, config.edit_config(device))
-        return edited, {"instruct": instruct_result.statuses, "edit": edit_result.statuses}
+        edited, results = run_generate(rows, config, device)
+        return edited, {stage: result.statuses for stage, result in results.items()}
 
     def provenance(work: Path, rows: Dataset, summary: RunSummary) -> dict[str, Any]:
         return {
@@ -173,7 +185,7 @@ def run_generate(source: Dataset, config: GenerateConfig, run: RunConfig,
 
 def generate_from_source(spec: str, config: GenerateConfig, run: RunConfig, split: str = "train",
                          columns: SourceColumns | None = None) -> RunSummary | None:
-    """Load a source (rank 0 first, so the `datasets` cache is built once) and `run_generate` it.
+    """Load a source (rank 0 first, so the `datasets` cache is built once) and `generate_run` it.
 
     Args:
         spec: ``demo[:n]``, an image folder with ``metadata.jsonl``/``.csv``, a ``save_to_disk`` folder,
@@ -196,20 +208,20 @@ def generate_from_source(spec: str, config: GenerateConfig, run: RunConfig, spli
         with state.main_process_first():
             source = load_source(spec, split=split, columns=columns)
         local = (spec,) if Path(spec).exists() else ()
-        summary = run_generate(source, config, replace(run, source=run.source or spec), inputs=local)
+        summary = generate_run(source, config, replace(run, source=run.source or spec), inputs=local)
     if summary is not None:
         check_survivors(summary)
     return summary
 
 
 _FIXES = {
-    UNKNOWN_CATEGORY: "pass --category-column NAME if another column holds the category, or list the value under "
+    ST.UNKNOWN_CATEGORY: "pass --category-column NAME if another column holds the category, or list the value under "
                       "a category's `aliases` in a policy file (--policy FILE)",
-    S.NOT_UNSAFE: "generate edits unsafe images; check --label-column (rows labelled safe, or with an 'NA' "
+    ST.NOT_UNSAFE: "generate edits unsafe images; check --label-column (rows labelled safe, or with an 'NA' "
                   "category, are set aside as natural negatives)",
-    "no_violation_found": "the template instructor finds violations only as lexicon words in the image's text; "
+    ST.NO_VIOLATION_FOUND: "the template instructor finds violations only as lexicon words in the image's text; "
                           "use --instructor hf-vlm:<model> or column:<name> for other content",
-    "missing_instruction": "fill the instruction column, or use another --instructor",
+    ST.MISSING_INSTRUCTION: "fill the instruction column, or use another --instructor",
 }
 
 
@@ -231,10 +243,10 @@ def check_source(source: Dataset, policy: str | Policy) -> None:
         if code is not None:
             return
         failures.setdefault(status, []).append(category)
-    safe = failures.pop(S.NOT_UNSAFE, [])
+    safe = failures.pop(ST.NOT_UNSAFE, [])
     aside = f"{len(safe)} row(s) labelled safe are set aside as natural negatives" if safe else ""
     if not failures:
-        raise ValueError(f"no source row can be instructed: all {aside} -> {_FIXES[S.NOT_UNSAFE]}")
+        raise ValueError(f"no source row can be instructed: all {aside} -> {_FIXES[ST.NOT_UNSAFE]}")
     parts = [f"{len(values)} row(s): {status_error(status, values[0], policy)}"
              + (f" (values: {', '.join(map(repr, sorted(set(map(str, values)))[:3]))})" if len(set(values)) > 1 else "")
              + f" -> {_FIXES[status]}" for status, values in failures.items()]
@@ -250,14 +262,14 @@ def check_survivors(summary: RunSummary) -> None:
     Raises:
         ValueError: naming the reason or statuses, the count, the fix or first error, and the run folder.
     """
-    instruct = {k: v for k, v in summary.statuses.get("instruct", {}).items() if k != S.NOT_UNSAFE}
+    instruct = {k: v for k, v in summary.statuses.get("instruct", {}).items() if k != ST.NOT_UNSAFE}
     where = f"(the run is in {summary.out} for inspection: %s says more per row)"
-    if not instruct.get(S.OK) and len(instruct) == 1 and next(iter(instruct)) in _FIXES:
+    if not instruct.get(ST.OK) and len(instruct) == 1 and next(iter(instruct)) in _FIXES:
         status, n = next(iter(instruct.items()))
         raise ValueError(f"no row was instructed: all {n} rows ended {status} -> {_FIXES[status]} "
                          + where % S.INSTRUCT_ERROR)
     edit = summary.statuses.get("edit")
-    if edit is None or edit.get(S.OK):
+    if edit is None or edit.get(ST.OK):
         return
     errors = [e for e in read_rows(summary.out).select_columns([S.EDIT_ERROR])[S.EDIT_ERROR] if e]
     raise ValueError(f"no row was edited (edit: {edit}; instruct: {instruct}); the first error: "

@@ -18,13 +18,11 @@ from typing import Any
 import numpy as np
 
 from safetypairs.images import DEFAULT_MAX_PIXELS, ImageError, image_digest, load_image
+from safetypairs import statuses as ST
 from safetypairs.schema import IMAGE, IMAGE_DIGEST, PAIR_ID, SOURCE_ID
 
 logger = logging.getLogger(__name__)
 
-SAME_IMAGE = "same_image"  # the eval image is a training image (equal pixel digest)
-SAME_SOURCE = "same_source"  # the eval image's source group holds a training image (e.g. the edit of a training original)
-SAME_ID = "same_source_id"  # no digests on one side: the eval row's source id is a training row's source id
 
 
 @dataclass(frozen=True)
@@ -95,9 +93,10 @@ def with_digests(rows: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> Any:
     """A `datasets.Dataset` with an ``image_digest`` column (computed from ``image`` when it has none)."""
     if IMAGE_DIGEST in rows.column_names or IMAGE not in rows.column_names:
         return rows
-    from safetypairs.stage import undecoded
+    from datasets import Image
 
-    digests = image_digests(undecoded(rows.select_columns([IMAGE]))[IMAGE], max_pixels)
+    cells = rows.select_columns([IMAGE]).cast_column(IMAGE, Image(decode=False))[IMAGE]
+    digests = image_digests(cells, max_pixels)
     return rows.add_column(IMAGE_DIGEST, digests)
 
 
@@ -107,7 +106,7 @@ class Exclusion:
 
     Attributes:
         keep: per eval row, whether it shares nothing with training.
-        reasons: per eval row, ``None`` or why it was left out (`SAME_IMAGE`, `SAME_SOURCE`, `SAME_ID`).
+        reasons: per eval row, ``None`` or why it was left out (`statuses.SAME_IMAGE`, ``SAME_SOURCE``, ``SAME_SOURCE_ID``).
         by: what identity was compared: ``"image digest"`` or ``"source id"`` (when a side has no digests).
         id_matches_kept: kept eval rows whose source id names a training row too (different images: ids
             from two datasets name different things).
@@ -147,10 +146,10 @@ class Exclusion:
 def exclude_shared(evaluation: Identity, *training: Identity) -> Exclusion:
     """Leave out the eval rows that are, or share a source with, any training row.
 
-    An eval row is left out when its image is a training image (`SAME_IMAGE`), or when another row of
-    its source group is (`SAME_SOURCE`: the edit of a training original, the original of a training
+    An eval row is left out when its image is a training image (``same_image``), or when another row of
+    its source group is (``same_source``: the edit of a training original, the original of a training
     edit). When the eval rows or a training set carry no digests, source ids are compared instead
-    (`SAME_ID`) and ``by`` says so.
+    (``same_source_id``) and ``by`` says so.
 
     Args:
         evaluation: the eval rows' identity.
@@ -167,11 +166,11 @@ def exclude_shared(evaluation: Identity, *training: Identity) -> Exclusion:
     shared_groups = set(evaluation.groups[hit])
     for i, (group, digest, value) in enumerate(zip(evaluation.groups, evaluation.digests, evaluation.ids)):
         if hit[i]:
-            reasons[i] = SAME_IMAGE
+            reasons[i] = ST.SAME_IMAGE
         elif group in shared_groups:
-            reasons[i] = SAME_SOURCE
+            reasons[i] = ST.SAME_SOURCE
         elif (not by_digest or digest is None) and value is not None and value in train_ids:
-            reasons[i] = SAME_ID
+            reasons[i] = ST.SAME_SOURCE_ID
     keep = np.array([r is None for r in reasons], dtype=bool)
     id_kept = int(sum(1 for i, v in enumerate(evaluation.ids) if keep[i] and v is not None and v in train_ids))
     unchecked = not by_digest or any(d is None for d in evaluation.digests)

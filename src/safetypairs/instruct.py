@@ -10,6 +10,8 @@ from typing import Any
 from datasets import Dataset
 
 from safetypairs import schema as S
+
+from safetypairs import statuses as ST
 from safetypairs.backends.base import InstructResult
 from safetypairs.images import (
     DEFAULT_MAX_PIXELS,
@@ -19,8 +21,8 @@ from safetypairs.images import (
     load_image,
 )
 from safetypairs.policy import Policy, is_none_category, load_policy
-from safetypairs.registry import check_options, load_backend, parse_spec
-from safetypairs.stage import StageResult, isolate, map_stage
+from safetypairs.backends.registry import check_options, load_backend, parse_spec
+from safetypairs.engine.stage import StageResult, isolate, map_stage
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +92,7 @@ class InstructTransform:
             answers = isolate(lambda some: backend.instruct(some, policy), rows)
             for i, row, (result, error) in zip(todo, rows, answers):
                 results[i] = result if error is None else InstructResult(
-                    None, None, "", "error", f"row {row.get(S.SOURCE_ID)!r}: {error}")
+                    None, None, "", ST.INSTRUCT_ERROR, f"row {row.get(S.SOURCE_ID)!r}: {error}")
         out = dict(batch)
         out[S.IMAGE] = out_images
         if S.CATEGORY in batch:  # resolved codes ("O1: Hate, ..." -> "O1") for the rows that were instructed
@@ -107,9 +109,6 @@ class InstructTransform:
         return out
 
 
-UNKNOWN_CATEGORY = "unknown_category"
-
-
 def row_status(category: Any, label: Any, policy: Policy) -> tuple[str, str | None]:
     """How a source row enters the instruct stage, from its category and label alone (no image read).
 
@@ -119,14 +118,14 @@ def row_status(category: Any, label: Any, policy: Policy) -> tuple[str, str | No
         or ``("unknown_category", None)``.
     """
     if label == S.SAFE or (label != S.UNSAFE and is_none_category(category)):
-        return S.NOT_UNSAFE, None
+        return ST.NOT_UNSAFE, None
     code = policy.resolve(category)
-    return (S.OK, code) if code is not None else (UNKNOWN_CATEGORY, None)
+    return (ST.OK, code) if code is not None else (ST.UNKNOWN_CATEGORY, None)
 
 
 def status_error(status: str, category: Any, policy: Policy) -> str:
     """The text of a `row_status` failure (without the row id)."""
-    if status == S.NOT_UNSAFE:
+    if status == ST.NOT_UNSAFE:
         return f"labelled safe in the source (category {category!r}): set aside as a natural negative"
     return (f"category {category!r} is not in policy {policy.id} (allowed: {', '.join(policy.categories)}, "
             "'<code>: <name>', the names or a category's aliases)")

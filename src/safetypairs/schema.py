@@ -52,6 +52,7 @@ CHANGE_ELEMENT = "change_element_fraction"  # share of the image the largest con
 VALIDATE_REFERENCE = "validate_reference"  # what the edit was compared with: original | control | vae_roundtrip
 NOISE_FLOOR_PSNR = "noise_floor_psnr"  # PSNR (dB) of the reference vs the original: the editor's own fingerprint
 VALIDATE_THRESHOLDS = "validate_thresholds"  # the threshold preset or file the row was decided with
+VALIDATE_LIMITS = "validate_limits"  # JSON: the threshold values the row was decided with (review reads them)
 METRICS_RAN = "metrics_ran"
 JUDGE = "judge"
 JUDGE_ORIGINAL = "judge_original"
@@ -63,7 +64,8 @@ LABEL_FLIP_CHECKED = "label_flip_checked"  # a judge checked that the original i
 VALIDATE_STATUS = "validate_status"
 VALIDATE_ERROR = "validate_error"  # detail for a row that could not be measured
 VALIDATE_RESIZED = "validate_resized"  # the edited image was resized to the original's size
-REJECT_REASON = "reject_reason"
+REJECT_REASON = "reject_reason"  # the row's fate: a word of `statuses` (None = accepted / released)
+REJECT_DETAIL = "reject_detail"  # the numbers behind a validation decision: "psnr_outside 29.1 < 32.5"
 
 # --- release: pairs and images configs --------------------------------------------------------
 PAIR_ID = "pair_id"
@@ -84,9 +86,6 @@ EMBED_ERROR = "embed_error"
 LABELS = ["safe", "unsafe"]
 SAFE, UNSAFE, UNKNOWN = "safe", "unsafe", "unknown"
 ROLES = ("original", "edited", "control")
-OK = "ok"
-DUPLICATE = "duplicate"  # edit_status of a candidate identical to an earlier candidate of its source (dropped)
-NOT_UNSAFE = "not_unsafe"  # a source row labelled safe: set aside (a natural negative), not a failure
 
 SOURCE_FEATURES = Features(
     {
@@ -182,6 +181,7 @@ VALIDATION_FEATURES = Features(
         VALIDATE_REFERENCE: Value("string"),
         NOISE_FLOOR_PSNR: Value("float32"),
         VALIDATE_THRESHOLDS: Value("string"),
+        VALIDATE_LIMITS: Value("string"),
         METRICS_RAN: Sequence(Value("string")),
         JUDGE: Value("string"),
         JUDGE_ORIGINAL: Value("string"),
@@ -194,6 +194,7 @@ VALIDATION_FEATURES = Features(
         VALIDATE_ERROR: Value("string"),
         VALIDATE_RESIZED: Value("bool"),
         REJECT_REASON: Value("string"),
+        REJECT_DETAIL: Value("string"),
     }
 )
 

@@ -20,10 +20,10 @@ from PIL import Image
 
 from safetypairs import schema as S
 from safetypairs.backends.render import FONTS, TextStyle, draw_text
-from safetypairs.datafiles import is_saved_dataset, load_checked, load_saved
+from safetypairs.engine.datafiles import is_saved_dataset, load_checked, load_saved
 from safetypairs.instructions import demo_text
 from safetypairs.policy import is_none_category
-from safetypairs.stage import undecoded
+from safetypairs.engine.stage import undecoded
 
 logger = logging.getLogger(__name__)
 

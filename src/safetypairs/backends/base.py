@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, runtime_chec
 
 from safetypairs import schema as S
 
+from safetypairs import statuses as ST
+
 if TYPE_CHECKING:
     import numpy as np
     from PIL.Image import Image as PILImage
@@ -22,7 +24,7 @@ class InstructResult:
     instruction: str | None
     element: str | None = None
     raw: str = ""
-    status: str = S.OK
+    status: str = ST.OK
     error: str | None = None
 
 

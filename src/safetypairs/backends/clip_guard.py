@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from safetypairs.backend_options import cast_options, parse_options
+from safetypairs.backends.options import cast_options, parse_options
 from safetypairs.backends.base import Verdict
 from safetypairs.policy import Policy
-from safetypairs.registry import check_options, load_backend
+from safetypairs.backends.registry import check_options, load_backend
 from safetypairs.schema import SAFE, UNSAFE
 
 logger = logging.getLogger(__name__)

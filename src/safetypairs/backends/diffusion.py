@@ -7,7 +7,7 @@ from typing import Any
 
 from PIL import Image
 
-from safetypairs.backend_options import split_model_arg
+from safetypairs.backends.options import split_model_arg
 from safetypairs.backends.diffusion_pipelines import (
     PIPELINES,
     REPLACE_STRENGTH,

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from safetypairs.backend_options import parse_bool
+from safetypairs.backends.options import parse_bool
 from safetypairs.backends.vlm import DTYPES
 
 logger = logging.getLogger(__name__)

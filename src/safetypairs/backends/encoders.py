@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from safetypairs.backend_options import parse_bool, parse_options
+from safetypairs.backends.options import parse_bool, parse_options
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import logging
 import numpy as np
 from PIL import Image
 
-from safetypairs.backend_options import cast_options, parse_options
+from safetypairs.backends.options import cast_options, parse_options
 from safetypairs.backends.base import Verdict
 from safetypairs.backends.ocr import OCRConfig, read_text
 from safetypairs.policy import Policy

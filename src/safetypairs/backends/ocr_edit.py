@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from safetypairs.backend_options import cast_options, parse_options
+from safetypairs.backends.options import cast_options, parse_options
 from safetypairs.backends.ocr import OCRConfig, TextBox, read_text
 from safetypairs.backends.render import DEFAULT_FONT, TextStyle, draw_text
 from safetypairs.instructions import text_replacements

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from safetypairs.backend_options import cast_options, parse_options
+from safetypairs.backends.options import cast_options, parse_options
 from safetypairs.backends.ocr import read_text
 
 NO_TEXT = "<no-text>"  # the token of an image without readable text, so every embedding has unit norm

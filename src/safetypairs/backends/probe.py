@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from safetypairs.backend_options import cast_options, split_model_arg
+from safetypairs.backends.options import cast_options, split_model_arg
 from safetypairs.backends.base import Verdict
 from safetypairs.policy import Policy
-from safetypairs.registry import load_backend
+from safetypairs.backends.registry import load_backend
 from safetypairs.schema import SAFE, UNSAFE
 from safetypairs.utils import Range
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from safetypairs import schema as S
+from safetypairs import statuses as ST
 from safetypairs.backends.base import InstructResult
 from safetypairs.backends.ocr import read_text
 from safetypairs.instructions import closest_phrase, demo_text, text_instruction
@@ -52,7 +53,7 @@ class TemplateInstructor:
         flagged = [ln.text for ln in lines if policy.lexicon_matches(ln.text, category.code)]
         raw = " | ".join(ln.text for ln in lines)
         if not flagged:
-            return InstructResult(None, None, raw, "no_violation_found",
+            return InstructResult(None, None, raw, ST.NO_VIOLATION_FOUND,
                                   f"no {category.code} lexicon words in the detected text {raw!r}")
         benign = demo_text()["benign"]
         pairs = [(text, closest_phrase(text, benign, f"{row[S.SOURCE_ID]}:{text}")) for text in flagged]
@@ -90,7 +91,7 @@ class ColumnInstructor:
             if value is None and self.column not in row:
                 raise ValueError(f"column {self.column!r} not in the data; columns: {', '.join(row)}")
             if not isinstance(value, str) or not value.strip():
-                results.append(InstructResult(None, None, repr(value), "missing_instruction",
+                results.append(InstructResult(None, None, repr(value), ST.MISSING_INSTRUCTION,
                                               f"column {self.column!r} is empty"))
             else:
                 results.append(InstructResult(value.strip(), None, value))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from safetypairs.backend_options import cast_options, split_model_arg
+from safetypairs.backends.options import cast_options, split_model_arg
 from safetypairs.backends.base import Verdict
 from safetypairs.backends.vlm import DTYPES, VLMConfig, load_vlm
 from safetypairs.policy import Policy, render_policy

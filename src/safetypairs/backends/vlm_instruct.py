@@ -9,7 +9,8 @@ import re
 from typing import Any
 
 from safetypairs import schema as S
-from safetypairs.backend_options import cast_options, split_model_arg
+from safetypairs import statuses as ST
+from safetypairs.backends.options import cast_options, split_model_arg
 from safetypairs.backends.base import InstructResult
 from safetypairs.images import load_image
 from safetypairs.policy import Policy, render_policy
@@ -189,5 +190,5 @@ class HFVLMInstructor:
         try:
             parsed = parse_answer(answer)
         except UnparsableAnswer as err:
-            return InstructResult(None, None, answer, "unparsable", str(err))
+            return InstructResult(None, None, answer, ST.UNPARSABLE, str(err))
         return InstructResult(parsed["instruction"], parsed.get("element"), answer)

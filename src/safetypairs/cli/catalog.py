@@ -46,7 +46,7 @@ def add_policies(sub: argparse._SubParsersAction) -> None:
 
 def _backend_lines(kind: str, alias: str) -> list[str]:
     """One backend: alias, origin and target, its summary and capabilities, then its options."""
-    from safetypairs import registry
+    from safetypairs.backends import registry
     from safetypairs.backends.base import missing_members
 
     head = f"  {alias}  ({registry.origin(kind, alias)}: {registry.REGISTRY[kind][alias]})"
@@ -66,7 +66,7 @@ def _backend_lines(kind: str, alias: str) -> list[str]:
 
 
 def _cmd_backends(args: argparse.Namespace) -> int:
-    from safetypairs.registry import KINDS, available
+    from safetypairs.backends.registry import KINDS, available
 
     for kind in [args.kind] if args.kind else KINDS:
         sys.stdout.write(f"{kind}:\n")
@@ -77,11 +77,11 @@ def _cmd_backends(args: argparse.Namespace) -> int:
 
 def add_backends(sub: argparse._SubParsersAction) -> None:
     """The ``backends`` subcommand."""
-    from safetypairs.registry import ENTRY_POINT_GROUP, KINDS
+    from safetypairs.backends.registry import ENTRY_POINT_GROUP, KINDS
 
     p = sub.add_parser("backends", help="list the registered backends of each kind with their options",
                        description=("List instructors, editors, judges, guards and encoders: built-in ones, those "
-                                    "added with safetypairs.registry.register() and those of other packages' "
+                                    "added with safetypairs.backends.registry.register() and those of other packages' "
                                     f"'{ENTRY_POINT_GROUP}' entry points ('<kind>.<alias>' = 'module:Class'). "
                                     "Options go in the spec: alias:<arg>,key=value,..."))
     p.add_argument("kind", nargs="?", choices=KINDS, help="only this kind (default: all)")

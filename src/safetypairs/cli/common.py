@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from safetypairs.runner import RunConfig, RunSummary
+    from safetypairs.engine.runner import RunConfig, RunSummary
 
 
 class CLIError(Exception):
@@ -22,7 +22,7 @@ def check_out(out: str, inputs: tuple[str, ...]) -> None:
     Raises:
         OutputDirError: naming the input (hub ids and other names that are not local paths are not checked).
     """
-    from safetypairs.folders import check_not_input
+    from safetypairs.engine.folders import check_not_input
 
     check_not_input(out, tuple(path for path in inputs if Path(path).exists()))
 
@@ -33,7 +33,7 @@ def run_config(args: argparse.Namespace, inputs: tuple[str, ...] = (), source: s
     Raises:
         OutputDirError: if ``--out`` is, contains or lies inside a local input.
     """
-    from safetypairs.runner import RunConfig
+    from safetypairs.engine.runner import RunConfig
 
     check_out(args.out, inputs)
     return RunConfig(out=args.out, chunk_size=args.chunk_size, source=source, overwrite=args.overwrite)
@@ -48,7 +48,7 @@ def write_summary(summary: RunSummary | None) -> int:
 
 def run_sharded(device: str, load: Callable[[], Any], stage: Callable[[Any], RunSummary | None]) -> int:
     """Load the rows (rank 0 first, so the `datasets` cache is built once), run the stage, print its summary."""
-    from safetypairs.runner import session
+    from safetypairs.engine.runner import session
 
     with session(device) as state:
         with state.main_process_first():
@@ -59,6 +59,6 @@ def run_sharded(device: str, load: Callable[[], Any], stage: Callable[[Any], Run
 
 def spec_options(text: str) -> tuple[tuple[str, str], ...]:
     """A backend's ``k=v,k=v`` options flag as the (key, value) pairs a stage config stores."""
-    from safetypairs.backend_options import parse_options
+    from safetypairs.backends.options import parse_options
 
     return tuple(parse_options(text).items())

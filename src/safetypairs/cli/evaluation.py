@@ -22,8 +22,8 @@ from safetypairs.cli.options import (
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from safetypairs.evaluate import EvaluateConfig, evaluate_release
-    from safetypairs.runner import session
+    from safetypairs.evaluate.stage import EvaluateConfig, evaluate_run
+    from safetypairs.engine.runner import session
 
     config = EvaluateConfig(guards=tuple(args.guard), policy=args.policy, device=args.device,
                             batch_size=args.batch_size, n_bootstrap=args.bootstrap, seed=args.seed,
@@ -31,7 +31,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     natural = _natural_rows(args.natural, args.natural_split) if args.natural else None
     run = run_config(args)
     with session(config.device):
-        results = evaluate_release(args.dataset, config, run, split=args.split, natural=natural)
+        results = evaluate_run(args.dataset, config, run, split=args.split, natural=natural)
     if results:  # empty on a non-zero rank under accelerate launch / torchrun: rank 0 reports
         _write_results(results, args.out)
     return 0
@@ -43,7 +43,7 @@ def _write_results(results: dict, out: str) -> None:
     Raises:
         CLIError: after writing, when a guard answered no image (its numbers measure nothing).
     """
-    from safetypairs.scoring import unanswered
+    from safetypairs.evaluate.scoring import unanswered
 
     for row in results["leaderboard"]:
         cells = "  ".join(f"{k}={'-' if row[k] is None else round(row[k], 3)}" for k in ("pair_accuracy", "f1", "auroc"))
@@ -67,8 +67,8 @@ def _write_results(results: dict, out: str) -> None:
 
 
 def _natural_rows(path: str, split: str | None):
-    from safetypairs.embed import load_images
-    from safetypairs.natural import natural_images
+    from safetypairs.probes.embed import load_images
+    from safetypairs.evaluate.natural import natural_images
 
     return natural_images(load_images(path, split))
 
@@ -117,7 +117,7 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from safetypairs.score import ScoreConfig, score_file
+    from safetypairs.evaluate.score import ScoreConfig, score_file
 
     config = ScoreConfig(name=args.name or "", id_column=args.id_column, prediction_column=args.prediction_column,
                          score_column=args.score_column, policy=args.policy, n_bootstrap=args.bootstrap, seed=args.seed)
@@ -150,7 +150,7 @@ def add_score(sub: argparse._SubParsersAction) -> None:
 
 
 def _embed_config(args: argparse.Namespace):
-    from safetypairs.embed import EmbedConfig
+    from safetypairs.probes.embed import EmbedConfig
 
     return EmbedConfig(encoder=args.encoder, image_column=args.image_column, device=args.device,
                        batch_size=args.batch_size, max_pixels=args.max_pixels)
@@ -167,12 +167,12 @@ def _add_embed_options(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    from safetypairs.embed import load_images, run_embed
+    from safetypairs.probes.embed import load_images, embed_run
 
     config = _embed_config(args)
     run = run_config(args, (args.dataset,), source=args.dataset)
     return run_sharded(config.device, lambda: load_images(args.dataset, args.split),
-                       lambda rows: run_embed(rows, config, run))
+                       lambda rows: embed_run(rows, config, run))
 
 
 def add_embed(sub: argparse._SubParsersAction) -> None:
@@ -194,8 +194,8 @@ def add_embed(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_train_probe(args: argparse.Namespace) -> int:
-    from safetypairs.embed import load_embedded
-    from safetypairs.probe import ProbeConfig, train_probe
+    from safetypairs.probes.embed import load_embedded
+    from safetypairs.probes.probe import ProbeConfig, train_probe
 
     config = ProbeConfig(encoder=args.encoder, val_fraction=args.val_fraction, seed=args.seed)
     train = load_embedded(args.train, args.encoder, args.split)
@@ -229,9 +229,9 @@ def add_train_probe(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_sample_efficiency(args: argparse.Namespace) -> int:
-    from safetypairs.embed import load_embedded
-    from safetypairs.probe import embed_cached
-    from safetypairs.sample_efficiency import ARMS, EFFECTS, SweepConfig, run_sample_efficiency
+    from safetypairs.probes.embed import load_embedded
+    from safetypairs.probes.probe import embed_cached
+    from safetypairs.probes.sample_efficiency import ARMS, EFFECTS, SweepConfig, run_sample_efficiency
 
     try:
         ks = tuple(int(k) for k in args.k.split(","))

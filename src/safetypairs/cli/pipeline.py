@@ -134,7 +134,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from safetypairs.calibrate import CalibrateConfig, run_calibrate
+    from safetypairs.validate.calibrate import CalibrateConfig, run_calibrate
 
     config = CalibrateConfig(editor=args.editor, editor_options=spec_options(args.editor_options),
                              base=args.base, seed=args.seed, device=args.device, batch_size=args.batch_size,
@@ -176,8 +176,8 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from safetypairs.datafiles import read_rows
-    from safetypairs.validate import ValidateConfig, validate_run
+    from safetypairs.engine.datafiles import read_rows
+    from safetypairs.validate.stage import ValidateConfig, validate_run
 
     config = ValidateConfig(original_column=args.original_column, edited_column=args.edited_column,
                             policy=args.policy, judge=args.judge, lpips=args.lpips, clip=args.clip,
@@ -227,9 +227,9 @@ def add_validate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_release(args: argparse.Namespace) -> int:
-    from safetypairs.hub import PushConfig, layout_files, push_release
-    from safetypairs.publish import read_input, write_release
-    from safetypairs.release import ReleaseConfig
+    from safetypairs.release.hub import PushConfig, layout_files, push_release
+    from safetypairs.release.publish import read_input, write_release
+    from safetypairs.release.assemble import ReleaseConfig
 
     config = ReleaseConfig(split_by=args.split_by, test_size=args.test_size, seed=args.seed,
                            include_rejected=not args.no_rejected, max_shard_size=args.max_shard_size,
@@ -260,7 +260,7 @@ def _load_review(args: argparse.Namespace, data: Any) -> Any:
     """The reviewers' verdicts (`review.ReviewResult`) on validated rows for ``--require-review``."""
     from datasets import Dataset
 
-    from safetypairs.review import load_review
+    from safetypairs.review.store import load_review
 
     if not isinstance(data, Dataset):
         raise CLIError("--require-review needs validated rows, not a raw layout")

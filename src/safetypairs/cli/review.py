@@ -10,7 +10,7 @@ from safetypairs.utils import REVIEW_SCOPES
 
 
 def _cmd_review(args: argparse.Namespace) -> int:
-    from safetypairs.review_app import ReviewConfig, serve
+    from safetypairs.review.app import ReviewConfig, serve
 
     config = ReviewConfig(reviewer=args.reviewer, scope=args.only, host=args.host, port=args.port)
     sys.stdout.write(f"review app for {args.reviewer} on http://{args.host}:{args.port} (Ctrl+C to stop)\n")
@@ -38,8 +38,8 @@ def add_review(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_review_stats(args: argparse.Namespace) -> int:
-    from safetypairs.datafiles import read_rows
-    from safetypairs.review import agreement, read_decisions, write_stats
+    from safetypairs.engine.datafiles import read_rows
+    from safetypairs.review.store import agreement, read_decisions, write_stats
 
     records = read_decisions(args.input)
     if not records:

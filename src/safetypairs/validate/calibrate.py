@@ -19,20 +19,17 @@ from safetypairs import schema as S
 from safetypairs.backends.render import TextStyle, draw_text
 from safetypairs.images import load_image
 from safetypairs.instructions import NOOP_INSTRUCTION
-from safetypairs.registry import load_backend, parse_spec
-from safetypairs.thresholds import (
+from safetypairs.backends.registry import load_backend, parse_spec
+from safetypairs.validate.thresholds import (
     Thresholds,
     load_thresholds,
     preset_for_editor,
+    thresholds_for,
     write_thresholds,
 )
 from safetypairs.utils import device_for_rank, progress
-from safetypairs.validate import (
-    ValidateConfig,
-    decide_pixels,
-    thresholds_for,
-    validate_pairs,
-)
+from safetypairs.validate.decision import decide_pixels
+from safetypairs.validate.stage import ValidateConfig, validate_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -172,8 +169,8 @@ def known_edits(photo: Image.Image) -> list[tuple[str, Image.Image, Image.Image]
     return cases + [(IDENTICAL, photo, photo.copy())]
 
 
-def verdict(row: dict[str, Any]) -> str:
-    """``accept`` for an accepted row, else its reject reason."""
+def outcome(row: dict[str, Any]) -> str:
+    """``accept`` for an accepted row, else its reject reason (what `EXPECTED` lists per case)."""
     return "accept" if row[S.ACCEPTED] else row[S.REJECT_REASON]
 
 
@@ -322,7 +319,7 @@ def calibrate(images: Sequence[Image.Image], config: CalibrateConfig) -> Calibra
     thresholds = fit_thresholds(rows, thresholds_for(measure, config.editor)[1])
     table = []
     for row in rows:
-        reason = decide_pixels(thresholds, row)
+        reason = decide_pixels(thresholds, row)[0]
         decision = "accept" if reason is None else reason
         table.append({"image": row[S.SOURCE_ID], "case": row["case"], "expected": " or ".join(EXPECTED[row["case"]]),
                       "decision": decision, "ok": decision in EXPECTED[row["case"]],

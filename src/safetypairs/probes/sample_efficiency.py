@@ -22,8 +22,8 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from safetypairs.identity import Exclusion, Identity, exclude_shared, merged_groups
-from safetypairs.metrics import weighted_auroc
-from safetypairs.probe import C_GRID, ProbeConfig, fit_probe
+from safetypairs.evaluate.metrics import weighted_auroc
+from safetypairs.probes.probe import C_GRID, ProbeConfig, fit_probe
 from safetypairs.utils import progress
 
 logger = logging.getLogger(__name__)
@@ -339,7 +339,7 @@ def curve_svg(results: Mapping[str, Any], metric: str | None = None) -> str:
     """The arms' mean curves with 95% CI bands against k (log scale), as inline SVG."""
     import html
 
-    from safetypairs.report import PALETTE
+    from safetypairs.evaluate.report import PALETTE
 
     metric = metric or results["config"]["metric"]
     arms = results["summary"][metric]["arms"]
@@ -474,8 +474,9 @@ def report_html(results: Mapping[str, Any]) -> str:
 
 def labelled(rows: Any, name: str) -> Labelled:
     """`Labelled` arrays of embedded rows (see `probe.embedded_arrays`); pair images keep their pair ids."""
-    from safetypairs.probe import embedded_arrays
-    from safetypairs.schema import EMBED_STATUS, OK, PAIR_ID
+    from safetypairs.probes.probe import embedded_arrays
+    from safetypairs.schema import EMBED_STATUS, PAIR_ID
+    from safetypairs.statuses import OK
 
     x, y, identity = embedded_arrays(rows, name)
     pair_ids = None
@@ -502,7 +503,7 @@ def run_sample_efficiency(base: Any, pairs: Any, evaluation: Any, config: SweepC
     Returns:
         The results dict (see `run_sweep`).
     """
-    from safetypairs.probe import pair_rows
+    from safetypairs.probes.probe import pair_rows
 
     results = run_sweep(labelled(base, "base"), labelled(pair_rows(pairs), "pairs"), labelled(evaluation, "eval"),
                         config, encoder)

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from safetypairs import schema as S
-from safetypairs.registry import parse_spec
+from safetypairs.backends.registry import parse_spec
 
 CIRCULARITY_NOTE = (
     "Circular by construction: pairs were accepted only when the validation judge ({judge}) called the original "

@@ -1,4 +1,4 @@
-"""Validation thresholds: presets per editor family, files written by ``safetypairs calibrate``, the pixel decision."""
+"""Validation thresholds: presets per editor family, files written by ``safetypairs calibrate``, and which apply to a row."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from typing import Any
 import yaml
 from datasets import Dataset
 
-from safetypairs import schema as S
 from safetypairs.utils import Range, check_ranges
 
 FORMAT = "safetypairs-thresholds/1"
@@ -188,37 +187,3 @@ def thresholds_used(dataset: Dataset, config: Any) -> dict[str, Any]:
         by_editor[editor or "unknown"] = {"thresholds": label, "values": values.as_dict()}
     return {"thresholds": config.thresholds or "auto", "reference": config.reference, "composite": config.composite,
             "feather_px": config.feather_px, "by_editor": by_editor}
-
-
-def decide_pixels(thresholds: Thresholds, row: dict[str, Any]) -> str | None:
-    """The reject reason from the measured metrics alone (``None`` when the pixels pass).
-
-    Order: ``not_local`` (change too large or too spread out), ``background_changed`` (outside
-    metrics below threshold, also when the mask is empty: a global change under the ΔE
-    threshold), then ``no_change`` (no connected change as large as ``min_element_fraction``:
-    the edit is indistinguishable from its reference).
-
-    Args:
-        thresholds: the values to decide with.
-        row: a row with the metric columns filled.
-
-    Returns:
-        ``not_local``, ``background_changed``, ``no_change`` or ``None``.
-    """
-    t = thresholds
-    if row[S.CHANGED_FRACTION] > t.max_changed_fraction or row[S.CHANGE_SPREAD] > t.max_change_spread:
-        return "not_local"
-    failed = [
-        _below(row[S.SSIM_OUTSIDE], t.min_ssim_outside),
-        _below(row[S.PSNR_OUTSIDE], t.min_psnr_outside),
-        _below(row[S.CLIP_OUTSIDE], t.min_clip_outside),
-        t.max_lpips_outside is not None and row[S.LPIPS_OUTSIDE] is not None
-        and row[S.LPIPS_OUTSIDE] > t.max_lpips_outside,
-    ]
-    if any(failed):
-        return "background_changed"
-    return "no_change" if row[S.CHANGE_ELEMENT] < t.min_element_fraction else None
-
-
-def _below(value: float | None, threshold: float | None) -> bool:
-    return threshold is not None and value is not None and (math.isnan(value) or value < threshold)

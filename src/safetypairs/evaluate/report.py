@@ -209,7 +209,7 @@ def render_report(
     """Write a self-contained HTML report (images inline, charts as inline SVG, no scripts).
 
     Args:
-        results: the dict of `safetypairs.evaluate.run_evaluate` (also written as
+        results: the dict of `safetypairs.evaluate.stage.run_evaluate` (also written as
             ``results.json``); ``None`` for a report without guard metrics.
         out_path: the ``.html`` file to write (folders are created).
         pairs: rows of the ``pairs`` config (``pair_id, category, unsafe_image, safe_image,

@@ -11,8 +11,8 @@ from typing import Any, Protocol
 
 from datasets import Dataset, Features, Value
 
-from safetypairs.caveats import release_caveats
-from safetypairs.metrics import compute_metrics
+from safetypairs.evaluate.caveats import release_caveats
+from safetypairs.evaluate.metrics import compute_metrics
 from safetypairs.policy import Policy, cached_policy
 from safetypairs.schema import (
     CATEGORY,
@@ -27,7 +27,6 @@ from safetypairs.schema import (
 
 SIMILARITY_COLUMNS = (CHANGED_FRACTION, LPIPS_OUTSIDE)
 # Row statuses of a guard's prediction (besides "ok"); the detail goes in the rationale and raw columns.
-UNPARSABLE, BAD_IMAGE, GUARD_ERROR = "unparsable", "bad_image", "error"
 PREDICTION_FIELDS = ("pred", "score", "rationale", "raw", "status")
 NO_ANSWER = "answered no image"  # a guard whose every prediction failed: its metrics measure nothing
 

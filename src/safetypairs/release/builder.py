@@ -14,8 +14,8 @@ from datasets import DatasetDict
 from safetypairs import schema as S
 from safetypairs.identity import image_digests
 from safetypairs.images import ImageError, image_format
-from safetypairs.release import FEATURES, Release
-from safetypairs.stage import undecoded
+from safetypairs.release.assemble import FEATURES, Release
+from safetypairs.engine.stage import undecoded
 from safetypairs.utils import prepare_out_dir, progress
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from safetypairs.images import (
     image_digest,
     load_image,
 )
-from safetypairs.registry import available, backend_class, load_backend, parse_spec
+from safetypairs.backends.registry import available, backend_class, load_backend, parse_spec
 from safetypairs.schema import (
     CATEGORY,
     EMBED_ERROR,
@@ -27,7 +27,6 @@ from safetypairs.schema import (
     IMAGE,
     IMAGE_DIGEST,
     LABEL,
-    OK,
     PAIR_ID,
     ROLE,
     SAFE,
@@ -36,14 +35,14 @@ from safetypairs.schema import (
     UNSAFE,
     with_columns,
 )
-from safetypairs.stage import map_stage
-from safetypairs.utils import device_for_rank, status_histogram
+from safetypairs.statuses import OK
+from safetypairs.engine.stage import StageResult, map_stage
+from safetypairs.utils import device_for_rank
 
 logger = logging.getLogger(__name__)
 
 STAGE = "embed"
 KEEP_COLUMNS = (PAIR_ID, ROLE, LABEL, CATEGORY, SOURCE_ID)  # carried over from the input when present
-BAD_IMAGE = "bad_image"
 
 
 def embedding_encoders() -> list[str]:
@@ -61,7 +60,7 @@ class EmbedConfig:
         image_column: the column holding the images.
         device: ``"auto"`` (the rank's GPU when present) or a torch device string.
         batch_size: images per encoder call.
-        num_proc: `Dataset.map` processes for `embed_dataset` (one per GPU); ``None`` for this process.
+        num_proc: `Dataset.map` processes for `run_embed` (one per GPU); ``None`` for this process.
         max_pixels: images with more pixels are decoded reduced (JPEG) or get status ``too_large``.
     """
 
@@ -96,7 +95,7 @@ class EmbedTransform:
 
     Holds only plain config; the encoder is built lazily once per process and device. Each image's
     pixel digest is taken from the decoded image the encoder sees (the identity `identity` compares).
-    An image that cannot be read gets a null embedding and status ``bad_image`` (the error names the row).
+    An image that cannot be read gets a null embedding and status ``unreadable`` (or ``too_large``; the error names the row).
     """
 
     encoder: str
@@ -117,8 +116,7 @@ class EmbedTransform:
                 keep.append(i)
             except ImageError as err:
                 row = batch[SOURCE_ID][i] if SOURCE_ID in batch else f"#{i} of the batch"
-                status = BAD_IMAGE if err.status == ImageError.status else err.status
-                out[EMBED_STATUS][i], out[EMBED_ERROR][i] = status, f"row {row}: {err}"
+                out[EMBED_STATUS][i], out[EMBED_ERROR][i] = err.status, f"row {row}: {err}"
         if images:
             vectors = load_backend("encoders", self.encoder, device_for_rank(self.device, rank)).embed(images)
             for i, vector in zip(keep, np.asarray(vectors, dtype=np.float32)):
@@ -138,30 +136,30 @@ def output_features(dataset: Dataset) -> Features:
     return with_columns(kept, EMBED_FEATURES)
 
 
-def embed_dataset(dataset: Dataset, config: EmbedConfig) -> Dataset:
-    """Embed every image in this process (or ``num_proc`` map processes) through `stage.map_stage`.
+def run_embed(dataset: Dataset, config: EmbedConfig) -> tuple[Dataset, StageResult]:
+    """Embed every image in memory, in this process (or ``num_proc`` map processes), through `map_stage`.
 
     Args:
         dataset: rows with an image column (any HF image dataset, a release's ``images`` config, ...).
         config: the encoder and batching.
 
     Returns:
-        The kept id/label columns (``pair_id, role, label, category, source_id`` where present),
+        The rows: the kept id/label columns (``pair_id, role, label, category, source_id`` where present),
         ``embedding`` (float32 list; null for an unreadable image), ``image_digest``, ``embed_status`` and
-        ``embed_error``.
+        ``embed_error``; and the `StageResult` (status counts).
 
     Raises:
         ValueError: for a dataset without the image column.
     """
     _check_input(dataset, config)
     features = output_features(dataset)
-    mapped, _ = map_stage(
+    mapped, result = map_stage(
         dataset, EmbedTransform(config.encoder, config.image_column, config.device, config.max_pixels),
         stage=f"{STAGE} {config.encoder}",
         features=with_columns(dataset.features, EMBED_FEATURES), status_column=EMBED_STATUS,
         batch_size=config.batch_size, num_proc=config.num_proc,
     )
-    return mapped.select_columns(list(features))
+    return mapped.select_columns(list(features)), result
 
 
 def load_images(path: str, split: str | None = None) -> Dataset:
@@ -181,9 +179,9 @@ def load_images(path: str, split: str | None = None) -> Dataset:
     Raises:
         ValueError: when ``path`` has neither an ``images`` nor a ``default`` config.
     """
-    from safetypairs.datafiles import RUN_FILE, is_saved_dataset, read_rows
-    from safetypairs.evaluate import load_release
-    from safetypairs.natural import labelled
+    from safetypairs.engine.datafiles import RUN_FILE, is_saved_dataset, read_rows
+    from safetypairs.evaluate.stage import load_release
+    from safetypairs.evaluate.natural import labelled
     from safetypairs.sources import is_image_folder, load_source
 
     root = Path(path)
@@ -205,8 +203,8 @@ def load_embedded(path: str, encoder: str, split: str | None = None) -> Dataset:
     Raises:
         ValueError: when ``path`` is an embed run of a different encoder.
     """
-    from safetypairs.datafiles import RUN_FILE
-    from safetypairs.folders import read_json
+    from safetypairs.engine.datafiles import RUN_FILE
+    from safetypairs.engine.folders import read_json
 
     meta = read_json(Path(path) / RUN_FILE) if Path(path).is_dir() else None
     used = ((meta or {}).get("settings") or {}).get("encoder") if (meta or {}).get("stage") == STAGE else None
@@ -223,11 +221,11 @@ class EmbedChunk:
 
     def __call__(self, rows: Dataset, device: str) -> tuple[Dataset, dict[str, dict[str, int]]]:
         """Embed one chunk on ``device``; returns the rows and ``{"embed": status histogram}``."""
-        embedded = embed_dataset(rows, replace(self.config, device=device, num_proc=None))
-        return embedded, {STAGE: status_histogram(embedded[EMBED_STATUS])}
+        embedded, result = run_embed(rows, replace(self.config, device=device, num_proc=None))
+        return embedded, {STAGE: result.statuses}
 
 
-def run_embed(dataset: Dataset, config: EmbedConfig, run: Any) -> Any:
+def embed_run(dataset: Dataset, config: EmbedConfig, run: Any) -> Any:
     """Embed through the shared runner: sharded over ``accelerate launch`` / ``torchrun`` ranks,
     resumable, and cached: a finished run folder with the same encoder, image column and input
     content is reused without a single encoder call.
@@ -235,7 +233,7 @@ def run_embed(dataset: Dataset, config: EmbedConfig, run: Any) -> Any:
     Args:
         dataset: rows with an image column.
         config: the encoder and batching (``num_proc`` is ignored: ranks come from the launcher).
-        run: a `safetypairs.runner.RunConfig` (output folder, chunk size, overwrite).
+        run: a `safetypairs.engine.runner.RunConfig` (output folder, chunk size, overwrite).
 
     Returns:
         The runner's `RunSummary` on rank 0, ``None`` on the other ranks. `datafiles.load_run(out)`
@@ -244,7 +242,7 @@ def run_embed(dataset: Dataset, config: EmbedConfig, run: Any) -> Any:
     Raises:
         ValueError: for a dataset without the image column.
     """
-    from safetypairs.runner import run_stage
+    from safetypairs.engine.runner import run_stage
 
     _check_input(dataset, config)
     return run_stage(dataset, EmbedChunk(config), stage=STAGE, settings=config.settings(), run=run,

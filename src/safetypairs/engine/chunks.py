@@ -8,8 +8,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from safetypairs.datafiles import DATA_DIR
-from safetypairs.folders import read_json
+from safetypairs.engine.datafiles import DATA_DIR
+from safetypairs.engine.folders import read_json
 
 CHUNKS_DIR = "chunks"
 MERGE_ROWS = 2000  # rows per merged data file (whole chunks)

@@ -12,7 +12,9 @@ from datasets import Dataset, DatasetDict, Features, Sequence, Value
 from datasets.utils.py_utils import convert_file_size_to_int
 
 from safetypairs import schema as S
-from safetypairs.datafiles import ROW_GROUP_SIZE
+
+from safetypairs import statuses as ST
+from safetypairs.engine.datafiles import ROW_GROUP_SIZE
 from safetypairs.identity import image_digests
 from safetypairs.images import (
     DEFAULT_MAX_PIXELS,
@@ -21,19 +23,17 @@ from safetypairs.images import (
     image_digest,
     load_image,
 )
-from safetypairs.stage import empty_dataset, undecoded
+from safetypairs.engine.stage import empty_dataset, undecoded
 from safetypairs.utils import progress
 
 if TYPE_CHECKING:
-    from safetypairs.review import ReviewResult
+    from safetypairs.review.store import ReviewResult
 
 logger = logging.getLogger(__name__)
 
 CONFIGS = ("pairs", "images", "rejected")
 DEFAULT_CONFIG = "pairs"
 SPLIT_BY = (None, "source")
-NOT_SELECTED = "not_selected: another accepted candidate of this source scored higher"
-DUPLICATE = "duplicate: another source gave a pair with the same images (same pair_id)"
 
 REJECTED_FEATURES = S.with_columns(
     S.PAIR_FEATURES,
@@ -46,6 +46,7 @@ REJECTED_FEATURES = S.with_columns(
             S.VALIDATE_STATUS: Value("string"),
             S.VALIDATE_ERROR: Value("string"),
             S.REJECT_REASON: Value("string"),
+            S.REJECT_DETAIL: Value("string"),
         }
     ),
 )
@@ -160,7 +161,7 @@ def best_candidates(validated: Dataset) -> list[int]:
     Returns:
         Sorted row indices, at most one per source.
     """
-    from safetypairs.validate import select_best
+    from safetypairs.validate.decision import select_best
 
     cols = [c for c in _SELECT_COLUMNS if c in validated.column_names]
     keyed = validated.select_columns(cols).add_column(_ROW, list(range(len(validated))))
@@ -210,7 +211,7 @@ def _release_batch(batch: dict[str, list], features: Features) -> dict[str, list
     out[S.PAIR_ID] = batch[_PAIR]
     if S.REJECT_REASON in features:
         out[S.REJECT_REASON] = [
-            reason or (NOT_SELECTED if ok else "rejected") for reason, ok in zip(out[S.REJECT_REASON], out[S.ACCEPTED])
+            reason or (ST.NOT_SELECTED if ok else ST.NO_REASON) for reason, ok in zip(out[S.REJECT_REASON], out[S.ACCEPTED])
         ]
     return {name: out[name] for name in features}
 
@@ -297,6 +298,34 @@ def _with_pair_ids(source: Dataset, max_pixels: int) -> Dataset:
     return source
 
 
+def _with_review(rows: Dataset, review: ReviewResult) -> Dataset:
+    """The release's use of human review: an automatically accepted candidate reviewers did not verify is not
+    released (fate ``not_reviewed`` / ``human_rejected:<reason>``, the count in ``reject_detail``); automatic
+    rejections stay rejected whatever the reviewers said. Adds ``human_verified`` and ``n_reviewers``; only
+    non-image columns are read or rewritten."""
+    from safetypairs.review.store import candidate_ids, majority
+
+    majorities = [review.majorities.get(cid) or majority({}, review.min_reviewers) for cid in candidate_ids(rows)]
+    accepted = rows[S.ACCEPTED]
+    column = lambda name: rows[name] if name in rows.column_names else [None] * len(rows)  # noqa: E731
+    keep = [bool(a) and m.human_verified for a, m in zip(accepted, majorities)]
+    columns = {
+        S.ACCEPTED: (keep, Value("bool")),
+        S.REJECT_REASON: ([prev if not a else m.reason for prev, a, m in zip(column(S.REJECT_REASON), accepted,
+                                                                               majorities)], Value("string")),
+        S.REJECT_DETAIL: ([prev if not a else m.detail for prev, a, m in zip(column(S.REJECT_DETAIL), accepted,
+                                                                              majorities)], Value("string")),
+        S.HUMAN_VERIFIED: ([m.human_verified for m in majorities], Value("bool")),
+        S.N_REVIEWERS: ([m.n_reviewers for m in majorities], Value("int32")),
+    }
+    rows = rows.remove_columns([c for c in columns if c in rows.column_names])
+    for name, (values, feature) in columns.items():
+        rows = rows.add_column(name, values, feature=feature)
+    logger.info("review: %d of %d automatically accepted candidates verified by reviewers",
+                sum(keep), sum(bool(a) for a in accepted))
+    return rows
+
+
 def _release_funnel(validated: Dataset, released: int) -> list[dict[str, Any]]:
     """Sources -> instructed -> edited -> accepted -> released; each step's statuses say why rows stopped there.
 
@@ -307,20 +336,20 @@ def _release_funnel(validated: Dataset, released: int) -> list[dict[str, Any]]:
     column = lambda name: validated[name] if name in cols else [None] * n  # noqa: E731
     instruct, edit, accepted, reasons = (column(S.INSTRUCT_STATUS), column(S.EDIT_STATUS), column(S.ACCEPTED),
                                          column(S.REJECT_REASON))
-    safe_sources = {src for src, st in zip(validated[S.SOURCE_ID], instruct) if st == S.NOT_UNSAFE}
-    unsafe = [i for i in range(n) if instruct[i] != S.NOT_UNSAFE]
-    instructed = [i for i in unsafe if instruct[i] in (None, S.OK)]
-    edited = [i for i in instructed if edit[i] in (None, S.OK)]
+    safe_sources = {src for src, st in zip(validated[S.SOURCE_ID], instruct) if st == ST.NOT_UNSAFE}
+    unsafe = [i for i in range(n) if instruct[i] != ST.NOT_UNSAFE]
+    instructed = [i for i in unsafe if instruct[i] in (None, ST.OK)]
+    edited = [i for i in instructed if edit[i] in (None, ST.OK)]
     was_instructed, was_edited = set(instructed), set(edited)
     n_accepted = sum(bool(accepted[i]) for i in edited)
     n_sources = len(set(validated[S.SOURCE_ID]))
 
     def why(rows: list[int], values: list[Any]) -> dict[str, int]:
-        return dict(Counter(values[i] or "rejected" for i in rows).most_common())
+        return dict(Counter(values[i] or ST.NO_REASON for i in rows).most_common())
 
     return [
         {"stage": "sources", "rows_in": n_sources, "rows_out": n_sources - len(safe_sources),
-         "statuses": {S.NOT_UNSAFE: len(safe_sources)} if safe_sources else {}},
+         "statuses": {ST.NOT_UNSAFE: len(safe_sources)} if safe_sources else {}},
         {"stage": "instructed", "rows_in": len(unsafe), "rows_out": len(instructed),
          "statuses": why([i for i in unsafe if i not in was_instructed], instruct)},
         {"stage": "edited", "rows_in": len(instructed), "rows_out": len(edited),
@@ -356,9 +385,7 @@ def assemble(validated: Dataset, config: ReleaseConfig | None = None, review: Re
     if missing:
         raise ValueError(f"validated rows lack required columns {missing}; have {validated.column_names}")
     if review is not None:
-        from safetypairs.review import apply_review
-
-        validated = apply_review(validated, review)
+        validated = _with_review(validated, review)
     source = _with_pair_ids(undecoded(validated), config.max_pixels)
     best = best_candidates(source)
     pairs = _map(source.select(best), _release_batch, S.PAIR_FEATURES, "release pairs",
@@ -385,7 +412,7 @@ def assemble(validated: Dataset, config: ReleaseConfig | None = None, review: Re
     if config.include_rejected:
         chosen = set(best)
         rest = [i for i in range(len(source)) if i not in chosen]
-        rejected = _with_reasons(source.select(rest), [DUPLICATE if i in duplicates else None for i in rest])
+        rejected = _with_reasons(source.select(rest), [ST.DUPLICATE_PAIR if i in duplicates else None for i in rest])
         configs["rejected"] = DatasetDict({"test": _map(rejected, _release_batch, REJECTED_FEATURES,
                                                         "release rejected", fn_kwargs={"features": REJECTED_FEATURES})})
     composited = _composited(source, best)

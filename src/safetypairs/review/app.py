@@ -15,8 +15,9 @@ from datasets import Image as ImageFeature
 from PIL import Image
 
 from safetypairs import schema as S
-from safetypairs.datafiles import read_rows
-from safetypairs.review import (
+from safetypairs import statuses as ST
+from safetypairs.engine.datafiles import read_rows
+from safetypairs.review.store import (
     ACCEPT,
     CONTENT_COLUMNS,
     REASONS,
@@ -30,7 +31,7 @@ from safetypairs.review import (
     read_decisions,
     split_stale,
 )
-from safetypairs.stage import undecoded
+from safetypairs.engine.stage import undecoded
 from safetypairs.utils import REVIEW_SCOPES
 
 logger = logging.getLogger(__name__)
@@ -92,28 +93,26 @@ class ReviewConfig:
 
 
 def is_borderline(row: dict[str, Any]) -> bool:
-    """Whether a candidate sits near a locality threshold it was decided with, or the judge was unsure.
+    """Whether a candidate sits near a locality limit it was decided with, or the judge was unsure.
 
-    The thresholds are the preset named in the row's ``validate_thresholds`` (``pixel-exact`` when the
-    row names a file or nothing). Near means within half the minimum element fraction, 0.05 of the
-    maximum changed fraction and change spread, 0.02 SSIM, 2 dB PSNR.
+    The limits are the ones the row records (``validate_limits``, written by validation), so a thresholds file
+    or an override counts as it did; a row without them (validated before they were recorded) is borderline
+    only through the judge. Near means within half the minimum element fraction, 0.05 of the maximum changed
+    fraction and change spread, 0.02 SSIM, 2 dB PSNR.
 
     Args:
         row: non-image columns of one validated row.
 
     Returns:
-        ``True`` when a score is near its threshold (on either side) or the reject reason is ``judge_unknown``.
+        ``True`` when a score is near its limit (on either side) or the reject reason is ``judge_unknown``.
     """
-    from safetypairs.thresholds import PIXEL_EXACT, PRESETS
-
-    label = str(row.get(S.VALIDATE_THRESHOLDS) or PIXEL_EXACT).split("+")[0]
-    t = PRESETS.get(label, PRESETS[PIXEL_EXACT])
-    checks = [(S.CHANGE_ELEMENT, t.min_element_fraction, t.min_element_fraction / 2),
-              (S.CHANGED_FRACTION, t.max_changed_fraction, 0.05), (S.CHANGE_SPREAD, t.max_change_spread, 0.05),
-              (S.SSIM_OUTSIDE, t.min_ssim_outside, 0.02), (S.PSNR_OUTSIDE, t.min_psnr_outside, 2.0)]
-    near = any(row.get(col) is not None and threshold is not None and abs(row[col] - threshold) <= margin
-               for col, threshold, margin in checks)
-    return near or row.get(S.REJECT_REASON) == "judge_unknown"
+    limits = json.loads(row.get(S.VALIDATE_LIMITS) or "{}")
+    checks = [(S.CHANGE_ELEMENT, "min_element_fraction", 0.5 * limits.get("min_element_fraction", 0.0)),
+              (S.CHANGED_FRACTION, "max_changed_fraction", 0.05), (S.CHANGE_SPREAD, "max_change_spread", 0.05),
+              (S.SSIM_OUTSIDE, "min_ssim_outside", 0.02), (S.PSNR_OUTSIDE, "min_psnr_outside", 2.0)]
+    near = any(row.get(col) is not None and limits.get(name) is not None and abs(row[col] - limits[name]) <= margin
+               for col, name, margin in checks)
+    return near or row.get(S.REJECT_REASON) == ST.JUDGE_UNKNOWN
 
 
 def in_scope(row: dict[str, Any], scope: str) -> bool:

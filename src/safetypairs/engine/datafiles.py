@@ -13,7 +13,7 @@ from datasets import Dataset, Image, load_dataset
 from datasets.table import embed_table_storage
 from datasets.utils.py_utils import convert_file_size_to_int
 
-from safetypairs.folders import partial_dir, read_json
+from safetypairs.engine.folders import partial_dir, read_json
 from safetypairs.images import DEFAULT_MAX_PIXELS, ImageError, reencoded
 
 logger = logging.getLogger(__name__)

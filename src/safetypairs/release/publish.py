@@ -9,12 +9,12 @@ from typing import Any
 
 from datasets import Dataset
 
-from safetypairs.builder import load_raw
-from safetypairs.card import render_card, write_example_grid
-from safetypairs.datafiles import read_rows, shards, write_parquet
-from safetypairs.folders import atomic_dir
-from safetypairs.release import Release, ReleaseConfig, assemble
-from safetypairs.review import ReviewResult
+from safetypairs.release.builder import load_raw
+from safetypairs.release.card import render_card, write_example_grid
+from safetypairs.engine.datafiles import read_rows, shards, write_parquet
+from safetypairs.engine.folders import atomic_dir
+from safetypairs.release.assemble import Release, ReleaseConfig, assemble
+from safetypairs.review.store import ReviewResult
 from safetypairs.utils import progress
 
 logger = logging.getLogger(__name__)

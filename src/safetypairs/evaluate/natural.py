@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 from datasets import Dataset
 
+from safetypairs import statuses as ST
 from safetypairs.identity import exclude_shared, identity_of, with_digests
 from safetypairs.images import DEFAULT_MAX_PIXELS
-from safetypairs.metrics import CONFIDENCE, encode_labels
+from safetypairs.evaluate.metrics import CONFIDENCE, encode_labels
 from safetypairs.policy import Policy, is_none_category
 from safetypairs.schema import (
     CATEGORY,
@@ -38,7 +39,6 @@ from safetypairs.schema import (
 )
 
 NATURAL_ROLE = "natural"
-OUTSIDE_POLICY = "outside_policy"  # a natural row whose category the policy does not cover (left out)
 UNCATEGORISED = ""  # a natural row with no category (or "none applies"): kept, matched across categories
 POOLED = "(other rows)"  # the stratum of natural rows whose category lacks one of the labels
 RATES = ("unsafe_recall", "safe_specificity", "balanced_accuracy", "pair_accuracy")
@@ -138,7 +138,7 @@ def select_natural(natural: Dataset, release_images: Dataset, policy: Policy,
     for code, label in zip(rows[CATEGORY], labels):
         cell = by_category.setdefault(code or "(none)", {SAFE: 0, UNSAFE: 0})
         cell[UNSAFE if label == 1 else SAFE] += 1
-    excluded = {**({OUTSIDE_POLICY: sum(outside.values())} if outside else {}), **exclusion.counts}
+    excluded = {**({ST.OUTSIDE_POLICY: sum(outside.values())} if outside else {}), **exclusion.counts}
     sentence = (f"{len(rows)} of {len(natural)} natural images compared; left out: "
                 + (", ".join(f"{k} {v}" for k, v in excluded.items()) or "none")
                 + f" (release images recognised by {exclusion.by}")

@@ -13,20 +13,20 @@ import numpy as np
 from datasets import Dataset
 
 from safetypairs.backends.probe import LinearProbe, save_probe
-from safetypairs.embed import EmbedConfig, embed_dataset, run_embed
+from safetypairs.probes.embed import EmbedConfig, run_embed, embed_run
 from safetypairs.identity import Identity, identity_of, merged_groups
-from safetypairs.metrics import encode_labels
-from safetypairs.registry import parse_spec
+from safetypairs.evaluate.metrics import encode_labels
+from safetypairs.backends.registry import parse_spec
 from safetypairs.schema import (
     EMBED_STATUS,
     EMBEDDING,
     LABEL,
-    OK,
     PAIR_ID,
     ROLE,
     SOURCE_ID,
     role_names,
 )
+from safetypairs.statuses import OK
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ def pair_rows(rows: Dataset) -> Dataset:
 
 
 def embed_cached(rows: Dataset, config: EmbedConfig, cache: str | Path | None, name: str) -> Dataset:
-    """The rows' embeddings: as given when already embedded, else through `run_embed` into ``cache``
+    """The rows' embeddings: as given when already embedded, else through `embed_run` into ``cache``
     (a rerun on the same rows and encoder reuses it: no encoder call), or in memory without a cache.
 
     Args:
@@ -195,12 +195,12 @@ def embed_cached(rows: Dataset, config: EmbedConfig, cache: str | Path | None, n
     if EMBEDDING in rows.column_names:
         return rows
     if cache is None:
-        return embed_dataset(rows, config)
-    from safetypairs.datafiles import load_run
-    from safetypairs.runner import RunConfig
+        return run_embed(rows, config)[0]
+    from safetypairs.engine.datafiles import load_run
+    from safetypairs.engine.runner import RunConfig
 
     folder = Path(cache) / f"{name}-{hashlib.sha1(config.encoder.encode()).hexdigest()[:10]}"
-    run_embed(rows, config, RunConfig(out=folder, source=name, overwrite=True))
+    embed_run(rows, config, RunConfig(out=folder, source=name, overwrite=True))
     return load_run(folder)
 
 

@@ -11,73 +11,37 @@ from typing import Any
 from datasets import Dataset
 
 from safetypairs import schema as S
+from safetypairs import statuses as ST
 from safetypairs.backends.encoders import lpips_arguments
-from safetypairs.change import MaskParams
+from safetypairs.backends.registry import check_options, parse_spec
+from safetypairs.engine.runner import RunConfig, RunSummary, run_stage
+from safetypairs.engine.stage import StageResult, map_stage
 from safetypairs.images import DEFAULT_MAX_PIXELS, check_max_pixels
 from safetypairs.policy import Policy, load_policy
-from safetypairs.registry import check_options, parse_spec
-from safetypairs.review import DECISIONS_FILE
-from safetypairs.runner import RunConfig, RunSummary, run_stage
-from safetypairs.stage import StageResult, map_stage
-from safetypairs.thresholds import (
-    Thresholds,
-    decide_pixels,
-    thresholds_for,
-    thresholds_used,
-)
+from safetypairs.review.store import DECISIONS_FILE
 from safetypairs.utils import Range, check_ranges, device_for_rank, status_histogram
-from safetypairs.validate_models import (
-    JUDGE_ERROR,
-    composite_columns,
-    encoder_metrics,
-    judge_rows,
-)
-from safetypairs.validate_rows import (
-    choose_references,
-    empty_row,
-    pixel_metrics,
-    prepare_pair,
-)
+from safetypairs.validate.change import MaskParams
+from safetypairs.validate.composite import composite_columns
+from safetypairs.validate.decision import accept, decide_pixels, limits_json
+from safetypairs.validate.judge import judge_rows
+from safetypairs.validate.measurements import encoder_metrics, pixel_metrics
+from safetypairs.validate.pair import empty_row, prepare_pair
+from safetypairs.validate.references import REFERENCE_MODES, choose_references
+from safetypairs.validate.thresholds import Thresholds, thresholds_for, thresholds_used
 
-__all__ = ["ValidateConfig", "ValidateTransform", "decide_pixels", "run_validate", "select_best",
-           "thresholds_for", "thresholds_used", "validate_pairs", "validate_run"]
+__all__ = ["ValidateConfig", "ValidateTransform", "run_validate", "validate_pairs", "validate_run"]
 
 logger = logging.getLogger(__name__)
 
-# Every value `validate_status` (besides ``ok``) and `reject_reason` can take (None when accepted).
-ROW_FAILURES = {
-    S.NOT_UNSAFE: "the source row is labelled safe: set aside (a natural negative), never instructed or edited",
-    "not_instructed": "the instruct stage wrote no instruction for this row (its instruct_status in validate_error)",
-    "duplicate_candidate": "the editor returned the same image as an earlier candidate of this source",
-    "edit_failed": "the edit stage failed for this row or left no edited image",
-    "unreadable": "an image cell could not be decoded (detail in validate_error; the cell is stored as null)",
-    "too_large": "an image has more pixels than max_pixels and cannot be decoded reduced (the cell is stored as null)",
-    "unknown_category": "the category is null, blank or not one of the policy's categories",
-    "size_mismatch": "the two images differ in size and size_mismatch='reject'",
-    "too_small": "an image side is below min_side (smaller than the LPIPS receptive field)",
-    JUDGE_ERROR: "the judge raised on this row (detail in validate_error); its pixel metrics are kept",
-}
-REJECT_REASONS = {
-    **ROW_FAILURES,
-    "no_change": "no connected change reaches min_element_fraction: the edit is indistinguishable from its reference",
-    "not_local": "changed_fraction above max_changed_fraction: the change covers too much of the image",
-    "background_changed": "SSIM/PSNR (or LPIPS/CLIP, when thresholds are set) outside the dilated mask too far off",
-    "judge_unknown": "the judge could not label one of the images",
-    "original_not_unsafe": "the judge does not call the original unsafe",
-    "still_unsafe": "the judge still calls the edited image unsafe",
-}
 SIZE_POLICIES = ("reject", "resize")
 CLIP_ALIASES = ("open_clip", "hf-clip")
-
-
-REFERENCE_MODES = ("auto", "control", "original")
 
 
 @dataclass(frozen=True)
 class ValidateConfig:
     """Settings of the validation stage; every value is checked up front.
 
-    Thresholds come from a preset or a calibration file (`safetypairs.thresholds`): ``pixel-exact``
+    Thresholds come from a preset or a calibration file (`safetypairs.validate.thresholds`): ``pixel-exact``
     (paste / OpenCV inpainting / text re-rendering, ``python -m benchmarks.calibration``) for
     pixel-exact editors and ``latent-diffusion`` for ``diffusers:`` editors, chosen per row from its
     ``editor`` column unless ``thresholds`` names one; any threshold field set here overrides it.
@@ -94,7 +58,8 @@ class ValidateConfig:
         control_column: the artifact control (used as the reference; composited with ``composite``).
         editor_column: the editor spec per row (picks the preset and the VAE round trip).
         category_column: policy category passed to the judge (``None`` when the column is absent).
-        edit_status_column: rows whose value here is not ``"ok"`` are ``edit_failed`` (ignored if absent).
+        edit_status_column: rows whose value here is not ``"ok"`` are ``not_edited``, with that status as their
+            fate (ignored if absent).
         policy: built-in policy name, YAML path or `Policy`, for the judge.
         judge: ``judges`` spec (e.g. ``"ocr-lexicon"``), or ``None`` for no label-flip check (a
             warning says so once, and ``label_flip_checked`` stays false).
@@ -232,16 +197,19 @@ class ValidateTransform:
         device = device_for_rank(c.device, rank)
         choose_references(c, batch, pairs, device)
         editors = batch.get(c.editor_column) or [None] * n
+        limits: dict[int, Thresholds] = {}
         for pair in pairs:
-            rows[pair.index][S.VALIDATE_THRESHOLDS], thresholds = thresholds_for(c, editors[pair.index])
-            pixel_metrics(c, pair, rows[pair.index], thresholds)
+            row = rows[pair.index]
+            row[S.VALIDATE_THRESHOLDS], limits[pair.index] = thresholds_for(c, editors[pair.index])
+            row[S.VALIDATE_LIMITS] = limits_json(limits[pair.index])
+            pixel_metrics(c, pair, row, limits[pair.index])
         encoder_metrics(c, pairs, rows, device)
         for pair in pairs:
-            rows[pair.index][S.REJECT_REASON] = decide_pixels(thresholds_for(c, editors[pair.index])[1],
-                                                              rows[pair.index])
+            rows[pair.index][S.REJECT_REASON], rows[pair.index][S.REJECT_DETAIL] = decide_pixels(
+                limits[pair.index], rows[pair.index])
         judge_rows(c, batch, pairs, rows, device)
         for row in rows:
-            row[S.ACCEPTED] = row[S.VALIDATE_STATUS] == S.OK and row[S.REJECT_REASON] is None
+            accept(row)
         out = {**images, **{name: [row[name] for row in rows] for name in S.VALIDATION_FEATURES}}
         if c.composite:
             out.update(composite_columns(c, batch, pairs, rows))
@@ -318,7 +286,7 @@ def validate_run(dataset: Dataset, config: ValidateConfig, run: RunConfig,
 
     def compute(rows: Dataset, device: str) -> tuple[Dataset, dict[str, dict[str, int]]]:
         validated, result = run_validate(rows, replace(config, device=device, num_proc=None))
-        decisions = status_histogram(reason or "accepted" for reason in validated[S.REJECT_REASON])
+        decisions = status_histogram(reason or ST.ACCEPTED for reason in validated[S.REJECT_REASON])
         return validated, {"validate": result.statuses, "decision": decisions}
 
     decided_with = thresholds_used(dataset, config)  # the values too, so an edited thresholds file is a new run
@@ -342,35 +310,3 @@ def validate_pairs(dataset: Dataset, config: ValidateConfig | None = None, **ove
         The validated dataset.
     """
     return run_validate(dataset, replace(config or ValidateConfig(), **overrides))[0]
-
-
-def preservation_key(row: dict[str, Any]) -> tuple[float, float, float]:
-    """Sort key, larger = better preserved: (-lpips_outside or -1 when absent, ssim_outside, psnr_outside)."""
-    lpips_out, ssim_out, psnr_out = row.get(S.LPIPS_OUTSIDE), row.get(S.SSIM_OUTSIDE), row.get(S.PSNR_OUTSIDE)
-    return (-1.0 if lpips_out is None else -lpips_out, -1.0 if ssim_out is None else ssim_out, psnr_out or 0.0)
-
-
-def select_best(dataset: Dataset) -> Dataset:
-    """Best-of-K: per ``source_id`` keep the accepted candidate with the best `preservation_key`.
-
-    Ties go to the earlier row. Only non-image columns are read.
-
-    Args:
-        dataset: validated candidates.
-
-    Returns:
-        At most one row per source, in the original row order.
-    """
-    cols = [c for c in (S.SOURCE_ID, S.ACCEPTED, S.LPIPS_OUTSIDE, S.SSIM_OUTSIDE, S.PSNR_OUTSIDE)
-            if c in dataset.column_names]
-    table = dataset.select_columns(cols).to_dict()
-    best: dict[str, tuple[tuple[float, float, float, int], int]] = {}
-    for i in range(len(dataset)):
-        row = {c: table[c][i] for c in cols}
-        if not row[S.ACCEPTED]:
-            continue
-        key = (*preservation_key(row), -i)
-        src = row[S.SOURCE_ID]
-        if src not in best or key > best[src][0]:
-            best[src] = (key, i)
-    return dataset.select(sorted(i for _, i in best.values()))

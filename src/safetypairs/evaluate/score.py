@@ -13,16 +13,17 @@ from typing import Any
 from datasets import Dataset
 
 from safetypairs import schema as S
-from safetypairs.evaluate import load_release
-from safetypairs.folders import atomic_dir
-from safetypairs.metrics import label_names
+
+from safetypairs import statuses as ST
+from safetypairs.evaluate.stage import load_release
+from safetypairs.engine.folders import atomic_dir
+from safetypairs.evaluate.metrics import label_names
 from safetypairs.policy import Policy, load_policy
-from safetypairs.runner import content_fingerprint
-from safetypairs.scoring import UNPARSABLE, guard_columns, score_predictions
+from safetypairs.engine.runner import content_fingerprint
+from safetypairs.evaluate.scoring import guard_columns, score_predictions
 
 logger = logging.getLogger(__name__)
 
-MISSING = "missing"  # status of an image the predictions file has no row for (scored as unknown: an error)
 READERS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
@@ -120,13 +121,13 @@ def prediction_table(images: Dataset, predictions: dict[str, tuple[Any, float | 
     cols = guard_columns(name)
     found = [predictions.get(i) for i in ids]
     raw = [None if f is None else f[0] for f in found]
-    pred = label_names([UNPARSABLE if r is None else r for r in raw], "predictions", allow_unknown=True)
+    pred = label_names([ST.UNPARSABLE if r is None else r for r in raw], "predictions", allow_unknown=True)
     out = {c: table[c] for c in keep}
     out[cols["pred"]] = pred
     out[cols["score"]] = [None if f is None else f[1] for f in found]
     out[cols["raw"]] = [None if r is None else str(r) for r in raw]
     out[cols["rationale"]] = ["no prediction in the file" if f is None else "" for f in found]
-    out[cols["status"]] = [MISSING if f is None else S.OK if p != S.UNKNOWN else UNPARSABLE
+    out[cols["status"]] = [ST.MISSING if f is None else ST.OK if p != S.UNKNOWN else ST.UNPARSABLE
                            for f, p in zip(found, pred)]
     return out
 
@@ -134,7 +135,7 @@ def prediction_table(images: Dataset, predictions: dict[str, tuple[Any, float | 
 def score_file(dataset: str, predictions: str | Path, out: str | Path, config: ScoreConfig | None = None,
                split: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Score a predictions file against a release and write ``results.json``, ``predictions.parquet``
-    and ``report.html`` into ``out`` (the same metrics and layout as `evaluate.evaluate_release`).
+    and ``report.html`` into ``out`` (the same metrics and layout as `evaluate.evaluate_run`).
 
     Args:
         dataset: a release folder or ``ORG/NAME``.
@@ -152,7 +153,7 @@ def score_file(dataset: str, predictions: str | Path, out: str | Path, config: S
     """
     from dataclasses import replace
 
-    from safetypairs.report import render_report
+    from safetypairs.evaluate.report import render_report
 
     config = config or ScoreConfig()
     if not config.name:
@@ -164,9 +165,9 @@ def score_file(dataset: str, predictions: str | Path, out: str | Path, config: S
     pairs = load_release(dataset, "pairs", split)
     table = prediction_table(images, read_predictions(predictions, config), config.name)
     statuses = dict(Counter(table[guard_columns(config.name)["status"]]).most_common())
-    if statuses.get(MISSING):
+    if statuses.get(ST.MISSING):
         logger.warning("score: %d of %d images have no prediction in %s; they count as errors",
-                       statuses[MISSING], len(images), predictions)
+                       statuses[ST.MISSING], len(images), predictions)
     results = score_predictions(table, config, pairs=pairs, runs={config.name: {"statuses": statuses}})
     results["dataset"] = {"path": str(dataset), "split": split or str(images.split), "n_rows": len(images),
                           "fingerprint": content_fingerprint(images), "predictions": str(predictions)}

@@ -18,21 +18,21 @@ from typing import Any
 import pyarrow as pa
 from datasets import Dataset
 
-from safetypairs.chunks import (
+from safetypairs.engine.chunks import (
     CHUNKS_DIR,
     chunk_done,
     chunk_path,
     chunk_ranges,
     merge_chunks,
 )
-from safetypairs.datafiles import (
+from safetypairs.engine.datafiles import (
     IMAGES_STATUS,
     RUN_FILE,
     decoding,
     load_run,
     write_parquet,
 )
-from safetypairs.folders import (
+from safetypairs.engine.folders import (
     acquire_lock,
     check_not_input,
     partial_dir,

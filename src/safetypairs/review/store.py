@@ -20,7 +20,8 @@ from datasets import Dataset, Value
 
 from safetypairs import __version__
 from safetypairs import schema as S
-from safetypairs.stage import undecoded
+from safetypairs import statuses as ST
+from safetypairs.engine.stage import undecoded
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +38,8 @@ REASONS = {
     "artifact": "the edit left visible artifacts",
     "other": "another reason (see the note)",
 }
-HUMAN_REJECTED = "human_rejected"
 # What a verdict is about: a decision stores a stamp of these cells, so it never counts for other images.
 CONTENT_COLUMNS = (S.IMAGE, S.EDITED_IMAGE)
-NOT_REVIEWED = "not_reviewed"
 
 
 def candidate_id(source_id: str, candidate: int | None) -> str:
@@ -202,46 +201,48 @@ def latest_decisions(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[
 
 
 @dataclass(frozen=True)
-class Verdict:
-    """The reviewers' verdict on one candidate.
+class Majority:
+    """What the reviewers decided on one candidate, by strict majority of each reviewer's last decision.
 
     Attributes:
         n_reviewers: reviewers whose last decision is accept or reject.
         human_verified: at least ``min_reviewers`` decided and a strict majority accepted.
-        reason: why it is not verified (``human_rejected:<reason>`` or ``not_reviewed: ...``), else ``None``.
+        reason: the fate when not verified (``not_reviewed`` or ``human_rejected:<reason>``), else ``None``.
+        detail: what decided it, in words (``1 of 2 reviewers``, ``2 of 3 reject``).
     """
 
     n_reviewers: int
     human_verified: bool
     reason: str | None
+    detail: str | None = None
 
 
-def verdict(decisions: dict[str, dict[str, Any]], min_reviewers: int) -> Verdict:
-    """Majority verdict from reviewer -> last record (ties and missing reviews are not verified).
+def majority(decisions: dict[str, dict[str, Any]], min_reviewers: int) -> Majority:
+    """The reviewers' majority from reviewer -> last record (ties and missing reviews are not verified).
 
     Args:
         decisions: each reviewer's last record for one candidate (may be empty).
         min_reviewers: reviewers needed before a majority counts.
 
     Returns:
-        The `Verdict`; a rejection names the most common reason among the rejecting reviewers.
+        The `Majority`; a rejection names the most common reason among the rejecting reviewers.
     """
     votes = Counter(r["decision"] for r in decisions.values())
     n = votes[ACCEPT] + votes[REJECT]
     if n < min_reviewers:
-        return Verdict(n, False, f"{NOT_REVIEWED}: {n} of {min_reviewers} reviewers")
+        return Majority(n, False, ST.NOT_REVIEWED, f"{n} of {min_reviewers} reviewers decided")
     if votes[ACCEPT] > votes[REJECT]:
-        return Verdict(n, True, None)
+        return Majority(n, True, None)
     reasons = Counter(r["reason"] for r in decisions.values() if r["decision"] == REJECT)
     top = min(reasons, key=lambda r: (-reasons[r], r)) if votes[REJECT] > votes[ACCEPT] else "no_majority"
-    return Verdict(n, False, f"{HUMAN_REJECTED}:{top}")
+    return Majority(n, False, ST.human_rejected(top), f"{votes[REJECT]} of {n} reviewers reject")
 
 
 @dataclass(frozen=True)
 class ReviewResult:
-    """What a release needs from a review: verdicts by candidate id, the rule, and the card's summary."""
+    """What a release needs from a review: the majority per candidate id, the rule, and the card's summary."""
 
-    verdicts: dict[str, Verdict]
+    majorities: dict[str, Majority]
     min_reviewers: int
     summary: dict[str, Any] = field(default_factory=dict)
 
@@ -275,40 +276,10 @@ def load_review(folder: str | Path, rows: Dataset, min_reviewers: int = 1) -> Re
                        "(re-edited or re-validated since); not counted: review those candidates again", len(stale),
                        len({r["candidate_id"] for r in stale}))
     latest = latest_decisions(records)
-    verdicts = {cid: verdict(latest.get(cid, {}), min_reviewers) for cid in ids}
+    majorities = {cid: majority(latest.get(cid, {}), min_reviewers) for cid in ids}
     summary = {"min_reviewers": min_reviewers, "rule": "strict majority of each reviewer's last decision",
                "reasons": REASONS, "agreement": agreement(rows, records), "stale_decisions": len(stale)}
-    return ReviewResult(verdicts, min_reviewers, summary)
-
-
-def apply_review(rows: Dataset, review: ReviewResult) -> Dataset:
-    """Mark automatically accepted candidates that reviewers did not verify as rejected (with the reason).
-
-    Automatic rejections stay rejected whatever the reviewers said. Adds ``human_verified`` and
-    ``n_reviewers``; only non-image columns are read or rewritten.
-
-    Args:
-        rows: validated candidate rows.
-        review: verdicts from `load_review`.
-
-    Returns:
-        The rows with updated ``accepted`` / ``reject_reason`` and the two review columns.
-    """
-    ids = candidate_ids(rows)
-    verdicts = [review.verdicts.get(cid) or verdict({}, review.min_reviewers) for cid in ids]
-    accepted = rows[S.ACCEPTED]
-    old = rows[S.REJECT_REASON] if S.REJECT_REASON in rows.column_names else [None] * len(rows)
-    keep = [bool(a) and v.human_verified for a, v in zip(accepted, verdicts)]
-    reasons = [prev if not a else v.reason for prev, a, v in zip(old, accepted, verdicts)]
-    columns = {S.ACCEPTED: (keep, Value("bool")), S.REJECT_REASON: (reasons, Value("string")),
-               S.HUMAN_VERIFIED: ([v.human_verified for v in verdicts], Value("bool")),
-               S.N_REVIEWERS: ([v.n_reviewers for v in verdicts], Value("int32"))}
-    rows = rows.remove_columns([c for c in columns if c in rows.column_names])
-    for name, (values, feature) in columns.items():
-        rows = rows.add_column(name, values, feature=feature)
-    logger.info("review: %d of %d automatically accepted candidates verified by reviewers",
-                sum(keep), sum(bool(a) for a in accepted))
-    return rows
+    return ReviewResult(majorities, min_reviewers, summary)
 
 
 def _kappa(a: list[int], b: list[int]) -> dict[str, Any]:

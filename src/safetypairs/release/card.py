@@ -14,11 +14,12 @@ from huggingface_hub import DatasetCard, DatasetCardData
 from PIL import Image, ImageDraw
 
 from safetypairs import schema as S
-from safetypairs.caveats import unchecked_flips
+from safetypairs import statuses as ST
+from safetypairs.evaluate.caveats import unchecked_flips
 from safetypairs.images import ImageError, load_image
 
 if TYPE_CHECKING:
-    from safetypairs.release import Release, ReleaseConfig
+    from safetypairs.release.assemble import Release, ReleaseConfig
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +65,8 @@ def card_data(release: Release, out_dir: Path, config: ReleaseConfig) -> Dataset
     Returns:
         A `DatasetCardData` the Hub accepts.
     """
-    from safetypairs.datafiles import data_files
-    from safetypairs.release import DEFAULT_CONFIG
+    from safetypairs.engine.datafiles import data_files
+    from safetypairs.release.assemble import DEFAULT_CONFIG
 
     configs, infos = [], DatasetInfosDict()
     for name, splits in release.configs.items():
@@ -141,7 +142,7 @@ def card_stats(release: Release) -> dict[str, Any]:
         "n_images": sum(roles.values()), "roles": sorted(roles.items()), "policies": policies,
         "editors": distinct(S.EDITOR), "instructors": distinct(S.INSTRUCTOR), "judges": distinct(S.JUDGE),
         "unchecked_flips": unchecked, "composited": release.composited,
-        "has_control": any(role == "control" for role, _ in roles), "reasons": reasons.most_common(),
+        "has_control": any(role == "control" for role, _ in roles), "reasons": [(r, n, ST.meaning(r)) for r, n in reasons.most_common()],
         "split_totals": [len(pairs[s]) for s in splits], "configs": list(release.configs),
     }
 

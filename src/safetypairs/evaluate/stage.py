@@ -11,20 +11,21 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict
 
+from safetypairs import statuses as ST
 from safetypairs.backends.base import as_verdict
-from safetypairs.datafiles import load_checked
-from safetypairs.folders import check_not_input
+from safetypairs.engine.datafiles import load_checked
+from safetypairs.engine.folders import check_not_input
 from safetypairs.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
     check_max_pixels,
     load_image,
 )
-from safetypairs.metrics import encode_labels
-from safetypairs.natural import NaturalSet, natural_comparison, select_natural
+from safetypairs.evaluate.metrics import encode_labels
+from safetypairs.evaluate.natural import NaturalSet, natural_comparison, select_natural
 from safetypairs.policy import Policy, cached_policy, load_policy
-from safetypairs.registry import check_options, load_backend
-from safetypairs.runner import (
+from safetypairs.backends.registry import check_options, load_backend
+from safetypairs.engine.runner import (
     RunConfig,
     RunSummary,
     content_fingerprint,
@@ -36,23 +37,19 @@ from safetypairs.schema import (
     IMAGE,
     LABEL,
     LABELS,
-    OK,
     PAIR_ID,
     ROLE,
     UNKNOWN,
     role_names,
     with_columns,
 )
-from safetypairs.scoring import (
-    BAD_IMAGE,
-    GUARD_ERROR,
+from safetypairs.evaluate.scoring import (
     PREDICTION_FIELDS,
-    UNPARSABLE,
     guard_columns,
     guard_features,
     score_predictions,
 )
-from safetypairs.stage import isolate, map_stage
+from safetypairs.engine.stage import isolate, map_stage
 from safetypairs.utils import device_for_rank
 
 logger = logging.getLogger(__name__)
@@ -115,7 +112,7 @@ class GuardTransform:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __call__(self, batch: dict[str, list], rank: int | None = None) -> dict[str, list]:
-        """Classify a batch; unreadable images get ``unknown`` with status ``bad_image`` (``too_large``
+        """Classify a batch; unreadable images get ``unknown`` with status ``unreadable`` (``too_large``
         over the pixel cap), images the guard raised on get ``unknown`` with status ``error`` (the
         others of the batch still run)."""
         cols = guard_columns(self.guard)
@@ -127,8 +124,7 @@ class GuardTransform:
                 images.append(load_image(cell, self.max_pixels))
                 keep.append(i)
             except ImageError as err:
-                status = BAD_IMAGE if err.status == ImageError.status else err.status
-                out[cols["pred"]][i], out[cols["status"]][i] = UNKNOWN, status
+                out[cols["pred"]][i], out[cols["status"]][i] = UNKNOWN, err.status
                 out[cols["rationale"]][i] = out[cols["raw"]][i] = (
                     f"image {batch[PAIR_ID][i]!r} ({batch[ROLE][i]}): {err}")
         if images:
@@ -139,14 +135,14 @@ class GuardTransform:
                 [im for im, _ in some], [c for _, c in some], policy)], items)  # plain labels from user guards too
             for i, (verdict, error) in zip(keep, answers):
                 if error is not None:
-                    out[cols["pred"]][i], out[cols["status"]][i] = UNKNOWN, GUARD_ERROR
+                    out[cols["pred"]][i], out[cols["status"]][i] = UNKNOWN, ST.GUARD_ERROR
                     out[cols["rationale"]][i] = out[cols["raw"]][i] = (
                         f"image {batch[PAIR_ID][i]!r} ({role_names([batch[ROLE][i]])[0]}): guard {self.guard} "
                         f"failed: {error}")
                     continue
                 out[cols["pred"]][i], out[cols["score"]][i] = verdict.label, verdict.score
                 out[cols["rationale"]][i], out[cols["raw"]][i] = verdict.rationale, verdict.raw
-                out[cols["status"]][i] = OK if verdict.label != UNKNOWN else UNPARSABLE
+                out[cols["status"]][i] = ST.OK if verdict.label != UNKNOWN else ST.UNPARSABLE
         return out
 
 
@@ -234,7 +230,7 @@ def load_release(path: str, name: str = "images", split: str | None = None) -> D
     return loaded[split]
 
 
-def evaluate_release(path: str, config: EvaluateConfig, run: RunConfig, split: str | None = None,
+def evaluate_run(path: str, config: EvaluateConfig, run: RunConfig, split: str | None = None,
                      natural: Dataset | None = None) -> dict[str, Any]:
     """Evaluate guards on a released benchmark, on the shared runner (sharded over ranks, resumable).
 
@@ -259,7 +255,7 @@ def evaluate_release(path: str, config: EvaluateConfig, run: RunConfig, split: s
         ValueError: when ``path`` is not a release (no ``images`` config).
         OutputDirError: when ``run.out`` is the input, contains it or lies inside it.
     """
-    from safetypairs.report import render_report
+    from safetypairs.evaluate.report import render_report
 
     local = (path,) if Path(path).exists() else ()
     check_not_input(run.out, local)  # before anything is read

@@ -1,0 +1,1 @@
+"""Embeddings, linear probes and the sample-efficiency sweep."""

@@ -1,0 +1,1 @@
+"""Human review: the decisions store and the review app."""

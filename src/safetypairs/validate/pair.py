@@ -1,0 +1,135 @@
+"""A pair under validation: read and size-check one row (or say why it cannot be measured), at working resolution."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from safetypairs import schema as S
+from safetypairs import statuses as ST
+from safetypairs.images import ImageError, load_image
+from safetypairs.policy import Policy
+from safetypairs.validate.change import ChangeMask, to_float
+from safetypairs.validate.decision import stop, upstream_stop
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PairImages:
+    """One readable row of a validation batch: float arrays at working resolution, PIL images at full size.
+
+    ``reference`` is what the edit is compared with: the original, the artifact control (same editor
+    and seed, no-op instruction) or the original's round trip through the editor's VAE.
+    """
+
+    index: int
+    original: np.ndarray
+    edited: np.ndarray
+    full_size: tuple[int, int]
+    original_image: Image.Image
+    edited_image: Image.Image
+    mask: ChangeMask | None = None
+    control_image: Image.Image | None = None
+    reference_image: Image.Image | None = None
+    reference: np.ndarray | None = None
+    reference_kind: str = "original"
+
+
+def row_name(batch: dict[str, list], i: int) -> str:
+    """How an error names a row: ``row '<source_id or pair_id>' (candidate N)``, else its place in the batch."""
+    for column in (S.SOURCE_ID, S.PAIR_ID):
+        if batch.get(column) and batch[column][i] is not None:
+            candidate = batch.get(S.CANDIDATE, [None] * (i + 1))[i]
+            return f"row {batch[column][i]!r}" + (f" (candidate {candidate})" if candidate is not None else "")
+    return f"row #{i} of its batch"
+
+
+def empty_row() -> dict[str, Any]:
+    """A validation output row before anything is measured (not accepted, nothing ran)."""
+    row = {name: None for name in S.VALIDATION_FEATURES}
+    row.update({S.METRICS_RAN: [], S.ACCEPTED: False, S.CHANGE_BBOX: [], S.VALIDATE_RESIZED: False,
+                S.LABEL_FLIP_CHECKED: False})
+    return row
+
+
+def prepare_pair(c: Any, policy: Policy, batch: dict[str, list], i: int, row: dict[str, Any],
+                 images: dict[str, list]) -> PairImages | None:
+    """Read and size-check one row; on failure fill its status and return ``None``.
+
+    Args:
+        c: the `ValidateConfig`.
+        policy: the policy the row's category must belong to.
+        batch: the input batch.
+        i: the row's place in the batch.
+        row: its output row (status filled here).
+        images: the two image columns of the output; a cell that cannot be decoded is set to null
+            (its bytes are not carried on).
+
+    Returns:
+        The pair at working resolution, or ``None`` when the row failed.
+    """
+    name = row_name(batch, i)
+    cell = lambda col: batch.get(col, [None] * (i + 1))[i]  # noqa: E731 - a column the input may lack
+    stopped = upstream_stop(cell(S.INSTRUCT_STATUS), cell(c.edit_status_column))
+    if stopped is not None:
+        error = cell(S.EDIT_ERROR) if stopped == cell(c.edit_status_column) else cell(S.INSTRUCT_ERROR)
+        return stop(row, ST.NOT_EDITED, error or f"{name}: stopped before validation ({stopped})", reason=stopped)
+    if batch[c.edited_column][i] is None:
+        return stop(row, ST.NOT_EDITED, f"{name}: no edited image")
+    category = batch[c.category_column][i] if c.category_column in batch else None
+    if c.category_column in batch and category not in policy.categories:
+        return stop(row, ST.UNKNOWN_CATEGORY, f"{name}: category {category!r} is not in policy "
+                                             f"{policy.id} (allowed: {', '.join(policy.categories)})")
+    decoded = []
+    for column in (c.original_column, c.edited_column):
+        try:
+            decoded.append(load_image(batch[column][i], c.max_pixels))
+        except ImageError as err:
+            images[column][i] = None
+            return stop(row, err.status, f"{name}: {column}: {err}")
+    original, edited = decoded
+    if original.size != edited.size:
+        if c.size_mismatch == "reject":
+            return stop(row, ST.SIZE_MISMATCH, f"{name}: original {original.size} vs edited {edited.size}")
+        edited = edited.resize(original.size, Image.Resampling.LANCZOS)
+        row[S.VALIDATE_RESIZED] = True
+    if min(original.size) < c.min_side:
+        return stop(row, ST.TOO_SMALL, f"{name}: size {original.size} below min_side={c.min_side}")
+    row[S.VALIDATE_STATUS] = ST.OK  # measured and decided: see accepted / reject_reason
+    work_a, work_b = original, edited
+    if working_scale(c, original.size) < 1.0:
+        work_a, work_b = (im.resize(working_size(c, original.size), Image.Resampling.BOX) for im in (original, edited))
+    control = _control(c, batch, i, original.size) if c.reference != "original" or c.composite else None
+    return PairImages(i, to_float(work_a), to_float(work_b), original.size, original, edited,
+                      control_image=control)
+
+
+def _control(c: Any, batch: dict[str, list], i: int, size: tuple[int, int]) -> Image.Image | None:
+    """The row's artifact control, or ``None`` (absent, not wanted, unreadable or of another size)."""
+    column = c.control_column
+    cell = batch[column][i] if column in batch else None
+    if cell is None:
+        return None
+    try:
+        control = load_image(cell)
+    except ImageError as err:
+        logger.warning("row %d: control image unreadable (%s); not used as the reference", i, err)
+        return None
+    if control.size != size:
+        logger.warning("row %d: control %s differs from the original %s; not used", i, control.size, size)
+        return None
+    return control
+
+
+def working_scale(config: Any, size: tuple[int, int]) -> float:
+    return config.max_side / max(size)
+
+
+def working_size(config: Any, size: tuple[int, int]) -> tuple[int, int]:
+    scale = working_scale(config, size)
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))

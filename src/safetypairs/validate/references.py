@@ -1,0 +1,94 @@
+"""What an edit is compared with: the original, its artifact control (same editor and seed, no-op instruction) or the
+original's round trip through the editor's own VAE, so the editor's fingerprint cancels."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+from PIL import Image
+
+from safetypairs import schema as S
+from safetypairs.backends.registry import backend_class
+from safetypairs.validate.change import to_float
+from safetypairs.validate.pair import PairImages, working_scale, working_size
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_MODES = ("auto", "control", "original")  # ValidateConfig.reference: how a row's reference is chosen
+REFERENCE_KINDS = ("original", "control", "vae_roundtrip")  # validate_reference: what a row was compared with
+
+_UNAVAILABLE: dict[tuple[str, str], str] = {}  # (editor spec, device) -> why it has no VAE round trip here
+
+
+def choose_references(c: Any, batch: dict[str, list], pairs: list[PairImages], device: str) -> None:
+    """Pick each pair's reference: control, VAE round trip or original (``c.reference``, one of `REFERENCE_MODES`).
+
+    Args:
+        c: the `ValidateConfig`.
+        batch: the input batch (editor and edit work-size columns).
+        pairs: the readable pairs; ``reference`` (and ``reference_kind``) are set on each.
+        device: where the VAE round trip runs.
+    """
+    for pair in pairs:
+        if c.reference != "original" and pair.control_image is not None:
+            pair.reference_image, pair.reference_kind = pair.control_image, "control"
+    if c.reference == "auto":
+        n = len(batch[c.original_column])
+        editors, sizes = batch.get(c.editor_column) or [None] * n, batch.get(S.EDIT_WORK_SIZE) or [None] * n
+        vae_references(pairs, [editors[p.index] for p in pairs], [sizes[p.index] for p in pairs], device)
+    for pair in pairs:
+        if pair.reference_image is None:
+            pair.reference = pair.original
+            continue
+        ref = pair.reference_image
+        pair.reference = to_float(ref if working_scale(c, ref.size) >= 1.0 else
+                                  ref.resize(working_size(c, ref.size), Image.Resampling.BOX))
+
+
+def _load_roundtrip(spec: str, device: str) -> Any | None:
+    """The VAE round trip of editor ``spec`` (its ``roundtrip_reference`` capability), or ``None``
+    when the editor has none or it cannot load (one warning per process and spec)."""
+    key = (spec, device)
+    if key in _UNAVAILABLE:
+        return None
+    try:
+        loader = getattr(backend_class("editors", spec), "roundtrip_reference", None)
+        if loader is None:
+            _UNAVAILABLE[key] = "no VAE round trip"
+            return None
+        return _roundtrip_cache(loader, spec, device)
+    except Exception as err:  # unknown third-party editor, weights missing, ...: measure against the original
+        _UNAVAILABLE[key] = f"{type(err).__name__}: {err}"
+        logger.warning("no VAE round trip for %s on %s (%s); measuring against the original", spec, device,
+                       _UNAVAILABLE[key])
+        return None
+
+
+@functools.lru_cache(maxsize=4)
+def _roundtrip_cache(loader: Any, spec: str, device: str) -> Any:
+    return loader(spec.partition(":")[2] or None, device)
+
+
+def vae_references(pairs: list[PairImages], editors: list[str | None], work_sizes: list[Any], device: str) -> None:
+    """Give every pair without a reference the VAE round trip of its original, when its editor has one.
+
+    Args:
+        pairs: readable pairs; those without a ``reference_image`` (no control) are considered.
+        editors: the ``editor`` spec of each pair (same order).
+        work_sizes: the ``edit_work_size`` the editor ran at per pair (``None`` when unknown).
+        device: torch device for the VAE.
+    """
+    groups: dict[str, list[int]] = {}
+    for k, (pair, editor) in enumerate(zip(pairs, editors)):
+        if pair.reference_image is None and editor:
+            groups.setdefault(editor, []).append(k)
+    for editor, members in groups.items():
+        roundtrip = _load_roundtrip(editor, device)
+        if roundtrip is None:
+            continue
+        images = roundtrip([pairs[k].original_image for k in members], [work_sizes[k] for k in members])
+        for k, image in zip(members, images):
+            pairs[k].reference_image = image
+            pairs[k].reference_kind = "vae_roundtrip"
