@@ -98,19 +98,15 @@ def overhead(release: Path, spec: str, work: Path, rounds: int, batch_size: int,
     """Bare loop vs `predict` vs `evaluate_run`, interleaved rounds on the same rows."""
     import pyarrow.parquet as pq
 
-    from safetypairs.evaluate.stage import (
-        EvaluateConfig,
-        evaluate_run,
-        load_release,
-        predict,
-    )
+    from safetypairs.engine.datafiles import load_release
+    from safetypairs.evaluate.stage import EvaluateConfig, evaluate_run, predict
     from safetypairs.images import load_image
     from safetypairs.policy import load_policy
     from safetypairs.backends.registry import load_backend
     from safetypairs.engine.runner import RunConfig
     from safetypairs.engine.stage import undecoded
 
-    images = load_release(str(release), "images")
+    images = load_release(str(release), "images", "auto")
     written = sum(pq.read_metadata(f).num_rows for f in release.glob("data/images/*.parquet"))
     assert len(images) == written, f"loaded {len(images)} images of {written}: a stale datasets cache"
     config = EvaluateConfig(guards=(spec,), device="cpu", batch_size=batch_size, n_bootstrap=0)

@@ -17,7 +17,7 @@ from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
 
 from safetypairs.engine.runner import RunConfig, run_stage, session
-from safetypairs.utils import OutputDirError
+from safetypairs.engine.folders import OutputDirError
 
 
 def toy_rows(n: int) -> Dataset:

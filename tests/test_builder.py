@@ -11,7 +11,7 @@ from safetypairs import schema as S
 from safetypairs.release.builder import METADATA, SafetyPairsRaw, export_raw, load_raw
 from safetypairs.cli import main
 from safetypairs.release.assemble import ReleaseConfig, assemble
-from safetypairs.utils import OutputDirError
+from safetypairs.engine.folders import OutputDirError
 
 
 def _rows(ds) -> list[dict]:

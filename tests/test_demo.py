@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from safetypairs.demo import DemoConfig, run_demo
-from safetypairs.utils import OutputDirError, prepare_out_dir
+from safetypairs.engine.folders import OutputDirError
 
 LOAD_WITHOUT_SAFETYPAIRS = textwrap.dedent(
     """
@@ -107,19 +107,18 @@ def test_demo_eval_images_share_no_photo_and_no_caption_with_training():
     assert len(set(evaluation["source_id"])) == 6 and evaluation["label"].count(1) == DEMO_EVAL_PER_CLASS
 
 
-def test_output_folder_checks(tmp_path):
+def test_output_folder_checks_come_before_any_work(tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep me")
     with pytest.raises(OutputDirError, match="--overwrite"):
-        prepare_out_dir(tmp_path / "full", overwrite=False)
-    assert (tmp_path / "full" / "x").exists()
+        run_demo(DemoConfig(out=tmp_path / "full", n=1))
+    assert (tmp_path / "full" / "x").read_text() == "keep me"
     (tmp_path / "file").write_text("")
     with pytest.raises(OutputDirError, match="not a folder"):
-        prepare_out_dir(tmp_path / "file", overwrite=False)
+        run_demo(DemoConfig(out=tmp_path / "file", n=1))
     with pytest.raises(OutputDirError, match="cannot write"):
-        prepare_out_dir(tmp_path / "file" / "sub", overwrite=False)
-    prepare_out_dir(tmp_path / "full", overwrite=True)
-    assert not any((tmp_path / "full").iterdir())
+        run_demo(DemoConfig(out=tmp_path / "file" / "sub", n=1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "full"]  # nothing half-written
     with pytest.raises(ValueError, match="at least 1"):
         DemoConfig(out=tmp_path, n=0)
 

@@ -127,5 +127,6 @@ def test_load_local_folder_and_gated_hint(saved, tmp_path, monkeypatch):
         raise DatasetNotFoundError("Dataset 'org/sp' is a gated dataset on the Hub. You must be authenticated.")
 
     monkeypatch.setattr("datasets.load_dataset", gated)
+    monkeypatch.setattr("datasets.get_dataset_config_names", gated)  # the loader asks for the configs first
     with pytest.raises(HubAccessError, match="accept the research-use agreement.*HF_TOKEN"):
         safetypairs.load("org/sp")

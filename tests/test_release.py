@@ -26,7 +26,7 @@ from safetypairs.release.assemble import (
 )
 from safetypairs.statuses import DUPLICATE_PAIR as DUPLICATE
 from safetypairs.statuses import NOT_SELECTED
-from safetypairs.utils import OutputDirError
+from safetypairs.engine.folders import OutputDirError
 from safetypairs.validate.decision import select_best
 
 

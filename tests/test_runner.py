@@ -25,7 +25,7 @@ from safetypairs.engine.folders import (
     read_json,
 )
 from safetypairs.engine.runner import RunConfig, run_stage
-from safetypairs.utils import OutputDirError
+from safetypairs.engine.folders import OutputDirError
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = [sys.executable, str(ROOT / "tests" / "runner_job.py")]

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 from safetypairs import schema as S
 
 from safetypairs import statuses as ST
-from safetypairs.utils import prepare_out_dir, status_histogram
+from safetypairs.utils import status_histogram
 
 logger = logging.getLogger(__name__)
 
@@ -124,10 +124,20 @@ def run_demo(config: DemoConfig) -> DemoSummary:
         The run summary.
 
     Raises:
-        safetypairs.utils.OutputDirError: for an unusable output folder (checked before any work).
+        safetypairs.engine.folders.OutputDirError: for an unusable output folder (checked before any work).
     """
+    from safetypairs.engine.folders import atomic_dir
+
+    out = Path(config.out)
+    with atomic_dir(out, config.overwrite) as work:  # the folder appears whole, or not at all
+        return _run_demo(config, work, out)
+
+
+def _run_demo(config: DemoConfig, work: Path, out: Path) -> DemoSummary:
+    """Every stage of the demo, written into ``work`` (renamed to ``out`` when it is complete)."""
     from safetypairs.edit import EditConfig, run_edit
-    from safetypairs.evaluate.stage import EvaluateConfig, load_release, run_evaluate
+    from safetypairs.engine.datafiles import load_release
+    from safetypairs.evaluate.stage import EvaluateConfig, run_evaluate
     from safetypairs.instruct import InstructConfig, run_instruct
     from safetypairs.release.publish import write_release
     from safetypairs.release.assemble import ReleaseConfig
@@ -135,8 +145,6 @@ def run_demo(config: DemoConfig) -> DemoSummary:
     from safetypairs.sources import build_demo_source
     from safetypairs.validate.stage import ValidateConfig, run_validate
 
-    out = Path(config.out)
-    prepare_out_dir(out, config.overwrite)
     timer = _Timer()
     with timer.stage("source", config.n) as rec:
         source = build_demo_source(config.n, config.seed)
@@ -152,8 +160,8 @@ def run_demo(config: DemoConfig) -> DemoSummary:
             rec.update(rows_out=result.rows_out, statuses=result.statuses)
     funnel = _funnel(timer.stages, candidates)
     with timer.stage("release", len(candidates)) as rec:
-        dataset_dir = write_release(candidates, out / "dataset", ReleaseConfig(), funnel=funnel, overwrite=True)
-        images, pairs = load_release(str(dataset_dir), "images"), load_release(str(dataset_dir), "pairs")
+        dataset_dir = write_release(candidates, work / "dataset", ReleaseConfig(), funnel=funnel, overwrite=True)
+        images, pairs = (load_release(str(dataset_dir), name, "auto") for name in ("images", "pairs"))
         rec.update(rows_out=len(pairs), statuses={"pairs": len(pairs), "images": len(images)})
     with timer.stage("evaluate", len(images)) as rec:
         evaluation = run_evaluate(images, EvaluateConfig(guards=DEMO_GUARDS, n_bootstrap=config.n_bootstrap,
@@ -162,7 +170,7 @@ def run_demo(config: DemoConfig) -> DemoSummary:
     training, sections = {}, []
     if config.train:
         with timer.stage("train", len(images)) as rec:
-            training = _training(images, config, out / "training")
+            training = _training(images, config, work / "training")
             rec["statuses"] = {"runs": len(training.get("runs", [])), **({"skipped": 1} if "skipped_all" in training else {})}
         sections = [("Training: sample efficiency of pairs", _training_html(training))]
     notes = {**evaluation.get("notes", {}), "nudenet": NUDENET_NOTE}
@@ -181,8 +189,8 @@ def run_demo(config: DemoConfig) -> DemoSummary:
         **evaluation,
         "notes": notes,
     }
-    render_report(results, out / "report.html", pairs=pairs, funnel=funnel, notes=notes, sections=sections)
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    render_report(results, work / "report.html", pairs=pairs, funnel=funnel, notes=notes, sections=sections)
+    (work / "results.json").write_text(json.dumps(results, indent=2, default=str))
     return summary
 
 

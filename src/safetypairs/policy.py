@@ -187,7 +187,10 @@ def _check_aliases(categories: dict[str, Category], source: str) -> None:
 
 
 def load_policy(name_or_path: str | Path | Policy = "llavaguard") -> Policy:
-    """Load a built-in policy by name, or a custom policy from a YAML file.
+    """Load a built-in policy by name, or a custom policy from a YAML file; each once per process.
+
+    A file is read again when it changed (its modification time or size), so a policy edited between two
+    calls in one notebook is not stale.
 
     Args:
         name_or_path: a built-in name (see `builtin_policies`), a path to a ``.yaml`` file, or a
@@ -205,28 +208,27 @@ def load_policy(name_or_path: str | Path | Policy = "llavaguard") -> Policy:
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise PolicyError(f"policy file {str(path)!r} does not exist")
-        text, source = path.read_text(encoding="utf-8"), str(path)
+        stat = path.stat()
+        return _read_policy(str(path.resolve()), (stat.st_mtime_ns, stat.st_size))
+    name = str(name_or_path)
+    if name not in builtin_policies():
+        raise PolicyError(f"unknown policy {name!r}; built-in: {', '.join(builtin_policies())}, or a .yaml path")
+    return _read_policy(name, None)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_policy(name_or_path: str, version: tuple[int, int] | None) -> Policy:
+    """Parse a built-in policy (``version`` ``None``) or a file at one (mtime, size) ``version``."""
+    if version is None:
+        text = resources.files(_BUILTIN_PACKAGE).joinpath(f"{name_or_path}.yaml").read_text(encoding="utf-8")
+        source = f"{name_or_path}.yaml"
     else:
-        name = str(name_or_path)
-        if name not in builtin_policies():
-            raise PolicyError(f"unknown policy {name!r}; built-in: {', '.join(builtin_policies())}, or a .yaml path")
-        text = resources.files(_BUILTIN_PACKAGE).joinpath(f"{name}.yaml").read_text(encoding="utf-8")
-        source = f"{name}.yaml"
+        text, source = Path(name_or_path).read_text(encoding="utf-8"), name_or_path
     try:  # libyaml's safe loader when PyYAML has it: the same result ~10x faster than the pure-Python one
         data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as err:
         raise PolicyError(f"{source}: not valid YAML: {err}") from err
     return parse_policy(data, source)
-
-
-@functools.lru_cache(maxsize=8)
-def _cached(name_or_path: str | Path) -> Policy:
-    return load_policy(name_or_path)
-
-
-def cached_policy(policy: str | Path | Policy) -> Policy:
-    """`load_policy`, loading each name or path once per process (a `Policy` is returned as it is)."""
-    return policy if isinstance(policy, Policy) else _cached(policy)
 
 
 POLICY_STYLES = ("plain", "llavaguard", "shieldgemma2")

@@ -65,40 +65,6 @@ def device_for_rank(device: str, rank: int | None) -> str:
     return "cpu"
 
 
-class OutputDirError(OSError):
-    """An output folder cannot be used: not a folder, not writable, or not empty without overwrite."""
-
-
-def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
-    """Create (or, with ``overwrite``, empty) an output folder and check that it is writable.
-
-    Args:
-        out: the folder.
-        overwrite: replace a non-empty folder instead of refusing it.
-
-    Returns:
-        The folder as a `Path`.
-
-    Raises:
-        OutputDirError: with a one-line reason.
-    """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OutputDirError(f"output path {str(out)!r} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise OutputDirError(f"output folder {str(out)!r} is not empty; pass --overwrite to replace it")
-        shutil.rmtree(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise OutputDirError(f"cannot write to output folder {str(out)!r}: {err.strerror or err}") from err
-    return out
-
-
 def status_histogram(values: Iterable[str | None]) -> dict[str, int]:
     """Count statuses (``None`` counts as ``"ok"``), most common first."""
     return dict(Counter(v or "ok" for v in values).most_common())

@@ -1,4 +1,4 @@
-"""Model guards: a prompted chat VLM, LlavaGuard, ShieldGemma 2 and CLIP zero-shot."""
+"""Model guards: a prompted chat VLM (`hf-vlm`), LlavaGuard and ShieldGemma 2 (CLIP zero-shot lives in `clip_guard`)."""
 
 from __future__ import annotations
 

@@ -257,7 +257,7 @@ def _cmd_release(args: argparse.Namespace) -> int:
 
 
 def _load_review(args: argparse.Namespace, data: Any) -> Any:
-    """The reviewers' verdicts (`review.ReviewResult`) on validated rows for ``--require-review``."""
+    """The reviewers' verdicts (`review.store.ReviewResult`) on validated rows for ``--require-review``."""
     from datasets import Dataset
 
     from safetypairs.review.store import load_review

@@ -9,7 +9,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from datasets import Dataset, Image, load_dataset
+from datasets import Dataset, DatasetDict, Image, load_dataset
 from datasets.table import embed_table_storage
 from datasets.utils.py_utils import convert_file_size_to_int
 
@@ -157,6 +157,37 @@ def load_checked(path: str, *args: Any, **kwargs: Any) -> Any:
             _check_parquet(file, footer_only=False)
         cause = err.__cause__ or err
         raise ValueError(f"cannot read {path!r}: {type(cause).__name__}: {cause}") from None
+
+
+def load_release(path: str, config: str = "pairs", split: str | None = "auto", **kwargs: Any) -> Any:
+    """One config of a release (a hub-layout folder or ``ORG/NAME``): the one way the house loads a release.
+
+    Args:
+        path: the release folder or hub repo id.
+        config: ``pairs``, ``images``, ``rejected`` (or ``default`` for a plain dataset).
+        split: a split name, ``"auto"`` (``test`` if present, else ``train``, else the first), or ``None``
+            for every split (a `DatasetDict`).
+        **kwargs: passed to `datasets.load_dataset` (``token``, ``revision``, ``cache_dir``...).
+
+    Returns:
+        The `Dataset` (or `DatasetDict`), or ``None`` when the release has no such config.
+
+    Raises:
+        ValueError: for a split the config does not have, or a corrupt data file (named).
+    """
+    import datasets
+
+    if config not in datasets.get_dataset_config_names(path, **{k: v for k, v in kwargs.items() if k == "token"}):
+        logger.info("release %s has no %r config", path, config)
+        return None
+    loaded = load_checked(path, config, **kwargs)
+    if split is None or not isinstance(loaded, DatasetDict):
+        return loaded
+    if split == "auto":
+        split = next((s for s in ("test", "train") if s in loaded), next(iter(loaded)))
+    if split not in loaded:
+        raise ValueError(f"split {split!r} not in {path}; available: {', '.join(loaded)}")
+    return loaded[split]
 
 
 def local_data_files(folder: Path, name: str | None = None) -> dict[str, list[str]]:

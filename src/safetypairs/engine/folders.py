@@ -13,12 +13,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from safetypairs.utils import OutputDirError
 
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
 PARTIAL_SUFFIX = ".partial"
+
+
+class OutputDirError(OSError):
+    """An output folder cannot be used: not a folder, not writable, not empty without overwrite, or an input."""
 
 
 class RunLockedError(OutputDirError):

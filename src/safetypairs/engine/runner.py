@@ -33,6 +33,7 @@ from safetypairs.engine.datafiles import (
     write_parquet,
 )
 from safetypairs.engine.folders import (
+    OutputDirError,
     acquire_lock,
     check_not_input,
     partial_dir,
@@ -43,7 +44,7 @@ from safetypairs.engine.folders import (
     write_json,
 )
 from safetypairs.images import DEFAULT_MAX_PIXELS
-from safetypairs.utils import OutputDirError, progress
+from safetypairs.utils import device_for_rank, progress
 
 logger = logging.getLogger(__name__)
 
@@ -121,11 +122,6 @@ def session(device: str = "auto") -> Iterator[Any]:
             state.destroy_process_group()
 
 
-def rank_device(state: Any, device: str) -> str:
-    """``device`` as given, or this rank's device for ``"auto"``."""
-    return str(state.device) if device == "auto" else device
-
-
 def run_stage(data: Dataset, compute: ChunkFn, *, stage: str, settings: Mapping[str, Any], run: RunConfig,
               device: str = "auto", rows_per_input: int = 1,
               finalize: Finalize | None = None, inputs: tuple[str | Path, ...] = (),
@@ -180,7 +176,7 @@ def run_stage(data: Dataset, compute: ChunkFn, *, stage: str, settings: Mapping[
     try:
         spans = chunk_ranges(len(data), run.chunk_size, state.process_index, state.num_processes)
         todo = [span for span in spans if not chunk_done(work, span[0])]
-        dev = rank_device(state, device)
+        dev = device_for_rank(device, state.local_process_index)
         logger.info("%s rank %d/%d on %s: %d chunk(s), %d already done", stage, state.process_index,
                     state.num_processes, dev, len(spans), len(spans) - len(todo))
         for span in progress(todo, desc=f"{stage} (rank {state.process_index})"):

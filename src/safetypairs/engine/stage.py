@@ -137,7 +137,7 @@ def empty_dataset(features: Features) -> Dataset:
 def undecoded(dataset: Dataset) -> Dataset:
     """The same rows with image columns left as ``{"bytes", "path"}`` dicts.
 
-    Transforms decode images themselves with `utils.load_image`, so a corrupt image becomes a
+    Transforms decode images themselves with `images.load_image`, so a corrupt image becomes a
     row status instead of an exception inside `datasets`' decoder.
     """
     for name, feature in dataset.features.items():

@@ -55,7 +55,7 @@ def natural_images(rows: Dataset) -> Dataset:
 
     Returns:
         Rows with ``image, label, category, pair_id, role`` (+ ``source_id``, ``image_digest``) that
-        `evaluate.predict` accepts.
+        `evaluate.stage.predict` accepts.
 
     Raises:
         ValueError: for rows without ``image`` or ``label``.

@@ -15,7 +15,7 @@ from datasets import Dataset
 from safetypairs import schema as S
 
 from safetypairs import statuses as ST
-from safetypairs.evaluate.stage import load_release
+from safetypairs.engine.datafiles import load_release
 from safetypairs.engine.folders import atomic_dir
 from safetypairs.evaluate.metrics import label_names
 from safetypairs.policy import Policy, load_policy
@@ -106,7 +106,7 @@ def _score(value: Any) -> float | None:
 
 
 def prediction_table(images: Dataset, predictions: dict[str, tuple[Any, float | None]], name: str) -> dict[str, list]:
-    """The release's labels joined with the file's predictions, in `evaluate.predict`'s column layout.
+    """The release's labels joined with the file's predictions, in `evaluate.stage.predict`'s column layout.
 
     Raises:
         ValueError: when the file names images the release does not have (another split or release).
@@ -135,7 +135,7 @@ def prediction_table(images: Dataset, predictions: dict[str, tuple[Any, float | 
 def score_file(dataset: str, predictions: str | Path, out: str | Path, config: ScoreConfig | None = None,
                split: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Score a predictions file against a release and write ``results.json``, ``predictions.parquet``
-    and ``report.html`` into ``out`` (the same metrics and layout as `evaluate.evaluate_run`).
+    and ``report.html`` into ``out`` (the same metrics and layout as `evaluate.stage.evaluate_run`).
 
     Args:
         dataset: a release folder or ``ORG/NAME``.
@@ -158,11 +158,11 @@ def score_file(dataset: str, predictions: str | Path, out: str | Path, config: S
     config = config or ScoreConfig()
     if not config.name:
         config = replace(config, name=f"file:{Path(predictions).name}")
-    images = load_release(dataset, "images", split)
+    images = load_release(dataset, "images", split or "auto")
     if images is None:
         raise ValueError(f"{dataset} is not a SafetyPairs release (no 'images' config); make one with "
                          "`safetypairs release <validated folder> --out <release folder>`")
-    pairs = load_release(dataset, "pairs", split)
+    pairs = load_release(dataset, "pairs", split or "auto")
     table = prediction_table(images, read_predictions(predictions, config), config.name)
     statuses = dict(Counter(table[guard_columns(config.name)["status"]]).most_common())
     if statuses.get(ST.MISSING):

@@ -13,7 +13,7 @@ from datasets import Dataset, Features, Value
 
 from safetypairs.evaluate.caveats import release_caveats
 from safetypairs.evaluate.metrics import compute_metrics
-from safetypairs.policy import Policy, cached_policy
+from safetypairs.policy import Policy, load_policy
 from safetypairs.schema import (
     CATEGORY,
     CHANGED_FRACTION,
@@ -97,7 +97,7 @@ def score_predictions(
     similarity = _similarity(pairs, table[PAIR_ID])
     notes, warnings = release_caveats(pairs, config.guards)
     results: dict[str, Any] = {
-        "config": asdict(config), "policy": cached_policy(config.policy).id, "n_images": len(labels),
+        "config": asdict(config), "policy": load_policy(config.policy).id, "n_images": len(labels),
         "guards": {}, "leaderboard": [], "predictions": {}, "notes": notes, "warnings": warnings,
         "images": {PAIR_ID: table[PAIR_ID], ROLE: roles, LABEL: labels, CATEGORY: table[CATEGORY]},
     }

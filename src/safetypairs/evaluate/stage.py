@@ -9,11 +9,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, DatasetDict
+from datasets import Dataset
 
 from safetypairs import statuses as ST
 from safetypairs.backends.base import as_verdict
-from safetypairs.engine.datafiles import load_checked
+from safetypairs.engine.datafiles import load_release
 from safetypairs.engine.folders import check_not_input
 from safetypairs.images import (
     DEFAULT_MAX_PIXELS,
@@ -23,7 +23,7 @@ from safetypairs.images import (
 )
 from safetypairs.evaluate.metrics import encode_labels
 from safetypairs.evaluate.natural import NaturalSet, natural_comparison, select_natural
-from safetypairs.policy import Policy, cached_policy, load_policy
+from safetypairs.policy import Policy, load_policy
 from safetypairs.backends.registry import check_options, load_backend
 from safetypairs.engine.runner import (
     RunConfig,
@@ -129,7 +129,7 @@ class GuardTransform:
                     f"image {batch[PAIR_ID][i]!r} ({batch[ROLE][i]}): {err}")
         if images:
             backend = load_backend("guards", self.guard, device_for_rank(self.device, rank))
-            policy = cached_policy(self.policy)
+            policy = load_policy(self.policy)
             items = [(images[j], batch[CATEGORY][i]) for j, i in enumerate(keep)]
             answers = isolate(lambda some: [as_verdict(v) for v in backend.classify(
                 [im for im, _ in some], [c for _, c in some], policy)], items)  # plain labels from user guards too
@@ -201,35 +201,6 @@ def run_evaluate(dataset: Dataset, config: EvaluateConfig, pairs: Dataset | None
     return results
 
 
-def load_release(path: str, name: str = "images", split: str | None = None) -> Dataset | None:
-    """Load one config of a released benchmark (a local hub-layout folder or a repo id).
-
-    Args:
-        path: folder or ``ORG/NAME``.
-        name: ``"images"`` or ``"pairs"``.
-        split: the split; default ``test`` if present, else ``train``, else the first.
-
-    Returns:
-        The dataset, or ``None`` when the release has no such config.
-
-    Raises:
-        ValueError: for a missing split.
-    """
-    import datasets
-
-    if name not in datasets.get_dataset_config_names(path):
-        logger.info("release %s has no %r config", path, name)
-        return None
-    loaded = load_checked(path, name)
-    if not isinstance(loaded, DatasetDict):
-        return loaded
-    if split is None:
-        split = next((s for s in ("test", "train") if s in loaded), next(iter(loaded)))
-    if split not in loaded:
-        raise ValueError(f"split {split!r} not in {path}; available: {', '.join(loaded)}")
-    return loaded[split]
-
-
 def evaluate_run(path: str, config: EvaluateConfig, run: RunConfig, split: str | None = None,
                      natural: Dataset | None = None) -> dict[str, Any]:
     """Evaluate guards on a released benchmark, on the shared runner (sharded over ranks, resumable).
@@ -261,8 +232,8 @@ def evaluate_run(path: str, config: EvaluateConfig, run: RunConfig, split: str |
     check_not_input(run.out, local)  # before anything is read
     state = process_state(config.device)
     with state.main_process_first():
-        images = load_release(path, "images", split)
-        pairs = load_release(path, "pairs", split) if images is not None else None
+        images = load_release(path, "images", split or "auto")
+        pairs = load_release(path, "pairs", split or "auto") if images is not None else None
     if images is None:
         raise ValueError(f"{path} is not a SafetyPairs release (no 'images' config); make one with "
                          "`safetypairs release <validated folder> --out <release folder>`")

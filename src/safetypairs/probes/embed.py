@@ -179,8 +179,7 @@ def load_images(path: str, split: str | None = None) -> Dataset:
     Raises:
         ValueError: when ``path`` has neither an ``images`` nor a ``default`` config.
     """
-    from safetypairs.engine.datafiles import RUN_FILE, is_saved_dataset, read_rows
-    from safetypairs.evaluate.stage import load_release
+    from safetypairs.engine.datafiles import RUN_FILE, is_saved_dataset, load_release, read_rows
     from safetypairs.evaluate.natural import labelled
     from safetypairs.sources import is_image_folder, load_source
 
@@ -190,8 +189,8 @@ def load_images(path: str, split: str | None = None) -> Dataset:
     if root.is_dir() and is_image_folder(root):
         rows = load_source(path, split or "train")
         return labelled(rows) if any(v in (SAFE, UNSAFE) for v in rows[SOURCE_LABEL]) else rows
-    rows = load_release(path, "images", split)
-    rows = rows if rows is not None else load_release(path, "default", split)
+    rows = load_release(path, "images", split or "auto")
+    rows = rows if rows is not None else load_release(path, "default", split or "auto")
     if rows is None:
         raise ValueError(f"{path!r} has neither an 'images' nor a 'default' config")
     return rows

@@ -131,7 +131,7 @@ def pair_id(policy: str | None, category: str | None, original: Any, edited: Any
     Args:
         policy: the policy id (``name@version``).
         category: the category code.
-        original: the unsafe image cell (any form `utils.load_image` reads).
+        original: the unsafe image cell (any form `images.load_image` reads).
         edited: the safe (edited) image cell.
         max_pixels: the pixel cap of `images.load_image`.
 
@@ -151,7 +151,7 @@ def _content_id(policy: str | None, category: str | None, original_digest: str, 
 
 
 def best_candidates(validated: Dataset) -> list[int]:
-    """Row indices of the released candidates: `validate.select_best` (per source, the best-preserved accepted one).
+    """Row indices of the released candidates: `validate.decision.select_best` (per source, the best-preserved accepted one).
 
     Only non-image columns are read.
 
@@ -371,7 +371,7 @@ def assemble(validated: Dataset, config: ReleaseConfig | None = None, review: Re
         validated: candidate rows with the source, edit and validation columns of `schema`
             (required: ``source_id, image, edited_image, category, accepted``; others may be missing).
         config: split and content options (default `ReleaseConfig()`).
-        review: human verdicts (`review.load_review`): only candidates reviewers verified are
+        review: human verdicts (`review.store.load_review`): only candidates reviewers verified are
             released, the others go to ``rejected`` with ``human_rejected:<reason>`` / ``not_reviewed``.
 
     Returns:

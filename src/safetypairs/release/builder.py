@@ -16,7 +16,8 @@ from safetypairs.identity import image_digests
 from safetypairs.images import ImageError, image_format
 from safetypairs.release.assemble import FEATURES, Release
 from safetypairs.engine.stage import undecoded
-from safetypairs.utils import prepare_out_dir, progress
+from safetypairs.engine.folders import atomic_dir
+from safetypairs.utils import progress
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def export_raw(release: Release, raw_dir: str | Path) -> Path:
 
     Args:
         release: an assembled release.
-        raw_dir: the folder to write (created; must be empty).
+        raw_dir: the folder to write (created whole, or not at all; must be empty).
 
     Returns:
         ``raw_dir`` as a `Path`.
@@ -75,10 +76,10 @@ def export_raw(release: Release, raw_dir: str | Path) -> Path:
     Raises:
         OutputDirError: if ``raw_dir`` is not empty or not writable.
     """
-    root = prepare_out_dir(raw_dir, overwrite=False)
-    counts = {name: _export_config(release[name], root, name) for name in METADATA if name in release.configs}
-    logger.info("raw layout written to %s: %s", root, counts)
-    return root
+    with atomic_dir(raw_dir, overwrite=False) as work:
+        counts = {name: _export_config(release[name], work, name) for name in METADATA if name in release.configs}
+    logger.info("raw layout written to %s: %s", raw_dir, counts)
+    return Path(raw_dir)
 
 
 class SafetyPairsRawConfig(datasets.BuilderConfig):
@@ -165,7 +166,7 @@ def load_raw(raw_dir: str | Path, cache_dir: str | Path | None = None) -> Releas
         cache_dir: where the builder writes its Arrow files (default: the `datasets` cache).
 
     Returns:
-        A `Release` ready for `release.write_release` (its funnel is empty: the raw layout has none).
+        A `Release` ready for `release.publish.write_release` (its funnel is empty: the raw layout has none).
     """
     configs: dict[str, DatasetDict] = {}
     names = ["pairs", "images"] + (["rejected"] if (Path(raw_dir) / METADATA["rejected"]).is_file() else [])

@@ -51,7 +51,7 @@ def layout_files(out_dir: str | Path) -> dict[str, Path]:
     """Every file of a written release folder, keyed by its path in the repository (POSIX, sorted).
 
     Args:
-        out_dir: a folder written by `release.write_release`.
+        out_dir: a folder written by `release.publish.write_release`.
 
     Returns:
         ``{path_in_repo: local path}``.
@@ -85,7 +85,7 @@ def push_release(out_dir: str | Path, config: PushConfig, token: str | None = No
     the same commit. The token (argument, ``HF_TOKEN`` or the saved login) is never logged.
 
     Args:
-        out_dir: a folder written by `release.write_release`.
+        out_dir: a folder written by `release.publish.write_release`.
         config: repository, visibility and gating.
         token: a Hub token; ``None`` uses the usual huggingface_hub resolution.
 
@@ -124,27 +124,30 @@ def push_release(out_dir: str | Path, config: PushConfig, token: str | None = No
 
 
 def load(path_or_repo: str, config: str = "pairs", split: str | None = None, **kwargs: Any) -> Any:
-    """Load a SafetyPairs release (a local folder or a Hub repo) with `datasets.load_dataset`.
+    """Load a SafetyPairs release (a local folder or a Hub repo): `engine.datafiles.load_release`, with the steps
+    to get access when the repository is gated or private.
 
     Args:
         path_or_repo: a release folder or ``ORG/NAME``.
         config: ``"pairs"`` (default), ``"images"`` or ``"rejected"``.
-        split: one split, or ``None`` for a `DatasetDict`.
+        split: one split, ``"auto"`` (``test``, else ``train``), or ``None`` for a `DatasetDict`.
         **kwargs: passed to `datasets.load_dataset` (``token``, ``revision``, ``cache_dir`` ...).
 
     Returns:
         A `Dataset` or `DatasetDict`.
 
     Raises:
+        ValueError: when the release has no such config.
         HubAccessError: if the repository is gated or private and no valid token was given, with
             the steps to get access.
     """
-    from datasets import load_dataset
     from datasets.exceptions import DatasetNotFoundError
     from huggingface_hub.errors import GatedRepoError
 
+    from safetypairs.engine.datafiles import load_release
+
     try:
-        return load_dataset(path_or_repo, config, split=split, **kwargs)
+        loaded = load_release(path_or_repo, config, split, **kwargs)
     except (DatasetNotFoundError, GatedRepoError) as err:
         gated = isinstance(err, GatedRepoError) or isinstance(err.__cause__, GatedRepoError) or "gated" in str(err)
         if not gated and Path(path_or_repo).exists():
@@ -155,3 +158,6 @@ def load(path_or_repo: str, config: str = "pairs", split: str | None = None, **k
             f"{path_or_repo} {what}: open {url}, accept the research-use agreement (gated repos), then log in "
             "with `hf auth login` or set HF_TOKEN (or pass token=...) and load again"
         ) from err
+    if loaded is None:
+        raise ValueError(f"{path_or_repo} has no {config!r} config; a release has pairs, images and rejected")
+    return loaded

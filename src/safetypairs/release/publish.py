@@ -43,7 +43,7 @@ def write_release(
         funnel: the pipeline's stage results (``StageResult.as_dict()`` list) for the card.
         overwrite: replace a non-empty ``out_dir`` (only once the new release is complete).
         inputs: input paths ``out_dir`` must not be or contain.
-        review: human verdicts (`review.load_review`) to release only verified pairs; needs validated rows.
+        review: human verdicts (`review.store.load_review`) to release only verified pairs; needs validated rows.
         before_rename: called with the complete work folder before it moves into place (the Hub upload
             of ``--push``): when it raises, no folder is left.
 
@@ -84,7 +84,7 @@ def read_input(path: str | Path) -> Release | Dataset:
 
     Args:
         path: a raw layout (``metadata.jsonl``, see `builder.export_raw`) or anything
-            `stage.read_rows` reads (validated rows from ``safetypairs validate``, a parquet folder).
+            `engine.datafiles.read_rows` reads (validated rows from ``safetypairs validate``, a parquet folder).
 
     Returns:
         Validated rows (a `Dataset`) or, for a raw layout, a ready `Release`.

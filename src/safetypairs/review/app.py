@@ -146,7 +146,7 @@ class ReviewSource:
         self.decided = self._own_decisions()
 
     def stamp(self, row: int) -> str:
-        """The `review.content_stamp` of ``row``'s images (cached)."""
+        """The `review.store.content_stamp` of ``row``'s images (cached)."""
         if row not in self._stamps:
             self._stamps[row] = content_stamp(self.images[c][row][c] for c in CONTENT_COLUMNS if c in self.images)
         return self._stamps[row]

@@ -8,7 +8,7 @@ from typing import Any
 from safetypairs import schema as S
 from safetypairs.backends.registry import load_backend
 from safetypairs.engine.stage import isolate
-from safetypairs.policy import cached_policy
+from safetypairs.policy import load_policy
 from safetypairs.validate.decision import decide_judge, judge_failed
 from safetypairs.validate.pair import PairImages, row_name
 
@@ -39,7 +39,7 @@ def judge_rows(config: Any, batch: dict[str, list], pairs: list[PairImages], row
         return
     judge = load_backend("judges", config.judge, device)
     column = batch.get(config.category_column)
-    policy = cached_policy(config.policy)
+    policy = load_policy(config.policy)
 
     def classify(some: list[PairImages]) -> list[tuple[Any, Any]]:
         categories = [column[p.index] if column else None for p in some]
