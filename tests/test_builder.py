@@ -81,3 +81,39 @@ def test_edits_after_a_first_load_are_not_hidden_by_the_cache(raw, tmp_path):
     pairs = [r for split in after["pairs"].values() for r in split]
     assert sum(len(ds) for ds in before["pairs"].values()) == len(lines)
     assert len(pairs) == len(lines) - 1 and pairs[0][S.CATEGORY] == "O9"
+
+
+def _edited_copy(raw, tmp_path, change):
+    """A copy of the raw layout whose first pairs line is changed by ``change(row)``."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(raw, copy)
+    lines = (copy / METADATA["pairs"]).read_text().splitlines()
+    first = json.loads(lines[0])
+    change(first)
+    (copy / METADATA["pairs"]).write_text("\n".join([json.dumps(first)] + lines[1:]) + "\n")
+    return copy
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda row: row.update({S.UNSAFE_IMAGE: "../outside/secret.jpg"}), "unsafe_image '../outside/secret.jpg' is not a path inside"),
+    (lambda row: row.update({S.EDIT_MASK: "/etc/passwd"}), "edit_mask '/etc/passwd' is not a path inside"),
+    (lambda row: row.pop("split"), "line 1: expected a JSON object with a 'split'"),
+])
+def test_a_hostile_or_broken_raw_layout_is_one_line_and_embeds_nothing(raw, tmp_path, capsys, change, message):
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret.jpg").write_bytes(b"my private bytes")
+    copy = _edited_copy(raw, tmp_path, change)
+    assert main(["release", str(copy), "--out", str(tmp_path / "rel")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert "root:" not in err and "private" not in err and not (tmp_path / "rel").exists()
+
+
+def test_a_missing_image_file_in_a_raw_layout_becomes_a_null_cell(raw, tmp_path, caplog):
+    copy = _edited_copy(raw, tmp_path, lambda row: row.update({S.EDIT_MASK: "images/pairs/nope/mask.png"}))
+    with caplog.at_level("WARNING"):
+        rebuilt = load_raw(copy, cache_dir=tmp_path / "cache")
+    first = [r for split in rebuilt["pairs"].values() for r in split if r[S.EDIT_MASK] is None]
+    assert len(first) == 1 and "images/pairs/nope/mask.png" in caplog.text and "the cell is null" in caplog.text

@@ -235,3 +235,26 @@ def test_duplicate_sources_give_one_pair_not_one_per_split():
     assert rejected[S.REJECT_REASON].count(DUPLICATE) == 1
     assert len(rejected) + len(ids) == len(validated)  # no row lost
     assert release.funnel[-1]["rows_out"] == 4
+
+
+def test_a_card_the_project_wrote_it_reads_back_whatever_the_name(tmp_path, validated):
+    """A title holding '---' is not a front-matter delimiter; a name or license with a newline is refused."""
+    from safetypairs.engine.datafiles import load_release
+
+    out = write_release(validated, tmp_path / "rel", ReleaseConfig(pretty_name="SafetyPairs---v2"))
+    assert "SafetyPairs---v2" in (out / "README.md").read_text()
+    assert len(load_release(str(out), "images", "auto")) > 0
+    for bad in ({"pretty_name": "two\nlines"}, {"license": "mit\n---\nconfigs: []"}, {"pretty_name": " padded"}):
+        with pytest.raises(ValueError, match="must be one line"):
+            ReleaseConfig(**bad)
+
+
+@pytest.mark.parametrize("pattern", ["/etc/*.parquet", "../elsewhere/*.parquet"])
+def test_a_card_whose_data_files_leave_the_folder_is_one_clear_error(tmp_path, validated, pattern):
+    from safetypairs.engine.datafiles import load_release
+
+    out = write_release(validated, tmp_path / "rel", ReleaseConfig())
+    card = (out / "README.md").read_text()
+    (out / "README.md").write_text(card.replace("path: data/images/", f"path: {pattern} #", 1))
+    with pytest.raises(ValueError, match="must be a path relative to the release folder"):
+        load_release(str(out), "images", "auto")

@@ -585,3 +585,13 @@ def test_a_nan_metric_outside_the_mask_fails_its_limit():
     for column in (S.SSIM_OUTSIDE, S.PSNR_OUTSIDE, S.LPIPS_OUTSIDE, S.CLIP_OUTSIDE):
         reason, detail = decide_pixels(limits, {**row, column: float("nan")})
         assert reason == "background_changed" and detail.startswith(f"{column} nan"), column
+
+
+def test_validate_resolves_categories_as_generate_does(photo):
+    """A pairs table made elsewhere names categories LlavaGuard's way ("O1: Hate, ...") or in lower case: each
+    resolves to its code (and is written as the code), as at the instruct stage; an unknown one is refused."""
+    data = candidates([photo] * 4, [paste(photo)] * 4,
+                      category=["O1: Hate, Humiliation, Harassment", "o2", "Weapons or Substance Abuse", "Spam"])
+    out = validate_pairs(data)
+    assert list(out[S.REJECT_REASON]) == [None, None, None, "unknown_category"]
+    assert list(out[S.CATEGORY]) == ["O1", "O2", "O6", "Spam"]

@@ -202,3 +202,109 @@ def test_every_status_written_is_a_word_of_the_vocabulary_and_one_word_per_fate(
     card = (chain / "runs" / "release" / "README.md").read_text()
     for reason in set(rejected[S.REJECT_REASON]):
         assert f"| `{reason}` |" in card and ST.meaning(reason) in card
+
+
+def _write_predictions(chain, name, rows):
+    with open(chain / name, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def test_score_names_missing_unparsable_and_unreadable_cells_and_never_tracebacks(chain):
+    images = load_dataset(str(chain / "runs" / "release"), "images", split="test")
+    ids = list(images["image_id"])
+    rows = [{"image_id": i, "prediction": "unsafe", "score": 0.9} for i in ids]
+    rows[0]["prediction"] = "maybe"          # unparsable: an unknown answer (an error), named
+    rows[1]["score"] = "n/a"                 # a score that is not a number: left out of AUROC, named
+    rows[2]["prediction"] = 1                # mixed types in one column are read, not a pyarrow error
+    missing = rows.pop(-1)["image_id"]       # an image with no row
+    _write_predictions(chain, "partial.jsonl", rows)
+    proc = run_cli("score", "--dataset", "runs/release", "--predictions", "partial.jsonl", "--out", "runs/p",
+                   cwd=chain)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert f"1 of {len(ids)} images have no prediction" in proc.stderr and missing in proc.stderr
+    assert "--allow-missing" in proc.stderr and not (chain / "runs" / "p").exists()
+    proc = run_cli("score", "--dataset", "runs/release", "--predictions", "partial.jsonl", "--allow-missing",
+                   "--bootstrap", "20", "--out", "runs/p", cwd=chain)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((chain / "runs" / "p" / "results.json").read_text())
+    problems = results["predictions_file"]
+    assert problems["missing"] == {"n": 1, "first": [missing]}
+    assert problems["unparsable"] == {"n": 1, "first": [ids[0]]}
+    assert problems["unreadable_scores"] == {"n": 1, "first": [ids[1]]}
+    statuses = results["guards"]["file:partial.jsonl"]["statuses"]
+    assert statuses == {"ok": len(ids) - 2, "unparsable": 1, "missing": 1}
+    warnings = " ".join(results["guards"]["file:partial.jsonl"]["warnings"])
+    assert ids[0] in warnings and ids[1] in warnings and missing in warnings
+    assert "not safe/unsafe" in (chain / "runs" / "p" / "report.html").read_text()
+
+
+def _unsafebench_folder(root, bom=True):
+    """UnsafeBench's own layout: `image` (not file_name), `safety_label` Safe/Unsafe, `category` Hate/Spam/..."""
+    (root / "imgs").mkdir(parents=True)
+    from safetypairs.sources import demo_photo
+
+    rows = [("coffee", "Unsafe", "Hate"), ("rocket", "Safe", "Spam"), ("moon", "Unsafe", "Violence")]
+    for photo, _, _ in rows:
+        demo_photo(photo).resize((64, 64)).save(root / "imgs" / f"{photo}.png")
+    with open(root / "metadata.csv", "w", encoding="utf-8-sig" if bom else "utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "safety_label", "category"])
+        writer.writerows((f"imgs/{p}.png", label, cat) for p, label, cat in rows)
+    return root
+
+
+def test_unsafebench_metadata_with_a_byte_order_mark_reads_like_any_image_folder(tmp_path):
+    from safetypairs.sources import SourceColumns, load_source
+
+    folder = _unsafebench_folder(tmp_path / "ub")
+    rows = load_source(str(folder))
+    assert list(rows["source_id"]) == ["imgs/coffee.png", "imgs/rocket.png", "imgs/moon.png"]
+    assert list(rows["source_label"]) == ["unsafe", "safe", "unsafe"] and rows[0]["image"].size == (64, 64)
+    renamed = tmp_path / "ub2"
+    folder.rename(renamed)
+    text = (renamed / "metadata.csv").read_text(encoding="utf-8-sig").replace("image,", "path,", 1)
+    (renamed / "metadata.csv").write_text(text, encoding="utf-8-sig")
+    with pytest.raises(ValueError, match="no 'file_name' column .*columns: path, safety_label, category; pass "
+                                         "--image-column"):
+        load_source(str(renamed))
+    assert len(load_source(str(renamed), columns=SourceColumns(image="path"))) == 3
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "is empty"),
+    ('{"file_name": "imgs/coffee.png"}\n{"file_name": oops}\n', "metadata.jsonl line 2: not valid JSON"),
+    ('["imgs/coffee.png"]\n', "metadata.jsonl line 1: expected a JSON object, got list"),
+    ('{"file_name": "../outside.png"}\n', "leaves the folder"),
+    ('{"file_name": "/etc/passwd"}\n', "leaves the folder"),
+    ('{"file_name": "imgs/nope.png"}\n', "image file 'imgs/nope.png' does not exist"),
+])
+def test_a_broken_metadata_file_is_one_line_naming_the_file_and_line(tmp_path, content, message):
+    folder = _unsafebench_folder(tmp_path / "f")
+    (folder / "metadata.csv").unlink()
+    (folder / "metadata.jsonl").write_text(content)
+    (tmp_path / "outside.png").write_bytes((folder / "imgs" / "coffee.png").read_bytes())
+    proc = run_cli("generate", "--source", str(folder), "--out", str(tmp_path / "g"), cwd=tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_link_that_leaves_the_image_folder_is_refused(tmp_path):
+    from safetypairs.sources import load_source
+
+    folder = _unsafebench_folder(tmp_path / "f", bom=False)
+    (tmp_path / "secret.png").write_bytes((folder / "imgs" / "coffee.png").read_bytes())
+    (folder / "imgs" / "coffee.png").unlink()
+    (folder / "imgs" / "coffee.png").symlink_to(tmp_path / "secret.png")
+    with pytest.raises(ValueError, match="'imgs/coffee.png' leaves the folder .* through a link; pass --follow-links"):
+        load_source(str(folder))
+
+
+def test_follow_links_reads_a_link_that_leaves_the_folder(tmp_path):
+    from safetypairs.sources import SourceColumns, load_source
+
+    folder = _unsafebench_folder(tmp_path / "f", bom=False)
+    (tmp_path / "secret.png").write_bytes((folder / "imgs" / "coffee.png").read_bytes())
+    (folder / "imgs" / "coffee.png").unlink()
+    (folder / "imgs" / "coffee.png").symlink_to(tmp_path / "secret.png")
+    rows = load_source(str(folder), columns=SourceColumns(follow_links=True))
+    assert rows[0]["source_id"] == "imgs/coffee.png" and rows[0]["image"].size == (64, 64)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import glob
+import io
 import json
 import logging
 import os
@@ -15,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from datasets import ClassLabel, Dataset, load_dataset
+from datasets import ClassLabel, Dataset, Features, Value, load_dataset
+from datasets import Image as ImageFeature
 from PIL import Image
 
 from safetypairs import schema as S
@@ -152,6 +156,7 @@ def build_demo_source(n: int = 24, seed: int = 0) -> Dataset:
 LABEL_COLUMNS = (S.LABEL, "rating", "safety_label")
 _SAFE_VALUES = {"safe": S.SAFE, "unsafe": S.UNSAFE, "0": S.SAFE, "1": S.UNSAFE, "false": S.SAFE, "true": S.UNSAFE}
 DATA_SUFFIXES = (".parquet", ".arrow", ".jsonl", ".json", ".csv")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # an image folder's table of its images
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -169,6 +174,8 @@ class SourceColumns:
         label: a safe/unsafe column (``safe``/``unsafe`` in any case, 0/1, booleans); default: the
             first of `LABEL_COLUMNS` present; ``"none"`` reads no label. Safe rows are set aside.
         keep: columns copied into ``source_meta`` (JSON), which travels into the release.
+        follow_links: read an image folder's files that are symbolic links to places outside it (refused by
+            default: a folder's metadata must not pull other files into a release).
     """
 
     image: str = S.IMAGE
@@ -177,6 +184,7 @@ class SourceColumns:
     id: str | None = None
     label: str | None = None
     keep: tuple[str, ...] = ()
+    follow_links: bool = False
 
 
 def load_source(spec: str, split: str = "train", columns: SourceColumns | None = None) -> Dataset:
@@ -200,21 +208,27 @@ def load_source(spec: str, split: str = "train", columns: SourceColumns | None =
     """
     if spec == "demo" or spec.startswith("demo:"):
         return build_demo_source(int(spec.partition(":")[2] or 24))
+    columns = columns or SourceColumns()
+    path = Path(spec).expanduser()
+    if path.is_dir() and metadata_file(path) is not None:
+        if split != "train":
+            raise ValueError(f"an image folder has one split, 'train'; got split {split!r} for {spec!r}")
+        dataset = read_image_folder(path, columns.image, columns.follow_links)
+        return normalise_source(dataset, dataclasses.replace(columns, image=S.IMAGE), root=path.absolute(), name=spec)
     dataset, root = _read(spec, split)
     if hasattr(dataset, "keys"):  # a DatasetDict from load_from_disk
         if split not in dataset:
             raise ValueError(f"split {split!r} not in {spec!r}; available: {', '.join(dataset)}")
         dataset = dataset[split]
-    return normalise_source(dataset, columns or SourceColumns(), root=root, name=spec)
+    return normalise_source(dataset, columns, root=root, name=spec)
 
 
 def _read(spec: str, split: str) -> tuple[Any, Path | None]:
-    """The raw dataset behind a spec and, for an image folder, its root (file paths become ids)."""
+    """The raw dataset behind a spec and, for an image folder without metadata, its root (file paths become ids)."""
     path = Path(spec).expanduser()
     if is_saved_dataset(path):
         return load_saved(path), None
     if path.is_dir() and is_image_folder(path):
-        _check_metadata(path)
         return load_checked("imagefolder", data_dir=str(path), split=split), path.absolute()
     if path.is_dir():
         return load_checked(str(path), split=split), None
@@ -231,23 +245,99 @@ def _read(spec: str, split: str) -> tuple[Any, Path | None]:
 
 def is_image_folder(path: Path) -> bool:
     """Images with a top-level metadata file (even beside a README), or a folder with no parquet and no card."""
-    if any((path / name).is_file() for name in ("metadata.jsonl", "metadata.csv")):
+    if metadata_file(path) is not None:
         return True
     return not any(path.glob("*.parquet")) and not any(path.glob("data/**/*.parquet")) and not (path / "README.md").exists()
 
 
-def _check_metadata(path: Path) -> None:
-    """An image folder's top-level ``metadata.jsonl`` / ``.csv`` must name each image in ``file_name``."""
-    for name in ("metadata.jsonl", "metadata.csv"):
-        meta = path / name
-        if not meta.is_file():
+def metadata_file(path: Path) -> Path | None:
+    """An image folder's top-level ``metadata.jsonl`` (else ``metadata.csv``), or ``None``."""
+    return next((path / name for name in METADATA_FILES if (path / name).is_file()), None)
+
+
+def read_metadata(meta: Path) -> list[dict[str, Any]]:
+    """The rows of a ``metadata.jsonl`` / ``.csv`` (a byte-order mark is ignored, as `datasets` does).
+
+    Raises:
+        ValueError: for an empty file or a line that is not a JSON object, naming the file and the line.
+    """
+    text = meta.read_text(encoding="utf-8-sig")
+    if not text.strip():
+        raise ValueError(f"{meta} is empty; it needs one row per image with the image's path (file_name)")
+    if meta.suffix == ".csv":
+        return [dict(row) for row in csv.DictReader(io.StringIO(text))]
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
             continue
-        with open(meta, encoding="utf-8") as f:
-            first = f.readline()
-        head = set(json.loads(first)) if name.endswith(".jsonl") and first.strip() else set(first.strip().split(","))
-        if first.strip() and "file_name" not in head:
-            raise ValueError(f"{meta} has no 'file_name' column (the image's path relative to the folder); "
-                             f"columns: {', '.join(sorted(head))}")
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{meta} line {number}: not valid JSON ({err.msg}, column {err.colno})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{meta} line {number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def read_image_folder(path: Path, image_column: str = S.IMAGE, follow_links: bool = False) -> Dataset:
+    """An image folder with a top-level metadata file, read like `datasets`' imagefolder: one row per metadata row,
+    its image in ``image`` (by path, decoded on access), the other columns as they are.
+
+    The image's path relative to the folder is in ``file_name``, or in ``image_column`` (``--image-column``)
+    when the metadata has no ``file_name`` (UnsafeBench names it ``image``). A path that leaves the folder
+    (``..``, an absolute path, or a link to elsewhere unless ``follow_links``) or names no file is refused.
+
+    Raises:
+        ValueError: naming the file, the line and the reason.
+    """
+    meta = metadata_file(path)
+    rows = read_metadata(meta)
+    names = list(dict.fromkeys(k for row in rows for k in row))
+    column = "file_name" if "file_name" in names else image_column if image_column in names else None
+    if column is None:
+        hint = "" if image_column == S.IMAGE else f" nor {image_column!r}"
+        raise ValueError(f"{meta} has no 'file_name'{hint} column (the image's path relative to the folder); columns: "
+                         f"{', '.join(names)}; pass --image-column NAME to name the column that holds it")
+    root = path.resolve()
+    files = [_image_path(root, meta, number, row.get(column), follow_links) for number, row in enumerate(rows, 1)]
+    data: dict[str, list[Any]] = {S.IMAGE: files}
+    for name in names:
+        if name not in (column, S.IMAGE):
+            data[name] = [_cell(row.get(name)) for row in rows]
+    features = Features({S.IMAGE: ImageFeature(), **{n: _feature(v) for n, v in data.items() if n != S.IMAGE}})
+    return Dataset.from_dict(data, features=features)
+
+
+def _image_path(root: Path, meta: Path, number: int, value: Any, follow_links: bool) -> str:
+    where = f"{meta} row {number}"
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{where}: no image path ({value!r})")
+    relative = Path(value.strip())
+    lexical = Path(os.path.normpath(root / relative))
+    candidate = lexical if follow_links else lexical.resolve()
+    if relative.is_absolute() or not lexical.is_relative_to(root):
+        raise ValueError(f"{where}: {value!r} leaves the folder {str(root)!r}; image paths must be relative to it")
+    if not candidate.is_relative_to(root):
+        raise ValueError(f"{where}: {value!r} leaves the folder {str(root)!r} through a link; pass --follow-links "
+                         "to read it")
+    if not candidate.is_file():
+        raise ValueError(f"{where}: image file {value!r} does not exist in {str(root)!r}")
+    return str(candidate)
+
+
+def _cell(value: Any) -> Any:
+    """A metadata value as one Arrow type can hold it: nested values as JSON text, ``""`` from a CSV as null."""
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False)
+    return None if value == "" else value
+
+
+def _feature(values: list[Any]) -> Value:
+    """``string`` unless every value is a bool, an int or a float of one kind (then that type)."""
+    kinds = {type(v) for v in values if v is not None}
+    return Value({bool: "bool", int: "int64", float: "float64"}.get(kinds.pop(), "string") if len(kinds) == 1
+                 else "float64" if kinds == {int, float} else "string")
 
 
 def normalise_source(dataset: Dataset, columns: SourceColumns = SourceColumns(), *, root: Path | None = None,

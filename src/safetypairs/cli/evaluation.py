@@ -120,7 +120,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from safetypairs.evaluate.score import ScoreConfig, score_file
 
     config = ScoreConfig(name=args.name or "", id_column=args.id_column, prediction_column=args.prediction_column,
-                         score_column=args.score_column, policy=args.policy, n_bootstrap=args.bootstrap, seed=args.seed)
+                         score_column=args.score_column, policy=args.policy, n_bootstrap=args.bootstrap, seed=args.seed,
+                         allow_missing=args.allow_missing)
     results = score_file(args.dataset, args.predictions, args.out, config, split=args.split, overwrite=args.overwrite)
     _write_results(results, args.out)
     return 0
@@ -132,8 +133,9 @@ def add_score(sub: argparse._SubParsersAction) -> None:
         "score", help="score predictions made elsewhere (csv/jsonl/parquet keyed by image_id) like evaluate",
         description="Join a predictions file (one row per image of the release's images config: image_id, "
                     "prediction safe/unsafe or 0/1, optional score) with the release's labels and write the same "
-                    "metrics, results.json, predictions.parquet and report.html as `safetypairs evaluate`. Images "
-                    "with no prediction count as errors.",
+                    "metrics, results.json, predictions.parquet and report.html as `safetypairs evaluate`. A file that "
+                    "misses images is refused unless --allow-missing (then each counts as an error); unparsable "
+                    "predictions and unreadable scores are counted and named.",
     )
     _add_release_dataset(p)
     p.add_argument("--predictions", required=True, help="a .csv, .jsonl/.json or .parquet file")
@@ -142,6 +144,9 @@ def add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--id-column", default="image_id", help="image id column (default: image_id)")
     p.add_argument("--prediction-column", default="prediction", help="prediction column (default: prediction)")
     p.add_argument("--score-column", default="score", help="score column, higher = more unsafe (default: score)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="score a file that has no row for some images, each counted as an error (default: refuse it, "
+                        "naming them)")
     add_policy(p)
     add_split(p)
     add_bootstrap(p)

@@ -76,12 +76,14 @@ def _source_columns(args: argparse.Namespace):
 
     keep = tuple(c.strip() for c in (args.keep_columns or "").split(",") if c.strip())
     return SourceColumns(image=args.image_column, category=args.category_column, rationale=args.rationale_column,
-                         id=args.id_column, label=args.label_column, keep=keep)
+                         id=args.id_column, label=args.label_column, keep=keep, follow_links=args.follow_links)
 
 
 def _add_source_columns(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--image-column", default="image", help="the image column (default: image; an image folder's "
-                                                           "metadata names files in file_name)")
+    p.add_argument("--image-column", default="image", help="the image column (default: image); an image folder's "
+                                                           "metadata names its files in file_name, else in this column")
+    p.add_argument("--follow-links", action="store_true",
+                   help="read an image folder's files that are links to places outside it (refused by default)")
     p.add_argument("--category-column", default="category",
                    help="the policy category: O1, 'O1: Hate, ...', a name or an alias; NA = safe (default: category)")
     p.add_argument("--rationale-column", default="rationale", help="why the image is unsafe (default: rationale)")

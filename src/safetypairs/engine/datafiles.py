@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from safetypairs.engine.folders import partial_dir, read_json
 from safetypairs.images import DEFAULT_MAX_PIXELS, ImageError, reencoded
 
 logger = logging.getLogger(__name__)
+_FRONT_MATTER = re.compile(r"\A---[ \t]*\r?\n(.*?)^---[ \t]*\r?$", re.S | re.M)  # a card's YAML header
 
 RUN_FILE = "run.json"
 DATA_DIR = "data"
@@ -208,12 +210,8 @@ def local_data_files(folder: Path, name: str | None = None) -> dict[str, list[st
         if chosen is None:
             raise ValueError(f"{str(folder)!r} has no config {name!r}; it declares "
                              f"{', '.join(str(c.get('config_name')) for c in configs)}")
-        declared = chosen.get("data_files") or []
-        if isinstance(declared, str):
-            declared = [{"split": "train", "path": declared}]
-        found = {entry["split"]: sorted(str(f) for pattern in ([entry["path"]] if isinstance(entry["path"], str)
-                                                                else entry["path"]) for f in folder.glob(pattern))
-                 for entry in declared}
+        found = {split: sorted(str(f) for pattern in patterns for f in folder.glob(pattern))
+                 for split, patterns in _declared_files(folder, chosen).items()}
     else:
         found = {}
         for file in sorted(folder.rglob("*.parquet")):
@@ -225,6 +223,29 @@ def local_data_files(folder: Path, name: str | None = None) -> dict[str, list[st
     return found
 
 
+def _declared_files(folder: Path, config: dict[str, Any]) -> dict[str, list[str]]:
+    """Split -> the file patterns a README config declares, each checked to stay inside ``folder``.
+
+    Raises:
+        ValueError: for a malformed entry or a pattern that is absolute or leaves the folder, naming it.
+    """
+    declared = config.get("data_files") or []
+    if isinstance(declared, str):
+        declared = [{"split": "train", "path": declared}]
+    where = f"{str(folder / 'README.md')!r}, config {config.get('config_name')!r}"
+    out: dict[str, list[str]] = {}
+    for entry in declared if isinstance(declared, list) else [declared]:
+        if not isinstance(entry, dict) or "path" not in entry:
+            raise ValueError(f"{where}: data_files entry {entry!r} needs a 'path' (and a 'split')")
+        patterns = [entry["path"]] if isinstance(entry["path"], str) else list(entry["path"])
+        for pattern in patterns:
+            if not isinstance(pattern, str) or Path(pattern).is_absolute() or ".." in Path(pattern).parts:
+                raise ValueError(f"{where}: data file pattern {pattern!r} must be a path relative to the release "
+                                 "folder, inside it")
+        out.setdefault(str(entry.get("split", "train")), []).extend(patterns)
+    return out
+
+
 def _readme_configs(folder: Path) -> list[dict[str, Any]]:
     """The ``configs`` list of a folder's README.md YAML header (empty without one)."""
     import yaml
@@ -232,10 +253,11 @@ def _readme_configs(folder: Path) -> list[dict[str, Any]]:
     readme = folder / "README.md"
     if not readme.is_file():
         return []
-    text = readme.read_text(encoding="utf-8")
-    if not text.startswith("---"):
+    text = readme.read_text(encoding="utf-8-sig")
+    front = _FRONT_MATTER.match(text)  # whole '---' lines: a title like "SafetyPairs---v2" is not a delimiter
+    if front is None:
         return []
-    header = text.split("---", 2)[1] if text.count("---") >= 2 else ""
+    header = front.group(1)
     try:
         configs = (yaml.safe_load(header) or {}).get("configs") or []
     except yaml.YAMLError as err:

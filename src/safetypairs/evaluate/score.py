@@ -40,6 +40,8 @@ class ScoreConfig:
         policy: the policy id recorded in the results.
         n_bootstrap: bootstrap resamples over pairs for the CIs (0 turns them off).
         seed: bootstrap seed.
+        allow_missing: score a file that has no row for some images (each counts as an error); by default
+            such a file is refused, naming the images.
     """
 
     name: str = ""
@@ -49,6 +51,7 @@ class ScoreConfig:
     policy: str | Policy = "llavaguard"
     n_bootstrap: int = 1000
     seed: int = 0
+    allow_missing: bool = False
 
     def __post_init__(self) -> None:
         if self.n_bootstrap < 0:
@@ -73,17 +76,18 @@ def read_predictions(path: str | Path, config: ScoreConfig) -> dict[str, tuple[A
         raise ValueError(f"predictions file {str(path)!r}: unknown type; allowed: {', '.join(READERS)}")
     if not path.is_file():
         raise FileNotFoundError(f"predictions file {str(path)!r} does not exist")
-    table = Dataset.from_pandas(_read_frame(path), preserve_index=False)
-    missing = [c for c in (config.id_column, config.prediction_column) if c not in table.column_names]
+    frame = _read_frame(path)
+    columns = [str(c) for c in frame.columns]
+    missing = [c for c in (config.id_column, config.prediction_column) if c not in columns]
     if missing:
         raise ValueError(f"predictions file {str(path)!r} lacks column(s) {missing}; columns: "
-                         f"{', '.join(table.column_names)} (name them with --id-column / --prediction-column)")
-    ids = [str(v) for v in table[config.id_column]]
+                         f"{', '.join(columns)} (name them with --id-column / --prediction-column)")
+    ids = [str(v) for v in frame[config.id_column].tolist()]
     repeated = [k for k, n in Counter(ids).items() if n > 1]
     if repeated:
         raise ValueError(f"predictions file {str(path)!r} names image(s) {repeated[:5]} more than once")
-    scores = table[config.score_column] if config.score_column in table.column_names else [None] * len(ids)
-    return {i: (p, _score(s)) for i, p, s in zip(ids, table[config.prediction_column], scores)}
+    scores = frame[config.score_column].tolist() if config.score_column in columns else [None] * len(ids)
+    return dict(zip(ids, zip(frame[config.prediction_column].tolist(), scores)))
 
 
 def _read_frame(path: Path) -> Any:
@@ -98,6 +102,9 @@ def _read_frame(path: Path) -> Any:
 
 
 def _score(value: Any) -> float | None:
+    """A score cell as a number; ``None`` when it is empty or cannot be read (``"n/a"``, a list...)."""
+    if isinstance(value, bool):
+        return None
     try:
         value = float(value)
     except (TypeError, ValueError):
@@ -105,8 +112,31 @@ def _score(value: Any) -> float | None:
     return None if math.isnan(value) else value
 
 
-def prediction_table(images: Dataset, predictions: dict[str, tuple[Any, float | None]], name: str) -> dict[str, list]:
-    """The release's labels joined with the file's predictions, in `evaluate.stage.predict`'s column layout.
+def _named(ids: list[str]) -> dict[str, Any]:
+    return {"n": len(ids), "first": ids[:5]}
+
+
+def _problems(ids: list[str], table: dict[str, list], found: list[Any], cols: dict[str, str]) -> dict[str, Any]:
+    """The file's missing, unparsable and unreadable-score images, each counted with the first few ids."""
+    raw_scores = [None if f is None else f[1] for f in found]
+    return {
+        "missing": _named([i for i, f in zip(ids, found) if f is None]),
+        "unparsable": _named([i for i, s in zip(ids, table[cols["status"]]) if s == ST.UNPARSABLE]),
+        "unreadable_scores": _named([i for i, s, v in zip(ids, table[cols["score"]], raw_scores)
+                                     if s is None and v is not None and not _empty(v)]),
+    }
+
+
+def _empty(value: Any) -> bool:
+    return (isinstance(value, str) and not value.strip()) or (isinstance(value, float) and math.isnan(value))
+
+
+def prediction_table(images: Dataset, predictions: dict[str, tuple[Any, Any]], name: str
+                     ) -> tuple[dict[str, list], dict[str, Any]]:
+    """The release's labels joined with the file's predictions, in `evaluate.stage.predict`'s column layout, and
+    the file's problems: images with no row (``missing``), predictions that are not a label (``unparsable``) and
+    scores that are not numbers (``unreadable_scores``), each ``{"n", "first"}`` (a missing or unreadable cell
+    becomes an unknown prediction or no score, never an error).
 
     Raises:
         ValueError: when the file names images the release does not have (another split or release).
@@ -124,12 +154,12 @@ def prediction_table(images: Dataset, predictions: dict[str, tuple[Any, float | 
     pred = label_names([ST.UNPARSABLE if r is None else r for r in raw], "predictions", allow_unknown=True)
     out = {c: table[c] for c in keep}
     out[cols["pred"]] = pred
-    out[cols["score"]] = [None if f is None else f[1] for f in found]
+    out[cols["score"]] = [None if f is None else _score(f[1]) for f in found]
     out[cols["raw"]] = [None if r is None else str(r) for r in raw]
     out[cols["rationale"]] = ["no prediction in the file" if f is None else "" for f in found]
     out[cols["status"]] = [ST.MISSING if f is None else ST.OK if p != S.UNKNOWN else ST.UNPARSABLE
                            for f, p in zip(found, pred)]
-    return out
+    return out, _problems(ids, out, found, cols)
 
 
 def score_file(dataset: str, predictions: str | Path, out: str | Path, config: ScoreConfig | None = None,
@@ -163,12 +193,21 @@ def score_file(dataset: str, predictions: str | Path, out: str | Path, config: S
         raise ValueError(f"{dataset} is not a SafetyPairs release (no 'images' config); make one with "
                          "`safetypairs release <validated folder> --out <release folder>`")
     pairs = load_release(dataset, "pairs", split or "auto")
-    table = prediction_table(images, read_predictions(predictions, config), config.name)
+    table, problems = prediction_table(images, read_predictions(predictions, config), config.name)
+    if problems["missing"]["n"] and not config.allow_missing:
+        raise ValueError(f"{problems['missing']['n']} of {len(images)} images have no prediction in {predictions}, "
+                         f"e.g. {problems['missing']['first']}; predict every image of the images config, or pass "
+                         "--allow-missing to count them as errors")
     statuses = dict(Counter(table[guard_columns(config.name)["status"]]).most_common())
-    if statuses.get(ST.MISSING):
-        logger.warning("score: %d of %d images have no prediction in %s; they count as errors",
-                       statuses[ST.MISSING], len(images), predictions)
     results = score_predictions(table, config, pairs=pairs, runs={config.name: {"statuses": statuses}})
+    results["predictions_file"] = problems
+    for what, text in (("missing", "have no prediction in the file (each counts as an error)"),
+                       ("unparsable", "have a prediction that is not safe/unsafe/0/1 (each counts as an error)"),
+                       ("unreadable_scores", "have a score that is not a number (left out of AUROC)")):
+        if problems[what]["n"]:
+            warning = f"{problems[what]['n']} image(s) {text}, e.g. {problems[what]['first']}"
+            logger.warning("score: %s", warning)
+            results["guards"][config.name]["warnings"].append(warning)
     results["dataset"] = {"path": str(dataset), "split": split or str(images.split), "n_rows": len(images),
                           "fingerprint": content_fingerprint(images), "predictions": str(predictions)}
     inputs = tuple(p for p in (dataset, predictions) if Path(p).exists())

@@ -99,6 +99,9 @@ class ReleaseConfig:
             raise ValueError(f"max_shard_size must be positive, got {self.max_shard_size!r}")
         if not self.license or not self.pretty_name:
             raise ValueError("license and pretty_name must be non-empty")
+        for name, value in (("license", self.license), ("pretty_name", self.pretty_name)):
+            if any(ch in value for ch in "\r\n") or value.strip() != value:
+                raise ValueError(f"{name} must be one line without surrounding spaces, got {value!r}")
         if self.n_examples < 0:
             raise ValueError(f"n_examples must be >= 0, got {self.n_examples}")
 

@@ -122,28 +122,59 @@ class SafetyPairsRaw(datasets.GeneratorBasedBuilder):
         path = self._metadata_path()
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: not a raw SafetyPairs layout")
-        splits: list[str] = []
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip() and (split := json.loads(line)[SPLIT]) not in splits:
-                    splits.append(split)
+        splits = list(dict.fromkeys(row[SPLIT] for _, row in raw_rows(path)))  # every line checked here, first
         return [datasets.SplitGenerator(name=s, gen_kwargs={"path": str(path), "split": s}) for s in splits]
 
     def _generate_examples(self, path: str, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
-        root = Path(path).parent
+        root = Path(path).resolve().parent
         features = FEATURES[self.config.name]
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f):
-                row = json.loads(line) if line.strip() else None
-                if row is None or row.pop(SPLIT) != split:
-                    continue
-                for col in IMAGE_FILES:
-                    if row.get(col):
-                        row[col] = {"path": None, "bytes": (root / row[col]).read_bytes()}
-                if self.config.name == "images":
-                    yield from _image_rows(row, n)
-                else:
-                    yield str(n), {name: row.get(name) for name in features}
+        for n, row in raw_rows(Path(path)):
+            if row.pop(SPLIT) != split:
+                continue
+            for col in IMAGE_FILES:
+                if row.get(col):
+                    row[col] = _image_cell(root, row[col], f"{path} line {n + 1}, {col}")
+            if self.config.name == "images":
+                yield from _image_rows(row, n)
+            else:
+                yield str(n), {name: row.get(name) for name in features}
+
+
+def raw_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line index, row)`` of a raw layout's metadata file, each line checked: a JSON object with a ``split``
+    and image paths that stay inside the layout's folder.
+
+    Raises:
+        ValueError: naming the file and the line.
+    """
+    root = path.resolve().parent
+    with open(path, encoding="utf-8-sig") as f:
+        for n, line in enumerate(f):
+            if not line.strip():
+                continue
+            where = f"{path} line {n + 1}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: not valid JSON ({err.msg}, column {err.colno})") from None
+            if not isinstance(row, dict) or not isinstance(row.get(SPLIT), str):
+                raise ValueError(f"{where}: expected a JSON object with a {SPLIT!r} (e.g. \"test\")")
+            for col in IMAGE_FILES:
+                value = row.get(col)
+                if value is not None and (not isinstance(value, str) or Path(value).is_absolute()
+                                          or not (root / value).resolve().is_relative_to(root)):
+                    raise ValueError(f"{where}: {col} {value!r} is not a path inside {str(root)!r}; image paths "
+                                     "are relative to the layout's folder")
+            yield n, row
+
+
+def _image_cell(root: Path, relative: str, where: str) -> dict[str, Any] | None:
+    """The image file's bytes as a cell, or ``None`` (with a warning naming it, never its content) when missing."""
+    try:
+        return {"path": None, "bytes": (root / relative).read_bytes()}
+    except OSError as err:
+        logger.warning("%s: cannot read %r (%s); the cell is null", where, relative, err.strerror or type(err).__name__)
+        return None
 
 
 def _image_rows(pair: dict[str, Any], n: int) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -82,9 +82,10 @@ def prepare_pair(c: Any, policy: Policy, batch: dict[str, list], i: int, row: di
     if batch[c.edited_column][i] is None:
         return stop(row, ST.NOT_EDITED, f"{name}: no edited image")
     category = batch[c.category_column][i] if c.category_column in batch else None
-    if c.category_column in batch and category not in policy.categories:
+    if c.category_column in batch and policy.resolve(category) is None:  # as the instruct stage resolves it
         return stop(row, ST.UNKNOWN_CATEGORY, f"{name}: category {category!r} is not in policy "
-                                             f"{policy.id} (allowed: {', '.join(policy.categories)})")
+                                             f"{policy.id} (allowed: {', '.join(policy.categories)}, "
+                                             "'<code>: <name>', the names or a category's aliases)")
     decoded = []
     for column in (c.original_column, c.edited_column):
         try:

@@ -186,8 +186,8 @@ class ValidateTransform:
 
         Returns:
             The validation columns (`schema.VALIDATION_FEATURES`), one value per row, the two image
-            columns with the cells that could not be decoded set to null, and (with ``composite``) the
-            composited edited (and control) columns.
+            columns with the cells that could not be decoded set to null, the category column with each
+            category as its policy code, and (with ``composite``) the composited edited (and control) columns.
         """
         c = self.config
         n = len(batch[c.original_column])
@@ -211,6 +211,8 @@ class ValidateTransform:
         for row in rows:
             accept(row)
         out = {**images, **{name: [row[name] for row in rows] for name in S.VALIDATION_FEATURES}}
+        if c.category_column in batch:  # "O1: Hate, ...", "o1" or an alias -> "O1", as the instruct stage writes it
+            out[c.category_column] = [self.policy.resolve(v) or v for v in batch[c.category_column]]
         if c.composite:
             out.update(composite_columns(c, batch, pairs, rows))
         return out
