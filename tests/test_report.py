@@ -93,3 +93,40 @@ def test_report_shows_leaderboard_in_chromium(tmp_path):
                    capture_output=True, timeout=90, cwd=tmp_path)
     image = np.asarray(Image.open(shot).convert("RGB"))
     assert image.shape[:2] == (1600, 1280) and image.std() > 10  # a drawn page, not blank
+
+
+def test_the_report_explains_itself(tmp_path):
+    """The candidates' fates with their meaning and numbers (from the release's rejected config), the control
+    beside each pair, each pair shown once, and a note where few pairs make an interval collapse."""
+    import json
+
+    from release_rows import validated_rows
+    from tiny_models import register_tiny_open_clip
+
+    from safetypairs.engine.runner import RunConfig
+    from safetypairs.evaluate.stage import evaluate_run
+    from safetypairs.release.assemble import ReleaseConfig
+    from safetypairs.release.publish import write_release
+    from safetypairs.statuses import meaning
+
+    release = write_release(validated_rows(5), tmp_path / "release", ReleaseConfig())
+    guard = f"clip-zeroshot:open_clip:{register_tiny_open_clip(tmp_path / 'clip')}/none"
+    results = evaluate_run(str(release), EvaluateConfig(guards=(guard,), n_bootstrap=50, device="cpu"),
+                           RunConfig(out=tmp_path / "eval"))
+    outcomes = results["release"]
+    assert outcomes["released"] == results["guards"][guard]["metrics"]["n_pairs"]
+    reasons = {r["reason"]: r for r in outcomes["not_released"]}
+    assert "not_selected" in reasons and reasons["not_selected"]["meaning"] == meaning("not_selected")
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["release"] == outcomes
+    page = (tmp_path / "eval" / "report.html").read_text()
+    assert "What became of the candidates" in page and meaning("not_selected") in page
+    pair_ids = re.findall(r'<span class="tag">[^<]*</span> <b>([^<]+)</b>', page)
+    assert pair_ids and len(pair_ids) == len(set(pair_ids)) == outcomes["released"]  # each pair once
+    from datasets import Image as ImageFeature
+    from datasets import load_dataset
+
+    pairs = load_dataset(str(release), "pairs", split="test").select_columns(["control_image"])
+    with_control = sum(c is not None for c in pairs.cast_column("control_image", ImageFeature(decode=False))["control_image"])
+    assert 0 < page.count('alt="artifact control"') == with_control < outcomes["released"]
+    assert "no spread from" in page or "Only" in page  # a handful of pairs: the page says what the CIs are worth
+    assert f"Only {outcomes['released']} pairs" in page

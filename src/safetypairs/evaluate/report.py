@@ -13,14 +13,18 @@ from typing import Any
 
 from PIL import Image
 
+from safetypairs import statuses as ST
 from safetypairs.images import ImageError, load_image
 from safetypairs.schema import (
     CATEGORY,
     CHANGED_FRACTION,
+    CONTROL_IMAGE,
     EDIT_MASK,
     INSTRUCTION,
     LABEL,
     PAIR_ID,
+    REJECT_DETAIL,
+    REJECT_REASON,
     ROLE,
     SAFE_IMAGE,
     SSIM_OUTSIDE,
@@ -32,6 +36,7 @@ PALETTE = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#c
 THUMB = 224
 MAX_GALLERY = 48
 MAX_HARD = 12
+FEW_PAIRS = 20  # below this many pairs an interval says little: the report says so beside the numbers
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -152,6 +157,7 @@ def _pair_card(row: Mapping[str, Any], verdicts: Mapping[str, Mapping[str, Any]]
         "instruction": row.get(INSTRUCTION, ""),
         "unsafe": image_data_uri(row.get(UNSAFE_IMAGE)),
         "safe": image_data_uri(row.get(SAFE_IMAGE)),
+        "control": image_data_uri(row.get(CONTROL_IMAGE)),
         "mask": image_data_uri(row.get(EDIT_MASK)),
         "changed_fraction": _fmt(row.get(CHANGED_FRACTION)),
         "ssim_outside": _fmt(row.get(SSIM_OUTSIDE)),
@@ -166,7 +172,7 @@ def _guard_rows(results: Mapping[str, Any], notes: Mapping[str, str]) -> list[di
         spec = entry["guard"]
         m = results["guards"][spec]["metrics"]
         ci = m.get("ci") or {}
-        cells = {k: {"value": _fmt(m.get(k)), "ci": "" if not ci.get(k) else f"{ci[k][0]:.2f}–{ci[k][1]:.2f}"}
+        cells = {k: {"value": _fmt(m.get(k)), "ci": _ci_text(ci.get(k), m.get("n_pairs", 0))}
                  for k in ("pair_accuracy", "f1", "balanced_accuracy", "recall", "specificity", "auroc",
                            "same_label_rate", "flip_detection_rate")}
         control = m.get("control") or {}
@@ -179,6 +185,38 @@ def _guard_rows(results: Mapping[str, Any], notes: Mapping[str, str]) -> list[di
                      "seconds": results["guards"][spec].get("seconds"),
                      "similarity": m.get("similarity_correlation") or {}})
     return rows
+
+
+def _ci_text(ci: Sequence[float] | None, n_pairs: int) -> str:
+    """An interval as text; one that collapses to a point on few pairs says so instead of looking certain."""
+    if not ci:
+        return ""
+    if ci[0] == ci[1] and n_pairs < FEW_PAIRS:
+        return f"{ci[0]:.2f}–{ci[1]:.2f}: no spread from {n_pairs} pairs, not certainty"
+    return f"{ci[0]:.2f}–{ci[1]:.2f}"
+
+
+def release_outcomes(n_pairs: int, rejected: Any) -> dict[str, Any]:
+    """What became of a release's candidates: released pairs, and why the others were not (each reason with its
+    count, its meaning in `statuses` and an example of the numbers behind it), from the ``rejected`` config.
+
+    Args:
+        n_pairs: the released pairs.
+        rejected: the ``rejected`` config (a `datasets.Dataset`: only its reason columns are read), rows as
+            mappings, or ``None`` for a release without it.
+
+    Returns:
+        ``{"released": n, "not_released": [{"reason", "n", "meaning", "example"}, ...]}`` (most common first).
+    """
+    if hasattr(rejected, "column_names"):
+        rejected = rejected.select_columns([c for c in (REJECT_REASON, REJECT_DETAIL) if c in rejected.column_names])
+    reasons: dict[str, dict[str, Any]] = {}
+    for row in rejected if rejected is not None else []:
+        reason = row.get(REJECT_REASON) or ST.NO_REASON
+        cell = reasons.setdefault(reason, {"reason": reason, "n": 0, "meaning": ST.meaning(reason), "example": None})
+        cell["n"] += 1
+        cell["example"] = cell["example"] or row.get(REJECT_DETAIL)
+    return {"released": n_pairs, "not_released": sorted(reasons.values(), key=lambda c: (-c["n"], c["reason"]))}
 
 
 def _charts(results: Mapping[str, Any]) -> dict[str, str]:
@@ -236,6 +274,7 @@ def render_report(
     hard_ids = sorted((pid for pid, g in errors.items() if any(v["wrong"] for v in g.values())),
                       key=lambda pid: (-sum(v["wrong"] for v in errors[pid].values()), pid))[:MAX_HARD]
     by_id = {row.get(PAIR_ID): row for row in rows}
+    shown = set(hard_ids)  # each pair once: the hardest above, the others in the gallery
     context = {
         "title": title,
         "results": results,
@@ -245,8 +284,10 @@ def render_report(
         "funnel_svg": funnel_svg(funnel) if funnel else "",
         "hard": [_pair_card(by_id[pid], errors[pid]) for pid in hard_ids if pid in by_id],
         "n_hard": len([pid for pid, g in errors.items() if any(v["wrong"] for v in g.values())]),
-        "gallery": [_pair_card(row, errors.get(row.get(PAIR_ID))) for row in rows[:MAX_GALLERY]],
+        "gallery": [_pair_card(row, errors.get(row.get(PAIR_ID)))
+                    for row in [r for r in rows if r.get(PAIR_ID) not in shown][:MAX_GALLERY]],
         "n_pairs": len(rows),
+        "few_pairs": 0 < len(rows) < FEW_PAIRS,
         "unsafe": UNSAFE,
         "sections": list(sections),
         "results_json": json.dumps({k: results.get(k) for k in ("dataset", "policy", "config")}, default=str),

@@ -183,7 +183,7 @@ def score_file(dataset: str, predictions: str | Path, out: str | Path, config: S
     """
     from dataclasses import replace
 
-    from safetypairs.evaluate.report import render_report
+    from safetypairs.evaluate.report import release_outcomes, render_report
 
     config = config or ScoreConfig()
     if not config.name:
@@ -193,6 +193,7 @@ def score_file(dataset: str, predictions: str | Path, out: str | Path, config: S
         raise ValueError(f"{dataset} is not a SafetyPairs release (no 'images' config); make one with "
                          "`safetypairs release <validated folder> --out <release folder>`")
     pairs = load_release(dataset, "pairs", split or "auto")
+    rejected = load_release(dataset, "rejected", "auto")
     table, problems = prediction_table(images, read_predictions(predictions, config), config.name)
     if problems["missing"]["n"] and not config.allow_missing:
         raise ValueError(f"{problems['missing']['n']} of {len(images)} images have no prediction in {predictions}, "
@@ -201,6 +202,7 @@ def score_file(dataset: str, predictions: str | Path, out: str | Path, config: S
     statuses = dict(Counter(table[guard_columns(config.name)["status"]]).most_common())
     results = score_predictions(table, config, pairs=pairs, runs={config.name: {"statuses": statuses}})
     results["predictions_file"] = problems
+    results["release"] = release_outcomes(len(pairs) if pairs is not None else 0, rejected)
     for what, text in (("missing", "have no prediction in the file (each counts as an error)"),
                        ("unparsable", "have a prediction that is not safe/unsafe/0/1 (each counts as an error)"),
                        ("unreadable_scores", "have a score that is not a number (left out of AUROC)")):

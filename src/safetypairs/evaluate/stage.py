@@ -226,7 +226,7 @@ def evaluate_run(path: str, config: EvaluateConfig, run: RunConfig, split: str |
         ValueError: when ``path`` is not a release (no ``images`` config).
         OutputDirError: when ``run.out`` is the input, contains it or lies inside it.
     """
-    from safetypairs.evaluate.report import render_report
+    from safetypairs.evaluate.report import release_outcomes, render_report
 
     local = (path,) if Path(path).exists() else ()
     check_not_input(run.out, local)  # before anything is read
@@ -234,6 +234,7 @@ def evaluate_run(path: str, config: EvaluateConfig, run: RunConfig, split: str |
     with state.main_process_first():
         images = load_release(path, "images", split or "auto")
         pairs = load_release(path, "pairs", split or "auto") if images is not None else None
+        rejected = load_release(path, "rejected", "auto") if images is not None else None
     if images is None:
         raise ValueError(f"{path} is not a SafetyPairs release (no 'images' config); make one with "
                          "`safetypairs release <validated folder> --out <release folder>`")
@@ -252,6 +253,7 @@ def evaluate_run(path: str, config: EvaluateConfig, run: RunConfig, split: str |
                        "seconds": summary.statuses.get(GUARD_SECONDS, {}).get(spec)} for spec in config.guards}
         results.update(score_predictions(preds, config, pairs=pairs, runs=runs))
         results["dataset"] = {"path": str(path), "split": used, "fingerprint": summary.fingerprint, "n_rows": len(images)}
+        results["release"] = release_outcomes(len(pairs) if pairs is not None else 0, rejected)
         if chosen is not None:
             natural_preds = predict(chosen.rows, replace(config, num_proc=None))[0]
             results["natural_set"] = chosen.account
