@@ -141,3 +141,34 @@ def test_backends_refuses_an_unknown_kind(capsys):
     with pytest.raises(SystemExit):
         main(["backends", "painters"])
     assert "invalid choice: 'painters'" in capsys.readouterr().err
+
+
+def test_ctrl_c_is_one_line_saying_what_was_kept(monkeypatch, capsys, tmp_path):
+    """Ctrl-C prints one line (what was kept, how to go on) and exits 130, not an 80-line traceback."""
+    import safetypairs.generate as generate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate, "generate_from_source", interrupted)
+    assert main(["generate", "--source", "demo:2", "--out", str(tmp_path / "g")]) == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "interrupted" in err and f"{tmp_path / 'g'}.partial" in err
+    assert "resume" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args", [
+    ["validate", "no_such_run", "--out", "x"],
+    ["evaluate", "--dataset", "no_such_release", "--guard", "ocr-lexicon", "--out", "x"],
+    ["embed", "--dataset", "no_such_release", "--encoder", "ocr-text", "--out", "x"],
+    ["generate", "--source", "no_such_folder", "--out", "x"],
+    ["score", "--dataset", "org/release", "--predictions", "no_such_file.csv", "--out", "x"],
+])
+def test_a_missing_input_fails_before_any_heavy_import(args, tmp_path):
+    """A typo in a path is one line at once: no torch, no datasets, no hub look-up of a name that is not ORG/NAME."""
+    code = ("import sys; from safetypairs.cli import main; status = main(sys.argv[1:]); "
+            "heavy = sorted(m for m in ('torch', 'datasets', 'transformers') if m in sys.modules); "
+            "print(status, heavy)")
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.stdout.strip() == "2 []", (proc.stdout, proc.stderr)
+    assert len(proc.stderr.strip().splitlines()) == 1 and "is not a file or folder here" in proc.stderr

@@ -218,7 +218,8 @@ def test_kappa_equals_sklearn(folder, rows):
     assert stats["reasons"] == {"not_local": 5 + 1, "artifact": 3}
     assert stats["records"] == 12 + 10 + 2 and stats["superseded"] == 2
     assert main(["review-stats", str(folder)]) == 0
-    assert json.loads((folder / "results.json").read_text())["review"] == json.loads(json.dumps(stats))
+    assert json.loads((folder / "review_stats.json").read_text()) == json.loads(json.dumps(stats))
+    assert not (folder / "results.json").exists()  # evaluate's file name, left alone
 
 
 def test_release_keeps_only_pairs_reviewers_accepted(folder, rows, tmp_path):

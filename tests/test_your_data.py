@@ -169,7 +169,7 @@ def test_score_refuses_a_file_of_another_release(chain):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["generate", "--source", "no_such_folder", "--out", "x"], "is not a folder or .parquet file here"),
+    (["generate", "--source", "no_such_folder", "--out", "x"], "--source 'no_such_folder' is not a file or folder here"),
     (["generate", "--source", "llavaguard_data", "--editor", "ocr-inpaint:radius=abc", "--out", "x"],
      "option radius must be an integer, got 'abc'"),
     (["generate", "--source", "llavaguard_data", "--category-column", "rationale", "--out", "x"],

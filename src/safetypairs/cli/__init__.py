@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from safetypairs.cli.catalog import add_backends, add_policies
-from safetypairs.cli.common import CLIError
+from safetypairs.cli.common import CLIError, check_inputs
 from safetypairs.cli.evaluation import (
     add_embed,
     add_evaluate,
@@ -27,6 +27,8 @@ from safetypairs.cli.review import add_review, add_review_stats
 
 __all__ = ["CLIError", "build_parser", "main"]
 
+# Commands that write a run folder on the shared runner: an interrupted one resumes from its finished chunks.
+RUN_FOLDER_COMMANDS = ("generate", "validate", "evaluate", "embed")
 # Each entry adds one subcommand, in pipeline order, as `safetypairs --help` lists them.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_demo, add_generate, add_calibrate, add_validate, add_review, add_review_stats, add_release,
@@ -67,15 +69,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``safetypairs`` command.
 
     Returns:
-        The exit status: 0 on success, 2 for a user error (reported as one line on stderr).
+        The exit status: 0 on success, 2 for a user error (reported as one line on stderr), 130 when interrupted
+        (Ctrl-C: one line says what was kept and how to go on).
     """
     args = build_parser().parse_args(argv)
     _configure_output(args.verbose, args.quiet)
     try:
+        check_inputs(args)
         return int(args.func(args) or 0)
     except (CLIError, ValueError, OSError) as err:  # OSError: missing/unwritable files and folders
         if args.verbose:
             raise
         sys.stderr.write(f"safetypairs {args.command}: error: {' '.join(str(err).splitlines())}\n")
         return 2
+    except KeyboardInterrupt:
+        if args.verbose:
+            raise
+        sys.stderr.write(f"\nsafetypairs {args.command}: interrupted; {_kept(args)}\n")
+        return 130
+
+
+def _kept(args: argparse.Namespace) -> str:
+    """What an interrupted command leaves: a run folder's finished chunks (resumable), else nothing half-written."""
+    out = getattr(args, "out", None)
+    if out and args.command in RUN_FOLDER_COMMANDS:
+        return (f"the finished chunks are kept in {out}.partial; run the same command again to resume "
+                "(nothing is computed twice)")
+    return "nothing half-written was left" + (f" in {out}" if out else "") + "; run the command again"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,34 @@ if TYPE_CHECKING:
 
 class CLIError(Exception):
     """A user error the CLI reports as one line and exit status 2 (no traceback)."""
+
+
+# The arguments that name input data, per command: a local path that must exist here, or (where a hub id is
+# allowed) ``ORG/NAME``. Checked before any heavy import, so a typo fails at once, not after torch and a hub timeout.
+LOCAL_INPUTS = {"validate": ("input",), "review": ("input",), "review-stats": ("input",), "release": ("input",),
+                "score": ("predictions",)}
+DATA_INPUTS = {"generate": ("source",), "calibrate": ("source",), "evaluate": ("dataset", "natural"),
+               "score": ("dataset",), "embed": ("dataset",), "train-probe": ("train", "pairs"),
+               "sample-efficiency": ("base", "pairs", "eval")}
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Refuse an input argument that names nothing here and is not a hub id (``ORG/NAME``), reading nothing.
+
+    Raises:
+        CLIError: naming the argument and the value.
+    """
+    for name in LOCAL_INPUTS.get(args.command, ()) + DATA_INPUTS.get(args.command, ()):
+        value = getattr(args, name, None)
+        if not value or Path(value).expanduser().exists() or any(ch in value for ch in "*?["):
+            continue
+        if name in DATA_INPUTS.get(args.command, ()) and (_HUB_ID.fullmatch(value) or value == "demo"
+                                                           or value.startswith("demo:")):
+            continue
+        flag = name.upper() if name == "input" else f"--{name}"
+        hub = "" if name in LOCAL_INPUTS.get(args.command, ()) else " (a hub dataset id looks like ORG/NAME)"
+        raise CLIError(f"{flag} {value!r} is not a file or folder here{hub}")
 
 
 def check_out(out: str, inputs: tuple[str, ...]) -> None:

@@ -64,7 +64,7 @@ def add_review_stats(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("review-stats", help="review counts and agreement (Cohen's kappa) of a reviewed folder",
                        description="Read INPUT/review.jsonl (each reviewer's last decision counts) and print counts "
                                    "per reviewer and reason, Cohen's kappa between reviewers and of each reviewer "
-                                   "with the automatic checks and the judge; also written to INPUT/results.json.")
+                                   "with the automatic checks and the judge; also written to INPUT/review_stats.json.")
     p.add_argument("input", help="the reviewed folder")
     p.set_defaults(func=_cmd_review_stats)
 

@@ -26,7 +26,7 @@ from safetypairs.engine.stage import undecoded
 logger = logging.getLogger(__name__)
 
 DECISIONS_FILE = "review.jsonl"
-RESULTS_FILE = "results.json"
+STATS_FILE = "review_stats.json"  # review-stats' output (not results.json: that is evaluate's)
 APP_VERSION = f"safetypairs-review/{__version__}"
 ACCEPT, REJECT = "accept", "reject"
 DECISIONS = (ACCEPT, REJECT)
@@ -346,15 +346,13 @@ def agreement(rows: Dataset, records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def write_stats(folder: str | Path, stats: dict[str, Any]) -> Path:
-    """Store ``stats`` under ``"review"`` in ``folder/results.json`` (other keys kept; temp file + rename).
+    """Write ``stats`` to ``folder/review_stats.json`` (temp file + rename).
 
     Returns:
-        The path of ``results.json``.
+        The path of ``review_stats.json``.
     """
-    path = Path(folder) / RESULTS_FILE
-    results = json.loads(path.read_text()) if path.is_file() else {}
-    results["review"] = stats
-    tmp = path.with_name(f".{RESULTS_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    path = Path(folder) / STATS_FILE
+    tmp = path.with_name(f".{STATS_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
     return path
