@@ -440,11 +440,13 @@ def test_tiny_diffusers_vae_reference_end_to_end(tiny_ip2p):
     and saturation changes into small ones, so those two are left to the fingerprint tests above.
     """
     from safetypairs.backends.diffusion import DiffusersEditor
+    from safetypairs.backends.registry import from_spec_arguments
     from safetypairs.validate.calibrate import known_edits
     from safetypairs.sources import demo_photo
 
     spec = f"diffusers:{tiny_ip2p},resolution=0"
-    roundtrip = DiffusersEditor.roundtrip_reference(spec.partition(":")[2], "cpu")
+    model, options = from_spec_arguments("editors", spec)
+    roundtrip = DiffusersEditor.roundtrip_reference(model, "cpu", **options)
     wanted = ("paste_object", "inpaint_region", "replace_text", "remove_thin_object", "translate_3px",
               "crop_resize", "identical")
     cases = [c for c in known_edits(demo_photo("astronaut").resize((256, 256))) if c[0] in wanted]
