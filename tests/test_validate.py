@@ -265,7 +265,7 @@ def test_select_best_keeps_best_preserved_accepted_candidate():
 @pytest.mark.parametrize("kwargs, match", [
     ({"size_mismatch": "crop"}, "size_mismatch must be one of"),
     ({"judge": "ocr-lexicom"}, "Did you mean 'ocr-lexicon'"),
-    ({"judge": "shieldgemma2:no/such-model,scope=everything"}, "scope='everything' not allowed"),  # before any load
+    ({"judge": "shieldgemma2:no/such-model,scope=everything"}, "shieldgemma2 option scope must be one of all, category, got 'everything'"),  # before any load
     ({"judge": "clip-zeroshot:open_clip:ViT-B-32/none,thresh=0"}, "allowed: threshold"),
     ({"lpips": "open_clip:ViT-B-32/openai"}, "lpips must be an"),
     ({"lpips": "lpips:resnet"}, "allowed: alex, vgg, squeeze"),
