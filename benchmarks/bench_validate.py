@@ -217,11 +217,13 @@ def vae_seconds(sides: list[int], tmp: Path) -> dict[int, dict[str, float]]:
     from tiny_models import build_tiny_flux_kontext, build_tiny_ip2p
 
     from safetypairs.backends.diffusion import DiffusersEditor
+    from safetypairs.backends.registry import from_spec_arguments
     from safetypairs.sources import demo_photo
 
     out: dict[int, dict[str, float]] = {side: {} for side in sides}
     for name, build in (("ip2p", build_tiny_ip2p), ("flux-kontext", build_tiny_flux_kontext)):
-        roundtrip = DiffusersEditor.roundtrip_reference(f"{build(tmp / name)},resolution=0", "cpu")
+        model, options = from_spec_arguments("editors", f"diffusers:{build(tmp / name)},resolution=0")
+        roundtrip = DiffusersEditor.roundtrip_reference(model, "cpu", **options)
         for side in sides if name == "ip2p" else [s for s in sides if s <= 256]:
             image = demo_photo("astronaut").resize((side, side))
             roundtrip([image])

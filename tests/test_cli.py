@@ -128,7 +128,10 @@ def test_backends_lists_each_kind_with_options_and_capabilities(capsys, isolated
     out = capsys.readouterr().out
     assert out.startswith("guards:\n") and "editors:" not in out
     assert "  nudenet  (built-in: safetypairs.backends.guards:NudeNetGuard)\n" in out
-    assert "      threshold  detector score (0..1)" in out
+    assert "      spec: nudenet[:key=value,...]\n" in out
+    assert ("      threshold  detector score from which an exposed body part counts [a number in [0, 1]; default 0.5]\n"
+            in out)
+    assert "      spec: hf-vlm:<hub id or local path>[,key=value,...]\n" in out
     assert f"  broken-test  (register(): {__name__}:NoOptionsGuard)  [does not implement OPTIONS, classify]" in out
     assert "  missing-test  (register(): no_such_module_here:Guard)  cannot be imported: ModuleNotFoundError" in out
     assert main(["backends", "editors"]) == 0

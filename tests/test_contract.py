@@ -1,6 +1,6 @@
-"""Contract test: every registered backend implements its kind's Protocol (`backends.base`), lists
-the options its ``from_spec`` parses, and, built from a tiny configuration through
-``registry.load_backend``, honours its kind's interface on a real photo."""
+"""Contract test: every registered backend implements its kind's Protocol (`backends.base`), declares its
+argument and options completely (`options.Argument`, `options.Option`), and, built from a tiny configuration
+through ``registry.load_backend``, honours its kind's interface on a real photo."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from safetypairs.backends.base import (
 )
 from safetypairs.instructions import text_instruction
 from safetypairs.policy import load_policy
+from safetypairs.backends.options import Argument, Option, cast_options
 from safetypairs.backends.registry import REGISTRY, backend_class, load_backend
 from safetypairs.sources import demo_photo, render_demo_row
 
@@ -227,11 +228,11 @@ def test_shieldgemma2_scores_follow_image_and_policy(tiny_models):
     judge = load_backend("judges", f"shieldgemma2:{tiny_models.shieldgemma2},scope=category,score=false")
     only_o1, = judge.classify(photos[:1], ["O1"], POLICY)
     assert list(json.loads(only_o1.raw)) == ["O1"] and only_o1.score is None
-    with pytest.raises(ValueError, match="dtype='fp16' not allowed; allowed: auto"):
+    with pytest.raises(ValueError, match="shieldgemma2 option dtype must be one of auto, float32, float16, bfloat16"):
         load_backend("guards", f"shieldgemma2:{tiny_models.shieldgemma2},dtype=fp16")
 
 
-# (kind, alias) -> a spec argument that gets ``from_spec`` as far as its option check without a model.
+# (kind, alias) -> a spec argument that passes `registry.check_options` although no such model exists.
 OPTION_PROBE_ARG: dict[tuple[str, str], str | None] = {
     ("instructors", "template"): None,
     ("instructors", "column"): "my_instruction",
@@ -253,24 +254,34 @@ OPTION_PROBE_ARG: dict[tuple[str, str], str | None] = {
 def test_backend_class_implements_its_protocol(kind, alias):
     cls = backend_class(kind, alias)
     assert missing_members(kind, cls) == [], f"{cls.__name__} does not implement its {kind} Protocol"
-    assert isinstance(cls.OPTIONS, dict) and all(isinstance(h, str) and h for h in cls.OPTIONS.values())
     if kind == "editors":
         assert isinstance(cls.takes_mask, bool)
 
 
+_TYPES = (int, float, bool, str)
+
+
 @pytest.mark.parametrize("kind, alias", REGISTERED, ids=[f"{k}/{a}" for k, a in REGISTERED])
-def test_from_spec_refuses_unknown_options_and_names_every_option_in_OPTIONS(kind, alias):
-    """OPTIONS and the parsing code stay in sync: an unknown option is refused (before any model
-    loads) with a message that names it and every option OPTIONS lists."""
-    assert (kind, alias) in OPTION_PROBE_ARG, f"add a probe argument for {kind}/{alias} to OPTION_PROBE_ARG"
+def test_backend_declares_its_argument_and_options_completely(kind, alias):
+    """Each built-in backend declares, once, what its spec names and every option: a type, a one-line help, a
+    default of that type inside its range (``None``: unset) and a range only on numbers."""
     cls = backend_class(kind, alias)
-    with pytest.raises(ValueError, match="not_an_option") as err:
-        cls.from_spec(OPTION_PROBE_ARG[(kind, alias)], device="cpu", not_an_option="1")
-    unnamed = [name for name in cls.OPTIONS if name not in str(err.value)]
-    assert not unnamed, f"{alias}: OPTIONS {unnamed} are not among the options from_spec accepts: {err.value}"
-    if "allowed: " in str(err.value):  # the parser's own list of what it accepts: OPTIONS must document each
-        accepted = {n.strip(" .'[]\"") for n in str(err.value).split("allowed: ", 1)[1].split(",")}
-        assert accepted == set(cls.OPTIONS), f"{alias}: from_spec accepts {sorted(accepted)}, OPTIONS has {sorted(cls.OPTIONS)}"
+    assert hasattr(cls, "ARGUMENT"), f"{alias}: declare ARGUMENT (an Argument, or None for options only)"
+    argument = cls.ARGUMENT
+    if argument is not None:
+        assert isinstance(argument, Argument) and argument.usage.strip() and "\n" not in argument.usage, alias
+        assert argument.default is None or not argument.choices or argument.default in argument.choices, alias
+    assert isinstance(cls.OPTIONS, dict), alias
+    for name, option in cls.OPTIONS.items():
+        where = f"{alias} option {name}"
+        assert isinstance(option, Option), f"{where}: declare it as an Option, not {option!r}"
+        assert option.type in _TYPES or (isinstance(option.type, tuple) and option.type
+                                         and all(isinstance(t, str) for t in option.type)), where
+        assert option.help.strip() and "\n" not in option.help, f"{where}: needs a one-line help"
+        assert option.range is None or option.type in (int, float), f"{where}: a range is for numbers"
+        if option.default is not None:  # the default is a value the option accepts, unchanged
+            assert cast_options(alias, {name: option.default}, {name: option})[name] == option.default, where
+            assert type(option.default) is (str if isinstance(option.type, tuple) else option.type), where
 
 
 # Model libraries: `registry.check_options` must not import one (it runs before any work, loading nothing).
@@ -301,5 +312,8 @@ def test_check_options_refuses_unknown_options_of_every_backend_before_any_model
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     unchecked = sorted(spec for spec, error in result["refused"].items() if error is None or "not_an_option" not in error)
-    assert not unchecked, f"check_options lets an unknown option through (add a check_options classmethod): {unchecked}"
+    assert not unchecked, f"check_options lets an unknown option through: {unchecked}"
+    for (kind, alias), (spec, error) in zip(REGISTERED, result["refused"].items()):
+        unnamed = [name for name in backend_class(kind, alias).OPTIONS if name not in error]
+        assert not unnamed, f"{spec}: the refusal does not name the allowed options {unnamed}: {error}"
     assert result["imported"] == [], f"check_options imported model libraries: {result['imported']}"

@@ -12,9 +12,13 @@ from tiny_models import (
     build_tiny_sd_inpaint,
 )
 
-from safetypairs.backends.diffusion import DiffusersEditor
-from safetypairs.backends.diffusion_pipelines import DiffusionOptions, work_size
-from safetypairs.backends.registry import load_backend
+from safetypairs.backends.diffusion_pipelines import work_size
+from safetypairs.backends.registry import build_backend, check_options, load_backend
+
+
+def _editor(arg: str, **options):
+    """A ``diffusers:<arg>`` editor built afresh through the registry (``arg``: the model, inline options allowed)."""
+    return build_backend("editors", f"diffusers:{arg}", "cpu", **options)
 
 
 @pytest.fixture(scope="module")
@@ -61,15 +65,16 @@ def test_edit_keeps_source_size_and_is_seeded(which, photos, ip2p_path, kontext_
 
 
 def test_options_and_guidance(ip2p_path, kontext_path, photos):
-    editor = DiffusersEditor.from_spec(ip2p_path, steps=2, guidance="3.0", image_guidance="1.2", resolution="32")
+    editor = _editor(ip2p_path, steps=2, guidance="3.0", image_guidance="1.2", resolution="32")
     out = editor.edit(photos[:1], ["x"], [0])[0]
     assert out.size == photos[0].size and out.info["work_size"] == list(work_size((45, 37), 32, 2))
     with pytest.raises(ValueError, match="image_guidance is only for"):
-        DiffusersEditor.from_spec(kontext_path, image_guidance=1.5)
-    with pytest.raises(ValueError, match="unknown diffusers option.*allowed: steps"):
-        DiffusionOptions.parse({"stepz": 3})
-    with pytest.raises(ValueError, match="dtype 'float8' not allowed"):
-        DiffusionOptions.parse({"dtype": "float8"})
+        _editor(kontext_path, image_guidance=1.5)
+    with pytest.raises(ValueError, match=r"unknown diffusers option\(s\) \['stepz'\]; allowed: steps, guidance"):
+        check_options("editors", "diffusers:some/model", {"stepz": 3})
+    with pytest.raises(ValueError, match="diffusers option dtype must be one of auto, float32, float16, bfloat16, "
+                                         "got 'float8'"):
+        check_options("editors", "diffusers:some/model", {"dtype": "float8"})
     with pytest.raises(ValueError, match="takes no mask"):
         editor.edit(photos[:1], ["x"], [0], masks=[Image.new("L", photos[0].size)])
     with pytest.raises(ValueError, match="same length"):
@@ -103,11 +108,11 @@ def test_inpainting_pipeline_needs_and_uses_masks(tmp_path, photos):
 def test_unsupported_pipeline_and_missing_model(tmp_path):
     (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     with pytest.raises(ValueError, match="not supported; supported: StableDiffusionInstructPix2PixPipeline"):
-        DiffusersEditor.from_spec(str(tmp_path))
-    with pytest.raises(ValueError, match="needs a model"):
-        DiffusersEditor.from_spec(None)
+        _editor(str(tmp_path))
+    with pytest.raises(ValueError, match="diffusers needs <hub id or local path> after 'diffusers:'"):
+        build_backend("editors", "diffusers")
     with pytest.raises(OSError):
-        DiffusersEditor.from_spec(str(tmp_path / "missing"))
+        _editor(str(tmp_path / "missing"))
 
 
 def test_work_size():
@@ -120,16 +125,16 @@ def test_work_size():
 def test_qwen_image_edit(tmp_path, photos):
     """~30 s on 2 CPU cores: QwenImageEdit conditions on a ~1 megapixel copy of the source."""
     path = build_tiny_qwen_edit(tmp_path / "qwen")
-    editor = DiffusersEditor.from_spec(path, steps=2, resolution=32, guidance=2.0)
+    editor = _editor(path, steps=2, resolution=32, guidance=2.0)
     out = editor.edit(photos[:1], ["replace the cat with a dog"], [0])
     assert out[0].size == photos[0].size
 
 
 def test_options_inline_in_the_spec(ip2p_path):
-    editor = DiffusersEditor.from_spec(f"{ip2p_path},steps=3,resolution=0", guidance="2.5")
+    editor = _editor(f"{ip2p_path},steps=3,resolution=0", guidance="2.5")
     assert (editor.options.steps, editor.options.resolution, editor.options.guidance) == (3, 0, 2.5)
     with pytest.raises(ValueError, match="unknown diffusers option"):
-        DiffusersEditor.from_spec(f"{ip2p_path},stepz=3")
+        _editor(f"{ip2p_path},stepz=3")
 
 
 class _Recorder:
@@ -144,16 +149,16 @@ class _Recorder:
 
 
 def test_kontext_runs_at_the_model_cards_guidance(kontext_path, photos):
-    editor = DiffusersEditor.from_spec(kontext_path, steps=1, resolution=16)
+    editor = _editor(kontext_path, steps=1, resolution=16)
     editor.pipe = recorder = _Recorder(editor.pipe)
     editor.edit(photos[:1], ["x"], [0])
     assert recorder.calls[0]["guidance_scale"] == 2.5 and "strength" not in recorder.calls[0]
-    editor = DiffusersEditor.from_spec(kontext_path, steps=1, resolution=16, guidance=4.0)
+    editor = _editor(kontext_path, steps=1, resolution=16, guidance=4.0)
     editor.pipe = recorder = _Recorder(editor.pipe)
     editor.edit(photos[:1], ["x"], [0])
     assert recorder.calls[0]["guidance_scale"] == 4.0
     with pytest.raises(ValueError, match="strength is only for inpainting"):
-        DiffusersEditor.from_spec(kontext_path, strength=0.5)
+        _editor(kontext_path, strength=0.5)
 
 
 def test_inpainting_strength_reaches_the_pipeline(tmp_path, photos):
@@ -162,20 +167,20 @@ def test_inpainting_strength_reaches_the_pipeline(tmp_path, photos):
     mask.paste(255, (5, 5, 20, 20))
     seen = []
     for options, expected in (({}, 1.0), ({"strength": "0.7"}, 0.7)):
-        editor = DiffusersEditor.from_spec(path, steps=2, resolution=0, **options)
+        editor = _editor(path, steps=2, resolution=0, **options)
         editor.pipe = recorder = _Recorder(editor.pipe)
         seen.append(editor.edit(photos[:1], ["a wooden spoon"], [0], masks=[mask])[0])
         assert recorder.calls[0]["strength"] == expected
     assert not np.array_equal(np.asarray(seen[0]), np.asarray(seen[1]))  # the pipeline really used it
-    with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
-        DiffusionOptions.parse({"strength": "1.5"})
+    with pytest.raises(ValueError, match=r"invalid diffusers option value\(s\): strength=1.5 \(allowed: \(0, 1\]\)"):
+        check_options("editors", f"diffusers:{path},strength=1.5")
 
 
 def test_requested_dtype_is_the_loaded_dtype(ip2p_path, monkeypatch):
     import diffusers
     import torch
 
-    editor = DiffusersEditor.from_spec(ip2p_path, dtype="bfloat16")
+    editor = _editor(ip2p_path, dtype="bfloat16")
     assert editor.pipe.unet.dtype == torch.bfloat16 and editor.pipe.vae.dtype == torch.bfloat16
     real = diffusers.DiffusionPipeline.from_pretrained.__func__
 
@@ -184,7 +189,7 @@ def test_requested_dtype_is_the_loaded_dtype(ip2p_path, monkeypatch):
 
     monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", classmethod(old_diffusers))
     with pytest.raises(ValueError, match="the unet loaded as torch.float32, not the requested torch.bfloat16"):
-        DiffusersEditor.from_spec(ip2p_path, dtype="bfloat16")
+        _editor(ip2p_path, dtype="bfloat16")
 
 
 def test_component_without_safetensors_needs_the_opt_in(tmp_path):
@@ -197,6 +202,6 @@ def test_component_without_safetensors_needs_the_opt_in(tmp_path):
     torch.save(load_file(weights), path / "text_encoder" / "pytorch_model.bin")
     weights.unlink()
     with pytest.raises(ValueError, match="component.s. text_encoder ship no safetensors.*allow_pickle=true"):
-        DiffusersEditor.from_spec(str(path))
-    editor = DiffusersEditor.from_spec(f"{path},allow_pickle=true")
+        _editor(str(path))
+    editor = _editor(f"{path},allow_pickle=true")
     assert type(editor.pipe).__name__ == "StableDiffusionInstructPix2PixPipeline"

@@ -12,7 +12,6 @@ from user_data import CAPTIONED, SAFE, make_llavaguard_folder
 from safetypairs import schema as S
 from safetypairs.backends.ocr_text import (
     NO_TEXT,
-    OCRTextEncoder,
     hash_features,
     word_ngrams,
 )
@@ -24,7 +23,7 @@ from safetypairs.probes.embed import (
     load_images,
     embed_run,
 )
-from safetypairs.backends.registry import load_backend
+from safetypairs.backends.registry import check_options, load_backend
 from safetypairs.sources import demo_photo, render_demo_row
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins")
@@ -112,11 +111,11 @@ def test_word_ngrams_and_hashing_are_stable():
     a, b = hash_features(["you", "loser"], 64), hash_features(["you", "loser"], 64)
     assert np.array_equal(a, b) and np.isclose(np.linalg.norm(a), 1.0)
     with pytest.raises(ValueError, match="allowed: dim, ngrams, max_side"):
-        OCRTextEncoder.from_spec("size=3")
+        check_options("encoders", "ocr-text:size=3")
     with pytest.raises(ValueError, match=r"dim must be an integer, got 'big'"):
-        OCRTextEncoder.from_spec("dim=big")
-    with pytest.raises(ValueError, match="ngrams must be 1, 2, 3 or 4"):
-        OCRTextEncoder.from_spec("ngrams=7")
+        check_options("encoders", "ocr-text:dim=big")
+    with pytest.raises(ValueError, match=r"ngrams=7 \(allowed: \[1, 4\]\)"):
+        check_options("encoders", "ocr-text:ngrams=7")
 
 
 def test_ocr_text_embeds_what_rapidocr_reads():

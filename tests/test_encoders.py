@@ -9,11 +9,10 @@ from safetypairs.backends.encoders import (
     HFCLIPEncoder,
     LPIPSEncoder,
     OpenCLIPEncoder,
-    lpips_arguments,
     open_clip_arguments,
 )
+from safetypairs.backends.registry import REGISTRY, build_backend, from_spec_arguments, load_backend
 from safetypairs.policy import load_policy
-from safetypairs.backends.registry import REGISTRY, load_backend
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +35,15 @@ def test_encoders_are_registered():
     }
 
 
-def test_lpips_arguments_default_uses_real_weights():
-    assert lpips_arguments(None) == ("alex", False)
-    assert lpips_arguments("vgg") == ("vgg", False)
-    assert lpips_arguments("squeeze,pnet_rand=true") == ("squeeze", True)
-    assert lpips_arguments("pnet_rand=1") == ("alex", True)
-    with pytest.raises(ValueError, match="allowed: alex, vgg, squeeze"):
-        lpips_arguments("resnet")
-    with pytest.raises(ValueError, match="allowed: pnet_rand"):
-        lpips_arguments("alex,depth=3")
+def test_lpips_spec_default_uses_real_weights():
+    assert from_spec_arguments("encoders", "lpips") == ("alex", {"pnet_rand": False})
+    assert from_spec_arguments("encoders", "lpips:vgg") == ("vgg", {"pnet_rand": False})
+    assert from_spec_arguments("encoders", "lpips:squeeze,pnet_rand=true") == ("squeeze", {"pnet_rand": True})
+    assert from_spec_arguments("encoders", "lpips:pnet_rand=1") == ("alex", {"pnet_rand": True})
+    with pytest.raises(ValueError, match="unknown lpips <net> 'resnet'; allowed: alex, vgg, squeeze"):
+        from_spec_arguments("encoders", "lpips:resnet")
+    with pytest.raises(ValueError, match=r"unknown lpips option\(s\) \['depth'\]; allowed: pnet_rand"):
+        from_spec_arguments("encoders", "lpips:alex,depth=3")
 
 
 def test_lpips_spatial_map_is_local(photo):
@@ -65,8 +64,6 @@ def test_lpips_mixed_sizes_and_errors(photo):
     assert [m.shape for m in maps] == [(48, 40), (96, 96)]
     with pytest.raises(ValueError, match=">= 24px"):
         enc.distance_maps([small[:16, :16]], [small[:16, :16]])
-    with pytest.raises(ValueError, match="options go in the spec"):
-        LPIPSEncoder.from_spec("alex", pnet_rand=True)
 
 
 def test_open_clip_tiny_random_and_checkpoint(tmp_path, photo):
@@ -80,10 +77,10 @@ def test_open_clip_tiny_random_and_checkpoint(tmp_path, photo):
     assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     checkpoint = tmp_path / "tiny.pt"
     torch.save(enc.model.state_dict(), checkpoint)
-    reloaded = OpenCLIPEncoder.from_spec(f"{arch}/{checkpoint}")
+    reloaded = build_backend("encoders", f"open_clip:{arch}/{checkpoint}")
     assert np.allclose(reloaded.embed([photo]), emb[:1], atol=1e-5)
-    with pytest.raises(ValueError, match="needs a model: open_clip:<arch>"):
-        OpenCLIPEncoder.from_spec(None)
+    with pytest.raises(ValueError, match=r"open_clip needs <arch>/<pretrained> \(e.g. ViT-B-32/openai\)"):
+        build_backend("encoders", "open_clip")
 
 
 def test_open_clip_spec_grammar_and_quickgelu_from_the_tag():
@@ -146,9 +143,9 @@ def test_hf_clip_tiny_from_pretrained(tmp_path, photo):
     assert float(emb[0] @ emb[1]) == pytest.approx(1.0, abs=1e-5)
     assert float(emb[0] @ emb[2]) < 0.9999
     with pytest.raises(OSError):
-        HFCLIPEncoder.from_spec(str(tmp_path / "missing"))
-    with pytest.raises(ValueError, match="needs a model"):
-        HFCLIPEncoder.from_spec("")
+        build_backend("encoders", f"hf-clip:{tmp_path / 'missing'}")
+    with pytest.raises(ValueError, match="hf-clip needs <hub id or local path> after 'hf-clip:'"):
+        build_backend("encoders", "hf-clip:")
 
 
 @pytest.mark.slow
@@ -156,7 +153,7 @@ def test_lpips_real_weights_rank_identical_below_blur(photo):
     """Needs torchvision's AlexNet weights (downloaded on first use)."""
     from PIL import ImageFilter
 
-    enc = LPIPSEncoder.from_spec("alex")
+    enc = build_backend("encoders", "lpips:alex")
     assert not enc.pnet_rand
     blurred = _arr(photo.filter(ImageFilter.GaussianBlur(2)))
     same, blur = enc.distance_maps([_arr(photo)] * 2, [_arr(photo), blurred])

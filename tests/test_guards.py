@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from safetypairs.backends.guards import NudeNetGuard, OCRLexiconGuard
+from safetypairs.backends.registry import build_backend
 from safetypairs.backends.render import TextStyle, draw_text
 from safetypairs.policy import load_policy
 from safetypairs.sources import demo_photo
@@ -17,7 +17,7 @@ def _captioned(text):
 
 
 def test_ocr_lexicon_flags_insults_and_passes_benign_text():
-    guard = OCRLexiconGuard.from_spec(None)
+    guard = build_backend("guards", "ocr-lexicon")
     unsafe, safe, plain = guard.classify(
         [_captioned("WORTHLESS IDIOT"), _captioned("HAVE A NICE DAY"), demo_photo("coffee")], [None] * 3, load_policy()
     )
@@ -28,25 +28,28 @@ def test_ocr_lexicon_flags_insults_and_passes_benign_text():
 
 
 def test_ocr_lexicon_options():
-    guard = OCRLexiconGuard.from_spec("box_thresh=0.3,mode=det")
-    assert guard.ocr.box_thresh == 0.3 and guard.spec == "ocr-lexicon:box_thresh=0.3,mode=det"
+    guard = build_backend("guards", "ocr-lexicon:box_thresh=0.3,mode=det")
+    assert guard.ocr.box_thresh == 0.3 and guard.ocr.use_det and guard.ocr.text_score == 0.5
     with pytest.raises(ValueError, match="ocr-lexicon option mode must be one of det, rec, got 'both'"):
-        OCRLexiconGuard.from_spec("mode=both")
+        build_backend("guards", "ocr-lexicon:mode=both")
     with pytest.raises(ValueError, match="ocr-lexicon option box_thresh must be a number, got 'high'"):
-        OCRLexiconGuard.from_spec("box_thresh=high")
-    with pytest.raises(ValueError, match=r"box_thresh must be in \[0, 1\], got 2.0"):
-        OCRLexiconGuard.from_spec("box_thresh=2")
-    assert not OCRLexiconGuard.from_spec(None, mode="rec").ocr.use_det
+        build_backend("guards", "ocr-lexicon:box_thresh=high")
+    with pytest.raises(ValueError, match=r"invalid ocr-lexicon option value\(s\): box_thresh=2.0 \(allowed: \[0, 1\]\)"):
+        build_backend("guards", "ocr-lexicon:box_thresh=2")
+    with pytest.raises(ValueError, match=r"unclip_ratio=0.0 \(allowed: > 0\)"):
+        build_backend("guards", "ocr-lexicon:unclip_ratio=0")
+    assert not build_backend("guards", "ocr-lexicon", mode="rec").ocr.use_det
 
 
 def test_nudenet_calls_clothed_photos_safe():
-    guard = NudeNetGuard.from_spec(None)
+    guard = build_backend("guards", "nudenet")
     verdicts = guard.classify([demo_photo("astronaut"), demo_photo("chelsea")], [None, None], load_policy())
     assert [v.label for v in verdicts] == ["safe", "safe"]
     assert all(0.0 <= v.score < 0.5 for v in verdicts)
     assert isinstance(json.loads(verdicts[0].raw), list)
     with pytest.raises(ValueError, match=r"nudenet option value\(s\): threshold=2.0 \(allowed: \[0, 1\]\)"):
-        NudeNetGuard.from_spec("threshold=2")
+        build_backend("guards", "nudenet:threshold=2")
     with pytest.raises(ValueError, match="unknown nudenet option.*'thresh'.*allowed: threshold"):
-        NudeNetGuard.from_spec("thresh=0.2")
-    assert NudeNetGuard.from_spec("threshold=0.2", threshold="0.7").threshold == 0.7  # keywords win
+        build_backend("guards", "nudenet:thresh=0.2")
+    assert build_backend("guards", "nudenet:threshold=0.2", threshold="0.7").threshold == 0.7  # keywords win
+    assert build_backend("guards", "nudenet").threshold == 0.5

@@ -6,10 +6,10 @@ import pytest
 from safetypairs.backends.ocr import read_text
 from safetypairs.backends.ocr_edit import (
     EditError,
-    OCRInpaintEditor,
     OCRInpaintOptions,
     replace_text,
 )
+from safetypairs.backends.registry import build_backend
 from safetypairs.backends.render import TextStyle, draw_text
 from safetypairs.sources import demo_photo
 
@@ -22,7 +22,7 @@ def _captioned(text="YOU ARE A LOSER", box=(40, 400, 470, 460)):
 
 def test_replaces_text_only_inside_the_caption_box():
     image, (x0, y0, x1, y1) = _captioned()
-    edited = OCRInpaintEditor.from_spec(None).edit(
+    edited = build_backend("editors", "ocr-inpaint").edit(
         [image], ["Replace the text 'YOU ARE A LOSER' with 'HAVE A NICE DAY'; keep everything else unchanged."], [0]
     )[0]
     assert edited.size == image.size
@@ -44,15 +44,15 @@ def test_noop_instruction_rerenders_the_same_text():
 
 def test_errors_are_clear():
     image, _ = _captioned()
-    editor = OCRInpaintEditor.from_spec("match=0.9")
+    editor = build_backend("editors", "ocr-inpaint:match=0.9")
     with pytest.raises(EditError, match="not found in the image"):
         editor.edit([image], ["Replace the text 'HELLO WORLD' with 'X'"], [0])
     with pytest.raises(EditError, match="only carries out"):
         editor.edit([image], ["Remove the insult"], [0])
     with pytest.raises(ValueError, match="allowed: match, radius, grow"):
-        OCRInpaintEditor.from_spec("strength=2")
+        build_backend("editors", "ocr-inpaint:strength=2")
     with pytest.raises(ValueError, match="ocr-inpaint option radius must be an integer, got 2.5"):
-        OCRInpaintEditor.from_spec(None, radius=2.5)
+        build_backend("editors", "ocr-inpaint", radius=2.5)
     with pytest.raises(ValueError, match=r"match=1.5 \(allowed: \[0, 1\]\); radius=0 \(allowed: >= 1\)"):
-        OCRInpaintEditor.from_spec("match=1.5,radius=0")
-    assert OCRInpaintEditor.from_spec("radius=3", grow="0.2").options == OCRInpaintOptions(0.6, 3, 0.2)
+        build_backend("editors", "ocr-inpaint:match=1.5,radius=0")
+    assert build_backend("editors", "ocr-inpaint:radius=3", grow="0.2").options == OCRInpaintOptions(0.6, 3, 0.2)

@@ -23,7 +23,7 @@ from safetypairs.probes.probe import (
     train_probe,
     validation_split,
 )
-from safetypairs.backends.registry import load_backend
+from safetypairs.backends.registry import build_backend, load_backend
 from safetypairs.evaluate.scoring import guard_columns
 from safetypairs.sources import DEMO_PHOTOS, demo_photo
 
@@ -102,11 +102,12 @@ def test_guard_spec_options(tmp_path, tiny_clip):
     save_probe(LinearProbe(np.zeros(32, np.float32), 0.0, tiny_clip, threshold=0.3), tmp_path / "q")
     assert load_backend("guards", f"linear-probe:{tmp_path / 'q'}").threshold == 0.3  # the probe's own cut
     with pytest.raises(ValueError, match="allowed: threshold"):
-        LinearProbeGuard.from_spec(f"{tmp_path / 'p'},thresh=1")
+        build_backend("guards", f"linear-probe:{tmp_path / 'p'},thresh=1")
     with pytest.raises(ValueError, match=r"linear-probe option value\(s\): threshold=2.0 \(allowed: \[0, 1\]\)"):
-        LinearProbeGuard.from_spec(f"{tmp_path / 'p'},threshold=2")
-    with pytest.raises(ValueError, match="needs a model"):
-        LinearProbeGuard.from_spec(None)
+        build_backend("guards", f"linear-probe:{tmp_path / 'p'},threshold=2")
+    with pytest.raises(ValueError, match="linear-probe needs <probe folder> after 'linear-probe:'"):
+        build_backend("guards", "linear-probe")
+    assert build_backend("guards", f"linear-probe:{tmp_path / 'q'},threshold=none").threshold == 0.3  # unset
 
 
 def test_trained_probe_is_scored_by_evaluate_like_any_guard(tmp_path, tiny_clip):

@@ -9,28 +9,43 @@ from pathlib import Path
 import pytest
 
 from safetypairs.backends.options import (
+    Argument,
+    Option,
     cast_options,
+    option_help,
     parse_bool,
     parse_options,
-    split_model_arg,
 )
 from safetypairs.backends.registry import (
     KINDS,
     available,
+    build_backend,
+    check_options,
+    from_spec_arguments,
     load_backend,
+    model_info,
     parse_spec,
     unload_backends,
 )
+from safetypairs.evaluate.caveats import backend_of
+from safetypairs.validate.thresholds import LATENT_DIFFUSION, PIXEL_EXACT, preset_for_editor
 from safetypairs.utils import Range, check_ranges
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
-def test_parse_spec_keeps_everything_after_first_colon():
+def test_parse_spec_reads_alias_model_and_options():
     spec = parse_spec("guards", "ocr-lexicon:box_thresh=0.3")
-    assert (spec.alias, spec.arg) == ("ocr-lexicon", "box_thresh=0.3")
+    assert (spec.alias, spec.arg, spec.model, dict(spec.options)) == ("ocr-lexicon", "box_thresh=0.3", None,
+                                                                        {"box_thresh": "0.3"})
     assert str(spec) == "ocr-lexicon:box_thresh=0.3"
-    assert parse_spec("instructors", "template").arg is None
+    spec = parse_spec("editors", "diffusers: org/model , steps = 2,dtype=float16")
+    assert (spec.model, dict(spec.options), spec.hub) == ("org/model", {"steps": "2", "dtype": "float16"}, True)
+    template = parse_spec("instructors", "template")
+    assert (template.arg, template.model, dict(template.options)) == (None, None, {})
+    assert parse_spec("instructors", "column:my_instruction").model == "my_instruction"
+    assert parse_spec("encoders", "lpips:pnet_rand=true").model is None  # an optional argument may be left out
+    assert parse_spec("encoders", "lpips:vgg,pnet_rand=true").model == "vgg"
 
 
 def test_unknown_alias_suggests_closest():
@@ -88,11 +103,19 @@ def test_parse_bool_accepts_text_and_refuses_junk():
         parse_bool("ture", "trust_remote_code")
 
 
+DEMO_OPTIONS = {"n": Option(int, "a count", 1), "x": Option(float, "a share", 0.5, Range(0, 1, open_low=True)),
+                "flag": Option(bool, "a switch", False), "mode": Option(("a", "b"), "a mode", "a"),
+                "name": Option(str, "a name (unset: none)")}
+
+
 def test_cast_options_casts_and_names_what_is_wrong():
-    types = {"n": int, "x": float, "flag": bool, "mode": ("a", "b"), "name": str}
-    given = {"n": "3", "x": "0.5", "flag": "yes", "mode": "b", "name": 7}
-    assert cast_options("demo", given, types) == {"n": 3, "x": 0.5, "flag": True, "mode": "b", "name": "7"}
-    assert cast_options("demo", {}, types) == {}
+    types = DEMO_OPTIONS
+    given = {"n": "3", "x": "0.25", "flag": "yes", "mode": "b", "name": 7}
+    assert cast_options("demo", given, types) == {"n": 3, "x": 0.25, "flag": True, "mode": "b", "name": "7"}
+    assert cast_options("demo", {}, types) == {"n": 1, "x": 0.5, "flag": False, "mode": "a", "name": None}
+    assert cast_options("demo", {"name": "none"}, types)["name"] is None  # unset, as the default None is
+    with pytest.raises(ValueError, match=r"unknown demo option\(s\) \['n'\]; demo takes no options"):
+        cast_options("demo", {"n": "1"}, {})
     for options, message in [
         ({"size": "1"}, r"unknown demo option\(s\) \['size'\]; allowed: n, x, flag, mode, name"),
         ({"n": "1.5"}, "demo option n must be an integer, got '1.5'"),
@@ -104,9 +127,27 @@ def test_cast_options_casts_and_names_what_is_wrong():
         with pytest.raises(ValueError, match=message):
             cast_options("demo", options, types)
     with pytest.raises(ValueError, match=r"invalid demo option value\(s\): x=2.0 \(allowed: \(0, 1\]\)"):
-        cast_options("demo", {"x": "2"}, types, {"x": Range(0, 1, open_low=True)})
+        cast_options("demo", {"x": "2"}, types)
     with pytest.raises(ValueError, match=r"x=nan \(allowed: \(0, 1\]\)"):
-        cast_options("demo", {"x": "nan"}, types, {"x": Range(0, 1, open_low=True)})
+        cast_options("demo", {"x": "nan"}, types)
+
+
+def test_an_option_declaration_gives_its_help_line():
+    assert option_help(DEMO_OPTIONS["x"]) == "a share [a number in (0, 1]; default 0.5]"
+    assert option_help(DEMO_OPTIONS["n"]) == "a count [an integer; default 1]"
+    assert option_help(DEMO_OPTIONS["flag"]) == "a switch [true or false; default false]"
+    assert option_help(DEMO_OPTIONS["mode"]) == "a mode [one of a, b; default a]"
+    assert option_help(DEMO_OPTIONS["name"]) == "a name (unset: none) [text]"
+    assert option_help(Option(int, "steps", None, Range(1))) == "steps [an integer >= 1]"
+    assert option_help("a third-party help text") == "a third-party help text"
+
+
+def test_an_argument_declaration_checks_what_the_spec_names():
+    assert Argument("<net>", default="alex", choices=("alex", "vgg")).check("lpips", None) == "alex"
+    with pytest.raises(ValueError, match="unknown lpips <net> 'resnet'; allowed: alex, vgg"):
+        Argument("<net>", default="alex", choices=("alex", "vgg")).check("lpips", "resnet")
+    with pytest.raises(ValueError, match="diffusers needs <hub id or local path> after 'diffusers:'"):
+        Argument("<hub id or local path>").check("diffusers", None)
 
 
 def test_range_text_and_membership():
@@ -119,11 +160,95 @@ def test_range_text_and_membership():
         check_ranges("thing", {"a": -1, "b": None, "c": 5}, {"a": Range(0), "b": Range(0), "c": Range(0)})
 
 
-def test_split_model_arg():
-    assert split_model_arg("org/model,dtype=bfloat16", "hf-vlm") == ("org/model", {"dtype": "bfloat16"})
-    assert split_model_arg(" /models/x ", "diffusers") == ("/models/x", {})
-    with pytest.raises(ValueError, match="diffusers needs a model"):
-        split_model_arg(",steps=2", "diffusers")
+def test_from_spec_gets_the_checked_model_and_every_option_cast():
+    assert from_spec_arguments("guards", "hf-vlm:org/model,dtype=bfloat16", {"max_new_tokens": "4"}) == (
+        "org/model", {"dtype": "bfloat16", "max_new_tokens": 4, "trust_remote_code": False, "revision": None,
+                      "scope": "all", "score": True})
+    assert from_spec_arguments("guards", "nudenet:threshold=0.2", {"threshold": 0.7}) == (None, {"threshold": 0.7})
+    assert from_spec_arguments("instructors", "template") == (None, {})
+    for kind, spec, message in [
+        ("editors", "diffusers:,steps=2", "diffusers needs <hub id or local path> after 'diffusers:'"),
+        ("instructors", "column", "column needs <column name> after 'column:'"),
+        ("instructors", "template:x=1", r"unknown template option\(s\) \['x'\]; template takes no options"),
+        ("instructors", "template:fancy", "template takes no argument and no options, got 'fancy'"),
+        ("guards", "ocr-lexicon:box_thresh", r"ocr-lexicon takes key=value options only \(ocr-lexicon\[:key=value"),
+        ("editors", "diffusers:org/model,steps", "bad backend option 'steps'.*ends at the first ','"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            check_options(kind, spec)
+
+
+# Specs that are easy to split wrongly, with what they name: (kind, spec, alias, model, options).
+TRICKY_SPECS = [
+    ("editors", "diffusers:/data/run:3/ip2p,steps=2", "diffusers", "/data/run:3/ip2p", {"steps": "2"}),
+    ("editors", r"diffusers:C:\models\ip2p", "diffusers", r"C:\models\ip2p", {}),
+    ("editors", "ocr-inpaint:match=0.9", "ocr-inpaint", None, {"match": "0.9"}),
+    ("instructors", "hf-vlm:org/vlm:v2,max_new_tokens=8", "hf-vlm", "org/vlm:v2", {"max_new_tokens": "8"}),
+    ("encoders", "hf-clip:org/model,revision=abc", "hf-clip", "org/model", {"revision": "abc"}),
+    ("guards", "llavaguard:org/model,scope=category", "llavaguard", "org/model", {"scope": "category"}),
+    ("guards", "clip-zeroshot:open_clip:ViT-B-32/openai,threshold=0.1", "clip-zeroshot", "open_clip:ViT-B-32/openai",
+     {"threshold": "0.1"}),
+    ("judges", "linear-probe:/runs/probe=1:a,threshold=0.5", "linear-probe", "/runs/probe=1:a", {"threshold": "0.5"}),
+    ("judges", "ocr-lexicon:box_thresh=0.3,mode=rec", "ocr-lexicon", None, {"box_thresh": "0.3", "mode": "rec"}),
+]
+
+
+@pytest.mark.parametrize("kind, spec, alias, model, options", TRICKY_SPECS, ids=[s[1] for s in TRICKY_SPECS])
+def test_a_spec_is_split_in_one_place(kind, spec, alias, model, options):
+    """Every module that needs a spec's parts asks the registry: the run's model record, the circularity check and
+    the thresholds preset read the same alias and model as `parse_spec`."""
+    parsed = parse_spec(kind, spec)
+    assert (parsed.alias, parsed.model, dict(parsed.options)) == (alias, model, options)
+    if kind in ("judges", "guards"):
+        assert backend_of(spec, kind) == (alias, model)
+    if kind == "editors":
+        assert preset_for_editor(spec) == (LATENT_DIFFUSION if alias == "diffusers" else PIXEL_EXACT)
+    if kind in ("editors", "instructors"):
+        info = model_info(kind, spec)
+        assert info["spec"] == spec and info.get("model") == (model if alias in ("diffusers", "hf-vlm") else None)
+
+
+def test_a_comma_ends_the_model_and_user_code_names_itself(tmp_path, monkeypatch):
+    for kind, spec in [("editors", "diffusers:/data/a,b/ip2p"), ("guards", "hf-vlm:/data/a,b")]:
+        with pytest.raises(ValueError, match=r"bad backend option 'b.*'.*<hub id or local path> ends at the first ','"):
+            parse_spec(kind, spec)
+    assert backend_of("hf-vlm:/data/a,b") == ("hf-vlm:/data/a,b", None)  # not a spec this install reads
+    assert preset_for_editor("diffusers:/data/a,b/ip2p") == PIXEL_EXACT
+    (tmp_path / "my_pkg").mkdir()
+    (tmp_path / "my_pkg" / "__init__.py").write_text("")
+    (tmp_path / "my_pkg" / "guards.py").write_text("class G:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    parsed = parse_spec("guards", "my_pkg.guards:G")
+    assert (parsed.alias, parsed.model, dict(parsed.options), parsed.imported) == ("my_pkg.guards:G", None, {}, True)
+    assert backend_of("my_pkg.guards:G") == ("my_pkg.guards:G", None)
+    assert preset_for_editor("my_pkg.guards:G") == PIXEL_EXACT
+    assert model_info("editors", "my_pkg.guards:G") == {"spec": "my_pkg.guards:G"}
+    assert backend_of("gone-guard:org/model", "judges") == ("gone-guard:org/model", None)  # a judge not installed
+
+
+class HelpTextGuard:
+    """A third-party guard whose OPTIONS are help texts: it gets its spec's text and keyword options as given."""
+
+    OPTIONS = {"level": "how strict"}
+    seen: list = []
+
+    @classmethod
+    def from_spec(cls, arg, device="cpu", **options):
+        cls.seen.append((arg, options))
+        return cls()
+
+    def classify(self, images, categories, policy):
+        return ["safe"] * len(images)
+
+
+def test_a_backend_with_help_text_options_gets_its_spec_as_written(isolated_registry):
+    isolated_registry.register("guards", "help-text", f"{__name__}:HelpTextGuard")
+    parsed = parse_spec("guards", "help-text:any;grammar,level=3")
+    assert (parsed.arg, parsed.model, dict(parsed.options)) == ("any;grammar,level=3", None, {})
+    HelpTextGuard.seen.clear()
+    build_backend("guards", "help-text:any;grammar,level=3", level="2")
+    check_options("guards", "help-text", {"anything": "goes"})  # it checks its own options when it is built
+    assert HelpTextGuard.seen == [("any;grammar,level=3", {"level": "2"})]
 
 
 class InvertEditor:

@@ -265,7 +265,7 @@ def test_select_best_keeps_best_preserved_accepted_candidate():
 @pytest.mark.parametrize("kwargs, match", [
     ({"size_mismatch": "crop"}, "size_mismatch must be one of"),
     ({"judge": "ocr-lexicom"}, "Did you mean 'ocr-lexicon'"),
-    ({"judge": "shieldgemma2:no/such-model,scope=everything"}, "scope='everything' not allowed"),  # before any load
+    ({"judge": "shieldgemma2:no/such-model,scope=everything"}, "shieldgemma2 option scope must be one of all, category, got 'everything'"),  # before any load
     ({"judge": "clip-zeroshot:open_clip:ViT-B-32/none,thresh=0"}, "allowed: threshold"),
     ({"lpips": "open_clip:ViT-B-32/openai"}, "lpips must be an"),
     ({"lpips": "lpips:resnet"}, "allowed: alex, vgg, squeeze"),
@@ -440,11 +440,13 @@ def test_tiny_diffusers_vae_reference_end_to_end(tiny_ip2p):
     and saturation changes into small ones, so those two are left to the fingerprint tests above.
     """
     from safetypairs.backends.diffusion import DiffusersEditor
+    from safetypairs.backends.registry import from_spec_arguments
     from safetypairs.validate.calibrate import known_edits
     from safetypairs.sources import demo_photo
 
     spec = f"diffusers:{tiny_ip2p},resolution=0"
-    roundtrip = DiffusersEditor.roundtrip_reference(spec.partition(":")[2], "cpu")
+    model, options = from_spec_arguments("editors", spec)
+    roundtrip = DiffusersEditor.roundtrip_reference(model, "cpu", **options)
     wanted = ("paste_object", "inpaint_region", "replace_text", "remove_thin_object", "translate_3px",
               "crop_resize", "identical")
     cases = [c for c in known_edits(demo_photo("astronaut").resize((256, 256))) if c[0] in wanted]

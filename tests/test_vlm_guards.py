@@ -11,14 +11,12 @@ from tiny_models import (
 
 from safetypairs.backends.base import Verdict
 from safetypairs.backends.vlm_guards import (
-    HFVLMGuard,
-    LlavaGuard,
     parse_llavaguard,
     parse_safe_unsafe,
     render_guard_prompt,
 )
 from safetypairs.policy import load_policy
-from safetypairs.backends.registry import check_options, load_backend
+from safetypairs.backends.registry import build_backend, check_options, load_backend
 
 POLICY = load_policy("llavaguard")
 
@@ -73,25 +71,26 @@ def test_malformed_answers_are_unknown_not_crashes(vlm_path, monkeypatch):
 
 
 def test_bad_specs_raise(vlm_path):
-    with pytest.raises(ValueError, match="allowed"):
-        HFVLMGuard.from_spec(f"{vlm_path},temperature=2")
-    with pytest.raises(ValueError, match="needs a model"):
-        HFVLMGuard.from_spec(None)
-    with pytest.raises(ValueError, match="scope"):
-        HFVLMGuard.from_spec(f"{vlm_path},scope=everything")
+    with pytest.raises(ValueError, match=r"unknown hf-vlm option\(s\) \['temperature'\]; allowed: dtype"):
+        build_backend("guards", f"hf-vlm:{vlm_path},temperature=2")
+    with pytest.raises(ValueError, match="hf-vlm needs <hub id or local path> after 'hf-vlm:'"):
+        build_backend("guards", "hf-vlm")
+    with pytest.raises(ValueError, match="hf-vlm option scope must be one of all, category, got 'everything'"):
+        build_backend("guards", f"hf-vlm:{vlm_path},scope=everything")
 
 
 @pytest.mark.parametrize("spec, message", [
     ("shieldgemma2:some/model,temperature=2", r"unknown shieldgemma2 option\(s\) \['temperature'\]; allowed: dtype"),
-    ("shieldgemma2:some/model,dtype=fp16", "dtype='fp16' not allowed; allowed: auto"),
+    ("shieldgemma2:some/model,dtype=fp16", "shieldgemma2 option dtype must be one of auto, float32, float16, bfloat16, "
+                                           "got 'fp16'"),
     ("shieldgemma2:some/model,max_new_tokens=x", "shieldgemma2 option max_new_tokens must be an integer, got 'x'"),
     ("shieldgemma2:some/model,score=maybe", "shieldgemma2 option score must be true or false, got 'maybe'"),
-    ("shieldgemma2", "shieldgemma2 needs a model"),
+    ("shieldgemma2", "shieldgemma2 needs <hub id or local path> after 'shieldgemma2:'"),
     ("clip-zeroshot:open_clip:ViT-B-32/none,thresh=0", r"unknown clip-zeroshot option\(s\) \['thresh'\]; allowed: threshold"),
     ("clip-zeroshot:open_clip:ViT-B-32/none,threshold=abc", "clip-zeroshot option threshold must be a number, got 'abc'"),
     ("clip-zeroshot:open_clp:ViT-B-32/none", "Did you mean 'open_clip'"),
-    ("clip-zeroshot:hf-clip", "hf-clip encoder spec needs a model"),
-    ("clip-zeroshot", "clip-zeroshot needs an encoder"),
+    ("clip-zeroshot:hf-clip", "hf-clip needs <hub id or local path> after 'hf-clip:'"),
+    ("clip-zeroshot", "clip-zeroshot needs <encoder spec> after 'clip-zeroshot:'"),
 ])
 def test_model_guards_check_options_up_front_without_a_model(spec, message):
     """`some/model` does not exist: these fail in the option check, before anything would load."""
@@ -183,11 +182,11 @@ def test_llavaguard_uses_the_taxonomy_names_and_all_categories():
 
 
 def test_llavaguard_defaults_and_checkpoint_check(vlm_path):
-    guard = LlavaGuard.from_spec(vlm_path)
+    guard = build_backend("guards", f"llavaguard:{vlm_path}")
     assert guard.options.max_new_tokens == 500
     for model in ("AIML-TUDA/LlavaGuard-v1.2-7B-OV", "AIML-TUDA/LlavaGuard-13B"):
         with pytest.raises(ValueError, match="LlavaGuard-v1.2-0.5B-OV-hf, AIML-TUDA/LlavaGuard-v1.2-7B-OV-hf"):
-            LlavaGuard.from_spec(model)
+            build_backend("guards", f"llavaguard:{model}")
 
 
 def test_shieldgemma2_gets_one_line_policies(tmp_path, monkeypatch):

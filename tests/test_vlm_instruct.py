@@ -117,7 +117,7 @@ def test_unknown_option_is_an_error(vlm_path):
     ("hf-vlm:some/model,dtype=fp8", {}, "hf-vlm option dtype must be one of auto, float32, float16, bfloat16, got 'fp8'"),
     ("hf-vlm:some/model", {"max_new_tokens": "0"}, r"max_new_tokens=0 \(allowed: >= 1\)"),
     ("hf-vlm:some/model,trust_remote_code=perhaps", {}, "hf-vlm option trust_remote_code must be true or false, got .perhaps."),
-    ("hf-vlm", {}, "hf-vlm needs a model"),
+    ("hf-vlm", {}, "hf-vlm needs <hub id or local path> after 'hf-vlm:'"),
 ])
 def test_instructor_options_are_checked_up_front_without_a_model(spec, options, message):
     """`some/model` does not exist: these fail in the option check, before anything would load."""
@@ -130,7 +130,8 @@ def test_instructor_options_are_checked_up_front_without_a_model(spec, options, 
 
 def test_options_inline_in_the_spec_like_the_guards(vlm_path):
     instructor = load_backend("instructors", f"hf-vlm:{vlm_path},max_new_tokens=12,dtype=float32", "cpu")
-    assert instructor.max_new_tokens == 12 and instructor.spec == f"hf-vlm:{vlm_path}"
+    assert instructor.max_new_tokens == 12 and instructor.vlm.config.model == vlm_path
+    assert instructor.vlm.config.dtype == "float32"
 
 
 def test_gemma3_instructor_batches_three_rows(tmp_path):

@@ -12,12 +12,13 @@ from datasets import Dataset
 from safetypairs import schema as S
 
 from safetypairs import statuses as ST
+from safetypairs.backends.registry import model_info
 from safetypairs.engine.datafiles import read_rows
 from safetypairs.edit import EditConfig, run_edit
 from safetypairs.images import DEFAULT_MAX_PIXELS
 from safetypairs.instruct import InstructConfig, row_status, run_instruct, status_error
 from safetypairs.policy import Policy, load_policy
-from safetypairs.engine.runner import RunConfig, RunSummary, model_info, run_stage, session
+from safetypairs.engine.runner import RunConfig, RunSummary, run_stage, session
 from safetypairs.engine.stage import StageResult
 
 if TYPE_CHECKING:
@@ -173,7 +174,8 @@ def generate_run(source: Dataset, config: GenerateConfig, run: RunConfig,
     def provenance(work: Path, rows: Dataset, summary: RunSummary) -> dict[str, Any]:
         return {
             "policy": policy_id,
-            "models": {"instructor": model_info(config.instructor), "editor": model_info(config.editor)},
+            "models": {"instructor": model_info("instructors", config.instructor),
+                       "editor": model_info("editors", config.editor)},
             "seeds": {"run_seed": config.seed, "per_row": f"column {S.SEED!r}",
                       "candidate_seed": "sha256(f'{seed}:{source_id}:{candidate}')[:8] & 0x7fffffff"},
         }

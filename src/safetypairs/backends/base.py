@@ -11,9 +11,12 @@ from safetypairs import schema as S
 from safetypairs import statuses as ST
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     import numpy as np
     from PIL.Image import Image as PILImage
 
+    from safetypairs.backends.options import Option
     from safetypairs.policy import Policy
 
 
@@ -68,17 +71,31 @@ def as_verdict(answer: Any) -> Verdict:
 class Backend(Protocol):
     """What every backend class has: its options and a constructor from a spec.
 
+    A spec reads ``alias[:<argument>][,key=value,...]``; `registry.parse_spec` reads it once. A backend declares,
+    once, what its spec names and its options, and the registry checks them before any model loads, casts them
+    and builds the backend with them; ``safetypairs backends`` prints the same declaration:
+
+    - ``ARGUMENT`` (optional, not a Protocol member): an `options.Argument`, what the spec names before its
+      options (a model id or path, a folder, a column); absent or ``None``: the spec carries options only.
+    - ``OPTIONS``: option name -> `options.Option` (type, help, default, range). ``from_spec`` gets the checked
+      argument (its default filled in) and every option, cast, its default filled in; keyword options win
+      over the spec's own.
+
+    A backend whose ``OPTIONS`` maps names to help texts (and that has no ``ARGUMENT``) keeps working as before:
+    ``from_spec`` gets the spec's text after the alias as written and the keyword options as given (strings
+    from the command line), checks them itself, and may offer ``check_options(arg, **options)`` that checks
+    without loading.
+
     Attributes:
-        OPTIONS: ``key=value`` option -> one-line help, exactly what `from_spec` accepts (inline
-            in the spec after a comma, or as keyword options); ``safetypairs backends`` lists them.
+        OPTIONS: ``key=value`` option -> its `options.Option` (or, for a third-party backend, a help text).
     """
 
-    OPTIONS: ClassVar[dict[str, str]]
+    OPTIONS: ClassVar[Mapping[str, Option | str]]
 
     @classmethod
     def from_spec(cls, arg: str | None, device: str = "cpu", **options: Any) -> Backend:
-        """Build from the spec's text after the alias (``None`` when absent), a torch device and
-        keyword options; raise ValueError naming the allowed options for an unknown one."""
+        """Build from the spec's argument (see above; ``None`` when the spec names none), a torch device and
+        the options; a backend that checks its own options raises ValueError naming the allowed ones."""
 
 
 @runtime_checkable

@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from safetypairs.backends.options import cast_options, parse_options
 from safetypairs.backends.base import Verdict
-from safetypairs.policy import Policy
+from safetypairs.backends.options import Argument, Option
 from safetypairs.backends.registry import check_options, load_backend
+from safetypairs.policy import Policy
 from safetypairs.schema import SAFE, UNSAFE
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def embed_text(encoder: Any, texts: list[str]) -> np.ndarray:
     if hasattr(encoder, "processor") and hasattr(encoder.model, "get_text_features"):  # hf-clip
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(encoder.name.partition(":")[2])
+        tokenizer = AutoTokenizer.from_pretrained(encoder.model_id)
         tokens = tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(encoder.device)
         with torch.inference_mode():
             out = encoder.model.get_text_features(**tokens)
@@ -68,20 +68,6 @@ def embed_text(encoder: Any, texts: list[str]) -> np.ndarray:
     return feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
 
 
-def _arguments(arg: str | None, options: dict[str, object]) -> tuple[str, float]:
-    """The encoder spec and threshold of ``<encoder spec>[,threshold=<float>]`` plus keyword ``options`` (these win).
-
-    Raises:
-        ValueError: for a missing encoder spec, an encoder spec the registry refuses or a bad option.
-    """
-    encoder_spec, _, rest = (arg or "").partition(",")
-    if not encoder_spec:
-        raise ValueError("clip-zeroshot needs an encoder: clip-zeroshot:open_clip:<arch>/<pretrained>")
-    values = cast_options("clip-zeroshot", {**parse_options(rest), **options}, {"threshold": float})
-    check_options("encoders", encoder_spec)
-    return encoder_spec, values.get("threshold", 0.0)
-
-
 class CLIPZeroShotGuard:
     """``clip-zeroshot:<encoder spec>[,threshold=0]`` (e.g. ``clip-zeroshot:open_clip:ViT-B-32/openai``).
 
@@ -90,32 +76,32 @@ class CLIPZeroShotGuard:
     row's category is known only that category's prompts are used.
     """
 
-    OPTIONS = {"threshold": "score gap (unsafe minus safe prompt similarity) above which an image is unsafe (0)"}
+    ARGUMENT = Argument("<encoder spec>")
+    OPTIONS = {"threshold": Option(float, "score gap (unsafe minus safe prompt similarity) above which an image is "
+                                          "unsafe", 0.0)}
 
     def __init__(self, encoder_spec: str, threshold: float, device: str) -> None:
-        self.spec = f"clip-zeroshot:{encoder_spec}"
         self.threshold = threshold
         self.encoder = load_backend("encoders", encoder_spec, device)
         self._text_cache: dict[tuple[str, ...], np.ndarray] = {}
 
     @classmethod
-    def from_spec(cls, arg: str | None, device: str = "cpu", **options: object) -> "CLIPZeroShotGuard":
-        """Build from ``"<encoder spec>[,threshold=<float>]"``.
+    def from_spec(cls, arg: str, device: str = "cpu", **options: Any) -> "CLIPZeroShotGuard":
+        """Build on the encoder spec ``arg`` with the options (`OPTIONS`, checked and cast by the registry).
 
         Raises:
-            ValueError: for a missing encoder spec or a bad option.
+            ValueError: for an encoder spec the registry refuses.
         """
-        encoder_spec, threshold = _arguments(arg, options)
-        return cls(encoder_spec, threshold, device)
+        return cls(arg, options["threshold"], device)
 
     @classmethod
-    def check_options(cls, arg: str | None, **options: object) -> None:
-        """Check the encoder spec (its name and options) and the threshold, loading nothing.
+    def check_options(cls, arg: str, **options: Any) -> None:
+        """Check the encoder spec (its name and options), loading nothing; the registry checked the rest.
 
         Raises:
-            ValueError: for a missing or unknown encoder spec or a bad option, naming it.
+            ValueError: for an unknown encoder spec or a bad encoder option, naming it.
         """
-        _arguments(arg, options)
+        check_options("encoders", arg)
 
     def _text(self, prompts: list[str]) -> np.ndarray:
         key = tuple(prompts)

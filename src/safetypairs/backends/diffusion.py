@@ -7,8 +7,8 @@ from typing import Any
 
 from PIL import Image
 
-from safetypairs.backends.options import split_model_arg
 from safetypairs.backends.diffusion_pipelines import (
+    DIFFUSION_OPTIONS,
     PIPELINES,
     REPLACE_STRENGTH,
     DiffusionOptions,
@@ -19,6 +19,7 @@ from safetypairs.backends.diffusion_pipelines import (
     torch_dtype,
     work_size,
 )
+from safetypairs.backends.options import HUB_MODEL
 
 
 class BlockedOutputError(RuntimeError):
@@ -34,19 +35,8 @@ class DiffusersEditor:
     returned image's ``info["work_size"]``.
     """
 
-    OPTIONS = {
-        "steps": "denoising steps (default: the pipeline's)",
-        "guidance": "text guidance scale (true_cfg_scale for Qwen; default: the pipeline's)",
-        "image_guidance": "image guidance scale (InstructPix2Pix only)",
-        "resolution": "working resolution, side of the equal-area square (0: the source size)",
-        "dtype": "auto, float32, float16 or bfloat16 (auto: bfloat16 on CUDA, float32 on CPU)",
-        "offload": "none, model or sequential CPU offload (CUDA only)",
-        "trust_remote_code": "allow custom pipeline code from the model repo (default false)",
-        "revision": "hub revision (branch, tag or commit)",
-        "safety_checker": "keep the pipeline's own NSFW checker when it ships one (default true)",
-        "strength": "inpainting pipelines only: how far the masked region is re-noised (0..1; default 1.0)",
-        "allow_pickle": "load components that ship only pickle weights (.bin/.pt; default false: safetensors only)",
-    }
+    ARGUMENT = HUB_MODEL
+    OPTIONS = DIFFUSION_OPTIONS
     takes_mask = True  # inpainting pipelines need masks; instruction pipelines refuse them per call
 
     def __init__(self, pipe: Any, model: str, family: PipelineFamily, options: DiffusionOptions) -> None:
@@ -54,7 +44,6 @@ class DiffusersEditor:
         self.model = model
         self.family = family
         self.options = options
-        self.spec = f"diffusers:{model}"
         self._params = set(inspect.signature(type(pipe).__call__).parameters)
         self.needs_mask = "mask_image" in self._params
         factor = int(getattr(pipe, "vae_scale_factor", 8))
@@ -66,33 +55,22 @@ class DiffusersEditor:
             raise ValueError(f"strength is only for inpainting pipelines that take it, not {type(pipe).__name__}")
 
     @classmethod
-    def check_options(cls, arg: str | None, **options: Any) -> None:
-        """Check the model argument and the option names and values, loading nothing.
-
-        Raises:
-            ValueError: for a missing model or a bad option, naming it.
-        """
-        _, inline = split_model_arg(arg, "diffusers")
-        DiffusionOptions.parse({**inline, **options})
-
-    @classmethod
-    def from_spec(cls, arg: str | None, device: str = "cpu", **options: Any) -> "DiffusersEditor":
+    def from_spec(cls, arg: str, device: str = "cpu", **options: Any) -> "DiffusersEditor":
         """Load the pipeline (safetensors only) onto ``device``.
 
         Args:
-            arg: ``<hub model id or save_pretrained folder>[,key=value,...]``.
+            arg: a hub model id or a ``save_pretrained`` folder.
             device: torch device string.
-            **options: `DiffusionOptions` fields (strings are coerced; also accepted inline in ``arg``,
-                these win).
+            **options: every option of `DIFFUSION_OPTIONS`, checked and cast by the registry.
 
         Returns:
             The editor.
 
         Raises:
-            ValueError: for a missing model, bad options or an unsupported pipeline class.
+            ValueError: for an unsupported pipeline class or pickle-only components.
         """
-        model, inline = split_model_arg(arg, "diffusers")
-        opts = DiffusionOptions.parse({**inline, **options})
+        model = arg
+        opts = DiffusionOptions(**options)
         index = model_index(model, opts.revision)
         class_name = index.get("_class_name")
         family = PIPELINES.get(class_name) if isinstance(class_name, str) else None
@@ -201,9 +179,10 @@ class DiffusersEditor:
         return kwargs
 
     @classmethod
-    def roundtrip_reference(cls, arg: str | None, device: str = "cpu") -> "VAERoundTrip":
-        """The editor's VAE alone, for VAE-aware validation (see `VAERoundTrip`)."""
-        return VAERoundTrip.from_spec(arg, device)
+    def roundtrip_reference(cls, arg: str, device: str = "cpu", **options: Any) -> "VAERoundTrip":
+        """The editor's VAE alone, for VAE-aware validation (see `VAERoundTrip`); it gets what `from_spec` gets
+        (`registry.from_spec_arguments`)."""
+        return VAERoundTrip.load(arg, device, DiffusionOptions(**options))
 
 
 def _to_source_size(image: Image.Image, size: tuple[int, int], work: tuple[int, int]) -> Image.Image:
@@ -231,16 +210,19 @@ class VAERoundTrip:
         self.multiple = factor * 2 if family.packed else factor
 
     @classmethod
-    def from_spec(cls, arg: str | None, device: str = "cpu") -> "VAERoundTrip":
-        """Load the ``vae`` subfolder of a ``diffusers:<model>[,options]`` spec's pipeline.
+    def load(cls, model: str, device: str, opts: DiffusionOptions) -> "VAERoundTrip":
+        """Load the ``vae`` subfolder of a diffusers pipeline.
+
+        Args:
+            model: a hub model id or a ``save_pretrained`` folder.
+            device: torch device string.
+            opts: the editor's settings (revision, dtype and resolution are used).
 
         Raises:
-            ValueError: for a missing model, bad options or a pipeline without a diffusers VAE.
+            ValueError: for a pipeline without a diffusers VAE.
         """
         import diffusers
 
-        model, inline = split_model_arg(arg, "diffusers")
-        opts = DiffusionOptions.parse(inline)
         index = model_index(model, opts.revision)
         library, class_name = (index.get("vae") or [None, None])[:2]
         if library != "diffusers" or not hasattr(diffusers, str(class_name)):

@@ -8,8 +8,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from safetypairs.backends.options import parse_bool
+from safetypairs.backends.options import Option
 from safetypairs.backends.vlm import DTYPES
+from safetypairs.utils import Range
 
 logger = logging.getLogger(__name__)
 
@@ -60,76 +61,45 @@ PIPELINES: dict[str, PipelineFamily] = {
 }
 
 
-def _optional(kind: type) -> Any:
-    return lambda v: None if v is None or str(v).lower() in ("", "none", "default") else kind(v)
-
-
 @dataclass(frozen=True)
 class DiffusionOptions:
-    """Options of the ``diffusers`` editor (given as backend options, strings are coerced).
+    """Settings of the ``diffusers`` editor; `DIFFUSION_OPTIONS` declares each (type, help, default, range).
 
-    Attributes:
-        steps: denoising steps; ``None`` keeps the pipeline's default.
-        guidance: text guidance (``guidance_scale``, or ``true_cfg_scale`` for Qwen); ``None`` = the
-            family's model-card value (FLUX.1 Kontext: 2.5), else the pipeline's default.
-        image_guidance: image guidance (InstructPix2Pix ``image_guidance_scale`` only).
-        strength: how far inpainting pipelines re-noise the masked area (0 < strength <= 1);
-            ``None`` = ``REPLACE_STRENGTH`` (1.0) for pipelines that take it.
-        resolution: working resolution (side of the equal-area square); ``None`` = the pipeline
-            family's default, ``0`` = the source size rounded to the pipeline's multiple.
-        dtype: one of ``DTYPES``; ``auto`` is bfloat16 on CUDA (float16 without bf16 support), float32 on CPU.
-        offload: one of ``OFFLOADS`` (diffusers model / sequential CPU offload; CUDA only).
-        trust_remote_code: allow custom pipeline code from the model repo.
-        revision: a hub revision (branch, tag or commit).
-        safety_checker: keep the pipeline's own NSFW safety checker when it ships one
-            (its flagged outputs are black images, reported as an error for that row).
-        allow_pickle: load components that ship only pickle weights (``.bin``/``.pt``, which can
-            run code when loaded); off by default: such a component is an error naming it.
+    ``None`` leaves a setting to the pipeline (or its family: FLUX.1 Kontext's model card guidance 2.5, an
+    inpainting strength of ``REPLACE_STRENGTH``, the family's working resolution).
     """
 
-    steps: int | None = None
-    guidance: float | None = None
-    image_guidance: float | None = None
-    strength: float | None = None
-    resolution: int | None = None
-    dtype: str = "auto"
-    offload: str = "none"
-    trust_remote_code: bool = False
-    revision: str | None = None
-    safety_checker: bool = True
-    allow_pickle: bool = False
+    steps: int | None
+    guidance: float | None
+    image_guidance: float | None
+    resolution: int | None
+    dtype: str
+    offload: str
+    trust_remote_code: bool
+    revision: str | None
+    safety_checker: bool
+    strength: float | None
+    allow_pickle: bool
 
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"diffusers dtype {self.dtype!r} not allowed; allowed: {', '.join(DTYPES)}")
-        if self.offload not in OFFLOADS:
-            raise ValueError(f"diffusers offload {self.offload!r} not allowed; allowed: {', '.join(OFFLOADS)}")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"diffusers steps must be >= 1, got {self.steps}")
-        if self.resolution is not None and self.resolution < 0:
-            raise ValueError(f"diffusers resolution must be >= 0, got {self.resolution}")
-        if self.strength is not None and not 0.0 < self.strength <= 1.0:
-            raise ValueError(f"diffusers strength must be in (0, 1], got {self.strength}")
 
-    @classmethod
-    def parse(cls, options: dict[str, Any]) -> "DiffusionOptions":
-        """Build from backend options (values may be strings, e.g. from ``parse_options``).
-
-        Raises:
-            ValueError: for an unknown option (naming the allowed ones) or a bad value.
-        """
-        casts = {"steps": _optional(int), "guidance": _optional(float), "image_guidance": _optional(float),
-                 "strength": _optional(float), "resolution": _optional(int), "dtype": str, "offload": str,
-                 "trust_remote_code": lambda v: parse_bool(v, "trust_remote_code"),
-                 "revision": _optional(str), "safety_checker": lambda v: parse_bool(v, "safety_checker"),
-                 "allow_pickle": lambda v: parse_bool(v, "allow_pickle")}
-        unknown = set(options) - set(casts)
-        if unknown:
-            raise ValueError(f"unknown diffusers option(s) {sorted(unknown)}; allowed: {', '.join(casts)}")
-        try:
-            return cls(**{k: casts[k](v) for k, v in options.items()})
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"bad diffusers option value in {options}: {err}") from err
+DIFFUSION_OPTIONS = {
+    "steps": Option(int, "denoising steps (unset: the pipeline's default)", None, Range(1)),
+    "guidance": Option(float, "text guidance scale, true_cfg_scale for Qwen (unset: the model card's, else the "
+                              "pipeline's)"),
+    "image_guidance": Option(float, "image guidance scale, InstructPix2Pix only (unset: the pipeline's)"),
+    "resolution": Option(int, "working resolution, side of the equal-area square (0: the source size; unset: the "
+                              "pipeline family's)", None, Range(0)),
+    "dtype": Option(DTYPES, "torch dtype (auto: bfloat16 on CUDA, float16 without bf16, float32 on the CPU)", "auto"),
+    "offload": Option(OFFLOADS, "diffusers model or sequential CPU offload (CUDA only)", "none"),
+    "trust_remote_code": Option(bool, "allow custom pipeline code from the model repo", False),
+    "revision": Option(str, "hub revision: branch, tag or commit (unset: the default branch)"),
+    "safety_checker": Option(bool, "keep the pipeline's own NSFW checker when it ships one (flagged outputs become "
+                                   "error rows)", True),
+    "strength": Option(float, "inpainting pipelines only: how far the masked region is re-noised (unset: "
+                              f"{REPLACE_STRENGTH})", None, Range(0, 1, open_low=True)),
+    "allow_pickle": Option(bool, "load components that ship only pickle weights (.bin/.pt, which can run code when "
+                                 "loaded); off: safetensors only", False),
+}
 
 
 def model_index(model: str, revision: str | None = None) -> dict[str, Any]:

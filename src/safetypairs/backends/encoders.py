@@ -8,34 +8,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from safetypairs.backends.options import parse_bool, parse_options
+from safetypairs.backends.options import HUB_MODEL, Argument, Option
 
 logger = logging.getLogger(__name__)
 
 LPIPS_NETS = ("alex", "vgg", "squeeze")
 # Smallest side each LPIPS backbone accepts (measured: smaller inputs pool down to nothing).
 LPIPS_MIN_SIDE = {"alex": 32, "squeeze": 24, "vgg": 16}
-
-
-def lpips_arguments(arg: str | None) -> tuple[str, bool]:
-    """Parse the LPIPS spec argument ``"<net>[,pnet_rand=true]"`` (default net ``alex``).
-
-    Returns:
-        ``(net, pnet_rand)``.
-
-    Raises:
-        ValueError: for an unknown net or option, naming the allowed values.
-    """
-    head, _, rest = (arg or "").partition(",")
-    if "=" in head:
-        head, rest = "", arg or ""
-    net = head.strip() or "alex"
-    options = parse_options(rest)
-    if net not in LPIPS_NETS:
-        raise ValueError(f"unknown LPIPS net {net!r}; allowed: {', '.join(LPIPS_NETS)}")
-    if set(options) - {"pnet_rand"}:
-        raise ValueError(f"unknown lpips option(s) {sorted(set(options) - {'pnet_rand'})}; allowed: pnet_rand")
-    return net, parse_bool(options.get("pnet_rand", False), "pnet_rand")
 
 
 class LPIPSEncoder:
@@ -46,9 +25,10 @@ class LPIPSEncoder:
     meant for offline tests only, its distances carry no perceptual meaning.
     """
 
-    OPTIONS = {"pnet_rand": "random backbone, offline tests only (default false); given in the spec"}
+    ARGUMENT = Argument("<net>", default="alex", choices=LPIPS_NETS)
+    OPTIONS = {"pnet_rand": Option(bool, "random backbone, for offline tests only (no perceptual meaning)", False)}
 
-    def __init__(self, net: str, device: str = "cpu", pnet_rand: bool = False) -> None:
+    def __init__(self, net: str, device: str, pnet_rand: bool) -> None:
         import lpips
         import torch
 
@@ -61,29 +41,9 @@ class LPIPSEncoder:
         self._torch = torch
 
     @classmethod
-    def from_spec(cls, arg: str | None, device: str = "cpu", **options: Any) -> LPIPSEncoder:
-        """Build from ``"<net>[,pnet_rand=true]"`` (see `lpips_arguments`).
-
-        Raises:
-            ValueError: for an unknown net or option.
-        """
-        net, pnet_rand = cls._arguments(arg, options)
-        return cls(net, device=device, pnet_rand=pnet_rand)
-
-    @classmethod
-    def check_options(cls, arg: str | None, **options: Any) -> None:
-        """Check the net and the options, loading nothing.
-
-        Raises:
-            ValueError: for an unknown net or option, or options given as keywords.
-        """
-        cls._arguments(arg, options)
-
-    @staticmethod
-    def _arguments(arg: str | None, options: dict[str, Any]) -> tuple[str, bool]:
-        if options:
-            raise ValueError(f"lpips options go in the spec (lpips:<net>,pnet_rand=true), got {sorted(options)}")
-        return lpips_arguments(arg)
+    def from_spec(cls, arg: str, device: str = "cpu", **options: Any) -> LPIPSEncoder:
+        """Build the net ``arg`` with the options (`OPTIONS`; the registry checks and casts both)."""
+        return cls(arg, device, options["pnet_rand"])
 
     @property
     def name(self) -> str:
@@ -125,38 +85,16 @@ class LPIPSEncoder:
             return self.model(prep(a), prep(b))[:, 0].float().cpu().numpy()
 
 
-class _ModelSpec:
-    """``from_spec`` and ``check_options`` of the CLIP encoders: the spec argument names the model, no options."""
+class _NamedModel:
+    """``from_spec`` of the CLIP encoders: the spec's argument names the model (checked by the registry); they
+    take no options."""
 
-    alias = ""
-    usage = ""  # what follows ``<alias>:``, shown when the model is missing
-    OPTIONS: dict[str, str] = {}
-
-    @classmethod
-    def _model(cls, arg: str | None, options: dict[str, Any]) -> str:
-        if options:
-            raise ValueError(f"{cls.alias} encoder takes no options, got {sorted(options)}")
-        if not arg:
-            raise ValueError(f"{cls.alias} encoder spec needs a model: {cls.alias}:{cls.usage}")
-        return arg
+    OPTIONS: dict[str, Option] = {}
 
     @classmethod
-    def check_options(cls, arg: str | None, **options: Any) -> None:
-        """Check that the spec names a model and that no options are given, loading nothing.
-
-        Raises:
-            ValueError: when the model is missing or options are given.
-        """
-        cls._model(arg, options)
-
-    @classmethod
-    def from_spec(cls, arg: str | None, device: str = "cpu", **options: Any) -> Any:
-        """Build from the spec argument (``usage``) on ``device``.
-
-        Raises:
-            ValueError: when the model is missing or options are given.
-        """
-        return cls(cls._model(arg, options), device=device)
+    def from_spec(cls, arg: str, device: str = "cpu") -> Any:
+        """Load the model ``arg`` on ``device``."""
+        return cls(arg, device=device)
 
 
 def _l2_normalize(features: Any) -> np.ndarray:
@@ -189,7 +127,7 @@ def open_clip_arguments(spec: str) -> tuple[str, str | None, bool]:
         return spec, None, False
     arch, _, pretrained = spec.partition("/")
     if not arch:
-        raise ValueError(f"open_clip encoder spec needs an arch: open_clip:{_OPEN_CLIP_USAGE}")
+        raise ValueError(f"open_clip needs {_OPEN_CLIP_USAGE} after 'open_clip:', got {spec!r}")
     if pretrained.lower() in ("", "none"):
         return arch, None, False
     tag_quick_gelu = bool(open_clip.get_pretrained_cfg(arch, pretrained).get("quick_gelu", False))
@@ -197,10 +135,10 @@ def open_clip_arguments(spec: str) -> tuple[str, str | None, bool]:
     return arch, pretrained, tag_quick_gelu and not model_quick_gelu
 
 
-_OPEN_CLIP_USAGE = "<arch>/<pretrained>, hf-hub:<org>/<name> or local-dir:<folder>, e.g. ViT-B-32/openai"
+_OPEN_CLIP_USAGE = "<arch>/<pretrained> (e.g. ViT-B-32/openai), hf-hub:<org>/<name> or local-dir:<folder>"
 
 
-class OpenCLIPEncoder(_ModelSpec):
+class OpenCLIPEncoder(_NamedModel):
     """CLIP image embeddings from ``open_clip``.
 
     Spec: ``open_clip:<arch>/<pretrained>`` where ``<pretrained>`` is an open_clip tag (e.g.
@@ -210,7 +148,7 @@ class OpenCLIPEncoder(_ModelSpec):
     to the model's input size (no centre crop) so the whole frame is compared.
     """
 
-    alias, usage = "open_clip", _OPEN_CLIP_USAGE
+    ARGUMENT = Argument(_OPEN_CLIP_USAGE)
 
     def __init__(self, spec: str, device: str = "cpu") -> None:
         import open_clip
@@ -236,19 +174,20 @@ class OpenCLIPEncoder(_ModelSpec):
             return _l2_normalize(self.model.encode_image(batch))
 
 
-class HFCLIPEncoder(_ModelSpec):
+class HFCLIPEncoder(_NamedModel):
     """CLIP image embeddings from ``transformers`` (``CLIPModel`` + ``CLIPImageProcessor``).
 
     Spec: ``hf-clip:<hub id or local path>``. Loaded with ``from_pretrained`` (safetensors, no
     remote code). Images are squashed to the processor's crop size so nothing is cropped away.
     """
 
-    alias, usage = "hf-clip", "<hub id or local path>"
+    ARGUMENT = HUB_MODEL
 
     def __init__(self, model_id: str, device: str = "cpu") -> None:
         import torch
         from transformers import CLIPImageProcessor, CLIPModel
 
+        self.model_id = model_id  # the CLIP tokenizer of the same folder reads the text tower's input
         self.name = f"hf-clip:{model_id}"
         self.model = CLIPModel.from_pretrained(model_id, use_safetensors=True).to(device).eval()
         self.processor = CLIPImageProcessor.from_pretrained(model_id)

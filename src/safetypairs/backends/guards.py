@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from safetypairs.backends.options import cast_options, parse_options
 from safetypairs.backends.base import Verdict
-from safetypairs.backends.ocr import OCRConfig, read_text
+from safetypairs.backends.ocr import OCR_RANGES, OCRConfig, read_text
+from safetypairs.backends.options import Option
 from safetypairs.policy import Policy
 from safetypairs.schema import SAFE, UNSAFE
 from safetypairs.utils import Range
@@ -28,33 +28,26 @@ class OCRLexiconGuard:
     an independent configuration from the detector + recogniser default.
     """
 
+    ARGUMENT = None
     OPTIONS = {
-        "box_thresh": "text detector box score threshold (0..1)",
-        "text_score": "minimum recognition score of a text line (0..1)",
-        "unclip_ratio": "how far detected text boxes are grown",
-        "mode": "det (detector + recogniser, default) or rec (recogniser alone on the whole image)",
+        "box_thresh": Option(float, "text detector box score threshold", OCRConfig.box_thresh,
+                             OCR_RANGES["box_thresh"]),
+        "text_score": Option(float, "minimum recognition score of a text line", OCRConfig.text_score,
+                             OCR_RANGES["text_score"]),
+        "unclip_ratio": Option(float, "how far detected text boxes are grown", OCRConfig.unclip_ratio,
+                               OCR_RANGES["unclip_ratio"]),
+        "mode": Option(("det", "rec"), "det: detector + recogniser; rec: the recogniser alone on the whole image",
+                       "det"),
     }
 
-    builds_cheaply = True  # from_spec loads no model: checking options is building it
-
-    def __init__(self, ocr: OCRConfig, spec: str) -> None:
+    def __init__(self, ocr: OCRConfig) -> None:
         self.ocr = ocr
-        self.spec = spec
 
     @classmethod
-    def from_spec(cls, arg: str | None, device: str = "cpu", **options: object) -> "OCRLexiconGuard":
-        """Build from ``key=value`` options (in the spec argument or as keywords, which win);
-        ``device`` is unused (ONNX on CPU).
-
-        Raises:
-            ValueError: for unknown options or bad values, naming the allowed ones.
-        """
-        spec = "ocr-lexicon" + (f":{arg}" if arg else "")
-        types = {"box_thresh": float, "text_score": float, "unclip_ratio": float, "mode": ("det", "rec")}
-        values = cast_options("ocr-lexicon", {**parse_options(arg), **options}, types)
-        use_det = values.pop("mode", "det") == "det"
-        config = dataclasses.replace(OCRConfig(), use_det=use_det, **values)  # OCRConfig checks the ranges
-        return cls(config, spec)
+    def from_spec(cls, arg: str | None, device: str = "cpu", **options: Any) -> "OCRLexiconGuard":
+        """Build from the options (`OPTIONS`, checked and cast by the registry); ``device`` is unused (ONNX on CPU)."""
+        mode = options.pop("mode")
+        return cls(OCRConfig(use_det=mode == "det", **options))
 
     def classify(self, images: list[Image.Image], categories: list[str | None], policy: Policy) -> list[Verdict]:
         """Label each image ``unsafe`` when its text contains a lexicon word of ``policy``."""
@@ -92,24 +85,16 @@ class NudeNetGuard:
     """``nudenet[:threshold=0.5]``: the NudeNet ONNX detector shipped in its wheel; unsafe when an
     exposed-body-part class is detected above the threshold (it only sees nudity)."""
 
-    OPTIONS = {"threshold": "detector score (0..1) from which an exposed body part counts (default 0.5)"}
+    ARGUMENT = None
+    OPTIONS = {"threshold": Option(float, "detector score from which an exposed body part counts", 0.5, Range(0, 1))}
 
-    builds_cheaply = True  # from_spec loads no model: checking options is building it
-
-    def __init__(self, threshold: float, spec: str) -> None:
+    def __init__(self, threshold: float) -> None:
         self.threshold = threshold
-        self.spec = spec
 
     @classmethod
-    def from_spec(cls, arg: str | None, device: str = "cpu", **options: object) -> "NudeNetGuard":
-        """Build from the spec argument or keyword options (these win).
-
-        Raises:
-            ValueError: for unknown options or a threshold outside [0, 1].
-        """
-        values = cast_options("nudenet", {**parse_options(arg), **options}, {"threshold": float},
-                              {"threshold": Range(0, 1)})
-        return cls(values.get("threshold", 0.5), "nudenet" + (f":{arg}" if arg else ""))
+    def from_spec(cls, arg: str | None, device: str = "cpu", **options: Any) -> "NudeNetGuard":
+        """Build from the options (`OPTIONS`, checked and cast by the registry); ``device`` is unused (ONNX on CPU)."""
+        return cls(options["threshold"])
 
     def classify(self, images: list[Image.Image], categories: list[str | None], policy: Policy) -> list[Verdict]:
         """Label each image ``unsafe`` when NudeNet finds an exposed body part."""

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+
+from safetypairs.utils import Range, check_ranges
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +30,10 @@ class TextBox:
         return int(min(xs)), int(min(ys)), int(round(max(xs))), int(round(max(ys)))
 
 
+# The allowed values of `OCRConfig`'s numbers (the ``ocr-lexicon`` guard declares its options with them).
+OCR_RANGES = {"box_thresh": Range(0, 1), "text_score": Range(0, 1), "unclip_ratio": Range(0, open_low=True)}
+
+
 @dataclass(frozen=True)
 class OCRConfig:
     """rapidocr settings.
@@ -44,11 +51,7 @@ class OCRConfig:
     use_det: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("box_thresh", "text_score"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"OCRConfig.{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.unclip_ratio <= 0:
-            raise ValueError(f"OCRConfig.unclip_ratio must be > 0, got {self.unclip_ratio}")
+        check_ranges("OCRConfig", dataclasses.asdict(self), OCR_RANGES)
 
 
 @functools.lru_cache(maxsize=1)

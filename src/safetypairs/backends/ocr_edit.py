@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from safetypairs.backends.options import cast_options, parse_options
+from safetypairs.backends.options import Option
 from safetypairs.backends.ocr import OCRConfig, TextBox, read_text
 from safetypairs.backends.render import DEFAULT_FONT, TextStyle, draw_text
 from safetypairs.instructions import text_replacements
@@ -26,13 +26,8 @@ class EditError(RuntimeError):
 
 @dataclass(frozen=True)
 class OCRInpaintOptions:
-    """Options of the ``ocr-inpaint`` editor (``ocr-inpaint:match=0.6,radius=5``).
-
-    Args:
-        match: minimum similarity (0..1) between a detected line and the text to replace.
-        radius: OpenCV inpainting radius in pixels.
-        grow: how far the text mask is grown, as a share of the line height.
-    """
+    """Settings of the ``ocr-inpaint`` editor (``ocr-inpaint:match=0.6,radius=5``); `OCRInpaintEditor.OPTIONS`
+    declares each (help, range) with these defaults."""
 
     match: float = 0.6
     radius: int = 5
@@ -116,30 +111,23 @@ class OCRInpaintEditor:
     instructions. rapidocr (real PP-OCR models) finds the text, OpenCV inpainting removes it and
     the replacement is drawn in the same box with the estimated text colour."""
 
+    ARGUMENT = None
     OPTIONS = {
-        "match": "minimum similarity (0..1) between a detected line and the text to replace (0.6)",
-        "radius": "OpenCV inpainting radius in pixels (5)",
-        "grow": "how far the text mask is grown, as a share of the line height (0.12)",
+        "match": Option(float, "minimum similarity between a detected line and the text to replace",
+                        OCRInpaintOptions.match, Range(0, 1)),
+        "radius": Option(int, "OpenCV inpainting radius in pixels", OCRInpaintOptions.radius, Range(1)),
+        "grow": Option(float, "how far the text mask is grown, as a share of the line height",
+                       OCRInpaintOptions.grow, Range(0)),
     }
     takes_mask = False  # it finds the text itself
 
-    builds_cheaply = True  # from_spec loads no model: checking options is building it
-
-    def __init__(self, options: OCRInpaintOptions, spec: str) -> None:
+    def __init__(self, options: OCRInpaintOptions) -> None:
         self.options = options
-        self.spec = spec
 
     @classmethod
     def from_spec(cls, arg: str | None, device: str = "cpu", **options: Any) -> "OCRInpaintEditor":
-        """Build from ``key=value`` options (in the spec argument or as keywords, which win).
-
-        Raises:
-            ValueError: for unknown options or bad values, naming the option and the allowed ones.
-        """
-        values = cast_options("ocr-inpaint", {**parse_options(arg), **options},
-                              {"match": float, "radius": int, "grow": float},
-                              {"match": Range(0, 1), "radius": Range(1), "grow": Range(0)})
-        return cls(OCRInpaintOptions(**values), "ocr-inpaint" + (f":{arg}" if arg else ""))
+        """Build from the options (`OPTIONS`, checked and cast by the registry); ``device`` is unused."""
+        return cls(OCRInpaintOptions(**options))
 
     def edit(self, images: list[Image.Image], instructions: list[str], seeds: list[int],
              masks: list[Image.Image | None] | None = None) -> list[Image.Image]:

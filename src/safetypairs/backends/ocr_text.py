@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from safetypairs.backends.options import cast_options, parse_options
 from safetypairs.backends.ocr import read_text
+from safetypairs.backends.options import Option
+from safetypairs.utils import Range
 
 NO_TEXT = "<no-text>"  # the token of an image without readable text, so every embedding has unit norm
 _WORD = re.compile(r"[a-z0-9]+")
@@ -46,33 +47,21 @@ class OCRTextEncoder:
     ``max_side`` > 0 shrinks larger images before reading (faster; large captions still read).
     """
 
-    OPTIONS: dict[str, str] = {
-        "dim": "embedding dimension (hash buckets; default 1024)",
-        "ngrams": "longest word n-gram hashed (default 2)",
-        "max_side": "downscale images to this longest side before OCR (0 = as given)",
+    ARGUMENT = None
+    OPTIONS = {
+        "dim": Option(int, "embedding dimension (hash buckets)", 1024, Range(2)),
+        "ngrams": Option(int, "longest word n-gram hashed", 2, Range(1, 4)),
+        "max_side": Option(int, "downscale images to this longest side before OCR (0: as given)", 0, Range(0)),
     }
-    builds_cheaply = True  # from_spec loads no model (rapidocr loads on the first image)
 
-    def __init__(self, dim: int = 1024, ngrams: int = 2, max_side: int = 0) -> None:
-        if dim < 2:
-            raise ValueError(f"ocr-text option dim must be >= 2, got {dim}")
-        if not 1 <= ngrams <= 4:
-            raise ValueError(f"ocr-text option ngrams must be 1, 2, 3 or 4, got {ngrams}")
-        if max_side < 0:
-            raise ValueError(f"ocr-text option max_side must be >= 0 (0: no resizing), got {max_side}")
+    def __init__(self, dim: int, ngrams: int, max_side: int) -> None:
         self.dim, self.ngrams, self.max_side = dim, ngrams, max_side
         self.name = f"ocr-text:dim={dim},ngrams={ngrams}" + (f",max_side={max_side}" if max_side else "")
 
     @classmethod
     def from_spec(cls, arg: str | None, device: str = "cpu", **options: Any) -> OCRTextEncoder:
-        """Build from ``"dim=<int>,ngrams=<int>,max_side=<int>"``; ``device`` is unused (ONNX on the CPU).
-
-        Raises:
-            ValueError: for unknown options, values that are not integers or out of range.
-        """
-        values = cast_options("ocr-text", {**parse_options(arg), **options},
-                              {"dim": int, "ngrams": int, "max_side": int})
-        return cls(**values)
+        """Build from the options (`OPTIONS`, checked and cast by the registry); ``device`` is unused (ONNX on CPU)."""
+        return cls(**options)
 
     def texts(self, images: list[Image.Image]) -> list[str]:
         """The text read in each image (lines joined top to bottom; empty without text)."""

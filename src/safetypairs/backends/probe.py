@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from safetypairs.backends.options import cast_options, split_model_arg
 from safetypairs.backends.base import Verdict
-from safetypairs.policy import Policy
+from safetypairs.backends.options import Argument, Option
 from safetypairs.backends.registry import load_backend
+from safetypairs.policy import Policy
 from safetypairs.schema import SAFE, UNSAFE
 from safetypairs.utils import Range
 
@@ -104,39 +104,23 @@ class LinearProbeGuard:
     applies the probe; score = P(unsafe), unsafe when the score reaches ``threshold`` (default: the
     probe's own, chosen on its validation split)."""
 
-    OPTIONS: dict[str, str] = {"threshold": "P(unsafe) at or above which an image is called unsafe (default: the "
-                                            "threshold the probe chose on its validation split)"}
+    ARGUMENT = Argument("<probe folder>")
+    OPTIONS = {"threshold": Option(float, "P(unsafe) at or above which an image is called unsafe (unset: the "
+                                          "threshold the probe chose on its validation split)", None, Range(0, 1))}
 
-    def __init__(self, probe: LinearProbe, threshold: float, device: str, spec: str) -> None:
-        self.probe, self.threshold, self.spec = probe, threshold, spec
+    def __init__(self, probe: LinearProbe, threshold: float, device: str) -> None:
+        self.probe, self.threshold = probe, threshold
         self.encoder = load_backend("encoders", probe.encoder, device)
 
     @classmethod
-    def from_spec(cls, arg: str | None, device: str = "cpu", **options: Any) -> LinearProbeGuard:
-        """Build from ``"<probe folder>[,threshold=<0..1>]"``.
+    def from_spec(cls, arg: str, device: str = "cpu", **options: Any) -> LinearProbeGuard:
+        """Build from the probe folder ``arg`` with the options (`OPTIONS`, checked and cast by the registry).
 
         Raises:
-            ValueError: for a missing folder argument, an unknown option or a threshold outside [0, 1].
             FileNotFoundError: when the folder holds no probe.
         """
-        folder, threshold = cls._arguments(arg, options)
-        probe = load_probe(folder)
-        return cls(probe, probe.threshold if threshold is None else threshold, device, f"linear-probe:{arg}")
-
-    @classmethod
-    def check_options(cls, arg: str | None, **options: Any) -> None:
-        """Check the folder argument and the threshold, loading nothing (the folder is read when built).
-
-        Raises:
-            ValueError: for a missing folder argument, an unknown option or a threshold outside [0, 1].
-        """
-        cls._arguments(arg, options)
-
-    @staticmethod
-    def _arguments(arg: str | None, options: dict[str, Any]) -> tuple[str, float | None]:
-        folder, inline = split_model_arg(arg, "linear-probe")
-        values = cast_options("linear-probe", {**inline, **options}, {"threshold": float}, {"threshold": Range(0, 1)})
-        return folder, values.get("threshold")
+        probe = load_probe(arg)
+        return cls(probe, probe.threshold if options["threshold"] is None else options["threshold"], device)
 
     def classify(self, images: list[Image.Image], categories: list[str | None], policy: Policy) -> list[Verdict]:
         """P(unsafe) from the probe on each image's embedding (the policy and categories are not used)."""

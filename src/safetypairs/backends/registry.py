@@ -1,10 +1,12 @@
-"""Backend registries addressed by spec strings such as ``diffusers:<model id or path>``.
+"""Backend registries addressed by spec strings such as ``diffusers:<model id or path>,steps=20``, and the one
+parser of those strings.
 
 Every backend is named here by ``"module:Class"`` so that nothing heavy is imported until a
 backend is built. A backend class implements ``from_spec(arg, device, **options)`` and the
-Protocol of its kind (`safetypairs.backends.base`). Other packages add backends with `register`
-or through the ``safetypairs.backends`` entry-point group (name ``"<kind>.<alias>"``, value
-``"module:Class"``), read on the first lookup.
+Protocol of its kind (`safetypairs.backends.base`); it declares what its spec names (`options.Argument`) and
+its options (`options.Option`) once, and `parse_spec` reads a spec into a `Spec` that every other module asks.
+Other packages add backends with `register` or through the ``safetypairs.backends`` entry-point group
+(name ``"<kind>.<alias>"``, value ``"module:Class"``), read on the first lookup.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ import importlib
 import importlib.metadata
 import logging
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
+
+from safetypairs.backends.options import Argument, Option, cast_options, parse_options
 
 logger = logging.getLogger(__name__)
 
@@ -63,14 +68,30 @@ _discovered = False
 
 @dataclass(frozen=True)
 class Spec:
-    """A parsed backend spec: ``alias`` names the backend, ``arg`` is everything after the first
-    colon (a model id, a local path, or ``key=value`` options), ``None`` when absent. A spec of user
-    code (``package.module:Object``) has ``alias`` = the whole spec, ``arg`` ``None`` and ``imported``."""
+    """A backend spec read once: ``alias[:<argument>][,key=value,...]``.
+
+    Attributes:
+        kind: the backend kind.
+        alias: the registered name; for user code (``package.module:Object``) the whole spec.
+        arg: everything after the first colon, as written (``None`` when absent).
+        model: what the spec names before its options, when the backend declares an `options.Argument`: a model
+            id or path, a probe folder, an encoder spec, a column (the text before the first comma); ``None``
+            when absent or when the backend takes options only.
+        options: the spec's ``key=value`` options as written (text; `from_spec_arguments` casts them).
+        imported: the spec names user code.
+        hub: ``model`` is a Hugging Face hub id or a local ``save_pretrained`` folder.
+
+    A backend that declares neither an ``ARGUMENT`` nor `options.Option` records (a plain ``OPTIONS`` of help
+    texts) gets ``arg`` as written: its ``model`` is ``None`` and its ``options`` empty.
+    """
 
     kind: str
     alias: str
     arg: str | None
+    model: str | None = None
+    options: Mapping[str, str] = field(default_factory=dict, hash=False)
     imported: bool = False
+    hub: bool = False
 
     def __str__(self) -> str:
         return self.alias if self.arg is None else f"{self.alias}:{self.arg}"
@@ -170,28 +191,31 @@ def available(kind: str) -> list[str]:
 
 
 def parse_spec(kind: str, spec: str) -> Spec:
-    """Parse ``alias[:arg]`` and check that the alias is registered for ``kind``.
+    """Read a spec ``alias[:<argument>][,key=value,...]`` once, as its backend declares it.
 
     Args:
         kind: the backend kind.
-        spec: e.g. ``"template"``, ``"diffusers:timbrooks/instruct-pix2pix"``,
-            ``"clip-zeroshot:open_clip:ViT-B-32/openai"``.
+        spec: e.g. ``"template"``, ``"diffusers:timbrooks/instruct-pix2pix,steps=20"``,
+            ``"ocr-lexicon:box_thresh=0.3"``, ``"clip-zeroshot:open_clip:ViT-B-32/openai,threshold=0.1"``.
 
     Returns:
-        The parsed `Spec`.
+        The parsed `Spec`: its alias, its model (the declared `options.Argument`, the text before the first comma;
+        a path may hold ``:`` but not ``,``) and its ``key=value`` options as text.
 
     A spec ``package.module:Object`` whose left part is not a registered alias names user code,
     imported when the backend is built (see `backend_class`): spelled out, never guessed.
 
     Raises:
-        ValueError: for an empty spec or an unknown alias, with a "did you mean" hint.
+        ValueError: for an empty spec, an unknown alias (with a "did you mean" hint), a registered backend that
+            cannot be imported, or options that are not ``key=value`` items.
     """
     _check_kind(kind)
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"empty {kind[:-1]} spec; allowed backends: {', '.join(available(kind))}")
-    alias, sep, arg = spec.strip().partition(":")
-    if alias not in REGISTRY[kind] and _is_user_code(spec.strip()):
-        return Spec(kind=kind, alias=spec.strip(), arg=None, imported=True)
+    text = spec.strip()
+    alias, sep, arg = text.partition(":")
+    if alias not in REGISTRY[kind] and _is_user_code(text):
+        return Spec(kind=kind, alias=text, arg=None, imported=True)
     if alias not in REGISTRY[kind]:
         close = difflib.get_close_matches(alias, REGISTRY[kind], n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -199,21 +223,74 @@ def parse_spec(kind: str, spec: str) -> Spec:
             f"unknown {kind[:-1]} {alias!r} in spec {spec!r}.{hint} "
             f"Allowed: {', '.join(available(kind))}, or your own code as package.module:Object"
         )
-    return Spec(kind=kind, alias=alias, arg=arg if sep and arg else None)
+    arg = arg if sep and arg else None
+    cls = _registered(kind, alias)
+    if not declares_options(cls):
+        return Spec(kind=kind, alias=alias, arg=arg)
+    argument: Argument | None = getattr(cls, "ARGUMENT", None)
+    try:
+        model, options = _split(alias, arg, argument, bool(getattr(cls, "OPTIONS", None)))
+    except ValueError as err:
+        ends = f" ({argument.usage} ends at the first ',')" if argument is not None else ""
+        raise ValueError(f"{kind[:-1]} spec {spec!r}: {err}{ends}") from err
+    return Spec(kind=kind, alias=alias, arg=arg, model=model, options=options, hub=bool(argument and argument.hub))
 
 
-def backend_class(kind: str, spec: str) -> type:
-    """Import and return the class that implements ``spec`` (an alias alone is a spec).
+def _split(alias: str, arg: str | None, argument: Argument | None,
+           has_options: bool) -> tuple[str | None, dict[str, str]]:
+    """The model and the ``key=value`` options of a spec's text after the alias, as the backend declares them."""
+    if not arg:
+        return None, {}
+    head, _, rest = arg.partition(",")
+    if argument is None and "=" not in head:
+        takes = f"key=value options only ({alias}[:key=value,...])" if has_options else "no argument and no options"
+        raise ValueError(f"{alias} takes {takes}, got {head!r}")
+    if argument is None or (argument.default is not None and "=" in head):
+        return None, parse_options(arg)
+    return head.strip() or None, parse_options(rest)
+
+
+def declares_options(obj: Any) -> bool:
+    """Whether a backend declares what its spec names and its options (an ``ARGUMENT``, `options.Option` records),
+    so the registry checks and casts them; else (``OPTIONS`` of help texts) it gets its spec's text as written.
 
     Raises:
-        ValueError: for an unknown spec.
-        ImportError, AttributeError: when the registered ``"module:Object"`` cannot be imported.
+        ValueError: for ``OPTIONS`` that mix `options.Option` records with help texts.
     """
+    entries = list((getattr(obj, "OPTIONS", None) or {}).values())
+    typed = [isinstance(entry, Option) for entry in entries]
+    if any(typed) and not all(typed):
+        raise ValueError(f"{obj!r}: OPTIONS mixes Option records with help texts; declare every option as an Option")
+    return hasattr(obj, "ARGUMENT") or any(typed)
+
+
+def _registered(kind: str, alias: str) -> Any:
+    """The object a registered alias names, imported.
+
+    Raises:
+        ValueError: when its ``"module:Object"`` cannot be imported (naming the error).
+    """
+    target = REGISTRY[kind][alias]
+    module_name, _, attr = target.partition(":")
+    try:
+        return functools.reduce(getattr, attr.split("."), importlib.import_module(module_name))
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"{kind[:-1]} {alias!r} ({target}) cannot be imported: {type(err).__name__}: {err}") from err
+
+
+def backend_class(kind: str, spec: str) -> Any:
+    """Import and return the class (or object, for user code) that implements ``spec`` (an alias alone is a spec).
+
+    Raises:
+        ValueError: for an unknown spec, or one whose code cannot be imported.
+    """
+    return _resolve(kind, spec)[1]
+
+
+def _resolve(kind: str, spec: str) -> tuple[Spec, Any]:
+    """The parsed spec and the object it names (user code imported)."""
     parsed = parse_spec(kind, spec)
-    if parsed.imported:
-        return import_object(parsed.alias, kind)
-    module_name, _, attr = REGISTRY[kind][parsed.alias].partition(":")
-    return functools.reduce(getattr, attr.split("."), importlib.import_module(module_name))
+    return parsed, import_object(parsed.alias, kind) if parsed.imported else _registered(kind, parsed.alias)
 
 
 def _is_user_code(spec: str) -> bool:
@@ -253,46 +330,122 @@ def import_object(target: str, kind: str) -> Any:
                          f"Registered: {', '.join(available(kind))}") from err
 
 
-def check_options(kind: str, spec: str, options: dict[str, Any] | None = None) -> Spec:
-    """Parse ``spec`` and check its options' names and values without building the backend (no model loads).
+def from_spec_arguments(kind: str, spec: str,
+                        options: Mapping[str, Any] | None = None) -> tuple[str | None, dict[str, Any]]:
+    """What the backend's ``from_spec`` (and a capability such as ``roundtrip_reference``) gets for ``spec``.
 
-    Backends that can check cheaply define ``check_options(arg, **options)``; those whose ``from_spec``
-    loads nothing say so with ``builds_cheaply = True`` and are built to check; the others are checked
-    when they are built.
+    Args:
+        kind: the backend kind.
+        spec: the spec string.
+        options: keyword options; they win over the spec's own.
+
+    Returns:
+        For a backend that declares its options: the checked model (the `options.Argument`, its default filled
+        in) and every option cast, defaults filled in. For one that does not: the spec's text after the alias
+        as written and the keyword options as given.
 
     Raises:
-        ValueError: for an unknown spec, or an option the backend refuses (naming the option).
+        ValueError: for an unknown spec, a missing or bad model, or an option the declaration refuses (naming
+            the option, the value and what is allowed).
     """
+    return _arguments(*_resolve(kind, spec), options or {})
+
+
+def _arguments(parsed: Spec, obj: Any, options: Mapping[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    if not declares_options(obj):
+        return parsed.arg, dict(options)
+    argument: Argument | None = getattr(obj, "ARGUMENT", None)
+    model = None if argument is None else argument.check(parsed.alias, parsed.model)
+    return model, cast_options(parsed.alias, {**parsed.options, **options}, getattr(obj, "OPTIONS", None) or {})
+
+
+def model_info(kind: str, spec: str) -> dict[str, Any]:
+    """The model and revision a spec names, for a run's provenance.
+
+    Args:
+        kind: the backend kind.
+        spec: the spec string.
+
+    Returns:
+        ``{"spec"}``, plus ``model`` and ``revision`` when the backend names a hub model (``hf-vlm:``,
+        ``diffusers:``, ...): ``"local"`` for a folder, the hub cache's commit, or ``None`` when not cached (or
+        when the model is neither a folder nor a hub id).
+
+    Raises:
+        ValueError: for an unknown spec.
+    """
+    import os
+    from pathlib import Path
+
+    from huggingface_hub import try_to_load_from_cache
+
     parsed = parse_spec(kind, spec)
-    try:
-        cls = backend_class(kind, spec)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"{kind[:-1]} {spec!r} cannot be imported: {type(err).__name__}: {err}") from err
-    if hasattr(cls, "check_options"):
-        cls.check_options(parsed.arg, **(options or {}))
-    elif getattr(cls, "builds_cheaply", False):
-        cls.from_spec(parsed.arg, **(options or {}))
+    if not (parsed.hub and parsed.model):
+        return {"spec": spec}
+    model = parsed.model
+    if os.path.isdir(model):
+        return {"spec": spec, "model": os.path.abspath(model), "revision": "local"}
+    for name in ("model_index.json", "config.json"):
+        try:
+            cached = try_to_load_from_cache(model, name)
+        except ValueError:  # neither a folder nor a hub id (HFValidationError): nothing is cached
+            break
+        if isinstance(cached, str):  # .../snapshots/<commit>/<name>
+            return {"spec": spec, "model": model, "revision": Path(cached).parent.name}
+    return {"spec": spec, "model": model, "revision": None}
+
+
+def check_options(kind: str, spec: str, options: Mapping[str, Any] | None = None) -> Spec:
+    """Parse ``spec`` and check its model and options without building the backend (no model loads).
+
+    A backend that declares its options is checked against the declaration, then by its own
+    ``check_options(model, **values)`` when it has more to check (e.g. a nested spec); one that does not is
+    checked by its ``check_options(arg, **options)`` when it has one, else when it is built.
+
+    Returns:
+        The parsed `Spec`.
+
+    Raises:
+        ValueError: for an unknown spec, or a model or an option the backend refuses (naming the option).
+    """
+    parsed, obj = _resolve(kind, spec)
+    arg, values = _arguments(parsed, obj, options or {})
+    if hasattr(obj, "check_options"):
+        obj.check_options(arg, **values)
     return parsed
 
 
-def build(obj: Any, arg: str | None, device: str, options: dict[str, Any]) -> Any:
-    """A backend from what a spec names: ``from_spec(arg, device, **options)`` when the object has it,
-    else a class called with no argument, else the object itself (an instance with the kind's methods).
+def build_backend(kind: str, spec: str, device: str = "cpu", **options: Any) -> Any:
+    """Build a backend afresh (`load_backend` keeps the ones it builds).
+
+    A backend that declares its options gets its checked model and every option cast (`from_spec_arguments`);
+    user code without ``from_spec`` is a class called with no argument, or the object itself (an instance with
+    the kind's methods).
+
+    Args:
+        kind: the backend kind.
+        spec: the spec string.
+        device: torch device string for backends that use one.
+        **options: keyword options (they win over the spec's own).
+
+    Returns:
+        The backend instance.
 
     Raises:
-        ValueError: for options given to an object that takes none.
+        ValueError: for an unknown spec, a bad model or option, or options given to an object that takes none.
     """
+    parsed, obj = _resolve(kind, spec)
+    arg, values = _arguments(parsed, obj, options)
     if hasattr(obj, "from_spec"):
-        return obj.from_spec(arg, device=device, **options)
-    if options:
-        raise ValueError(f"{obj!r} has no from_spec, so it takes no options; got {sorted(options)}")
+        return obj.from_spec(arg, device=device, **values)
+    if values:
+        raise ValueError(f"{obj!r} has no from_spec, so it takes no options; got {sorted(values)}")
     return obj() if isinstance(obj, type) else obj
 
 
 @functools.lru_cache(maxsize=16)
 def _load(kind: str, spec: str, device: str, options: tuple[tuple[str, Any], ...]) -> Any:
-    parsed = parse_spec(kind, spec)
-    return build(backend_class(kind, spec), parsed.arg, device, dict(options))
+    return build_backend(kind, spec, device, **dict(options))
 
 
 def load_backend(kind: str, spec: str, device: str = "cpu", **options: Any) -> Any:

@@ -7,6 +7,7 @@ from typing import Any
 from safetypairs import schema as S
 from safetypairs import statuses as ST
 from safetypairs.backends.base import InstructResult
+from safetypairs.backends.options import Argument, Option
 from safetypairs.backends.ocr import read_text
 from safetypairs.instructions import closest_phrase, demo_text, text_instruction
 from safetypairs.policy import Policy
@@ -21,19 +22,12 @@ class TemplateInstructor:
     the row's rationale.
     """
 
-    spec = "template"
-    OPTIONS: dict[str, str] = {}
-    builds_cheaply = True  # from_spec loads no model: checking options is building it
+    ARGUMENT = None
+    OPTIONS: dict[str, Option] = {}
 
     @classmethod
-    def from_spec(cls, arg: str | None, device: str = "cpu", **options: Any) -> "TemplateInstructor":
-        """Build the template instructor (it takes no argument and no options).
-
-        Raises:
-            ValueError: when an argument or an option is given.
-        """
-        if arg or options:
-            raise ValueError(f"the template instructor takes no argument or options, got {arg!r}, {sorted(options)}")
+    def from_spec(cls, arg: str | None, device: str = "cpu") -> "TemplateInstructor":
+        """Build the template instructor (it takes no argument and no options; the registry refuses any)."""
         return cls()
 
     def instruct(self, rows: list[dict[str, Any]], policy: Policy) -> list[InstructResult]:
@@ -63,24 +57,15 @@ class TemplateInstructor:
 class ColumnInstructor:
     """``column:<name>``: the instructions are already in a column of the data."""
 
-    OPTIONS: dict[str, str] = {}
-    builds_cheaply = True  # from_spec loads no model: checking options is building it
+    ARGUMENT = Argument("<column name>")
+    OPTIONS: dict[str, Option] = {}
 
     def __init__(self, column: str) -> None:
         self.column = column
-        self.spec = f"column:{column}"
 
     @classmethod
-    def from_spec(cls, arg: str | None, device: str = "cpu", **options: Any) -> "ColumnInstructor":
-        """Build from the column name (it takes no options).
-
-        Raises:
-            ValueError: when no column is named or an option is given.
-        """
-        if not arg:
-            raise ValueError("the column instructor needs a column name: column:<name>")
-        if options:
-            raise ValueError(f"the column instructor takes no options, got {sorted(options)}")
+    def from_spec(cls, arg: str, device: str = "cpu") -> "ColumnInstructor":
+        """Build from the column name (the registry checks it is given and that no option is)."""
         return cls(arg)
 
     def instruct(self, rows: list[dict[str, Any]], policy: Policy) -> list[InstructResult]:

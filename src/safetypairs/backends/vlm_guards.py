@@ -7,15 +7,17 @@ import logging
 import os
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from safetypairs.backends.options import cast_options, split_model_arg
 from safetypairs.backends.base import Verdict
+from safetypairs.backends.options import HUB_MODEL, Option
 from safetypairs.backends.vlm import DTYPES, VLMConfig, load_vlm
 from safetypairs.policy import Policy, render_policy
 from safetypairs.schema import SAFE, UNKNOWN, UNSAFE
+from safetypairs.utils import Range
 
 logger = logging.getLogger(__name__)
 
@@ -57,43 +59,33 @@ GUARD_PROMPTS = ("hf-vlm", "llavaguard", "shieldgemma2")
 
 @dataclass(frozen=True)
 class VLMGuardOptions:
-    """Options shared by the prompted VLM guards (``<alias>:<model>[,key=value,...]``)."""
+    """Settings of the prompted VLM guards (``<alias>:<model>[,key=value,...]``); `vlm_guard_options` declares each."""
 
-    dtype: str = "auto"
-    max_new_tokens: int = 8
-    trust_remote_code: bool = False
-    revision: str | None = None
-    scope: str = "all"  # render the whole policy, or only the row's category
-    score: bool = True
-
-    def __post_init__(self) -> None:
-        if self.scope not in SCOPES:
-            raise ValueError(f"option scope={self.scope!r} not allowed; allowed: {', '.join(SCOPES)}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"option dtype={self.dtype!r} not allowed; allowed: {', '.join(DTYPES)}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"option max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    dtype: str
+    max_new_tokens: int
+    trust_remote_code: bool
+    revision: str | None
+    scope: str
+    score: bool
 
 
-VLM_GUARD_OPTIONS = {
-    "dtype": "auto, float32, float16 or bfloat16",
-    "max_new_tokens": "answer length in tokens",
-    "trust_remote_code": "allow custom model code from the repo (default false)",
-    "revision": "hub revision (branch, tag or commit)",
-    "scope": "all (render the whole policy, default) or category (only the row's category)",
-    "score": "also compute a probability score (default true)",
-}
+def vlm_guard_options(max_new_tokens: int) -> dict[str, Option]:
+    """The options of the VLM guards, declared once; each guard has its own default answer length.
 
+    Args:
+        max_new_tokens: the guard's default answer length in tokens.
 
-def _guard_arguments(alias: str, arg: str | None, options: dict[str, object],
-                     max_new_tokens: int) -> tuple[str, VLMGuardOptions]:
-    """The model and the options of ``<alias>:<model>[,key=value,...]`` plus keyword ``options`` (these win)."""
-    model, parsed = split_model_arg(arg, alias)
-    parsed.update({k: str(v) for k, v in options.items()})
-    types = {"dtype": str, "max_new_tokens": int, "trust_remote_code": bool, "revision": str, "scope": str,
-             "score": bool}
-    values = {"max_new_tokens": max_new_tokens, **cast_options(alias, parsed, types)}
-    return model, VLMGuardOptions(**{**values, "revision": values.get("revision") or None})
+    Returns:
+        Option name -> `Option`.
+    """
+    return {
+        "dtype": Option(DTYPES, "torch dtype (auto: bfloat16 on CUDA, float32 on the CPU)", "auto"),
+        "max_new_tokens": Option(int, "answer length in tokens", max_new_tokens, Range(1)),
+        "trust_remote_code": Option(bool, "allow custom model code from the repo", False),
+        "revision": Option(str, "hub revision: branch, tag or commit (unset: the default branch)"),
+        "scope": Option(SCOPES, "all: render the whole policy; category: only the row's category", "all"),
+        "score": Option(bool, "also compute a probability score", True),
+    }
 
 
 def _in_scope(policy: Policy, category: str | None, scope: str) -> list[str]:
@@ -146,33 +138,16 @@ class _PromptedVLMGuard:
     """Shared loading for guards that prompt a chat VLM."""
 
     alias = ""
-    default_tokens = 8
-    OPTIONS = VLM_GUARD_OPTIONS
+    ARGUMENT = HUB_MODEL
 
     def __init__(self, model: str, device: str, options: VLMGuardOptions) -> None:
         self.options = options
-        self.spec = f"{self.alias}:{model}"
         self.vlm = load_vlm(VLMConfig(model, device, options.dtype, options.trust_remote_code, options.revision))
 
     @classmethod
-    def from_spec(cls, arg: str | None, device: str = "cpu", **options: object):
-        """Build from ``"<hub id or local path>[,key=value,...]"`` (options: dtype, max_new_tokens,
-        trust_remote_code, revision, scope=all|category, score=true|false).
-
-        Raises:
-            ValueError: for a missing model or an unknown option.
-        """
-        model, opts = _guard_arguments(cls.alias, arg, options, cls.default_tokens)
-        return cls(model, device, opts)
-
-    @classmethod
-    def check_options(cls, arg: str | None, **options: object) -> None:
-        """Check the model argument and the option names and values, loading nothing.
-
-        Raises:
-            ValueError: for a missing model or a bad option, naming it.
-        """
-        _guard_arguments(cls.alias, arg, options, cls.default_tokens)
+    def from_spec(cls, arg: str, device: str = "cpu", **options: Any):
+        """Load the model ``arg`` with the options (`OPTIONS`, checked and cast by the registry) onto ``device``."""
+        return cls(arg, device, VLMGuardOptions(**options))
 
 
 class HFVLMGuard(_PromptedVLMGuard):
@@ -183,6 +158,7 @@ class HFVLMGuard(_PromptedVLMGuard):
     """
 
     alias = "hf-vlm"
+    OPTIONS = vlm_guard_options(8)
 
     def classify(self, images: list[Image.Image], categories: list[str | None], policy: Policy) -> list[Verdict]:
         """Prompt the VLM with the policy and parse each answer strictly."""
@@ -246,7 +222,7 @@ class LlavaGuard(_PromptedVLMGuard):
     """
 
     alias = "llavaguard"
-    default_tokens = 500  # a full rationale; a cut-off answer still yields its rating
+    OPTIONS = vlm_guard_options(500)  # a full rationale; a cut-off answer still yields its rating
 
     def __init__(self, model: str, device: str, options: VLMGuardOptions) -> None:
         name = model.rstrip("/").rsplit("/", 1)[-1]
@@ -286,13 +262,16 @@ class ShieldGemma2Guard:
     (``score=false`` keeps the label and records no score).
     """
 
-    OPTIONS = VLM_GUARD_OPTIONS
+    ARGUMENT = HUB_MODEL
+    OPTIONS = {**vlm_guard_options(1),
+               "max_new_tokens": Option(int, "not used (ShieldGemma 2 answers with its classification head)", 1,
+                                        Range(1))}
 
     def __init__(self, model: str, device: str, options: VLMGuardOptions) -> None:
         import torch
         from transformers import AutoProcessor, ShieldGemma2ForImageClassification
 
-        self.spec, self.options, self.device = f"shieldgemma2:{model}", options, device
+        self.options, self.device = options, device
         common = {"revision": options.revision, "trust_remote_code": options.trust_remote_code}
         self.processor = AutoProcessor.from_pretrained(model, **common)
         dtype = torch.bfloat16 if options.dtype == "auto" and device.startswith("cuda") else (
@@ -301,27 +280,17 @@ class ShieldGemma2Guard:
             model, dtype=dtype, use_safetensors=True, **common).to(device).eval()
 
     @classmethod
-    def from_spec(cls, arg: str | None, device: str = "cpu", **options: object) -> "ShieldGemma2Guard":
-        """Build from ``"<hub id or local path>[,key=value,...]"`` (needs transformers' ShieldGemma2).
+    def from_spec(cls, arg: str, device: str = "cpu", **options: Any) -> "ShieldGemma2Guard":
+        """Load the model ``arg`` with the options (`OPTIONS`, checked and cast by the registry) onto ``device``.
 
         Raises:
-            ValueError: for a missing model, an unknown option, or a transformers without the class.
+            ValueError: for a transformers without ShieldGemma 2.
         """
         import transformers
 
         if not hasattr(transformers, "ShieldGemma2ForImageClassification"):
             raise ValueError(f"shieldgemma2 needs transformers with ShieldGemma2 (installed {transformers.__version__})")
-        model, opts = _guard_arguments("shieldgemma2", arg, options, 1)
-        return cls(model, device, opts)
-
-    @classmethod
-    def check_options(cls, arg: str | None, **options: object) -> None:
-        """Check the model argument and the option names and values, loading nothing (not even transformers).
-
-        Raises:
-            ValueError: for a missing model or a bad option, naming it.
-        """
-        _guard_arguments("shieldgemma2", arg, options, 1)
+        return cls(arg, device, VLMGuardOptions(**options))
 
     def classify(self, images: list[Image.Image], categories: list[str | None], policy: Policy) -> list[Verdict]:
         """P(Yes, violates) per category from ShieldGemma 2's two-token head."""

@@ -10,8 +10,9 @@ from typing import Any
 
 from safetypairs import schema as S
 from safetypairs import statuses as ST
-from safetypairs.backends.options import cast_options, split_model_arg
 from safetypairs.backends.base import InstructResult
+from safetypairs.backends.options import HUB_MODEL, Option
+from safetypairs.backends.vlm import DTYPES, VLMConfig, load_vlm
 from safetypairs.images import load_image
 from safetypairs.policy import Policy, render_policy
 from safetypairs.utils import Range
@@ -120,15 +121,6 @@ def parse_answer(text: str) -> dict[str, str]:
     return found
 
 
-def _arguments(arg: str | None, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The model and the cast options of ``hf-vlm:<model>[,key=value,...]`` plus keyword ``options`` (these win)."""
-    from safetypairs.backends.vlm import DTYPES
-
-    model, inline = split_model_arg(arg, "hf-vlm")
-    types = {"dtype": DTYPES, "trust_remote_code": bool, "revision": str, "max_new_tokens": int}
-    return model, cast_options("hf-vlm", {**inline, **options}, types, {"max_new_tokens": Range(1)})
-
-
 class HFVLMInstructor:
     """``hf-vlm:<model id or local path>``: any transformers image-text-to-text chat model.
 
@@ -137,46 +129,30 @@ class HFVLMInstructor:
     raw text is kept, and an unparsable answer becomes an ``unparsable`` status row.
     """
 
+    ARGUMENT = HUB_MODEL
     OPTIONS = {
-        "dtype": "auto, float32, float16 or bfloat16",
-        "trust_remote_code": "allow custom model code from the repo (default false)",
-        "revision": "hub revision (branch, tag or commit)",
-        "max_new_tokens": "answer length in tokens (default 160)",
+        "dtype": Option(DTYPES, "torch dtype (auto: bfloat16 on CUDA, float32 on the CPU)", "auto"),
+        "trust_remote_code": Option(bool, "allow custom model code from the repo", False),
+        "revision": Option(str, "hub revision: branch, tag or commit (unset: the default branch)"),
+        "max_new_tokens": Option(int, "answer length in tokens", 160, Range(1)),
     }
 
-    def __init__(self, vlm: Any, spec: str, max_new_tokens: int = 160) -> None:
+    def __init__(self, vlm: Any, max_new_tokens: int) -> None:
         self.vlm = vlm
-        self.spec = spec
         self.max_new_tokens = max_new_tokens
 
     @classmethod
-    def from_spec(cls, arg: str | None, device: str = "cpu", **options: Any) -> "HFVLMInstructor":
-        """Load the VLM through the shared runtime (`safetypairs.backends.vlm`).
+    def from_spec(cls, arg: str, device: str = "cpu", **options: Any) -> "HFVLMInstructor":
+        """Load the VLM ``arg`` through the shared runtime (`safetypairs.backends.vlm`).
 
         Args:
-            arg: ``<hub model id or local folder>[,key=value,...]``.
+            arg: a hub model id or a local folder.
             device: torch device string.
-            **options: ``dtype``, ``trust_remote_code``, ``revision``, ``max_new_tokens`` (also accepted
-                inline in ``arg``; these win).
-
-        Raises:
-            ValueError: for a missing model or an unknown option.
+            **options: every option of `OPTIONS`, checked and cast by the registry.
         """
-        from safetypairs.backends.vlm import VLMConfig, load_vlm
-
-        model, values = _arguments(arg, options)
-        config = VLMConfig(model=model, device=device, dtype=values.get("dtype", "auto"),
-                           trust_remote_code=values.get("trust_remote_code", False), revision=values.get("revision"))
-        return cls(load_vlm(config), f"hf-vlm:{model}", values.get("max_new_tokens", 160))
-
-    @classmethod
-    def check_options(cls, arg: str | None, **options: Any) -> None:
-        """Check the model argument and the option names and values, loading nothing.
-
-        Raises:
-            ValueError: for a missing model or a bad option, naming it.
-        """
-        _arguments(arg, options)
+        config = VLMConfig(model=arg, device=device, dtype=options["dtype"],
+                           trust_remote_code=options["trust_remote_code"], revision=options["revision"])
+        return cls(load_vlm(config), options["max_new_tokens"])
 
     def instruct(self, rows: list[dict[str, Any]], policy: Policy) -> list[InstructResult]:
         """One greedy answer per row, parsed into an instruction (or an ``unparsable`` status)."""

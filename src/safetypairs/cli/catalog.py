@@ -44,24 +44,39 @@ def add_policies(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_policies)
 
 
+def _spec_usage(alias: str, cls: type) -> str:
+    """How a backend's spec is written, from its declaration (``diffusers:<hub id or local path>[,key=value,...]``)."""
+    argument = getattr(cls, "ARGUMENT", None)
+    text = alias
+    if argument is not None:
+        text += f"[:{argument.usage}]" if argument.default is not None else f":{argument.usage}"
+    if getattr(cls, "OPTIONS", None):
+        text += "[,key=value,...]" if argument is not None else "[:key=value,...]"
+    return text
+
+
 def _backend_lines(kind: str, alias: str) -> list[str]:
-    """One backend: alias, origin and target, its summary and capabilities, then its options."""
+    """One backend: alias, origin and target, its summary and capabilities, its spec and its options."""
     from safetypairs.backends import registry
     from safetypairs.backends.base import missing_members
+    from safetypairs.backends.options import option_help
 
     head = f"  {alias}  ({registry.origin(kind, alias)}: {registry.REGISTRY[kind][alias]})"
     try:
         cls = registry.backend_class(kind, alias)
-    except (ImportError, AttributeError) as err:
-        return [f"{head}  cannot be imported: {type(err).__name__}: {err}"]
+        declared = registry.declares_options(cls)
+    except ValueError as err:
+        cause = err.__cause__ or err
+        return [f"{head}  cannot be imported: {type(cause).__name__}: {cause}"]
     summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
     notes = [f"does not implement {', '.join(gaps)}"] if (gaps := missing_members(kind, cls)) else []
     if kind == "editors":
         notes.append("takes masks" if getattr(cls, "takes_mask", False) else "takes no mask")
     lines = [head + (f"  [{'; '.join(notes)}]" if notes else ""), f"      {summary}"]
+    lines += [f"      spec: {_spec_usage(alias, cls)}"] if declared else []
     options = getattr(cls, "OPTIONS", None) or {}
     width = max(map(len, options), default=0)
-    lines += [f"      {name.ljust(width)}  {help_}" for name, help_ in options.items()] or ["      (no options)"]
+    lines += [f"      {name.ljust(width)}  {option_help(entry)}" for name, entry in options.items()] or ["      (no options)"]
     return lines
 
 

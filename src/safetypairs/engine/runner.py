@@ -344,22 +344,6 @@ def content_fingerprint(data: Dataset) -> str:
     return h.hexdigest()
 
 
-def model_info(spec: str) -> dict[str, Any]:
-    """Model id and revision behind an ``hf-vlm:`` or ``diffusers:`` spec (local path or hub cache commit)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    arg = spec.partition(":")[2].partition(",")[0]
-    if not arg or spec.partition(":")[0] not in ("hf-vlm", "diffusers", "llavaguard", "shieldgemma2"):
-        return {"spec": spec}
-    if os.path.isdir(arg):
-        return {"spec": spec, "model": os.path.abspath(arg), "revision": "local"}
-    for name in ("model_index.json", "config.json"):
-        cached = try_to_load_from_cache(arg, name)
-        if isinstance(cached, str):  # .../snapshots/<commit>/<name>
-            return {"spec": spec, "model": arg, "revision": Path(cached).parent.name}
-    return {"spec": spec, "model": arg, "revision": None}
-
-
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that decide a run's output."""
     from importlib.metadata import PackageNotFoundError, version

@@ -20,14 +20,13 @@ NO_JUDGE_NOTE = (
 
 
 def backend_of(spec: str, kind: str = "guards") -> tuple[str, str | None]:
-    """``(alias, model)`` of a judge or guard spec: the model is the spec's first argument (``None`` when absent)."""
+    """``(alias, model)`` of a judge or guard spec as the registry reads it (the model ``None`` when the backend names
+    none); a spec not registered here (a judge of another install) names itself: ``(spec, None)``."""
     try:
         parsed = parse_spec(kind, spec)
-    except ValueError:  # a judge no longer registered here: compare its text
-        alias, _, arg = spec.partition(":")
-        return alias, arg.partition(",")[0] or None
-    model = (parsed.arg or "").partition(",")[0]
-    return parsed.alias, model if model and "=" not in model else None
+    except ValueError:
+        return spec, None
+    return parsed.alias, parsed.model
 
 
 def shares_backend(guard: str, judge: str) -> bool:

@@ -10,7 +10,7 @@ from typing import Any
 from PIL import Image
 
 from safetypairs import schema as S
-from safetypairs.backends.registry import backend_class
+from safetypairs.backends.registry import backend_class, from_spec_arguments
 from safetypairs.validate.change import to_float
 from safetypairs.validate.pair import PairImages, working_scale, working_size
 
@@ -68,7 +68,8 @@ def _load_roundtrip(spec: str, device: str) -> Any | None:
 
 @functools.lru_cache(maxsize=4)
 def _roundtrip_cache(loader: Any, spec: str, device: str) -> Any:
-    return loader(spec.partition(":")[2] or None, device)
+    arg, options = from_spec_arguments("editors", spec)
+    return loader(arg, device, **options)
 
 
 def vae_references(pairs: list[PairImages], editors: list[str | None], work_sizes: list[Any], device: str) -> None:

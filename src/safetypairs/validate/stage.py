@@ -12,7 +12,6 @@ from datasets import Dataset
 
 from safetypairs import schema as S
 from safetypairs import statuses as ST
-from safetypairs.backends.encoders import lpips_arguments
 from safetypairs.backends.registry import check_options, parse_spec
 from safetypairs.engine.runner import RunConfig, RunSummary, run_stage
 from safetypairs.engine.stage import StageResult, map_stage
@@ -140,7 +139,7 @@ class ValidateConfig:
             spec = parse_spec("encoders", self.lpips)
             if spec.alias != "lpips":
                 raise ValueError(f"lpips must be an 'lpips:<alex|vgg|squeeze>' spec, got {self.lpips!r}")
-            lpips_arguments(spec.arg)
+            check_options("encoders", self.lpips)
         if self.clip is not None and parse_spec("encoders", self.clip).alias not in CLIP_ALIASES:
             raise ValueError(f"clip must be an {' or '.join(CLIP_ALIASES)} spec, got {self.clip!r}")
         _check_ranges(self)

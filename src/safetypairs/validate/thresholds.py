@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 from datasets import Dataset
 
+from safetypairs.backends.registry import parse_spec
 from safetypairs.utils import Range, check_ranges
 
 FORMAT = "safetypairs-thresholds/1"
@@ -84,9 +85,12 @@ def preset_for_editor(editor: str | None) -> str:
         editor: the row's ``editor`` column (``None`` when unknown).
 
     Returns:
-        A key of `PRESETS`.
+        A key of `PRESETS` (`PIXEL_EXACT` for an editor not registered here).
     """
-    alias = (editor or "").partition(":")[0].strip()
+    try:
+        alias = parse_spec("editors", editor).alias if editor else None
+    except ValueError:  # an editor of another install
+        alias = None
     return LATENT_DIFFUSION if alias in LATENT_EDITORS else PIXEL_EXACT
 
 
