@@ -175,3 +175,15 @@ def test_a_missing_input_fails_before_any_heavy_import(args, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path)
     assert proc.stdout.strip() == "2 []", (proc.stdout, proc.stderr)
     assert len(proc.stderr.strip().splitlines()) == 1 and "is not a file or folder here" in proc.stderr
+
+
+def test_policies_lexicon_lists_the_words(capsys):
+    """A user writing captions the offline editor can edit sees the words without opening the YAML."""
+    from safetypairs.policy import load_policy
+
+    assert main(["policies", "llavaguard", "--lexicon"]) == 0
+    out = capsys.readouterr().out
+    words = load_policy("llavaguard").categories["O1"].lexicon
+    assert f"lexicon: {', '.join(words)}" in out and "loser" in words
+    assert main(["policies", "llavaguard"]) == 0
+    assert f"(lexicon: {len(words)} words; --lexicon lists them)" in capsys.readouterr().out

@@ -27,7 +27,10 @@ def _cmd_policies(args: argparse.Namespace) -> int:
         policy = load_policy(name)
         sys.stdout.write(f"{policy.id}: {policy.description}\n")
         for cat in policy.categories.values():
-            lex = f" (lexicon: {len(cat.lexicon)} words)" if cat.lexicon else ""
+            if args.lexicon and cat.lexicon:
+                sys.stdout.write(f"  {cat.code}  {cat.name}; lexicon: {', '.join(cat.lexicon)}\n")
+                continue
+            lex = f" (lexicon: {len(cat.lexicon)} words; --lexicon lists them)" if cat.lexicon else ""
             sys.stdout.write(f"  {cat.code}  {cat.name}{lex}\n")
     return 0
 
@@ -41,6 +44,9 @@ def add_policies(sub: argparse._SubParsersAction) -> None:
                    help="print the exact policy prompt this guard gets, in its trained format")
     p.add_argument("--category", help="with --render: the row's category (scope=category; LlavaGuard marks "
                                       "the others as not violated in this context)")
+    p.add_argument("--lexicon", action="store_true",
+                   help="list each category's lexicon words (what the offline template instructor, ocr-inpaint "
+                        "editor and ocr-lexicon judge/guard read in captions)")
     p.set_defaults(func=_cmd_policies)
 
 
