@@ -359,3 +359,32 @@ def test_written_cells_stay_within_pillows_own_limit(tmp_path, monkeypatch):
     assert write_parquet(ds, tmp_path / "rows.parquet", max_pixels=10_000_000) == {"image: reduced": 1}
     (row,) = iterate_everything(Dataset.from_parquet(str(tmp_path / "rows.parquet")))
     assert row[S.IMAGE].width * row[S.IMAGE].height <= 50_000
+
+
+def test_a_pixel_cap_no_image_can_pass_is_refused_and_a_run_that_measured_nothing_fails(tmp_path):
+    """`--max-pixels 1` nulled every image and exited 0; now the cap is refused up front, and a validate run in
+    which no row could be measured exits 2 naming the statuses and the first error."""
+    from safetypairs.cli import main
+    from safetypairs.validate.stage import ValidateConfig
+
+    with pytest.raises(ValueError, match="max_pixels must be an integer of at least 1024"):
+        ValidateConfig(max_pixels=1)
+    generate = ["generate", "--source", "demo:2", "--device", "cpu", "--out", str(tmp_path / "g")]
+    assert main(generate) == 0
+    assert main(["validate", str(tmp_path / "g"), "--max-pixels", "1", "--out", str(tmp_path / "v0")]) == 2
+    assert main(["validate", str(tmp_path / "g"), "--max-pixels", "1024", "--out", str(tmp_path / "v")]) == 2
+    assert (tmp_path / "v" / "run.json").is_file()  # kept for inspection
+
+
+def test_an_exception_without_a_message_says_where_it_was_raised():
+    from safetypairs.engine.stage import isolate
+
+    class ResizeImgError(Exception):
+        pass
+
+    def fails(items):
+        raise ResizeImgError()
+
+    [(result, error)] = isolate(fails, ["x"])
+    assert result is None and error.startswith("ResizeImgError: raised with no message in test_hostile.py:")
+    assert error.endswith("(fails)")

@@ -273,6 +273,8 @@ def check_survivors(summary: RunSummary) -> None:
     edit = summary.statuses.get("edit")
     if edit is None or edit.get(ST.OK):
         return
-    errors = [e for e in read_rows(summary.out).select_columns([S.EDIT_ERROR])[S.EDIT_ERROR] if e]
+    rows = read_rows(summary.out).select_columns([S.EDIT_STATUS, S.EDIT_ERROR, S.INSTRUCT_ERROR]).to_list()
+    column = S.EDIT_ERROR if any(r[S.EDIT_STATUS] != ST.NOT_INSTRUCTED for r in rows) else S.INSTRUCT_ERROR
+    errors = [r[column] for r in rows if r[column]]  # the edit's own errors, else why nothing was instructed
     raise ValueError(f"no row was edited (edit: {edit}; instruct: {instruct}); the first error: "
-                     f"{errors[0] if errors else 'none recorded'} " + where % S.EDIT_ERROR)
+                     f"{errors[0] if errors else 'none recorded'} " + where % column)

@@ -12,6 +12,7 @@ from typing import IO, Any
 
 from PIL import Image, ImageFile, ImageOps
 
+MIN_PIXELS = 32 * 32  # the smallest pixel cap a stage accepts: below it no image could be measured
 DEFAULT_MAX_PIXELS = 40_000_000  # ~40 MP: 1 MP editors with ample headroom; 120 MB as 8-bit RGB
 JPEG_SCALES = (1, 2, 4, 8)  # the reductions a JPEG decoder applies while decoding (`Image.draft`)
 UNSAFE_FORMATS = ("EPS",)  # plugins that run an external program (Ghostscript) on the data
@@ -32,9 +33,10 @@ class ImageTooLargeError(ImageError):
 
 
 def check_max_pixels(max_pixels: int) -> None:
-    """Raise ValueError unless ``max_pixels`` is a positive int (a stage config's pixel cap)."""
-    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
-        raise ValueError(f"max_pixels must be a positive integer (pixels), got {max_pixels!r}")
+    """Raise ValueError unless ``max_pixels`` is an int of at least `MIN_PIXELS` (a stage config's pixel cap)."""
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < MIN_PIXELS:
+        raise ValueError(f"max_pixels must be an integer of at least {MIN_PIXELS} (32x32: no stage can measure a "
+                         f"smaller image), got {max_pixels!r}")
 
 
 def load_image(value: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

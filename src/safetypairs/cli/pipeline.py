@@ -179,15 +179,21 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from safetypairs.engine.datafiles import read_rows
-    from safetypairs.validate.stage import ValidateConfig, validate_run
+    from safetypairs.validate.stage import ValidateConfig, check_measured, validate_run
 
     config = ValidateConfig(original_column=args.original_column, edited_column=args.edited_column,
                             policy=args.policy, judge=args.judge, lpips=args.lpips, clip=args.clip,
                             device=args.device, size_mismatch=args.size_mismatch, batch_size=args.batch_size,
                             thresholds=args.thresholds, composite=args.composite, max_pixels=args.max_pixels)
     run = run_config(args, (args.input,), source=args.input)
-    return run_sharded(config.device, lambda: read_rows(args.input),
-                       lambda rows: validate_run(rows, config, run, inputs=(args.input,)))
+
+    def stage(rows: Any) -> Any:
+        summary = validate_run(rows, config, run, inputs=(args.input,))
+        if summary is not None:
+            check_measured(summary)
+        return summary
+
+    return run_sharded(config.device, lambda: read_rows(args.input), stage)
 
 
 def add_validate(sub: argparse._SubParsersAction) -> None:

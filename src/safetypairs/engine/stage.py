@@ -4,9 +4,11 @@ with backend failures isolated to the rows that caused them."""
 from __future__ import annotations
 
 import logging
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from datasets import Dataset, Features, Image
@@ -118,12 +120,22 @@ def isolate(call: Callable[[list[T]], Sequence[R]], items: Sequence[T]) -> list[
     return out
 
 
+def error_text(err: BaseException) -> str:
+    """``"<Type>: <message>"``; an exception raised with no message says where it was raised instead of nothing."""
+    message = str(err).strip()
+    if not message:
+        frames = traceback.extract_tb(err.__traceback__)
+        where = f" in {Path(frames[-1].filename).name}:{frames[-1].lineno} ({frames[-1].name})" if frames else ""
+        message = f"raised with no message{where}"
+    return f"{type(err).__name__}: {message}"
+
+
 def _attempt(call: Callable[[list[T]], Sequence[R]], items: list[T]) -> tuple[list[R], str | None]:
     try:
         results = list(call(items))
     except Exception as err:  # noqa: BLE001 - a backend failure becomes the items' error text
         logger.debug("backend call on %d item(s) failed", len(items), exc_info=True)
-        return [], f"{type(err).__name__}: {err}"
+        return [], error_text(err)
     if len(results) != len(items):
         return [], f"the backend returned {len(results)} result(s) for {len(items)} item(s)"
     return results, None

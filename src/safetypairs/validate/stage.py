@@ -311,3 +311,19 @@ def validate_pairs(dataset: Dataset, config: ValidateConfig | None = None, **ove
         The validated dataset.
     """
     return run_validate(dataset, replace(config or ValidateConfig(), **overrides))[0]
+
+
+def check_measured(summary: RunSummary) -> None:
+    """Refuse a finished validate run in which no row could be measured, saying why (the folder is kept).
+
+    Raises:
+        ValueError: naming the statuses, the first row's error and the run folder.
+    """
+    statuses = summary.statuses.get("validate", {})
+    if statuses.get(ST.OK):
+        return
+    from safetypairs.engine.datafiles import read_rows
+
+    errors = [e for e in read_rows(summary.out).select_columns([S.VALIDATE_ERROR])[S.VALIDATE_ERROR] if e]
+    raise ValueError(f"no row could be measured (validate: {statuses}); the first error: "
+                     f"{errors[0] if errors else 'none recorded'} (the run is in {summary.out} for inspection)")
