@@ -4,13 +4,14 @@ through ``registry.load_backend``, honours its kind's interface on a real photo.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,10 +46,20 @@ class TinyModels:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.stack = contextlib.ExitStack()  # servers started for the session, stopped with it
 
     @functools.cached_property
     def vlm(self) -> str:
         return tiny_builders.build_tiny_vlm(self.root / "vlm")
+
+    @functools.cached_property
+    def served(self) -> str:
+        """A tiny VLM behind `transformers serve` (an OpenAI-compatible server on a free local port)."""
+        from served_server import served
+
+        model = tiny_builders.build_tiny_answering_vlm(self.root / "served-vlm")
+        url = self.stack.enter_context(served(model, self.root / "serve.log"))
+        return f"{model},base_url={url},cache=off"
 
     @functools.cached_property
     def shieldgemma2(self) -> str:
@@ -100,6 +111,7 @@ _CLASSIFIERS: dict[str, dict[str, Tiny]] = {
         "hf-clip": Tiny(lambda t: f"clip-zeroshot:hf-clip:{t.hf_clip}"),
     },
     "linear-probe": {"tiny-open_clip": Tiny(lambda t: f"linear-probe:{t.linear_probe}")},
+    "openai": {"transformers-serve": Tiny(lambda t: f"openai:{t.served}")},
 }
 _DIFFUSERS_OPTIONS = {"steps": "2", "resolution": "0"}
 
@@ -108,6 +120,7 @@ TINY: dict[tuple[str, str], dict[str, Tiny]] = {
     ("instructors", "template"): {"default": Tiny(lambda t: "template", captioned=True)},
     ("instructors", "column"): {"default": Tiny(lambda t: f"column:{INSTRUCTION_COLUMN}")},
     ("instructors", "hf-vlm"): {"tiny-llava": Tiny(lambda t: f"hf-vlm:{t.vlm}", {"max_new_tokens": "8"})},
+    ("instructors", "openai"): {"transformers-serve": Tiny(lambda t: f"openai:{t.served}")},
     ("editors", "ocr-inpaint"): {"default": Tiny(lambda t: "ocr-inpaint", captioned=True)},
     ("editors", "diffusers"): {
         "ip2p": Tiny(lambda t: f"diffusers:{t.ip2p}", _DIFFUSERS_OPTIONS),
@@ -123,8 +136,10 @@ REGISTERED = sorted((kind, alias) for kind, aliases in REGISTRY.items() for alia
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory) -> TinyModels:
-    return TinyModels(tmp_path_factory.mktemp("contract-tiny-models"))
+def tiny_models(tmp_path_factory) -> Iterator[TinyModels]:
+    models = TinyModels(tmp_path_factory.mktemp("contract-tiny-models"))
+    with models.stack:
+        yield models
 
 
 @functools.lru_cache(maxsize=1)
@@ -237,12 +252,13 @@ OPTION_PROBE_ARG: dict[tuple[str, str], str | None] = {
     ("instructors", "template"): None,
     ("instructors", "column"): "my_instruction",
     ("instructors", "hf-vlm"): "some/model",
+    ("instructors", "openai"): "some-model",
     ("editors", "ocr-inpaint"): None,
     ("editors", "diffusers"): "some/model",
     **{(kind, alias): arg for kind in ("judges", "guards") for alias, arg in {
         "ocr-lexicon": None, "nudenet": None, "hf-vlm": "some/model", "llavaguard": "some/model",
         "shieldgemma2": "some/model", "clip-zeroshot": "open_clip:ViT-B-32/none",
-        "linear-probe": "some/probe"}.items()},
+        "linear-probe": "some/probe", "openai": "some-model"}.items()},
     ("encoders", "lpips"): "alex",
     ("encoders", "open_clip"): "ViT-B-32/none",
     ("encoders", "hf-clip"): "some/model",

@@ -113,6 +113,30 @@ def build_tiny_vlm(path: str | Path, seed: int = 0, image_size: int = 32) -> str
     return str(path)
 
 
+def build_tiny_answering_vlm(path: str | Path, seed: int = 0, words: tuple[str, str] = ("safe", "unsafe")) -> str:
+    """`build_tiny_vlm` whose every answer word is one of ``words``: the output layer reads a single hidden dimension
+    that favours the first word when positive and the second when negative (which one depends on the image and the
+    prompt, through the random weights), so a guard on it answers in its label vocabulary, as a trained one would.
+
+    Returns:
+        The folder path as a string.
+    """
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    path = Path(build_tiny_vlm(path, seed))
+    model = LlavaForConditionalGeneration.from_pretrained(path)
+    ids = [AutoProcessor.from_pretrained(path).tokenizer.convert_tokens_to_ids(w) for w in words]
+    with torch.no_grad():
+        norm = model.model.language_model.norm.weight
+        norm.zero_()
+        norm[0] = 1.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[ids[0], 0], model.lm_head.weight[ids[1], 0] = 50.0, -50.0
+    model.save_pretrained(path, safe_serialization=True)
+    return str(path)
+
+
 # --- tiny diffusers editing pipelines ---------------------------------------------------------
 
 

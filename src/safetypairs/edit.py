@@ -22,7 +22,7 @@ from safetypairs.images import (
     load_image,
 )
 from safetypairs.instructions import noop_instruction
-from safetypairs.backends.registry import available, backend_class, check_options, load_backend
+from safetypairs.backends.registry import available, backend_class, check_ready, load_backend
 from safetypairs.engine.stage import StageResult, isolate, map_stage
 from safetypairs.utils import device_for_rank
 
@@ -67,7 +67,7 @@ class EditConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
-        check_options("editors", self.editor, dict(self.editor_options))
+        check_ready("editors", self.editor, dict(self.editor_options))
         check_max_pixels(self.max_pixels)
         if self.mask_column is not None:
             _check_takes_mask(self.editor, self.mask_column)

@@ -21,7 +21,7 @@ from safetypairs.images import (
     load_image,
 )
 from safetypairs.policy import Policy, is_none_category, load_policy
-from safetypairs.backends.registry import check_options, load_backend, parse_spec
+from safetypairs.backends.registry import check_ready, load_backend, parse_spec
 from safetypairs.engine.stage import StageResult, isolate, map_stage
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class InstructConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
-        check_options("instructors", self.instructor, dict(self.instructor_options))  # loads no model
+        check_ready("instructors", self.instructor, dict(self.instructor_options))  # loads no model
         check_max_pixels(self.max_pixels)
         load_policy(self.policy)
         if self.batch_size < 1:

@@ -46,6 +46,9 @@ MISSING_INSTRUCTION = _define("missing_instruction", "instruct", "the given inst
 UNPARSABLE = _define("unparsable", "instruct evaluate",
                      "a model's answer could not be parsed (an instruction, or a guard's label)")
 INSTRUCT_ERROR = _define("instruct_error", "instruct", "the instructor raised on the row (the error names it)")
+API_ERROR = _define("api_error", "instruct validate evaluate",
+                    "a served model's request failed after every retry (the error names the cause); a rerun asks "
+                    "again for these rows only: every other answer is in the response cache")
 
 # --- edit -------------------------------------------------------------------------------------------------------
 NOT_INSTRUCTED = _define("not_instructed", "edit", "no instruction to carry out: see the row's instruct_status")

@@ -40,12 +40,15 @@ class Verdict:
         score: higher means more unsafe (e.g. P(unsafe)); ``None`` when the backend has none.
         rationale: a short human-readable reason.
         raw: the backend's raw output (text or JSON), kept for audits.
+        status: the row's status when the backend could not answer for this image (a word of `statuses`,
+            e.g. ``api_error`` from a served model); ``None`` when it answered (parsable or not).
     """
 
     label: str
     score: float | None
     rationale: str
     raw: str
+    status: str | None = None
 
 
 def as_verdict(answer: Any) -> Verdict:

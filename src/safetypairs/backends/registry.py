@@ -40,6 +40,7 @@ _CLASSIFIERS = {
     "shieldgemma2": "safetypairs.backends.vlm_guards:ShieldGemma2Guard",
     "clip-zeroshot": "safetypairs.backends.clip_guard:CLIPZeroShotGuard",
     "linear-probe": "safetypairs.backends.probe:LinearProbeGuard",
+    "openai": "safetypairs.backends.served:ServedModel",
 }
 
 REGISTRY: dict[str, dict[str, str]] = {
@@ -47,6 +48,7 @@ REGISTRY: dict[str, dict[str, str]] = {
         "template": "safetypairs.backends.template:TemplateInstructor",
         "column": "safetypairs.backends.template:ColumnInstructor",
         "hf-vlm": "safetypairs.backends.vlm_instruct:HFVLMInstructor",
+        "openai": "safetypairs.backends.served:ServedModel",
     },
     "editors": {
         "ocr-inpaint": "safetypairs.backends.ocr_edit:OCRInpaintEditor",
@@ -412,6 +414,25 @@ def check_options(kind: str, spec: str, options: Mapping[str, Any] | None = None
     arg, values = _arguments(parsed, obj, options or {})
     if hasattr(obj, "check_options"):
         obj.check_options(arg, **values)
+    return parsed
+
+
+def check_ready(kind: str, spec: str, options: Mapping[str, Any] | None = None) -> Spec:
+    """`check_options`, then the backend's own ``check_ready(model, **values)`` when it has one: what must hold
+    before any row is worked on and cannot be seen in the spec (a served model's server answers and serves it).
+    The stage configs call this; `check_options` itself never touches the network.
+
+    Returns:
+        The parsed `Spec`.
+
+    Raises:
+        ValueError: as `check_options`, or naming what is not ready and how to fix it.
+    """
+    parsed = check_options(kind, spec, options)
+    _, obj = _resolve(kind, spec)
+    if hasattr(obj, "check_ready"):
+        arg, values = _arguments(parsed, obj, options or {})
+        obj.check_ready(arg, **values)
     return parsed
 
 

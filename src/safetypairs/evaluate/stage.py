@@ -24,7 +24,7 @@ from safetypairs.images import (
 from safetypairs.evaluate.metrics import encode_labels
 from safetypairs.evaluate.natural import NaturalSet, natural_comparison, select_natural
 from safetypairs.policy import Policy, load_policy
-from safetypairs.backends.registry import check_options, load_backend
+from safetypairs.backends.registry import check_ready, load_backend
 from safetypairs.engine.runner import (
     RunConfig,
     RunSummary,
@@ -88,7 +88,7 @@ class EvaluateConfig:
             raise ValueError("EvaluateConfig.guards must be a non-empty tuple of guard specs")
         object.__setattr__(self, "guards", tuple(dict.fromkeys(self.guards)))
         for spec in self.guards:
-            check_options("guards", spec)  # unknown alias ("did you mean"), bad options, user code that fails to import
+            check_ready("guards", spec)  # unknown alias ("did you mean"), bad options, user code that fails to import
         if self.batch_size < 1:
             raise ValueError(f"EvaluateConfig.batch_size must be >= 1, got {self.batch_size}")
         if self.num_proc is not None and self.num_proc < 1:
@@ -142,7 +142,7 @@ class GuardTransform:
                     continue
                 out[cols["pred"]][i], out[cols["score"]][i] = verdict.label, verdict.score
                 out[cols["rationale"]][i], out[cols["raw"]][i] = verdict.rationale, verdict.raw
-                out[cols["status"]][i] = ST.OK if verdict.label != UNKNOWN else ST.UNPARSABLE
+                out[cols["status"]][i] = verdict.status or (ST.OK if verdict.label != UNKNOWN else ST.UNPARSABLE)
         return out
 
 

@@ -117,10 +117,10 @@ def decide_judge(row: dict[str, Any], judge: str, original: str, edited: str) ->
         row[S.REJECT_DETAIL] = f"judge {judge}: original {original}, edit {edited}"
 
 
-def judge_failed(row: dict[str, Any], error: str) -> None:
-    """A judge that raised: status ``judge_error``; the fate too unless the pixels already rejected the row."""
-    row.update({S.VALIDATE_STATUS: ST.JUDGE_ERROR, S.REJECT_REASON: row[S.REJECT_REASON] or ST.JUDGE_ERROR,
-                S.VALIDATE_ERROR: error})
+def judge_failed(row: dict[str, Any], error: str, status: str = ST.JUDGE_ERROR) -> None:
+    """A judge that raised (``judge_error``) or could not answer (``api_error``): that status; the fate too unless
+    the pixels already rejected the row."""
+    row.update({S.VALIDATE_STATUS: status, S.REJECT_REASON: row[S.REJECT_REASON] or status, S.VALIDATE_ERROR: error})
 
 
 def limits_json(thresholds: Thresholds) -> str:

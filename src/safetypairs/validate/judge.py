@@ -56,6 +56,10 @@ def judge_rows(config: Any, batch: dict[str, list], pairs: list[PairImages], row
             judge_failed(row, f"{row_name(batch, pair.index)}: judge {config.judge} failed: {error}")
             continue
         before, after = verdicts
+        if before.status or after.status:  # the judge could not answer for one image (a served model's api_error)
+            failed = before if before.status else after
+            judge_failed(row, f"{row_name(batch, pair.index)}: judge {config.judge}: {failed.rationale}", failed.status)
+            continue
         row.update({S.JUDGE_ORIGINAL: before.label, S.JUDGE_EDITED: after.label,
                     S.JUDGE_ORIGINAL_RAW: verdict_json(before), S.JUDGE_EDITED_RAW: verdict_json(after)})
         row[S.METRICS_RAN].append(f"judge:{config.judge}")

@@ -12,7 +12,7 @@ from datasets import Dataset
 
 from safetypairs import schema as S
 from safetypairs import statuses as ST
-from safetypairs.backends.registry import check_options, parse_spec
+from safetypairs.backends.registry import check_options, check_ready, parse_spec
 from safetypairs.engine.runner import RunConfig, RunSummary, run_stage
 from safetypairs.engine.stage import StageResult, map_stage
 from safetypairs.images import DEFAULT_MAX_PIXELS, check_max_pixels
@@ -134,7 +134,7 @@ class ValidateConfig:
         if len({self.original_column, self.edited_column, self.control_column}) < 3:
             raise ValueError("original_column, edited_column and control_column must differ")
         if self.judge is not None:
-            check_options("judges", self.judge)
+            check_ready("judges", self.judge)
         if self.lpips is not None:
             spec = parse_spec("encoders", self.lpips)
             if spec.alias != "lpips":
