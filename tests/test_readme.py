@@ -202,8 +202,35 @@ def check_command(tokens: list[str], walk: Walk, capsys) -> None:
         check_pip(tokens)
     elif tokens[:3] == ["python", "-m", "pytest"]:
         check_pytest(tokens)
+    elif tokens[:2] == ["vllm", "serve"]:
+        check_vllm(tokens)
     else:
         pytest.fail(f"README command {' '.join(tokens)!r} is not exercised: teach tests/test_readme.py about it")
+
+
+# `vllm serve` flags the README uses, with how each value must read (vLLM is not installed here: its documented
+# flags stand in for its parser; the model must be a hub id as the hub names it).
+VLLM_FLAGS = {"--port": int, "--host": str, "--max-model-len": int, "--tensor-parallel-size": int,
+              "--served-model-name": str, "--dtype": ("auto", "bfloat16", "float16", "float32"),
+              "--limit-mm-per-prompt": "json"}
+
+
+def check_vllm(tokens: list[str]) -> None:
+    import json
+
+    model, rest = tokens[2], tokens[3:]
+    assert re.fullmatch(r"[\w.-]+/[\w.-]+", model), f"vllm serve {model!r}: not a hub id ORG/NAME"
+    assert len(rest) % 2 == 0, f"vllm serve: flags and values do not pair up: {rest}"
+    for flag, value in zip(rest[::2], rest[1::2]):
+        kind = VLLM_FLAGS.get(flag)
+        assert kind is not None, f"vllm serve {flag}: not a flag the README knows (add it to VLLM_FLAGS)"
+        if kind == "json":
+            parsed = json.loads(value)
+            assert isinstance(parsed, dict) and all(isinstance(v, int) for v in parsed.values()), value
+        elif isinstance(kind, tuple):
+            assert value in kind, (flag, value)
+        else:
+            kind(value)
 
 
 def make_user_folder(code: str) -> None:
