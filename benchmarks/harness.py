@@ -195,7 +195,8 @@ def scaling(cli_args: Sequence[str], work: Path, rounds: int, name: str) -> dict
                   f"median {statistics.median(values):6.2f} s")
     speed = {}
     for key, goal in (("compute", 1.6), ("steady", 1.6), ("wall", None)):
-        ratios = [a[key] / b[key] for a, b in zip(runs[1], runs[2])]
+        # steady is 0 when every rank has one chunk (nothing after the model loading): no ratio then
+        ratios = [a[key] / b[key] if b[key] else float("nan") for a, b in zip(runs[1], runs[2])]
         speed[key] = statistics.median(ratios)
         print(f"  speed-up {key:<8} per round {' '.join(f'{x:.2f}' for x in ratios)}   median {speed[key]:.2f}x"
               + (f" (goal >= {goal}x)" if goal else ""))

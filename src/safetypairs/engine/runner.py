@@ -213,9 +213,10 @@ def run_stage(data: Dataset, compute: ChunkFn, *, stage: str, settings: Mapping[
     out = Path(run.out)
     state = process_state(device)
     # only rank 0 opens and finishes the folder: the other ranks skip hashing every input byte
+    t1 = time.perf_counter()
     fingerprint = (run_fingerprint(data, stage, settings, run.chunk_size, rows_per_input)
                    if state.is_main_process else "")
-    steps = {"fingerprint": round(time.perf_counter() - t0, 3)}
+    steps = {"fingerprint": round(time.perf_counter() - t1, 3)}
     opened = _broadcast(state, lambda: _open_run(out, fingerprint, stage, run))
     if "error" in opened:
         raise OutputDirError(opened["error"])
