@@ -1,11 +1,13 @@
 """Benchmark: the embed stage vs a bare encoder loop, the sample-efficiency sweep over cached embeddings,
 and a second embed run on the same data (encoder calls counted).
 
-Run: OMP_NUM_THREADS=2 PYTHONPATH=src:tests python benchmarks/bench_embed.py
+Run: OMP_NUM_THREADS=2 PYTHONPATH=src:tests python benchmarks/bench_embed.py [--quick]
+(``--quick``: a few images and a small sweep, a smoke run of every part.)
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import tempfile
@@ -18,6 +20,9 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1] / p) for p in ("src", "t
 os.environ.setdefault("SAFETYPAIRS_NO_PROGRESS", "1")
 
 ENCODER = "open_clip:ViT-B-32/none"  # the real ViT-B/32 architecture with random weights (no download)
+# images embedded (stage vs bare), batch, sweep embedding size, ks and seeds, images embedded twice
+FULL = {"images": 128, "batch": 32, "dim": 768, "ks": (2, 4, 8, 16, 32, 64), "seeds": 10, "again": 64}
+QUICK = {"images": 8, "batch": 4, "dim": 32, "ks": (2, 4), "seeds": 2, "again": 8}
 
 
 def _photos(n: int):
@@ -55,8 +60,8 @@ def bench_stage_vs_bare(n: int = 128, batch_size: int = 32, repeats: int = 2) ->
     return min(stage), min(bare)
 
 
-def bench_sweep(dim: int = 768) -> tuple[float, int]:
-    """Seconds for 6 k x 10 seeds x 4 arms on cached (synthetic) embeddings of CLIP ViT-L/14 size."""
+def bench_sweep(dim: int = 768, ks: tuple[int, ...] = (2, 4, 8, 16, 32, 64), seeds: int = 10) -> tuple[float, int]:
+    """Seconds for ``ks`` x ``seeds`` x 4 arms on cached (synthetic) embeddings (768: CLIP ViT-L/14 size)."""
     from safetypairs.identity import identity_of
     from safetypairs.probes.sample_efficiency import Labelled, SweepConfig, run_sweep
 
@@ -71,7 +76,7 @@ def bench_sweep(dim: int = 768) -> tuple[float, int]:
 
     base, pairs, evaluation = rows(300, "b"), rows(200, "p"), rows(600, "e")
     start = time.perf_counter()
-    results = run_sweep(base, pairs, evaluation, SweepConfig(ks=(2, 4, 8, 16, 32, 64), seeds=10), "ocr-text")
+    results = run_sweep(base, pairs, evaluation, SweepConfig(ks=ks, seeds=seeds), "ocr-text")
     return time.perf_counter() - start, len(results["runs"])
 
 
@@ -94,13 +99,17 @@ def bench_second_run(n: int = 64) -> tuple[int, int, str]:
 
 
 def main() -> None:
-    stage, bare = bench_stage_vs_bare()
-    print(f"embed 128 images ({ENCODER}, batch 32): stage {stage:.2f} s, bare loop {bare:.2f} s, "
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the smallest size of every part (a smoke run)")
+    size = QUICK if parser.parse_args().quick else FULL
+    stage, bare = bench_stage_vs_bare(size["images"], size["batch"])
+    print(f"embed {size['images']} images ({ENCODER}, batch {size['batch']}): stage {stage:.2f} s, bare loop {bare:.2f} s, "
           f"ratio {stage / bare:.3f} (target <= 1.05)")
-    seconds, runs = bench_sweep()
-    print(f"sample-efficiency sweep 6 k x 10 seeds x 4 arms ({runs} probes, 768-d): {seconds:.2f} s (target < 10 s)")
-    first, second = bench_second_run()
-    print(f"embed_run on 64 images: first run embedded {first} images, second run {second} (target 0)")
+    seconds, runs = bench_sweep(size["dim"], size["ks"], size["seeds"])
+    print(f"sample-efficiency sweep {len(size['ks'])} k x {size['seeds']} seeds x 4 arms ({runs} probes, {size['dim']}-d): "
+          f"{seconds:.2f} s (target < 10 s at 6 k x 10 seeds, 768-d)")
+    first, second = bench_second_run(size["again"])
+    print(f"embed_run on {size['again']} images: first run embedded {first} images, second run {second} (target 0)")
 
 
 if __name__ == "__main__":

@@ -3,12 +3,15 @@
     OMP_NUM_THREADS=1 python benchmarks/bench_evaluate.py [--quick]
 
 1. Metrics: 3,020 images x 1,000 bootstrap resamples over pairs (goal < 2 s).
-2. Overhead: a tiny random Llava guard (``hf-vlm:<path>``, 224 px) over the ``images`` config of a
+2. Overhead: a tiny random Llava guard (``hf-vlm:<path>``, 224 px, answering safe/unsafe:
+   `tiny_models.build_tiny_answering_vlm`)
+   over the ``images`` config of a
    release folder made of real skimage photos. The bare loop reads the same parquet rows, decodes the
    same image bytes with `load_image` and calls the same ``classify`` on the same batches; against it
    run `predict` (in-process `map_stage`) and `evaluate_run` (the shared runner, the CLI's path:
    chunks + parquet + merge, then scoring without bootstrap and the report). Rounds are interleaved
-   (order rotates); the ratio is the median of the per-round ratios (goal <= 1.05x).
+   (order rotates); the ratio is the median of the per-round ratios (goal <= 1.10x); then where the runner's
+   time goes.
 3. Scaling: ``safetypairs evaluate`` as 1 process and under ``torchrun --nproc_per_node 2`` (one thread
    each); wall clock, start-up and compute seconds apart (goal >= 1.6x compute).
 
@@ -31,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 os.environ.setdefault("SAFETYPAIRS_NO_PROGRESS", "1")
 
-from harness import interleaved, load_line, print_overhead, scaling  # noqa: E402
+from harness import DecodeClock, interleaved, load_line, print_overhead, print_runner_parts, scaling  # noqa: E402
 
 SIDE = 224
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "clock", "stereo_motorcycle")
@@ -119,14 +122,19 @@ def overhead(release: Path, spec: str, work: Path, rounds: int, batch_size: int,
     def mapped(_: int) -> None:
         predict(images, config)
 
+    decode = DecodeClock()
+
     def runner(r: int) -> None:
-        evaluate_run(str(release), config, RunConfig(out=work / f"evaluate-{r}", chunk_size=chunk_size))
+        with decode:
+            evaluate_run(str(release), config, RunConfig(out=work / f"evaluate-{r}", chunk_size=chunk_size))
 
     bare(0)  # warm-up: model load, first-call allocations
     paths = {"bare loop": bare, "predict (map_stage)": mapped, "evaluate_run (runner)": runner}
     seconds = interleaved(paths, rounds)
     print_overhead(f"guard overhead, tiny Llava {SIDE} px, {len(images)} images, batch {batch_size}, chunk {chunk_size}, "
-                   f"{rounds} interleaved rounds ({load_line()}):", seconds, "bare loop", 1.05)
+                   f"{rounds} interleaved rounds ({load_line()}):", seconds, "bare loop", 1.10)
+    print_runner_parts("evaluate_run (runner)", [work / f"evaluate-{r}" for r in range(rounds)], seconds,
+                       decode.seconds, "bare loop", "predict (map_stage)")
 
 
 def main() -> None:
@@ -140,7 +148,7 @@ def main() -> None:
     n = args.n or (64 if args.quick else 192)
     import datasets
     import torch
-    from tiny_models import build_tiny_vlm
+    from tiny_models import build_tiny_answering_vlm
 
     datasets.disable_progress_bars()
     datasets.disable_caching()  # a repeated map recomputes instead of loading the previous round's result
@@ -150,7 +158,7 @@ def main() -> None:
     print(f"metrics: 3,020 images, 1,000 bootstrap resamples over pairs (+9 categories): {seconds:.3f} s (goal < 2 s)")
     with tempfile.TemporaryDirectory(prefix="bench-evaluate-") as tmp:
         work = Path(tmp)
-        spec = f"hf-vlm:{build_tiny_vlm(work / 'vlm', image_size=SIDE)},max_new_tokens=8"
+        spec = f"hf-vlm:{build_tiny_answering_vlm(work / 'vlm', image_size=SIDE)},max_new_tokens=8"
         # a unique folder name: `datasets` caches a local folder by its name and README, not its files
         release = write_release(n, Path(tempfile.mkdtemp(prefix="release-", dir=work)))
         overhead(release, spec, work, args.rounds, batch_size=8, chunk_size=32)

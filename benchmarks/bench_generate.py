@@ -6,7 +6,8 @@
    path: chunks + parquet + merge) with a tiny random InstructPix2Pix editor (``diffusers:<path>``) over
    ``n`` sources, against a bare loop that calls the same pipeline, batch by batch, on the same decoded
    images with the same seeds and resizes back. The three run over ``--rounds`` slices of the source in
-   rotating order; the ratio is the median of the per-round ratios (goal <= 1.05x).
+   rotating order; the ratio is the median of the per-round ratios (goal <= 1.05x); then where the runner's
+   time goes.
 2. Scaling: ``safetypairs generate`` as 1 process and under ``torchrun --nproc_per_node 2`` (one thread
    each); wall clock, start-up and compute seconds apart (goal >= 1.6x compute).
 
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 os.environ.setdefault("SAFETYPAIRS_NO_PROGRESS", "1")
 
-from harness import interleaved, load_line, print_overhead, scaling  # noqa: E402
+from harness import DecodeClock, interleaved, load_line, print_overhead, print_runner_parts, scaling  # noqa: E402
 
 SIDE = 64
 STEPS = 2
@@ -108,26 +109,34 @@ def overhead(editor_path: str, source_path: Path, work: Path, rounds: int) -> No
         rows = generate_pairs(parts[r], instructor="column:instruction", editor=spec, **options)
         assert rows.unique("edit_status") == ["ok"], rows.unique("edit_status")
 
+    decode = DecodeClock()
+
+    def runner(r: int) -> None:
+        with decode:
+            generate_run(parts[r], config, RunConfig(out=work / f"overhead-run-{r}", chunk_size=64))
+
     paths = {"bare loop": lambda r: bare_loop(pipe, parts[r]), "generate_pairs (map_stage)": pairs,
-             "generate_run (runner)": lambda r: generate_run(parts[r], config,
-                                                             RunConfig(out=work / f"overhead-run-{r}", chunk_size=64))}
+             "generate_run (runner)": runner}
     seconds = interleaved(paths, rounds)
     print_overhead(f"generate overhead, tiny InstructPix2Pix {SIDE} px, {STEPS} steps, {len(source)} sources in {rounds} "
                    f"slices, batch {BATCH}, chunk 64 ({load_line()}):", seconds, "bare loop", 1.05)
+    print_runner_parts("generate_run (runner)", [work / f"overhead-run-{r}" for r in range(rounds)], seconds,
+                       decode.seconds, "bare loop", "generate_pairs (map_stage)")
 
 
 def main() -> None:
     """Run both benchmarks and print their numbers."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=200, help="sources (default: 200)")
-    parser.add_argument("--chunk-size", type=int, default=20, help="chunk size for the scaling runs (default: 20)")
+    parser.add_argument("--n", type=int, default=None, help="sources (default: 200, quick: 80)")
+    parser.add_argument("--chunk-size", type=int, default=None, help="chunk size for the scaling runs (default: 20, "
+                                                                     "quick: 10)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
-    parser.add_argument("--quick", action="store_true", help="80 sources, chunk 10 (a smoke run)")
+    parser.add_argument("--quick", action="store_true", help="80 sources, chunk 10 unless given (a smoke run)")
     parser.add_argument("--skip-scaling", action="store_true", help="only the overhead benchmark")
     parser.add_argument("--skip-overhead", action="store_true", help="only the scaling benchmark")
     args = parser.parse_args()
-    if args.quick:
-        args.n, args.chunk_size = 80, 10
+    args.n = args.n or (80 if args.quick else 200)
+    args.chunk_size = args.chunk_size or (10 if args.quick else 20)
     os.environ.setdefault("SAFETYPAIRS_NO_PROGRESS", "1")
     sys.path.insert(0, str(ROOT / "tests"))
     import torch

@@ -5,13 +5,17 @@ the control-relative path vs the plain one, and the VAE round trip of a tiny dif
     OMP_NUM_THREADS=1 python benchmarks/bench_validate.py --n 0 --control 96 --vae 128 256
 
 Pairs are 256 px crops of real skimage photos with a pasted patch, written to an Arrow dataset on
-disk first (``save_to_disk``) so every path streams them from disk. Encoders are offline stand-ins
-(LPIPS AlexNet with a random backbone, a tiny random ``hf-clip`` model loaded with from_pretrained).
+disk first (``save_to_disk``), then into a run folder the way ``generate`` writes its candidates (every
+image cell checked once and recorded in ``image_checks``): what ``safetypairs validate`` reads after
+``generate``. Every path streams them from disk. Encoders are offline stand-ins (LPIPS AlexNet with a
+random backbone, a tiny random ``hf-clip`` model loaded with from_pretrained).
 
 1. Overhead: a bare loop (decode the same cells, the same change mask, SSIM/PSNR, LPIPS and CLIP calls on
    the same batches) vs `run_validate` (in-process `map_stage`) vs `validate_run` (the shared runner, the
-   CLI's path: chunks + parquet + merge), interleaved rounds in one process with warm models; the ratio
-   is the median of the per-round ratios (goal <= 1.05x).
+   CLI's path: chunks + parquet + merge) on the run folder's rows, and `validate_run` on the
+   ``save_to_disk`` rows (nothing recorded: the writer decodes every image cell once to check it);
+   interleaved rounds in one process with warm models; the ratio is the median of the per-round ratios
+   (goal <= 1.10x); then where the runner's time goes.
 2. Scaling: ``safetypairs validate`` as 1 process and under ``torchrun --nproc_per_node 2`` (one thread
    each); wall clock, start-up and compute seconds apart (goal >= 1.6x compute).
 3. Memory (``--memory N ...``): each point runs `validate_pairs` in a fresh subprocess that reports its
@@ -40,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 os.environ.setdefault("SAFETYPAIRS_NO_PROGRESS", "1")
 
-from harness import interleaved, load_line, print_overhead, scaling  # noqa: E402
+from harness import DecodeClock, interleaved, load_line, print_overhead, print_runner_parts, scaling  # noqa: E402
 
 SIDE = 256
 LPIPS_SPEC = "lpips:alex,pnet_rand=true"
@@ -89,6 +93,18 @@ def write_pairs(n: int, out: Path, control: bool = False) -> Path:
     return out
 
 
+def checked_run(path: Path, out: Path) -> Path:
+    """The rows saved at ``path`` as a run folder, written as ``generate`` writes its candidates (each image cell
+    checked once and recorded): the input ``safetypairs validate`` reads after ``generate``."""
+    from datasets import load_from_disk
+
+    from safetypairs.engine.runner import RunConfig, run_stage
+
+    run_stage(load_from_disk(str(path)), lambda rows, device: (rows, {}), stage="candidates", settings={},
+              run=RunConfig(out=out, chunk_size=256), device="cpu")
+    return out
+
+
 def bare_loop(data, lpips_spec: str | None, clip_spec: str, batch_size: int) -> int:
     """The same metric calls as `ValidateTransform`, in a plain loop that keeps only the numbers."""
 
@@ -121,26 +137,43 @@ def bare_loop(data, lpips_spec: str | None, clip_spec: str, batch_size: int) -> 
     return len(results)
 
 
-def overhead(path: Path, clip_spec: str, work: Path, rounds: int, batch_size: int, chunk_size: int) -> None:
-    """Bare loop vs `run_validate` vs `validate_run`, interleaved rounds on the same rows (warm models)."""
+def overhead(path: Path, run: Path, clip_spec: str, work: Path, rounds: int, batch_size: int,
+             chunk_size: int) -> None:
+    """Bare loop vs `run_validate` vs `validate_run` on the run folder's rows (and on the saved rows), interleaved
+    rounds (warm models)."""
     from datasets import load_from_disk
 
+    from safetypairs.engine.datafiles import read_rows
     from safetypairs.engine.runner import RunConfig
     from safetypairs.validate.stage import ValidateConfig, run_validate, validate_run
 
-    data = load_from_disk(str(path))
+    data, saved = read_rows(run), load_from_disk(str(path))
     config = ValidateConfig(lpips=LPIPS_SPEC, clip=clip_spec, device="cpu", batch_size=batch_size)
     bare_loop(data.select(range(batch_size)), LPIPS_SPEC, clip_spec, batch_size)  # warm-up: models, first calls
     run_validate(data.select(range(batch_size)), config)
+    decode, unchecked = DecodeClock(), DecodeClock()
+
+    def runner(r: int) -> None:
+        with decode:
+            validate_run(data, config, RunConfig(out=work / f"validate-{r}", chunk_size=chunk_size))
+
+    def runner_unchecked(r: int) -> None:
+        with unchecked:
+            validate_run(saved, config, RunConfig(out=work / f"validate-saved-{r}", chunk_size=chunk_size))
+
     paths = {
         "bare loop": lambda r: bare_loop(data, LPIPS_SPEC, clip_spec, batch_size),
         "run_validate (map_stage)": lambda r: run_validate(data, config),
-        "validate_run (runner)": lambda r: validate_run(data, config, RunConfig(out=work / f"validate-{r}",
-                                                                               chunk_size=chunk_size)),
+        "validate_run (runner)": runner,
+        "validate_run (saved input)": runner_unchecked,
     }
     seconds = interleaved(paths, rounds)
     print_overhead(f"validate overhead, {len(data)} pairs at {SIDE} px ({LPIPS_SPEC} + tiny hf-clip), batch {batch_size}, "
-                   f"chunk {chunk_size}, {rounds} interleaved rounds ({load_line()}):", seconds, "bare loop", 1.05)
+                   f"chunk {chunk_size}, {rounds} interleaved rounds ({load_line()}):", seconds, "bare loop", 1.10)
+    print_runner_parts("validate_run (runner)", [work / f"validate-{r}" for r in range(rounds)], seconds,
+                       decode.seconds, "bare loop", "run_validate (map_stage)")
+    print_runner_parts("validate_run (saved input)", [work / f"validate-saved-{r}" for r in range(rounds)], seconds,
+                       unchecked.seconds, "bare loop", "run_validate (map_stage)")
 
 
 def _memory_child(path: str, batch_size: int) -> None:
@@ -289,10 +322,11 @@ def main() -> None:
         if args.n == 0:
             return
         paths = {k: write_pairs(k, work / f"pairs-{k}") for k in sorted({n, *args.memory})}
+        run = checked_run(paths[n], work / f"candidates-{n}")
         clip_spec = _tiny_clip_spec(work / "clip")
-        overhead(paths[n], clip_spec, work, args.rounds, args.batch_size, chunk_size)
+        overhead(paths[n], run, clip_spec, work, args.rounds, args.batch_size, chunk_size)
         if not args.skip_scaling:
-            scaling(["validate", str(paths[n]), "--lpips", LPIPS_SPEC, "--clip", clip_spec, "--device", "cpu",
+            scaling(["validate", str(run), "--lpips", LPIPS_SPEC, "--clip", clip_spec, "--device", "cpu",
                      "--batch-size", str(args.batch_size), "--chunk-size", str(chunk_size)], work, args.rounds, "validate")
         if args.memory:
             memory({k: paths[k] for k in args.memory}, args.batch_size)

@@ -1,11 +1,11 @@
-"""Shared benchmark helpers: interleaved rounds with median ratios, and the CLI as 1 vs 2 torchrun processes
-with wall clock, start-up and compute seconds apart.
+"""Shared benchmark helpers: interleaved rounds with median ratios, where a runner's time goes, and the CLI as
+1 vs 2 torchrun processes with wall clock, start-up and compute seconds apart.
 
 Start-up of a CLI run = process launch until the last rank logs that it begins its chunks (the runner's
 ``"<stage> rank i/n on <device>: ..."`` INFO line, time-stamped here as it arrives on stderr). Compute =
-chunk seconds (compute + write, from ``run.json``) of the busiest rank. Steady = the same without the first chunk's
-model loading (imports, weights, warm-up: a fixed per-process cost). Tail = wall - start-up - compute:
-the merge, finalize (reports), waiting for the slower rank and process teardown.
+chunk seconds (select + compute + write, from ``run.json``) of the busiest rank. Steady = the same without the
+first chunk's model loading (imports, weights, warm-up: a fixed per-process cost). Tail = wall - start-up -
+compute: the merge, finalize (reports), waiting for the slower rank and process teardown.
 """
 
 from __future__ import annotations
@@ -71,6 +71,60 @@ def print_overhead(title: str, seconds: Mapping[str, Mapping[str, Sequence[float
             print(line)
 
 
+class DecodeClock:
+    """Seconds the run writer spends decoding image cells to check them (`images.check_cell`) in this process,
+    per use as a context manager (``with clock: ...`` appends one entry to ``seconds``)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def __enter__(self) -> DecodeClock:
+        from safetypairs.engine import imagechecks
+
+        original = imagechecks.check_cell
+        self.seconds.append(0.0)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds[-1] += time.perf_counter() - start
+
+        self._restore = lambda: setattr(imagechecks, "check_cell", original)
+        imagechecks.check_cell = timed
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
+
+
+def runner_parts(out: Path) -> dict[str, float]:
+    """Where a finished run's seconds went, from its ``run.json``: the chunks' select / compute / write (summed
+    over chunks) and rank 0's fingerprint / merge / finalize."""
+    timings = json.loads((out / "run.json").read_text())["timings"]
+    parts = {key: sum(chunk.get(key, 0.0) for chunk in timings["chunk_seconds"].values())
+             for key in ("select", "compute", "write")}
+    return {**parts, **{key: timings.get("rank0_seconds", {}).get(key, 0.0) for key in ("fingerprint", "merge", "finalize")}}
+
+
+def print_runner_parts(name: str, outs: Sequence[Path], seconds: Mapping[str, Mapping[str, Sequence[float]]],
+                       decode: Sequence[float], bare: str, mapped: str) -> None:
+    """Print where the in-process runner path's wall seconds go (medians over rounds) and how its overhead over
+    the bare loop splits into the stage's own (``mapped`` - bare) and the runner's (runner - ``mapped``)."""
+    parts = [runner_parts(out) for out in outs]
+    walls = seconds[name]["wall"]
+    median = {key: statistics.median(p[key] for p in parts) for key in parts[0]}
+    other = statistics.median(w - sum(p.values()) for w, p in zip(walls, parts))
+    print(f"  where {name} goes (median s/round): chunks: select {median['select']:.2f}  compute "
+          f"{median['compute']:.2f}  write {median['write']:.2f} (image check decode {statistics.median(decode):.2f})"
+          f"  rank 0: fingerprint {median['fingerprint']:.2f}  merge {median['merge']:.2f}  finalize "
+          f"{median['finalize']:.2f}  other (open, lock, move) {other:.2f}")
+    base, stage = statistics.median(seconds[bare]["wall"]), statistics.median(seconds[mapped]["wall"])
+    print(f"  {name} - {bare} = {statistics.median(walls) - base:.2f} s/round: the stage's own "
+          f"({mapped} - {bare}) {stage - base:.2f} s + the runner's {statistics.median(walls) - stage:.2f} s")
+
+
 def critical_path(meta: Mapping[str, Any]) -> tuple[float, float]:
     """Chunk seconds (compute + write) of the busiest rank of a finished run: all of them, and "steady" with
     each rank's first chunk (which loads the models: imports, weights, warm-up) counted at the median
@@ -93,7 +147,8 @@ def launch(cli_args: Sequence[str], out: Path, processes: int, threads: int = 1)
 
     Returns:
         ``wall``, ``startup``, ``compute`` (busiest rank's chunk seconds), ``steady`` (the same without
-        the model loading in each rank's first chunk), ``tail`` and ``cpu`` seconds (user + system of all
+        the model loading in each rank's first chunk), ``tail``, ``write`` (all chunks' writes: check
+        decode + parquet), ``merge`` and ``finalize`` (rank 0) and ``cpu`` seconds (user + system of all
         the run's processes: less distorted by other load than wall clock).
 
     Raises:
@@ -120,8 +175,9 @@ def launch(cli_args: Sequence[str], out: Path, processes: int, threads: int = 1)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     compute, steady = critical_path(json.loads((out / "run.json").read_text()))
     startup = max(began.values())
+    parts = runner_parts(out)
     return {"wall": wall, "startup": startup, "compute": compute, "steady": steady, "tail": wall - startup - compute,
-            "cpu": cpu}
+            "write": parts["write"], "merge": parts["merge"], "finalize": parts["finalize"], "cpu": cpu}
 
 
 def scaling(cli_args: Sequence[str], work: Path, rounds: int, name: str) -> dict[str, float]:
@@ -133,13 +189,14 @@ def scaling(cli_args: Sequence[str], work: Path, rounds: int, name: str) -> dict
             runs[processes].append(launch(cli_args, work / f"{name}-{processes}p-{r}", processes))
     print(f"{name} CLI, 1 process vs torchrun --nproc_per_node 2 (OMP_NUM_THREADS=1), {rounds} interleaved rounds:")
     for processes, results in runs.items():
-        for key in ("wall", "startup", "compute", "steady", "tail", "cpu"):
+        for key in ("wall", "startup", "compute", "steady", "tail", "write", "merge", "finalize", "cpu"):
             values = [res[key] for res in results]
             print(f"  {processes} proc {key:<8} s/round {' '.join(f'{v:6.2f}' for v in values)}   "
                   f"median {statistics.median(values):6.2f} s")
     speed = {}
     for key, goal in (("compute", 1.6), ("steady", 1.6), ("wall", None)):
-        ratios = [a[key] / b[key] for a, b in zip(runs[1], runs[2])]
+        # steady is 0 when every rank has one chunk (nothing after the model loading): no ratio then
+        ratios = [a[key] / b[key] if b[key] else float("nan") for a, b in zip(runs[1], runs[2])]
         speed[key] = statistics.median(ratios)
         print(f"  speed-up {key:<8} per round {' '.join(f'{x:.2f}' for x in ratios)}   median {speed[key]:.2f}x"
               + (f" (goal >= {goal}x)" if goal else ""))

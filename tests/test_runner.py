@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from datasets import Dataset
 from runner_job import compute, toy_rows
 
+from safetypairs import schema as S
 from safetypairs.engine.chunks import chunk_ranges
 from safetypairs.engine.datafiles import load_run
 from safetypairs.engine.folders import (
@@ -208,8 +210,6 @@ def test_sigkill_after_the_first_chunk_resumes_and_a_second_writer_refuses(tmp_p
 
 def test_two_local_folders_with_the_same_name_each_load_their_own_rows(tmp_path):
     """`datasets` caches a local folder by its base name and config: two "release/" folders must not mix."""
-    from datasets import Dataset
-
     from safetypairs.engine.datafiles import load_checked, write_parquet
 
     for n, parent in ((3, "a"), (5, "b")):
@@ -221,3 +221,91 @@ def test_two_local_folders_with_the_same_name_each_load_their_own_rows(tmp_path)
         assert load_checked(str(release), "images")["test"]["x"] == list(range(n))
     with pytest.raises(ValueError, match="has no config 'pairs'"):
         load_checked(str(tmp_path / "a" / "release"), "pairs")
+
+
+def test_finalize_gets_the_data_files_and_reads_rows_only_when_it_asks(tmp_path, monkeypatch):
+    from safetypairs.engine import datafiles
+
+    def no_cache(*args, **kwargs):
+        raise AssertionError("load_dataset called: the finish built a datasets cache")
+
+    monkeypatch.setattr(datafiles, "load_dataset", no_cache)
+    seen = {}
+
+    def finalize(work, files, summary):
+        seen["files"] = [p.relative_to(work).as_posix() for p in files.paths if p.is_file()]
+        if summary.stage == "asks":
+            seen["rows"] = files.rows()
+        return {"extra": 1}
+
+    for stage in ("ignores", "asks"):
+        run_stage(toy_rows(5), compute(0.0), stage=stage, settings={}, run=RunConfig(tmp_path / stage, chunk_size=2),
+                  device="cpu", finalize=finalize)
+        assert seen["files"] == read_json(tmp_path / stage / "run.json")["files"] == ["data/train-00000-of-00001.parquet"]
+        assert read_json(tmp_path / stage / "run.json")["extra"] == 1
+    written = _table(tmp_path / "asks")
+    assert seen["rows"]["row_id"] == written.column("row_id").to_pylist() == [f"r{i:03d}" for i in range(5)]
+    assert seen["rows"]["centre"] == written.column("centre").to_pylist() and not seen["rows"].cache_files
+
+
+def test_a_run_checks_its_inputs_once_when_made(tmp_path, monkeypatch):
+    from safetypairs.engine import runner
+
+    source = tmp_path / "in"
+    source.mkdir()
+    with pytest.raises(OutputDirError, match="lies inside it"):
+        RunConfig(source / "out", inputs=(source,))
+    calls = []
+    monkeypatch.setattr(runner, "check_not_input", lambda out, inputs: calls.append(inputs))
+    run = RunConfig(tmp_path / "out", source=str(source), inputs=(str(source), "org/not-a-path"))
+    assert calls == [(str(source),)]  # hub ids and other names that are not local paths are not checked
+    assert run.reading(str(source)) is run and len(calls) == 1  # a stage reading what the command named
+    assert run.reading(tmp_path / "more").inputs[-1] == tmp_path / "more" and len(calls) == 2
+    run_stage(toy_rows(3), compute(0.0), stage="toy", settings={}, run=run, device="cpu")
+    assert len(calls) == 2  # the runner does not check again
+
+
+def test_a_command_checks_its_output_against_its_input_once(tmp_path, monkeypatch):
+    from release_rows import validated_rows
+
+    from safetypairs.cli import main
+    from safetypairs.engine import folders, runner
+
+    validated_rows(n_sources=2, candidates=1, size=48).save_to_disk(str(tmp_path / "in"))
+    calls = []
+    for module in (runner, folders):
+        monkeypatch.setattr(module, "check_not_input",
+                            lambda out, inputs, _f=module.check_not_input: calls.append(out) or _f(out, inputs))
+    assert main(["validate", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    assert calls == [str(tmp_path / "out")]
+    assert main(["validate", str(tmp_path / "in"), "--out", str(tmp_path / "in" / "out"), "--device", "cpu"]) == 2
+    assert not (tmp_path / "in" / "out").exists()
+
+
+def test_stage_configs_are_checked_once_per_run_not_per_chunk(tmp_path, monkeypatch):
+    from collections import Counter
+
+    from release_rows import validated_rows
+
+    from safetypairs.edit import EditConfig
+    from safetypairs.engine.runner import for_rank
+    from safetypairs.generate import GenerateConfig, run_generate
+    from safetypairs.instruct import InstructConfig
+    from safetypairs.validate.stage import ValidateConfig, validate_run
+
+    checks: Counter = Counter()
+    for cls in (ValidateConfig, InstructConfig, EditConfig):
+        monkeypatch.setattr(cls, "__post_init__", lambda self, _f=cls.__post_init__: checks.update(
+            [type(self).__name__]) or _f(self))
+    config = ValidateConfig(device="auto", num_proc=2)
+    ranked = for_rank(config, "cpu")
+    assert (ranked.device, ranked.num_proc, config.device, config.num_proc) == ("cpu", None, "auto", 2)
+    summary = validate_run(validated_rows(n_sources=3, candidates=1, size=48), config,
+                           RunConfig(tmp_path / "validated", chunk_size=1))
+    assert summary.chunks_computed == 3 and checks == {"ValidateConfig": 1}
+    generate = GenerateConfig(device="cpu")
+    assert checks == {"ValidateConfig": 1, "InstructConfig": 1, "EditConfig": 1}
+    empty = Dataset.from_dict({name: [] for name in S.SOURCE_FEATURES}, features=S.SOURCE_FEATURES)
+    for device in ("cpu", "cpu", None):
+        run_generate(empty, generate, device)
+    assert checks == {"ValidateConfig": 1, "InstructConfig": 1, "EditConfig": 1}

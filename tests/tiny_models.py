@@ -113,7 +113,8 @@ def build_tiny_vlm(path: str | Path, seed: int = 0, image_size: int = 32) -> str
     return str(path)
 
 
-def build_tiny_answering_vlm(path: str | Path, seed: int = 0, words: tuple[str, str] = ("safe", "unsafe")) -> str:
+def build_tiny_answering_vlm(path: str | Path, seed: int = 0, words: tuple[str, str] = ("safe", "unsafe"),
+                             image_size: int = 32) -> str:
     """`build_tiny_vlm` whose every answer word is one of ``words``: the output layer reads a single hidden dimension
     that favours the first word when positive and the second when negative (which one depends on the image and the
     prompt, through the random weights), so a guard on it answers in its label vocabulary, as a trained one would.
@@ -124,7 +125,7 @@ def build_tiny_answering_vlm(path: str | Path, seed: int = 0, words: tuple[str, 
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    path = Path(build_tiny_vlm(path, seed))
+    path = Path(build_tiny_vlm(path, seed, image_size))
     model = LlavaForConditionalGeneration.from_pretrained(path)
     ids = [AutoProcessor.from_pretrained(path).tokenizer.convert_tokens_to_ids(w) for w in words]
     with torch.no_grad():

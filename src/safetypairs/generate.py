@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,12 +14,12 @@ from safetypairs import schema as S
 
 from safetypairs import statuses as ST
 from safetypairs.backends.registry import model_info
-from safetypairs.engine.datafiles import read_rows
+from safetypairs.engine.datafiles import DataFiles, read_rows
 from safetypairs.edit import EditConfig, run_edit
 from safetypairs.images import DEFAULT_MAX_PIXELS
 from safetypairs.instruct import InstructConfig, row_status, run_instruct, status_error
 from safetypairs.policy import Policy, load_policy
-from safetypairs.engine.runner import RunConfig, RunSummary, run_stage, session
+from safetypairs.engine.runner import RunConfig, RunSummary, for_rank, run_stage, session
 from safetypairs.engine.stage import StageResult
 
 if TYPE_CHECKING:
@@ -64,21 +65,19 @@ class GenerateConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
-        self.instruct_config()  # both stage configs validate their fields up front
-        self.edit_config()
+        self.stage_configs  # noqa: B018 - both stage configs check their fields up front (made once, kept)
 
-    def instruct_config(self, device: str | None = None) -> InstructConfig:
-        """The instruct stage's settings (``device`` overrides the configured one)."""
-        return InstructConfig(instructor=self.instructor, policy=self.policy, device=device or self.device,
-                              batch_size=self.batch_size, num_proc=self.num_proc,
-                              instructor_options=tuple(self.instructor_options), max_pixels=self.max_pixels)
-
-    def edit_config(self, device: str | None = None) -> EditConfig:
-        """The edit stage's settings (``device`` overrides the configured one)."""
-        return EditConfig(editor=self.editor, candidates=self.candidates, control=self.control, seed=self.seed,
-                          device=device or self.device, batch_size=self.batch_size, num_proc=self.num_proc,
+    @functools.cached_property
+    def stage_configs(self) -> tuple[InstructConfig, EditConfig]:
+        """The instruct and edit stages' settings, made (and checked) once per config."""
+        instruct = InstructConfig(instructor=self.instructor, policy=self.policy, device=self.device,
+                                  batch_size=self.batch_size, num_proc=self.num_proc,
+                                  instructor_options=tuple(self.instructor_options), max_pixels=self.max_pixels)
+        edit = EditConfig(editor=self.editor, candidates=self.candidates, control=self.control, seed=self.seed,
+                          device=self.device, batch_size=self.batch_size, num_proc=self.num_proc,
                           editor_options=tuple(self.editor_options), mask_column=self.mask_column,
                           max_pixels=self.max_pixels)
+        return instruct, edit
 
 
 def generate_pairs(
@@ -122,13 +121,17 @@ def run_generate(dataset: Dataset, config: GenerateConfig, device: str | None = 
     Args:
         dataset: source rows.
         config: what to generate.
-        device: the device for both models (default: ``config.device``).
+        device: one rank's device for both models, in this process (`runner.for_rank`); default
+            ``config.device`` and ``config.num_proc``.
 
     Returns:
         The candidate rows and ``{"instruct": StageResult, "edit": StageResult}``.
     """
-    instructed, instruct_result = run_instruct(dataset, config.instruct_config(device))
-    edited, edit_result = run_edit(instructed, config.edit_config(device))
+    instruct, edit = config.stage_configs
+    if device is not None:
+        instruct, edit = for_rank(instruct, device), for_rank(edit, device)
+    instructed, instruct_result = run_instruct(dataset, instruct)
+    edited, edit_result = run_edit(instructed, edit)
     return edited, {"instruct": instruct_result, "edit": edit_result}
 
 
@@ -141,8 +144,7 @@ def run_settings(config: GenerateConfig) -> dict[str, Any]:
     return {k: v for k, v in asdict(config).items() if k not in NOT_FINGERPRINTED}
 
 
-def generate_run(source: Dataset, config: GenerateConfig, run: RunConfig,
-                 inputs: tuple[str | Path, ...] = ()) -> RunSummary | None:
+def generate_run(source: Dataset, config: GenerateConfig, run: RunConfig) -> RunSummary | None:
     """Generate candidate rows for ``source`` on the shared runner: sharded over the launched processes, resumable.
 
     Under ``accelerate launch`` / ``torchrun`` each rank takes a contiguous run of chunks and skips
@@ -153,8 +155,7 @@ def generate_run(source: Dataset, config: GenerateConfig, run: RunConfig,
     Args:
         source: the source rows.
         config: what to generate.
-        run: where to write, the chunk size and the overwrite policy.
-        inputs: local input paths ``run.out`` must not be, contain or lie inside.
+        run: where to write, the chunk size, the overwrite policy and the inputs ``run.out`` must not be.
 
     Returns:
         The run summary on rank 0; ``None`` on the other ranks.
@@ -171,7 +172,7 @@ def generate_run(source: Dataset, config: GenerateConfig, run: RunConfig,
         edited, results = run_generate(rows, config, device)
         return edited, {stage: result.statuses for stage, result in results.items()}
 
-    def provenance(work: Path, rows: Dataset, summary: RunSummary) -> dict[str, Any]:
+    def provenance(work: Path, files: DataFiles, summary: RunSummary) -> dict[str, Any]:
         return {
             "policy": policy_id,
             "models": {"instructor": model_info("instructors", config.instructor),
@@ -182,7 +183,7 @@ def generate_run(source: Dataset, config: GenerateConfig, run: RunConfig,
 
     return run_stage(source, compute, stage="generate", settings=run_settings(config), run=run,
                      device=config.device, rows_per_input=config.candidates, finalize=provenance,
-                     inputs=inputs, max_pixels=config.max_pixels)
+                     max_pixels=config.max_pixels)
 
 
 def generate_from_source(spec: str, config: GenerateConfig, run: RunConfig, split: str = "train",
@@ -203,14 +204,15 @@ def generate_from_source(spec: str, config: GenerateConfig, run: RunConfig, spli
     Raises:
         ValueError: when no row can be instructed, before the run (`check_source`), or when the
             finished run made no edit (`check_survivors`: the run folder stays for inspection).
+        OutputDirError: when ``run.out`` is, contains or lies inside ``spec`` (before anything is read).
     """
     from safetypairs.sources import load_source
 
+    run = run.reading(spec)
     with session(config.device) as state:
         with state.main_process_first():
             source = load_source(spec, split=split, columns=columns)
-        local = (spec,) if Path(spec).exists() else ()
-        summary = generate_run(source, config, replace(run, source=run.source or spec), inputs=local)
+        summary = generate_run(source, config, run)
     if summary is not None:
         check_survivors(summary)
     return summary

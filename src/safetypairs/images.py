@@ -8,7 +8,7 @@ import os
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from PIL import Image, ImageFile, ImageOps
 
@@ -66,17 +66,34 @@ def load_image(value: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         return _upright_rgb(image, where)
 
 
-def reencoded(value: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes | None:
-    """Check that a stored image cell decodes within the cap, as default decoding will read it later.
+class CellCheck(NamedTuple):
+    """What checking a stored image cell found (`check_cell`).
+
+    Attributes:
+        reduced: the image reduced to fit the cap, as PNG bytes to store instead; ``None`` keeps the cell as it is.
+        digest: the pixel digest (`image_digest`) of what is stored, as `load_image` reads it; ``None`` when it
+            decodes but cannot be made RGB (it is kept: a reader gives the row a status).
+        pixels: width x height of what is stored (a reader whose cap is below it reads it reduced).
+    """
+
+    reduced: bytes | None
+    digest: str | None
+    pixels: int
+
+
+def check_cell(value: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> CellCheck:
+    """Check that a stored image cell decodes within the cap, as default decoding will read it later, and
+    take its pixel digest from the same decode.
 
     Args:
         value: an undecoded cell (``{"bytes", "path"}`` dict, bytes or path).
         max_pixels: the pixel cap.
 
     Returns:
-        ``None`` when the stored data decodes at full size within the cap (keep it as it is), else
-        the image reduced to fit (`load_image`), as PNG bytes, to store instead. What is kept also
-        stays within Pillow's own decompression-bomb limit, so `datasets` decodes it without complaint.
+        A `CellCheck`: ``reduced`` is ``None`` when the stored data decodes at full size within the cap
+        (keep it as it is), else the image reduced to fit (`load_image`), as PNG bytes, to store instead.
+        What is kept also stays within Pillow's own decompression-bomb limit, so `datasets` decodes it
+        without complaint.
 
     Raises:
         ImageError: as `load_image` (the cell should become null).
@@ -85,10 +102,15 @@ def reencoded(value: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes | None:
     with _opened(value) as (image, where):
         if image.width * image.height <= keep:
             _decode(image, where)
-            return None
+            try:
+                digest: str | None = image_digest(_upright_rgb(image, where))
+            except ImageError:
+                digest = None
+            return CellCheck(None, digest, image.width * image.height)
+    smaller = _reduce_loaded(load_image(value, max_pixels), keep)
     buffer = io.BytesIO()
-    _reduce_loaded(load_image(value, max_pixels), keep).save(buffer, format="PNG")
-    return buffer.getvalue()
+    smaller.save(buffer, format="PNG")
+    return CellCheck(buffer.getvalue(), image_digest(smaller), smaller.width * smaller.height)
 
 
 def image_format(value: Any) -> str:

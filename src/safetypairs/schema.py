@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from datasets import ClassLabel, Features, Image, Sequence, Value
+from datasets import ClassLabel, Features, Image, List, Sequence, Value
 
 # --- source stage -----------------------------------------------------------------------------
 SOURCE_ID = "source_id"
@@ -82,6 +82,9 @@ N_REVIEWERS = "n_reviewers"  # reviewers who decided on it (0 when the release w
 EMBEDDING = "embedding"
 EMBED_STATUS = "embed_status"
 EMBED_ERROR = "embed_error"
+
+# --- run folders ------------------------------------------------------------------------------
+IMAGE_CHECKS = "image_checks"  # the run writer's record of each image cell it checked (`engine.imagechecks`)
 
 LABELS = ["safe", "unsafe"]
 SAFE, UNSAFE, UNKNOWN = "safe", "unsafe", "unknown"
@@ -205,6 +208,11 @@ EMBED_FEATURES = Features(
         EMBED_STATUS: Value("string"),
         EMBED_ERROR: Value("string"),
     }
+)
+
+# one record per image cell of the row: digest of the stored bytes, pixel digest and pixel count (`ImageCheck`)
+IMAGE_CHECKS_FEATURES = Features(
+    {IMAGE_CHECKS: List({"sha256": Value("string"), "digest": Value("string"), "pixels": Value("int64")})}
 )
 
 

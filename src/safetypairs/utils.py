@@ -6,11 +6,9 @@ import logging
 import math
 import numbers
 import os
-import shutil
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 logger = logging.getLogger(__name__)

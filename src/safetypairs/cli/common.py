@@ -56,16 +56,17 @@ def check_out(out: str, inputs: tuple[str, ...]) -> None:
     check_not_input(out, tuple(path for path in inputs if Path(path).exists()))
 
 
-def run_config(args: argparse.Namespace, inputs: tuple[str, ...] = (), source: str = "") -> RunConfig:
-    """The sharded run folder of ``--out``, ``--chunk-size`` and ``--overwrite``, checked against the inputs.
+def run_config(args: argparse.Namespace, source: str) -> RunConfig:
+    """The sharded run folder of ``--out``, ``--chunk-size`` and ``--overwrite``, reading ``source`` (checked
+    here, once per command: the stage does not check it again).
 
     Raises:
-        OutputDirError: if ``--out`` is, contains or lies inside a local input.
+        OutputDirError: if ``--out`` is, contains or lies inside ``source`` (when it is a local path).
     """
     from safetypairs.engine.runner import RunConfig
 
-    check_out(args.out, inputs)
-    return RunConfig(out=args.out, chunk_size=args.chunk_size, source=source, overwrite=args.overwrite)
+    return RunConfig(out=args.out, chunk_size=args.chunk_size, source=source, overwrite=args.overwrite,
+                     inputs=(source,))
 
 
 def write_summary(summary: RunSummary | None) -> int:

@@ -29,7 +29,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                             batch_size=args.batch_size, n_bootstrap=args.bootstrap, seed=args.seed,
                             max_pixels=args.max_pixels)
     natural = _natural_rows(args.natural, args.natural_split) if args.natural else None
-    run = run_config(args)
+    run = run_config(args, args.dataset)
     with session(config.device):
         results = evaluate_run(args.dataset, config, run, split=args.split, natural=natural)
     if results:  # empty on a non-zero rank under accelerate launch / torchrun: rank 0 reports
@@ -175,7 +175,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     from safetypairs.probes.embed import load_images, embed_run
 
     config = _embed_config(args)
-    run = run_config(args, (args.dataset,), source=args.dataset)
+    run = run_config(args, args.dataset)
     return run_sharded(config.device, lambda: load_images(args.dataset, args.split),
                        lambda rows: embed_run(rows, config, run))
 

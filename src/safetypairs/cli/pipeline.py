@@ -66,7 +66,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         editor_options=spec_options(args.editor_options) + trust, mask_column=args.mask_column,
         max_pixels=args.max_pixels,
     )
-    run = run_config(args, (args.source,))
+    run = run_config(args, args.source)
     return write_summary(generate_from_source(args.source, config, run, split=args.split,
                                               columns=_source_columns(args)))
 
@@ -185,10 +185,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                             policy=args.policy, judge=args.judge, lpips=args.lpips, clip=args.clip,
                             device=args.device, size_mismatch=args.size_mismatch, batch_size=args.batch_size,
                             thresholds=args.thresholds, composite=args.composite, max_pixels=args.max_pixels)
-    run = run_config(args, (args.input,), source=args.input)
+    run = run_config(args, args.input)
 
     def stage(rows: Any) -> Any:
-        summary = validate_run(rows, config, run, inputs=(args.input,))
+        summary = validate_run(rows, config, run)
         if summary is not None:
             check_measured(summary)
         return summary
@@ -250,8 +250,8 @@ def _cmd_release(args: argparse.Namespace) -> int:
     review = _load_review(args, data) if args.require_review else None
     pushed: list[str] = []
     upload = (lambda work: pushed.append(push_release(work, push))) if push and not args.dry_run else None
-    out = write_release(data, args.out, config, overwrite=args.overwrite, inputs=(args.input,), review=review,
-                        before_rename=upload)  # a failed upload leaves no folder
+    out = write_release(data, args.out, config, overwrite=args.overwrite, review=review,
+                        before_rename=upload)  # a failed upload leaves no folder; --out was checked above
     files = layout_files(out)
     sys.stdout.write(f"release written to {out} ({len(files)} files)\n")
     for rel, path in files.items():

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from datasets import Dataset, DatasetDict, Image, load_dataset
-from datasets.table import embed_table_storage
+from datasets import Dataset, DatasetDict, Features, Image, load_dataset
+from datasets.table import InMemoryTable, embed_table_storage
 from datasets.utils.py_utils import convert_file_size_to_int
 
 from safetypairs.engine.folders import partial_dir, read_json
-from safetypairs.images import DEFAULT_MAX_PIXELS, ImageError, reencoded
+from safetypairs.engine.imagechecks import ImageCheck, check, recorded
+from safetypairs.images import DEFAULT_MAX_PIXELS, ImageError
+from safetypairs.schema import IMAGE_CHECKS, IMAGE_CHECKS_FEATURES, with_columns
 
 logger = logging.getLogger(__name__)
 _FRONT_MATTER = re.compile(r"\A---[ \t]*\r?\n(.*?)^---[ \t]*\r?$", re.S | re.M)  # a card's YAML header
@@ -26,57 +29,81 @@ IMAGES_STATUS = "images"  # status histogram key of the image cells the writer n
 ROW_GROUP_SIZE = 64  # rows per parquet row group: bounds memory with images
 
 
-def decoding(dataset: Dataset) -> Dataset:
-    """Image columns back to decoding ``Image()``, so the written parquet loads as images."""
-    features = dataset.features.copy()
-    for name, feature in features.items():
-        if isinstance(feature, Image) and not feature.decode:
-            features[name] = Image()
-    return dataset.cast(features) if features != dataset.features else dataset
-
-
-def write_parquet(dataset: Dataset, path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, int]:
+def write_parquet(dataset: Dataset, path: Path, max_pixels: int = DEFAULT_MAX_PIXELS, *,
+                  known: Mapping[str, ImageCheck] | None = None, record: bool = False) -> dict[str, int]:
     """Write one parquet file with image bytes embedded, in row groups of `ROW_GROUP_SIZE` (flat memory).
 
-    Every image cell is checked first (`images.reencoded`), so what is written always decodes with
-    `datasets`' default decoding: a cell that cannot be decoded within ``max_pixels`` becomes null
-    (its bytes are not carried on; a warning names the row, the column and the cause), and one that
-    only fits reduced is stored reduced, as PNG.
+    Every image cell is checked first (`imagechecks.check`), so what is written always decodes with
+    `datasets`' default decoding (image columns are written as decoding ``Image()``): a cell that
+    cannot be decoded within ``max_pixels`` becomes null (its bytes are not carried on; a warning
+    names the row, the column and the cause), and one that only fits reduced is stored reduced, as
+    PNG. A cell whose bytes a record proves (the rows' own ``image_checks`` column, or ``known``) is
+    not decoded again.
 
     Args:
         dataset: the rows; its features (Image, ClassLabel) go into the schema metadata.
         path: the file to write.
         max_pixels: the pixel cap of a kept image cell.
+        known: records of cells checked before (`imagechecks.recorded`), by bytes digest.
+        record: write the ``image_checks`` column (the record of every image cell written, for the
+            stages that read these rows); without it the column is left out.
 
     Returns:
         How many image cells were nulled or reduced, keyed ``"<column>: <unreadable|too_large|reduced>"``.
     """
-    schema = dataset.features.arrow_schema
     images = [name for name, feature in dataset.features.items() if isinstance(feature, Image)]
+    features = _written_features(dataset.features, record and bool(images))
+    schema = features.arrow_schema
     counts: dict[str, int] = {}
     with pq.ParquetWriter(path, schema=schema) as writer:
         for table in dataset.with_format("arrow").iter(batch_size=ROW_GROUP_SIZE):
-            for name in images:
-                table = _checked_images(table, name, max_pixels, counts)
-            writer.write_table(embed_table_storage(table).cast(schema), row_group_size=ROW_GROUP_SIZE)
+            table = _checked_images(table, images, max_pixels, known or {}, counts, IMAGE_CHECKS in features)
+            writer.write_table(embed_table_storage(table.cast(schema)), row_group_size=ROW_GROUP_SIZE)
     return counts
 
 
-def _checked_images(table: pa.Table, name: str, max_pixels: int, counts: dict[str, int]) -> pa.Table:
-    """``table`` with the image column ``name`` checked cell by cell: unreadable -> null, oversized -> reduced."""
-    cells = table.column(name).to_pylist()
+def _written_features(features: Features, record: bool) -> Features:
+    """``features`` as written: image columns decoding; ``image_checks`` last, and only when recording."""
+    written = Features({name: Image() if isinstance(feature, Image) and not feature.decode else feature
+                        for name, feature in features.items() if name != IMAGE_CHECKS})
+    return with_columns(written, IMAGE_CHECKS_FEATURES) if record else written
+
+
+def _checked_images(table: pa.Table, images: list[str], max_pixels: int, known: Mapping[str, ImageCheck],
+                    counts: dict[str, int], record: bool) -> pa.Table:
+    """``table`` with every image cell checked (unreadable -> null, oversized -> reduced) and, with ``record``,
+    the ``image_checks`` of the cells kept; the rows' own records count as known."""
+    if IMAGE_CHECKS in table.column_names:
+        known = {**known, **recorded(table.column(IMAGE_CHECKS).to_pylist())}
+        table = table.drop_columns([IMAGE_CHECKS])
     ids = next((table.column(c).to_pylist() for c in ("source_id", "pair_id") if c in table.column_names), None)
+    found: list[list[dict[str, Any]]] = [[] for _ in range(table.num_rows)]
+    for name in images:
+        table = _checked_column(table, name, ids, max_pixels, known, counts, found)
+    if not record:
+        return table
+    return table.append_column(IMAGE_CHECKS_FEATURES.arrow_schema.field(IMAGE_CHECKS),
+                               pa.array(found, type=IMAGE_CHECKS_FEATURES.arrow_schema.field(IMAGE_CHECKS).type))
+
+
+def _checked_column(table: pa.Table, name: str, ids: list[Any] | None, max_pixels: int,
+                    known: Mapping[str, ImageCheck], counts: dict[str, int],
+                    found: list[list[dict[str, Any]]]) -> pa.Table:
+    """``table`` with the image column ``name`` checked cell by cell; each kept cell's record goes to ``found``."""
+    cells = table.column(name).to_pylist()
     changed = False
     for i, cell in enumerate(cells):
         if cell is None or (cell.get("bytes") is None and cell.get("path") is None):
             continue
         try:
-            smaller = reencoded(cell, max_pixels)
+            checked, smaller = check(cell, max_pixels, known)
         except ImageError as err:
             row = repr(ids[i]) if ids else f"#{i} of its row group"
             logger.warning("row %s: column %r: %s; the cell is stored as null", row, name, err)
             cells[i], outcome = None, err.status
         else:
+            if checked is not None:
+                found[i].append(checked._asdict())
             if smaller is None:
                 continue
             cells[i], outcome = {"bytes": smaller, "path": None}, "reduced"
@@ -103,6 +130,27 @@ def data_files(out_dir: Path, config_name: str, split: str) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- reading what runs wrote
+
+
+@dataclass(frozen=True)
+class DataFiles:
+    """The parquet data files of one table (a run's merged ``data/``), read only when asked."""
+
+    paths: tuple[Path, ...]
+
+    def rows(self) -> Dataset:
+        """The rows, read into memory (no `datasets` cache is built): for small tables such as predictions.
+
+        Raises:
+            ValueError: when a file is corrupt (named).
+        """
+        tables = []
+        for path in self.paths:
+            try:
+                tables.append(pq.read_table(path))
+            except (pa.ArrowException, OSError) as err:
+                raise ValueError(f"corrupt or truncated parquet file {str(path)!r}: {err}") from None
+        return Dataset(InMemoryTable(pa.concat_tables(tables)))
 
 
 def load_run(out: str | Path) -> Dataset:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -10,10 +11,10 @@ import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 from datasets import Dataset
@@ -28,8 +29,7 @@ from safetypairs.engine.chunks import (
 from safetypairs.engine.datafiles import (
     IMAGES_STATUS,
     RUN_FILE,
-    decoding,
-    load_run,
+    DataFiles,
     write_parquet,
 )
 from safetypairs.engine.folders import (
@@ -52,8 +52,10 @@ BARRIER_TIMEOUT = timedelta(hours=float(os.environ.get("SAFETYPAIRS_BARRIER_TIME
 
 # compute(chunk rows, device) -> (output rows, {stage name: status histogram})
 ChunkFn = Callable[[Dataset, str], "tuple[Dataset, dict[str, dict[str, Any]]]"]
-# finalize(work folder, merged rows, summary) -> extra run.json fields (rank 0, before the folder moves into place)
-Finalize = Callable[[Path, Dataset, "RunSummary"], "Mapping[str, Any] | None"]
+# finalize(work folder, merged data files, summary) -> extra run.json fields (rank 0, before the folder moves into
+# place); the hook reads the rows (`DataFiles.rows`) only if it needs them
+Finalize = Callable[[Path, DataFiles, "RunSummary"], "Mapping[str, Any] | None"]
+C = TypeVar("C")
 
 
 @dataclass(frozen=True)
@@ -66,16 +68,38 @@ class RunConfig:
         chunk_size: input rows per chunk (the unit of resumption and of rank work).
         source: how the input was named (recorded in ``run.json``).
         overwrite: replace a finished ``out`` that holds a different run or other files.
+        inputs: what the run reads; ``out`` must not be, contain or lie inside one that is a local path
+            (checked here, once, before anything is read or written).
+
+    Raises:
+        ValueError: for a chunk size below 1.
+        OutputDirError: when ``out`` is, contains or lies inside a local input.
     """
 
     out: str | Path
     chunk_size: int = 64
     source: str = ""
     overwrite: bool = False
+    inputs: tuple[str | Path, ...] = ()
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.inputs:
+            check_not_input(self.out, tuple(path for path in self.inputs if Path(path).exists()))
+
+    def reading(self, path: str | Path) -> RunConfig:
+        """This run reading ``path``: its source when it names none, and one of its checked inputs.
+
+        Returns:
+            ``self`` when it already reads ``path`` (nothing is checked again), else a checked copy.
+
+        Raises:
+            OutputDirError: when ``out`` is, contains or lies inside ``path``.
+        """
+        if self.source and str(path) in map(str, self.inputs):
+            return self
+        return replace(self, source=self.source or str(path), inputs=(*self.inputs, path))
 
 
 @dataclass
@@ -122,10 +146,31 @@ def session(device: str = "auto") -> Iterator[Any]:
             state.destroy_process_group()
 
 
+def for_rank(config: C, device: str) -> C:
+    """A stage config for one rank's chunks: ``device`` set and ``num_proc`` (when it has one) ``None``, since the
+    launched processes share the work, not `Dataset.map` processes.
+
+    The copy does not run the config's checks again (option parsing, policy files): it passed them when it
+    was made, once per run, and neither field changes what they check.
+
+    Args:
+        config: a checked frozen stage config dataclass with a ``device`` field.
+        device: the rank's torch device.
+
+    Returns:
+        The copy.
+    """
+    copied = copy.copy(config)
+    object.__setattr__(copied, "device", device)
+    if hasattr(copied, "num_proc"):
+        object.__setattr__(copied, "num_proc", None)
+    return copied
+
+
 def run_stage(data: Dataset, compute: ChunkFn, *, stage: str, settings: Mapping[str, Any], run: RunConfig,
               device: str = "auto", rows_per_input: int = 1,
-              finalize: Finalize | None = None, inputs: tuple[str | Path, ...] = (),
-              max_pixels: int = DEFAULT_MAX_PIXELS, keep: tuple[str, ...] = ()) -> RunSummary | None:
+              finalize: Finalize | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+              keep: tuple[str, ...] = ()) -> RunSummary | None:
     """Run ``compute`` over ``data`` in fixed-size chunks, sharded over the launched processes, resumable.
 
     Under ``accelerate launch`` / ``torchrun`` each rank takes a contiguous run of global chunks (so
@@ -139,12 +184,12 @@ def run_stage(data: Dataset, compute: ChunkFn, *, stage: str, settings: Mapping[
         compute: ``(chunk rows, device) -> (output rows, {stage: status histogram})``.
         stage: the stage name (run.json, progress bar).
         settings: everything that decides the output rows (hashed into the fingerprint, recorded).
-        run: the folder, chunk size and overwrite policy.
+        run: the folder, chunk size and overwrite policy (its inputs were checked when it was made).
         device: ``"auto"`` (the rank's GPU when present) or a torch device string.
         rows_per_input: output rows per input row (checked at the merge).
-        finalize: rank 0's hook ``(work folder, merged rows, summary) -> extra run.json fields``, run
-            before the folder is renamed into place (write reports there).
-        inputs: input paths ``out`` must not be or contain.
+        finalize: rank 0's hook ``(work folder, merged data files, summary) -> extra run.json fields``, run
+            before the folder is renamed into place (write reports there); it reads the rows only if it
+            needs them (`DataFiles.rows`).
         max_pixels: the pixel cap of the image cells the chunks keep (see `write_parquet`).
         keep: names of files that work beside the data made in a finished ``out`` (human review
             decisions): when ``run.overwrite`` replaces that folder they carry into the new one, with a warning.
@@ -162,11 +207,12 @@ def run_stage(data: Dataset, compute: ChunkFn, *, stage: str, settings: Mapping[
         raise ValueError(f"{stage}: the input has no rows; nothing to do")
     t0 = time.perf_counter()
     out = Path(run.out)
-    check_not_input(out, inputs)
     state = process_state(device)
     # only rank 0 opens and finishes the folder: the other ranks skip hashing every input byte
+    t1 = time.perf_counter()
     fingerprint = (run_fingerprint(data, stage, settings, run.chunk_size, rows_per_input)
                    if state.is_main_process else "")
+    steps = {"fingerprint": round(time.perf_counter() - t1, 3)}
     opened = _broadcast(state, lambda: _open_run(out, fingerprint, stage, run))
     if "error" in opened:
         raise OutputDirError(opened["error"])
@@ -185,7 +231,7 @@ def run_stage(data: Dataset, compute: ChunkFn, *, stage: str, settings: Mapping[
         if not state.is_main_process:
             return None
         summary = _finish(work, out, data, run, stage, fingerprint, settings, run_id, rows_per_input, finalize,
-                          state.num_processes, t0)
+                          state.num_processes, t0, steps)
         _move_into_place(work, out, stage, keep)
         return summary
     except BaseException as err:
@@ -240,39 +286,44 @@ def _open_run(out: Path, fingerprint: str, stage: str, run: RunConfig) -> dict[s
 
 def _run_chunk(data: Dataset, span: tuple[int, int, int], compute: ChunkFn, work: Path, device: str,
                run_id: str, max_pixels: int) -> None:
-    """Compute one chunk; write its parquet (image bytes embedded, unreadable cells null), then its JSON done-marker."""
+    """Compute one chunk; write its parquet (image bytes embedded, unreadable cells null, every kept cell
+    recorded in ``image_checks``), then its JSON done-marker with the seconds each step took."""
     index, start, stop = span
     t0 = time.perf_counter()
     rows = data.select(range(start, stop)).flatten_indices(keep_in_memory=True)
-    result, statuses = compute(rows, device)
     t1 = time.perf_counter()
+    result, statuses = compute(rows, device)
+    t2 = time.perf_counter()
     path = chunk_path(work, index, ".parquet")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    images = write_parquet(decoding(result), tmp, max_pixels)
+    images = write_parquet(result, tmp, max_pixels, record=True)
     if images:
         statuses = {**statuses, IMAGES_STATUS: images}
     os.replace(tmp, path)
     write_json(chunk_path(work, index, ".json"), {
         "chunk": index, "run_id": run_id, "start": start, "stop": stop, "rows_in": stop - start,
         "rows_out": len(result), "statuses": statuses,
-        "seconds": {"compute": round(t1 - t0, 3), "write": round(time.perf_counter() - t1, 3)},
+        "seconds": {"select": round(t1 - t0, 3), "compute": round(t2 - t1, 3),
+                    "write": round(time.perf_counter() - t2, 3)},
     })
 
 
 def _finish(work: Path, out: Path, data: Dataset, run: RunConfig, stage: str, fingerprint: str,
             settings: Mapping[str, Any], run_id: str, rows_per_input: int,
-            finalize: Finalize | None, world: int,
-            t0: float) -> RunSummary:
+            finalize: Finalize | None, world: int, t0: float, steps: dict[str, float]) -> RunSummary:
     """Rank 0: merge, check counts, finalize and write ``run.json`` (the folder is complete after this)."""
     n_chunks = -(-len(data) // run.chunk_size)
+    t1 = time.perf_counter()
     files, rows_out, markers = merge_chunks(work, n_chunks)
+    t2 = time.perf_counter()
     if rows_out != len(data) * rows_per_input:
         raise RuntimeError(f"{stage}: {len(data)} rows x {rows_per_input} should give "
                            f"{len(data) * rows_per_input} rows, got {rows_out}")
     computed = sum(m.get("run_id") == run_id for m in markers)
     summary = RunSummary(stage, out, len(data), rows_out, _sum_statuses(markers), computed,
                          len(markers) - computed, 0.0, [os.path.relpath(f, work) for f in files], fingerprint)
-    extra = dict(finalize(work, load_run(work), summary) or {}) if finalize else {}
+    extra = dict(finalize(work, DataFiles(tuple(files)), summary) or {}) if finalize else {}
+    steps = {**steps, "merge": round(t2 - t1, 3), "finalize": round(time.perf_counter() - t2, 3)}
     summary.seconds = time.perf_counter() - t0
     meta = read_json(work / RUN_FILE) or {}
     write_json(work / RUN_FILE, {
@@ -280,7 +331,7 @@ def _finish(work: Path, out: Path, data: Dataset, run: RunConfig, stage: str, fi
         "source": run.source, "rows_in": len(data), "rows_out": rows_out, "chunk_size": run.chunk_size,
         "num_processes": world, "settings": dict(settings), "statuses": summary.statuses,
         "versions": library_versions(), "files": summary.files,
-        "timings": {"wall_seconds_last_run": round(summary.seconds, 3),
+        "timings": {"wall_seconds_last_run": round(summary.seconds, 3), "rank0_seconds": steps,
                     "chunk_seconds": {m["chunk"]: m["seconds"] for m in markers},
                     "chunks_computed_last_run": computed, "chunks_reused_last_run": len(markers) - computed},
         **extra,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +13,7 @@ from datasets import Dataset
 
 from safetypairs import statuses as ST
 from safetypairs.backends.base import as_verdict
-from safetypairs.engine.datafiles import load_release
-from safetypairs.engine.folders import check_not_input
+from safetypairs.engine.datafiles import DataFiles, load_release
 from safetypairs.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -29,6 +28,7 @@ from safetypairs.engine.runner import (
     RunConfig,
     RunSummary,
     content_fingerprint,
+    for_rank,
     process_state,
     run_stage,
 )
@@ -228,8 +228,7 @@ def evaluate_run(path: str, config: EvaluateConfig, run: RunConfig, split: str |
     """
     from safetypairs.evaluate.report import release_outcomes, render_report
 
-    local = (path,) if Path(path).exists() else ()
-    check_not_input(run.out, local)  # before anything is read
+    run = run.reading(path)  # checked before anything is read
     state = process_state(config.device)
     with state.main_process_first():
         images = load_release(path, "images", split or "auto")
@@ -243,19 +242,20 @@ def evaluate_run(path: str, config: EvaluateConfig, run: RunConfig, split: str |
     results: dict[str, Any] = {}
 
     def compute(rows: Dataset, device: str) -> tuple[Dataset, dict[str, dict[str, Any]]]:
-        preds, runs = predict(rows, replace(config, device=device, num_proc=None))
+        preds, runs = predict(rows, for_rank(config, device))  # checked once, not per chunk
         counts: dict[str, dict[str, Any]] = {spec: run["statuses"] for spec, run in runs.items()}
         counts[GUARD_SECONDS] = {spec: run["seconds"] for spec, run in runs.items()}
         return preds, counts
 
-    def finalize(work: Path, preds: Dataset, summary: RunSummary) -> dict[str, Any]:
+    def finalize(work: Path, files: DataFiles, summary: RunSummary) -> dict[str, Any]:
+        preds = files.rows()
         runs = {spec: {"statuses": summary.statuses.get(spec, {}),
                        "seconds": summary.statuses.get(GUARD_SECONDS, {}).get(spec)} for spec in config.guards}
         results.update(score_predictions(preds, config, pairs=pairs, runs=runs))
         results["dataset"] = {"path": str(path), "split": used, "fingerprint": summary.fingerprint, "n_rows": len(images)}
         results["release"] = release_outcomes(len(pairs) if pairs is not None else 0, rejected)
         if chosen is not None:
-            natural_preds = predict(chosen.rows, replace(config, num_proc=None))[0]
+            natural_preds = predict(chosen.rows, for_rank(config, device_for_rank(config.device, state.local_process_index)))[0]
             results["natural_set"] = chosen.account
             results["natural"] = natural_comparison(preds, natural_preds, _pred_columns(config),
                                                     n_bootstrap=config.n_bootstrap, seed=config.seed)
@@ -266,8 +266,8 @@ def evaluate_run(path: str, config: EvaluateConfig, run: RunConfig, split: str |
 
     settings = {**evaluate_settings(config), "dataset": str(path), "split": used,
                 "natural": content_fingerprint(chosen.rows) if chosen is not None else None}
-    summary = run_stage(images, compute, stage="evaluate", settings=settings, run=replace(run, source=run.source or str(path)),
-                        device=config.device, finalize=finalize, inputs=local, max_pixels=config.max_pixels)
+    summary = run_stage(images, compute, stage="evaluate", settings=settings, run=run, device=config.device,
+                        finalize=finalize, max_pixels=config.max_pixels)
     if summary is None:  # not rank 0: rank 0 scores and writes
         return {}
     if not results:  # a finished folder with the same settings and data was reused

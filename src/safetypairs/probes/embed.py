@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from safetypairs.schema import (
     with_columns,
 )
 from safetypairs.statuses import OK
+from safetypairs.engine.runner import for_rank, run_stage
 from safetypairs.engine.stage import StageResult, map_stage
 from safetypairs.utils import device_for_rank
 
@@ -220,7 +221,7 @@ class EmbedChunk:
 
     def __call__(self, rows: Dataset, device: str) -> tuple[Dataset, dict[str, dict[str, int]]]:
         """Embed one chunk on ``device``; returns the rows and ``{"embed": status histogram}``."""
-        embedded, result = run_embed(rows, replace(self.config, device=device, num_proc=None))
+        embedded, result = run_embed(rows, for_rank(self.config, device))  # checked once, not per chunk
         return embedded, {STAGE: result.statuses}
 
 
@@ -241,8 +242,6 @@ def embed_run(dataset: Dataset, config: EmbedConfig, run: Any) -> Any:
     Raises:
         ValueError: for a dataset without the image column.
     """
-    from safetypairs.engine.runner import run_stage
-
     _check_input(dataset, config)
     return run_stage(dataset, EmbedChunk(config), stage=STAGE, settings=config.settings(), run=run,
                      device=config.device, max_pixels=config.max_pixels)

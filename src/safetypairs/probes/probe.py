@@ -21,9 +21,7 @@ from safetypairs.schema import (
     EMBED_STATUS,
     EMBEDDING,
     LABEL,
-    PAIR_ID,
     ROLE,
-    SOURCE_ID,
     role_names,
 )
 from safetypairs.statuses import OK

@@ -15,7 +15,7 @@ from safetypairs import schema as S
 
 from safetypairs import statuses as ST
 from safetypairs.engine.datafiles import ROW_GROUP_SIZE
-from safetypairs.identity import image_digests
+from safetypairs.engine.imagechecks import ImageCheck, pixel_digest, recorded
 from safetypairs.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -116,12 +116,15 @@ class Release:
         review: the human review's protocol and agreement (`review.ReviewResult.summary`), if reviewed.
         composited: released pairs whose edit validation composited onto the original (``validate
             --composite``: outside the feathered change mask the safe image is the original's pixels).
+        checked: the records of image cells a run checked upstream (the rows' ``image_checks``), by bytes
+            digest: the release's pixel digests and its writes reuse them instead of decoding again.
     """
 
     configs: dict[str, DatasetDict]
     funnel: list[dict[str, Any]] = field(default_factory=list)
     review: dict[str, Any] | None = None
     composited: int = 0
+    checked: dict[str, ImageCheck] = field(default_factory=dict)
 
     def __getitem__(self, config: str) -> DatasetDict:
         return self.configs[config]
@@ -219,9 +222,11 @@ def _release_batch(batch: dict[str, list], features: Features) -> dict[str, list
     return {name: out[name] for name in features}
 
 
-def _images_batch(batch: dict[str, list], digests: dict[str, list[str]], max_pixels: int) -> dict[str, list]:
+def _images_batch(batch: dict[str, list], digests: dict[str, list[str]], max_pixels: int,
+                  checked: dict[str, ImageCheck]) -> dict[str, list]:
     """Pairs -> one row per image: original (unsafe), edited (safe) and control (unsafe) when present, each
-    with its pair's source id and its own pixel digest (``digests``: pair id -> [original, edited])."""
+    with its pair's source id and its own pixel digest (``digests``: pair id -> [original, edited]; the
+    control's from ``checked`` when recorded upstream)."""
     out: dict[str, list] = {name: [] for name in S.IMAGE_FEATURES}
     unsafe, safe = S.LABELS.index(S.UNSAFE), S.LABELS.index(S.SAFE)
     for i, pid in enumerate(batch[S.PAIR_ID]):
@@ -229,13 +234,21 @@ def _images_batch(batch: dict[str, list], digests: dict[str, list[str]], max_pix
                  (batch[S.SAFE_IMAGE][i], safe, "edited", digests[pid][1])]
         if batch[S.CONTROL_IMAGE][i] is not None:
             control = batch[S.CONTROL_IMAGE][i]
-            roles.append((control, unsafe, "control", image_digests([control], max_pixels)[0]))
+            roles.append((control, unsafe, "control", _control_digest(control, checked, max_pixels)))
         for image, label, role, digest in roles:
             values = (image, label, batch[S.CATEGORY][i], pid, S.ROLES.index(role), S.image_id(pid, role),
                       batch[S.SOURCE_ID][i], digest)
             for name, value in zip(out, values):
                 out[name].append(value)
     return out
+
+
+def _control_digest(cell: Any, checked: dict[str, ImageCheck], max_pixels: int) -> str | None:
+    """A control image's pixel digest (``None`` when it cannot be read: the control is optional)."""
+    try:
+        return pixel_digest(cell, checked, max_pixels)
+    except ImageError:
+        return None
 
 
 def _map(dataset: Dataset, fn: Any, features: Features, desc: str, **kwargs: Any) -> Dataset:
@@ -263,9 +276,10 @@ def _with_reasons(rows: Dataset, reasons: list[str | None]) -> Dataset:
     return rows.add_column(S.REJECT_REASON, merged, feature=Value("string"))
 
 
-def _with_pair_ids(source: Dataset, max_pixels: int) -> Dataset:
+def _with_pair_ids(source: Dataset, max_pixels: int, checked: dict[str, ImageCheck]) -> Dataset:
     """``source`` (undecoded) with each row's content pair id and its unreadable image columns (written as
-    null); an accepted row with one is rejected instead (``unreadable`` / ``too_large``, detail in ``validate_error``)."""
+    null); an accepted row with one is rejected instead (``unreadable`` / ``too_large``, detail in ``validate_error``).
+    A cell ``checked`` records is not decoded: its pixel digest is the recorded one."""
     cols = [c for c in (S.POLICY, S.CATEGORY, S.IMAGE, S.EDITED_IMAGE, S.SOURCE_ID, S.ACCEPTED)
             if c in source.column_names]
     ids: list[str | None] = []
@@ -276,7 +290,7 @@ def _with_pair_ids(source: Dataset, max_pixels: int) -> Dataset:
         digests, bad = {}, []
         for column in (S.IMAGE, S.EDITED_IMAGE):
             try:
-                digests[column] = None if row[column] is None else image_digest(load_image(row[column], max_pixels))
+                digests[column] = None if row[column] is None else pixel_digest(row[column], checked, max_pixels)
             except ImageError as err:
                 bad.append(column)
                 if row[S.ACCEPTED] and i not in failed:
@@ -389,7 +403,8 @@ def assemble(validated: Dataset, config: ReleaseConfig | None = None, review: Re
         raise ValueError(f"validated rows lack required columns {missing}; have {validated.column_names}")
     if review is not None:
         validated = _with_review(validated, review)
-    source = _with_pair_ids(undecoded(validated), config.max_pixels)
+    checked = recorded(validated[S.IMAGE_CHECKS]) if S.IMAGE_CHECKS in validated.column_names else {}
+    source = _with_pair_ids(undecoded(validated), config.max_pixels, checked)
     best = best_candidates(source)
     pairs = _map(source.select(best), _release_batch, S.PAIR_FEATURES, "release pairs",
                  fn_kwargs={"features": S.PAIR_FEATURES})
@@ -409,7 +424,7 @@ def assemble(validated: Dataset, config: ReleaseConfig | None = None, review: Re
     digests = dict(zip(pairs[S.PAIR_ID], source.select_columns([_DIGESTS]).select(best)[_DIGESTS]))
     configs["images"] = DatasetDict(
         {name: _map(undecoded(ds), _images_batch, S.IMAGE_FEATURES, f"release images/{name}",
-                    fn_kwargs={"digests": digests, "max_pixels": config.max_pixels})
+                    fn_kwargs={"digests": digests, "max_pixels": config.max_pixels, "checked": checked})
          for name, ds in configs["pairs"].items()}
     )
     if config.include_rejected:
@@ -424,7 +439,7 @@ def assemble(validated: Dataset, config: ReleaseConfig | None = None, review: Re
     # `load_dataset` cannot read a split with no rows: leave empty splits (and configs) out
     configs = {name: DatasetDict({s: ds for s, ds in dd.items() if len(ds)}) for name, dd in configs.items()}
     return Release({name: dd for name, dd in configs.items() if dd}, funnel, review.summary if review else None,
-                   composited)
+                   composited, checked)
 
 
 def _composited(source: Dataset, rows: list[int]) -> int:

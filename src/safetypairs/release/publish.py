@@ -69,7 +69,7 @@ def write_release(
             (work / "data" / config_name).mkdir(parents=True, exist_ok=True)
             for index, n, shard in shards(ds, config.max_shard_size):
                 path = work / "data" / config_name / f"{split}-{index:05d}-of-{n:05d}.parquet"
-                if images := write_parquet(shard, path, config.max_pixels):
+                if images := write_parquet(shard, path, config.max_pixels, known=release.checked):
                     logger.warning("release %s/%s: image cells stored as null or reduced: %s", config_name, split, images)
         grid = write_example_grid(release, work, config.n_examples)
         render_card(release, work, config, funnel=funnel, grid=grid).save(work / "README.md")

@@ -16,7 +16,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, Value
+from datasets import Dataset
 
 from safetypairs import __version__
 from safetypairs import schema as S

@@ -112,32 +112,3 @@ def encoder_metrics(config: Any, pairs: list[PairImages], rows: list[dict[str, A
         for pair, cos in zip(pairs, cosine):
             rows[pair.index][S.CLIP_OUTSIDE] = float(cos)
             rows[pair.index][S.METRICS_RAN].append(clip_enc.name)
-
-
-def encoder_metrics(config: Any, pairs: list[PairImages], rows: list[dict[str, Any]], device: str) -> None:
-    """Fill ``lpips_outside/inside`` and ``clip_outside`` for measured pairs (in place), edit vs reference.
-
-    Args:
-        config: which encoders to run.
-        pairs: readable pairs with their change masks.
-        rows: output rows, indexed by ``pair.index``.
-        device: torch device for the encoders.
-    """
-    lpips_enc = load_encoder(config.lpips, device) if config.lpips and pairs else None
-    if lpips_enc is not None:
-        fits = [p for p in pairs if min(p.original.shape[:2]) >= lpips_enc.min_side]
-        maps = lpips_enc.distance_maps([p.reference for p in fits], [p.edited for p in fits])
-        for pair, dist in zip(fits, maps):
-            row = rows[pair.index]
-            row[S.LPIPS_OUTSIDE] = masked_mean(dist, ~pair.mask.region)
-            row[S.LPIPS_INSIDE] = masked_mean(dist, pair.mask.changed)
-            row[S.METRICS_RAN].append(lpips_enc.name)
-    clip_enc = load_encoder(config.clip, device) if config.clip and pairs else None
-    if clip_enc is not None:
-        blanked = [blank_region(p.reference, p.mask.region) for p in pairs]
-        blanked += [blank_region(p.edited, p.mask.region) for p in pairs]
-        emb = clip_enc.embed(blanked)
-        cosine = np.sum(emb[: len(pairs)] * emb[len(pairs):], axis=1)
-        for pair, cos in zip(pairs, cosine):
-            rows[pair.index][S.CLIP_OUTSIDE] = float(cos)
-            rows[pair.index][S.METRICS_RAN].append(clip_enc.name)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
@@ -13,7 +12,7 @@ from datasets import Dataset
 from safetypairs import schema as S
 from safetypairs import statuses as ST
 from safetypairs.backends.registry import check_options, check_ready, parse_spec
-from safetypairs.engine.runner import RunConfig, RunSummary, run_stage
+from safetypairs.engine.runner import RunConfig, RunSummary, for_rank, run_stage
 from safetypairs.engine.stage import StageResult, map_stage
 from safetypairs.images import DEFAULT_MAX_PIXELS, check_max_pixels
 from safetypairs.policy import Policy, load_policy
@@ -264,8 +263,7 @@ def _warn_without_judge(config: ValidateConfig) -> None:
         _warned_without_judge()
 
 
-def validate_run(dataset: Dataset, config: ValidateConfig, run: RunConfig,
-                 inputs: tuple[str | Path, ...] = ()) -> RunSummary | None:
+def validate_run(dataset: Dataset, config: ValidateConfig, run: RunConfig) -> RunSummary | None:
     """Validate ``dataset`` on the shared runner: sharded over the launched processes, resumable.
 
     Under ``accelerate launch`` / ``torchrun`` each rank validates a contiguous run of chunks on its
@@ -275,8 +273,7 @@ def validate_run(dataset: Dataset, config: ValidateConfig, run: RunConfig,
     Args:
         dataset: candidates or pairs (see `run_validate`).
         config: the stage settings (``device="auto"`` picks each rank's GPU).
-        run: the output folder, chunk size and overwrite policy.
-        inputs: input paths the output folder must not be or contain.
+        run: the output folder, chunk size, overwrite policy and the inputs it must not be or contain.
 
     Returns:
         The run summary on rank 0 (statuses ``validate`` and ``decision``); ``None`` on other ranks.
@@ -286,7 +283,7 @@ def validate_run(dataset: Dataset, config: ValidateConfig, run: RunConfig,
     _warn_without_judge(config)
 
     def compute(rows: Dataset, device: str) -> tuple[Dataset, dict[str, dict[str, int]]]:
-        validated, result = run_validate(rows, replace(config, device=device, num_proc=None))
+        validated, result = run_validate(rows, for_rank(config, device))  # checked once, not per chunk
         decisions = status_histogram(reason or ST.ACCEPTED for reason in validated[S.REJECT_REASON])
         return validated, {"validate": result.statuses, "decision": decisions}
 
@@ -294,7 +291,7 @@ def validate_run(dataset: Dataset, config: ValidateConfig, run: RunConfig,
     settings = {**{k: v for k, v in asdict(config).items() if k not in ("batch_size", "num_proc")},
                 "thresholds_used": decided_with}
     return run_stage(dataset, compute, stage="validate", settings=settings, run=run, device=config.device,
-                     finalize=lambda work, rows, summary: {"thresholds": decided_with}, inputs=inputs,
+                     finalize=lambda work, files, summary: {"thresholds": decided_with},
                      max_pixels=config.max_pixels, keep=(DECISIONS_FILE,))  # human decisions survive --overwrite
 
 
