@@ -112,3 +112,18 @@ def test_an_alias_of_two_categories_is_refused(tmp_path):
                    "  B: {name: Bananas, should_not: [y], aliases: [Fruit]}\n")
     with pytest.raises(PolicyError, match="'Fruit' names both A and B"):
         load_policy(bad)
+
+
+@pytest.mark.parametrize("label", [
+    "Hateful memes",  # starts with the alias "Hate"
+    "Sexually explicit",  # starts with the alias "Sexual"
+    "Violence in films",  # starts with the alias "Violence"
+    "Animal",  # the start of the name "Animal Cruelty"
+    "Criminal",  # the start of the name "Criminal Planning"
+    "Self",  # the start of "Self-Harm"
+    "O1O2",  # a code followed by more
+    "XO1",
+])
+def test_a_label_that_only_starts_like_a_category_resolves_to_none(label):
+    """Whole names, aliases and codes only: a name prefix must not pick a category ("Hateful memes" is not O1)."""
+    assert load_policy("llavaguard").resolve(label) is None
