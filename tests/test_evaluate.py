@@ -292,3 +292,4 @@ def test_evaluate_metric_takes_ints_numpy_arrays_and_bools():
                              n_bootstrap=50)
         assert got == expected
     assert expected["control"]["n"] == 2 and expected["n"] == 4
+    assert expected["accuracy"] == 0.75 and expected["pair_accuracy"] == 0.5  # a's edit called unsafe; b right

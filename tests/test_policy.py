@@ -95,7 +95,7 @@ def test_categories_resolve_from_codes_names_and_aliases():
 
     policy = load_policy("llavaguard")
     for label in ("O1", "o1", " O1 ", "O1: Hate, Humiliation, Harassment", "Hate, Humiliation, Harassment",
-                  "hate humiliation harassment", "Harassment"):
+                  "hate humiliation harassment", "Harassment", "O1: Hate: slurs on a sign"):  # the code before the 1st colon
         assert policy.resolve(label) == "O1", label
     assert policy.resolve("Violence, Harm or Cruelty") == "O2"  # LlavaGuard v1 punctuation
     assert policy.resolve("Self-harm") == "O7" and policy.resolve("Illegal activity") == "O5"  # UnsafeBench
