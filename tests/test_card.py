@@ -87,9 +87,27 @@ def test_template_ships_in_the_package_and_dataset_card_points_to_it():
     assert checkout.resolve() == path.resolve()
 
 
-@pytest.mark.parametrize("n,label", [(0, "n<1K"), (999, "n<1K"), (3020, "1K<n<10K"), (10**6, "1M<n<10M")])
+@pytest.mark.parametrize("n,label", [(0, "n<1K"), (999, "n<1K"), (1000, "1K<n<10K"), (3020, "1K<n<10K"),
+                                     (9999, "1K<n<10K"), (10_000, "10K<n<100K"), (99_999, "10K<n<100K"),
+                                     (100_000, "100K<n<1M"), (999_999, "100K<n<1M"), (10**6, "1M<n<10M")])
 def test_size_category(n, label):
     assert size_category(n) == label
+
+
+def test_size_category_counts_images_not_pairs(tmp_path):
+    """400 pairs are 1,200 images: the Hub's size bucket is 1K<n<10K (the images config's rows), not n<1K."""
+    from datasets import Dataset, DatasetDict
+
+    from safetypairs.release.assemble import Release
+    from safetypairs.release.card import card_data
+
+    pairs = Dataset.from_dict({S.PAIR_ID: [f"p{i}" for i in range(400)]})
+    images = Dataset.from_dict({S.PAIR_ID: [f"p{i // 3}" for i in range(1200)]})
+    release = Release({"pairs": DatasetDict(test=pairs), "images": DatasetDict(test=images)})
+    data = card_data(release, tmp_path, ReleaseConfig()).to_dict()
+    assert data["size_categories"] == ["1K<n<10K"]
+    infos = {i["config_name"]: i["splits"][0]["num_examples"] for i in data["dataset_info"]}
+    assert infos == {"pairs": 400, "images": 1200}
 
 
 def test_card_says_when_validation_composited_the_edits(tmp_path):

@@ -79,7 +79,7 @@ class TinyModels:
 
     @functools.cached_property
     def open_clip(self) -> str:
-        return tiny_builders.register_tiny_open_clip(self.root / "open_clip")
+        return tiny_builders.build_tiny_open_clip(self.root / "open_clip")
 
     @functools.cached_property
     def linear_probe(self) -> str:
@@ -87,7 +87,7 @@ class TinyModels:
         from safetypairs.backends.probe import LinearProbe, save_probe
 
         coef = np.random.default_rng(0).normal(size=32).astype(np.float32)
-        return str(save_probe(LinearProbe(coef, 0.1, f"open_clip:{self.open_clip}/none"), self.root / "probe"))
+        return str(save_probe(LinearProbe(coef, 0.1, f"open_clip:{self.open_clip}"), self.root / "probe"))
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ _CLASSIFIERS: dict[str, dict[str, Tiny]] = {
     "llavaguard": {"tiny-llava": Tiny(lambda t: f"llavaguard:{t.vlm},max_new_tokens=8")},
     "shieldgemma2": {"tiny-shieldgemma2": Tiny(lambda t: f"shieldgemma2:{t.shieldgemma2},scope=category")},
     "clip-zeroshot": {
-        "open_clip": Tiny(lambda t: f"clip-zeroshot:open_clip:{t.open_clip}/none"),
+        "open_clip": Tiny(lambda t: f"clip-zeroshot:open_clip:{t.open_clip}"),
         "hf-clip": Tiny(lambda t: f"clip-zeroshot:hf-clip:{t.hf_clip}"),
     },
     "linear-probe": {"tiny-open_clip": Tiny(lambda t: f"linear-probe:{t.linear_probe}")},
@@ -128,7 +128,7 @@ TINY: dict[tuple[str, str], dict[str, Tiny]] = {
     },
     **{(kind, alias): configs for kind in ("judges", "guards") for alias, configs in _CLASSIFIERS.items()},
     ("encoders", "lpips"): {"random-alex": Tiny(lambda t: "lpips:alex,pnet_rand=true")},
-    ("encoders", "open_clip"): {"tiny": Tiny(lambda t: f"open_clip:{t.open_clip}/none")},
+    ("encoders", "open_clip"): {"tiny": Tiny(lambda t: f"open_clip:{t.open_clip}")},
     ("encoders", "hf-clip"): {"tiny": Tiny(lambda t: f"hf-clip:{t.hf_clip}")},
     ("encoders", "ocr-text"): {"default": Tiny(lambda t: "ocr-text:dim=64", captioned=True)},
 }

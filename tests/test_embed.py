@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from datasets import ClassLabel, Dataset, Features, Image, Value
 from PIL import Image as PILImage
-from tiny_models import register_tiny_open_clip
+from tiny_models import build_tiny_open_clip
 from user_data import CAPTIONED, SAFE, make_llavaguard_folder
 
 from safetypairs import schema as S
@@ -33,7 +33,7 @@ FEATURES = Features({"image": Image(), "label": ClassLabel(names=S.LABELS), "sou
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    return f"open_clip:{register_tiny_open_clip(tmp_path_factory.mktemp('clip'))}/none"
+    return f"open_clip:{build_tiny_open_clip(tmp_path_factory.mktemp('clip'))}"
 
 
 def _photos(bad_row: int | None = None) -> Dataset:

@@ -10,9 +10,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from datasets import Dataset
-from PIL import Image
+from PIL import Image, ImageDraw
 from skimage import data
-from tiny_models import register_tiny_open_clip
+from tiny_models import build_tiny_open_clip
 
 from safetypairs.cli import main
 from safetypairs.evaluate.stage import EvaluateConfig, run_evaluate
@@ -22,13 +22,33 @@ from safetypairs.evaluate.scoring import guard_columns
 REPO = Path(__file__).resolve().parents[1]
 
 
+STICKER = (8, 8, 40, 40)  # the "unsafe element": a green box a green-share guard (`slow`) flags
+
+
+def _role_images(i: int, name: str) -> tuple[Image.Image, Image.Image, Image.Image]:
+    """Original, edited and control of pair ``i``: three different pictures.
+
+    The original carries a green sticker (pair 3's does not: a guard looking for green misses it), the edit
+    paints it grey (pair 2's edit paints a corner instead: the sticker stays), the control is the original a
+    little brighter.
+    """
+    photo = Image.fromarray(getattr(data, name)()).convert("RGB").resize((64, 64))
+    original = photo.copy()
+    if i % 4 != 3:
+        ImageDraw.Draw(original).rectangle(STICKER, fill=(40, 220, 40))
+    edited = original.copy()
+    ImageDraw.Draw(edited).rectangle(STICKER if i % 4 != 2 else (48, 48, 63, 63), fill=(128, 128, 128))
+    control = original.point(lambda v: min(255, v + 6))
+    return original, edited, control
+
+
 def _rows(n_pairs=4, bad_image=False):
     names = ["astronaut", "chelsea", "coffee", "rocket", "camera"]
     rows = {"image": [], "label": [], "category": [], "pair_id": [], "role": [], "image_id": [], "source_id": [],
             "image_digest": []}
     for i in range(n_pairs):
-        image = Image.fromarray(getattr(data, names[i % len(names)])()).convert("RGB").resize((64, 64))
-        for role, label in (("original", 1), ("edited", 0), ("control", 1)):
+        images = _role_images(i, names[i % len(names)])
+        for image, role, label in zip(images, ("original", "edited", "control"), (1, 0, 1)):
             rows["image"].append(image)
             rows["label"].append(label)
             rows["category"].append(f"O{i % 2 + 1}")
@@ -42,9 +62,23 @@ def _rows(n_pairs=4, bad_image=False):
     return rows
 
 
+def _green_share(image: Image.Image) -> float:
+    means = np.asarray(image, dtype=np.float64).reshape(-1, 3).mean(axis=0)
+    return float(means[1] / means.sum())
+
+
+def test_role_images_differ_and_a_green_guard_gets_half_the_pairs_right():
+    """The fixture can show a bug that mixes up roles: every role has its own pixels and its own verdict."""
+    rows = _rows(4)
+    digests = {np.asarray(im).tobytes() for im in rows["image"]}
+    assert len(digests) == 12
+    said_unsafe = [_green_share(im) > 0.36 for im in rows["image"]]  # the `slow` guard's rule
+    assert said_unsafe == [True, False, True, True, False, True, True, True, True, False, False, False]
+
+
 @pytest.fixture(scope="module")
 def clip_guard(tmp_path_factory):
-    return f"clip-zeroshot:open_clip:{register_tiny_open_clip(tmp_path_factory.mktemp('clip'))}/none"
+    return f"clip-zeroshot:open_clip:{build_tiny_open_clip(tmp_path_factory.mktemp('clip'))}"
 
 
 def test_config_validation():
@@ -57,17 +91,35 @@ def test_config_validation():
     assert EvaluateConfig(guards=("nudenet", "nudenet")).guards == ("nudenet",)
 
 
-def test_run_evaluate_counts_bad_images_and_is_reproducible(clip_guard):
-    dataset = Dataset.from_dict(_rows(bad_image=True), features=IMAGE_FEATURES)
+def test_run_evaluate_scores_each_image_as_the_guard_does_and_is_reproducible(clip_guard):
+    """Each row's score is the guard's own score of that row's image (roles have different pixels, batches straddle
+    pairs), and a fresh load of the tiny model after other torch draws gives the same metrics (seeded weights)."""
+    import torch
+
+    from safetypairs.backends.registry import load_backend, unload_backends
+    from safetypairs.policy import load_policy
+
+    rows = _rows(bad_image=True)
+    dataset = Dataset.from_dict(rows, features=IMAGE_FEATURES)
     config = EvaluateConfig(guards=(clip_guard,), n_bootstrap=50, batch_size=5)
     results = run_evaluate(dataset, config)
     entry = results["guards"][clip_guard]
     assert entry["statuses"] == {"ok": 11, "unreadable": 1}
     metrics = entry["metrics"]
     assert metrics["n"] == 8 and metrics["n_unknown"] == 1 and metrics["control"]["n"] == 4
-    assert metrics["auroc"] is not None and set(metrics["per_category"]) == {"O1", "O2"}
+    assert set(metrics["per_category"]) == {"O1", "O2"}
     assert results["leaderboard"][0]["guard"] == clip_guard
-    assert results["predictions"][clip_guard]["pred"][1] == "unknown"
+    predictions = results["predictions"][clip_guard]
+    assert predictions["pred"][1] == "unknown" and predictions["score"][1] is None
+    guard, policy = load_backend("guards", clip_guard, "cpu"), load_policy("llavaguard")
+    for i, (image, category) in enumerate(zip(rows["image"], rows["category"])):
+        if i != 1:
+            (alone,) = guard.classify([image], [category], policy)
+            assert predictions["pred"][i] == alone.label and predictions["score"][i] == pytest.approx(alone.score, abs=1e-6)
+    assert len({round(v, 6) for v in predictions["score"] if v is not None}) == 11  # every image its own score
+    unload_backends()  # a fresh load, after other draws from the torch RNG: the same weights
+    torch.manual_seed(12345)
+    torch.rand(1000)
     again = run_evaluate(dataset, config)
     assert again["guards"][clip_guard]["metrics"] == metrics
     json.dumps(results)  # results.json-ready
@@ -172,7 +224,10 @@ def test_evaluate_shards_and_resumes_like_one_process(tmp_path):
 
     def table(out):
         results = json.loads((out / "results.json").read_text())
-        assert results["n_images"] == 12 and results["guards"]["slow"]["metrics"]["pair_accuracy"] is not None
+        metrics = results["guards"]["slow"]["metrics"]
+        assert results["n_images"] == 12
+        assert metrics["pair_accuracy"] == 0.5  # p0, p1 right; p2's edit keeps the green sticker; p3's original lacks it
+        assert metrics["control"]["unsafe_rate"] == 0.75 and metrics["confusion"] == {"tp": 3, "fp": 1, "tn": 3, "fn": 1}
         return pq.read_table(out / "predictions.parquet")
 
     check_sharding_and_resume(args, tmp_path, table)
@@ -237,3 +292,4 @@ def test_evaluate_metric_takes_ints_numpy_arrays_and_bools():
                              n_bootstrap=50)
         assert got == expected
     assert expected["control"]["n"] == 2 and expected["n"] == 4
+    assert expected["accuracy"] == 0.75 and expected["pair_accuracy"] == 0.5  # a's edit called unsafe; b right

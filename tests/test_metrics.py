@@ -74,17 +74,72 @@ def test_controls_reported_separately():
     assert c["control_pair_accuracy"] == 0.5
 
 
-def test_bootstrap_is_reproducible_and_brackets_the_point():
+def test_same_label_rate_counts_pairs_both_unknown():
+    # a: both unknown (the guard told them apart no more than two equal labels); b: unknown + safe; c: right
+    pred = ["unknown", "unknown", "unknown", "safe", "unsafe", "safe"]
+    ref = ["unsafe", "safe"] * 3
+    r = compute_metrics(pred, ref, ["a", "a", "b", "b", "c", "c"], n_bootstrap=0)
+    assert r["same_label_rate"] == pytest.approx(1 / 3)  # a only
+    assert r["pair_accuracy"] == pytest.approx(1 / 3)  # c only
+    assert r["n_unknown"] == 3
+
+
+def _percentile_bootstrap(pred, ref, pair_ids, n_resamples, seed):
+    """An independent 95% percentile bootstrap over pairs: scipy resamples the pair indices, and each statistic
+    is plain numpy over the images of the drawn pairs (an unknown prediction counts as the wrong label)."""
+    from scipy import stats
+
+    pairs = sorted(set(pair_ids))
+    index = np.array([pairs.index(p) for p in pair_ids])
+    n_pairs = len(pairs)
+
+    def per_pair(mask):
+        return np.bincount(index, weights=mask.astype(float), minlength=n_pairs)
+
+    correct, images = per_pair(pred == ref), per_pair(np.ones_like(ref, dtype=bool))
+    tp, fp, fn = per_pair((pred == 1) & (ref == 1)), per_pair((pred != 0) & (ref == 0)), per_pair((pred != 1) & (ref == 1))
+    labels = [set(pred[index == k]) for k in range(n_pairs)]
+    both_right, same = correct == images, np.array([len(s) == 1 for s in labels], dtype=float)
+    sums = {"accuracy": (correct, images), "pair_accuracy": (both_right.astype(float), np.ones(n_pairs)),
+            "same_label_rate": (same, np.ones(n_pairs)), "f1": (2 * tp, 2 * tp + fp + fn)}
+    out = {}
+    for key, (num, den) in sums.items():
+        res = stats.bootstrap((np.arange(n_pairs),), lambda k, axis=-1: num[k].sum(axis) / den[k].sum(axis),
+                              n_resamples=n_resamples, method="percentile", confidence_level=0.95,
+                              vectorized=True, random_state=np.random.default_rng(seed))
+        out[key] = (res.confidence_interval.low, res.confidence_interval.high)
+    return out
+
+
+def test_bootstrap_interval_matches_an_independent_percentile_bootstrap():
     pred, ref, pair_ids, scores = _random_case(5, n_pairs=300)
     args = (pred.tolist(), ref.tolist(), pair_ids.tolist())
-    a = compute_metrics(*args, scores=scores.tolist(), n_bootstrap=300, seed=7)
-    b = compute_metrics(*args, scores=scores.tolist(), n_bootstrap=300, seed=7)
-    c = compute_metrics(*args, scores=scores.tolist(), n_bootstrap=300, seed=8)
+    a = compute_metrics(*args, scores=scores.tolist(), n_bootstrap=2000, seed=7)
+    b = compute_metrics(*args, scores=scores.tolist(), n_bootstrap=2000, seed=7)
+    c = compute_metrics(*args, scores=scores.tolist(), n_bootstrap=2000, seed=8)
     assert a["ci"] == b["ci"] and a["ci"] != c["ci"]
-    for key in ("accuracy", "f1", "pair_accuracy", "auroc", "same_label_rate"):
-        low, high = a["ci"][key]
-        assert low <= a[key] <= high and high - low < 0.2
-    assert a["bootstrap"] == {"n_resamples": 300, "seed": 7, "unit": "pair", "confidence": 0.95}
+    assert a["bootstrap"] == {"n_resamples": 2000, "seed": 7, "unit": "pair", "confidence": 0.95}
+    expected = _percentile_bootstrap(pred, ref, pair_ids, n_resamples=4000, seed=123)
+    for key, (low, high) in expected.items():
+        # Monte Carlo error of a 2.5% / 97.5% quantile here is ~0.005; a 50% interval would be ~3x narrower
+        assert a["ci"][key] == pytest.approx([low, high], abs=0.015), key
+    low, high = a["ci"]["auroc"]
+    assert low < a["auroc"] < high and 0.05 < high - low < 0.2
+
+
+def test_bootstrap_interval_covers_a_known_accuracy():
+    """Known answer: every image is right with probability 0.8, so the 95% interval over pairs should hold 0.8
+    in about 95% of simulated benchmarks (a 50% interval would hold it in about half)."""
+    rng = np.random.default_rng(11)
+    n_pairs, trials, covered = 100, 100, 0
+    pair_ids = np.repeat(np.arange(n_pairs), 2).astype(str).tolist()
+    ref = np.tile([1, 0], n_pairs)
+    for t in range(trials):
+        right = rng.random(2 * n_pairs) < 0.8
+        pred = np.where(right, ref, 1 - ref)
+        low, high = compute_metrics(pred.tolist(), ref.tolist(), pair_ids, n_bootstrap=400, seed=t)["ci"]["accuracy"]
+        covered += low <= 0.8 <= high
+    assert 85 <= covered <= 100  # binomial(100, 0.95): below 85 has probability < 1e-4
 
 
 def test_similarity_correlation_finds_errors_on_large_changes():

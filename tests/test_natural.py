@@ -158,7 +158,7 @@ def test_select_natural_leaves_out_release_images_and_rows_outside_the_policy(tm
 
 def test_evaluate_cli_compares_natural_images_with_pairs(tmp_path, capsys):
     from release_rows import validated_rows
-    from tiny_models import register_tiny_open_clip
+    from tiny_models import build_tiny_open_clip
 
     from safetypairs.cli import main
     from safetypairs.release.publish import write_release
@@ -168,7 +168,7 @@ def test_evaluate_cli_compares_natural_images_with_pairs(tmp_path, capsys):
     natural = Dataset.from_dict({"image": [demo_photo(n).resize((32, 32)) for n in ("coffee", "rocket", "moon", "clock")],
                                  "label": ["unsafe", "safe", "unsafe", "safe"]})
     natural.save_to_disk(str(tmp_path / "natural"))
-    guard = f"clip-zeroshot:open_clip:{register_tiny_open_clip(tmp_path / 'clip')}/none"
+    guard = f"clip-zeroshot:open_clip:{build_tiny_open_clip(tmp_path / 'clip')}"
     code = main(["evaluate", "--dataset", str(release), "--guard", guard, "--out", str(tmp_path / "run"),
                  "--natural", str(tmp_path / "natural"), "--bootstrap", "50", "--device", "cpu"])
     assert code == 0

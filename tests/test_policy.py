@@ -95,7 +95,7 @@ def test_categories_resolve_from_codes_names_and_aliases():
 
     policy = load_policy("llavaguard")
     for label in ("O1", "o1", " O1 ", "O1: Hate, Humiliation, Harassment", "Hate, Humiliation, Harassment",
-                  "hate humiliation harassment", "Harassment"):
+                  "hate humiliation harassment", "Harassment", "O1: Hate: slurs on a sign"):  # the code before the 1st colon
         assert policy.resolve(label) == "O1", label
     assert policy.resolve("Violence, Harm or Cruelty") == "O2"  # LlavaGuard v1 punctuation
     assert policy.resolve("Self-harm") == "O7" and policy.resolve("Illegal activity") == "O5"  # UnsafeBench
@@ -112,3 +112,18 @@ def test_an_alias_of_two_categories_is_refused(tmp_path):
                    "  B: {name: Bananas, should_not: [y], aliases: [Fruit]}\n")
     with pytest.raises(PolicyError, match="'Fruit' names both A and B"):
         load_policy(bad)
+
+
+@pytest.mark.parametrize("label", [
+    "Hateful memes",  # starts with the alias "Hate"
+    "Sexually explicit",  # starts with the alias "Sexual"
+    "Violence in films",  # starts with the alias "Violence"
+    "Animal",  # the start of the name "Animal Cruelty"
+    "Criminal",  # the start of the name "Criminal Planning"
+    "Self",  # the start of "Self-Harm"
+    "O1O2",  # a code followed by more
+    "XO1",
+])
+def test_a_label_that_only_starts_like_a_category_resolves_to_none(label):
+    """Whole names, aliases and codes only: a name prefix must not pick a category ("Hateful memes" is not O1)."""
+    assert load_policy("llavaguard").resolve(label) is None

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 from datasets import ClassLabel, Dataset, Features, Image, Value
-from tiny_models import register_tiny_open_clip
+from tiny_models import build_tiny_open_clip
 
 from safetypairs import schema as S
 from safetypairs.backends.probe import (
@@ -33,7 +33,7 @@ IMAGES = Features({"image": Image(), "label": ClassLabel(names=S.LABELS), "categ
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    return f"open_clip:{register_tiny_open_clip(tmp_path_factory.mktemp('clip'))}/none"
+    return f"open_clip:{build_tiny_open_clip(tmp_path_factory.mktemp('clip'))}"
 
 
 def _images(n_pairs: int = 6) -> Dataset:

@@ -27,7 +27,6 @@ from safetypairs.release.assemble import (
 from safetypairs.statuses import DUPLICATE_PAIR as DUPLICATE
 from safetypairs.statuses import NOT_SELECTED
 from safetypairs.engine.folders import OutputDirError
-from safetypairs.validate.decision import select_best
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +52,18 @@ def test_config_rejects_bad_values(kwargs):
 
 
 def test_keeps_best_accepted_candidate_per_source(validated, release):
-    best = best_candidates(validated)
-    assert validated.select(best)[S.SOURCE_ID] == select_best(validated)[S.SOURCE_ID]
+    # hand-built candidates with known preservation: lowest LPIPS outside wins, then highest SSIM, then PSNR,
+    # then the earlier row; rejected candidates never win, and a source without an accepted one gives none
+    rows = [  # source, accepted, lpips_outside, ssim_outside, psnr_outside
+        ("a", True, 0.20, 0.90, 30.0), ("a", True, 0.10, 0.80, 25.0), ("a", False, 0.01, 0.99, 50.0),  # a: 1
+        ("b", True, 0.10, 0.90, 30.0), ("b", True, 0.10, 0.95, 20.0), ("b", True, 0.10, 0.95, 40.0),  # b: 5
+        ("c", False, 0.05, 0.99, 40.0), ("c", False, 0.01, 0.99, 40.0),  # c: none accepted
+        ("d", True, None, 0.99, 45.0), ("d", True, 0.30, 0.70, 20.0),  # d: a measured LPIPS beats none: 9
+        ("e", True, 0.10, 0.90, 30.0), ("e", True, 0.10, 0.90, 30.0),  # e: a tie goes to the earlier row: 10
+    ]
+    hand = Dataset.from_dict({name: list(col) for name, col in zip(
+        (S.SOURCE_ID, S.ACCEPTED, S.LPIPS_OUTSIDE, S.SSIM_OUTSIDE, S.PSNR_OUTSIDE), zip(*rows))})
+    assert best_candidates(hand) == [1, 5, 9, 10]
     pairs = [row for split in release["pairs"].values() for row in split]
     sources_with_accepted = {s for s, ok in zip(validated[S.SOURCE_ID], validated[S.ACCEPTED]) if ok}
     assert sorted(p[S.SOURCE_ID] for p in pairs) == sorted(sources_with_accepted)

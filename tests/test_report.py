@@ -60,6 +60,41 @@ def test_render_report_is_self_contained(tmp_path):
     assert "&lt;b&gt;loser0&lt;/b&gt;" in html  # user text is escaped
 
 
+LEADERBOARD_COLUMNS = ("pair_accuracy", "f1", "balanced_accuracy", "recall", "specificity", "auroc",
+                       "same_label_rate", "flip_detection_rate")
+
+
+def _leaderboard_cells(html: str) -> dict[str, list[tuple[str, str]]]:
+    """Guard -> the (value, interval) text of each metric cell of the leaderboard table, left to right."""
+    section = html.split('<section id="leaderboard">', 1)[1].split("</section>", 1)[0]
+    rows = {}
+    for row in re.findall(r"<tr>(.*?)</tr>", section, re.S)[1:]:  # the first is the header
+        guard = re.search(r"<b>([^<]+)</b>", row).group(1)
+        rows[guard] = re.findall(r'<td>([^<]*)<span class="ci">([^<]*)</span></td>', row)
+    return rows
+
+
+def test_leaderboard_cells_show_each_metric_and_its_interval(tmp_path):
+    """Every cell holds its own metric from the results (3 decimals) and its 95% interval (2 decimals)."""
+    results, pairs = _results_and_pairs()
+    cells = _leaderboard_cells(render_report(results, tmp_path / "report.html", pairs=pairs).read_text())
+    assert set(cells) == set(GUARDS)
+    for spec in GUARDS:
+        m = results["guards"][spec]["metrics"]
+        expected = []
+        for key in LEADERBOARD_COLUMNS:
+            value = "–" if m[key] is None else f"{m[key]:.3f}"
+            ci = m["ci"].get(key)
+            interval = "" if ci is None else f"{ci[0]:.2f}–{ci[1]:.2f}"
+            if ci is not None and ci[0] == ci[1]:  # 4 pairs: a collapsed interval says what it is worth
+                interval += f": no spread from {m['n_pairs']} pairs, not certainty"
+            expected.append((value, interval))
+        assert len({v for v, _ in expected}) >= 4  # the metrics differ, so a cell showing another's value shows
+        control = m["control"]
+        expected.append((f"{control['unsafe_rate']:.3f}", f"n={control['n']}"))
+        assert cells[spec] == expected, spec
+
+
 def test_a_guard_that_answered_no_image_is_named_in_the_results_and_the_report(tmp_path):
     results, pairs = _results_and_pairs()
     assert unanswered(results) == {}
@@ -101,7 +136,7 @@ def test_the_report_explains_itself(tmp_path):
     import json
 
     from release_rows import validated_rows
-    from tiny_models import register_tiny_open_clip
+    from tiny_models import build_tiny_open_clip
 
     from safetypairs.engine.runner import RunConfig
     from safetypairs.evaluate.stage import evaluate_run
@@ -110,7 +145,7 @@ def test_the_report_explains_itself(tmp_path):
     from safetypairs.statuses import meaning
 
     release = write_release(validated_rows(5), tmp_path / "release", ReleaseConfig())
-    guard = f"clip-zeroshot:open_clip:{register_tiny_open_clip(tmp_path / 'clip')}/none"
+    guard = f"clip-zeroshot:open_clip:{build_tiny_open_clip(tmp_path / 'clip')}"
     results = evaluate_run(str(release), EvaluateConfig(guards=(guard,), n_bootstrap=50, device="cpu"),
                            RunConfig(out=tmp_path / "eval"))
     outcomes = results["release"]

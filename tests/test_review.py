@@ -222,6 +222,52 @@ def test_kappa_equals_sklearn(folder, rows):
     assert not (folder / "results.json").exists()  # evaluate's file name, left alone
 
 
+def test_a_judge_that_answered_unknown_is_left_out_of_kappa_vs_judge(rows):
+    """The judge's unknown is no verdict: those candidates leave the comparison; it is not a rejection."""
+    ids = candidate_ids(rows)
+    originals = ["unknown" if i in (0, 4) else "unsafe" for i in range(len(ids))]
+    edits = ["unknown" if i == 6 else e for i, e in enumerate(rows[S.JUDGE_EDITED])]
+    judged = rows.remove_columns([S.JUDGE_ORIGINAL, S.JUDGE_EDITED]).add_column(S.JUDGE_ORIGINAL, originals) \
+        .add_column(S.JUDGE_EDITED, edits)
+    votes = "aarraaarraaa"  # the reviewer accepts 0, 4 and 6: a judge unknown read as reject would disagree
+    stats = agreement(judged, [make_decision("alice", cid, "accept" if v == "a" else "reject",
+                                             None if v == "a" else "artifact") for cid, v in zip(ids, votes)])
+    known = [i for i in range(len(ids)) if i not in (0, 4, 6)]
+    alice = [int(votes[i] == "a") for i in known]
+    judge = [int(originals[i] == "unsafe" and edits[i] == "safe") for i in known]
+    vs_judge = stats["vs_judge"]["alice"]
+    assert vs_judge["n"] == 9 and vs_judge["agreement"] == pytest.approx(sum(a == j for a, j in zip(alice, judge)) / 9)
+    assert vs_judge["kappa"] == pytest.approx(cohen_kappa_score(alice, judge))
+    assert stats["vs_automatic"]["alice"]["n"] == 12  # the automatic decision is known for every candidate
+
+
+def test_three_reviewers_two_accept_one_reject_is_a_majority(folder, rows, tmp_path):
+    """Strict majority, not unanimity: with three reviewers, 2 accept + 1 reject verifies a pair."""
+    from safetypairs.review.store import majority
+
+    votes = {name: make_decision(name, "c", d, None if d == "accept" else "artifact")
+             for name, d in (("alice", "accept"), ("bob", "accept"), ("carol", "reject"))}
+    assert majority(votes, min_reviewers=3).human_verified
+    assert not majority({k: votes[k] for k in ("alice", "carol")}, min_reviewers=2).human_verified  # 1:1 tie
+    ids = candidate_ids(rows)
+    accepted = [cid for cid, ok in zip(ids, rows[S.ACCEPTED]) if ok]
+    _decide(folder, accepted[:3], "alice", "aar")
+    _decide(folder, accepted[:3], "bob", "arr")
+    _decide(folder, accepted[:3], "carol", "rrr", reason="still_unsafe")
+    review = load_review(folder, rows, min_reviewers=3)
+    first, second, third = (review.majorities[c] for c in accepted[:3])
+    assert first.human_verified and first.n_reviewers == 3 and first.reason is None
+    assert not second.human_verified and second.detail == "2 of 3 reviewers reject"
+    assert not third.human_verified and third.reason == "human_rejected:not_local"  # 2 of the 3 reasons
+    release = assemble(rows, ReleaseConfig(), review)
+    rejected = release["rejected"]["test"]
+    reasons = dict(zip((f"{s}#{c}" for s, c in zip(rejected[S.SOURCE_ID], rejected[S.CANDIDATE])),
+                       rejected[S.REJECT_REASON]))
+    assert accepted[0] not in reasons and accepted[0].split("#")[0] in release["pairs"]["test"][S.SOURCE_ID]
+    assert reasons[accepted[1]] == "human_rejected:not_local"  # bob's and carol's reasons tie: alphabetical
+    assert reasons[accepted[2]] == "human_rejected:not_local"
+
+
 def test_release_keeps_only_pairs_reviewers_accepted(folder, rows, tmp_path):
     ids = candidate_ids(rows)
     accepted = [cid for cid, ok in zip(ids, rows[S.ACCEPTED]) if ok]

@@ -197,7 +197,7 @@ def test_cli_embed_train_probe_and_sweep_end_to_end(tmp_path, monkeypatch, capsy
     """embed -> train-probe -> sample-efficiency with a tiny random open_clip; a rerun makes no encoder call."""
     from datasets import Dataset
     from release_rows import validated_rows
-    from tiny_models import register_tiny_open_clip
+    from tiny_models import build_tiny_open_clip
 
     from safetypairs.cli import main
     from safetypairs.release.publish import write_release
@@ -205,7 +205,7 @@ def test_cli_embed_train_probe_and_sweep_end_to_end(tmp_path, monkeypatch, capsy
     from safetypairs.release.assemble import ReleaseConfig
     from safetypairs.sources import DEMO_PHOTOS, demo_photo
 
-    encoder = f"open_clip:{register_tiny_open_clip(tmp_path / 'clip')}/none"
+    encoder = f"open_clip:{build_tiny_open_clip(tmp_path / 'clip')}"
     backend, calls = load_backend("encoders", encoder, "cpu"), []
     original = backend.embed
     monkeypatch.setattr(backend, "embed", lambda images: calls.append(len(images)) or original(images))
@@ -239,14 +239,14 @@ def test_cli_leaves_out_eval_images_that_are_release_originals(tmp_path, capsys)
 
     from datasets import Dataset, load_dataset
     from release_rows import validated_rows
-    from tiny_models import register_tiny_open_clip
+    from tiny_models import build_tiny_open_clip
 
     from safetypairs.cli import main
     from safetypairs.release.publish import write_release
     from safetypairs.release.assemble import ReleaseConfig
     from safetypairs.sources import DEMO_PHOTOS, demo_photo
 
-    encoder = f"open_clip:{register_tiny_open_clip(tmp_path / 'clip')}/none"
+    encoder = f"open_clip:{build_tiny_open_clip(tmp_path / 'clip')}"
     release = write_release(validated_rows(9), tmp_path / "release", ReleaseConfig())
     originals = [r["image"] for r in load_dataset(str(release), "images", split="test") if r["role"] == 0]
     Dataset.from_dict({"image": [demo_photo(DEMO_PHOTOS[i]).resize((32, 32)) for i in range(8)],

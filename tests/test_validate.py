@@ -165,21 +165,70 @@ def test_large_images_measured_downscaled_mask_full_size(photo):
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    from tiny_models import register_tiny_open_clip
+    from tiny_models import build_tiny_open_clip
 
-    return f"open_clip:{register_tiny_open_clip(tmp_path_factory.mktemp('clip'))}/none"
+    return f"open_clip:{build_tiny_open_clip(tmp_path_factory.mktemp('clip'))}"
 
 
-def test_lpips_and_clip_run_on_the_rank_device(photo, tiny_clip):
+def test_lpips_and_clip_measure_outside_the_mask(photo, tiny_clip):
+    import torch
+
+    from safetypairs.backends.registry import unload_backends
+
+    unload_backends()  # the random LPIPS backbone is drawn at load: from a known torch RNG state
+    torch.manual_seed(0)
     data = candidates([photo] * 2, [paste(photo), photo])
     out = validate_pairs(data, lpips="lpips:alex,pnet_rand=true", clip=tiny_clip, device="cpu")
     good, same = out[0], out[1]
     assert good[S.METRICS_RAN] == ["change_mask", "ssim", "psnr", "lpips:alex,pnet_rand", tiny_clip]
-    assert good[S.LPIPS_INSIDE] > good[S.LPIPS_OUTSIDE] >= 0
+    assert good[S.LPIPS_INSIDE] > good[S.LPIPS_OUTSIDE] > 1e-4  # the edit leaks into the receptive fields around it
     assert good[S.CLIP_OUTSIDE] == pytest.approx(1.0, abs=1e-4)  # edited region blanked in both
     assert same[S.LPIPS_OUTSIDE] == pytest.approx(0.0, abs=1e-6) and same[S.LPIPS_INSIDE] is None
-    strict = validate_pairs(data.select([0]), lpips="lpips:alex,pnet_rand=true", max_lpips_outside=-0.0)
-    assert strict[S.REJECT_REASON] == ["background_changed" if strict[S.LPIPS_OUTSIDE][0] > 0 else None]
+    lpips = "lpips:alex,pnet_rand=true"
+    strict = validate_pairs(data.select([0]), lpips=lpips, max_lpips_outside=1e-4)[0]
+    assert strict[S.REJECT_REASON] == "background_changed" and strict[S.REJECT_DETAIL].startswith("lpips_outside ")
+    assert validate_pairs(data.select([0]), lpips=lpips, max_lpips_outside=0.9)[S.REJECT_REASON] == [None]
+
+
+class _RecordingEncoder:
+    """A stand-in encoder that keeps the device it was built for: LPIPS maps of 0.25, equal CLIP embeddings."""
+
+    min_side = 16
+
+    def __init__(self, spec: str, device: str) -> None:
+        self.name, self.device = spec, device
+
+    def distance_maps(self, references: list, edits: list) -> list:
+        return [np.full(r.shape[:2], 0.25, dtype=np.float32) for r in references]
+
+    def embed(self, images: list) -> np.ndarray:
+        return np.tile(np.array([1.0, 0.0], dtype=np.float32), (len(images), 1))
+
+
+def test_lpips_and_clip_run_on_the_rank_device(photo, monkeypatch):
+    """The device the stage picks for a map rank (``auto``: the rank's GPU) is the one the encoders are built on."""
+    import torch
+
+    from safetypairs.validate import measurements
+    from safetypairs.validate.stage import ValidateTransform
+
+    built = []
+
+    def recording_load(kind: str, spec: str, device: str) -> _RecordingEncoder:
+        built.append((kind, spec, device))
+        return _RecordingEncoder(spec, device)
+
+    monkeypatch.setattr(measurements, "load_backend", recording_load)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    batch = {S.IMAGE: [photo], S.EDITED_IMAGE: [paste(photo)]}
+    specs = {"lpips": "lpips:alex", "clip": "open_clip:ViT-B-32/none"}
+    out = ValidateTransform(ValidateConfig(device="auto", **specs))(batch, rank=3)
+    assert built == [("encoders", "lpips:alex", "cuda:1"), ("encoders", "open_clip:ViT-B-32/none", "cuda:1")]
+    assert out[S.LPIPS_OUTSIDE] == [0.25] and out[S.CLIP_OUTSIDE] == [1.0]  # the stand-ins' numbers, measured there
+    built.clear()
+    ValidateTransform(ValidateConfig(device="cpu", **specs))(batch, rank=3)  # an explicit device is used as given
+    assert [device for *_, device in built] == ["cpu", "cpu"]
 
 
 def test_unavailable_encoder_falls_back_to_ssim_psnr(photo, tmp_path, caplog):

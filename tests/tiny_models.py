@@ -319,31 +319,61 @@ def build_tiny_qwen_edit(path: str | Path, seed: int = 0, plus: bool = False) ->
 
 
 TINY_CLIP_ARCH = "safetypairs-tiny-clip"
+TINY_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
 
 
 def register_tiny_open_clip(folder: str | Path) -> str:
-    """Register a tiny open_clip model config (random weights via ``pretrained=None``).
+    """Register a tiny open_clip model config, for specs ``open_clip:<arch>/none`` (random weights drawn at each
+    load from the torch RNG: only for tests of that spec form; `build_tiny_open_clip` has seeded weights).
 
     Args:
         folder: where to write the config JSON.
 
     Returns:
-        The arch name for specs such as ``open_clip:<arch>/none``.
+        The arch name.
     """
     import json
 
     import open_clip
 
-    config = {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
-        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }
     path = Path(folder) / f"{TINY_CLIP_ARCH}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(config))
+    path.write_text(json.dumps(TINY_CLIP_CONFIG))
     open_clip.add_model_config(path)
     return TINY_CLIP_ARCH
+
+
+def build_tiny_open_clip(folder: str | Path, seed: int = 0) -> str:
+    """Save a tiny open_clip model with seeded random weights as an open_clip folder (config + safetensors).
+
+    Every load reads the same saved weights, whatever the torch RNG state (no test depends on the ones before
+    it), through open_clip's own ``local-dir:`` path, the one a downloaded hub folder takes.
+
+    Args:
+        folder: the output folder.
+        seed: torch seed for the random weights (drawn in a forked RNG: the caller's torch RNG is left alone).
+
+    Returns:
+        ``local-dir:<folder>``, for specs such as ``open_clip:local-dir:<folder>``.
+    """
+    import json
+
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    register_tiny_open_clip(folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = open_clip.create_model(TINY_CLIP_ARCH, pretrained=None)
+    folder = Path(folder)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CONFIG, "preprocess_cfg": {}}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
+    return f"local-dir:{folder}"
 
 
 def build_tiny_hf_clip(path: str | Path, seed: int = 0) -> str:
