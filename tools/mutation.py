@@ -22,6 +22,7 @@ import sys
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,8 +117,8 @@ def run(module: Module, workdir: Path, jobs: int) -> dict[str, str]:
     listing = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=workdir, env=env,
                              capture_output=True, text=True, check=True).stdout
     statuses = dict(line.strip().rsplit(": ", 1) for line in listing.splitlines() if "__mutmut_" in line)
-    counted = tuple(p.removesuffix("*") for p in module.patterns())
-    return {name: status for name, status in statuses.items() if name.startswith(counted)}
+    return {name: status for name, status in statuses.items()
+            if any(fnmatchcase(name, pattern) for pattern in module.patterns())}
 
 
 def show(name: str, workdir: Path) -> str:
