@@ -297,7 +297,7 @@ def test_evaluate_metric_takes_ints_numpy_arrays_and_bools():
 
 class ChannelGuard:
     """Unsafe when its colour channel's share of the image is above a third; counts the images it sees, and on each
-    load how many guards the registry still holds alive."""
+    load how many of these guards the registry still holds alive."""
 
     OPTIONS: dict = {}
     CHANNEL = 1
@@ -312,7 +312,7 @@ class ChannelGuard:
         from safetypairs.backends.registry import loaded_backends
 
         gc.collect()
-        ChannelGuard.alive_at_load.append(len(loaded_backends()))
+        ChannelGuard.alive_at_load.append(sum(isinstance(b, ChannelGuard) for _, _, b in loaded_backends()))
         return cls()
 
     def classify(self, images, categories, policy):

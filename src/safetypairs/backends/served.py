@@ -236,7 +236,7 @@ class ServedModel:
         import openai
 
         settings = self._settings(use)
-        key = request_key(self.model, prompt, image, settings)
+        key = request_key(self.model, prompt, image, settings) if self.cache is not None else ""
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             with self._lock:
                 self.usage.cache_hits += 1
@@ -277,13 +277,16 @@ class ServedModel:
             except ServedError as err:
                 return err
 
+        if self.o["max_concurrency"] == 1 or len(items) == 1:  # no thread hand-off per request
+            return [one(item) for item in items]
         with ThreadPoolExecutor(max_workers=self.o["max_concurrency"]) as pool:
             return list(pool.map(one, items))
 
     def classify(self, images: list[Image.Image], categories: list[str | None], policy: Policy) -> list[Verdict]:
         """Ask the served model about each image with the policy prompt; score from logprobs when given."""
         prompt = self.o["prompt"]
-        texts = [render_guard_prompt(prompt, policy, c, self.o["scope"]) for c in categories]
+        rendered = {c: render_guard_prompt(prompt, policy, c, self.o["scope"]) for c in set(categories)}
+        texts = [rendered[c] for c in categories]
         verdicts = []
         for answer in self._ask_all(list(zip(texts, images)), prompt):
             if isinstance(answer, ServedError):
