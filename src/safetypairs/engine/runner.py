@@ -57,8 +57,8 @@ ChunkFn = Callable[[Dataset, str], "tuple[Dataset, dict[str, dict[str, Any]]]"]
 # finalize(work folder, merged data files, summary) -> extra run.json fields (rank 0, before the folder moves into
 # place); the hook reads the rows (`DataFiles.rows`) only if it needs them
 Finalize = Callable[[Path, DataFiles, "RunSummary"], "Mapping[str, Any] | None"]
-# usage() -> what each served backend of this process has sent and got so far, by (kind, spec)
-# (`backends.registry.usage_counts`); the runner keeps each chunk's difference
+# usage() -> a snapshot (new objects) of what each served backend of this process has sent and got so far, by
+# (kind, spec) (`backends.registry.usage_counts`); the runner keeps each chunk's difference
 UsageFn = Callable[[], "Mapping[tuple[str, str], Usage]"]
 C = TypeVar("C")
 
@@ -260,7 +260,8 @@ def run_stage(data: Dataset, compute: ChunkFn | Passes, *, stage: str, settings:
         logger.info("%s rank %d/%d on %s: %d chunk(s), %d already done", stage, state.process_index,
                     state.num_processes, dev, len(spans), len(spans) - len(todo))
         if isinstance(compute, Passes):
-            for span in _run_passes(data, todo, compute, work, dev, run_id, max_pixels, usage, stage):
+            _run_passes(data, todo, compute, work, dev, run_id, max_pixels, usage, stage)
+            for span in todo:
                 _join_pieces(work, span, len(compute.names), run_id, max_pixels)
         else:
             for span in progress(todo, desc=f"{stage} (rank {state.process_index})"):
@@ -331,7 +332,7 @@ def _run_chunk(data: Dataset, span: tuple[int, int, int], compute: ChunkFn, work
     t0 = time.perf_counter()
     rows = data.select(range(start, stop)).flatten_indices(keep_in_memory=True)
     t1 = time.perf_counter()
-    before = dict(usage()) if usage else {}
+    before = usage() if usage else {}
     result, statuses = compute(rows, device)
     spent = _usage_since(before, usage() if usage else {})
     seconds = {"select": round(t1 - t0, 3), "compute": round(time.perf_counter() - t1, 3)}
@@ -362,8 +363,8 @@ def _piece(k: int) -> str:
 
 
 def _run_passes(data: Dataset, todo: list[tuple[int, int, int]], passes: Passes, work: Path, device: str,
-                run_id: str, max_pixels: int, usage: UsageFn | None, stage: str) -> list[tuple[int, int, int]]:
-    """Every pass over the chunks in ``todo``, skipping the pieces an interrupted run finished; returns ``todo``."""
+                run_id: str, max_pixels: int, usage: UsageFn | None, stage: str) -> None:
+    """Every pass over the chunks in ``todo``, skipping the pieces an interrupted run finished."""
     for k, name in enumerate(passes.names):
         left = [span for span in todo if not chunk_done(work, span[0], _piece(k))]
         logger.info("%s pass %d/%d (%s): %d chunk(s), %d already done", stage, k + 1, len(passes.names), name,
@@ -374,7 +375,6 @@ def _run_passes(data: Dataset, todo: list[tuple[int, int, int]], passes: Passes,
         for span in progress(left, desc=f"{stage} {name}"):
             _run_chunk(data, span, one, work, device, run_id, max_pixels, usage, _piece(k))
         passes.after(name)
-    return todo
 
 
 def _join_pieces(work: Path, span: tuple[int, int, int], n_passes: int, run_id: str, max_pixels: int) -> None:
