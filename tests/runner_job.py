@@ -2,7 +2,9 @@
 
 ``python tests/runner_job.py OUT [--chunk-size N] [--rows N] [--delay S]``: each row's output is a pure
 function of the row (an OpenCV k-means seeded from the row, so any global RNG use would show); with
-``--delay`` every chunk after the first sleeps, so a test can kill the run after its first chunk.
+``--delay`` every chunk after the first sleeps, so a test can kill the run after its first chunk. Each process
+counts the rows it computes as a served model counts requests (`usage.Usage`), so a test can check that rank 0
+adds up every rank's counts in ``run.json``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from PIL import Image as PILImage
 
 from safetypairs.engine.runner import RunConfig, run_stage, session
 from safetypairs.engine.folders import OutputDirError
+from safetypairs.usage import Usage
+
+COMPUTED = Usage()  # rows this process computed, one "request" and one "answer" each
 
 
 def toy_rows(n: int) -> Dataset:
@@ -40,6 +45,7 @@ def compute(delay: float):
             _, _, c = cv2.kmeans(pixels, 2, None, criteria, 1, cv2.KMEANS_RANDOM_CENTERS)
             centres.append(float(np.sort(c[:, 0])[0]))
             labels.append("odd" if seed % 2 else "even")
+        COMPUTED.requests, COMPUTED.answers = COMPUTED.requests + len(rows), COMPUTED.answers + len(rows)
         out = rows.add_column("centre", centres).add_column("parity", labels)
         return out, {"toy": {"odd": labels.count("odd"), "even": labels.count("even")}}
     return run
@@ -56,7 +62,7 @@ def main() -> int:
         with session("cpu"):
             summary = run_stage(toy_rows(args.rows), compute(args.delay), stage="toy",
                                 settings={"version": 1}, run=RunConfig(args.out, chunk_size=args.chunk_size),
-                                device="cpu")
+                                device="cpu", usage=lambda: {("toy", "rows"): Usage() + COMPUTED})
     except OutputDirError as err:
         sys.stderr.write(f"error: {err}\n")
         return 2

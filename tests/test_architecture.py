@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "safetypairs"
-GROUND = {"schema", "statuses", "policy", "images", "identity", "instructions", "utils", "policies"}
+GROUND = {"schema", "statuses", "policy", "images", "identity", "instructions", "utils", "usage", "policies"}
 GENERATION = {"sources", "instruct", "edit", "generate"}
 # part -> the parts it may import (besides itself and the ground floor)
 ALLOWED = {

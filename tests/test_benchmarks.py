@@ -33,7 +33,13 @@ SMOKE = {
     "bench_embed.py": (["--quick"], ["bare loop", "sample-efficiency sweep", "second run"]),
     "bench_release.py": (["--n", "8", "--factor", "2", "--size", "96"], ["anon_peak_minus_before_mb"]),
     "calibration.py": (["--photos", "astronaut"], ["| "]),
+    "bench_served.py": (["--n", "8", "--rounds", "1"],
+                        ["throughput 8 in flight / 1 in flight", "rerun of a finished run", "resume after a kill at 50%",
+                         "client overhead", "per request:"]),
 }
+# over a minute even at their smallest size (bench_served: a transformers serve start-up, a killed CLI run and
+# in-process evaluate runs, 98 s with the machine's two cores shared): run with the slow tests
+SLOW = {"bench_served.py"}
 BROWSER = ("chromium", "chromedriver")
 
 
@@ -60,7 +66,7 @@ def runs(request, tmp_path_factory) -> dict[str, Future]:
                for script in SMOKE if script in chosen and not _skipped(script)}
 
 
-@pytest.mark.parametrize("script", list(SMOKE))
+@pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.slow) if s in SLOW else s for s in SMOKE])
 def test_every_part_of_a_benchmark_runs_at_its_smallest_size(script, runs):
     if reason := _skipped(script):
         pytest.skip(reason)

@@ -293,3 +293,123 @@ def test_evaluate_metric_takes_ints_numpy_arrays_and_bools():
         assert got == expected
     assert expected["control"]["n"] == 2 and expected["n"] == 4
     assert expected["accuracy"] == 0.75 and expected["pair_accuracy"] == 0.5  # a's edit called unsafe; b right
+
+
+class ChannelGuard:
+    """Unsafe when its colour channel's share of the image is above a third; counts the images it sees, and on each
+    load how many of these guards the registry still holds alive."""
+
+    OPTIONS: dict = {}
+    CHANNEL = 1
+    seen: dict[str, int] = {}
+    alive_at_load: list[int] = []
+    stop_after = None  # raise KeyboardInterrupt (a kill) once this many images were seen in all
+
+    @classmethod
+    def from_spec(cls, arg, device="cpu", **options):
+        import gc
+
+        from safetypairs.backends.registry import loaded_backends
+
+        gc.collect()
+        ChannelGuard.alive_at_load.append(sum(isinstance(b, ChannelGuard) for _, _, b in loaded_backends()))
+        return cls()
+
+    def classify(self, images, categories, policy):
+        from safetypairs.backends.base import Verdict
+
+        name = type(self).__name__
+        if ChannelGuard.stop_after is not None and sum(ChannelGuard.seen.values()) >= ChannelGuard.stop_after:
+            raise KeyboardInterrupt("killed mid-guard")
+        ChannelGuard.seen[name] = ChannelGuard.seen.get(name, 0) + len(images)
+        shares = [float(np.asarray(im.convert("RGB"), dtype=float).mean(axis=(0, 1))[self.CHANNEL]) for im in images]
+        totals = [float(np.asarray(im.convert("RGB"), dtype=float).mean(axis=(0, 1)).sum()) for im in images]
+        return [Verdict("unsafe" if s / t > 0.36 else "safe", s / t, "channel share", "") for s, t in zip(shares, totals)]
+
+
+class GreenGuard(ChannelGuard):
+    CHANNEL = 1
+
+
+class RedGuard(ChannelGuard):
+    CHANNEL = 0
+
+
+@pytest.fixture
+def two_guards(isolated_registry, tmp_path):
+    """A 12-image release and two in-process guards (``green-test``, ``red-test``), their counters reset."""
+    from safetypairs.engine.datafiles import write_parquet
+
+    isolated_registry.register("guards", "green-test", f"{__name__}:GreenGuard")
+    isolated_registry.register("guards", "red-test", f"{__name__}:RedGuard")
+    release = tmp_path / "release"
+    (release / "data" / "images").mkdir(parents=True)
+    write_parquet(Dataset.from_dict(_rows(4), features=IMAGE_FEATURES), release / "data" / "images" / "test-0.parquet")
+    (release / "README.md").write_text("---\nconfigs:\n- config_name: images\n  data_files:\n  - split: test\n"
+                                       "    path: data/images/test-*.parquet\n---\n")
+    ChannelGuard.seen, ChannelGuard.alive_at_load, ChannelGuard.stop_after = {}, [], None
+    return release
+
+
+def _evaluate(release, out, order):
+    from safetypairs.engine.runner import RunConfig
+    from safetypairs.evaluate.stage import evaluate_run
+
+    config = EvaluateConfig(guards=("green-test", "red-test"), n_bootstrap=20, batch_size=2, device="cpu", order=order)
+    return evaluate_run(str(release), config, RunConfig(out, chunk_size=4))
+
+
+def _metrics(results):
+    return {spec: entry["metrics"] for spec, entry in results["guards"].items()}
+
+
+def test_guard_major_gives_chunk_majors_numbers_with_one_guard_in_memory_at_a_time(two_guards, tmp_path):
+    from safetypairs.backends import registry
+
+    by_chunk = _evaluate(two_guards, tmp_path / "chunk", "chunk")
+    assert ChannelGuard.alive_at_load == [0, 1]  # the second guard loads beside the first
+    registry.unload_backends()
+    ChannelGuard.alive_at_load = []
+    by_guard = _evaluate(two_guards, tmp_path / "guard", "guard")
+    assert ChannelGuard.alive_at_load == [0, 0]  # the first was gone before the second loaded
+    assert _metrics(by_guard) == _metrics(by_chunk) and by_guard["leaderboard"] == by_chunk["leaderboard"]
+    assert _metrics(by_guard)["green-test"]["pair_accuracy"] == 0.5
+    assert pq.read_table(tmp_path / "guard" / "predictions.parquet").equals(
+        pq.read_table(tmp_path / "chunk" / "predictions.parquet"))
+    assert json.loads((tmp_path / "guard" / "run.json").read_text())["guard_order"] == "guard"
+    assert json.loads((tmp_path / "chunk" / "run.json").read_text())["guard_order"] == "chunk"
+
+
+def test_guard_major_killed_mid_guard_resumes_without_redoing_finished_pieces(two_guards, tmp_path):
+    from safetypairs.backends import registry
+
+    ChannelGuard.stop_after = 12 + 4  # every image by green-test, then red-test's first chunk (4 images)
+    with pytest.raises(KeyboardInterrupt):
+        _evaluate(two_guards, tmp_path / "eval", "guard")
+    assert ChannelGuard.seen == {"GreenGuard": 12, "RedGuard": 4}
+    registry.unload_backends()
+    ChannelGuard.seen, ChannelGuard.stop_after = {}, None
+    resumed = _evaluate(two_guards, tmp_path / "eval", "guard")
+    assert ChannelGuard.seen == {"RedGuard": 8}  # green-test finished; red-test's first chunk kept
+    run = json.loads((tmp_path / "eval" / "run.json").read_text())
+    assert run["statuses"]["green-test"] == {"ok": 12} and run["statuses"]["red-test"] == {"ok": 12}
+    registry.unload_backends()
+    whole = _evaluate(two_guards, tmp_path / "whole", "chunk")
+    assert _metrics(resumed) == _metrics(whole)
+
+
+def test_auto_order_is_guard_major_for_several_in_process_guards_on_a_gpu_only(two_guards, monkeypatch):
+    from safetypairs.backends.served import ServedModel
+    from safetypairs.evaluate.stage import guard_order
+
+    monkeypatch.setattr(ServedModel, "check_ready", classmethod(lambda cls, model, **options: None))  # no server
+
+    def order(guards, device):
+        return guard_order(EvaluateConfig(guards=guards, n_bootstrap=0, device=device))
+
+    assert order(("green-test", "red-test"), "cuda:0") == "guard"
+    assert order(("green-test", "red-test"), "cpu") == "chunk"
+    assert order(("green-test",), "cuda") == "chunk"
+    assert order(("green-test", "openai:m,base_url=http://127.0.0.1:9/v1"), "cuda") == "chunk"  # served: no memory
+    with pytest.raises(ValueError, match="order must be one of chunk, guard, auto"):
+        EvaluateConfig(guards=("green-test",), order="rows")

@@ -187,6 +187,9 @@ def test_two_processes_and_two_nodes_give_the_rows_of_one(tmp_path):
         _, err = agent.communicate(timeout=300)
         assert agent.returncode == 0, err.decode()[-3000:]
     assert _table(tmp_path / "nodes").equals(_table(tmp_path / "one"))
+    for run in ("one", "two", "nodes"):  # each rank's counts, from its chunks' markers, added up on rank 0
+        usage = read_json(tmp_path / run / "run.json")["usage"]["toy"]["rows"]
+        assert usage["requests"] == usage["answers"] == 7 and usage["retries"] == 0
 
 
 def test_sigkill_after_the_first_chunk_resumes_and_a_second_writer_refuses(tmp_path):
@@ -204,6 +207,7 @@ def test_sigkill_after_the_first_chunk_resumes_and_a_second_writer_refuses(tmp_p
     assert len(list((work / "chunks").glob("chunk-*.json"))) == 1 and not out.exists()
     done = _job(out)  # the dead process's lock is stale
     assert "1 computed" not in done.stdout and "3 computed, 1 reused" in done.stdout
+    assert read_json(out / "run.json")["usage"]["toy"]["rows"]["requests"] == 7  # the killed run's chunk counted once
     _job(tmp_path / "ref")
     assert _table(out).equals(_table(tmp_path / "ref"))
 

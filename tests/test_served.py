@@ -204,3 +204,36 @@ def test_the_key_never_appears_in_any_output_and_a_killed_run_never_pays_twice(m
         assert not leaks and secret not in out1 + err1 + done.stdout + done.stderr
     finally:
         proxy.close()
+
+
+def test_usage_in_run_json_results_and_report_equals_what_the_proxy_counted(model, server, tmp_path):
+    """evaluate over a release through a faulty proxy, in chunks: the counts summed over the chunks' markers into
+    run.json, results.json (per guard) and the report equal the requests the proxy saw and the answers it sent."""
+    from release_rows import validated_rows
+
+    from safetypairs.engine.runner import RunConfig
+    from safetypairs.evaluate.stage import EvaluateConfig, evaluate_run
+    from safetypairs.release.assemble import ReleaseConfig
+    from safetypairs.release.publish import write_release
+
+    release = write_release(validated_rows(4), tmp_path / "release", ReleaseConfig())
+    proxy = FaultProxy(server, ["429", "500"])
+    try:
+        spec = f"openai:{model},base_url={proxy.url},cache={tmp_path / 'answers.sqlite'},max_concurrency=2"
+        config = EvaluateConfig(guards=(spec,), n_bootstrap=0, device="cpu")
+        results = evaluate_run(str(release), config, RunConfig(tmp_path / "eval", chunk_size=3))
+        run = json.loads((tmp_path / "eval" / "run.json").read_text())
+        usage = run["usage"]["guards"][spec]
+        n = results["n_images"]
+        assert usage["requests"] == proxy.requests == n + 2 and usage["retries"] == 2 and usage["answers"] == n
+        assert usage["cache_hits"] == 0 and usage["scored_by_text"] == n and usage["score_from"] == "text"
+        assert sum(usage["latency_buckets"]) == n and usage["latency_p50_s"] <= usage["latency_p99_s"]
+        assert usage["prompt_tokens"] > 0 and results["guards"][spec]["usage"] == usage
+        assert run["guard_order"] == "chunk"
+        report = (tmp_path / "eval" / "report.html").read_text()
+        assert f"served: {n + 2} requests (2 retries, 0 failed)" in report and "the text verdict" in report
+        again = evaluate_run(str(release), config, RunConfig(tmp_path / "again", chunk_size=3))  # all from the cache
+        cached = again["guards"][spec]["usage"]
+        assert proxy.requests == n + 2 and cached["cache_hits"] == n and cached["requests"] == 0
+    finally:
+        proxy.close()

@@ -13,7 +13,7 @@ from datasets import Dataset
 from safetypairs import schema as S
 
 from safetypairs import statuses as ST
-from safetypairs.backends.registry import model_info
+from safetypairs.backends.registry import model_info, usage_counts
 from safetypairs.engine.datafiles import DataFiles, read_rows
 from safetypairs.edit import EditConfig, run_edit
 from safetypairs.images import DEFAULT_MAX_PIXELS
@@ -183,7 +183,7 @@ def generate_run(source: Dataset, config: GenerateConfig, run: RunConfig) -> Run
 
     return run_stage(source, compute, stage="generate", settings=run_settings(config), run=run,
                      device=config.device, rows_per_input=config.candidates, finalize=provenance,
-                     max_pixels=config.max_pixels)
+                     max_pixels=config.max_pixels, usage=usage_counts)
 
 
 def generate_from_source(spec: str, config: GenerateConfig, run: RunConfig, split: str = "train",

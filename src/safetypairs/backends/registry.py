@@ -17,11 +17,13 @@ import importlib
 import importlib.metadata
 import logging
 import re
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from safetypairs.backends.options import Argument, Option, cast_options, parse_options
+from safetypairs.usage import Usage
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +68,7 @@ REGISTRY: dict[str, dict[str, str]] = {
 _BUILTIN = {kind: dict(aliases) for kind, aliases in REGISTRY.items()}
 _ORIGINS: dict[tuple[str, str], str] = {}  # where a non-built-in backend came from
 _discovered = False
+_LIVE: weakref.WeakValueDictionary[tuple[Any, ...], Any] = weakref.WeakValueDictionary()  # see `loaded_backends`
 
 
 @dataclass(frozen=True)
@@ -466,7 +469,31 @@ def build_backend(kind: str, spec: str, device: str = "cpu", **options: Any) -> 
 
 @functools.lru_cache(maxsize=16)
 def _load(kind: str, spec: str, device: str, options: tuple[tuple[str, Any], ...]) -> Any:
-    return build_backend(kind, spec, device, **dict(options))
+    backend = build_backend(kind, spec, device, **dict(options))
+    try:
+        _LIVE[(kind, spec, device, options)] = backend
+    except TypeError:  # an object that takes no weak reference is not counted (it has no usage to report)
+        pass
+    return backend
+
+
+def loaded_backends() -> list[tuple[str, str, Any]]:
+    """``(kind, spec, backend)`` of every backend `load_backend` built that is still alive in this process
+    (kept by its cache or by a caller): what holds memory now."""
+    return [(key[0], key[1], backend) for key, backend in list(_LIVE.items())]
+
+
+def usage_counts() -> dict[tuple[str, str], Usage]:
+    """What each live backend with a `Usage` counter (served models) has sent and got so far, by ``(kind, spec)``.
+
+    The runner reads these before and after each chunk and keeps the difference (`engine.runner.run_stage`).
+    """
+    counts: dict[tuple[str, str], Usage] = {}
+    for kind, spec, backend in loaded_backends():
+        usage = getattr(backend, "usage", None)
+        if isinstance(usage, Usage):
+            counts[(kind, spec)] = counts.get((kind, spec), Usage()) + usage
+    return counts
 
 
 def load_backend(kind: str, spec: str, device: str = "cpu", **options: Any) -> Any:

@@ -29,7 +29,6 @@ import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,7 @@ from safetypairs.backends.vlm_guards import SCOPES, parse_llavaguard, parse_safe
 from safetypairs.backends.vlm_instruct import UnparsableAnswer, build_prompt, parse_answer
 from safetypairs.images import image_digest
 from safetypairs.policy import Policy
+from safetypairs.usage import LATENCY_BUCKETS, Usage
 from safetypairs.utils import Range
 
 logger = logging.getLogger(__name__)
@@ -51,61 +51,10 @@ PROMPTS = ("hf-vlm", "llavaguard")  # the guard / judge prompt formats a served 
 DEFAULT_CACHE = Path("~/.cache/safetypairs/responses.sqlite")
 ANSWER_TOKENS = {"hf-vlm": 8, "llavaguard": 500, "instruct": 256}  # default max_tokens per use
 _RATING_PREFIX = re.compile(r'"rating"\s*:\s*"$')
-LATENCY_BUCKETS = tuple(0.05 * 2 ** i for i in range(12))  # 50 ms .. 102 s, for mergeable percentiles
 
 
 class ServedError(RuntimeError):
     """A served model could not answer one request after every retry (the row gets ``api_error``)."""
-
-
-@dataclass
-class Usage:
-    """What one backend instance sent and got: counts that add up across chunks and ranks.
-
-    Attributes:
-        requests: HTTP requests sent (retries included).
-        answers: answers received from the server.
-        cache_hits: answers read from the cache (no request).
-        failures: requests that failed after every retry (rows with ``api_error``).
-        prompt_tokens / completion_tokens: the server's own token counts.
-        scored_by_logprobs / scored_by_text: answers whose score came from logprobs, or that had none.
-        latency: answers per latency bucket (`LATENCY_BUCKETS` upper bounds, seconds, then one overflow bucket).
-    """
-
-    requests: int = 0
-    answers: int = 0
-    cache_hits: int = 0
-    failures: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    scored_by_logprobs: int = 0
-    scored_by_text: int = 0
-    latency: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
-
-    def as_dict(self) -> dict[str, Any]:
-        """Plain counts, ``retries`` (requests beyond one per answer or failure) and latency percentiles."""
-        out = {k: v for k, v in self.__dict__.items() if k != "latency"}
-        out["retries"] = max(0, self.requests - self.answers - self.failures)
-        out["latency_buckets"] = list(self.latency)
-        out.update(latency_percentiles(self.latency))
-        return out
-
-
-def latency_percentiles(buckets: list[int]) -> dict[str, float | None]:
-    """p50 / p90 / p99 (seconds, each a bucket's upper bound) of a latency histogram (`LATENCY_BUCKETS`)."""
-    total = sum(buckets)
-    out: dict[str, float | None] = {}
-    for q in (50, 90, 99):
-        if not total:
-            out[f"latency_p{q}_s"] = None
-            continue
-        need, seen = math.ceil(total * q / 100), 0
-        for bound, n in zip((*LATENCY_BUCKETS, math.inf), buckets):
-            seen += n
-            if seen >= need:
-                out[f"latency_p{q}_s"] = None if math.isinf(bound) else round(bound, 3)
-                break
-    return out
 
 
 class ResponseCache:
@@ -226,6 +175,7 @@ class ServedModel:
     """
 
     ARGUMENT = Argument("<model name on the server>")
+    IN_PROCESS = False  # holds no model in this process (`evaluate.stage.guard_order`)
     OPTIONS = {
         "base_url": Option(str, "the server's OpenAI-compatible URL, e.g. http://127.0.0.1:8000/v1 (unset: the OpenAI "
                                 "API)"),
@@ -286,7 +236,7 @@ class ServedModel:
         import openai
 
         settings = self._settings(use)
-        key = request_key(self.model, prompt, image, settings)
+        key = request_key(self.model, prompt, image, settings) if self.cache is not None else ""
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             with self._lock:
                 self.usage.cache_hits += 1
@@ -327,13 +277,16 @@ class ServedModel:
             except ServedError as err:
                 return err
 
+        if self.o["max_concurrency"] == 1 or len(items) == 1:  # no thread hand-off per request
+            return [one(item) for item in items]
         with ThreadPoolExecutor(max_workers=self.o["max_concurrency"]) as pool:
             return list(pool.map(one, items))
 
     def classify(self, images: list[Image.Image], categories: list[str | None], policy: Policy) -> list[Verdict]:
         """Ask the served model about each image with the policy prompt; score from logprobs when given."""
         prompt = self.o["prompt"]
-        texts = [render_guard_prompt(prompt, policy, c, self.o["scope"]) for c in categories]
+        rendered = {c: render_guard_prompt(prompt, policy, c, self.o["scope"]) for c in set(categories)}
+        texts = [rendered[c] for c in categories]
         verdicts = []
         for answer in self._ask_all(list(zip(texts, images)), prompt):
             if isinstance(answer, ServedError):

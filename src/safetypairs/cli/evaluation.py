@@ -27,7 +27,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     config = EvaluateConfig(guards=tuple(args.guard), policy=args.policy, device=args.device,
                             batch_size=args.batch_size, n_bootstrap=args.bootstrap, seed=args.seed,
-                            max_pixels=args.max_pixels)
+                            max_pixels=args.max_pixels, order=args.guard_order)
     natural = _natural_rows(args.natural, args.natural_split) if args.natural else None
     run = run_config(args, args.dataset)
     with session(config.device):
@@ -106,6 +106,10 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     add_chunk_size(p, 256, "images")
     add_overwrite(p, run=True)
     add_bootstrap(p)
+    p.add_argument("--guard-order", choices=["chunk", "guard", "auto"], default="auto",
+                   help="chunk: every guard over a chunk, then the next (all guards stay in memory); guard: one guard "
+                        "over the whole release, unloaded before the next (peak memory = the largest guard); auto "
+                        "(default): guard when more than one guard runs in this process on a GPU, else chunk")
     p.add_argument("--natural", help="labelled natural images (folder or hub id with image, label; a source image "
                                      "folder or generate run, labelled by rating/label: the rows set aside as "
                                      "not_unsafe are natural negatives), compared with the pairs per class, as "

@@ -28,9 +28,11 @@ def chunk_path(out: Path, index: int, suffix: str) -> Path:
     return out / CHUNKS_DIR / f"chunk-{index:06d}{suffix}"
 
 
-def chunk_done(out: Path, index: int) -> bool:
-    """A chunk is finished when its parquet and its JSON marker (written last) both exist."""
-    return chunk_path(out, index, ".parquet").exists() and read_json(chunk_path(out, index, ".json")) is not None
+def chunk_done(out: Path, index: int, piece: str = "") -> bool:
+    """A chunk (or one pass's ``piece`` of it, see `runner.Passes`) is finished when its parquet and its JSON marker
+    (written last) both exist."""
+    return (chunk_path(out, index, f"{piece}.parquet").exists()
+            and read_json(chunk_path(out, index, f"{piece}.json")) is not None)
 
 
 def merge_chunks(out: Path, n_chunks: int) -> tuple[list[Path], int, list[dict[str, Any]]]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 from datasets import Dataset
 
 from safetypairs.engine.chunks import (
@@ -44,6 +45,7 @@ from safetypairs.engine.folders import (
     write_json,
 )
 from safetypairs.images import DEFAULT_MAX_PIXELS
+from safetypairs.usage import Usage, merge_usage
 from safetypairs.utils import device_for_rank, progress
 
 logger = logging.getLogger(__name__)
@@ -55,7 +57,29 @@ ChunkFn = Callable[[Dataset, str], "tuple[Dataset, dict[str, dict[str, Any]]]"]
 # finalize(work folder, merged data files, summary) -> extra run.json fields (rank 0, before the folder moves into
 # place); the hook reads the rows (`DataFiles.rows`) only if it needs them
 Finalize = Callable[[Path, DataFiles, "RunSummary"], "Mapping[str, Any] | None"]
+# usage() -> a snapshot (new objects) of what each served backend of this process has sent and got so far, by
+# (kind, spec) (`backends.registry.usage_counts`); the runner keeps each chunk's difference
+UsageFn = Callable[[], "Mapping[tuple[str, str], Usage]"]
 C = TypeVar("C")
+
+
+@dataclass(frozen=True)
+class Passes:
+    """Compute every chunk in several passes, one pass over all of a rank's chunks before the next.
+
+    Evaluate runs one guard per pass (guard-major), so only one guard's model is in memory at a time. Each
+    (pass, chunk) piece is written and resumed on its own; when every pass is done a chunk's rows are its pieces
+    side by side (a column two pieces share, like the label, is taken from the first).
+
+    Attributes:
+        names: the passes, in order (recorded nowhere: they must not change a chunk's rows).
+        compute: ``(chunk rows, device, pass name) -> (output rows, {stage: status histogram})``.
+        after: called with a pass's name when this rank finished it (free its model).
+    """
+
+    names: tuple[str, ...]
+    compute: Callable[[Dataset, str, str], "tuple[Dataset, dict[str, dict[str, Any]]]"]
+    after: Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -116,6 +140,7 @@ class RunSummary:
     seconds: float
     files: list[str] = field(default_factory=list)
     fingerprint: str = ""
+    usage: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
     def render(self) -> str:
         """A short plain-text summary for the terminal."""
@@ -123,6 +148,11 @@ class RunSummary:
                  f"computed, {self.chunks_reused} reused  ({self.seconds:.1f} s)"]
         for stage, counts in self.statuses.items():
             lines.append(f"  {stage:<9} " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+        for kind, served in self.usage.items():
+            for spec, u in served.items():
+                lines.append(f"  {kind} {spec}: {u['requests']} requests ({u['retries']} retries), {u['cache_hits']} "
+                             f"cache hits, {u['prompt_tokens']}+{u['completion_tokens']} tokens, latency p50/p90/p99 "
+                             f"{u['latency_p50_s']}/{u['latency_p90_s']}/{u['latency_p99_s']} s")
         lines.append(f"wrote {self.out} ({len(self.files)} data file(s), {RUN_FILE})")
         return "\n".join(lines)
 
@@ -167,10 +197,10 @@ def for_rank(config: C, device: str) -> C:
     return copied
 
 
-def run_stage(data: Dataset, compute: ChunkFn, *, stage: str, settings: Mapping[str, Any], run: RunConfig,
+def run_stage(data: Dataset, compute: ChunkFn | Passes, *, stage: str, settings: Mapping[str, Any], run: RunConfig,
               device: str = "auto", rows_per_input: int = 1,
               finalize: Finalize | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-              keep: tuple[str, ...] = ()) -> RunSummary | None:
+              keep: tuple[str, ...] = (), usage: UsageFn | None = None) -> RunSummary | None:
     """Run ``compute`` over ``data`` in fixed-size chunks, sharded over the launched processes, resumable.
 
     Under ``accelerate launch`` / ``torchrun`` each rank takes a contiguous run of global chunks (so
@@ -181,7 +211,8 @@ def run_stage(data: Dataset, compute: ChunkFn, *, stage: str, settings: Mapping[
 
     Args:
         data: the input rows.
-        compute: ``(chunk rows, device) -> (output rows, {stage: status histogram})``.
+        compute: ``(chunk rows, device) -> (output rows, {stage: status histogram})``, or `Passes` that compute
+            each chunk in pieces, pass by pass.
         stage: the stage name (run.json, progress bar).
         settings: everything that decides the output rows (hashed into the fingerprint, recorded).
         run: the folder, chunk size and overwrite policy (its inputs were checked when it was made).
@@ -193,6 +224,9 @@ def run_stage(data: Dataset, compute: ChunkFn, *, stage: str, settings: Mapping[
         max_pixels: the pixel cap of the image cells the chunks keep (see `write_parquet`).
         keep: names of files that work beside the data made in a finished ``out`` (human review
             decisions): when ``run.overwrite`` replaces that folder they carry into the new one, with a warning.
+        usage: reads the counters of the served backends (`backends.registry.usage_counts`); each chunk's
+            marker keeps what its compute sent and got, and rank 0 sums every chunk of every rank into
+            ``run.json``'s ``usage`` (``{kind: {spec: Usage.as_dict()}}``) and the summary's.
 
     Returns:
         The summary on rank 0 (also for a finished folder that is reused without computing);
@@ -225,8 +259,13 @@ def run_stage(data: Dataset, compute: ChunkFn, *, stage: str, settings: Mapping[
         dev = device_for_rank(device, state.local_process_index)
         logger.info("%s rank %d/%d on %s: %d chunk(s), %d already done", stage, state.process_index,
                     state.num_processes, dev, len(spans), len(spans) - len(todo))
-        for span in progress(todo, desc=f"{stage} (rank {state.process_index})"):
-            _run_chunk(data, span, compute, work, dev, run_id, max_pixels)
+        if isinstance(compute, Passes):
+            _run_passes(data, todo, compute, work, dev, run_id, max_pixels, usage, stage)
+            for span in todo:
+                _join_pieces(work, span, len(compute.names), run_id, max_pixels)
+        else:
+            for span in progress(todo, desc=f"{stage} (rank {state.process_index})"):
+                _run_chunk(data, span, compute, work, dev, run_id, max_pixels, usage)
         state.wait_for_everyone()
         if not state.is_main_process:
             return None
@@ -285,27 +324,88 @@ def _open_run(out: Path, fingerprint: str, stage: str, run: RunConfig) -> dict[s
 
 
 def _run_chunk(data: Dataset, span: tuple[int, int, int], compute: ChunkFn, work: Path, device: str,
-               run_id: str, max_pixels: int) -> None:
-    """Compute one chunk; write its parquet (image bytes embedded, unreadable cells null, every kept cell
-    recorded in ``image_checks``), then its JSON done-marker with the seconds each step took."""
+               run_id: str, max_pixels: int, usage: UsageFn | None, piece: str = "") -> None:
+    """Compute one chunk (or one pass's ``piece`` of it); write its parquet (image bytes embedded, unreadable cells
+    null, every kept cell recorded in ``image_checks``), then its JSON done-marker with the seconds each step took
+    and what the served backends sent and got for it."""
     index, start, stop = span
     t0 = time.perf_counter()
     rows = data.select(range(start, stop)).flatten_indices(keep_in_memory=True)
     t1 = time.perf_counter()
+    before = usage() if usage else {}
     result, statuses = compute(rows, device)
-    t2 = time.perf_counter()
-    path = chunk_path(work, index, ".parquet")
+    spent = _usage_since(before, usage() if usage else {})
+    seconds = {"select": round(t1 - t0, 3), "compute": round(time.perf_counter() - t1, 3)}
+    _write_chunk(work, span, result, {"run_id": run_id, "statuses": statuses, "usage": spent, "seconds": seconds},
+                 max_pixels, piece)
+
+
+def _write_chunk(work: Path, span: tuple[int, int, int], result: Dataset, marker: dict[str, Any], max_pixels: int,
+                 piece: str = "") -> None:
+    """Write a chunk's (or piece's) parquet atomically, then its done-marker (``marker`` plus counts and the
+    seconds of the write)."""
+    index, start, stop = span
+    t0 = time.perf_counter()
+    path = chunk_path(work, index, f"{piece}.parquet")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     images = write_parquet(result, tmp, max_pixels, record=True)
-    if images:
-        statuses = {**statuses, IMAGES_STATUS: images}
+    statuses = {**marker["statuses"], IMAGES_STATUS: images} if images else marker["statuses"]
     os.replace(tmp, path)
-    write_json(chunk_path(work, index, ".json"), {
-        "chunk": index, "run_id": run_id, "start": start, "stop": stop, "rows_in": stop - start,
-        "rows_out": len(result), "statuses": statuses,
-        "seconds": {"select": round(t1 - t0, 3), "compute": round(t2 - t1, 3),
-                    "write": round(time.perf_counter() - t2, 3)},
+    write_json(chunk_path(work, index, f"{piece}.json"), {
+        "chunk": index, "start": start, "stop": stop, "rows_in": stop - start, "rows_out": len(result),
+        **marker, "statuses": statuses,
+        "seconds": {**marker["seconds"], "write": round(time.perf_counter() - t0, 3)},
     })
+
+
+def _piece(k: int) -> str:
+    return f".pass-{k:03d}"
+
+
+def _run_passes(data: Dataset, todo: list[tuple[int, int, int]], passes: Passes, work: Path, device: str,
+                run_id: str, max_pixels: int, usage: UsageFn | None, stage: str) -> None:
+    """Every pass over the chunks in ``todo``, skipping the pieces an interrupted run finished."""
+    for k, name in enumerate(passes.names):
+        left = [span for span in todo if not chunk_done(work, span[0], _piece(k))]
+        logger.info("%s pass %d/%d (%s): %d chunk(s), %d already done", stage, k + 1, len(passes.names), name,
+                    len(left), len(todo) - len(left))
+        def one(rows: Dataset, dev: str, name: str = name) -> tuple[Dataset, dict[str, dict[str, Any]]]:
+            return passes.compute(rows, dev, name)
+
+        for span in progress(left, desc=f"{stage} {name}"):
+            _run_chunk(data, span, one, work, device, run_id, max_pixels, usage, _piece(k))
+        passes.after(name)
+
+
+def _join_pieces(work: Path, span: tuple[int, int, int], n_passes: int, run_id: str, max_pixels: int) -> None:
+    """A chunk made of its pieces side by side: the statuses, usage and seconds of every piece added up.
+
+    Raises:
+        RuntimeError: when the pieces hold different numbers of rows.
+    """
+    from datasets import concatenate_datasets
+
+    index = span[0]
+    markers = [read_json(chunk_path(work, index, f"{_piece(k)}.json")) or {} for k in range(n_passes)]
+    joined: Dataset | None = None
+    for k in range(n_passes):
+        piece = Dataset(pq.read_table(chunk_path(work, index, f"{_piece(k)}.parquet")))
+        if joined is not None and len(piece) != len(joined):
+            raise RuntimeError(f"chunk {index}: pass {k} gave {len(piece)} rows, pass 0 gave {len(joined)}")
+        new = [c for c in piece.column_names if joined is None or c not in joined.column_names]
+        piece = piece.select_columns(new)
+        joined = piece if joined is None else concatenate_datasets([joined, piece], axis=1)
+    seconds = {step: round(sum(m["seconds"].get(step, 0) for m in markers), 3) for step in ("select", "compute")}
+    _write_chunk(work, span, joined, {"run_id": run_id, "statuses": _sum_statuses(markers),
+                                      "usage": [r for m in markers for r in m.get("usage", [])], "seconds": seconds},
+                 max_pixels)
+
+
+def _usage_since(before: Mapping[tuple[str, str], Usage], after: Mapping[tuple[str, str], Usage]
+                 ) -> list[dict[str, Any]]:
+    """What each backend sent and got between two readings, as marker records ``{"kind", "spec", "counts"}``."""
+    spent = [(key, usage - before.get(key, Usage())) for key, usage in after.items()]
+    return [{"kind": kind, "spec": spec, "counts": diff.counts()} for (kind, spec), diff in spent if diff]
 
 
 def _finish(work: Path, out: Path, data: Dataset, run: RunConfig, stage: str, fingerprint: str,
@@ -321,7 +421,8 @@ def _finish(work: Path, out: Path, data: Dataset, run: RunConfig, stage: str, fi
                            f"{len(data) * rows_per_input} rows, got {rows_out}")
     computed = sum(m.get("run_id") == run_id for m in markers)
     summary = RunSummary(stage, out, len(data), rows_out, _sum_statuses(markers), computed,
-                         len(markers) - computed, 0.0, [os.path.relpath(f, work) for f in files], fingerprint)
+                         len(markers) - computed, 0.0, [os.path.relpath(f, work) for f in files], fingerprint,
+                         merge_usage([r for m in markers for r in m.get("usage", [])]))
     extra = dict(finalize(work, DataFiles(tuple(files)), summary) or {}) if finalize else {}
     steps = {**steps, "merge": round(t2 - t1, 3), "finalize": round(time.perf_counter() - t2, 3)}
     summary.seconds = time.perf_counter() - t0
@@ -330,7 +431,7 @@ def _finish(work: Path, out: Path, data: Dataset, run: RunConfig, stage: str, fi
         **meta, "fingerprint": fingerprint, "stage": stage, "status": "finished", "finished": utc_now(),
         "source": run.source, "rows_in": len(data), "rows_out": rows_out, "chunk_size": run.chunk_size,
         "num_processes": world, "settings": dict(settings), "statuses": summary.statuses,
-        "versions": library_versions(), "files": summary.files,
+        "versions": library_versions(), "files": summary.files, "usage": summary.usage,
         "timings": {"wall_seconds_last_run": round(summary.seconds, 3), "rank0_seconds": steps,
                     "chunk_seconds": {m["chunk"]: m["seconds"] for m in markers},
                     "chunks_computed_last_run": computed, "chunks_reused_last_run": len(markers) - computed},
@@ -352,7 +453,7 @@ def _reused_summary(out: Path, stage: str) -> RunSummary:
     meta = read_json(out / RUN_FILE) or {}
     return RunSummary(stage, out, meta.get("rows_in", 0), meta.get("rows_out", 0), meta.get("statuses", {}),
                       0, -(-meta.get("rows_in", 0) // max(1, meta.get("chunk_size", 1))), 0.0,
-                      list(meta.get("files", [])), meta.get("fingerprint", ""))
+                      list(meta.get("files", [])), meta.get("fingerprint", ""), meta.get("usage", {}))
 
 
 def _mark_failed(work: Path, err: BaseException) -> None:

@@ -183,8 +183,26 @@ def _guard_rows(results: Mapping[str, Any], notes: Mapping[str, str]) -> list[di
                      "control_unsafe": _fmt(control.get("unsafe_rate")), "control_n": control.get("n", 0),
                      "statuses": results["guards"][spec].get("statuses", {}),
                      "seconds": results["guards"][spec].get("seconds"),
+                     "served": served_text(results["guards"][spec].get("usage")),
                      "similarity": m.get("similarity_correlation") or {}})
     return rows
+
+
+SCORE_FROM = {"logprobs": "scores from the verdict token's logprobs",
+              "text": "no logprobs: scores are the text verdict (no AUROC beyond it)",
+              "both": "scores from logprobs where the server returned them, else the text verdict"}
+
+
+def served_text(usage: Mapping[str, Any] | None) -> str:
+    """One line on what a served guard sent and got (`usage.Usage.as_dict`) and where its scores came from;
+    ``""`` for a guard that is not served."""
+    if not usage:
+        return ""
+    p = [_fmt(usage.get(f"latency_p{q}_s"), 2) for q in (50, 90, 99)]
+    line = (f"{usage['requests']} requests ({usage['retries']} retries, {usage['failures']} failed), "
+            f"{usage['cache_hits']} cache hits, {usage['prompt_tokens']} + {usage['completion_tokens']} tokens, "
+            f"latency p50/p90/p99 {'/'.join(p)} s")
+    return f"{line}; {SCORE_FROM[usage['score_from']]}" if usage.get("score_from") else line
 
 
 def _ci_text(ci: Sequence[float] | None, n_pairs: int) -> str:

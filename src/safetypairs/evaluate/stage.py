@@ -23,8 +23,9 @@ from safetypairs.images import (
 from safetypairs.evaluate.metrics import encode_labels
 from safetypairs.evaluate.natural import NaturalSet, natural_comparison, select_natural
 from safetypairs.policy import Policy, load_policy
-from safetypairs.backends.registry import check_ready, load_backend
+from safetypairs.backends.registry import backend_class, check_ready, load_backend, unload_backends, usage_counts
 from safetypairs.engine.runner import (
+    Passes,
     RunConfig,
     RunSummary,
     content_fingerprint,
@@ -56,6 +57,9 @@ logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = (IMAGE, LABEL, CATEGORY, PAIR_ID, ROLE)
 GUARD_SECONDS = "guard_seconds"  # per-chunk guard seconds, summed by the runner next to the status counts
+# chunk: every guard over a chunk, then the next chunk (all guards stay loaded); guard: one guard over the whole
+# input, then it is unloaded and the next runs (peak memory = the largest guard); auto: see `guard_order`
+ORDERS = ("chunk", "guard", "auto")
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ class EvaluateConfig:
         n_bootstrap: bootstrap resamples over pairs for the CIs (0 turns them off).
         seed: bootstrap seed.
         max_pixels: images with more pixels are decoded reduced (JPEG) or get status ``too_large``.
+        order: ``"chunk"``, ``"guard"`` or ``"auto"`` (see `ORDERS` and `guard_order`); it never changes a result.
     """
 
     guards: tuple[str, ...]
@@ -81,9 +86,12 @@ class EvaluateConfig:
     n_bootstrap: int = 1000
     seed: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
+    order: str = "auto"
 
     def __post_init__(self) -> None:
         check_max_pixels(self.max_pixels)
+        if self.order not in ORDERS:
+            raise ValueError(f"EvaluateConfig.order must be one of {', '.join(ORDERS)}; got {self.order!r}")
         if isinstance(self.guards, str) or not self.guards:
             raise ValueError("EvaluateConfig.guards must be a non-empty tuple of guard specs")
         object.__setattr__(self, "guards", tuple(dict.fromkeys(self.guards)))
@@ -153,31 +161,54 @@ def check_images_dataset(dataset: Dataset) -> None:
         raise ValueError(f"dataset lacks columns {missing}; an images config needs {', '.join(REQUIRED_COLUMNS)}")
 
 
-def predict(dataset: Dataset, config: EvaluateConfig) -> tuple[Dataset, dict[str, dict[str, Any]]]:
-    """Run every guard over the images (one cached `Dataset.map` per guard).
+def guard_order(config: EvaluateConfig) -> str:
+    """The order an evaluation runs in: ``config.order``, or for ``"auto"`` guard-major (``"guard"``) when more than
+    one guard holds a model in this process (served guards hold none) and the device is a GPU, where the sum of
+    the guards may not fit; else chunk-major (``"chunk"``: no model is loaded twice, nothing to free)."""
+    if config.order != "auto":
+        return config.order
+    import torch
+
+    in_process = [s for s in config.guards if getattr(backend_class("guards", s), "IN_PROCESS", True)]
+    gpu = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
+    return "guard" if len(in_process) > 1 and gpu else "chunk"
+
+
+def predict(dataset: Dataset, config: EvaluateConfig, guards: tuple[str, ...] | None = None
+            ) -> tuple[Dataset, dict[str, dict[str, Any]]]:
+    """Run guards over the images (one cached `Dataset.map` per guard); in guard order (`guard_order`) each guard
+    is unloaded before the next loads.
 
     Args:
         dataset: an ``images`` config (image, label, category, pair_id, role).
         config: the evaluation config.
+        guards: the guards to run (default: every guard of ``config``).
 
     Returns:
-        ``(predictions, runs)``: the prediction columns of every guard (no images) and, per
-        guard, ``{"statuses", "seconds"}``.
+        ``(predictions, runs)``: the prediction columns of the guards (no images) and, per guard,
+        ``{"statuses", "seconds"}`` and, for a served guard, its ``usage`` (`usage.Usage.as_dict`).
 
     Raises:
         ValueError: for a dataset without the ``images`` columns.
     """
     check_images_dataset(dataset)
+    guards = config.guards if guards is None else guards
+    unload = guard_order(config) == "guard" and len(guards) > 1
     current, runs = dataset, {}
-    for spec in config.guards:
-        start = time.perf_counter()
+    for spec in guards:
+        start, before = time.perf_counter(), usage_counts().get(("guards", spec))
         current, result = map_stage(
             current, GuardTransform(spec, config.policy, config.device, config.max_pixels), stage=f"evaluate {spec}",
             features=with_columns(current.features, guard_features(spec)),
             status_column=guard_columns(spec)["status"], batch_size=config.batch_size, num_proc=config.num_proc,
         )
         runs[spec] = {"statuses": result.statuses, "seconds": round(time.perf_counter() - start, 3)}
-    keep = [c for spec in config.guards for c in guard_columns(spec).values()]
+        after = usage_counts().get(("guards", spec))
+        if after is not None:
+            runs[spec]["usage"] = (after - before if before is not None else after).as_dict()
+        if unload:
+            unload_backends()
+    keep = [c for spec in guards for c in guard_columns(spec).values()]
     return current.select_columns([LABEL, CATEGORY, PAIR_ID, ROLE, *keep]), runs
 
 
@@ -239,10 +270,11 @@ def evaluate_run(path: str, config: EvaluateConfig, run: RunConfig, split: str |
                          "`safetypairs release <validated folder> --out <release folder>`")
     used = split or (str(images.split) if images.split is not None else None)
     chosen = _natural_set(natural, images, config) if natural is not None else None
+    order = guard_order(config)
     results: dict[str, Any] = {}
 
-    def compute(rows: Dataset, device: str) -> tuple[Dataset, dict[str, dict[str, Any]]]:
-        preds, runs = predict(rows, for_rank(config, device))  # checked once, not per chunk
+    def compute(rows: Dataset, device: str, *guards: str) -> tuple[Dataset, dict[str, dict[str, Any]]]:
+        preds, runs = predict(rows, for_rank(config, device), guards or None)  # checked once, not per chunk
         counts: dict[str, dict[str, Any]] = {spec: run["statuses"] for spec, run in runs.items()}
         counts[GUARD_SECONDS] = {spec: run["seconds"] for spec, run in runs.items()}
         return preds, counts
@@ -251,6 +283,8 @@ def evaluate_run(path: str, config: EvaluateConfig, run: RunConfig, split: str |
         preds = files.rows()
         runs = {spec: {"statuses": summary.statuses.get(spec, {}),
                        "seconds": summary.statuses.get(GUARD_SECONDS, {}).get(spec)} for spec in config.guards}
+        for spec, usage in summary.usage.get("guards", {}).items():
+            runs[spec]["usage"] = usage
         results.update(score_predictions(preds, config, pairs=pairs, runs=runs))
         results["dataset"] = {"path": str(path), "split": used, "fingerprint": summary.fingerprint, "n_rows": len(images)}
         results["release"] = release_outcomes(len(pairs) if pairs is not None else 0, rejected)
@@ -262,12 +296,14 @@ def evaluate_run(path: str, config: EvaluateConfig, run: RunConfig, split: str |
         preds.to_parquet(str(work / "predictions.parquet"))
         (work / "results.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
         render_report(results, work / "report.html", pairs=pairs)
-        return {"results": "results.json", "report": "report.html"}
+        return {"results": "results.json", "report": "report.html", "guard_order": order}
 
     settings = {**evaluate_settings(config), "dataset": str(path), "split": used,
                 "natural": content_fingerprint(chosen.rows) if chosen is not None else None}
-    summary = run_stage(images, compute, stage="evaluate", settings=settings, run=run, device=config.device,
-                        finalize=finalize, max_pixels=config.max_pixels)
+    passes = Passes(config.guards, compute, lambda spec: unload_backends())
+    summary = run_stage(images, passes if order == "guard" and len(config.guards) > 1 else compute,
+                        stage="evaluate", settings=settings, run=run, device=config.device, finalize=finalize,
+                        max_pixels=config.max_pixels, usage=usage_counts)
     if summary is None:  # not rank 0: rank 0 scores and writes
         return {}
     if not results:  # a finished folder with the same settings and data was reused
@@ -293,8 +329,8 @@ def _natural_set(natural: Dataset, images: Dataset, config: EvaluateConfig) -> N
 
 
 def evaluate_settings(config: EvaluateConfig) -> dict[str, Any]:
-    """The settings that decide an evaluation's output (batching and processes left out)."""
-    return {k: v for k, v in asdict(config).items() if k not in ("batch_size", "num_proc")}
+    """The settings that decide an evaluation's output (batching, processes and guard order left out)."""
+    return {k: v for k, v in asdict(config).items() if k not in ("batch_size", "num_proc", "order")}
 
 
 def _pred_columns(config: EvaluateConfig) -> dict[str, str]:

@@ -11,7 +11,7 @@ from datasets import Dataset
 
 from safetypairs import schema as S
 from safetypairs import statuses as ST
-from safetypairs.backends.registry import check_options, check_ready, parse_spec
+from safetypairs.backends.registry import check_options, check_ready, parse_spec, usage_counts
 from safetypairs.engine.runner import RunConfig, RunSummary, for_rank, run_stage
 from safetypairs.engine.stage import StageResult, map_stage
 from safetypairs.images import DEFAULT_MAX_PIXELS, check_max_pixels
@@ -292,7 +292,7 @@ def validate_run(dataset: Dataset, config: ValidateConfig, run: RunConfig) -> Ru
                 "thresholds_used": decided_with}
     return run_stage(dataset, compute, stage="validate", settings=settings, run=run, device=config.device,
                      finalize=lambda work, files, summary: {"thresholds": decided_with},
-                     max_pixels=config.max_pixels, keep=(DECISIONS_FILE,))  # human decisions survive --overwrite
+                     max_pixels=config.max_pixels, keep=(DECISIONS_FILE,), usage=usage_counts)  # human decisions survive --overwrite
 
 
 def validate_pairs(dataset: Dataset, config: ValidateConfig | None = None, **overrides: Any) -> Dataset:
