@@ -105,7 +105,9 @@ def _kept(args: argparse.Namespace) -> str:
     """What an interrupted command leaves: a run folder's finished chunks (resumable), else nothing half-written."""
     out = getattr(args, "out", None)
     if out and args.command in RUN_FOLDER_COMMANDS:
-        return (f"the finished chunks are kept in {out}.partial; run the same command again to resume "
-                "(nothing is computed twice)")
+        from safetypairs.engine.folders import output_folder, partial_dir
+
+        return (f"the finished chunks are kept in {partial_dir(output_folder(out))}; run the same command again "
+                "to resume (nothing is computed twice)")
     return "nothing half-written was left" + (f" in {out}" if out else "") + "; run the command again"
 
