@@ -11,7 +11,14 @@ from runner_job import compute, toy_rows
 
 from safetypairs.cli import main
 from safetypairs.engine.datafiles import load_run
-from safetypairs.engine.folders import PARTIAL_MARKER, OutputDirError, atomic_dir, open_partial, partial_dir
+from safetypairs.engine.folders import (
+    PARTIAL_MARKER,
+    OutputDirError,
+    atomic_dir,
+    open_partial,
+    partial_dir,
+    read_json,
+)
 from safetypairs.engine.runner import RunConfig, run_stage
 
 
@@ -99,4 +106,20 @@ def test_a_run_writes_through_a_symlinked_out_and_resumes_there(tmp_path):
     calls: list[str] = []
     again = _run(link, calls)  # the finished run behind the link is found and reused
     assert calls == [] and again.chunks_reused == 3 and link.is_symlink()
+    assert _leftovers(tmp_path) == []
+
+
+def test_generate_writes_through_a_symlinked_out(tmp_path):
+    """The same through a run-folder command's CLI: the run lands in the link's target, the link stays."""
+    target = tmp_path / "disk" / "gen"
+    target.mkdir(parents=True)
+    link = tmp_path / "gen"
+    link.symlink_to(target, target_is_directory=True)
+    args = ["-q", "generate", "--source", "demo:1", "--instructor", "template", "--editor", "ocr-inpaint",
+            "--device", "cpu", "--out", str(link)]
+    assert main(args) == 0
+    assert link.is_symlink() and (target / "run.json").is_file() and len(load_run(link)) == 1
+    first = read_json(target / "run.json")["fingerprint"]
+    assert main([*args, "--overwrite", "--seed", "1"]) == 0  # other settings replace the run behind the link
+    assert link.is_symlink() and len(load_run(target)) == 1 and read_json(target / "run.json")["fingerprint"] != first
     assert _leftovers(tmp_path) == []
