@@ -2,11 +2,14 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from PIL import ImageOps
+from user_data import make_llavaguard_folder
 
 from safetypairs.cli import build_parser, main
 
@@ -187,3 +190,45 @@ def test_policies_lexicon_lists_the_words(capsys):
     assert f"lexicon: {', '.join(words)}" in out and "loser" in words
     assert main(["policies", "llavaguard"]) == 0
     assert f"(lexicon: {len(words)} words; --lexicon lists them)" in capsys.readouterr().out
+
+
+class CatFailingEditor:
+    """Inverts images; raises on an instruction about the cat's caption: an editor crash on one row."""
+
+    @classmethod
+    def from_spec(cls, arg, device="cpu", **_):
+        return cls()
+
+    def edit(self, images, instructions, seeds, **_):
+        if any("UGLY CAT" in instruction for instruction in instructions):
+            raise RuntimeError("cat captions not supported (simulated)")
+        return [ImageOps.invert(image) for image in images]
+
+
+_BAR = re.compile(r"^(?P<desc>[^:]+):\s+(?P<percent>\d+)%\|")  # a tqdm line: "<desc>:  33%|███   | 1/3 ..."
+
+
+def test_generate_shows_one_bar_per_stage_and_warns_of_a_failed_edit(tmp_path):
+    """Issue 23 #9: only the stage's own bar on stderr (none of `datasets`' bars, no broken nested-bar fragments),
+    and a failed main edit is a warning naming the row and the reason, and a counted status."""
+    make_llavaguard_folder(tmp_path / "src")  # 6 photos, 4 with a caption; chelsea's reads "STUPID UGLY CAT"
+    code = ("import sys; from safetypairs.backends.registry import register; "
+            "register('editors', 'cat-fails', 'test_cli:CatFailingEditor'); "
+            "from safetypairs.cli import main; sys.exit(main(sys.argv[1:]))")
+    env = {key: value for key, value in os.environ.items() if key != "SAFETYPAIRS_NO_PROGRESS"}
+    env["PYTHONPATH"] = os.pathsep.join([SRC, str(Path(__file__).parent)])
+    proc = subprocess.run([sys.executable, "-c", code, "generate", "--source", "src", "--out", "gen", "--instructor",
+                           "template", "--editor", "cat-fails", "--device", "cpu", "--chunk-size", "2"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    err = proc.stderr
+    for noise in ("Generating train split", "Flattening", "Map", "\x1b[A"):
+        assert noise not in err, (noise, err[-2000:])
+    bars = [m for m in (_BAR.match(line) for line in re.split(r"[\r\n]", err)) if m]
+    assert {m["desc"] for m in bars} == {"generate (rank 0)"}
+    assert [int(m["percent"]) for m in bars] == sorted(int(m["percent"]) for m in bars)  # one bar, moving forward
+    assert sum(m["percent"] == "0" for m in bars) == 1  # opened once: 3 chunks of 2 rows
+    warnings = [line for line in err.splitlines() if "edit failed for row" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("WARNING ")
+    assert "'images/chelsea.jpg'" in warnings[0] and "cat captions not supported" in warnings[0]
+    assert "edit_error=1" in proc.stdout

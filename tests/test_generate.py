@@ -21,7 +21,7 @@ from safetypairs import schema as S
 from safetypairs import statuses as ST
 from safetypairs.backends.diffusion_pipelines import work_size
 from safetypairs.engine.datafiles import load_run, read_rows
-from safetypairs.engine.folders import partial_dir
+from safetypairs.engine.folders import open_partial, partial_dir
 from safetypairs.generate import GenerateConfig, generate_pairs, generate_run
 from safetypairs.engine.runner import RunConfig
 
@@ -160,8 +160,7 @@ def test_generate_pairs_in_process_matches_runner(setup, tmp_path):
     assert len(rows) == 6 and set(rows[S.EDIT_STATUS]) == {ST.OK, "not_instructed"}
     config = GenerateConfig(instructor="column:instruction", editor=f"diffusers:{setup['editor']}",
                             candidates=2, control=True, **options)
-    work = partial_dir(tmp_path / "run")  # a run that failed before finishing any chunk does not block the folder
-    work.mkdir()
+    work = open_partial(tmp_path / "run")  # a run that failed before finishing any chunk does not block the folder
     (work / "run.json").write_text('{"fingerprint": "other", "status": "running"}')
     summary = generate_run(source, config, RunConfig(out=tmp_path / "run", chunk_size=2))
     assert summary.rows_out == 6 and summary.chunks_computed == 2

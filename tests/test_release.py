@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from datasets import Dataset
-from release_rows import digest, validated_rows
+from hostile_files import cmyk_icc, encode
+from PIL import Image, ImageDraw
+from release_rows import digest, photo, validated_rows
 
 from safetypairs import schema as S
 from safetypairs.cli import main
+from safetypairs.engine import imagechecks
 from safetypairs.engine.datafiles import data_files
 from safetypairs.release.publish import read_input, write_release
 from safetypairs.release.assemble import (
@@ -267,3 +272,62 @@ def test_a_card_whose_data_files_leave_the_folder_is_one_clear_error(tmp_path, v
     (out / "README.md").write_text(card.replace("path: data/images/", f"path: {pattern} #", 1))
     with pytest.raises(ValueError, match="must be a path relative to the release folder"):
         load_release(str(out), "images", "auto")
+
+
+def _gif(frames: list) -> bytes:
+    """An animated GIF of ``frames`` (RGB images), no transparency."""
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return buffer.getvalue()
+
+
+def _odd_originals() -> dict[str, tuple[bytes, Image.Image]]:
+    """Original file bytes in source formats and modes an edit never has, with the first frame each should be
+    released as: PIL's own RGB conversion of the file (the 16-bit PNG holds the 8-bit gray photo x 257, whose RGB
+    form is that gray photo)."""
+    base = photo("astronaut", 64)
+    gray16 = encode(Image.fromarray((np.asarray(base.convert("L"), dtype=np.uint16) * 257).astype(np.uint16)))
+    palette = encode(base.convert("P", palette=Image.Palette.ADAPTIVE, colors=16))
+    gif = _gif([photo(name, 64) for name in ("chelsea", "coffee", "rocket")])
+    cmyk = cmyk_icc(photo("camera", 64))
+    return {
+        "cmyk.jpg": (cmyk, Image.open(io.BytesIO(cmyk)).convert("RGB")),
+        "gray16.png": (gray16, base.convert("L").convert("RGB")),
+        "palette.png": (palette, Image.open(io.BytesIO(palette)).convert("RGB")),
+        "animated.gif": (gif, Image.open(io.BytesIO(gif)).convert("RGB")),  # Image.open shows frame 0
+    }
+
+
+def test_both_images_of_a_pair_are_released_alike_whatever_the_source_format(tmp_path, monkeypatch):
+    """Issue 23 #16: a CMYK JPEG, a 16-bit PNG, a palette PNG and an animated GIF as originals are released as RGB
+    PNGs of their first frame, like their edits (and controls); the card says so; the writer decodes none of the
+    re-encoded originals again."""
+    originals = _odd_originals()
+    rows = validated_rows(n_sources=len(originals), candidates=1).to_list()
+    for row, (name, (data, first)) in zip(rows, originals.items()):
+        edited = first.copy()
+        ImageDraw.Draw(edited).rectangle((2, 2, 30, 14), fill=(20, 200, 40))
+        row.update({S.SOURCE_ID: name, S.IMAGE: {"bytes": data, "path": None}, S.EDITED_IMAGE: edited,
+                    S.CONTROL_IMAGE: first, S.ACCEPTED: True, S.REJECT_REASON: None})
+    validated = Dataset.from_list(rows, features=validated_rows(1, 1).features)
+    decoded: list[str] = []
+    original_check = imagechecks.check_cell
+    monkeypatch.setattr(imagechecks, "check_cell", lambda cell, *a, **k: decoded.append(
+        hashlib.sha256(cell["bytes"]).hexdigest()[:32]) or original_check(cell, *a, **k))
+    out = write_release(validated, tmp_path / "rel")
+    pairs = pq.read_table(data_files(out, "pairs", "test")).to_pylist()
+    assert sorted(row[S.SOURCE_ID] for row in pairs) == sorted(originals)
+    for row in pairs:
+        images = {column: Image.open(io.BytesIO(row[column]["bytes"]))
+                  for column in (S.UNSAFE_IMAGE, S.SAFE_IMAGE, S.CONTROL_IMAGE)}
+        assert {(im.format, im.mode, getattr(im, "n_frames", 1)) for im in images.values()} == {("PNG", "RGB", 1)}
+        expected = originals[row[S.SOURCE_ID]][1]
+        assert np.array_equal(np.asarray(images[S.UNSAFE_IMAGE]), np.asarray(expected)), row[S.SOURCE_ID]
+        assert hashlib.sha256(row[S.UNSAFE_IMAGE]["bytes"]).hexdigest()[:32] not in decoded
+    released = pq.read_table(data_files(out, "images", "test")).to_pylist()
+    assert len(released) == 3 * len(originals)
+    assert {(Image.open(io.BytesIO(r["image"]["bytes"])).format, Image.open(io.BytesIO(r["image"]["bytes"])).mode)
+            for r in released} == {("PNG", "RGB")}
+    card = " ".join((out / "README.md").read_text().split())
+    assert "Every image of a pair is stored alike, as an 8-bit RGB PNG" in card
+    assert "neither the file format nor the mode tells an original from an edit" in card

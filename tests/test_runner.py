@@ -23,6 +23,7 @@ from safetypairs.engine.folders import (
     LOCK_FILE,
     atomic_dir,
     check_not_input,
+    open_partial,
     partial_dir,
     read_json,
 )
@@ -128,8 +129,7 @@ def test_overwrite_carries_the_files_a_stage_keeps_and_drops_the_rest(tmp_path, 
 
 def test_lock_held_by_a_live_process_refuses_and_a_dead_one_is_taken_over(tmp_path):
     out = tmp_path / "run"
-    work = partial_dir(out)
-    work.mkdir()
+    work = open_partial(out)
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
         (work / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": sleeper.pid, "since": "now"}))

@@ -2,12 +2,13 @@
 failing item fails alone."""
 
 import pytest
-from datasets import Dataset
+from datasets import Dataset, Features, Value
 
 from safetypairs import schema as S
 from safetypairs.edit import EditConfig, run_edit
 from safetypairs.instruct import InstructConfig, run_instruct
-from safetypairs.engine.stage import isolate
+from safetypairs.engine.stage import isolate, map_stage
+from safetypairs.utils import progress
 
 
 def test_empty_dataset_gets_the_stage_columns():
@@ -61,3 +62,22 @@ def test_isolate_lets_interrupts_through():
 
     with pytest.raises(KeyboardInterrupt):
         isolate(interrupted, [1, 2])
+
+
+def _statused(batch, rank=None):
+    return {"x": batch["x"], "status": ["ok"] * len(batch["x"])}
+
+
+def test_the_map_bar_shows_outside_the_runner_only(monkeypatch, capsys):
+    """Issue 23 #9: `Dataset.map`'s bar is the stage's bar in memory; inside a running bar (the shared runner's
+    chunk loop) it stays hidden, and so does a nested library bar."""
+    monkeypatch.delenv("SAFETYPAIRS_NO_PROGRESS", raising=False)
+    rows = Dataset.from_dict({"x": [1, 2, 3]})
+    features = Features({"x": Value("int64"), "status": Value("string")})
+    map_stage(rows, _statused, stage="toy", features=features, status_column="status")
+    assert "toy: 100%" in capsys.readouterr().err
+    for _ in progress([0], desc="outer"):
+        map_stage(rows, _statused, stage="toy", features=features, status_column="status")
+        list(progress([1, 2], desc="inner"))
+    err = capsys.readouterr().err
+    assert "outer:   0%" in err and "toy" not in err and "inner" not in err and "\x1b[A" not in err

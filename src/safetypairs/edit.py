@@ -146,11 +146,13 @@ class EditTransform:
                 out[job.column][job.row] = image
                 if job.column == S.EDITED_IMAGE:  # diffusers editors record the size they ran at
                     out[S.EDIT_WORK_SIZE][job.row] = image.info.get("work_size")
-            elif job.column == S.EDITED_IMAGE:
+                continue
+            main = job.column == S.EDITED_IMAGE  # a failed main edit is also the row's status (counted)
+            logger.warning("%s failed for row %r (candidate %d): %s", "edit" if main else "control edit",
+                           out[S.SOURCE_ID][job.row], out[S.CANDIDATE][job.row], error)
+            if main:
                 out[S.EDIT_STATUS][job.row] = ST.EDIT_ERROR
                 out[S.EDIT_ERROR][job.row] = f"row {out[S.SOURCE_ID][job.row]!r}: {error}"
-            else:
-                logger.warning("control edit failed for %s: %s", out[S.SOURCE_ID][job.row], error)
 
     def _jobs(self, out: dict[str, list], n: int) -> list[_Job]:
         """One job per candidate edit (and control); rows that cannot be edited get a status."""

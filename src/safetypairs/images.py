@@ -108,9 +108,26 @@ def check_cell(value: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> CellCheck:
                 digest = None
             return CellCheck(None, digest, image.width * image.height)
     smaller = _reduce_loaded(load_image(value, max_pixels), keep)
+    return CellCheck(png_bytes(smaller), image_digest(smaller), smaller.width * smaller.height)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """``image`` encoded as PNG: how edits are stored, and how a release stores every image."""
     buffer = io.BytesIO()
-    smaller.save(buffer, format="PNG")
-    return CellCheck(buffer.getvalue(), image_digest(smaller), smaller.width * smaller.height)
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def is_plain_rgb_png(value: Any) -> bool:
+    """Whether a stored cell already holds what `load_image` reads, as `png_bytes` would store it: a single-frame
+    8-bit RGB PNG without transparency, colour profile or EXIF orientation (from its header alone).
+
+    Raises:
+        ImageError: for a missing or empty cell or data that is not an image.
+    """
+    with _opened(value) as (image, _):
+        return (image.format == "PNG" and image.mode == "RGB" and not getattr(image, "is_animated", False)
+                and not {"transparency", "icc_profile", "exif"} & set(image.info))
 
 
 def image_format(value: Any) -> str:

@@ -8,6 +8,7 @@ import numbers
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -19,16 +20,21 @@ REVIEW_SCOPES = ("accepted", "borderline", "rejected", "all")
 
 
 def progress_enabled() -> bool:
-    """Progress bars show unless ``SAFETYPAIRS_NO_PROGRESS`` is set or datasets' bars are off."""
-    if os.environ.get("SAFETYPAIRS_NO_PROGRESS"):
-        return False
-    from datasets.utils.logging import is_progress_bar_enabled
+    """The library's progress bars show unless ``SAFETYPAIRS_NO_PROGRESS`` is set (``safetypairs -q`` sets it).
 
-    return is_progress_bar_enabled()
+    `datasets`' own bars are not consulted: the CLI turns those off and shows only the stage bars.
+    """
+    return not os.environ.get("SAFETYPAIRS_NO_PROGRESS")
+
+
+_open_bars = 0  # how many `progress` bars of this process are being iterated now
 
 
 def progress(iterable: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
     """Wrap an iterable in the library's one progress bar (tqdm, shared look with `datasets`).
+
+    A bar opened while another is being iterated (a stage inside the shared runner's chunk loop) stays hidden:
+    one bar per stage.
 
     Args:
         iterable: what to iterate.
@@ -40,7 +46,40 @@ def progress(iterable: Iterable[T], desc: str, total: int | None = None) -> Iter
     """
     from tqdm.auto import tqdm
 
-    yield from tqdm(iterable, desc=desc, total=total, disable=not progress_enabled(), leave=False)
+    global _open_bars
+    show = progress_enabled() and not _open_bars
+    _open_bars += 1
+    try:
+        yield from tqdm(iterable, desc=desc, total=total, disable=not show, leave=False)
+    finally:
+        _open_bars -= 1
+
+
+def inside_progress() -> bool:
+    """Whether a `progress` bar is being iterated in this process (a nested bar would break its line)."""
+    return _open_bars > 0
+
+
+@contextmanager
+def datasets_progress(show: bool) -> Iterator[None]:
+    """`datasets`' own progress bars (``Dataset.map``, "Flattening the indices" ...) on or off inside the block,
+    restored after it (``HF_DATASETS_DISABLE_PROGRESS_BARS``, when set, decides instead, as in `datasets`).
+
+    Args:
+        show: whether they show.
+    """
+    from datasets import config
+    from datasets.utils import logging as ds_logging
+
+    before = ds_logging.is_progress_bar_enabled()
+    if show == before or config.HF_DATASETS_DISABLE_PROGRESS_BARS is not None:
+        yield
+        return
+    ds_logging.enable_progress_bar() if show else ds_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        ds_logging.enable_progress_bar() if before else ds_logging.disable_progress_bar()
 
 
 def device_for_rank(device: str, rank: int | None) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -29,6 +30,8 @@ __all__ = ["CLIError", "build_parser", "main"]
 
 # Commands that write a run folder on the shared runner: an interrupted one resumes from its finished chunks.
 RUN_FOLDER_COMMANDS = ("generate", "validate", "evaluate", "embed")
+# Commands that only list what is built in: they read no data and never import `datasets`.
+CATALOG_COMMANDS = ("policies", "backends")
 # Each entry adds one subcommand, in pipeline order, as `safetypairs --help` lists them.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_demo, add_generate, add_calibrate, add_validate, add_review, add_review_stats, add_release,
@@ -55,11 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _configure_output(verbose: bool, quiet: bool) -> None:
+    """Log levels, and with ``quiet`` no progress bars (the variable reaches map and launched processes too)."""
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("RapidOCR", "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     if quiet:
+        os.environ["SAFETYPAIRS_NO_PROGRESS"] = "1"
+
+
+def _datasets_bars_off(command: str) -> None:
+    """Only the stages' own bars show: `datasets`' bars ("Generating train split", "Map", "Flattening the
+    indices") are turned off for every command that reads data (the catalog commands do not import `datasets`)."""
+    if command not in CATALOG_COMMANDS:
         import datasets
 
         datasets.disable_progress_bars()
@@ -76,6 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_output(args.verbose, args.quiet)
     try:
         check_inputs(args)
+        _datasets_bars_off(args.command)
         return int(args.func(args) or 0)
     except (CLIError, ValueError, OSError) as err:  # OSError: missing/unwritable files and folders
         if args.verbose:
@@ -93,7 +105,9 @@ def _kept(args: argparse.Namespace) -> str:
     """What an interrupted command leaves: a run folder's finished chunks (resumable), else nothing half-written."""
     out = getattr(args, "out", None)
     if out and args.command in RUN_FOLDER_COMMANDS:
-        return (f"the finished chunks are kept in {out}.partial; run the same command again to resume "
-                "(nothing is computed twice)")
+        from safetypairs.engine.folders import output_folder, partial_dir
+
+        return (f"the finished chunks are kept in {partial_dir(output_folder(out))}; run the same command again "
+                "to resume (nothing is computed twice)")
     return "nothing half-written was left" + (f" in {out}" if out else "") + "; run the command again"
 

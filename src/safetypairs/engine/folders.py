@@ -18,6 +18,9 @@ logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
 PARTIAL_SUFFIX = ".partial"
+# written into every ``.partial`` work folder this project makes, before anything else: only a folder that
+# carries it (or an empty one) is resumed, cleared or moved into place, never a user's own ``<out>.partial``
+PARTIAL_MARKER = ".safetypairs-partial"
 
 
 class OutputDirError(OSError):
@@ -31,6 +34,48 @@ class RunLockedError(OutputDirError):
 def partial_dir(out: Path) -> Path:
     """The sibling folder an unfinished run works in."""
     return out.with_name(out.name + PARTIAL_SUFFIX)
+
+
+def output_folder(out: str | os.PathLike) -> Path:
+    """The folder a command writes for ``out``: ``out`` itself, or, when ``out`` is a symbolic link, the folder it
+    points to (the link stays a link and reads the new folder; its work sibling lies next to the target)."""
+    path = Path(out)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def open_partial(out: Path) -> Path:
+    """Create ``out``'s ``.partial`` work folder, or take over one this project made (it carries `PARTIAL_MARKER`).
+
+    Returns:
+        The work folder, marked as this project's.
+
+    Raises:
+        OutputDirError: when the ``.partial`` path is not a folder, or is a non-empty folder without the
+            marker (someone else's files: nothing in it is touched), or cannot be created.
+    """
+    work = partial_dir(out)
+    if work.exists() and not work.is_dir():
+        raise OutputDirError(f"{str(work)!r} exists and is not a folder; move or delete it, or choose another --out")
+    if work.is_dir() and not (work / PARTIAL_MARKER).is_file() and any(work.iterdir()):
+        raise OutputDirError(f"{str(work)!r} holds files safetypairs did not write (it has no {PARTIAL_MARKER} "
+                             "marker); nothing in it was touched: move or delete it, or choose another --out")
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        (work / PARTIAL_MARKER).touch()
+    except OSError as err:
+        raise OutputDirError(f"cannot write next to output folder {str(out)!r}: {err.strerror or err}") from err
+    return work
+
+
+def finish_partial(work: Path, out: Path, keep: tuple[str, ...] = ()) -> list[str]:
+    """Move a complete work folder into place as ``out``: its lock and marker dropped, then `replace_dir`.
+
+    Returns:
+        The names in ``keep`` that were carried over from the replaced ``out``.
+    """
+    release_lock(work)
+    (work / PARTIAL_MARKER).unlink(missing_ok=True)
+    return replace_dir(work, out, keep)
 
 
 def check_not_input(out: str | Path, inputs: tuple[str | Path, ...]) -> None:
@@ -137,7 +182,7 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool, inputs: tuple[str | Path
     """Write a whole output folder or nothing: yields a locked temporary sibling, renamed into place on success.
 
     Args:
-        out: the final folder.
+        out: the final folder (a symbolic link to a folder is written through: `output_folder`).
         overwrite: replace a non-empty ``out`` (only once the new one is complete).
         inputs: input paths ``out`` must not be or contain.
 
@@ -146,30 +191,26 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool, inputs: tuple[str | Path
 
     Raises:
         OutputDirError: when ``out`` is an input, not a folder, non-empty without ``overwrite``,
-            not writable, or being written by another process.
+            not writable, or being written by another process, or when ``<out>.partial`` holds files this
+            project did not write (`open_partial`).
     """
-    out = Path(out)
+    out = output_folder(out)
     check_not_input(out, inputs)
     if out.exists() and not out.is_dir():
         raise OutputDirError(f"output path {str(out)!r} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OutputDirError(f"output folder {str(out)!r} is not empty; pass --overwrite to replace it")
-    tmp = partial_dir(out)
-    try:
-        tmp.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputDirError(f"cannot write next to output folder {str(out)!r}: {err.strerror or err}") from err
+    tmp = open_partial(out)
     acquire_lock(tmp)
-    for stale in tmp.iterdir():  # leftovers of a failed earlier attempt: this folder has no resume
-        if stale.name != LOCK_FILE:
+    for stale in tmp.iterdir():  # leftovers of a failed earlier attempt of ours: this folder has no resume
+        if stale.name not in (LOCK_FILE, PARTIAL_MARKER):
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    release_lock(tmp)
-    replace_dir(tmp, out)
+    finish_partial(tmp, out)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

@@ -7,7 +7,15 @@ import hashlib
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
-from safetypairs.images import DEFAULT_MAX_PIXELS, check_cell, image_digest, load_image
+from safetypairs.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    check_cell,
+    image_digest,
+    is_plain_rgb_png,
+    load_image,
+    png_bytes,
+)
 
 
 class ImageCheck(NamedTuple):
@@ -95,6 +103,30 @@ def pixel_digest(cell: Any, known: Mapping[str, ImageCheck], max_pixels: int = D
     if record is not None and record.digest is not None and record.pixels <= max_pixels:
         return record.digest
     return image_digest(load_image(cell, max_pixels))
+
+
+def as_rgb_png(cell: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Any, ImageCheck | None]:
+    """A cell as a release stores every image: what `images.load_image` reads (the first frame, upright, 8-bit RGB,
+    within the cap) encoded as PNG, the way edits are stored, so no image's format or mode tells an original
+    from an edit.
+
+    Args:
+        cell: an undecoded image cell.
+        max_pixels: the pixel cap of `images.load_image`.
+
+    Returns:
+        The cell to store (``cell`` itself when its bytes already are such a PNG, or when it cannot be read: the
+        writer then nulls it and says why) and the record of the new bytes (``None`` when nothing was
+        re-encoded), so that writing them decodes nothing again.
+    """
+    try:
+        if cell is None or is_plain_rgb_png(cell):
+            return cell, None
+        image = load_image(cell, max_pixels)
+    except ImageError:
+        return cell, None
+    data = png_bytes(image)
+    return {"bytes": data, "path": None}, ImageCheck(bytes_digest(data), image_digest(image), image.width * image.height)
 
 
 def _stored_bytes(cell: dict[str, Any]) -> bytes | None:

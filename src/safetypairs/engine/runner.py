@@ -37,16 +37,17 @@ from safetypairs.engine.folders import (
     OutputDirError,
     acquire_lock,
     check_not_input,
-    partial_dir,
+    finish_partial,
+    open_partial,
+    output_folder,
     read_json,
     release_lock,
-    replace_dir,
     utc_now,
     write_json,
 )
 from safetypairs.images import DEFAULT_MAX_PIXELS
 from safetypairs.usage import Usage, merge_usage
-from safetypairs.utils import device_for_rank, progress
+from safetypairs.utils import datasets_progress, device_for_rank, progress
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +88,10 @@ class RunConfig:
     """Where and how a sharded run writes.
 
     Args:
-        out: the run folder. It appears whole when the run finishes; until then the work lives in the
-            sibling ``<out>.partial/`` (chunks, ``run.json``, the lock), where a restarted run resumes.
+        out: the run folder (a symbolic link to a folder is written through). It appears whole when the run
+            finishes; until then the work lives in the sibling ``<out>.partial/`` (chunks, ``run.json``, the
+            lock, the project's marker), where a restarted run resumes; a ``<out>.partial`` without the marker
+            is someone else's and is refused, untouched.
         chunk_size: input rows per chunk (the unit of resumption and of rank work).
         source: how the input was named (recorded in ``run.json``).
         overwrite: replace a finished ``out`` that holds a different run or other files.
@@ -240,7 +243,7 @@ def run_stage(data: Dataset, compute: ChunkFn | Passes, *, stage: str, settings:
     if not len(data):
         raise ValueError(f"{stage}: the input has no rows; nothing to do")
     t0 = time.perf_counter()
-    out = Path(run.out)
+    out = output_folder(run.out)
     state = process_state(device)
     # only rank 0 opens and finishes the folder: the other ranks skip hashing every input byte
     t1 = time.perf_counter()
@@ -259,13 +262,14 @@ def run_stage(data: Dataset, compute: ChunkFn | Passes, *, stage: str, settings:
         dev = device_for_rank(device, state.local_process_index)
         logger.info("%s rank %d/%d on %s: %d chunk(s), %d already done", stage, state.process_index,
                     state.num_processes, dev, len(spans), len(spans) - len(todo))
-        if isinstance(compute, Passes):
-            _run_passes(data, todo, compute, work, dev, run_id, max_pixels, usage, stage)
-            for span in todo:
-                _join_pieces(work, span, len(compute.names), run_id, max_pixels)
-        else:
-            for span in progress(todo, desc=f"{stage} (rank {state.process_index})"):
-                _run_chunk(data, span, compute, work, dev, run_id, max_pixels, usage)
+        with datasets_progress(False):  # one bar per stage and rank: the chunks', none of `datasets`' inside them
+            if isinstance(compute, Passes):
+                _run_passes(data, todo, compute, work, dev, run_id, max_pixels, usage, stage)
+                for span in todo:
+                    _join_pieces(work, span, len(compute.names), run_id, max_pixels)
+            else:
+                for span in progress(todo, desc=f"{stage} (rank {state.process_index})"):
+                    _run_chunk(data, span, compute, work, dev, run_id, max_pixels, usage)
         state.wait_for_everyone()
         if not state.is_main_process:
             return None
@@ -307,8 +311,7 @@ def _open_run(out: Path, fingerprint: str, stage: str, run: RunConfig) -> dict[s
             what = "a different run" if meta else "other files"
             raise OutputDirError(f"output folder {str(out)!r} holds {what}; pass --overwrite to replace it "
                                  "or choose another --out")
-    work = partial_dir(out)
-    work.mkdir(parents=True, exist_ok=True)
+    work = open_partial(out)
     acquire_lock(work)
     meta = read_json(work / RUN_FILE) or {}
     if meta.get("fingerprint") != fingerprint and any((work / CHUNKS_DIR).glob("chunk-*.json")):
@@ -443,8 +446,7 @@ def _finish(work: Path, out: Path, data: Dataset, run: RunConfig, stage: str, fi
 def _move_into_place(work: Path, out: Path, stage: str, keep: tuple[str, ...]) -> None:
     """Rank 0: drop the chunks, free the lock and replace ``out`` by the work folder, carrying ``keep`` files over."""
     shutil.rmtree(work / CHUNKS_DIR)
-    release_lock(work)
-    for name in replace_dir(work, out, keep):
+    for name in finish_partial(work, out, keep):
         logger.warning("%s: kept %s of the replaced %s in the new run folder (made there after the old run, "
                        "it is not part of the run and --overwrite does not discard it)", stage, name, out)
 

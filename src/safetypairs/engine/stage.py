@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from datasets import Dataset, Features, Image
 
-from safetypairs.utils import status_histogram
+from safetypairs.utils import datasets_progress, inside_progress, progress_enabled, status_histogram
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +48,10 @@ def map_stage(
 ) -> tuple[Dataset, StageResult]:
     """Run a stage transform with ``Dataset.map(batched=True, with_rank=True)``.
 
-    Image columns reach the transform undecoded (see `undecoded`). The transform holds only plain config (so the map fingerprint is stable and the `datasets`
-    cache is reused on a re-run) and loads models lazily per process and device.
+    Image columns reach the transform undecoded (see `undecoded`). The transform holds only plain config (so the map
+    fingerprint is stable and the `datasets` cache is reused on a re-run) and loads models lazily per process and
+    device. The map's progress bar (labelled ``stage``) shows only outside the shared runner, whose chunk bar is
+    the stage's one bar there.
 
     Args:
         dataset: the input rows.
@@ -70,8 +72,8 @@ def map_stage(
     rows_in = len(dataset)
     dataset = undecoded(dataset)
     multi = num_proc is not None and num_proc > 1
-    if rows_in:
-        with _spawn_for_cuda(multi):
+    if rows_in:  # the map's bar is the stage's bar, unless the shared runner's chunk bar already shows
+        with _spawn_for_cuda(multi), datasets_progress(progress_enabled() and not inside_progress()):
             out = dataset.map(
                 transform,
                 batched=True,

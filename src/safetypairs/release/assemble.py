@@ -15,7 +15,7 @@ from safetypairs import schema as S
 
 from safetypairs import statuses as ST
 from safetypairs.engine.datafiles import ROW_GROUP_SIZE
-from safetypairs.engine.imagechecks import ImageCheck, pixel_digest, recorded
+from safetypairs.engine.imagechecks import ImageCheck, as_rgb_png, pixel_digest, recorded
 from safetypairs.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -58,6 +58,7 @@ _PAIR = "__pair_id__"  # each row's content pair id, computed once before the co
 _UNREADABLE = "__unreadable__"  # the row's image columns that cannot be read (written as null)
 _DIGESTS = "__digests__"  # the row's [original, edited] pixel digests, computed once with the pair id
 _RENAMED = {S.UNSAFE_IMAGE: S.IMAGE, S.SAFE_IMAGE: S.EDITED_IMAGE}  # release column -> validated column
+_PAIR_IMAGES = (S.UNSAFE_IMAGE, S.SAFE_IMAGE, S.CONTROL_IMAGE)  # stored alike, as RGB PNG (the mask stays as it is)
 _DEFAULTS = {S.HUMAN_VERIFIED: False, S.N_REVIEWERS: 0}  # release column -> value when the input lacks it
 
 
@@ -203,23 +204,39 @@ def split_by_source(source_ids: list[str], categories: list[str], config: Releas
     return {name: rows for name, rows in splits.items() if rows}
 
 
-def _release_batch(batch: dict[str, list], features: Features) -> dict[str, list]:
-    """Validated rows -> rows of ``features`` (pairs or rejected), with a content pair id and null cells
-    where an image cannot be read."""
+def _release_batch(batch: dict[str, list], features: Features, max_pixels: int) -> dict[str, list]:
+    """Validated rows -> rows of ``features`` (pairs or rejected), with a content pair id, null cells where an
+    image cannot be read, every image stored alike (`imagechecks.as_rgb_png`: originals in any source format
+    become RGB PNGs of their first frame, like the edits) and the records of re-encoded cells in ``image_checks``."""
     n = len(batch[S.SOURCE_ID])
-    out: dict[str, list] = {}
+    out: dict[str, list] = {S.IMAGE_CHECKS: [[] for _ in range(n)]}
     for name in features:
         if name == S.PAIR_ID:
             continue
         src = _RENAMED.get(name, name)
         out[name] = batch[src] if src in batch else [_DEFAULTS.get(name)] * n
         out[name] = [None if src in bad else v for v, bad in zip(out[name], batch[_UNREADABLE])]
+        if name in _PAIR_IMAGES:
+            for i, (cell, record) in enumerate(as_rgb_png(cell, max_pixels) for cell in out[name]):
+                out[name][i] = cell
+                if record is not None:
+                    out[S.IMAGE_CHECKS][i].append(record._asdict())
     out[S.PAIR_ID] = batch[_PAIR]
     if S.REJECT_REASON in features:
         out[S.REJECT_REASON] = [
             reason or (ST.NOT_SELECTED if ok else ST.NO_REASON) for reason, ok in zip(out[S.REJECT_REASON], out[S.ACCEPTED])
         ]
-    return {name: out[name] for name in features}
+    return {name: out[name] for name in (*features, S.IMAGE_CHECKS)}
+
+
+def _released(rows: Dataset, features: Features, desc: str, max_pixels: int,
+              checked: dict[str, ImageCheck]) -> Dataset:
+    """``rows`` mapped by `_release_batch` into ``features``; the records of the cells it re-encoded are added to
+    ``checked`` (the release's writes then decode nothing again) and their column dropped."""
+    out = _map(rows, _release_batch, S.with_columns(features, S.IMAGE_CHECKS_FEATURES), desc,
+               fn_kwargs={"features": features, "max_pixels": max_pixels})
+    checked.update(recorded(out[S.IMAGE_CHECKS]))
+    return out.remove_columns([S.IMAGE_CHECKS])
 
 
 def _images_batch(batch: dict[str, list], digests: dict[str, list[str]], max_pixels: int,
@@ -406,8 +423,7 @@ def assemble(validated: Dataset, config: ReleaseConfig | None = None, review: Re
     checked = recorded(validated[S.IMAGE_CHECKS]) if S.IMAGE_CHECKS in validated.column_names else {}
     source = _with_pair_ids(undecoded(validated), config.max_pixels, checked)
     best = best_candidates(source)
-    pairs = _map(source.select(best), _release_batch, S.PAIR_FEATURES, "release pairs",
-                 fn_kwargs={"features": S.PAIR_FEATURES})
+    pairs = _released(source.select(best), S.PAIR_FEATURES, "release pairs", config.max_pixels, checked)
     # identical images from two sources give one pair_id: keep the first, or it could sit in both splits
     first_of: dict[str | None, int] = {}
     for i, pid in enumerate(pairs[S.PAIR_ID]):
@@ -431,8 +447,8 @@ def assemble(validated: Dataset, config: ReleaseConfig | None = None, review: Re
         chosen = set(best)
         rest = [i for i in range(len(source)) if i not in chosen]
         rejected = _with_reasons(source.select(rest), [ST.DUPLICATE_PAIR if i in duplicates else None for i in rest])
-        configs["rejected"] = DatasetDict({"test": _map(rejected, _release_batch, REJECTED_FEATURES,
-                                                        "release rejected", fn_kwargs={"features": REJECTED_FEATURES})})
+        configs["rejected"] = DatasetDict({"test": _released(rejected, REJECTED_FEATURES, "release rejected",
+                                                             config.max_pixels, checked)})
     composited = _composited(source, best)
     logger.info("release: %d candidates -> %d pairs %s", len(validated), len(pairs),
                 {name: len(ds) for name, ds in configs["pairs"].items()})
