@@ -66,7 +66,7 @@ class Policy:
         if not isinstance(value, str) or not value.strip():
             return None
         codes = {code.lower(): code for code in self.categories}
-        head = value.split(":", 1)[0].strip().lower()
+        head = value.partition(":")[0].strip().lower()
         if head in codes:
             return codes[head]
         key = _name_key(value)

@@ -44,8 +44,8 @@ def upstream_stop(instruct_status: str | None, edit_status: str | None) -> str |
     return None
 
 
-def _fmt(value: float | None) -> str:
-    return "none" if value is None else "nan" if math.isnan(value) else f"{value:.4g}"
+def _fmt(value: float) -> str:
+    return f"{value:.4g}"  # 4 significant digits; a NaN reads "nan"
 
 
 def _over(row: dict[str, Any], column: str, limit: float | None) -> str | None:
@@ -153,13 +153,13 @@ def select_best(dataset: Dataset) -> Dataset:
     cols = [c for c in (S.SOURCE_ID, S.ACCEPTED, S.LPIPS_OUTSIDE, S.SSIM_OUTSIDE, S.PSNR_OUTSIDE)
             if c in dataset.column_names]
     table = dataset.select_columns(cols).to_dict()
-    best: dict[str, tuple[tuple[float, float, float, int], int]] = {}
+    best: dict[str, tuple[tuple[float, float, float], int]] = {}
     for i in range(len(dataset)):
         row = {c: table[c][i] for c in cols}
         if not row[S.ACCEPTED]:
             continue
-        key = (*preservation_key(row), -i)
+        key = preservation_key(row)
         src = row[S.SOURCE_ID]
-        if src not in best or key > best[src][0]:
+        if src not in best or key > best[src][0]:  # strictly better: a tie keeps the earlier row
             best[src] = (key, i)
     return dataset.select(sorted(i for _, i in best.values()))
