@@ -6,6 +6,8 @@ import json
 import multiprocessing
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -171,6 +173,25 @@ def test_the_port_is_held_from_the_moment_it_is_chosen():
         assert port > 0
         with pytest.raises(OSError):
             listen(ReviewConfig("bob", port=port))
+
+
+def test_safetypairs_review_on_port_0_prints_the_port_it_serves(folder):
+    """The command binds a free port itself and prints the URL it actually serves, which answers."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    proc = subprocess.Popen([sys.executable, "-m", "safetypairs", "-q", "review", str(folder), "--reviewer", "eve",
+                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": src})
+    try:
+        line = proc.stdout.readline()  # printed once the port is bound ("" if the command exited)
+        if " on http://" not in line:
+            proc.kill()
+            pytest.fail(f"no URL printed: {line!r}\n{proc.communicate()[1][-3000:]}")
+        url = line.split(" on ", 1)[1].split()[0]
+        assert not url.endswith(":0/"), line
+        _wait_http(url)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
 
 
 def test_review_command_line():

@@ -390,8 +390,8 @@ def serve(folder: str | Path, config: ReviewConfig, announce: Callable[[str], No
         announce: called with the app's URL (the port actually bound) once it is listening.
     """
     server = review_server(folder, config)  # reads the folder first: a bad folder fails before any port is held
-    sock = listen(config)
-    if announce is not None:
-        host = f"[{config.host}]" if ":" in config.host else config.host
-        announce(f"http://{host}:{sock.getsockname()[1]}/")
-    server.run(sockets=[sock])
+    with listen(config) as sock:
+        if announce is not None:
+            host = f"[{config.host}]" if ":" in config.host else config.host
+            announce(f"http://{host}:{sock.getsockname()[1]}/")
+        server.run(sockets=[sock])
