@@ -1,5 +1,6 @@
 """Test set-up: never touch the network, keep every cache in a temp folder; under pytest-xdist one CPU share of
-threads per worker; under pytest-randomly torch's global generator reseeded per test like `random` and NumPy's."""
+threads per worker; under pytest-randomly hypothesis seeded from its seed and torch's global generator reseeded
+per test like `random` and NumPy's."""
 
 import os
 import tempfile
@@ -33,6 +34,17 @@ def isolated_registry(monkeypatch):
     registry._load.cache_clear()
     yield registry
     registry._load.cache_clear()
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-randomly has settled the seed (in each xdist worker too)
+def pytest_configure(config):
+    """Seed hypothesis from pytest-randomly's seed, as ``--hypothesis-seed`` would (unless that is given): hypothesis
+    otherwise draws from its own unseeded generator, so the printed seed would not replay its examples."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if isinstance(seed, int) and config.getoption("hypothesis_seed", None) is None:
+        from hypothesis import core
+
+        core.global_force_seed = seed
 
 
 def pytest_runtest_setup(item):
