@@ -227,7 +227,9 @@ def _two_agents(out: Path, tries: int = 3) -> None:
 def test_sigkill_after_the_first_chunk_resumes_and_a_second_writer_refuses(tmp_path):
     out = tmp_path / "run"
     work = partial_dir(out)
-    proc = subprocess.Popen([*JOB, str(out), "--delay", "30"], env=_env(), stdout=subprocess.DEVNULL,
+    # every chunk after the first sleeps 10 minutes: the process is killed long before that, however slowly the
+    # second writer below starts on a loaded machine (a 30 s delay let chunk 1 finish under load 10 on 2 cores)
+    proc = subprocess.Popen([*JOB, str(out), "--delay", "600"], env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and not (work / "chunks" / "chunk-000000.json").exists():
