@@ -1,7 +1,10 @@
-"""Test set-up: never touch the network, keep every cache in a temp folder."""
+"""Test set-up: never touch the network, keep every cache in a temp folder; under pytest-xdist one CPU share of
+threads per worker; under pytest-randomly hypothesis seeded from its seed and torch's global generator reseeded
+per test like `random` and NumPy's."""
 
 import os
 import tempfile
+import zlib
 
 _CACHE = tempfile.mkdtemp(prefix="safetypairs-test-cache-")
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -11,7 +14,10 @@ os.environ["HF_HOME"] = os.path.join(_CACHE, "hf")
 os.environ["HF_DATASETS_CACHE"] = os.path.join(_CACHE, "datasets")
 os.environ["TORCH_HOME"] = os.path.join(_CACHE, "torch")
 os.environ["SAFETYPAIRS_NO_PROGRESS"] = "1"
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # an xdist worker: the cores are shared out, so workers do not oversubscribe
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+else:
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
 import pytest  # noqa: E402 - after the environment set-up above
@@ -28,3 +34,24 @@ def isolated_registry(monkeypatch):
     registry._load.cache_clear()
     yield registry
     registry._load.cache_clear()
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-randomly has settled the seed (in each xdist worker too)
+def pytest_configure(config):
+    """Seed hypothesis from pytest-randomly's seed, as ``--hypothesis-seed`` would (unless that is given): hypothesis
+    otherwise draws from its own unseeded generator, so the printed seed would not replay its examples."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if isinstance(seed, int) and config.getoption("hypothesis_seed", None) is None:
+        from hypothesis import core
+
+        core.global_force_seed = seed
+
+
+def pytest_runtest_setup(item):
+    """Reseed torch's global generator from the run's seed and the test's id, as pytest-randomly does for `random` and
+    NumPy: a test that draws from it gets the same numbers whatever ran before it (and in whichever worker)."""
+    seed = getattr(item.config.option, "randomly_seed", None)
+    if isinstance(seed, int):  # pytest-randomly is on (`-p no:randomly` leaves torch alone)
+        import torch  # imported here whether or not the test uses it, so its state never depends on who imported first
+
+        torch.manual_seed((seed + zlib.crc32(item.nodeid.encode())) % 2**32)

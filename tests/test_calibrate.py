@@ -14,7 +14,6 @@ from safetypairs.validate.calibrate import (
     known_edits,
     run_calibrate,
 )
-from safetypairs.backends.registry import REGISTRY
 from safetypairs.validate.thresholds import (
     FORMAT,
     PIXEL_EXACT,
@@ -44,8 +43,9 @@ class FingerprintEditor:
 
 
 @pytest.fixture
-def fingerprint_editor(monkeypatch):
-    monkeypatch.setitem(REGISTRY["editors"], "fingerprint-test", "test_calibrate:FingerprintEditor")
+def fingerprint_editor(isolated_registry):
+    """The fingerprint editor registered for one test (the backend cache cleared around it)."""
+    isolated_registry.REGISTRY["editors"]["fingerprint-test"] = "test_calibrate:FingerprintEditor"
     return "fingerprint-test"
 
 

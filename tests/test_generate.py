@@ -123,14 +123,16 @@ def test_killed_run_resumes_without_recomputing(setup, reference):
     out = Path(setup["root"]) / "killed"
     work = partial_dir(out)
     args = _cli_args(setup, out, chunk_size=2)
-    proc = subprocess.Popen([sys.executable, *args], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # the same command, sleeping after each chunk it writes (tests/paused_cli.py), so the kill lands after chunk 0
+    paused = [sys.executable, str(ROOT / "tests" / "paused_cli.py"), "120", *args[2:]]
+    proc = subprocess.Popen(paused, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
-    while time.time() < deadline and not (work / "chunks" / "chunk-000000.json").exists():
+    while time.time() < deadline and proc.poll() is None and not (work / "chunks" / "chunk-000000.json").exists():
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _, err = proc.communicate()
     done = sorted((work / "chunks").glob("chunk-*.json"))
-    assert done and len(done) < 3, f"kill landed after {len(done)} of 3 chunks"
+    assert [p.name for p in done] == ["chunk-000000.json"], err.decode()[-3000:]
     assert not out.exists()  # the run folder appears whole, or not at all
     assert json.loads((work / "run.json").read_text())["status"] == "running"  # settings recorded up front
     refused = subprocess.run([sys.executable, *_cli_args(setup, out, chunk_size=3)], env=_env(),
@@ -140,8 +142,8 @@ def test_killed_run_resumes_without_recomputing(setup, reference):
     assert not work.exists()
     meta = json.loads((out / "run.json").read_text())
     assert meta["status"] == "finished"
-    assert meta["timings"]["chunks_reused_last_run"] == len(done)
-    assert meta["timings"]["chunks_computed_last_run"] == 3 - len(done)
+    assert meta["timings"]["chunks_reused_last_run"] == 1
+    assert meta["timings"]["chunks_computed_last_run"] == 2
     assert _table(out).equals(_table(reference))
 
 

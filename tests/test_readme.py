@@ -177,12 +177,36 @@ def check_pip(tokens: list[str]) -> None:
         assert not extra or extra in PYPROJECT["project"]["optional-dependencies"], f"unknown extra {extra!r}"
 
 
+# Options of the pytest plugins the README's commands use -> the plugin that must be pinned in the dev extra.
+PLUGIN_OPTIONS = {"-n": "pytest-xdist", "--dist": "pytest-xdist", "--randomly-seed": "pytest-randomly",
+                  "randomly": "pytest-randomly"}
+
+
 def check_pytest(tokens: list[str]) -> None:
     expression = tokens[tokens.index("pytest") + 1:]
     markers = {m.split(":")[0] for m in PYPROJECT["tool"]["pytest"]["ini_options"]["markers"]}
     if "-m" in expression:
         words = set(re.findall(r"\w+", expression[expression.index("-m") + 1])) - {"not", "and", "or"}
         assert words <= markers, f"unregistered markers {words - markers}"
+    dev = [re.split(r"[<>=!~\[ ]", pin)[0] for pin in PYPROJECT["project"]["optional-dependencies"]["dev"]]
+    for token in expression:
+        plugin = PLUGIN_OPTIONS.get(token.split("=")[0])
+        assert plugin is None or plugin in dev, f"{token} needs {plugin} in the dev extra"
+
+
+def _pytest_line(text: str) -> str:
+    """The one ``python -m pytest`` command in ``text`` (its comment dropped)."""
+    lines = [line.split("#")[0].strip() for line in text.splitlines() if line.startswith("python -m pytest")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    """`.ci/run` runs the Set-up section's test command, character for character, random order and workers included."""
+    setup = README.read_text(encoding="utf-8").split("## Set-up", 1)[1].split("\n## ", 1)[0]
+    command = _pytest_line(setup)
+    assert _pytest_line((ROOT / ".ci" / "run").read_text()) == command
+    assert {"-n", "--dist"} <= set(shlex.split(command))  # the suite's time on 2 cores needs the workers
 
 
 def check_command(tokens: list[str], walk: Walk, capsys) -> None:

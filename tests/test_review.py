@@ -6,7 +6,8 @@ import json
 import multiprocessing
 import os
 import shutil
-import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -38,7 +39,7 @@ from tests.release_rows import validated_rows
 pytest.importorskip("gradio")
 from gradio_client import Client  # noqa: E402
 
-from safetypairs.review.app import ReviewConfig, ReviewSource, create_server, in_scope  # noqa: E402
+from safetypairs.review.app import ReviewConfig, ReviewSource, in_scope, listen, review_server  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +51,6 @@ def rows():
 def folder(rows, tmp_path):
     rows.save_to_disk(str(tmp_path / "validated"))
     return tmp_path / "validated"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_http(url: str, timeout: float = 60.0) -> None:
@@ -70,24 +65,43 @@ def _wait_http(url: str, timeout: float = 60.0) -> None:
     raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
+def _join(thread: threading.Thread, timeout: float, errors: list[BaseException]) -> None:
+    """Join ``thread``; fail the test when it is still running or raised (a thread's exception is only printed)."""
+    thread.join(timeout=timeout)
+    assert not thread.is_alive(), f"{thread.name} still running after {timeout} s"
+    if errors:
+        raise errors[0]
+
+
+def _thread(target, *args) -> tuple[threading.Thread, list[BaseException]]:
+    """A daemon thread running ``target(*args)`` that records what it raised."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            target(*args)
+        except BaseException as err:  # noqa: BLE001 - handed to the test by _join
+            errors.append(err)
+
+    return threading.Thread(target=run, daemon=True), errors
+
+
 @contextmanager
 def serving(folder: Path, reviewer: str, scope: str = "all"):
-    """The review app in a thread of this process (uvicorn, the same app `safetypairs review` serves)."""
-    import uvicorn
-
-    port = _free_port()
-    app = create_server(folder, ReviewConfig(reviewer, scope=scope, port=port))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           timeout_graceful_shutdown=1))
-    thread = threading.Thread(target=server.run, daemon=True)
+    """The review app in a thread of this process: the server `safetypairs review` runs, on a port it binds itself
+    (port 0, read back from the bound socket, so no other process can take it in between)."""
+    config = ReviewConfig(reviewer, scope=scope, port=0)
+    server, sock = review_server(folder, config), listen(config)
+    thread, errors = _thread(server.run, [sock])
     thread.start()
-    url = f"http://127.0.0.1:{port}/"
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/"
     try:
         _wait_http(url)
         yield url
     finally:
         server.should_exit = True
-        thread.join(timeout=10)
+        _join(thread, 10, errors)
+        sock.close()
 
 
 def _latest(folder: Path) -> dict[tuple[str, str], dict]:
@@ -137,11 +151,11 @@ def test_two_reviewers_at_once_lose_nothing(tmp_path):
         results[name] = seen
 
     with serving(folder, "alice") as url_a, serving(folder, "bob") as url_b:  # two servers, one file
-        threads = [threading.Thread(target=review_all, args=(u, n)) for u, n in ((url_a, "alice"), (url_b, "bob"))]
-        for t in threads:
+        threads = [_thread(review_all, u, n) for u, n in ((url_a, "alice"), (url_b, "bob"))]
+        for t, _ in threads:
             t.start()
-        for t in threads:
-            t.join(timeout=120)
+        for t, errors in threads:
+            _join(t, 120, errors)
     records = read_decisions(folder)
     assert len(records) == 2 * len(ids)
     assert len((folder / DECISIONS_FILE).read_text().splitlines()) == 2 * len(ids)
@@ -150,6 +164,34 @@ def test_two_reviewers_at_once_lose_nothing(tmp_path):
         assert [r["candidate_id"] for r in mine] == ids
         assert results[name][:len(ids)] == ids and results[name][-1] == ""  # then nothing left
         assert [r["decision"] for r in mine] == ["reject", "accept"] * (len(ids) // 2)
+
+
+def test_the_port_is_held_from_the_moment_it_is_chosen():
+    """Port 0 binds a free port that is read back from the socket; nobody else can bind it while the app holds it."""
+    with listen(ReviewConfig("alice", port=0)) as sock:
+        port = sock.getsockname()[1]
+        assert port > 0
+        with pytest.raises(OSError):
+            listen(ReviewConfig("bob", port=port))
+
+
+def test_safetypairs_review_on_port_0_prints_the_port_it_serves(folder):
+    """The command binds a free port itself and prints the URL it actually serves, which answers."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    proc = subprocess.Popen([sys.executable, "-m", "safetypairs", "-q", "review", str(folder), "--reviewer", "eve",
+                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": src})
+    try:
+        line = proc.stdout.readline()  # printed once the port is bound ("" if the command exited)
+        if " on http://" not in line:
+            proc.kill()
+            pytest.fail(f"no URL printed: {line!r}\n{proc.communicate()[1][-3000:]}")
+        url = line.split(" on ", 1)[1].split()[0]
+        assert not url.endswith(":0/"), line
+        _wait_http(url)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
 
 
 def test_review_command_line():
@@ -171,7 +213,8 @@ def test_append_is_atomic_across_processes(tmp_path):
     for p in procs:
         p.start()
     for p in procs:
-        p.join()
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0] * 4  # a writer that died or hung fails here, not as a line count
     lines = (tmp_path / DECISIONS_FILE).read_text().splitlines()
     assert len(lines) == 600 and all(json.loads(line)["note"] == "x" * 5000 for line in lines)
     with open(tmp_path / DECISIONS_FILE, "a") as f:  # a writer killed mid-line: skipped with a warning

@@ -15,7 +15,6 @@ from safetypairs import schema as S
 from safetypairs import statuses as ST
 from safetypairs.validate.calibrate import EXPECTED, LOCAL
 from safetypairs.engine.datafiles import read_rows
-from safetypairs.backends.registry import REGISTRY
 from safetypairs.validate.thresholds import LATENT_DIFFUSION, PIXEL_EXACT, PRESETS
 from safetypairs.validate.decision import select_best
 from safetypairs.validate.stage import ValidateConfig, run_validate, validate_pairs
@@ -262,8 +261,8 @@ class RedJudge:
         return out
 
 
-def test_judge_flip_decisions(photo, monkeypatch):
-    monkeypatch.setitem(REGISTRY["judges"], "red-test", "test_validate:RedJudge")
+def test_judge_flip_decisions(photo, isolated_registry):
+    isolated_registry.REGISTRY["judges"]["red-test"] = "test_validate:RedJudge"
     unsafe = paste(photo, colour=(255, 0, 0))
     originals = [unsafe, photo, unsafe, unsafe, unsafe]
     blurred = photo.filter(ImageFilter.GaussianBlur(2))

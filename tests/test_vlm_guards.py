@@ -1,8 +1,11 @@
 """Tests for the model guards: tiny random VLM through hf-vlm / llavaguard, tiny CLIP zero-shot."""
 
+import math
+
 import pytest
 from PIL import Image
 from tiny_models import (
+    build_tiny_fixed_logits_vlm,
     build_tiny_gemma3,
     build_tiny_shieldgemma2,
     build_tiny_vlm,
@@ -59,6 +62,21 @@ def test_vlm_guards_end_to_end(vlm_path, alias):
         assert 0.0 <= v.score <= 1.0
     judge = load_backend("judges", f"{alias}:{vlm_path},max_new_tokens=4,score=false")
     assert all(v.score is None for v in judge.classify(_images(), [None, None], POLICY))
+
+
+@pytest.mark.parametrize("logits, label", [
+    ({"safe": 3.0, "unsafe": 4.0, "Safe": 1.0, "Unsafe": 2.0}, "unsafe"),
+    ({"safe": 2.5, "unsafe": 0.5, "Safe": 1.5, "Unsafe": -1.0}, "safe"),
+])
+def test_hf_vlm_score_is_the_probability_of_unsafe(tmp_path, logits, label):
+    """A VLM whose answer logits are set by hand: the score is P(unsafe) over the four answer words (both casings),
+    from a softmax computed here, and the answer is the word with the largest logit."""
+    path = build_tiny_fixed_logits_vlm(tmp_path / "vlm", logits)
+    guard = load_backend("guards", f"hf-vlm:{path},max_new_tokens=2")
+    weight = {word: math.exp(value) for word, value in logits.items()}
+    expected = (weight["unsafe"] + weight["Unsafe"]) / sum(weight.values())
+    for verdict in guard.classify(_images(), ["O1", None], POLICY):
+        assert verdict.score == pytest.approx(expected, rel=1e-5) and verdict.label == label
 
 
 def test_malformed_answers_are_unknown_not_crashes(vlm_path, monkeypatch):

@@ -138,6 +138,39 @@ def build_tiny_answering_vlm(path: str | Path, seed: int = 0, words: tuple[str, 
     return str(path)
 
 
+def build_tiny_fixed_logits_vlm(path: str | Path, logits: dict[str, float], seed: int = 0, image_size: int = 32) -> str:
+    """`build_tiny_vlm` whose next-token logits are the same at every text position, whatever the image and prompt:
+    ``logits[word]`` for each word given, 0 for every other token.
+
+    Every token embeds as the all-ones vector, the decoder layers add nothing to the residual stream (their output
+    projections are zero), the final RMS norm maps the ones to ones (its weight undoes the epsilon) and each
+    ``lm_head`` row reads ``logits[word] / hidden_size`` from every dimension. A test knows the logits it set, so it
+    can compute the probabilities a guard should report with a softmax of its own.
+
+    Returns:
+        The folder path as a string.
+    """
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    path = Path(build_tiny_vlm(path, seed, image_size))
+    model = LlavaForConditionalGeneration.from_pretrained(path)
+    tokenizer = AutoProcessor.from_pretrained(path).tokenizer
+    text = model.model.language_model
+    hidden = text.config.hidden_size
+    with torch.no_grad():
+        text.embed_tokens.weight.fill_(1.0)
+        for layer in text.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        text.norm.weight.fill_((1.0 + text.config.rms_norm_eps) ** 0.5)
+        model.lm_head.weight.zero_()
+        for word, value in logits.items():
+            model.lm_head.weight[tokenizer.convert_tokens_to_ids(word)] = value / hidden
+    model.save_pretrained(path, safe_serialization=True)
+    return str(path)
+
+
 # --- tiny diffusers editing pipelines ---------------------------------------------------------
 
 

@@ -13,9 +13,12 @@ def _cmd_review(args: argparse.Namespace) -> int:
     from safetypairs.review.app import ReviewConfig, serve
 
     config = ReviewConfig(reviewer=args.reviewer, scope=args.only, host=args.host, port=args.port)
-    sys.stdout.write(f"review app for {args.reviewer} on http://{args.host}:{args.port} (Ctrl+C to stop)\n")
-    sys.stdout.flush()
-    serve(args.input, config)
+
+    def announce(url: str) -> None:
+        sys.stdout.write(f"review app for {args.reviewer} on {url} (Ctrl+C to stop)\n")
+        sys.stdout.flush()
+
+    serve(args.input, config, announce)
     return 0
 
 
@@ -33,7 +36,7 @@ def add_review(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--only", choices=REVIEW_SCOPES, default="accepted",
                    help="candidates to show by their automatic decision (default: accepted)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: 7860; 0: a free port, printed)")
     p.set_defaults(func=_cmd_review)
 
 

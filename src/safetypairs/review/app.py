@@ -6,7 +6,9 @@ import html
 import io
 import json
 import logging
+import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -357,15 +359,39 @@ def create_server(folder: str | Path, config: ReviewConfig) -> Any:
     return gr.mount_gradio_app(server, build_app(source), path="", head=HEAD.replace("__KEYS__", json.dumps(KEYS)), css=CSS, theme=theme)
 
 
-def serve(folder: str | Path, config: ReviewConfig) -> None:
-    """Serve the review app on ``config.host:config.port`` until interrupted.
+def listen(config: ReviewConfig) -> socket.socket:
+    """A socket listening on ``config.host:config.port``, bound before any server runs on it.
+
+    Port 0 has the operating system pick a free port, read back with ``sock.getsockname()[1]``: the port is held from
+    the moment it is chosen, so no other process can take it before the server starts.
+
+    Raises:
+        OSError: when the address is taken or cannot be bound.
+    """
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    return socket.create_server((config.host, config.port), family=family)
+
+
+def review_server(folder: str | Path, config: ReviewConfig) -> Any:
+    """The uvicorn server of the review app on ``folder``, to ``run(sockets=[listen(config)])``."""
+    import uvicorn
+
+    # open browser connections would hold a graceful shutdown (Ctrl+C) forever
+    return uvicorn.Server(uvicorn.Config(create_server(folder, config), log_level="warning",
+                                         timeout_graceful_shutdown=2))
+
+
+def serve(folder: str | Path, config: ReviewConfig, announce: Callable[[str], None] | None = None) -> None:
+    """Serve the review app on ``config.host:config.port`` (0: a free port) until interrupted.
 
     Args:
         folder: a validated folder.
         config: reviewer, scope, host and port.
+        announce: called with the app's URL (the port actually bound) once it is listening.
     """
-    import uvicorn
-
-    # open browser connections would hold a graceful shutdown (Ctrl+C) forever
-    uvicorn.run(create_server(folder, config), host=config.host, port=config.port, log_level="warning",
-                timeout_graceful_shutdown=2)
+    server = review_server(folder, config)  # reads the folder first: a bad folder fails before any port is held
+    with listen(config) as sock:
+        if announce is not None:
+            host = f"[{config.host}]" if ":" in config.host else config.host
+            announce(f"http://{host}:{sock.getsockname()[1]}/")
+        server.run(sockets=[sock])
