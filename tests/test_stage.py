@@ -81,3 +81,26 @@ def test_the_map_bar_shows_outside_the_runner_only(monkeypatch, capsys):
         list(progress([1, 2], desc="inner"))
     err = capsys.readouterr().err
     assert "outer:   0%" in err and "toy" not in err and "inner" not in err and "\x1b[A" not in err
+
+
+def test_in_python_the_library_bars_follow_the_users_datasets_switch(monkeypatch, capsys):
+    """A notebook quiets every bar with `datasets.disable_progress_bars()`; with `datasets`' bars on, the runner's
+    own switching of them (off inside its chunk loop) does not hide its stage bar."""
+    from datasets.utils import logging as ds_logging
+
+    from safetypairs.utils import datasets_progress
+
+    monkeypatch.delenv("SAFETYPAIRS_NO_PROGRESS", raising=False)
+    rows = Dataset.from_dict({"x": [1, 2, 3]})
+    features = Features({"x": Value("int64"), "status": Value("string")})
+    ds_logging.disable_progress_bar()
+    try:
+        map_stage(rows, _statused, stage="toy", features=features, status_column="status")
+        list(progress([1, 2], desc="stage"))
+        assert capsys.readouterr().err == ""
+    finally:
+        ds_logging.enable_progress_bar()
+    with datasets_progress(False):  # as the runner holds them off around its chunks
+        list(progress([1, 2], desc="stage"))
+    assert "stage:   0%" in capsys.readouterr().err
+    assert ds_logging.is_progress_bar_enabled()

@@ -19,12 +19,33 @@ T = TypeVar("T")
 REVIEW_SCOPES = ("accepted", "borderline", "rejected", "all")
 
 
-def progress_enabled() -> bool:
-    """The library's progress bars show unless ``SAFETYPAIRS_NO_PROGRESS`` is set (``safetypairs -q`` sets it).
+_bars_switch: bool | None = None  # the bar switch the library follows while it holds `datasets`' switch itself
 
-    `datasets`' own bars are not consulted: the CLI turns those off and shows only the stage bars.
+
+def progress_enabled() -> bool:
+    """The library's progress bars show unless ``SAFETYPAIRS_NO_PROGRESS`` is set (``safetypairs -q`` sets it) or
+    `datasets`' bars are off (``datasets.disable_progress_bars()`` quiets a notebook).
+
+    While the library switches `datasets`' bars itself (`datasets_progress`, `stage_bars_only`), the switch as the
+    user left it decides.
     """
-    return not os.environ.get("SAFETYPAIRS_NO_PROGRESS")
+    if os.environ.get("SAFETYPAIRS_NO_PROGRESS"):
+        return False
+    if _bars_switch is not None:
+        return _bars_switch
+    from datasets.utils.logging import is_progress_bar_enabled
+
+    return is_progress_bar_enabled()
+
+
+def stage_bars_only() -> None:
+    """The command line's choice for the whole process: the stages' own bars show (unless ``SAFETYPAIRS_NO_PROGRESS``
+    is set), `datasets`' own bars ("Generating train split", "Map", "Flattening the indices") never."""
+    global _bars_switch
+    from datasets.utils import logging as ds_logging
+
+    _bars_switch = True
+    ds_logging.disable_progress_bar()
 
 
 _open_bars = 0  # how many `progress` bars of this process are being iterated now
@@ -71,15 +92,19 @@ def datasets_progress(show: bool) -> Iterator[None]:
     from datasets import config
     from datasets.utils import logging as ds_logging
 
+    global _bars_switch
     before = ds_logging.is_progress_bar_enabled()
     if show == before or config.HF_DATASETS_DISABLE_PROGRESS_BARS is not None:
         yield
         return
+    outer = _bars_switch
+    _bars_switch = before if outer is None else outer  # the library's bars keep following the user's switch
     ds_logging.enable_progress_bar() if show else ds_logging.disable_progress_bar()
     try:
         yield
     finally:
         ds_logging.enable_progress_bar() if before else ds_logging.disable_progress_bar()
+        _bars_switch = outer
 
 
 def device_for_rank(device: str, rank: int | None) -> str:

@@ -71,9 +71,9 @@ def _datasets_bars_off(command: str) -> None:
     """Only the stages' own bars show: `datasets`' bars ("Generating train split", "Map", "Flattening the
     indices") are turned off for every command that reads data (the catalog commands do not import `datasets`)."""
     if command not in CATALOG_COMMANDS:
-        import datasets
+        from safetypairs.utils import stage_bars_only
 
-        datasets.disable_progress_bars()
+        stage_bars_only()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
