@@ -238,7 +238,7 @@ def test_per_category_hand_computed():
     cats = ["O1", "O1", "O2", "O2", "O2", "O1", "O1", None, None]
     scores = [0.9, 0.1, 0.8, 0.2, 0.1, 0.5, 0.4, 0.5, 0.5]
     r = compute_metrics(pred, ref, pairs, categories=cats, scores=scores, n_bootstrap=0)
-    assert set(r["per_category"]) == {"O1", "O2"}
+    assert set(r["per_category"]) == {"O1", "O2"} and all(type(code) is str for code in r["per_category"])
     o1, o2 = r["per_category"]["O1"], r["per_category"]["O2"]
     assert (o1["accuracy"], o1["auroc"], o1["pair_accuracy"], o1["n_pairs"]) == (0.75, 1.0, 0.5, 2)
     # O2 AUROC: the unsafe 0.2 loses to the safe 0.8 and beats the safe 0.1

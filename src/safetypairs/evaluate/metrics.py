@@ -305,7 +305,7 @@ def compute_metrics(
     out["per_category"] = {
         code: _summary(pred[main & (cats == code)], ref[main & (cats == code)], score[main & (cats == code)],
                        pairs[main & (cats == code)], n_bootstrap, np.random.default_rng([seed, k + 1]))
-        for k, code in enumerate(sorted(set(cats[main]) - {""}))
+        for k, code in enumerate(sorted(set(cats[main].tolist()) - {""}))
     }
     key = {(p, r): v for p, r, v in zip(pairs[main], role[main], pred[main])}
     out["control"] = _controls(pred, ref, pairs, role, key)
