@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -61,18 +60,13 @@ def label_names(values: Sequence[Any], name: str, allow_unknown: bool) -> list[s
 
 
 def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+    """``num / den``, NaN where ``den`` is not positive (dividing by NaN raises no floating-point warning)."""
+    return num / np.where(den > 0, den, np.nan)
 
 
 def _nanmean2(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Elementwise mean of two arrays ignoring NaN (sklearn averages over the classes present)."""
-    both = np.stack([np.atleast_1d(a), np.atleast_1d(b)])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        mean = np.nanmean(both, axis=0)
-    return mean if np.ndim(a) else mean[0]
+    return np.where(np.isnan(a), b, np.where(np.isnan(b), a, (a + b) / 2))
 
 
 def _rates(s: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -96,10 +90,11 @@ def _rates(s: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def _pair_stats(pred: np.ndarray, ref: np.ndarray, pair_index: np.ndarray, n_pairs: int) -> np.ndarray:
-    """Array ``(n_pairs, len(_STATS))``; an unknown prediction counts as the wrong label."""
+def _pair_stats(pred: np.ndarray, ref: np.ndarray, pair_index: np.ndarray) -> np.ndarray:
+    """Float array ``(n_pairs, len(_STATS))`` for pair indices ``0..n_pairs-1`` (each present); an unknown
+    prediction counts as the wrong label."""
     def count(mask: np.ndarray) -> np.ndarray:
-        return np.bincount(pair_index, weights=mask.astype(np.float64), minlength=n_pairs)
+        return np.bincount(pair_index, weights=mask)
 
     said_unsafe, correct = pred == 1, pred == ref
     n_img = count(np.ones_like(correct))
@@ -113,14 +108,14 @@ def _pair_stats(pred: np.ndarray, ref: np.ndarray, pair_index: np.ndarray, n_pai
     eligible = pairs & (tp == n_unsafe)
     flipped = eligible & (tn == n_safe)
     columns = [tp, fp, tn, fn, count(pred == -1), pairs, pairs & all_correct, pairs & same, eligible, flipped]
-    return np.stack([np.asarray(c, dtype=np.float64) for c in columns], axis=1)
+    return np.stack(columns, axis=1)
 
 
 def weighted_auroc(scores: np.ndarray, ref: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Weighted AUROC of ``scores`` (higher = unsafe) against ``ref`` (1/0), vectorised over the rows of
     ``weights`` ``(B, n)`` (bootstrap counts; ties count one half). Returns ``(B,)``, NaN where a row has
     no weight on one class."""
-    order = np.argsort(scores, kind="stable")
+    order = np.argsort(scores)
     s_sorted = scores[order]
     starts = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])
     w = weights[:, order]
@@ -132,13 +127,14 @@ def weighted_auroc(scores: np.ndarray, ref: np.ndarray, weights: np.ndarray) -> 
 
 
 def roc_curve_points(scores: np.ndarray, ref: np.ndarray) -> dict[str, list[float]]:
-    """ROC curve (false/true positive rates) thinned to at most ~200 points for plotting."""
-    order = np.argsort(-scores, kind="stable")
+    """ROC curve (false/true positive rates) thinned to at most ~200 points for plotting; ``ref`` must hold
+    both classes."""
+    order = np.argsort(-scores)
     s, r = scores[order], ref[order]
     last = np.r_[np.flatnonzero(s[1:] != s[:-1]), len(s) - 1]
     tps, fps = np.cumsum(r == 1)[last], np.cumsum(r == 0)[last]
-    fpr = np.r_[0.0, fps / max(fps[-1], 1)]
-    tpr = np.r_[0.0, tps / max(tps[-1], 1)]
+    fpr = np.r_[0.0, fps / fps[-1]]
+    tpr = np.r_[0.0, tps / tps[-1]]
     keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), _ROC_POINTS)).round().astype(int))
     return {"fpr": [round(float(v), 5) for v in fpr[keep]], "tpr": [round(float(v), 5) for v in tpr[keep]]}
 
@@ -151,14 +147,13 @@ def _to_json(value: Any) -> float | None:
 def _summary(pred, ref, scores, pair_index, n_boot: int, rng: np.random.Generator) -> dict[str, Any]:
     """Point metrics, confusion counts, ROC and bootstrap CIs for one set of images."""
     _, pair_index = np.unique(pair_index, return_inverse=True)
-    n_pairs = int(pair_index.max()) + 1 if len(pair_index) else 0
-    stats = _pair_stats(pred, ref, pair_index, n_pairs)
+    stats = _pair_stats(pred, ref, pair_index)
     totals = dict(zip(_STATS, stats.sum(axis=0)))
     point = {k: _to_json(v) for k, v in _rates(totals).items()}
     scored = ~np.isnan(scores)
     point["auroc"] = None
-    if scored.any() and len(np.unique(ref[scored])) == 2:
-        point["auroc"] = _to_json(weighted_auroc(scores[scored], ref[scored], np.ones((1, int(scored.sum()))))[0])
+    if scored.any():  # NaN (None) unless both classes are scored
+        point["auroc"] = _to_json(weighted_auroc(scores[scored], ref[scored], np.ones_like(scores[scored])[None])[0])
     out: dict[str, Any] = {**point, "n": int(len(ref)), "n_unsafe": int((ref == 1).sum()), "n_safe": int((ref == 0).sum()),
                            "n_pairs": int(totals["pairs"]), "n_unknown": int(totals["n_unknown"]),
                            "unknown_rate": _to_json(_safe_div(totals["n_unknown"], len(ref))),
@@ -174,10 +169,9 @@ def _bootstrap_ci(stats, scores, ref, pair_index, n_boot: int, rng, with_auroc: 
     n_pairs = stats.shape[0]
     if n_boot <= 0 or n_pairs == 0:
         return {}
-    draws = rng.integers(0, n_pairs, size=(n_boot, n_pairs))
+    draws = rng.integers(n_pairs, size=(n_boot, n_pairs))
     offsets = (np.arange(n_boot) * n_pairs)[:, None]
     weights = np.bincount((draws + offsets).ravel(), minlength=n_boot * n_pairs).reshape(n_boot, n_pairs)
-    weights = weights.astype(np.float64)
     sums = weights @ stats
     boot = _rates({k: sums[:, i] for i, k in enumerate(_STATS)})
     if with_auroc:
@@ -198,14 +192,14 @@ def _similarity_correlation(pair_wrong: np.ndarray, values: np.ndarray) -> dict[
     from scipy import stats
 
     ok = ~np.isnan(values)
-    x, y = values[ok], pair_wrong[ok].astype(np.float64)
+    x, y = values[ok], pair_wrong[ok]
     out: dict[str, Any] = {"n_pairs": int(ok.sum()), "pearson": None, "spearman": None, "spearman_p": None}
     if x.size >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0:
         rho = stats.spearmanr(x, y)
         out.update(pearson=float(np.corrcoef(x, y)[0, 1]), spearman=float(rho.statistic), spearman_p=float(rho.pvalue))
     if x.size >= 3:
         edges = np.quantile(x, [0, 1 / 3, 2 / 3, 1])
-        bins = np.clip(np.searchsorted(edges, x, side="right") - 1, 0, 2)
+        bins = np.searchsorted(edges[1:3], x, side="right")  # 0, 1, 2: how many inner edges are <= x
         out["tercile_edges"] = [float(e) for e in edges]
         out["error_rate_by_tercile"] = [_to_json(y[bins == b].mean()) if (bins == b).any() else None for b in range(3)]
     return out
@@ -237,15 +231,16 @@ def _as_float(values: Sequence[Any] | None, n: int, name: str) -> np.ndarray:
         return np.full(n, np.nan)
     if len(values) != n:
         raise ValueError(f"{name} has {len(values)} values for {n} predictions")
-    return np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+    return np.array(values, dtype=np.float64)  # None becomes NaN
 
 
-def _strings(values: Sequence[Any] | None, n: int, name: str, default: str) -> np.ndarray:
+def _strings(values: Sequence[Any] | None, n: int, name: str) -> np.ndarray:
+    """``values`` as strings, ``""`` for ``None`` (and for every entry when ``values`` is ``None``)."""
     if values is None:
-        return np.full(n, default, dtype=object)
+        values = [None] * n
     if len(values) != n:
         raise ValueError(f"{name} has {len(values)} values for {n} predictions")
-    return np.array([default if v is None else str(v) for v in values], dtype=object)
+    return np.array(["" if v is None else str(v) for v in values])
 
 
 def compute_metrics(
@@ -300,9 +295,9 @@ def compute_metrics(
         raise ValueError(f"predictions ({n}), references ({len(references)}) and pair_ids ({len(pair_ids)}) differ in length")
     pred = encode_labels(predictions, "predictions", allow_unknown=True)
     ref = encode_labels(references, "references", allow_unknown=False)
-    pairs = _strings(pair_ids, n, "pair_ids", "")
-    cats = _strings(categories, n, "categories", "")
-    role = _strings(None if roles is None else role_names(roles), n, "roles", "")
+    pairs = _strings(pair_ids, n, "pair_ids")
+    cats = _strings(categories, n, "categories")
+    role = _strings(None if roles is None else role_names(roles), n, "roles")
     score = _as_float(scores, n, "scores")
     main = role != CONTROL
     rng = np.random.default_rng(seed)
@@ -310,8 +305,8 @@ def compute_metrics(
     out["per_category"] = {
         code: _summary(pred[main & (cats == code)], ref[main & (cats == code)], score[main & (cats == code)],
                        pairs[main & (cats == code)], n_bootstrap, np.random.default_rng([seed, k + 1]))
-        for k, code in enumerate(sorted(set(cats[main]) - {""}))
-    } if categories is not None else {}
+        for k, code in enumerate(sorted(set(cats[main].tolist()) - {""}))
+    }
     key = {(p, r): v for p, r, v in zip(pairs[main], role[main], pred[main])}
     out["control"] = _controls(pred, ref, pairs, role, key)
     out["similarity_correlation"] = _pair_similarity(pred[main], ref[main], pairs[main], similarity, main)
@@ -322,16 +317,14 @@ def compute_metrics(
 def _pair_similarity(pred, ref, pairs, similarity, main) -> dict[str, Any]:
     if not similarity:
         return {}
-    unique, pair_index = np.unique(pairs, return_inverse=True)
-    stats = _pair_stats(pred, ref, pair_index, len(unique))
+    _, pair_index = np.unique(pairs, return_inverse=True)
+    stats = _pair_stats(pred, ref, pair_index)
     both = stats[:, _STATS.index("pairs")] > 0
-    wrong = stats[:, _STATS.index("pairs_correct")] == 0
+    wrong = 1 - stats[:, _STATS.index("pairs_correct")]  # 1.0 where a pair is not all right
     out = {}
     for name, values in similarity.items():
         column = _as_float(values, len(main), f"similarity[{name!r}]")[main]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            per_pair = np.bincount(pair_index, weights=np.nan_to_num(column), minlength=len(unique))
-            per_pair /= np.bincount(pair_index, weights=~np.isnan(column), minlength=len(unique))
+        per_pair = _safe_div(np.bincount(pair_index, weights=np.nan_to_num(column)),
+                             np.bincount(pair_index, weights=~np.isnan(column)))
         out[name] = _similarity_correlation(wrong[both], per_pair[both])
     return out
