@@ -82,11 +82,16 @@ def test_atomic_dir_clears_only_its_own_leftovers(tmp_path):
     assert [p.name for p in out.iterdir()] == ["whole.txt"] and not work.exists()
 
 
+def _linked(tmp_path: Path, target: str, link: str) -> tuple[Path, Path]:
+    """A folder ``disk/<target>`` and a symlink ``<link>`` to it, as a user with a data disk makes them."""
+    folder = tmp_path / "disk" / target
+    folder.mkdir(parents=True)
+    (tmp_path / link).symlink_to(folder, target_is_directory=True)
+    return folder, tmp_path / link
+
+
 def test_release_writes_through_a_symlinked_out_and_keeps_the_link(validated, tmp_path):
-    target = tmp_path / "disk" / "releases"
-    target.mkdir(parents=True)
-    link = tmp_path / "rel"
-    link.symlink_to(target, target_is_directory=True)
+    target, link = _linked(tmp_path, "releases", "rel")
     assert main(["release", str(validated), "--out", str(link)]) == 0
     assert link.is_symlink() and (target / "README.md").is_file()
     first = (target / "README.md").read_text()
@@ -96,10 +101,7 @@ def test_release_writes_through_a_symlinked_out_and_keeps_the_link(validated, tm
 
 
 def test_a_run_writes_through_a_symlinked_out_and_resumes_there(tmp_path):
-    target = tmp_path / "disk" / "run"
-    target.mkdir(parents=True)
-    link = tmp_path / "run"
-    link.symlink_to(target, target_is_directory=True)
+    target, link = _linked(tmp_path, "run", "run")
     first = _run(link)
     assert first.rows_out == 5 and first.chunks_computed == 3
     assert link.is_symlink() and (target / "run.json").is_file() and len(load_run(link)) == 5
@@ -111,10 +113,7 @@ def test_a_run_writes_through_a_symlinked_out_and_resumes_there(tmp_path):
 
 def test_generate_writes_through_a_symlinked_out(tmp_path):
     """The same through a run-folder command's CLI: the run lands in the link's target, the link stays."""
-    target = tmp_path / "disk" / "gen"
-    target.mkdir(parents=True)
-    link = tmp_path / "gen"
-    link.symlink_to(target, target_is_directory=True)
+    target, link = _linked(tmp_path, "gen", "gen")
     args = ["-q", "generate", "--source", "demo:1", "--instructor", "template", "--editor", "ocr-inpaint",
             "--device", "cpu", "--out", str(link)]
     assert main(args) == 0
