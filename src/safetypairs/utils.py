@@ -26,8 +26,8 @@ def progress_enabled() -> bool:
     """The library's progress bars show unless ``SAFETYPAIRS_NO_PROGRESS`` is set (``safetypairs -q`` sets it) or
     `datasets`' bars are off (``datasets.disable_progress_bars()`` quiets a notebook).
 
-    While the library switches `datasets`' bars itself (`datasets_progress`, `stage_bars_only`), the switch as the
-    user left it decides.
+    While the library switches `datasets`' bars itself (`datasets_progress`), the switch as the user left it decides
+    (or, for a command line run, the command's choice).
     """
     if os.environ.get("SAFETYPAIRS_NO_PROGRESS"):
         return False
@@ -36,16 +36,6 @@ def progress_enabled() -> bool:
     from datasets.utils.logging import is_progress_bar_enabled
 
     return is_progress_bar_enabled()
-
-
-def stage_bars_only() -> None:
-    """The command line's choice for the whole process: the stages' own bars show (unless ``SAFETYPAIRS_NO_PROGRESS``
-    is set), `datasets`' own bars ("Generating train split", "Map", "Flattening the indices") never."""
-    global _bars_switch
-    from datasets.utils import logging as ds_logging
-
-    _bars_switch = True
-    ds_logging.disable_progress_bar()
 
 
 _open_bars = 0  # how many `progress` bars of this process are being iterated now
@@ -82,28 +72,30 @@ def inside_progress() -> bool:
 
 
 @contextmanager
-def datasets_progress(show: bool) -> Iterator[None]:
+def datasets_progress(show: bool, library: bool | None = None) -> Iterator[None]:
     """`datasets`' own progress bars (``Dataset.map``, "Flattening the indices" ...) on or off inside the block,
     restored after it (``HF_DATASETS_DISABLE_PROGRESS_BARS``, when set, decides instead, as in `datasets`).
 
     Args:
         show: whether they show.
+        library: whether the library's own bars (`progress`) show inside the block; ``None``: as the user's switch
+            said before the block (the command line passes ``True``: stage bars only).
     """
+    global _bars_switch
     from datasets import config
     from datasets.utils import logging as ds_logging
 
-    global _bars_switch
     before = ds_logging.is_progress_bar_enabled()
-    if show == before or config.HF_DATASETS_DISABLE_PROGRESS_BARS is not None:
-        yield
-        return
     outer = _bars_switch
-    _bars_switch = before if outer is None else outer  # the library's bars keep following the user's switch
-    ds_logging.enable_progress_bar() if show else ds_logging.disable_progress_bar()
+    _bars_switch = library if library is not None else before if outer is None else outer
+    switch = show != before and config.HF_DATASETS_DISABLE_PROGRESS_BARS is None
+    if switch:
+        ds_logging.enable_progress_bar() if show else ds_logging.disable_progress_bar()
     try:
         yield
     finally:
-        ds_logging.enable_progress_bar() if before else ds_logging.disable_progress_bar()
+        if switch:
+            ds_logging.enable_progress_bar() if before else ds_logging.disable_progress_bar()
         _bars_switch = outer
 
 

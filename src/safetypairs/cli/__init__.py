@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -67,13 +68,15 @@ def _configure_output(verbose: bool, quiet: bool) -> None:
         os.environ["SAFETYPAIRS_NO_PROGRESS"] = "1"
 
 
-def _datasets_bars_off(command: str) -> None:
-    """Only the stages' own bars show: `datasets`' bars ("Generating train split", "Map", "Flattening the
-    indices") are turned off for every command that reads data (the catalog commands do not import `datasets`)."""
-    if command not in CATALOG_COMMANDS:
-        from safetypairs.utils import stage_bars_only
+def _stage_bars_only(command: str) -> contextlib.AbstractContextManager:
+    """Only the stages' own bars show while the command runs: `datasets`' bars ("Generating train split", "Map",
+    "Flattening the indices") are off for every command that reads data (the catalog commands do not import
+    `datasets`); both switches are restored after it (``main`` called in-process)."""
+    if command in CATALOG_COMMANDS:
+        return contextlib.nullcontext()
+    from safetypairs.utils import datasets_progress
 
-        stage_bars_only()
+    return datasets_progress(False, library=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -87,8 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_output(args.verbose, args.quiet)
     try:
         check_inputs(args)
-        _datasets_bars_off(args.command)
-        return int(args.func(args) or 0)
+        with _stage_bars_only(args.command):
+            return int(args.func(args) or 0)
     except (CLIError, ValueError, OSError) as err:  # OSError: missing/unwritable files and folders
         if args.verbose:
             raise
