@@ -235,6 +235,7 @@ def test_evaluate_a_release_holding_unreadable_bytes(runs, tmp_path):
 
 
 def _one_line_exit_2(capfd, argv: list[str]) -> str:
+    capfd.readouterr()  # what the test's own set-up printed (datasets' bars when saving its inputs)
     assert main(argv) == 2
     err = capfd.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith(f"safetypairs {argv[1]}: error: "), err
