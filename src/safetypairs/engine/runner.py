@@ -400,8 +400,13 @@ def _join_pieces(work: Path, span: tuple[int, int, int], n_passes: int, run_id: 
         joined = piece if joined is None else concatenate_datasets([joined, piece], axis=1)
     seconds = {step: round(sum(m["seconds"].get(step, 0) for m in markers), 3) for step in ("select", "compute")}
     _write_chunk(work, span, joined, {"run_id": run_id, "statuses": _sum_statuses(markers),
-                                      "usage": [r for m in markers for r in m.get("usage", [])], "seconds": seconds},
+                                      "usage": _usage_records(markers), "seconds": seconds},
                  max_pixels)
+
+
+def _usage_records(markers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every usage record of ``markers`` (chunk or piece markers), in order."""
+    return [record for marker in markers for record in marker.get("usage", [])]
 
 
 def _usage_since(before: Mapping[tuple[str, str], Usage], after: Mapping[tuple[str, str], Usage]
@@ -425,7 +430,7 @@ def _finish(work: Path, out: Path, data: Dataset, run: RunConfig, stage: str, fi
     computed = sum(m.get("run_id") == run_id for m in markers)
     summary = RunSummary(stage, out, len(data), rows_out, _sum_statuses(markers), computed,
                          len(markers) - computed, 0.0, [os.path.relpath(f, work) for f in files], fingerprint,
-                         merge_usage([r for m in markers for r in m.get("usage", [])]))
+                         merge_usage(_usage_records(markers)))
     extra = dict(finalize(work, DataFiles(tuple(files)), summary) or {}) if finalize else {}
     steps = {**steps, "merge": round(t2 - t1, 3), "finalize": round(time.perf_counter() - t2, 3)}
     summary.seconds = time.perf_counter() - t0

@@ -51,6 +51,7 @@ from safetypairs.evaluate.scoring import (
     score_predictions,
 )
 from safetypairs.engine.stage import isolate, map_stage
+from safetypairs.usage import Usage
 from safetypairs.utils import device_for_rank
 
 logger = logging.getLogger(__name__)
@@ -205,7 +206,7 @@ def predict(dataset: Dataset, config: EvaluateConfig, guards: tuple[str, ...] | 
         runs[spec] = {"statuses": result.statuses, "seconds": round(time.perf_counter() - start, 3)}
         after = usage_counts().get(("guards", spec))
         if after is not None:
-            runs[spec]["usage"] = (after - before if before is not None else after).as_dict()
+            runs[spec]["usage"] = (after - (before or Usage())).as_dict()
         if unload:
             unload_backends()
     keep = [c for spec in guards for c in guard_columns(spec).values()]
@@ -289,7 +290,8 @@ def evaluate_run(path: str, config: EvaluateConfig, run: RunConfig, split: str |
         results["dataset"] = {"path": str(path), "split": used, "fingerprint": summary.fingerprint, "n_rows": len(images)}
         results["release"] = release_outcomes(len(pairs) if pairs is not None else 0, rejected)
         if chosen is not None:
-            natural_preds = predict(chosen.rows, for_rank(config, device_for_rank(config.device, state.local_process_index)))[0]
+            rank_config = for_rank(config, device_for_rank(config.device, state.local_process_index))
+            natural_preds = predict(chosen.rows, rank_config)[0]
             results["natural_set"] = chosen.account
             results["natural"] = natural_comparison(preds, natural_preds, _pred_columns(config),
                                                     n_bootstrap=config.n_bootstrap, seed=config.seed)
