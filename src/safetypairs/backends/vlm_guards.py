@@ -74,18 +74,19 @@ class VLMGuardOptions:
     score: bool
 
 
-def vlm_guard_options(max_new_tokens: int) -> dict[str, Option]:
+def vlm_guard_options(max_new_tokens: int, length_help: str = "answer length in tokens") -> dict[str, Option]:
     """The options of the VLM guards, declared once; each guard has its own default answer length.
 
     Args:
         max_new_tokens: the guard's default answer length in tokens.
+        length_help: what ``max_new_tokens`` means for the guard (printed by ``safetypairs backends``).
 
     Returns:
         Option name -> `Option`.
     """
     return {
         "dtype": Option(DTYPES, "torch dtype (auto: bfloat16 on CUDA, float32 on the CPU)", "auto"),
-        "max_new_tokens": Option(int, "answer length in tokens", max_new_tokens, Range(1)),
+        "max_new_tokens": Option(int, length_help, max_new_tokens, Range(1)),
         "trust_remote_code": Option(bool, "allow custom model code from the repo", False),
         "revision": Option(str, "hub revision: branch, tag or commit (unset: the default branch)"),
         "scope": Option(SCOPES, "all: render the whole policy; category: only the row's category", "all"),
@@ -163,7 +164,7 @@ class HFVLMGuard(_PromptedVLMGuard):
     """
 
     alias = "hf-vlm"
-    OPTIONS = vlm_guard_options(HF_VLM_ANSWER_TOKENS)
+    OPTIONS = vlm_guard_options(HF_VLM_ANSWER_TOKENS, "answer length in tokens (the answer is one word)")
 
     def classify(self, images: list[Image.Image], categories: list[str | None], policy: Policy) -> list[Verdict]:
         """Prompt the VLM with the policy and parse each answer strictly."""
@@ -234,7 +235,8 @@ class LlavaGuard(_PromptedVLMGuard):
     """
 
     alias = "llavaguard"
-    OPTIONS = vlm_guard_options(LLAVAGUARD_ANSWER_TOKENS)
+    OPTIONS = vlm_guard_options(LLAVAGUARD_ANSWER_TOKENS, "answer length in tokens (rating and category come "
+                                "first: a cut-off rationale keeps them and the score)")
 
     def __init__(self, model: str, device: str, options: VLMGuardOptions) -> None:
         name = model.rstrip("/").rsplit("/", 1)[-1]
@@ -271,13 +273,13 @@ class ShieldGemma2Guard:
 
     ShieldGemma 2 answers Yes/No per (image, policy); the score is the largest P(Yes) over the
     categories checked (all, or the row's own with ``scope=category``), unsafe when >= 0.5
-    (``score=false`` keeps the label and records no score).
+    (``score=false`` keeps the label and records no score). The images of one call that are checked
+    against the same categories run in one forward pass (``images x categories`` rows), so an
+    evaluate batch of 8 images with ``scope=all`` is one pass of 8 x 9 rows for the LlavaGuard policy.
     """
 
     ARGUMENT = HUB_MODEL
-    OPTIONS = {**vlm_guard_options(1),
-               "max_new_tokens": Option(int, "not used (ShieldGemma 2 answers with its classification head)", 1,
-                                        Range(1))}
+    OPTIONS = vlm_guard_options(1, "not used (ShieldGemma 2 answers with its classification head)")
 
     def __init__(self, model: str, device: str, options: VLMGuardOptions) -> None:
         import torch
