@@ -48,6 +48,12 @@ def test_choice_token_ids_reject_shared_first_token(vlm):
     assert len(set(choice_token_ids(vlm.tokenizer, ("safe", "unsafe"), "ASSISTANT:"))) == 2
 
 
+def test_bad_choices_raise_before_the_model_runs(vlm, monkeypatch):
+    monkeypatch.setattr(vlm.model, "generate", lambda *a, **k: pytest.fail("generate ran"))
+    with pytest.raises(ValueError, match="share a first token"):
+        vlm.generate_with_scores(_images(), ["a", "b"], ("safe", "safe"), max_new_tokens=2)
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="allowed: auto"):
         VLMConfig("x", dtype="float8")
