@@ -443,7 +443,8 @@ def _wait_for_chunks(work: Path, todo: list[tuple[int, int, int]], claims: Claim
                     f"({_holders(pending, claims)}): a rank died or hangs; run the command again to resume "
                     "(finished chunks are kept)")
         time.sleep(pause)
-        pause = min(2 * pause, 2.0)
+        # polls back off to 2 s, or to a tenth of the slowest chunk seen: a short chunk is noticed soon after it ends
+        pause = min(2 * pause, max(0.02, max(seen.values()) / 10) if seen else 2.0, 2.0)
 
 
 def _holders(pending: list[tuple[int, int, int]], claims: Claims) -> str:
