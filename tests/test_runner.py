@@ -83,15 +83,15 @@ def test_each_chunk_is_claimed_by_exactly_one_rank_and_a_new_attempt_drops_old_c
         thread.join()
     assert sorted(c for c, _ in won) == list(range(50))  # every chunk once, never twice
     assert ranks[0].ranks() == {str(c): rank for c, rank in sorted(won)}
-    assert ranks[3].owner(7)["rank"] == dict(won)[7] and ranks[3].owner(7)["pid"] == os.getpid()
+    assert read_json(ranks[3].path(7))["rank"] == dict(won)[7] and read_json(ranks[3].path(7))["pid"] == os.getpid()
     assert ranks[0].take(3, ".pass-001") and ranks[0].ranks()["3.pass-001"] == 0
     open_claims(tmp_path, "new")  # the next attempt: the old claims go, its chunks can be claimed again
     assert not claims_folder(tmp_path, "old").exists() and Claims(tmp_path, "new", 1).take(7)
 
 
-def _finished(work: Path, index: int, seconds: float) -> None:
-    chunk_path(work, index, ".parquet").write_bytes(b"rows")
-    chunk_path(work, index, ".json").write_text(json.dumps({"chunk": index, "seconds": {"compute": seconds}}))
+def _finished(work: Path, index: int, seconds: float, piece: str = "") -> None:
+    chunk_path(work, index, f"{piece}.parquet").write_bytes(b"rows")
+    chunk_path(work, index, f"{piece}.json").write_text(json.dumps({"chunk": index, "seconds": {"compute": seconds}}))
 
 
 def test_a_rank_waits_for_claimed_chunks_while_they_progress_and_fails_clearly_when_they_stall(tmp_path, monkeypatch):
@@ -105,18 +105,42 @@ def test_a_rank_waits_for_claimed_chunks_while_they_progress_and_fails_clearly_w
     later = threading.Timer(0.8, _finished, (tmp_path, 0, 0.01))  # no chunk finished yet: no scale, no deadline
     later.start()
     t0 = time.monotonic()
-    with pytest.raises(RuntimeError, match="no chunk finished for 0 s") as err:
+    with pytest.raises(RuntimeError, match="nothing finished for 0 s") as err:
         runner._wait_for_chunks(tmp_path, spans, Claims(tmp_path, "run", 0), "toy")
     assert time.monotonic() - t0 >= 0.8 + 0.3  # the window counts from the first chunk that finished
     later.join()
-    assert f"2 chunk(s) are unfinished (chunk 1: rank 2 (pid {os.getpid()}" in str(err.value)
-    assert "chunk 2: rank 2" in str(err.value) and "run the command again to resume" in str(err.value)
+    assert f"2 chunk(s) are unfinished (chunk-000001: rank 2 (pid {os.getpid()}" in str(err.value)
+    assert "chunk-000002: rank 2" in str(err.value) and "run the command again to resume" in str(err.value)
     monkeypatch.setattr(runner, "STALL_MINUTES", 3 / 60)
     for c in (1, 2):  # each finishes within the window of the one before
         threading.Timer(0.5 * c, _finished, (tmp_path, c, 0.01)).start()
     t0 = time.monotonic()
     runner._wait_for_chunks(tmp_path, spans, Claims(tmp_path, "run", 0), "toy")
     assert chunk_path(tmp_path, 2, ".json").exists() and time.monotonic() - t0 < 5
+
+
+def test_a_pass_that_runs_is_not_judged_by_the_seconds_of_another(tmp_path, monkeypatch):
+    """Guard-major passes: a fast guard's pieces say nothing of how long a slow guard's take, so while only a piece of
+    a pass none of whose pieces has finished runs, the wait has no limit."""
+    from safetypairs.engine import runner
+
+    monkeypatch.setattr(runner, "STALL_MINUTES", 0.3 / 60)
+    (tmp_path / "chunks").mkdir()
+    open_claims(tmp_path, "run")
+    other = Claims(tmp_path, "run", 1)
+    assert other.take(0, ".pass-000") and other.take(1, ".pass-001")
+    _finished(tmp_path, 0, 0.01, ".pass-000")  # a fast pass's piece: a 0.3 s window, had it been the scale
+
+    def slow_pass_done() -> None:
+        for c in (0, 1):
+            _finished(tmp_path, c, 0.01)
+
+    later = threading.Timer(1.0, slow_pass_done)
+    later.start()
+    t0 = time.monotonic()
+    runner._wait_for_chunks(tmp_path, chunk_spans(2, 1), Claims(tmp_path, "run", 0), "toy")
+    later.join()
+    assert time.monotonic() - t0 >= 1.0
 
 
 def test_finished_run_is_reused_without_compute_and_rows_do_not_depend_on_chunking(tmp_path):

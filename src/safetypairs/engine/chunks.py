@@ -81,15 +81,15 @@ class Claims:
             json.dump(owner, handle)
         return True
 
-    def owner(self, index: int, piece: str = "") -> dict[str, Any]:
-        """Who holds the claim of chunk ``index`` (or of its ``piece``): ``{}`` when nobody (or unreadable)."""
-        return read_json(self.path(index, piece)) or {}
+    def held(self) -> list[Path]:
+        """Every claim file of this attempt, in chunk order; each is named as its chunk's (or piece's) done-marker."""
+        return sorted(claims_folder(self.work, self.run_id).glob("chunk-*.json"))
 
     def ranks(self) -> dict[str, int | None]:
         """``{"<index><piece>": rank}`` of every claim of this attempt (``"3"`` for chunk 3, ``"3.pass-000"`` for
         a piece of it), in chunk order."""
         found = {}
-        for path in sorted(claims_folder(self.work, self.run_id).glob("chunk-*.json")):
+        for path in self.held():
             index, dot, piece = path.stem.removeprefix("chunk-").partition(".")
             found[f"{int(index)}{dot}{piece}"] = (read_json(path) or {}).get("rank")
         return found

@@ -408,18 +408,17 @@ def _wait_for_chunks(work: Path, todo: list[tuple[int, int, int]], claims: Claim
     """Wait, polling the chunk files, until every chunk of ``todo`` is written (by any rank).
 
     Waiting scales with the work, not with a fixed timeout: each chunk or piece that finishes is progress, and the
-    ranks stall only when none has finished for `STALL_FACTOR` times the slowest one seen (at least
-    `STALL_MINUTES`); before any has finished there is no scale, and the wait goes on while chunks are claimed.
+    ranks stall only when none has finished for the window of what is still running (`_stall_window`).
 
     Args:
         work: the run's work folder.
         todo: the chunks this attempt computes.
-        claims: this rank's claims (names the holders of unfinished chunks in the error).
+        claims: this rank's claims (what runs, and who runs it, are the claims without a done-marker).
         stage: the stage name (error message).
         join: for `Passes` (`_joiner`): joins a chunk whose pieces are all written, if this rank claims it first.
 
     Raises:
-        RuntimeError: naming the unfinished chunks, who claimed them and since when, when the ranks stall.
+        RuntimeError: naming what runs, who claimed it and since when, when the ranks stall.
     """
     seen = _finished_seconds(work, {})
     last, pause = time.monotonic(), 0.02
@@ -434,28 +433,47 @@ def _wait_for_chunks(work: Path, todo: list[tuple[int, int, int]], claims: Claim
         now = _finished_seconds(work, seen)
         if len(now) > len(seen):
             seen, last, pause = now, time.monotonic(), 0.02
-        elif seen:
-            window = max(STALL_MINUTES * 60, STALL_FACTOR * max(seen.values()))
-            if time.monotonic() - last > window:
+        else:
+            running = [path for path in claims.held() if path.name not in seen]
+            window = _stall_window(running, seen)
+            if window is not None and time.monotonic() - last > window:
                 raise RuntimeError(
-                    f"{stage}: no chunk finished for {window:.0f} s ({STALL_FACTOR} x the slowest chunk, at least "
-                    f"SAFETYPAIRS_STALL_MINUTES={STALL_MINUTES:g}) while {len(pending)} chunk(s) are unfinished "
-                    f"({_holders(pending, claims)}): a rank died or hangs; run the command again to resume "
-                    "(finished chunks are kept)")
+                    f"{stage}: nothing finished for {window:.0f} s ({STALL_FACTOR} x the slowest finished chunk of "
+                    f"the kind running, at least SAFETYPAIRS_STALL_MINUTES={STALL_MINUTES:g}) while {len(pending)} "
+                    f"chunk(s) are unfinished ({_holders(running)}): a rank died or hangs; run the command again to "
+                    "resume (finished chunks are kept)")
         time.sleep(pause)
         # polls back off to 2 s, or to a tenth of the slowest chunk seen: a short chunk is noticed soon after it ends
         pause = min(2 * pause, max(0.02, max(seen.values()) / 10) if seen else 2.0, 2.0)
 
 
-def _holders(pending: list[tuple[int, int, int]], claims: Claims) -> str:
-    """Who holds the first unfinished chunks, for the stall error."""
+def _kind(marker: str) -> str:
+    """What a marker (or claim) file is of: ``""`` for a whole chunk, the piece (``.pass-001``) for a pass's."""
+    piece = marker.removesuffix(".json").partition(".")[2]
+    return f".{piece}" if piece else ""
+
+
+def _stall_window(running: list[Path], seen: Mapping[str, float]) -> float | None:
+    """How long the waiting ranks wait for the next chunk or piece to finish: `STALL_FACTOR` times the slowest
+    finished one of each kind that runs (whole chunks; each pass's pieces), at least `STALL_MINUTES`; ``None`` (no
+    limit) while a kind that runs has none finished, since nothing yet says how long one takes."""
+    slowest: dict[str, float] = {}
+    for name, seconds in seen.items():
+        slowest[_kind(name)] = max(slowest.get(_kind(name), 0.0), seconds)
+    kinds = {_kind(path.name) for path in running}
+    if not kinds or not kinds <= slowest.keys():
+        return None
+    return max(STALL_MINUTES * 60, STALL_FACTOR * max(slowest[kind] for kind in kinds))
+
+
+def _holders(running: list[Path]) -> str:
+    """Who holds the first claims still running, for the stall error."""
     found = []
-    for span in pending[:5]:
-        owner = claims.owner(span[0])
-        found.append(f"chunk {span[0]}: " + (f"rank {owner.get('rank')} (pid {owner.get('pid')} on "
-                                             f"{owner.get('host')!r}) since {owner.get('since')}" if owner
-                                             else "no claim of this attempt"))
-    return "; ".join(found) + ("; ..." if len(pending) > 5 else "")
+    for path in running[:5]:
+        owner = read_json(path) or {}
+        found.append(f"{path.stem}: rank {owner.get('rank')} (pid {owner.get('pid')} on {owner.get('host')!r}) "
+                     f"since {owner.get('since')}")
+    return "; ".join(found) + ("; ..." if len(running) > 5 else "")
 
 
 def _finished_seconds(work: Path, known: dict[str, float]) -> dict[str, float]:
