@@ -248,3 +248,30 @@ def test_natural_predictions_share_the_runner_chunks_and_equal_predicting_them_a
     assert results["natural"] == json.loads(json.dumps(expected))
     statuses = results["guards"][guard]["statuses"]
     assert statuses == dict(Counter(written[guard_columns(guard)["status"]])) and sum(statuses.values()) == len(images)
+
+
+def test_two_processes_share_the_natural_images_and_give_the_comparison_of_one(tmp_path):
+    import pyarrow.parquet as pq
+    from release_rows import validated_rows
+    from slow_backends import _cli
+
+    from safetypairs.engine.folders import read_json
+    from safetypairs.release.assemble import ReleaseConfig
+    from safetypairs.release.publish import write_release
+
+    release = write_release(validated_rows(6), tmp_path / "release", ReleaseConfig())
+    Dataset.from_dict({"image": [demo_photo(n).resize((32, 32)) for n in ("coffee", "rocket", "moon", "clock", "astronaut")],
+                       "label": ["unsafe", "safe", "unsafe", "safe", "safe"]}).save_to_disk(str(tmp_path / "natural"))
+
+    def run(out, launcher=()):
+        _cli(["evaluate", "--dataset", str(release), "--guard", "slow", "--device", "cpu", "--bootstrap", "30",
+              "--natural", str(tmp_path / "natural"), "--chunk-size", "3", "--out", str(out)], launcher=launcher)
+        return json.loads((out / "results.json").read_text()), pq.read_table(out / "predictions.parquet")
+
+    one, one_preds = run(tmp_path / "one")
+    two, two_preds = run(tmp_path / "two", launcher=("--standalone", "--nproc_per_node", "2"))
+    assert two["natural"] == one["natural"] and two["natural_set"] == one["natural_set"]
+    assert two_preds.equals(one_preds) and two["guards"]["slow"]["statuses"] == one["guards"]["slow"]["statuses"]
+    meta = read_json(tmp_path / "two" / "run.json")
+    assert meta["num_processes"] == 2 and meta["rows_in"] == one["n_images"] + 5
+    assert one["natural"]["slow"]["n_natural"] == {"unsafe": 2, "safe": 3}
