@@ -28,6 +28,8 @@ SMOKE = {
     "bench_hostile.py": (["--n", "4"], ["generate  peak RSS", "validate  peak RSS", "the same bytes again"]),
     "bench_evaluate.py": (["--quick", "--n", "16", "--rounds", "1"],
                           ["metrics:", "guard overhead", "where evaluate_run (runner) goes", SCALING]),
+    "bench_claims.py": (["--chunks", "9", "--seconds", "0.05"],
+                        ["chunks computed per rank", "claimed wall / ideal share", "contiguous wall / ideal share"]),
     "bench_review.py": (["--n", "2", "--factor", "2", "--size", "64", "--decisions", "1"],
                         ["first pair on screen", "memory ratio", "per image"]),
     "bench_embed.py": (["--quick"], ["bare loop", "sample-efficiency sweep", "second run"]),
