@@ -99,7 +99,8 @@ def map_stage(
         out = empty_dataset(features)
     if len(out) != rows_in * rows_per_input:
         raise RuntimeError(f"stage {stage!r} turned {rows_in} rows into {len(out)} (expected x{rows_per_input})")
-    result = StageResult(stage, rows_in, len(out), status_histogram(out[status_column]))
+    # the column as Arrow holds it (a map's output has no indices mapping): no formatting pass over the rows
+    result = StageResult(stage, rows_in, len(out), status_histogram(out.data.column(status_column).to_pylist()))
     logger.info("%s: %d rows in, %d out, statuses %s", stage, rows_in, len(out), result.statuses)
     return out, result
 
