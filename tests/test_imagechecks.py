@@ -101,3 +101,44 @@ def test_a_release_of_checked_rows_reuses_their_digests_and_decodes_nothing(tmp_
         assert ours == theirs and S.IMAGE_CHECKS not in ours[0]
     for row in pq.read_table(sorted((out / "data" / "images").glob("*.parquet"))).to_pylist():
         assert row[S.IMAGE_DIGEST] == _pixels(row[S.IMAGE]["bytes"])
+
+
+def _with_mask(batch, rank=None):
+    """A stage that passes the image through and makes a new 8x8 L mask per row (as validation makes its edit mask)."""
+    return {"image": batch["image"], "mask": [PILImage.new("L", (8, 8), 40 * i) for i in range(len(batch["image"]))],
+            "status": ["ok"] * len(batch["image"])}
+
+
+def test_a_runner_stage_over_checked_rows_decodes_none_of_its_images_and_records_the_new_ones(tmp_path, decodes):
+    from safetypairs.engine.datafiles import load_run
+    from safetypairs.engine.runner import RunConfig, run_stage
+    from safetypairs.engine.stage import map_stage
+
+    def run(rows: Dataset, name: str) -> Dataset:
+        features = Features({**rows.features, "mask": Image(), "status": Value("string")})
+
+        def compute(chunk: Dataset, device: str):
+            out, result = map_stage(chunk, _with_mask, stage="masks", features=features, status_column="status")
+            return out, {"masks": result.statuses}
+
+        run_stage(rows, compute, stage="masks", settings={}, run=RunConfig(out=tmp_path / name, chunk_size=2),
+                  device="cpu")
+        return load_run(tmp_path / name)
+
+    images = [_png(photo("astronaut", 40)), _png(photo("coffee", 48)), _png(photo("rocket", 40))]
+    write_parquet(_rows(images), tmp_path / "input.parquet", record=True)
+    checked = DataFiles((tmp_path / "input.parquet",)).rows()
+    decodes.clear()
+    written = run(checked, "checked")
+    assert decodes == []  # 3 input images recorded upstream, 3 masks recorded as they were stored
+    decodes.clear()
+    plain = run(_rows(images), "plain")
+    assert len(decodes) == 6  # nothing recorded upstream: 3 input images; masks of unrecorded rows: 3 more
+    for rows in (written, plain):
+        stored = rows.cast_column("mask", Image(decode=False)).cast_column("image", Image(decode=False))
+        for i, row in enumerate(stored):
+            mask = PILImage.open(io.BytesIO(row["mask"]["bytes"]))
+            assert mask.mode == "L" and set(mask.getdata()) == {40 * (i % 2)}  # chunks of 2: i = 0, 1 per chunk
+            assert row["image"]["bytes"] == images[i]
+            assert sorted(r["sha256"] for r in row[S.IMAGE_CHECKS]) == sorted(
+                hashlib.sha256(c).hexdigest()[:32] for c in (images[i], row["mask"]["bytes"]))

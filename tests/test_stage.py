@@ -104,3 +104,66 @@ def test_in_python_the_library_bars_follow_the_users_datasets_switch(monkeypatch
         list(progress([1, 2], desc="stage"))
     assert "stage:   0%" in capsys.readouterr().err
     assert ds_logging.is_progress_bar_enabled()
+
+
+def _png_at(image, level=None) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", **({} if level is None else {"compress_level": level}))
+    return buffer.getvalue()
+
+
+def _mask_of(x: int):
+    """A 6x4 L mask whose left x columns are set (made in memory, as validation makes its edit masks)."""
+    from PIL import Image as PILImage
+
+    mask = PILImage.new("L", (6, 4), 0)
+    mask.paste(255, (0, 0, x, 4))
+    return mask
+
+
+def _masks_and_a_jpeg(batch, rank=None):
+    """Per row: a new mask, an image opened from JPEG bytes (not made in memory) and the input image unchanged."""
+    import io
+
+    from PIL import Image as PILImage
+
+    jpeg = io.BytesIO()
+    PILImage.new("RGB", (8, 8), (200, 10, 10)).save(jpeg, format="JPEG")
+    return {"mask": [_mask_of(x) for x in batch["x"]], "opened": [PILImage.open(io.BytesIO(jpeg.getvalue()))
+                                                                   for _ in batch["x"]],
+            "image": batch["image"], "status": ["ok"] * len(batch["x"])}
+
+
+def test_new_images_are_stored_as_png_at_the_stage_level_and_recorded_beside_the_rows_records():
+    import hashlib
+
+    from datasets import Image
+    from PIL import Image as PILImage
+
+    original = _png_at(PILImage.new("RGB", (5, 5), (1, 2, 3)))
+    before = {"sha256": "a" * 32, "digest": "b" * 16, "pixels": 25}  # the record a run wrote for the input image
+    rows = Dataset.from_dict({"x": [1, 4], "image": [{"bytes": original, "path": None}] * 2,
+                              S.IMAGE_CHECKS: [[before], [before]]},
+                             features=Features({"x": Value("int64"), "image": Image(),
+                                                **S.IMAGE_CHECKS_FEATURES}))
+    features = Features({**rows.features, "mask": Image(), "opened": Image(), "status": Value("string")})
+    out, _ = map_stage(rows, _masks_and_a_jpeg, stage="toy", features=features, status_column="status")
+    cells = out.cast_column("mask", Image(decode=False)).cast_column("opened", Image(decode=False))
+    cells = cells.cast_column("image", Image(decode=False))
+    for x, row in zip((1, 4), cells):
+        mask = _mask_of(x)
+        assert row["mask"]["bytes"] == _png_at(mask, 1)  # level 1 (RUN_PNG_LEVEL), written out independently
+        assert row["image"]["bytes"] == original and row["opened"]["bytes"][:2] == b"\xff\xd8"  # datasets' JPEG
+        rgb = mask.convert("RGB").tobytes()
+        assert row[S.IMAGE_CHECKS] == [before, {
+            "sha256": hashlib.sha256(_png_at(mask, 1)).hexdigest()[:32],
+            "digest": hashlib.sha256(b"RGB(6, 4)" + rgb).hexdigest()[:16], "pixels": 24}]
+
+    plain = Dataset.from_dict({"x": [2], "image": [{"bytes": original, "path": None}]},
+                              features=Features({"x": Value("int64"), "image": Image()}))
+    features = Features({**plain.features, "mask": Image(), "opened": Image(), "status": Value("string")})
+    out, _ = map_stage(plain, _masks_and_a_jpeg, stage="toy", features=features, status_column="status", png_level=-1)
+    assert S.IMAGE_CHECKS not in out.column_names  # rows that carry no records get none
+    assert out.cast_column("mask", Image(decode=False))[0]["mask"]["bytes"] == _png_at(_mask_of(2))  # datasets' level

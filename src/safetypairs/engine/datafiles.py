@@ -51,8 +51,9 @@ def write_parquet(dataset: Dataset, path: Path, max_pixels: int = DEFAULT_MAX_PI
     Returns:
         How many image cells were nulled or reduced, keyed ``"<column>: <unreadable|too_large|reduced>"``.
     """
-    images = [name for name, feature in dataset.features.items() if isinstance(feature, Image)]
-    features = _written_features(dataset.features, record and bool(images))
+    given = dataset.features  # a copy each time it is read
+    images = [name for name, feature in given.items() if isinstance(feature, Image)]
+    features = _written_features(given, record and bool(images))
     schema = features.arrow_schema
     counts: dict[str, int] = {}
     with pq.ParquetWriter(path, schema=schema) as writer:

@@ -7,6 +7,8 @@ import hashlib
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
+from PIL import Image
+
 from safetypairs.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -127,6 +129,28 @@ def as_rgb_png(cell: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Any, Im
         return cell, None
     data = png_bytes(image)
     return {"bytes": data, "path": None}, ImageCheck(bytes_digest(data), image_digest(image), image.width * image.height)
+
+
+def stored_png(image: Any, compress_level: int) -> tuple[dict[str, Any], ImageCheck] | None:
+    """A stage's new in-memory image as the PNG cell `datasets` would store for it (at ``compress_level``), with its
+    record, so that the run writer decodes nothing to check it.
+
+    Only an image made in memory (no file or format behind it), RGB or L, without transparency or EXIF, is taken: its
+    PNG reads back as the same pixels, so the record holds what `images.check_cell` would find in the bytes.
+
+    Args:
+        image: a value of an image column of a transform's output.
+        compress_level: the zlib level (`images.png_bytes`).
+
+    Returns:
+        ``({"bytes", "path": None}, record)``, or ``None`` for any other value (`datasets` stores it as before).
+    """
+    if not isinstance(image, Image.Image) or image.format is not None or image.mode not in ("RGB", "L") \
+            or {"transparency", "exif"} & set(image.info) or getattr(image, "filename", ""):
+        return None
+    data = png_bytes(image, compress_level)
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    return {"bytes": data, "path": None}, ImageCheck(bytes_digest(data), image_digest(rgb), image.width * image.height)
 
 
 def _stored_bytes(cell: dict[str, Any]) -> bytes | None:

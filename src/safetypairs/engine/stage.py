@@ -13,6 +13,9 @@ from typing import Any, TypeVar
 
 from datasets import Dataset, Features, Image
 
+from safetypairs.engine.imagechecks import stored_png
+from safetypairs.images import RUN_PNG_LEVEL
+from safetypairs.schema import IMAGE_CHECKS
 from safetypairs.utils import datasets_progress, inside_progress, progress_enabled, status_histogram
 
 logger = logging.getLogger(__name__)
@@ -45,6 +48,7 @@ def map_stage(
     batch_size: int = 8,
     num_proc: int | None = None,
     rows_per_input: int = 1,
+    png_level: int = RUN_PNG_LEVEL,
 ) -> tuple[Dataset, StageResult]:
     """Run a stage transform with ``Dataset.map(batched=True, with_rank=True)``.
 
@@ -52,6 +56,11 @@ def map_stage(
     fingerprint is stable and the `datasets` cache is reused on a re-run) and loads models lazily per process and
     device. The map's progress bar (labelled ``stage``) shows only outside the shared runner, whose chunk bar is
     the stage's one bar there.
+
+    New images the transform returns (edits, masks: made in memory, RGB or L) are stored as PNG at ``png_level``
+    (`imagechecks.stored_png`); when the rows carry ``image_checks`` (they come from a run folder), each one's
+    record joins its row's, so the run writer decodes none of them to check it. Other values of image columns
+    are stored by `datasets` as before.
 
     Args:
         dataset: the input rows.
@@ -62,6 +71,8 @@ def map_stage(
         batch_size: rows per call.
         num_proc: processes (one per GPU); ``None`` or 1 runs in this process.
         rows_per_input: rows the transform emits per input row (K candidates per source).
+        png_level: zlib level of the new images' PNGs (`images.RUN_PNG_LEVEL`, fast, for run folders; -1 is
+            the default level that `datasets` uses); the pixels are the same at every level.
 
     Returns:
         The mapped dataset and a `StageResult` (rows out = rows in x rows_per_input).
@@ -75,7 +86,8 @@ def map_stage(
     if rows_in:  # the map's bar is the stage's bar, unless the shared runner's chunk bar already shows
         with _spawn_for_cuda(multi), datasets_progress(progress_enabled() and not inside_progress()):
             out = dataset.map(
-                transform,
+                _Stored(transform, tuple(n for n, f in features.items() if isinstance(f, Image)), png_level,
+                        IMAGE_CHECKS in features),
                 batched=True,
                 batch_size=batch_size,
                 with_rank=True,
@@ -87,7 +99,8 @@ def map_stage(
         out = empty_dataset(features)
     if len(out) != rows_in * rows_per_input:
         raise RuntimeError(f"stage {stage!r} turned {rows_in} rows into {len(out)} (expected x{rows_per_input})")
-    result = StageResult(stage, rows_in, len(out), status_histogram(out[status_column]))
+    # the column as Arrow holds it (a map's output has no indices mapping): no formatting pass over the rows
+    result = StageResult(stage, rows_in, len(out), status_histogram(out.data.column(status_column).to_pylist()))
     logger.info("%s: %d rows in, %d out, statuses %s", stage, rows_in, len(out), result.statuses)
     return out, result
 
@@ -158,6 +171,35 @@ def undecoded(dataset: Dataset) -> Dataset:
         if isinstance(feature, Image) and feature.decode:
             dataset = dataset.cast_column(name, Image(decode=False))
     return dataset
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """``transform`` whose new in-memory images are stored as PNG at ``png_level`` (and recorded, with ``record``)."""
+
+    transform: Any
+    columns: tuple[str, ...]
+    png_level: int
+    record: bool
+
+    def __call__(self, batch: dict[str, list], rank: int | None = None) -> dict[str, list]:
+        out = dict(self.transform(batch, rank))
+        n = len(next(iter(out.values()), []))
+        found: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+        for name in self.columns:
+            if name not in out:
+                continue
+            values = list(out[name])
+            for i, value in enumerate(values):
+                stored = stored_png(value, self.png_level)
+                if stored is not None:
+                    values[i] = stored[0]
+                    found[i].append(stored[1]._asdict())
+            out[name] = values
+        had = out.get(IMAGE_CHECKS, batch.get(IMAGE_CHECKS) if len(batch.get(IMAGE_CHECKS) or []) == n else None)
+        if self.record and had is not None and any(found):
+            out[IMAGE_CHECKS] = [[*(old or []), *new] for old, new in zip(had, found)]
+        return out
 
 
 @contextmanager
