@@ -145,8 +145,8 @@ def oom_editor(monkeypatch):
 
 
 def _rows(out):
-    return [(r[S.SOURCE_ID], r[S.EDIT_STATUS], r[S.EDIT_ERROR], r[S.EDITED_IMAGE].tobytes() if r[S.EDITED_IMAGE] else None)
-            for r in out]
+    return [(r[S.SOURCE_ID], r[S.EDIT_STATUS], r[S.EDIT_ERROR],
+             r[S.EDITED_IMAGE].tobytes() if r[S.EDITED_IMAGE] else None) for r in out]
 
 
 def test_an_out_of_memory_batch_is_halved_not_run_one_by_one(oom_editor):
@@ -164,7 +164,8 @@ def test_halving_reaches_single_rows_and_a_bad_row_still_fails_alone(oom_editor)
     out, result = run_edit(ds, EditConfig(editor=oom_editor, batch_size=4, device="cpu"))
     # 4 runs out of memory -> 2 (ok) + 2 (one bad row: each of the 2 alone)
     assert OutOfMemoryOnceEditor.calls == [4, 2, 2, 1, 1]
-    assert out[S.EDIT_STATUS] == ["ok", "ok", "edit_error", "ok"] and "out of memory (simulated)" in out[S.EDIT_ERROR][2]
+    assert out[S.EDIT_STATUS] == ["ok", "ok", "edit_error", "ok"]
+    assert "out of memory (simulated)" in out[S.EDIT_ERROR][2]
 
 
 def test_isolate_halves_until_the_batch_fits():

@@ -96,6 +96,7 @@ class DiffusersEditor:
             raise ValueError(f"{model!r}: component(s) {', '.join(pickled)} ship no safetensors weights, only "
                              f"pickle files (.bin/.pt) that can run code when loaded; pass allow_pickle=true "
                              f"to load them anyway")
+        _check_denoiser_takes(index, opts)
         pipe = load_pipeline(model, device, opts, has_checker="safety_checker" in index)
         return cls(pipe, model, family or PipelineFamily(1024, packed=False, batched=False), opts)
 
@@ -153,7 +154,7 @@ class DiffusersEditor:
         return [group[k:k + cap] for group in groups.values() for k in range(0, len(group), cap)]
 
     def _set_vae(self, n: int, size: tuple[int, int]) -> None:
-        """VAE slicing and tiling for a call of ``n`` images at ``size`` (``auto``: by `SLICE_PIXELS`, `TILE_PIXELS`)."""
+        """VAE slicing and tiling for a call of ``n`` images at ``size`` (``auto``: `SLICE_PIXELS`, `TILE_PIXELS`)."""
         vae = getattr(self.pipe, "vae", None)
         pixels = size[0] * size[1]
         for mode, auto, attribute in ((self.options.vae_slicing, n > 1 and pixels >= SLICE_PIXELS, "slicing"),
@@ -221,6 +222,24 @@ class DiffusersEditor:
         """The editor's VAE alone, for VAE-aware validation (see `VAERoundTrip`); it gets what `from_spec` gets
         (`registry.from_spec_arguments`)."""
         return VAERoundTrip.load(arg, device, DiffusionOptions(**options))
+
+
+def _check_denoiser_takes(index: dict[str, Any], opts: DiffusionOptions) -> None:
+    """Refuse a step cache for a pipeline whose denoiser class (from ``model_index.json``) has no ``enable_cache``
+    (UNet pipelines), before the weights load.
+
+    Raises:
+        ValueError: naming the option, the denoiser class and the pipeline class.
+    """
+    import diffusers
+
+    if opts.cache is None:
+        return
+    for name in ("transformer", "unet"):
+        library, class_name = (index.get(name) or [None, None])[:2]
+        if library == "diffusers" and not hasattr(getattr(diffusers, str(class_name), None), "enable_cache"):
+            raise ValueError(f"cache={opts.cache}: the {name} of {index.get('_class_name')} ({class_name}) takes no "
+                             f"diffusers step cache")
 
 
 def _to_source_size(image: Image.Image, size: tuple[int, int], work: tuple[int, int]) -> Image.Image:

@@ -167,7 +167,8 @@ def check_speed_options(opts: DiffusionOptions) -> None:
     if opts.quantize is not None:
         package = QUANTIZERS[opts.quantize][0]
         if package is not None and importlib.util.find_spec(package) is None:
-            raise ValueError(f"quantize={opts.quantize} needs {package}, which is not installed (pip install {package})")
+            raise ValueError(f"quantize={opts.quantize} needs {package}, which is not installed "
+                             f"(pip install {package})")
         if opts.offload == "sequential":
             raise ValueError(f"quantize={opts.quantize} cannot be combined with offload=sequential")
     if opts.attention_backend is not None:
