@@ -145,7 +145,7 @@ class DiffusersEditor:
         """Indices of the images that run in one pipeline call: the same working size, at most ``max_batch``; one
         image per call with a step cache (its skips are decided on the whole call's activations, so a batched image's
         edit would depend on the images beside it)."""
-        if not self.family.batched or self.options.cache is not None:  # a cache's skips are decided per call
+        if not self.family.batched or self.options.cache is not None:
             return [[i] for i in range(len(sizes))]
         groups: dict[tuple[int, int], list[int]] = {}
         for i, size in enumerate(sizes):

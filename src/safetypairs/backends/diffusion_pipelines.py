@@ -34,8 +34,8 @@ VAE_MODES = ("auto", "on", "off")
 # (slicing) from a quarter megapixel, where a batch's decode activations reach gigabytes and decoding singly costs
 # little time; decode in overlapping tiles (tiling, which blends tile seams and so changes pixels slightly) only above
 # 4 megapixels, beyond the 1-megapixel working size of every supported family, so default runs are not tiled.
-SLICE_PIXELS = 512 * 512
-TILE_PIXELS = 2048 * 2048
+SLICE_SIDE, TILE_SIDE = 512, 2048
+SLICE_PIXELS, TILE_PIXELS = SLICE_SIDE * SLICE_SIDE, TILE_SIDE * TILE_SIDE
 
 
 @dataclass(frozen=True)
@@ -131,9 +131,9 @@ DIFFUSION_OPTIONS = {
     "max_batch": Option(int, "images per pipeline call at most (a larger group of same-size images runs in several "
                              "calls)", 4, Range(1)),
     "vae_slicing": Option(VAE_MODES, "decode a call's images one at a time (auto: when a call decodes several images "
-                                     f"of at least {SLICE_PIXELS} working pixels)", "auto"),
+                                     f"of at least {SLICE_SIDE}x{SLICE_SIDE} working pixels)", "auto"),
     "vae_tiling": Option(VAE_MODES, "decode in overlapping tiles, which changes pixels slightly (auto: above "
-                                    f"{TILE_PIXELS} working pixels)", "auto"),
+                                    f"{TILE_SIDE}x{TILE_SIDE} working pixels)", "auto"),
     "compile": Option(bool, "torch.compile the denoiser's repeated blocks (compile_repeated_blocks; the whole "
                             "denoiser when it declares none); the first calls at each size compile", False),
     "attention_backend": Option(str, "diffusers attention backend of the denoiser (set_attention_backend: native, "

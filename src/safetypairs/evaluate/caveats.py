@@ -90,7 +90,8 @@ def release_caveats(pairs: Any, guards: Iterable[str]) -> tuple[dict[str, str], 
         guards: the evaluated guard specs.
 
     Returns:
-        ``(notes, warnings)``: circularity notes keyed by guard spec, and warnings about the release.
+        ``(notes, warnings)``: circularity notes keyed by guard spec, and warnings about the release (pairs no judge
+        checked, edits made with an approximated editor).
     """
     if pairs is None:
         return {}, []
