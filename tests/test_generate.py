@@ -113,7 +113,9 @@ def test_reference_rows_and_metadata(reference):
 
 def test_two_processes_match_one(setup, reference):
     out = Path(setup["root"]) / "torchrun"
-    _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *_cli_args(setup, out)])
+    # with another editor batch and the instructor kept (neither decides the rows, nor the run's fingerprint)
+    _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *_cli_args(setup, out),
+          "--edit-batch-size", "1", "--keep-instructor"])
     assert _table(out).equals(_table(reference))
     meta = json.loads((out / "run.json").read_text())
     assert meta["num_processes"] == 2
