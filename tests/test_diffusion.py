@@ -313,3 +313,20 @@ def test_a_cache_is_refused_for_a_unet_pipeline_before_loading(ip2p_path, monkey
     with pytest.raises(ValueError, match=r"cache=first_block: the unet of StableDiffusionInstructPix2PixPipeline "
                                          r"\(UNet2DConditionModel\) takes no diffusers step cache"):
         _editor(ip2p_path, cache="first_block")
+
+
+@pytest.mark.slow
+def test_compile_with_inductor_keeps_the_outputs(kontext_path, photos):
+    """40 s to 2 min on 2 shared CPU cores: inductor generates and builds C++ for each block (skipped where it cannot)."""
+    import torch
+
+    torch._dynamo.reset()
+    plain = _editor(kontext_path, steps=2, resolution=16).edit(photos[:1], ["x"], [3])[0]
+    editor = _editor(kontext_path, steps=2, resolution=16, compile=True)
+    try:
+        compiled = editor.edit(photos[:1], ["x"], [3])[0]
+    except Exception as err:  # noqa: BLE001 - no C++ compiler here: say so instead of failing
+        if "inductor" in type(err).__module__ or "CppCompileError" in type(err).__name__:
+            pytest.skip(f"torch.compile's inductor cannot build here: {type(err).__name__}")
+        raise
+    assert np.abs(np.asarray(compiled, dtype=int) - np.asarray(plain, dtype=int)).max() <= 1
