@@ -116,3 +116,75 @@ def test_ocr_inpaint_through_the_stage_on_real_photos():
     assert result.statuses == {"ok": 2}
     for row in out:
         assert row[S.EDITED_IMAGE].size == row[S.IMAGE].size and row[S.CONTROL_IMAGE].size == row[S.IMAGE].size
+
+
+@dataclass
+class OutOfMemoryOnceEditor(FlakyEditor):
+    """Inverts images and adds the seed to the red channel; the first call of a test raises torch's out-of-memory
+    error (an injected OOM); every call's size is recorded. 'boom' instructions still fail (a bad row)."""
+
+    calls = []  # the sizes of the calls of the running test (class-level: the registry builds the instance)
+
+    def edit(self, images, instructions, seeds):
+        import torch
+
+        type(self).calls.append(len(images))
+        if len(type(self).calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
+        inverted = super().edit(images, instructions, seeds)
+        return [im.point(lambda v, s=seed: (v + s) % 256) for im, seed in zip(inverted, seeds)]
+
+
+@pytest.fixture
+def oom_editor(monkeypatch):
+    monkeypatch.setitem(registry.REGISTRY["editors"], "oom-once", f"{__name__}:OutOfMemoryOnceEditor")
+    monkeypatch.setattr(OutOfMemoryOnceEditor, "calls", [])
+    registry._load.cache_clear()
+    yield "oom-once"
+    registry._load.cache_clear()
+
+
+def _rows(out):
+    return [(r[S.SOURCE_ID], r[S.EDIT_STATUS], r[S.EDIT_ERROR],
+             r[S.EDITED_IMAGE].tobytes() if r[S.EDITED_IMAGE] else None) for r in out]
+
+
+def test_an_out_of_memory_batch_is_halved_not_run_one_by_one(oom_editor):
+    ds = _instructed(4)
+    batched, _ = run_edit(ds, EditConfig(editor=oom_editor, batch_size=4, device="cpu"))
+    assert OutOfMemoryOnceEditor.calls == [4, 2, 2]  # by hand: 4 does not fit, its halves do
+    OutOfMemoryOnceEditor.calls = [-1]  # the reference run: no injected error (its first call is already made)
+    alone, _ = run_edit(ds, EditConfig(editor=oom_editor, batch_size=1, device="cpu"))
+    assert OutOfMemoryOnceEditor.calls == [-1, 1, 1, 1, 1]
+    assert _rows(batched) == _rows(alone) and batched[S.EDIT_STATUS] == ["ok"] * 4
+
+
+def test_halving_reaches_single_rows_and_a_bad_row_still_fails_alone(oom_editor):
+    ds = _instructed(4, ["edit 0", "edit 1", "boom", "edit 3"])
+    out, result = run_edit(ds, EditConfig(editor=oom_editor, batch_size=4, device="cpu"))
+    # 4 runs out of memory -> 2 (ok) + 2 (one bad row: each of the 2 alone)
+    assert OutOfMemoryOnceEditor.calls == [4, 2, 2, 1, 1]
+    assert out[S.EDIT_STATUS] == ["ok", "ok", "edit_error", "ok"]
+    assert "out of memory (simulated)" in out[S.EDIT_ERROR][2]
+
+
+def test_isolate_halves_until_the_batch_fits():
+    import torch
+
+    from safetypairs.engine.stage import isolate
+
+    sizes = []
+
+    def call(items):
+        sizes.append(len(items))
+        if len(items) > 2:
+            raise torch.OutOfMemoryError("too big")
+        if 5 in items:
+            raise ValueError("bad item 5")
+        return [i * 10 for i in items]
+
+    out = isolate(call, list(range(8)))
+    assert sizes == [8, 4, 2, 2, 4, 2, 1, 1, 2]  # by hand: 8 -> 4 -> 2+2 | 4 -> 2 (holds 5: one by one) + 2
+    assert out == [(i * 10, None) if i != 5 else (None, "ValueError: bad item 5") for i in range(8)]
+    sizes.clear()
+    assert isolate(call, [0, 1, 2]) == [(0, None), (10, None), (20, None)] and sizes == [3, 2, 1]

@@ -113,7 +113,9 @@ def test_reference_rows_and_metadata(reference):
 
 def test_two_processes_match_one(setup, reference):
     out = Path(setup["root"]) / "torchrun"
-    _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *_cli_args(setup, out)])
+    # with another editor batch and the instructor kept (neither decides the rows, nor the run's fingerprint)
+    _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *_cli_args(setup, out),
+          "--edit-batch-size", "1", "--keep-instructor"])
     assert _table(out).equals(_table(reference))
     meta = json.loads((out / "run.json").read_text())
     assert meta["num_processes"] == 2
@@ -237,3 +239,104 @@ def test_a_run_that_made_no_edit_fails_and_names_the_first_error(tmp_path):
                                          r"first error: row 'astronaut.png': EditError: ocr-inpaint only carries out"):
         generate_from_source(str(folder), GenerateConfig(device="cpu"), RunConfig(out=tmp_path / "run"))
     assert read_rows(tmp_path / "run")[S.EDIT_STATUS] == ["edit_error", "edit_error"]  # kept for inspection
+
+
+class ModelInstructor:
+    """An instructor that holds a torch model (as hf-vlm does); weak references to every model it built."""
+
+    models: list = []  # weakref.ref to each instructor's model (class-level: the registry builds the instance)
+    calls: list = []
+
+    def __init__(self):
+        import weakref
+
+        import torch
+
+        self.model = torch.nn.Linear(64, 64)
+        type(self).models.append(weakref.ref(self.model))
+
+    @classmethod
+    def from_spec(cls, arg, device="cpu", **_):
+        return cls()
+
+    def instruct(self, rows, policy):
+        from safetypairs.backends.base import InstructResult
+
+        type(self).calls.append(len(rows))
+        return [InstructResult("Replace the knife with a wooden spoon", "knife") for _ in rows]
+
+
+class WatchingEditor:
+    """Inverts images; records, per call, its size and how many instructor models are still alive."""
+
+    calls: list = []
+
+    @classmethod
+    def from_spec(cls, arg, device="cpu", **_):
+        return cls()
+
+    def edit(self, images, instructions, seeds):
+        import gc
+
+        from PIL import ImageOps
+
+        gc.collect()  # what is alive now is held by someone, not waiting for the collector
+        type(self).calls.append((len(images), sum(ref() is not None for ref in ModelInstructor.models)))
+        return [ImageOps.invert(im) for im in images]
+
+
+@pytest.fixture
+def watched(monkeypatch):
+    from safetypairs.backends import registry
+
+    monkeypatch.setitem(registry.REGISTRY["instructors"], "model-instructor", f"{__name__}:ModelInstructor")
+    monkeypatch.setitem(registry.REGISTRY["editors"], "watching", f"{__name__}:WatchingEditor")
+    for cls in (ModelInstructor, WatchingEditor):
+        monkeypatch.setattr(cls, "calls", [])
+    monkeypatch.setattr(ModelInstructor, "models", [])
+    registry.unload_backends()
+    yield
+    registry.unload_backends()
+
+
+def test_the_instructor_is_freed_before_the_editor_runs(watched):
+    source = _source(3).filter(lambda r: r[S.CATEGORY] == "O6")  # 2 instructable rows
+    out = generate_pairs(source, instructor="model-instructor", editor="watching", candidates=2, device="cpu",
+                         batch_size=1, edit_batch_size=2)
+    assert ModelInstructor.calls == [1, 1]  # the instructor's batch size
+    assert WatchingEditor.calls == [(4, 0)]  # 2 rows x 2 candidates in one editor call; no instructor model alive
+    assert out[S.EDIT_STATUS] == ["ok", "duplicate_candidate"] * 2
+    WatchingEditor.calls.clear()
+    generate_pairs(source, instructor="model-instructor", editor="watching", candidates=2, device="cpu",
+                   batch_size=1, edit_batch_size=2, keep_instructor=True)
+    assert WatchingEditor.calls == [(4, 1)]  # kept when asked
+
+
+def test_edit_batch_size_and_keep_instructor_do_not_change_the_run_fingerprint():
+    from safetypairs.generate import run_settings
+
+    base = run_settings(GenerateConfig())
+    assert run_settings(GenerateConfig(edit_batch_size=8, keep_instructor=True)) == base
+    assert "editor_options" in base
+    with pytest.raises(ValueError, match="edit_batch_size must be >= 1, got 0"):
+        GenerateConfig(edit_batch_size=0)
+
+
+def test_speed_options_are_recorded_and_an_approximated_editor_is_named(tmp_path):
+    from tiny_models import build_tiny_flux_kontext
+
+    from safetypairs.evaluate.caveats import approximated_editors
+
+    kontext = build_tiny_flux_kontext(tmp_path / "kontext")
+    config = GenerateConfig(instructor="column:instruction", editor=f"diffusers:{kontext},steps=1", device="cpu",
+                            editor_options=(("resolution", "16"), ("cache", "first_block"), ("max_batch", "2"),
+                                            ("vae_tiling", "off")))
+    summary = generate_run(_source(2), config, RunConfig(out=tmp_path / "run"))
+    settings = json.loads((tmp_path / "run" / "run.json").read_text())["settings"]
+    assert settings["editor_options"] == [["resolution", "16"], ["cache", "first_block"], ["max_batch", "2"],
+                                          ["vae_tiling", "off"]]
+    rows = read_rows(summary.out)
+    name = f"diffusers:{kontext},steps=1,cache=first_block"  # the spec, then the approximation it was run with
+    assert rows[S.EDITOR] == [name, name] and rows[S.EDIT_STATUS] == ["ok", "ok"]
+    assert f"`{name}`" in approximated_editors(rows[S.EDITOR]) and "step cache" in approximated_editors([name])
+    assert approximated_editors([f"diffusers:{kontext},steps=1", "ocr-inpaint"]) is None

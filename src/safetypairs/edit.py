@@ -22,7 +22,14 @@ from safetypairs.images import (
     load_image,
 )
 from safetypairs.instructions import noop_instruction
-from safetypairs.backends.registry import available, backend_class, check_ready, load_backend
+from safetypairs.backends.registry import (
+    available,
+    backend_class,
+    check_ready,
+    from_spec_arguments,
+    load_backend,
+    parse_spec,
+)
 from safetypairs.engine.stage import StageResult, isolate, map_stage
 from safetypairs.utils import device_for_rank
 
@@ -77,6 +84,23 @@ class EditConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
+def editor_name(editor: str, options: tuple[tuple[str, Any], ...] = ()) -> str:
+    """The ``editor`` column's value: the spec, with the set options its backend names as approximations
+    (``APPROXIMATIONS``: a diffusers step cache, quantised weights) appended when only ``options`` gave them, so
+    rows, the card and the evaluation name a run whose outputs they change.
+
+    Example: ``diffusers:m`` with ``(("cache", "first_block"),)`` -> ``"diffusers:m,cache=first_block"``.
+    """
+    named = getattr(backend_class("editors", editor), "APPROXIMATIONS", ())
+    given = {k for k, _ in options} & set(named)
+    if not given:
+        return editor
+    values = from_spec_arguments("editors", editor, dict(options))[1]
+    in_spec = parse_spec("editors", editor).options
+    extra = [f"{k}={values[k]}" for k in named if k in given and values[k] is not None and in_spec.get(k) != values[k]]
+    return ",".join([editor, *extra])
+
+
 def _takes_mask(spec: str) -> bool:
     return bool(getattr(backend_class("editors", spec), "takes_mask", False))
 
@@ -121,7 +145,7 @@ class EditTransform:
         k = self.config.candidates
         out: dict[str, list] = {key: [v for v in values for _ in range(k)] for key, values in batch.items()}
         n = len(out[S.IMAGE])
-        out[S.EDITOR] = [self.config.editor] * n
+        out[S.EDITOR] = [editor_name(self.config.editor, self.config.editor_options)] * n
         out[S.CANDIDATE] = [i % k for i in range(n)]
         out[S.SEED] = [candidate_seed(self.config.seed, sid, c) for sid, c in zip(out[S.SOURCE_ID], out[S.CANDIDATE])]
         out[S.EDITED_IMAGE] = [None] * n
@@ -220,8 +244,8 @@ def _masks(jobs: list[_Job]) -> dict[str, Any]:
 
 
 def _edit(editor: Any, jobs: list[_Job]) -> list[Image.Image]:
-    """One editor call for ``jobs`` (run through `isolate`, so a bad row or an out-of-memory on
-    one sample becomes that row's error instead of sinking the batch)."""
+    """One editor call for ``jobs`` (run through `isolate`: a batch that runs out of memory is run in halves, and a
+    bad row, or one sample too large on its own, becomes that row's error instead of sinking the batch)."""
     return editor.edit([j.image for j in jobs], [j.instruction for j in jobs], [j.seed for j in jobs], **_masks(jobs))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Any
 
@@ -11,9 +12,13 @@ from safetypairs.backends.diffusion_pipelines import (
     DIFFUSION_OPTIONS,
     PIPELINES,
     REPLACE_STRENGTH,
+    SLICE_PIXELS,
+    TILE_PIXELS,
     DiffusionOptions,
     PipelineFamily,
+    check_speed_options,
     components_without_safetensors,
+    denoiser,
     load_pipeline,
     model_index,
     torch_dtype,
@@ -37,6 +42,8 @@ class DiffusersEditor:
 
     ARGUMENT = HUB_MODEL
     OPTIONS = DIFFUSION_OPTIONS
+    # options that change outputs beyond numerical noise: a run that sets them is named by them (`edit.editor_name`)
+    APPROXIMATIONS = ("cache", "quantize")
     takes_mask = True  # inpainting pipelines need masks; instruction pipelines refuse them per call
 
     def __init__(self, pipe: Any, model: str, family: PipelineFamily, options: DiffusionOptions) -> None:
@@ -55,6 +62,11 @@ class DiffusersEditor:
             raise ValueError(f"strength is only for inpainting pipelines that take it, not {type(pipe).__name__}")
 
     @classmethod
+    def check_options(cls, arg: str, **options: Any) -> None:
+        """Check the speed options against the installed packages (`check_speed_options`), loading no model."""
+        check_speed_options(DiffusionOptions(**options))
+
+    @classmethod
     def from_spec(cls, arg: str, device: str = "cpu", **options: Any) -> "DiffusersEditor":
         """Load the pipeline (safetensors only) onto ``device``.
 
@@ -67,10 +79,12 @@ class DiffusersEditor:
             The editor.
 
         Raises:
-            ValueError: for an unsupported pipeline class or pickle-only components.
+            ValueError: for an unsupported pipeline class, pickle-only components or a speed option the installed
+                packages cannot honour (`check_speed_options`).
         """
         model = arg
         opts = DiffusionOptions(**options)
+        check_speed_options(opts)
         index = model_index(model, opts.revision)
         class_name = index.get("_class_name")
         family = PIPELINES.get(class_name) if isinstance(class_name, str) else None
@@ -82,6 +96,7 @@ class DiffusersEditor:
             raise ValueError(f"{model!r}: component(s) {', '.join(pickled)} ship no safetensors weights, only "
                              f"pickle files (.bin/.pt) that can run code when loaded; pass allow_pickle=true "
                              f"to load them anyway")
+        _check_denoiser_takes(index, opts)
         pipe = load_pipeline(model, device, opts, has_checker="safety_checker" in index)
         return cls(pipe, model, family or PipelineFamily(1024, packed=False, batched=False), opts)
 
@@ -127,12 +142,26 @@ class DiffusersEditor:
         return out  # type: ignore[return-value]
 
     def _groups(self, sizes: list[tuple[int, int]]) -> list[list[int]]:
-        if not self.family.batched:
+        """Indices of the images that run in one pipeline call: the same working size, at most ``max_batch``; one
+        image per call with a step cache (its skips are decided on the whole call's activations, so a batched image's
+        edit would depend on the images beside it)."""
+        if not self.family.batched or self.options.cache is not None:
             return [[i] for i in range(len(sizes))]
         groups: dict[tuple[int, int], list[int]] = {}
         for i, size in enumerate(sizes):
             groups.setdefault(size, []).append(i)
-        return list(groups.values())
+        cap = self.options.max_batch
+        return [group[k:k + cap] for group in groups.values() for k in range(0, len(group), cap)]
+
+    def _set_vae(self, n: int, size: tuple[int, int]) -> None:
+        """VAE slicing and tiling for a call of ``n`` images at ``size`` (``auto``: `SLICE_PIXELS`, `TILE_PIXELS`)."""
+        vae = getattr(self.pipe, "vae", None)
+        pixels = size[0] * size[1]
+        for mode, auto, attribute in ((self.options.vae_slicing, n > 1 and pixels >= SLICE_PIXELS, "slicing"),
+                                      (self.options.vae_tiling, pixels > TILE_PIXELS, "tiling")):
+            if hasattr(vae, f"use_{attribute}"):
+                on = mode == "on" or (mode == "auto" and auto)
+                getattr(vae, f"{'enable' if on else 'disable'}_{attribute}")()
 
     def _run(self, group, size, images, instructions, seeds, masks) -> list[Image.Image]:
         import torch
@@ -147,8 +176,9 @@ class DiffusersEditor:
             kwargs["mask_image"] = [masks[i].convert("L").resize(size, Image.Resampling.NEAREST) for i in group]
         if not self.family.batched:  # one image per call: plain values, not lists
             kwargs = {k: v[0] if isinstance(v, list) else v for k, v in kwargs.items()}
+        self._set_vae(len(group), size)
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), self._cache_context():
                 result = self.pipe(**kwargs)
         except torch.OutOfMemoryError:
             if torch.cuda.is_available():
@@ -158,6 +188,15 @@ class DiffusersEditor:
         if any(flagged):
             raise BlockedOutputError(f"the pipeline's safety checker blocked {sum(map(bool, flagged))} output(s)")
         return list(result.images)
+
+    def _cache_context(self) -> Any:
+        """With a step cache, the context its hooks need around the denoiser's calls: pipelines that name their own
+        (Qwen: ``cond``/``uncond``) override it per call; FLUX.1 Kontext's pipeline sets none, and runs one
+        (guidance-distilled) denoiser call per step, all ``cond``. The cache's state is reset at the end of each
+        pipeline call (``maybe_free_model_hooks``)."""
+        if self.options.cache is None:
+            return contextlib.nullcontext()
+        return denoiser(self.pipe)[1].cache_context("cond")
 
     def _call_kwargs(self, size: tuple[int, int]) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"output_type": "pil"}
@@ -183,6 +222,24 @@ class DiffusersEditor:
         """The editor's VAE alone, for VAE-aware validation (see `VAERoundTrip`); it gets what `from_spec` gets
         (`registry.from_spec_arguments`)."""
         return VAERoundTrip.load(arg, device, DiffusionOptions(**options))
+
+
+def _check_denoiser_takes(index: dict[str, Any], opts: DiffusionOptions) -> None:
+    """Refuse a step cache for a pipeline whose denoiser class (from ``model_index.json``) has no ``enable_cache``
+    (UNet pipelines), before the weights load.
+
+    Raises:
+        ValueError: naming the option, the denoiser class and the pipeline class.
+    """
+    import diffusers
+
+    if opts.cache is None:
+        return
+    for name in ("transformer", "unet"):
+        library, class_name = (index.get(name) or [None, None])[:2]
+        if library == "diffusers" and not hasattr(getattr(diffusers, str(class_name), None), "enable_cache"):
+            raise ValueError(f"cache={opts.cache}: the {name} of {index.get('_class_name')} ({class_name}) takes no "
+                             f"diffusers step cache")
 
 
 def _to_source_size(image: Image.Image, size: tuple[int, int], work: tuple[int, int]) -> Image.Image:

@@ -62,6 +62,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     config = GenerateConfig(
         policy=args.policy, instructor=args.instructor, editor=args.editor, candidates=args.candidates,
         control=args.control, seed=args.seed, device=args.device, batch_size=args.batch_size,
+        edit_batch_size=args.edit_batch_size, keep_instructor=args.keep_instructor,
         instructor_options=spec_options(args.instructor_options) + trust,
         editor_options=spec_options(args.editor_options) + trust, mask_column=args.mask_column,
         max_pixels=args.max_pixels,
@@ -120,13 +121,18 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--editor", default="ocr-inpaint",
                    help="ocr-inpaint | diffusers:<model id or path> (default: ocr-inpaint)")
     p.add_argument("--editor-options", default="",
-                   help="k=v,k=v for the editor (diffusers: steps, guidance, image_guidance, resolution, dtype, offload)")
+                   help="k=v,k=v for the editor (diffusers: steps, guidance, resolution, dtype, offload, max_batch, "
+                        "compile, attention_backend, cache, quantize...; `safetypairs backends` lists them)")
     p.add_argument("--mask-column", default=None, help="mask column for inpainting editors (white = edit)")
     p.add_argument("--candidates", type=int, default=1, help="edits per source, each with its own seed (default: 1)")
     p.add_argument("--control", action="store_true", help="also edit the original with a no-op instruction")
     add_seed(p, "run seed all candidate seeds derive from")
     add_chunk_size(p, 64, "source rows")
     add_batch_size(p, 4, "rows per instructor/editor call")
+    p.add_argument("--edit-batch-size", type=int, default=None,
+                   help="source rows per editor batch, each with its candidates and control (default: --batch-size)")
+    p.add_argument("--keep-instructor", action="store_true",
+                   help="keep the instructor loaded while editing (default: free it, so one model is in memory at a time)")
     add_device(p)
     add_overwrite(p, run=True)
     p.add_argument("--trust-remote-code", action="store_true",

@@ -106,11 +106,13 @@ def map_stage(
 
 
 def isolate(call: Callable[[list[T]], Sequence[R]], items: Sequence[T]) -> list[tuple[R | None, str | None]]:
-    """Call a backend on a batch so that a failing item fails alone.
+    """Call a backend on a batch so that a failing item fails alone, and a batch too large for memory is halved.
 
-    ``call(items)`` runs once; if it raises or answers for the wrong number of items, every item
-    is retried on its own, and an item that still fails gets the error text instead of a result
-    (a lone item is not called twice). Interrupts (``BaseException``) are not caught.
+    ``call(items)`` runs once. If it runs out of memory (``torch.OutOfMemoryError``), each half of the batch is
+    run the same way, so a batch of 4 that does not fit becomes calls of 2 and 2 (then 1 and 1 if 2 do not fit).
+    If it raises anything else or answers for the wrong number of items, every item is retried on its own, and an
+    item that still fails gets the error text instead of a result (a lone item is not called twice). Interrupts
+    (``BaseException``) are not caught.
 
     Args:
         call: maps a list of items to one result per item, in order.
@@ -122,15 +124,19 @@ def isolate(call: Callable[[list[T]], Sequence[R]], items: Sequence[T]) -> list[
     items = list(items)
     if not items:
         return []
-    results, error = _attempt(call, items)
+    results, error, out_of_memory = _attempt(call, items)
     if error is None:
         return [(result, None) for result in results]
-    logger.debug("batch of %d failed (%s); retrying item by item", len(items), error)
     if len(items) == 1:
         return [(None, error)]
+    if out_of_memory:
+        half = (len(items) + 1) // 2
+        logger.warning("a batch of %d ran out of memory; retrying as %d + %d", len(items), half, len(items) - half)
+        return isolate(call, items[:half]) + isolate(call, items[half:])
+    logger.debug("batch of %d failed (%s); retrying item by item", len(items), error)
     out: list[tuple[R | None, str | None]] = []
     for item in items:
-        results, error = _attempt(call, [item])
+        results, error, _ = _attempt(call, [item])
         out.append((results[0] if error is None else None, error))
     return out
 
@@ -145,15 +151,19 @@ def error_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {message}"
 
 
-def _attempt(call: Callable[[list[T]], Sequence[R]], items: list[T]) -> tuple[list[R], str | None]:
+def _attempt(call: Callable[[list[T]], Sequence[R]], items: list[T]) -> tuple[list[R], str | None, bool]:
+    """``(results, None, False)``, or ``([], error text, whether it was torch running out of memory)``."""
+    import sys
+
     try:
         results = list(call(items))
     except Exception as err:  # noqa: BLE001 - a backend failure becomes the items' error text
         logger.debug("backend call on %d item(s) failed", len(items), exc_info=True)
-        return [], error_text(err)
+        torch = sys.modules.get("torch")  # only torch raises its out-of-memory error, so it is imported by then
+        return [], error_text(err), torch is not None and isinstance(err, torch.OutOfMemoryError)
     if len(results) != len(items):
-        return [], f"the backend returned {len(results)} result(s) for {len(items)} item(s)"
-    return results, None
+        return [], f"the backend returned {len(results)} result(s) for {len(items)} item(s)", False
+    return results, None, False
 
 
 def empty_dataset(features: Features) -> Dataset:

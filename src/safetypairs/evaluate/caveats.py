@@ -1,4 +1,5 @@
-"""Caveats a result must carry: guards that share the validation judge's backend, edits no judge checked."""
+"""Caveats a result must carry: guards that share the validation judge's backend, edits no judge checked, edits made
+with an approximated editor (a step cache, quantised weights)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from safetypairs import schema as S
-from safetypairs.backends.registry import parse_spec
+from safetypairs.backends.registry import backend_class, parse_spec
 
 CIRCULARITY_NOTE = (
     "Circular by construction: pairs were accepted only when the validation judge ({judge}) called the original "
@@ -16,6 +17,12 @@ CIRCULARITY_NOTE = (
 NO_JUDGE_NOTE = (
     "No judge checked that the edits flip the label (label_flip_checked = false for {n} of {total} pairs): those "
     "pairs passed the pixel checks only, so a 'safe' edit may still be unsafe. Validate with --judge to check it."
+)
+
+APPROXIMATE_NOTE = (
+    "Edited with an approximated editor ({editors}): a step cache reuses block outputs across denoising steps and "
+    "quantisation lowers the weights' precision, so these edits differ from the full model's, and validation "
+    "thresholds calibrated on the full model may not hold."
 )
 
 
@@ -60,6 +67,21 @@ def unchecked_flips(checked: Sequence[Any] | None, judges: Sequence[Any]) -> str
     return NO_JUDGE_NOTE.format(n=n, total=total) if n else None
 
 
+def approximated_editors(editors: Iterable[str | None]) -> str | None:
+    """The warning for editor specs named with an approximation their backend declares (``APPROXIMATIONS``, e.g.
+    ``diffusers:<model>,cache=first_block``; see `edit.editor_name`), else ``None``."""
+    named = []
+    for spec in sorted({e for e in editors if e}):
+        try:
+            options = parse_spec("editors", spec).options
+            approximations = getattr(backend_class("editors", spec), "APPROXIMATIONS", ())
+        except (ValueError, ImportError):  # an editor of another install names no approximation here
+            continue
+        if any(options.get(name) not in (None, "", "none") for name in approximations):
+            named.append(f"`{spec}`")
+    return APPROXIMATE_NOTE.format(editors=", ".join(named)) if named else None
+
+
 def release_caveats(pairs: Any, guards: Iterable[str]) -> tuple[dict[str, str], list[str]]:
     """Per-guard notes and run-level warnings for an evaluation on a release's ``pairs`` rows.
 
@@ -68,12 +90,14 @@ def release_caveats(pairs: Any, guards: Iterable[str]) -> tuple[dict[str, str], 
         guards: the evaluated guard specs.
 
     Returns:
-        ``(notes, warnings)``: circularity notes keyed by guard spec, and warnings about the release.
+        ``(notes, warnings)``: circularity notes keyed by guard spec, and warnings about the release (pairs no judge
+        checked, edits made with an approximated editor).
     """
     if pairs is None:
         return {}, []
     columns = pairs.column_names if hasattr(pairs, "column_names") else list(pairs)
     judges = list(pairs[S.JUDGE]) if S.JUDGE in columns else []
     checked = list(pairs[S.LABEL_FLIP_CHECKED]) if S.LABEL_FLIP_CHECKED in columns else None
-    warning = unchecked_flips(checked, judges)
-    return circularity_notes(guards, judges), [warning] if warning else []
+    warnings = [unchecked_flips(checked, judges),
+                approximated_editors(pairs[S.EDITOR]) if S.EDITOR in columns else None]
+    return circularity_notes(guards, judges), [w for w in warnings if w]

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 from safetypairs import schema as S
 from safetypairs import statuses as ST
-from safetypairs.evaluate.caveats import unchecked_flips
+from safetypairs.evaluate.caveats import approximated_editors, unchecked_flips
 from safetypairs.images import ImageError, load_image
 
 if TYPE_CHECKING:
@@ -140,7 +140,7 @@ def card_stats(release: Release) -> dict[str, Any]:
     return {
         "splits": splits, "category_rows": rows, "n_pairs": sum(len(ds) for ds in pairs.values()),
         "n_images": sum(roles.values()), "roles": sorted(roles.items()), "policies": policies,
-        "editors": distinct(S.EDITOR), "instructors": distinct(S.INSTRUCTOR), "judges": distinct(S.JUDGE),
+        "editors": distinct(S.EDITOR), "approximated": approximated_editors(distinct(S.EDITOR)), "instructors": distinct(S.INSTRUCTOR), "judges": distinct(S.JUDGE),
         "unchecked_flips": unchecked, "composited": release.composited,
         "has_control": any(role == "control" for role, _ in roles), "reasons": [(r, n, ST.meaning(r)) for r, n in reasons.most_common()],
         "split_totals": [len(pairs[s]) for s in splits], "configs": list(release.configs),
