@@ -282,6 +282,9 @@ def run_stage(data: Dataset, compute: ChunkFn | Passes, *, stage: str, settings:
                         _run_chunk(data, span, compute, work, dev, run_id, max_pixels, usage)
             join = _joiner(claims, len(compute.names), max_pixels) if isinstance(compute, Passes) else None
             _wait_for_chunks(work, todo, claims, stage, join)
+        # every rank has seen every chunk written (within a poll) before rank 0 merges and moves the work folder
+        # away: a rank still polling would otherwise wait on files that are gone, with no claim left to time it out
+        state.wait_for_everyone()
         if not state.is_main_process:
             return None
         summary = _finish(work, out, data, run, stage, fingerprint, settings, claims, rows_per_input, finalize,
