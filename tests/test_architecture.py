@@ -19,6 +19,7 @@ ALLOWED = {
     "evaluate": {"engine", "backends"},
     "validate": {"sources", "review.store", "engine", "backends"},
     "review": {"engine"},
+    "recipe": {"review.store", "engine", "backends"},
     "generate": {"sources", "instruct", "edit", "engine", "backends"},
     "sources": {"engine", "backends"},
     "instruct": {"engine", "backends"},
