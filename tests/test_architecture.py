@@ -13,7 +13,7 @@ GENERATION = {"sources", "instruct", "edit", "generate"}
 ALLOWED = {
     "cli": {"*"},
     "__main__": {"cli"},
-    "demo": {"probes", "release", "evaluate", "validate", "review", "engine", "backends"} | GENERATION,
+    "demo": {"recipe", "probes", "release", "evaluate", "validate", "review", "engine", "backends"} | GENERATION,
     "probes": {"evaluate", "sources", "engine", "backends"},
     "release": {"validate", "review", "evaluate.caveats", "engine", "backends"},
     "evaluate": {"engine", "backends"},

@@ -36,7 +36,7 @@ SPEC_KINDS = {"instructor": "instructors", "editor": "editors", "judge": "judges
 # The stages whose run is only done once reviewers decided: `REVIEW` stands before `release` when it is required.
 GATE_FIELD = ("release", "require_review")
 STATE_FILE = "build.json"
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # the built-in recipes (package data; the repo links recipes/ here)
 KINDS = {"bool": bool, "int": int, "float": float, "str": str, "list": list}
 
 
@@ -199,6 +199,12 @@ def load(path: str | Path, schema: Schema) -> Recipe:
     except yaml.YAMLError as err:
         raise RecipeError(f"{file}: not valid YAML: {' '.join(str(err).split())}") from err
     return from_mapping(data, schema, where=str(file))
+
+
+def builtin(name: str) -> dict[str, Any]:
+    """A built-in recipe (``recipes/<name>.yaml``) as written, as plain data; `from_mapping` checks it against the
+    commands' options (every shipped recipe is checked in the tests)."""
+    return yaml.safe_load((RECIPES_DIR / f"{name}.yaml").read_text(encoding="utf-8"))
 
 
 def resolve(recipe: Recipe, schema: Schema) -> Recipe:
