@@ -239,3 +239,24 @@ def test_the_slurm_script_parses_and_its_torchrun_rendezvous_comes_from_slurm():
     for variable in ("$SLURM_NNODES", "$SLURM_GPUS_ON_NODE", "$SLURM_NODEID", "$SLURM_NODELIST", "$SLURM_JOB_ID"):
         assert variable in torchrun, variable
     assert "--rdzv_backend c10d" in torchrun and "-m safetypairs build" in torchrun
+
+
+@pytest.mark.slow  # two launched processes each load the OCR models (about a minute on two cores)
+def test_under_torchrun_sharded_stages_shard_and_the_release_runs_once(built, tmp_path):
+    """Two torchrun ranks: validate shards (2 processes in run.json, rows as one process gives them), release runs on
+    rank 0 only and its card carries the recipe; the stages share one process group."""
+    from demo_rows import rows_digest
+    from safetypairs.engine.datafiles import read_rows
+    from safetypairs.release.card import recorded_recipe
+
+    _copy_generate(built, tmp_path)
+    recipe = _recipe_file(tmp_path, **{"validate.chunk_size": 2})
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "safetypairs", "-q", "build", str(recipe), "--out", str(tmp_path), "--until",
+                           "release"], capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("release written to") == 1 and proc.stdout.count("plan for demo") == 1
+    assert json.loads((tmp_path / "validate" / "run.json").read_text())["num_processes"] == 2
+    _, out = built
+    assert rows_digest(read_rows(tmp_path / "validate")) == rows_digest(read_rows(out / "validate"))
+    assert recorded_recipe(tmp_path / "release" / "README.md")["validate"]["chunk_size"] == 2

@@ -8,8 +8,10 @@ runner's fingerprints, resumption, sharding and one-line errors are the commands
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -133,25 +135,39 @@ def _rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _fresh_process_group() -> None:
-    """Under a launcher, each stage's `session` tears its process group down when it ends: forget accelerate's shared
-    state so the next stage (or barrier) starts its own group from the launcher's variables."""
-    from accelerate import PartialState
+@contextlib.contextmanager
+def _one_process_group(device: str) -> Iterator[Any]:
+    """Under torchrun / accelerate launch: one process group for the whole build, torn down once at its end.
 
-    PartialState._reset_state()
+    Each stage's `runner.session` tears its group down when it ends (right for a command run alone); a second
+    group made in the same process would find the first one's addresses in the launcher's store. accelerate keeps
+    the group of a state made with ``FORK_LAUNCHED=1`` (its ``destroy_process_group`` is then a no-op; every
+    `PartialState()` reads the variable again), so the build sets it while it runs and the stages share one group.
+    Yields ``None`` for a single process.
+    """
+    if _rank()[1] == 1:
+        yield None
+        return
+    import torch.distributed as dist
+
+    from safetypairs.engine.runner import process_state
+
+    before = os.environ.get("FORK_LAUNCHED")
+    os.environ["FORK_LAUNCHED"] = "1"
+    try:
+        yield process_state(device)
+    finally:
+        if before is None:
+            os.environ.pop("FORK_LAUNCHED", None)
+        else:
+            os.environ["FORK_LAUNCHED"] = before
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def _barrier(device: str) -> None:
-    """Every rank waits here until rank 0 has finished a stage only it runs."""
-    from safetypairs.engine.runner import session
-
-    _fresh_process_group()
-    with session(device) as state:
-        state.wait_for_everyone()
-
-
-def _run_stage(stage: str, recipe: Recipe, fields: dict[str, Field], out: Path) -> None:
-    """Run one stage as its command (parse the words, check the inputs, call it).
+def _run_stage(stage: str, recipe: Recipe, fields: dict[str, Field], out: Path, state: Any) -> None:
+    """Run one stage as its command (parse the words, check the inputs, call it): on every rank when it shards, else
+    on rank 0 only (``state``: the launched processes' state, ``None`` for one process).
 
     Raises:
         CLIError: when the command ends with a non-zero status.
@@ -159,17 +175,11 @@ def _run_stage(stage: str, recipe: Recipe, fields: dict[str, Field], out: Path) 
     from safetypairs.cli import RUN_FOLDER_COMMANDS, build_parser
 
     args = build_parser().parse_args(_argv(stage, recipe.fields(stage), fields, out))
-    rank, world = _rank()
-    sharded = stage in RUN_FOLDER_COMMANDS
-    if world > 1 and sharded:
-        _fresh_process_group()
-    if sharded or rank == 0:
+    if stage in RUN_FOLDER_COMMANDS or state is None or state.is_main_process:
         check_inputs(args)
         status = int(args.func(args) or 0)
         if status:
             raise CLIError(f"{stage} ended with status {status}")
-    if world > 1 and not sharded:
-        _barrier(recipe.fields(stage).get("device") or "auto")
 
 
 def _after_release(recipe: Recipe, out: Path, command: str) -> None:
@@ -189,7 +199,7 @@ def _after_release(recipe: Recipe, out: Path, command: str) -> None:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from safetypairs.recipe import plan, record_stage
+    from safetypairs.recipe import plan
 
     schema = stage_schema()
     try:
@@ -198,12 +208,27 @@ def _cmd_build(args: argparse.Namespace) -> int:
         steps = plan(recipe, out, start=args.start, until=args.until)
     except RecipeError as err:
         raise CLIError(str(err)) from err
-    _print_plan(steps, recipe, out)
+    rank, _ = _rank()
+    if rank == 0:  # rank 0 reports, as every stage does
+        _print_plan(steps, recipe, out)
     if args.dry_run:
         return 0
-    rank, _ = _rank()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+    with _one_process_group(args.device) as state:
+        _run_steps(steps, recipe, schema, out, state, f"safetypairs build --from-release <this release> --out {args.out}")
+    if rank == 0:
+        sys.stdout.write(f"build {recipe.name}: done in {out}\n" if all(s.action != "stop" for s in steps)
+                         else f"build {recipe.name}: stopped after --until {args.until} in {out}\n")
+    return 0
+
+
+def _run_steps(steps: list[Step], recipe: Recipe, schema: dict[str, tuple[Field, ...]], out: Path, state: Any,
+               rebuild: str) -> None:
+    """Each step of the plan: the review gate, a stage run (rank 0 records it), a reused stage left as it is."""
+    from safetypairs.recipe import record_stage
+
+    rank, _ = _rank()
     for step in steps:
         if step.action == "gate":
             waiting, accepted, how = _gate(recipe, out)
@@ -211,14 +236,13 @@ def _cmd_build(args: argparse.Namespace) -> int:
                 raise CLIError(f"review gate: {waiting} of {accepted} accepted pairs wait for a review decision; {how}")
         elif step.action == "run":
             fields = {f.name: f for f in schema[step.stage]}
-            _run_stage(step.stage, recipe, fields, out)
+            _run_stage(step.stage, recipe, fields, out, state)
             if step.stage == "release" and rank == 0:
-                _after_release(recipe, out, f"safetypairs build --from-release <this release> --out {args.out}")
+                _after_release(recipe, out, rebuild)
             if rank == 0:
                 record_stage(out, step.stage, step.key, recipe.fields(step.stage))
-    sys.stdout.write(f"build {recipe.name}: done in {out}\n" if all(s.action != "stop" for s in steps)
-                     else f"build {recipe.name}: stopped after --until {args.until} in {out}\n")
-    return 0
+            if state is not None:
+                state.wait_for_everyone()  # the others wait while rank 0 finishes and records the stage
 
 
 def add_build(sub: argparse._SubParsersAction) -> None:
@@ -240,4 +264,7 @@ def add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--from", dest="start", choices=STAGES, help="start at this stage; earlier ones are taken as they are")
     p.add_argument("--until", choices=STAGES, help="stop after this stage")
     p.add_argument("--dry-run", action="store_true", help="print the plan (which stages run or are reused, and why)")
+    p.add_argument("--device", default="auto",
+                   help="under torchrun / accelerate launch: the device kind of the process group the stages share "
+                        "(auto: NCCL with CUDA, else gloo); each stage's own device is its recipe field")
     p.set_defaults(func=_cmd_build)
