@@ -86,6 +86,27 @@ def test_an_option_added_to_a_command_is_a_recipe_field_without_a_second_declara
         R.from_mapping({"generate": {"source": "demo:2", "editor_batch_size": "3"}}, schema)
 
 
+def test_each_stage_reads_the_folder_of_the_stage_before_it(capsys):
+    """The build's words for each stage: its --out under the build folder, its input the previous stage's folder, a
+    sample-efficiency section's --pairs the release; --print-schema prints the schema the recipe is checked with."""
+    schema = stage_schema()
+    recipe = R.resolve(R.from_mapping({
+        "generate": {"source": "demo:2"}, "validate": {"judge": "ocr-lexicon"}, "release": {"push": "me/x"},
+        "evaluate": {"guard": ["nudenet"]},
+        "sample-efficiency": {"base": "b", "eval": "e", "encoder": "ocr-text", "k": "1,2"}}, schema), schema)
+    words = {stage: _argv(stage, recipe.stages[stage], {f.name: f for f in schema[stage]}, Path("B"))
+             for stage in R.STAGES}
+    assert words["validate"][:5] == ["validate", "--out", "B/validate", "--overwrite", "B/generate"]
+    assert words["release"][:5] == ["release", "--out", "B/release", "--overwrite", "B/validate"]
+    assert "--push" not in words["release"]  # uploaded by the build once the card carries the recipe
+    assert words["evaluate"][4:6] == ["--dataset", "B/release"] and words["evaluate"].count("--guard") == 1
+    assert words["sample-efficiency"][4:6] == ["--pairs", "B/release"] and "--k" in words["sample-efficiency"]
+    assert [s.stage for s in R.plan(recipe, "nowhere")] == list(R.STAGES)
+    assert main(["build", "--print-schema"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["properties"]["sample-efficiency"]["required"] == ["base", "eval", "encoder"]
+
+
 @pytest.mark.parametrize("text, says", [
     ("generate:\n  source: demo:2\n  edtor: ocr-inpaint\n", "unknown field generate.edtor; did you mean 'editor'?"),
     ("generat:\n  source: demo:2\n", "unknown field 'generat'; did you mean 'generate'?"),

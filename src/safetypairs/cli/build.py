@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -16,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from safetypairs.cli.common import CLIError, check_inputs
-from safetypairs.cli.options import add_out
 from safetypairs.recipe import (
     LINKS,
     REVIEW,
@@ -62,7 +62,7 @@ def load_recipe(args: argparse.Namespace, schema: dict[str, tuple[Field, ...]]) 
     """The recipe named by ``RECIPE`` or recorded in the card of ``--from-release``, checked (no model loads)."""
     from safetypairs import recipe as R
 
-    if bool(args.recipe) == bool(args.from_release):
+    if bool(args.recipe) == bool(args.from_release):  # --print-schema needs neither
         raise CLIError("give a RECIPE file (or built-in name) or --from-release, not both and not neither")
     if args.from_release:
         from safetypairs.release.card import recorded_recipe
@@ -199,9 +199,14 @@ def _after_release(recipe: Recipe, out: Path, command: str) -> None:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from safetypairs.recipe import plan
+    from safetypairs.recipe import json_schema, plan
 
     schema = stage_schema()
+    if args.print_schema:
+        sys.stdout.write(json.dumps(json_schema(schema), indent=1) + "\n")
+        return 0
+    if not args.out:
+        raise CLIError("--out is required (the build folder)")
     try:
         recipe = load_recipe(args, schema)
         out = Path(args.out).expanduser()
@@ -259,11 +264,13 @@ def add_build(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("recipe", nargs="?", help="a recipe YAML file or a built-in recipe name (demo, paper, your-data)")
-    add_out(p, "build folder (one run folder per stage, build.json)")
+    p.add_argument("--out", help="build folder (one run folder per stage, build.json)")
     p.add_argument("--from-release", help="re-plan the recipe recorded in a release's card (folder or hub ORG/NAME)")
     p.add_argument("--from", dest="start", choices=STAGES, help="start at this stage; earlier ones are taken as they are")
     p.add_argument("--until", choices=STAGES, help="stop after this stage")
     p.add_argument("--dry-run", action="store_true", help="print the plan (which stages run or are reused, and why)")
+    p.add_argument("--print-schema", action="store_true",
+                   help="print the recipe's JSON schema (every stage option, read from the commands) and exit")
     p.add_argument("--device", default="auto",
                    help="under torchrun / accelerate launch: the device kind of the process group the stages share "
                         "(auto: NCCL with CUDA, else gloo); each stage's own device is its recipe field")
