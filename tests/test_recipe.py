@@ -174,6 +174,11 @@ def test_a_finished_build_is_reused_and_its_card_carries_the_recipe(built, capsy
     assert recorded["validate"]["judge"] == "ocr-lexicon:box_thresh=0.3,unclip_ratio=2.0"
     assert recorded["provenance"]["versions"]["datasets"] and "## Provenance" in card.text
     assert len(load_dataset(str(out / "release"), "pairs")["test"]) == GOLDEN["release/pairs/test"]["rows"]
+    # --from takes the stages before it as they are; --until stops after one
+    assert _plan(capsys, str(recipe), "--out", str(out), "--from", "release", "--until", "release") == [
+        ("generate", "reuse"), ("validate", "reuse"), ("release", "reuse"), ("evaluate", "stop")]
+    assert main(["build", str(recipe), "--out", str(out.parent / "empty"), "--from", "validate", "--dry-run"]) == 2
+    assert "--from validate: generate has not finished" in capsys.readouterr().err
     # --from-release re-plans the recorded recipe: the same stages, all reused here
     assert _plan(capsys, "--from-release", str(out / "release"), "--out", str(out)) == [
         (s, "reuse") for s in ("generate", "validate", "release", "evaluate")]
