@@ -209,3 +209,69 @@ def test_source_rows_labelled_by_source_label_are_natural_images():
                               "candidate": [0, 0, 0, 1]})
     natural = natural_images(rows)
     assert natural[LABEL] == [1, 0] and natural["role"] == ["natural", "natural"]
+
+
+def test_natural_predictions_share_the_runner_chunks_and_equal_predicting_them_alone(tmp_path):
+    """The natural images follow the release's in the run's input (so the ranks share them like the release's chunks,
+    none left for rank 0 after the others finished): the comparison equals the one made from the natural images
+    predicted on their own, and the release's predictions and statuses keep to the release."""
+    from collections import Counter
+
+    from release_rows import validated_rows
+    from tiny_models import build_tiny_open_clip
+
+    from safetypairs.engine.datafiles import load_release
+    from safetypairs.engine.folders import read_json
+    from safetypairs.engine.runner import RunConfig
+    from safetypairs.evaluate.scoring import guard_columns
+    from safetypairs.evaluate.stage import EvaluateConfig, evaluate_run, predict
+    from safetypairs.release.assemble import ReleaseConfig
+    from safetypairs.release.publish import write_release
+
+    release = write_release(validated_rows(6), tmp_path / "release", ReleaseConfig())
+    natural = natural_images(Dataset.from_dict({
+        "image": [demo_photo(n).resize((32, 32)) for n in ("coffee", "rocket", "moon", "clock", "astronaut")],
+        "label": ["unsafe", "safe", "unsafe", "safe", "safe"]}))
+    guard = f"clip-zeroshot:open_clip:{build_tiny_open_clip(tmp_path / 'clip')}"
+    config = EvaluateConfig(guards=(guard,), device="cpu", n_bootstrap=50)
+    results = evaluate_run(str(release), config, RunConfig(tmp_path / "run", chunk_size=4), natural=natural)
+
+    images = load_release(str(release), "images", "auto")
+    meta = read_json(tmp_path / "run" / "run.json")
+    n_rows = len(images) + len(natural)
+    assert meta["rows_in"] == n_rows and len(meta["timings"]["chunk_ranks_last_run"]) == -(-n_rows // 4)
+    alone = predict(select_natural(natural, images, load_policy("llavaguard")).rows, config)[0]
+    written = Dataset.from_parquet(str(tmp_path / "run" / "predictions.parquet"))
+    assert len(written) == len(images) and written.features["role"] == images.features["role"]
+    assert written["pair_id"] == images["pair_id"] and written["label"] == images["label"]
+    expected = natural_comparison(written, alone, {guard: guard_columns(guard)["pred"]}, n_bootstrap=50, seed=0)
+    assert results["natural"] == json.loads(json.dumps(expected))
+    statuses = results["guards"][guard]["statuses"]
+    assert statuses == dict(Counter(written[guard_columns(guard)["status"]])) and sum(statuses.values()) == len(images)
+
+
+def test_two_processes_share_the_natural_images_and_give_the_comparison_of_one(tmp_path):
+    import pyarrow.parquet as pq
+    from release_rows import validated_rows
+    from slow_backends import _cli
+
+    from safetypairs.engine.folders import read_json
+    from safetypairs.release.assemble import ReleaseConfig
+    from safetypairs.release.publish import write_release
+
+    release = write_release(validated_rows(6), tmp_path / "release", ReleaseConfig())
+    Dataset.from_dict({"image": [demo_photo(n).resize((32, 32)) for n in ("coffee", "rocket", "moon", "clock", "astronaut")],
+                       "label": ["unsafe", "safe", "unsafe", "safe", "safe"]}).save_to_disk(str(tmp_path / "natural"))
+
+    def run(out, launcher=()):
+        _cli(["evaluate", "--dataset", str(release), "--guard", "slow", "--device", "cpu", "--bootstrap", "30",
+              "--natural", str(tmp_path / "natural"), "--chunk-size", "3", "--out", str(out)], launcher=launcher)
+        return json.loads((out / "results.json").read_text()), pq.read_table(out / "predictions.parquet")
+
+    one, one_preds = run(tmp_path / "one")
+    two, two_preds = run(tmp_path / "two", launcher=("--standalone", "--nproc_per_node", "2"))
+    assert two["natural"] == one["natural"] and two["natural_set"] == one["natural_set"]
+    assert two_preds.equals(one_preds) and two["guards"]["slow"]["statuses"] == one["guards"]["slow"]["statuses"]
+    meta = read_json(tmp_path / "two" / "run.json")
+    assert meta["num_processes"] == 2 and meta["rows_in"] == one["n_images"] + 5
+    assert one["natural"]["slow"]["n_natural"] == {"unsafe": 2, "safe": 3}

@@ -8,7 +8,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -17,7 +19,7 @@ from datasets import Dataset
 from runner_job import compute, toy_rows
 
 from safetypairs import schema as S
-from safetypairs.engine.chunks import chunk_ranges
+from safetypairs.engine.chunks import Claims, chunk_path, chunk_ranges, chunk_spans, claims_folder, open_claims
 from safetypairs.engine.datafiles import load_run
 from safetypairs.engine.folders import (
     LOCK_FILE,
@@ -56,13 +58,89 @@ def _run(out: Path, chunk_size: int = 2, calls: list | None = None, fail_at: str
                      run=RunConfig(out, chunk_size=chunk_size), device="cpu")
 
 
-def test_chunk_ranges_are_contiguous_and_cover_everything():
-    for n, size, world in [(10, 3, 1), (10, 3, 2), (10, 3, 8), (1, 64, 4), (0, 5, 2)]:
-        spans = [chunk_ranges(n, size, rank, world) for rank in range(world)]
-        flat = [s for rank_spans in spans for s in rank_spans]
-        assert [c for c, _, _ in flat] == list(range(len(flat)))
-        assert sum(stop - start for _, start, stop in flat) == n
-        assert all(start == (c * size) for c, start, _ in flat)
+def test_chunks_are_fixed_and_the_contiguous_reference_deals_them_out_in_runs():
+    assert chunk_spans(10, 3) == [(0, 0, 3), (1, 3, 6), (2, 6, 9), (3, 9, 10)]
+    assert chunk_spans(1, 64) == [(0, 0, 1)] and chunk_spans(0, 5) == []
+    assert [chunk_ranges(10, 3, rank, 2) for rank in range(2)] == [[(0, 0, 3), (1, 3, 6)], [(2, 6, 9), (3, 9, 10)]]
+    for n, size, world in [(10, 3, 1), (10, 3, 8), (1, 64, 4), (0, 5, 2)]:
+        assert [s for rank in range(world) for s in chunk_ranges(n, size, rank, world)] == chunk_spans(n, size)
+
+
+def test_each_chunk_is_claimed_by_exactly_one_rank_and_a_new_attempt_drops_old_claims(tmp_path):
+    open_claims(tmp_path, "old")
+    ranks = [Claims(tmp_path, "old", rank) for rank in range(8)]
+    won: list[tuple[int, int]] = []
+    start = threading.Barrier(len(ranks))
+
+    def grab(claims: Claims) -> None:
+        start.wait()
+        won.extend((c, claims.rank) for c in range(50) if claims.take(c))
+
+    threads = [threading.Thread(target=grab, args=(claims,)) for claims in ranks]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(c for c, _ in won) == list(range(50))  # every chunk once, never twice
+    assert ranks[0].ranks() == {str(c): rank for c, rank in sorted(won)}
+    assert read_json(ranks[3].path(7))["rank"] == dict(won)[7] and read_json(ranks[3].path(7))["pid"] == os.getpid()
+    assert ranks[0].take(3, ".pass-001") and ranks[0].ranks()["3.pass-001"] == 0
+    open_claims(tmp_path, "new")  # the next attempt: the old claims go, its chunks can be claimed again
+    assert not claims_folder(tmp_path, "old").exists() and Claims(tmp_path, "new", 1).take(7)
+
+
+def _finished(work: Path, index: int, seconds: float, piece: str = "") -> None:
+    chunk_path(work, index, f"{piece}.parquet").write_bytes(b"rows")
+    chunk_path(work, index, f"{piece}.json").write_text(json.dumps({"chunk": index, "seconds": {"compute": seconds}}))
+
+
+def test_a_rank_waits_for_claimed_chunks_while_they_progress_and_fails_clearly_when_they_stall(tmp_path, monkeypatch):
+    from safetypairs.engine import runner
+
+    monkeypatch.setattr(runner, "STALL_MINUTES", 0.3 / 60)  # a 0.3 s stall window (4 x 0.01 s chunks is less)
+    spans = chunk_spans(6, 2)
+    open_claims(tmp_path, "run")
+    other = Claims(tmp_path, "run", 2)
+    assert all(other.take(c) for c in range(3))
+    later = threading.Timer(0.8, _finished, (tmp_path, 0, 0.01))  # no chunk finished yet: no scale, no deadline
+    later.start()
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="nothing finished for 0 s") as err:
+        runner._wait_for_chunks(tmp_path, spans, Claims(tmp_path, "run", 0), "toy")
+    assert time.monotonic() - t0 >= 0.8 + 0.3  # the window counts from the first chunk that finished
+    later.join()
+    assert f"2 chunk(s) are unfinished (chunk-000001: rank 2 (pid {os.getpid()}" in str(err.value)
+    assert "chunk-000002: rank 2" in str(err.value) and "run the command again to resume" in str(err.value)
+    monkeypatch.setattr(runner, "STALL_MINUTES", 3 / 60)
+    for c in (1, 2):  # each finishes within the window of the one before
+        threading.Timer(0.5 * c, _finished, (tmp_path, c, 0.01)).start()
+    t0 = time.monotonic()
+    runner._wait_for_chunks(tmp_path, spans, Claims(tmp_path, "run", 0), "toy")
+    assert chunk_path(tmp_path, 2, ".json").exists() and time.monotonic() - t0 < 5
+
+
+def test_a_pass_that_runs_is_not_judged_by_the_seconds_of_another(tmp_path, monkeypatch):
+    """Guard-major passes: a fast guard's pieces say nothing of how long a slow guard's take, so while only a piece of
+    a pass none of whose pieces has finished runs, the wait has no limit."""
+    from safetypairs.engine import runner
+
+    monkeypatch.setattr(runner, "STALL_MINUTES", 0.3 / 60)
+    (tmp_path / "chunks").mkdir()
+    open_claims(tmp_path, "run")
+    other = Claims(tmp_path, "run", 1)
+    assert other.take(0, ".pass-000") and other.take(1, ".pass-001")
+    _finished(tmp_path, 0, 0.01, ".pass-000")  # a fast pass's piece: a 0.3 s window, had it been the scale
+
+    def slow_pass_done() -> None:
+        for c in (0, 1):
+            _finished(tmp_path, c, 0.01)
+
+    later = threading.Timer(1.0, slow_pass_done)
+    later.start()
+    t0 = time.monotonic()
+    runner._wait_for_chunks(tmp_path, chunk_spans(2, 1), Claims(tmp_path, "run", 0), "toy")
+    later.join()
+    assert time.monotonic() - t0 >= 1.0
 
 
 def test_finished_run_is_reused_without_compute_and_rows_do_not_depend_on_chunking(tmp_path):
@@ -87,9 +165,12 @@ def test_a_failed_run_records_the_error_and_resumes_to_the_same_rows(tmp_path):
     meta = read_json(work / "run.json")
     assert not out.exists() and meta["status"] == "failed" and "injected failure at r004" in meta["error"]
     assert not (work / LOCK_FILE).exists()
+    failed = [p for p in (work / "chunks" / "claims").glob("*/chunk-*.json")]
+    assert sorted(p.name for p in failed)[-1] == "chunk-000002.json"  # the failed attempt's claim stays behind
     calls: list[str] = []
     summary = _run(out, calls=calls)
     assert calls == ["r004", "r006"] and summary.chunks_reused == 2 and not work.exists()
+    assert read_json(out / "run.json")["timings"]["chunk_ranks_last_run"] == {"2": 0, "3": 0}
     _run(tmp_path / "ref")
     assert _table(out).equals(_table(tmp_path / "ref"))
 
@@ -189,6 +270,42 @@ def _job(out: Path, *args: str, launcher: tuple[str, ...] = ()) -> subprocess.Co
     return proc
 
 
+def _ranks(out: Path) -> Counter:
+    """How many chunks (or pieces) each rank of the last attempt computed, from the claims ``run.json`` keeps."""
+    return Counter(read_json(out / "run.json")["timings"]["chunk_ranks_last_run"].values())
+
+
+SLOW = ("--rows", "24", "--chunk-size", "1", "--sleep", "0.1", "--slow-rank", "2", "--slow-factor", "8")
+THREE = ("--standalone", "--nproc_per_node", "3")
+
+
+def test_three_ranks_claim_chunks_as_they_go_and_a_slow_rank_computes_fewer(tmp_path):
+    """Rank 2 takes 8x as long per chunk: dealt out up front it would compute 8 of the 24 chunks (a third, the
+    wall bounded by its share); claiming, it computes fewer than either fast rank, and the rows are those of one
+    process."""
+    _job(tmp_path / "one", "--rows", "24", "--chunk-size", "1")
+    _job(tmp_path / "three", *SLOW, launcher=THREE)
+    assert _table(tmp_path / "three").equals(_table(tmp_path / "one"))
+    ranks = _ranks(tmp_path / "three")
+    assert sum(ranks.values()) == 24 and set(ranks) == {0, 1, 2}
+    assert ranks[2] < min(ranks[0], ranks[1]) and ranks[2] < len(chunk_ranges(24, 1, 2, 3)), ranks
+    meta = read_json(tmp_path / "three" / "run.json")
+    assert meta["num_processes"] == 3 and meta["usage"]["toy"]["rows"]["requests"] == 24
+
+
+def test_three_ranks_claim_each_pass_and_join_of_guard_major_passes(tmp_path):
+    """`Passes` (evaluate's guard-major order) claimed piece by piece and joined by whoever claims the join: the rows
+    of one process without passes, the slow rank computing the fewest pieces."""
+    _job(tmp_path / "one", "--rows", "12", "--chunk-size", "1")
+    _job(tmp_path / "three", *SLOW[2:], "--rows", "12", "--passes", launcher=THREE)
+    assert _table(tmp_path / "three").equals(_table(tmp_path / "one"))
+    claimed = read_json(tmp_path / "three" / "run.json")["timings"]["chunk_ranks_last_run"]
+    assert sorted(claimed) == sorted([f"{c}{piece}" for c in range(12) for piece in ("", ".pass-000", ".pass-001")])
+    pieces = Counter(rank for name, rank in claimed.items() if ".pass-" in name)
+    assert sum(pieces.values()) == 24 and pieces[2] < min(pieces[0], pieces[1]), pieces
+    assert read_json(tmp_path / "three" / "run.json")["statuses"] == {"toy": {"even": 6, "odd": 6}}
+
+
 def test_two_processes_and_two_nodes_give_the_rows_of_one(tmp_path):
     _job(tmp_path / "one")
     _job(tmp_path / "two", launcher=("--standalone", "--nproc_per_node", "2"))
@@ -242,8 +359,11 @@ def test_sigkill_after_the_first_chunk_resumes_and_a_second_writer_refuses(tmp_p
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert len(list((work / "chunks").glob("chunk-*.json"))) == 1 and not out.exists()
-    done = _job(out)  # the dead process's lock is stale
+    left = sorted(p.name for p in (work / "chunks" / "claims").glob("*/chunk-*.json"))
+    assert left == ["chunk-000000.json", "chunk-000001.json"]  # the killed run held chunk 1, never finished
+    done = _job(out)  # the dead process's lock is stale, and so is its claim of chunk 1
     assert "1 computed" not in done.stdout and "3 computed, 1 reused" in done.stdout
+    assert read_json(out / "run.json")["timings"]["chunk_ranks_last_run"] == {"1": 0, "2": 0, "3": 0}
     assert read_json(out / "run.json")["usage"]["toy"]["rows"]["requests"] == 7  # the killed run's chunk counted once
     _job(tmp_path / "ref")
     assert _table(out).equals(_table(tmp_path / "ref"))

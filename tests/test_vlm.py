@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 from PIL import Image
-from tiny_models import build_tiny_vlm
+from tiny_models import build_tiny_vlm, reference_next_word_probs
 
 from safetypairs.backends.vlm import VLMConfig, choice_token_ids, load_vlm
 
@@ -25,20 +25,33 @@ def test_generate_batched_matches_single(vlm):
     assert vlm.generate(_images()[1:], prompts[1:], max_new_tokens=5) == batch[1:]  # left padding is right
 
 
-def test_choice_scores_are_probabilities_and_match_generate(vlm):
+def _reference_text(vlm, prompt, prefix=""):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    return vlm.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + prefix
+
+
+@pytest.mark.parametrize("words, prefix", [(("safe", "unsafe"), ""), (("Safe", "Unsafe"), '{"rating": "')])
+def test_generate_scores_equal_a_separate_forward_pass(vlm, words, prefix):
+    """The scores read from generate's first step (batched, left-padded) equal a plain forward pass per image on the
+    prompt (with the answer prefix prefilled), done here: no second pass is needed."""
     prompts = ["a", "Is the image unsafe ?"]
-    probs = vlm.choice_scores(_images(), prompts, ("safe", "unsafe"))
-    assert probs.shape == (2, 2) and np.allclose(probs.sum(axis=1), 1.0)
-    _, gen_probs = vlm.generate_with_scores(_images(), prompts, ("safe", "unsafe"), max_new_tokens=2)
-    assert np.allclose(probs, gen_probs, atol=1e-5)
-    prefixed = vlm.choice_scores(_images(), prompts, ("Safe", "Unsafe"), answer_prefix='{"rating": "')
-    assert not np.allclose(prefixed, probs)
+    answers, probs = vlm.generate_with_scores(_images(), prompts, words, max_new_tokens=2, answer_prefix=prefix)
+    assert probs.shape == (2, 2) and np.allclose(probs.sum(axis=1), 1.0) and len(answers) == 2
+    expected = [reference_next_word_probs(vlm.model, vlm.processor, image, _reference_text(vlm, p, prefix), words)
+                for image, p in zip(_images(), prompts)]
+    assert np.allclose(probs, expected, atol=1e-5)
 
 
 def test_choice_token_ids_reject_shared_first_token(vlm):
     with pytest.raises(ValueError, match="share a first token"):
         choice_token_ids(vlm.tokenizer, ("safe", "safe"))
     assert len(set(choice_token_ids(vlm.tokenizer, ("safe", "unsafe"), "ASSISTANT:"))) == 2
+
+
+def test_bad_choices_raise_before_the_model_runs(vlm, monkeypatch):
+    monkeypatch.setattr(vlm.model, "generate", lambda *a, **k: pytest.fail("generate ran"))
+    with pytest.raises(ValueError, match="share a first token"):
+        vlm.generate_with_scores(_images(), ["a", "b"], ("safe", "safe"), max_new_tokens=2)
 
 
 def test_config_validation():

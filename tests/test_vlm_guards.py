@@ -7,13 +7,16 @@ from PIL import Image
 from tiny_models import (
     build_tiny_fixed_logits_vlm,
     build_tiny_gemma3,
+    build_tiny_llava_onevision,
     build_tiny_shieldgemma2,
     build_tiny_vlm,
+    reference_next_word_probs,
     register_tiny_open_clip,
 )
 
 from safetypairs.backends.base import Verdict
 from safetypairs.backends.vlm_guards import (
+    LLAVAGUARD_RATING_PREFIX,
     parse_llavaguard,
     parse_safe_unsafe,
     render_guard_prompt,
@@ -201,7 +204,7 @@ def test_llavaguard_uses_the_taxonomy_names_and_all_categories():
 
 def test_llavaguard_defaults_and_checkpoint_check(vlm_path):
     guard = build_backend("guards", f"llavaguard:{vlm_path}")
-    assert guard.options.max_new_tokens == 500
+    assert guard.options.max_new_tokens == 200
     for model in ("AIML-TUDA/LlavaGuard-v1.2-7B-OV", "AIML-TUDA/LlavaGuard-13B"):
         with pytest.raises(ValueError, match="LlavaGuard-v1.2-0.5B-OV-hf, AIML-TUDA/LlavaGuard-v1.2-7B-OV-hf"):
             build_backend("guards", f"llavaguard:{model}")
@@ -241,3 +244,92 @@ def test_gemma3_hf_vlm_guard_batches_rows(gemma3_path):
     assert len(verdicts) == 3 and all(0.0 <= v.score <= 1.0 for v in verdicts)
     alone = guard.classify(photos[1:2], ["O2"], POLICY)[0]
     assert alone.score == pytest.approx(verdicts[1].score, abs=1e-4) and alone.raw == verdicts[1].raw
+
+
+class _Forwards:
+    """Counts a model's forward passes by the number of positions each one runs (a forward pre-hook)."""
+
+    def __init__(self, model):
+        self.lengths = []
+        self.handle = model.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, module, args, kwargs):
+        ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+        self.lengths.append((ids.shape[0], ids.shape[1]))
+
+
+def test_llavaguard_scores_from_the_one_generate_call(tmp_path, monkeypatch):
+    """LLaVA-OneVision (LlavaGuard's architecture), two rows of different prompt lengths in one batch: one generate
+    call and one forward pass over the prompt (the rest are one-token decode steps), and each score equals the
+    two-pass method's, computed here by its own full forward pass per image on the prompt with the answer prefilled
+    up to the rating value."""
+    guard = load_backend("guards", f"llavaguard:{build_tiny_llava_onevision(tmp_path / 'ov')},max_new_tokens=4,"
+                                   "scope=category")
+    model, processor = guard.vlm.model, guard.vlm.processor
+    generate_calls = []
+    real_generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, **k: generate_calls.append(1) or real_generate(*a, **k))
+    forwards = _Forwards(model)
+    verdicts = guard.classify(_images(), ["O2", None], POLICY)
+    forwards.handle.remove()
+    assert len(generate_calls) == 1
+    assert forwards.lengths[0][0] == 2 and forwards.lengths[0][1] > 100  # the batch's prompts, once
+    assert all(length == (2, 1) for length in forwards.lengths[1:]) and len(forwards.lengths) <= 4
+    for image, category, verdict in zip(_images(), ["O2", None], verdicts):
+        messages = [{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": render_guard_prompt("llavaguard", POLICY, category, "category")}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + '{\n    "rating": "'
+        expected = reference_next_word_probs(model, processor, image, text, ("Safe", "Unsafe"))[1]
+        assert verdict.score == pytest.approx(float(expected), abs=1e-5)
+        assert verdict.raw.startswith('{\n    "rating": "') and verdict.label in ("safe", "unsafe", "unknown")
+
+
+def test_llavaguard_parses_the_prefilled_answer(vlm_path, monkeypatch):
+    """The generated text continues the prefilled rating prefix: the verdict parses prefix + continuation."""
+    guard = load_backend("guards", f"llavaguard:{vlm_path},score=false")
+    seen = {}
+
+    def generate_with_scores(images, prompts, choices, max_new_tokens, answer_prefix):
+        seen.update(choices=choices, max_new_tokens=max_new_tokens, answer_prefix=answer_prefix)
+        return ['Unsafe",\n    "category": "O2: Violence, Harm, or Cruelty",\n    "rationale": "a fight",\n}',
+                'Safe",\n    "category": "NA: None applying",\n    "rationale": "a cu'], None
+
+    monkeypatch.setattr(guard.vlm, "generate_with_scores", generate_with_scores)
+    unsafe, safe = guard.classify(_images(), ["O2", None], POLICY)
+    assert seen == {"choices": (), "max_new_tokens": 200, "answer_prefix": '{\n    "rating": "'}
+    assert (unsafe.label, unsafe.score, unsafe.rationale) == ("unsafe", None, "O2: Violence, Harm, or Cruelty: a fight")
+    assert unsafe.raw == '{\n    "rating": "Unsafe",\n    "category": "O2: Violence, Harm, or Cruelty",\n' \
+                         '    "rationale": "a fight",\n}'
+    assert (safe.label, safe.rationale) == ("safe", "NA: None applying: answer cut off (rating recovered)")
+    assert LLAVAGUARD_RATING_PREFIX == '{\n    "rating": "'  # the layout of the template in LLAVAGUARD_PROMPT
+
+
+@pytest.mark.parametrize("scope, categories, passes", [("all", ["O1", None, "O2"], 1),
+                                                      ("category", ["O1", "O2", "O1"], 2)])
+def test_shieldgemma2_batches_images(tmp_path, scope, categories, passes):
+    """Several images per forward pass (one per group of images checked against the same categories), with the
+    probabilities of one (image, policy) pair at a time, computed here straight from the model."""
+    import json
+
+    import torch
+    from skimage import data
+
+    photos = [Image.fromarray(getattr(data, n)()).resize((40, 32)) for n in ("astronaut", "chelsea", "coffee")]
+    guard = load_backend("guards", f"shieldgemma2:{build_tiny_shieldgemma2(tmp_path / 'sg2')},scope={scope}")
+    forwards = _Forwards(guard.model)
+    verdicts = guard.classify(photos, categories, POLICY)
+    forwards.handle.remove()
+    assert len(forwards.lengths) == passes
+    assert sum(rows for rows, _ in forwards.lengths) == sum(len(json.loads(v.raw)) for v in verdicts)
+    for photo, category, verdict in zip(photos, categories, verdicts):
+        codes = [category] if scope == "category" else list(POLICY.categories)
+        alone = {}
+        for code in codes:
+            line = render_guard_prompt("shieldgemma2", POLICY, code, scope="category")
+            inputs = guard.processor(images=[photo], policies=[code], custom_policies={code: line}, return_tensors="pt")
+            with torch.inference_mode():
+                alone[code] = float(guard.model(**inputs).probabilities[0, 0])
+        got = json.loads(verdict.raw)
+        assert list(got) == codes and all(got[c] == pytest.approx(alone[c], abs=2e-5) for c in codes)
+        assert verdict.score == pytest.approx(max(alone.values()), abs=1e-5)
+        assert verdict.label == ("unsafe" if verdict.score >= 0.5 else "safe")

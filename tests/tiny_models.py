@@ -560,3 +560,79 @@ def build_tiny_shieldgemma2(path: str | Path, seed: int = 0) -> str:
     model.save_pretrained(path, safe_serialization=True)
     processor.save_pretrained(path)
     return str(path)
+
+
+# LLaVA-OneVision's chat template in Qwen 2 turns (LlavaGuard v1.2 OV is a LLaVA-OneVision Qwen 2 model).
+QWEN2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<image>\\n' }}{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def build_tiny_llava_onevision(path: str | Path, seed: int = 0) -> str:
+    """Build and save a tiny random LLaVA-OneVision (SigLIP vision + Qwen 2 text, any-resolution image tiles), the
+    architecture of LlavaGuard v1.2's transformers checkpoints, with its processor and a Qwen 2 style chat template.
+
+    Images are tiled on a 32 px grid (32x32 up to 64x64 pinpoints), 16 tokens per tile.
+
+    Returns:
+        The folder path as a string (loads through ``AutoProcessor`` and
+        ``AutoModelForImageTextToText.from_pretrained(path)``).
+    """
+    import torch
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    specials = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>", "<image>", "<video>"]
+    tokenizer = _word_level(specials, _policy_words(), eos_token="<|im_end|>", pad_token="<pad>",
+                            extra_special_tokens={"image_token": "<image>", "video_token": "<video>"})
+    tokenizer.chat_template = QWEN2_CHAT_TEMPLATE
+    pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints),
+        tokenizer=tokenizer, video_processor=LlavaOnevisionVideoProcessor(size={"height": 32, "width": 32}),
+        num_image_tokens=16, vision_feature_select_strategy="full", chat_template=QWEN2_CHAT_TEMPLATE,
+    )
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=32, patch_size=8, vision_use_head=False)
+    text = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8192,
+                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = LlavaOnevisionConfig(
+        vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"), image_grid_pinpoints=pinpoints,
+        vision_feature_select_strategy="full",
+    )
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.do_sample = False
+    model.save_pretrained(path, safe_serialization=True)
+    processor.save_pretrained(path)
+    return str(path)
+
+
+def reference_next_word_probs(model, processor, image, text: str, words: tuple[str, ...]):
+    """A plain reference for scoring tests and benchmarks: one full forward pass of the model on one image and the
+    exact prompt ``text``, and the softmax over the next-token logits of ``words`` (whole tokens of the word-level
+    tiny tokenizers), as a numpy array.
+    """
+    import torch
+
+    inputs = processor(images=[[image]], text=[text], return_tensors="pt")
+    ids = [processor.tokenizer.convert_tokens_to_ids(w) for w in words]
+    with torch.inference_mode():
+        logits = model(**inputs).logits[0, -1, ids]
+    return logits.float().softmax(-1).numpy()

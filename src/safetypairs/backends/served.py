@@ -38,7 +38,8 @@ from safetypairs import schema as S
 from safetypairs import statuses as ST
 from safetypairs.backends.base import InstructResult, Verdict
 from safetypairs.backends.options import Argument, Option
-from safetypairs.backends.vlm_guards import SCOPES, parse_llavaguard, parse_safe_unsafe, render_guard_prompt
+from safetypairs.backends.vlm_guards import (HF_VLM_ANSWER_TOKENS, LLAVAGUARD_ANSWER_TOKENS, SCOPES, parse_llavaguard,
+                                             parse_safe_unsafe, render_guard_prompt)
 from safetypairs.backends.vlm_instruct import UnparsableAnswer, build_prompt, parse_answer
 from safetypairs.images import image_digest
 from safetypairs.policy import Policy
@@ -49,7 +50,8 @@ logger = logging.getLogger(__name__)
 
 PROMPTS = ("hf-vlm", "llavaguard")  # the guard / judge prompt formats a served model gets
 DEFAULT_CACHE = Path("~/.cache/safetypairs/responses.sqlite")
-ANSWER_TOKENS = {"hf-vlm": 8, "llavaguard": 500, "instruct": 256}  # default max_tokens per use
+# default max_tokens per use; the guards' as their local backends have them
+ANSWER_TOKENS = {"hf-vlm": HF_VLM_ANSWER_TOKENS, "llavaguard": LLAVAGUARD_ANSWER_TOKENS, "instruct": 256}
 _RATING_PREFIX = re.compile(r'"rating"\s*:\s*"$')
 
 
@@ -183,8 +185,8 @@ class ServedModel:
                               "OPENAI_API_KEY"),
         "prompt": Option(PROMPTS, "guard/judge prompt format: hf-vlm (one word) or llavaguard (its JSON)", "hf-vlm"),
         "scope": Option(SCOPES, "all: the whole policy in the prompt; category: only the row's category", "all"),
-        "max_tokens": Option(int, "answer length in tokens (unset: 8 hf-vlm, 500 llavaguard, 256 instructor)",
-                             None, Range(1, optional=True)),
+        "max_tokens": Option(int, "answer length in tokens (unset: " + ", ".join(f"{n} {use}" for use, n in ANSWER_TOKENS.items())
+                             + ")", None, Range(1, optional=True)),
         "temperature": Option(float, "sampling temperature (0: greedy, what the cache assumes)", 0.0, Range(0, 2)),
         "logprobs": Option(bool, "ask for top logprobs to score P(unsafe); without them the text verdict counts",
                            True),

@@ -137,17 +137,31 @@ class VLM:
         """Generate answers and, from the first step's logits, each choice's probability.
 
         The probabilities are a softmax over the choices' first tokens only (see
-        `choice_token_ids`), so one generation gives both the text and a score for ROC curves.
-        They come from the model's raw logits (``output_logits``), not from the processed
-        scores: a generation config's repetition penalty would otherwise penalise "safe" and
-        "unsafe" for appearing in the prompt.
+        `choice_token_ids`), so one generation gives both the text and a score for ROC curves:
+        the first step's logits are those of the prompt's last position, so no second forward
+        pass is needed. With ``answer_prefix`` (prefilled, e.g. ``'{"rating": "'`` for a JSON
+        answer) the first step is where the choice follows the prefix. They come from the
+        model's raw logits (``output_logits``), not from the processed scores: a generation
+        config's repetition penalty would otherwise penalise "safe" and "unsafe" for appearing
+        in the prompt.
+
+        Args:
+            images: RGB images.
+            prompts: user texts, one per image.
+            choices: candidate answers whose first tokens must differ; empty for no scores.
+            max_new_tokens: answer length limit.
+            answer_prefix: prefilled start of the answer (not repeated in the output).
 
         Returns:
-            ``(answers, probs)``; ``probs`` has shape ``(n, len(choices))`` or is ``None``
-            when no choices were given.
+            ``(answers, probs)``; ``probs`` has shape ``(n, len(choices))`` (rows sum to 1) or
+            is ``None`` when no choices were given.
+
+        Raises:
+            ValueError: when two choices start with the same token.
         """
         import torch
 
+        ids = list(choice_token_ids(self.tokenizer, choices, self.prompt_text("", answer_prefix))) if choices else []
         inputs = self._inputs(images, prompts, answer_prefix)
         with torch.inference_mode():
             out = self.model.generate(
@@ -159,41 +173,8 @@ class VLM:
         answers = [a.strip() for a in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
         if not choices:
             return answers, None
-        return answers, self._choice_probs(out.logits[0], choices, answer_prefix)
-
-    def choice_scores(
-        self,
-        images: Sequence[Image.Image],
-        prompts: Sequence[str],
-        choices: Sequence[str] = ("safe", "unsafe"),
-        answer_prefix: str = "",
-    ) -> np.ndarray:
-        """Probabilities of each choice as the next token, from one forward pass.
-
-        Args:
-            images: RGB images.
-            prompts: user texts, one per image.
-            choices: candidate answers whose first tokens must differ.
-            answer_prefix: prefilled start of the answer after which a choice would follow
-                (e.g. ``'{"rating": "'`` for a JSON answer).
-
-        Returns:
-            Array ``(n, len(choices))`` whose rows sum to 1.
-
-        Raises:
-            ValueError: when two choices start with the same token.
-        """
-        import torch
-
-        inputs = self._inputs(images, prompts, answer_prefix)
-        with torch.inference_mode():
-            logits = self.model(**inputs, logits_to_keep=1).logits[:, -1, :]
-        return self._choice_probs(logits, choices, answer_prefix)
-
-    def _choice_probs(self, logits, choices: Sequence[str], answer_prefix: str) -> np.ndarray:
-        ids = choice_token_ids(self.tokenizer, choices, self.prompt_text("", answer_prefix))
-        picked = logits.float()[:, list(ids)]
-        return picked.softmax(dim=-1).cpu().numpy().astype(np.float64)
+        picked = out.logits[0].float()[:, ids]  # the first step: the logits at the prompt's last position
+        return answers, picked.softmax(dim=-1).cpu().numpy().astype(np.float64)
 
 
 def choice_token_ids(tokenizer, choices: Sequence[str], context: str = "") -> tuple[int, ...]:

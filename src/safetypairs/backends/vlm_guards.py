@@ -49,8 +49,13 @@ LLAVAGUARD_PROMPT = (
     '    "rationale": str,\n'
     "}}"
 )
-# The answer starts like this; prefilling it lets one forward pass score "Unsafe" vs "Safe".
+# The answer starts like this (the template's own layout); prefilling it makes the rating the first generated
+# token, so the step that writes it also scores "Unsafe" vs "Safe".
 LLAVAGUARD_RATING_PREFIX = '{\n    "rating": "'
+# Default answer length of LlavaGuard: rating and category (~30 tokens) and a rationale of a few sentences.
+LLAVAGUARD_ANSWER_TOKENS = 200
+# Default answer length of the one-word hf-vlm prompt: the word, with room for quotes, emphasis or a full stop.
+HF_VLM_ANSWER_TOKENS = 8
 # Only LlavaGuard's transformers conversions (ids ending in "-hf") load with transformers; the
 # other repos hold LLaVA / SGLang weights.
 LLAVAGUARD_HF_CHECKPOINTS = ("AIML-TUDA/LlavaGuard-v1.2-0.5B-OV-hf", "AIML-TUDA/LlavaGuard-v1.2-7B-OV-hf")
@@ -69,18 +74,19 @@ class VLMGuardOptions:
     score: bool
 
 
-def vlm_guard_options(max_new_tokens: int) -> dict[str, Option]:
+def vlm_guard_options(max_new_tokens: int, length_help: str = "answer length in tokens") -> dict[str, Option]:
     """The options of the VLM guards, declared once; each guard has its own default answer length.
 
     Args:
         max_new_tokens: the guard's default answer length in tokens.
+        length_help: what ``max_new_tokens`` means for the guard (printed by ``safetypairs backends``).
 
     Returns:
         Option name -> `Option`.
     """
     return {
         "dtype": Option(DTYPES, "torch dtype (auto: bfloat16 on CUDA, float32 on the CPU)", "auto"),
-        "max_new_tokens": Option(int, "answer length in tokens", max_new_tokens, Range(1)),
+        "max_new_tokens": Option(int, length_help, max_new_tokens, Range(1)),
         "trust_remote_code": Option(bool, "allow custom model code from the repo", False),
         "revision": Option(str, "hub revision: branch, tag or commit (unset: the default branch)"),
         "scope": Option(SCOPES, "all: render the whole policy; category: only the row's category", "all"),
@@ -158,7 +164,7 @@ class HFVLMGuard(_PromptedVLMGuard):
     """
 
     alias = "hf-vlm"
-    OPTIONS = vlm_guard_options(8)
+    OPTIONS = vlm_guard_options(HF_VLM_ANSWER_TOKENS, "answer length in tokens (the answer is one word)")
 
     def classify(self, images: list[Image.Image], categories: list[str | None], policy: Policy) -> list[Verdict]:
         """Prompt the VLM with the policy and parse each answer strictly."""
@@ -217,12 +223,20 @@ class LlavaGuard(_PromptedVLMGuard):
     declares the other categories non-violating instead of dropping them. Only the transformers
     conversions (``-hf`` ids, see `LLAVAGUARD_HF_CHECKPOINTS`) load.
 
-    With ``score=true`` (default) one extra forward pass, with the answer prefilled up to the
-    rating value, gives P(Unsafe) / (P(Safe) + P(Unsafe)).
+    The answer is prefilled up to the rating value (`LLAVAGUARD_RATING_PREFIX`, the start of
+    every LlavaGuard answer), so the rating is the first generated token: with ``score=true``
+    (default) P(Unsafe) / (P(Safe) + P(Unsafe)) is read from that step's logits of the one
+    ``generate`` call that also writes the category and rationale (one forward pass over the
+    prompt per image, not two).
+
+    ``max_new_tokens`` defaults to `LLAVAGUARD_ANSWER_TOKENS`: the rating and category take about
+    30 tokens and a rationale of a few sentences fits in the rest; a longer one is cut off,
+    keeping its rating, category and score (see `parse_llavaguard`).
     """
 
     alias = "llavaguard"
-    OPTIONS = vlm_guard_options(500)  # a full rationale; a cut-off answer still yields its rating
+    OPTIONS = vlm_guard_options(LLAVAGUARD_ANSWER_TOKENS, "answer length in tokens (rating and category come "
+                                "first: a cut-off rationale keeps them and the score)")
 
     def __init__(self, model: str, device: str, options: VLMGuardOptions) -> None:
         name = model.rstrip("/").rsplit("/", 1)[-1]
@@ -235,13 +249,13 @@ class LlavaGuard(_PromptedVLMGuard):
     def classify(self, images: list[Image.Image], categories: list[str | None], policy: Policy) -> list[Verdict]:
         """Prompt with the LlavaGuard template and parse the JSON answers."""
         prompts = [self._prompt(policy, c) for c in categories]
-        answers = self.vlm.generate(images, prompts, self.options.max_new_tokens)
-        scores = [None] * len(images)
-        if self.options.score:
-            probs = self.vlm.choice_scores(images, prompts, ("Safe", "Unsafe"), LLAVAGUARD_RATING_PREFIX)
-            scores = [float(p) for p in probs[:, 1]]
+        choices = ("Safe", "Unsafe") if self.options.score else ()
+        rests, probs = self.vlm.generate_with_scores(images, prompts, choices, self.options.max_new_tokens,
+                                                     LLAVAGUARD_RATING_PREFIX)
+        scores = [None] * len(images) if probs is None else [float(p) for p in probs[:, 1]]
         verdicts = []
-        for answer, score in zip(answers, scores):
+        for rest, score in zip(rests, scores):
+            answer = LLAVAGUARD_RATING_PREFIX + rest  # the whole JSON answer, prefilled part included
             label, category, rationale = parse_llavaguard(answer)
             reason = f"{category}: {rationale}".strip(": ") if label != UNKNOWN else rationale
             verdicts.append(Verdict(label, score, reason, answer))
@@ -259,13 +273,13 @@ class ShieldGemma2Guard:
 
     ShieldGemma 2 answers Yes/No per (image, policy); the score is the largest P(Yes) over the
     categories checked (all, or the row's own with ``scope=category``), unsafe when >= 0.5
-    (``score=false`` keeps the label and records no score).
+    (``score=false`` keeps the label and records no score). The images of one call that are checked
+    against the same categories run in one forward pass (``images x categories`` rows), so an
+    evaluate batch of 8 images with ``scope=all`` is one pass of 8 x 9 rows for the LlavaGuard policy.
     """
 
     ARGUMENT = HUB_MODEL
-    OPTIONS = {**vlm_guard_options(1),
-               "max_new_tokens": Option(int, "not used (ShieldGemma 2 answers with its classification head)", 1,
-                                        Range(1))}
+    OPTIONS = vlm_guard_options(1, "not used (ShieldGemma 2 answers with its classification head)")
 
     def __init__(self, model: str, device: str, options: VLMGuardOptions) -> None:
         import torch
@@ -293,19 +307,34 @@ class ShieldGemma2Guard:
         return cls(arg, device, VLMGuardOptions(**options))
 
     def classify(self, images: list[Image.Image], categories: list[str | None], policy: Policy) -> list[Verdict]:
-        """P(Yes, violates) per category from ShieldGemma 2's two-token head."""
+        """P(Yes, violates) per category from ShieldGemma 2's two-token head, several images per forward pass.
+
+        The processor pairs each image with every policy of one list (rows ``img1_policy1 ...
+        imgM_policyN``), so the images are grouped by the categories they are checked against (one
+        group with ``scope=all``) and each group runs as one forward pass of ``images x policies``
+        rows; the probabilities are those of one image at a time.
+        """
         import torch
 
         custom = {c: render_policy(policy, [c], style="shieldgemma2") for c in policy.categories}
-        verdicts = []
-        for image, category in zip(images, categories):
-            codes = _in_scope(policy, category, self.options.scope)
-            inputs = self.processor(images=[image], policies=codes, custom_policies=custom, return_tensors="pt")
-            with torch.inference_mode():
-                probs = self.model(**inputs.to(self.device)).probabilities[:, 0].float().cpu().numpy()
-            best = int(np.argmax(probs))
-            raw = json.dumps({c: round(float(p), 5) for c, p in zip(codes, probs)})
-            label = UNSAFE if probs[best] >= 0.5 else SAFE
-            score = float(probs[best]) if self.options.score else None
-            verdicts.append(Verdict(label, score, f"P(violates {codes[best]}) = {probs[best]:.3f}", raw))
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, category in enumerate(categories):
+            groups.setdefault(tuple(_in_scope(policy, category, self.options.scope)), []).append(i)
+        verdicts: list[Verdict | None] = [None] * len(images)
+        for codes, rows in groups.items():
+            inputs = self.processor(images=[images[i] for i in rows], policies=list(codes), custom_policies=custom,
+                                    return_tensors="pt")
+            with torch.inference_mode():  # logits_to_keep=1: the head reads the last position only
+                out = self.model(**inputs.to(self.device), logits_to_keep=1)
+            probs = out.probabilities[:, 0].float().cpu().numpy().reshape(len(rows), len(codes))
+            for i, row in zip(rows, probs):
+                verdicts[i] = self._verdict(codes, row)
         return verdicts
+
+    def _verdict(self, codes: tuple[str, ...], probs: np.ndarray) -> Verdict:
+        """The verdict of one image from its P(violates) per category checked."""
+        best = int(np.argmax(probs))
+        raw = json.dumps({c: round(float(p), 5) for c, p in zip(codes, probs)})
+        label = UNSAFE if probs[best] >= 0.5 else SAFE
+        score = float(probs[best]) if self.options.score else None
+        return Verdict(label, score, f"P(violates {codes[best]}) = {probs[best]:.3f}", raw)

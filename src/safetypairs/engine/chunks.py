@@ -1,26 +1,98 @@
-"""Chunks of a sharded run: which rank computes which rows, done-markers, and the merge into ``data/``."""
+"""Chunks of a sharded run: the fixed chunks, the claims that say which rank computes which, done-markers, and the
+merge into ``data/``."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 
 from safetypairs.engine.datafiles import DATA_DIR
-from safetypairs.engine.folders import read_json
+from safetypairs.engine.folders import read_json, utc_now
 
 CHUNKS_DIR = "chunks"
+CLAIMS_DIR = "claims"  # under CHUNKS_DIR: one folder per attempt (run id), one claim file per chunk or piece
 MERGE_ROWS = 2000  # rows per merged data file (whole chunks)
 
 
+def chunk_spans(n_rows: int, chunk_size: int) -> list[tuple[int, int, int]]:
+    """Every chunk's ``(index, start, stop)``: fixed global chunks, so chunk contents (and batches) do not depend on
+    the number of processes or on which rank computes which chunk."""
+    return [(c, start, min(n_rows, start + chunk_size)) for c, start in enumerate(range(0, n_rows, chunk_size))]
+
+
 def chunk_ranges(n_rows: int, chunk_size: int, rank: int, world: int) -> list[tuple[int, int, int]]:
-    """The ``(chunk index, start, stop)`` of one rank: a contiguous run of global chunks, so
-    chunk contents (and batches) do not depend on the number of processes."""
-    n_chunks = -(-n_rows // chunk_size)
-    first, last = n_chunks * rank // world, n_chunks * (rank + 1) // world
-    return [(c, c * chunk_size, min(n_rows, (c + 1) * chunk_size)) for c in range(first, last)]
+    """The chunks one rank would get if they were dealt out up front in contiguous runs (the runner claims them as
+    it goes instead, `Claims`): the reference the benchmarks compare the claimed assignment with."""
+    spans = chunk_spans(n_rows, chunk_size)
+    return spans[len(spans) * rank // world:len(spans) * (rank + 1) // world]
+
+
+def claims_folder(work: Path, run_id: str) -> Path:
+    """The folder of one attempt's claims."""
+    return work / CHUNKS_DIR / CLAIMS_DIR / run_id
+
+
+def open_claims(work: Path, run_id: str) -> None:
+    """Rank 0, holding the work folder's lock: drop the claims of earlier attempts (a claim left by a killed run
+    must not keep its chunk from this one; the lock says no earlier attempt runs) and make this attempt's folder."""
+    shutil.rmtree(work / CHUNKS_DIR / CLAIMS_DIR, ignore_errors=True)
+    claims_folder(work, run_id).mkdir(parents=True)
+
+
+@dataclass(frozen=True)
+class Claims:
+    """One rank's claims in one attempt of a run: a rank computes a chunk (or a pass's piece of one) only once it
+    holds its claim, a file created exclusively (``O_CREAT | O_EXCL``), so of the ranks that try, exactly one
+    computes it; ranks that run out of work early take more chunks instead of waiting on a fixed share.
+
+    Attributes:
+        work: the run's work folder.
+        run_id: the attempt (`open_claims` made its folder).
+        rank: this process's rank (recorded in each claim, with host, pid and time).
+    """
+
+    work: Path
+    run_id: str
+    rank: int
+
+    def path(self, index: int, piece: str = "") -> Path:
+        """The claim file of chunk ``index`` (or of its ``piece``)."""
+        return claims_folder(self.work, self.run_id) / f"chunk-{index:06d}{piece}.json"
+
+    def take(self, index: int, piece: str = "") -> bool:
+        """Claim chunk ``index`` (or its ``piece``) for this rank.
+
+        Returns:
+            ``True`` when this rank now holds the claim, ``False`` when another rank of this attempt holds it.
+        """
+        try:
+            fd = os.open(self.path(index, piece), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        owner = {"rank": self.rank, "host": socket.gethostname(), "pid": os.getpid(), "since": utc_now()}
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(owner, handle)
+        return True
+
+    def held(self) -> list[Path]:
+        """Every claim file of this attempt, in chunk order; each is named as its chunk's (or piece's) done-marker."""
+        return sorted(claims_folder(self.work, self.run_id).glob("chunk-*.json"))
+
+    def ranks(self) -> dict[str, int | None]:
+        """``{"<index><piece>": rank}`` of every claim of this attempt (``"3"`` for chunk 3, ``"3.pass-000"`` for
+        a piece of it), in chunk order."""
+        found = {}
+        for path in self.held():
+            index, dot, piece = path.stem.removeprefix("chunk-").partition(".")
+            found[f"{int(index)}{dot}{piece}"] = (read_json(path) or {}).get("rank")
+        return found
 
 
 def chunk_path(out: Path, index: int, suffix: str) -> Path:

@@ -22,10 +22,12 @@ from datasets import Dataset
 
 from safetypairs.engine.chunks import (
     CHUNKS_DIR,
+    Claims,
     chunk_done,
     chunk_path,
-    chunk_ranges,
+    chunk_spans,
     merge_chunks,
+    open_claims,
 )
 from safetypairs.engine.datafiles import (
     IMAGES_STATUS,
@@ -51,7 +53,13 @@ from safetypairs.utils import datasets_progress, device_for_rank, progress
 
 logger = logging.getLogger(__name__)
 
+# how long a collective (rank 0's answer when a run opens, `main_process_first`) waits on rank 0's serial steps; the
+# chunks are not waited on through collectives but by polling their files (`_wait_for_chunks`)
 BARRIER_TIMEOUT = timedelta(hours=float(os.environ.get("SAFETYPAIRS_BARRIER_TIMEOUT_HOURS", "6")))
+# a rank that waits for chunks other ranks hold gives up when none has finished for STALL_FACTOR times the slowest
+# chunk seen (select + compute + write), and at least STALL_MINUTES
+STALL_MINUTES = float(os.environ.get("SAFETYPAIRS_STALL_MINUTES", "10"))
+STALL_FACTOR = 4
 
 # compute(chunk rows, device) -> (output rows, {stage name: status histogram})
 ChunkFn = Callable[[Dataset, str], "tuple[Dataset, dict[str, dict[str, Any]]]"]
@@ -206,11 +214,12 @@ def run_stage(data: Dataset, compute: ChunkFn | Passes, *, stage: str, settings:
               keep: tuple[str, ...] = (), usage: UsageFn | None = None) -> RunSummary | None:
     """Run ``compute`` over ``data`` in fixed-size chunks, sharded over the launched processes, resumable.
 
-    Under ``accelerate launch`` / ``torchrun`` each rank takes a contiguous run of global chunks (so
-    chunk contents do not depend on the number of processes), writes each finished chunk atomically
-    (parquet with image bytes + a JSON marker) and skips chunks an interrupted run finished. Rank 0
-    holds the folder's lock, checks the settings fingerprint before any rank starts, merges the
-    chunks in input order after a barrier, calls ``finalize``, and renames the work folder into place.
+    Under ``accelerate launch`` / ``torchrun`` the ranks claim fixed global chunks as they go (`chunks.Claims`: a
+    rank that is done takes the next unclaimed chunk, so a slow rank computes fewer; chunk contents do not depend on
+    the number of processes), write each finished chunk atomically (parquet with image bytes + a JSON marker) and
+    skip chunks an interrupted run finished. Rank 0 holds the folder's lock, checks the settings fingerprint before
+    any rank starts, waits (polling the chunk files, `_wait_for_chunks`) until every chunk is written, merges the
+    chunks in input order, calls ``finalize``, and renames the work folder into place.
 
     Args:
         data: the input rows.
@@ -238,7 +247,8 @@ def run_stage(data: Dataset, compute: ChunkFn | Passes, *, stage: str, settings:
     Raises:
         ValueError: for empty input.
         OutputDirError: when ``out`` is unusable, locked by a live process or holds another run.
-        RuntimeError: when chunks are missing at merge time or rows out != rows in x rows_per_input.
+        RuntimeError: when chunks are missing at merge time, rows out != rows in x rows_per_input, or the ranks
+            stall (no chunk finished for the stall window while chunks are still claimed: a rank died or hangs).
     """
     if not len(data):
         raise ValueError(f"{stage}: the input has no rows; nothing to do")
@@ -257,23 +267,24 @@ def run_stage(data: Dataset, compute: ChunkFn | Passes, *, stage: str, settings:
         return _reused_summary(out, stage) if state.is_main_process else None
     work, run_id = Path(opened["work"]), opened["run_id"]
     try:
-        spans = chunk_ranges(len(data), run.chunk_size, state.process_index, state.num_processes)
+        spans = chunk_spans(len(data), run.chunk_size)
         todo = [span for span in spans if not chunk_done(work, span[0])]
+        claims = Claims(work, run_id, state.process_index)
         dev = device_for_rank(device, state.local_process_index)
-        logger.info("%s rank %d/%d on %s: %d chunk(s), %d already done", stage, state.process_index,
-                    state.num_processes, dev, len(spans), len(spans) - len(todo))
+        logger.info("%s rank %d/%d on %s: %d chunk(s) to share, %d already done", stage, state.process_index,
+                    state.num_processes, dev, len(todo), len(spans) - len(todo))
         with datasets_progress(False):  # one bar per stage and rank: the chunks', none of `datasets`' inside them
             if isinstance(compute, Passes):
-                _run_passes(data, todo, compute, work, dev, run_id, max_pixels, usage, stage)
-                for span in todo:
-                    _join_pieces(work, span, len(compute.names), run_id, max_pixels)
+                _run_passes(data, todo, compute, work, dev, claims, max_pixels, usage, stage)
             else:
                 for span in progress(todo, desc=f"{stage} (rank {state.process_index})"):
-                    _run_chunk(data, span, compute, work, dev, run_id, max_pixels, usage)
-        state.wait_for_everyone()
+                    if claims.take(span[0]):
+                        _run_chunk(data, span, compute, work, dev, run_id, max_pixels, usage)
+            join = _joiner(claims, len(compute.names), max_pixels) if isinstance(compute, Passes) else None
+            _wait_for_chunks(work, todo, claims, stage, join)
         if not state.is_main_process:
             return None
-        summary = _finish(work, out, data, run, stage, fingerprint, settings, run_id, rows_per_input, finalize,
+        summary = _finish(work, out, data, run, stage, fingerprint, settings, claims, rows_per_input, finalize,
                           state.num_processes, t0, steps)
         _move_into_place(work, out, stage, keep)
         return summary
@@ -321,9 +332,11 @@ def _open_run(out: Path, fingerprint: str, stage: str, run: RunConfig) -> dict[s
                                  "pass --overwrite to discard it or choose another --out")
         shutil.rmtree(work / CHUNKS_DIR)
     (work / CHUNKS_DIR).mkdir(exist_ok=True)
+    run_id = os.urandom(8).hex()
+    open_claims(work, run_id)
     write_json(work / RUN_FILE, {"fingerprint": fingerprint, "stage": stage, "status": "running",
                                  "source": run.source, "started": utc_now()})
-    return {"work": str(work), "run_id": os.urandom(8).hex()}
+    return {"work": str(work), "run_id": run_id}
 
 
 def _run_chunk(data: Dataset, span: tuple[int, int, int], compute: ChunkFn, work: Path, device: str,
@@ -366,18 +379,112 @@ def _piece(k: int) -> str:
 
 
 def _run_passes(data: Dataset, todo: list[tuple[int, int, int]], passes: Passes, work: Path, device: str,
-                run_id: str, max_pixels: int, usage: UsageFn | None, stage: str) -> None:
-    """Every pass over the chunks in ``todo``, skipping the pieces an interrupted run finished."""
+                claims: Claims, max_pixels: int, usage: UsageFn | None, stage: str) -> None:
+    """Every pass over the chunks in ``todo``: this rank computes the pieces it claims, skipping those an
+    interrupted run finished, and goes on to the next pass once no piece of this one is left to claim."""
     for k, name in enumerate(passes.names):
         left = [span for span in todo if not chunk_done(work, span[0], _piece(k))]
-        logger.info("%s pass %d/%d (%s): %d chunk(s), %d already done", stage, k + 1, len(passes.names), name,
-                    len(left), len(todo) - len(left))
+        logger.info("%s pass %d/%d (%s): %d chunk(s) to share, %d already done", stage, k + 1, len(passes.names),
+                    name, len(left), len(todo) - len(left))
         def one(rows: Dataset, dev: str, name: str = name) -> tuple[Dataset, dict[str, dict[str, Any]]]:
             return passes.compute(rows, dev, name)
 
         for span in progress(left, desc=f"{stage} {name}"):
-            _run_chunk(data, span, one, work, device, run_id, max_pixels, usage, _piece(k))
+            if claims.take(span[0], _piece(k)):
+                _run_chunk(data, span, one, work, device, claims.run_id, max_pixels, usage, _piece(k))
         passes.after(name)
+
+
+def _joiner(claims: Claims, n_passes: int, max_pixels: int) -> Callable[[tuple[int, int, int]], None]:
+    """``join(span)``: join a chunk of `Passes` whose pieces are all written, when this rank claims it first."""
+    def join(span: tuple[int, int, int]) -> None:
+        if all(chunk_done(claims.work, span[0], _piece(k)) for k in range(n_passes)) and claims.take(span[0]):
+            _join_pieces(claims.work, span, n_passes, claims.run_id, max_pixels)
+    return join
+
+
+def _wait_for_chunks(work: Path, todo: list[tuple[int, int, int]], claims: Claims, stage: str,
+                     join: Callable[[tuple[int, int, int]], None] | None = None) -> None:
+    """Wait, polling the chunk files, until every chunk of ``todo`` is written (by any rank).
+
+    Waiting scales with the work, not with a fixed timeout: each chunk or piece that finishes is progress, and the
+    ranks stall only when none has finished for the window of what is still running (`_stall_window`).
+
+    Args:
+        work: the run's work folder.
+        todo: the chunks this attempt computes.
+        claims: this rank's claims (what runs, and who runs it, are the claims without a done-marker).
+        stage: the stage name (error message).
+        join: for `Passes` (`_joiner`): joins a chunk whose pieces are all written, if this rank claims it first.
+
+    Raises:
+        RuntimeError: naming what runs, who claimed it and since when, when the ranks stall.
+    """
+    seen = _finished_seconds(work, {})
+    last, pause = time.monotonic(), 0.02
+    pending = [span for span in todo if not chunk_done(work, span[0])]
+    while pending:
+        if join is not None:
+            for span in pending:
+                join(span)
+        pending = [span for span in pending if not chunk_done(work, span[0])]
+        if not pending:
+            return
+        now = _finished_seconds(work, seen)
+        if len(now) > len(seen):
+            seen, last, pause = now, time.monotonic(), 0.02
+        else:
+            running = [path for path in claims.held() if path.name not in seen]
+            window = _stall_window(running, seen)
+            if window is not None and time.monotonic() - last > window:
+                raise RuntimeError(
+                    f"{stage}: nothing finished for {window:.0f} s ({STALL_FACTOR} x the slowest finished chunk of "
+                    f"the kind running, at least SAFETYPAIRS_STALL_MINUTES={STALL_MINUTES:g}) while {len(pending)} "
+                    f"chunk(s) are unfinished ({_holders(running)}): a rank died or hangs; run the command again to "
+                    "resume (finished chunks are kept)")
+        time.sleep(pause)
+        # polls back off to 2 s, or to a tenth of the slowest chunk seen: a short chunk is noticed soon after it ends
+        pause = min(2 * pause, max(0.02, max(seen.values()) / 10) if seen else 2.0, 2.0)
+
+
+def _kind(marker: str) -> str:
+    """What a marker (or claim) file is of: ``""`` for a whole chunk, the piece (``.pass-001``) for a pass's."""
+    piece = marker.removesuffix(".json").partition(".")[2]
+    return f".{piece}" if piece else ""
+
+
+def _stall_window(running: list[Path], seen: Mapping[str, float]) -> float | None:
+    """How long the waiting ranks wait for the next chunk or piece to finish: `STALL_FACTOR` times the slowest
+    finished one of each kind that runs (whole chunks; each pass's pieces), at least `STALL_MINUTES`; ``None`` (no
+    limit) while a kind that runs has none finished, since nothing yet says how long one takes."""
+    slowest: dict[str, float] = {}
+    for name, seconds in seen.items():
+        slowest[_kind(name)] = max(slowest.get(_kind(name), 0.0), seconds)
+    kinds = {_kind(path.name) for path in running}
+    if not kinds or not kinds <= slowest.keys():
+        return None
+    return max(STALL_MINUTES * 60, STALL_FACTOR * max(slowest[kind] for kind in kinds))
+
+
+def _holders(running: list[Path]) -> str:
+    """Who holds the first claims still running, for the stall error."""
+    found = []
+    for path in running[:5]:
+        owner = read_json(path) or {}
+        found.append(f"{path.stem}: rank {owner.get('rank')} (pid {owner.get('pid')} on {owner.get('host')!r}) "
+                     f"since {owner.get('since')}")
+    return "; ".join(found) + ("; ..." if len(running) > 5 else "")
+
+
+def _finished_seconds(work: Path, known: dict[str, float]) -> dict[str, float]:
+    """``known`` plus the seconds (select + compute + write) of every chunk or piece marker written since."""
+    found = dict(known)
+    for path in (work / CHUNKS_DIR).glob("chunk-*.json"):
+        if path.name not in found:
+            marker = read_json(path)
+            if marker is not None:
+                found[path.name] = float(sum(marker.get("seconds", {}).values()))
+    return found
 
 
 def _join_pieces(work: Path, span: tuple[int, int, int], n_passes: int, run_id: str, max_pixels: int) -> None:
@@ -417,9 +524,11 @@ def _usage_since(before: Mapping[tuple[str, str], Usage], after: Mapping[tuple[s
 
 
 def _finish(work: Path, out: Path, data: Dataset, run: RunConfig, stage: str, fingerprint: str,
-            settings: Mapping[str, Any], run_id: str, rows_per_input: int,
+            settings: Mapping[str, Any], claims: Claims, rows_per_input: int,
             finalize: Finalize | None, world: int, t0: float, steps: dict[str, float]) -> RunSummary:
-    """Rank 0: merge, check counts, finalize and write ``run.json`` (the folder is complete after this)."""
+    """Rank 0: merge, check counts, finalize and write ``run.json`` (the folder is complete after this); its timings
+    keep which rank computed each chunk (and piece) of this attempt."""
+    run_id = claims.run_id
     n_chunks = -(-len(data) // run.chunk_size)
     t1 = time.perf_counter()
     files, rows_out, markers = merge_chunks(work, n_chunks)
@@ -442,6 +551,7 @@ def _finish(work: Path, out: Path, data: Dataset, run: RunConfig, stage: str, fi
         "versions": library_versions(), "files": summary.files, "usage": summary.usage,
         "timings": {"wall_seconds_last_run": round(summary.seconds, 3), "rank0_seconds": steps,
                     "chunk_seconds": {m["chunk"]: m["seconds"] for m in markers},
+                    "chunk_ranks_last_run": claims.ranks(),
                     "chunks_computed_last_run": computed, "chunks_reused_last_run": len(markers) - computed},
         **extra,
     })

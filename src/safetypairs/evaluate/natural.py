@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from datasets import Dataset
+from datasets import Dataset, Features, Image, Value, concatenate_datasets
 
 from safetypairs import statuses as ST
 from safetypairs.identity import exclude_shared, identity_of, with_digests
@@ -147,6 +147,41 @@ def select_natural(natural: Dataset, release_images: Dataset, policy: Policy,
                "outside_categories": dict(outside.most_common()), "by_category": dict(sorted(by_category.items())),
                "sentence": sentence}
     return NaturalSet(rows, account)
+
+
+# the one input that holds release and natural rows: the columns a guard reads, label 0/1, role by name
+GUARD_INPUT = Features({IMAGE: Image(), LABEL: Value("int64"), CATEGORY: Value("string"), PAIR_ID: Value("string"),
+                        ROLE: Value("string")})
+
+
+def with_natural(images: Dataset, natural: Dataset) -> Dataset:
+    """The release's images, then the natural rows, as one input for the guards, so the natural predictions are
+    computed in the same run as the release's (in chunks, shared by the ranks) and split apart after it
+    (`split_natural`).
+
+    Args:
+        images: the release's ``images`` config.
+        natural: `select_natural` rows.
+
+    Returns:
+        ``image, label (0/1), category, pair_id, role (names; natural for natural rows)``: the release's rows in
+        order, then the natural rows.
+    """
+    parts = []
+    for rows in (images, natural):
+        labels = encode_labels(rows[LABEL], "labels", allow_unknown=False).astype(np.int64)
+        roles = role_names(rows[ROLE])
+        rows = rows.select_columns([IMAGE, CATEGORY, PAIR_ID]).add_column(LABEL, labels).add_column(ROLE, roles)
+        parts.append(rows.select_columns(list(GUARD_INPUT)).cast(GUARD_INPUT))
+    return concatenate_datasets(parts)
+
+
+def split_natural(predictions: Dataset, images: Dataset) -> tuple[Dataset, Dataset]:
+    """Predictions on `with_natural` rows split into the release's (its first rows, with the label and role features
+    of its ``images``) and the natural rows'."""
+    release = predictions.select(range(len(images)))
+    release = release.cast_column(LABEL, images.features[LABEL]).cast_column(ROLE, images.features[ROLE])
+    return release, predictions.select(range(len(images), len(predictions)))
 
 
 def _pair_outcomes(table: Mapping[str, Sequence[Any]], pred_column: str) -> np.ndarray:

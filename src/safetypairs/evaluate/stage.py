@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from safetypairs.images import (
     load_image,
 )
 from safetypairs.evaluate.metrics import encode_labels
-from safetypairs.evaluate.natural import NaturalSet, natural_comparison, select_natural
+from safetypairs.evaluate.natural import NaturalSet, natural_comparison, select_natural, split_natural, with_natural
 from safetypairs.policy import Policy, load_policy
 from safetypairs.backends.registry import backend_class, check_ready, load_backend, unload_backends, usage_counts
 from safetypairs.engine.runner import (
@@ -239,8 +240,9 @@ def evaluate_run(path: str, config: EvaluateConfig, run: RunConfig, split: str |
 
     Writes ``results.json``, ``predictions.parquet`` (with raw answers), ``report.html`` and
     ``run.json`` into ``run.out``; the folder appears whole when the run finishes. Under
-    ``accelerate launch`` / ``torchrun`` each rank predicts a contiguous run of chunks and rank 0
-    scores and writes. A finished folder with the same settings and data is reused.
+    ``accelerate launch`` / ``torchrun`` the ranks share the chunks (the natural images' too: they follow the
+    release's images in the run's input) and rank 0 scores and writes. A finished folder with the same settings and
+    data is reused.
 
     Args:
         path: a release folder or ``ORG/NAME`` (its ``images`` config; ``pairs`` when present).
@@ -250,6 +252,7 @@ def evaluate_run(path: str, config: EvaluateConfig, run: RunConfig, split: str |
         natural: labelled natural images (see `natural_images`); those inside the policy that share no image and
             no source with the release (`natural.select_natural`) are compared with the pairs: adds
             ``results["natural"]`` (`natural_comparison`) and ``results["natural_set"]`` (what was left out, why).
+            The guards' statuses in the results count the release's images; their seconds and usage, the run's.
 
     Returns:
         The results dict (as written to ``results.json``); ``{}`` on ranks other than 0.
@@ -282,7 +285,9 @@ def evaluate_run(path: str, config: EvaluateConfig, run: RunConfig, split: str |
 
     def finalize(work: Path, files: DataFiles, summary: RunSummary) -> dict[str, Any]:
         preds = files.rows()
-        runs = {spec: {"statuses": summary.statuses.get(spec, {}),
+        if chosen is not None:
+            preds, natural_preds = split_natural(preds, images)
+        runs = {spec: {"statuses": _statuses(preds, spec) if chosen is not None else summary.statuses.get(spec, {}),
                        "seconds": summary.statuses.get(GUARD_SECONDS, {}).get(spec)} for spec in config.guards}
         for spec, usage in summary.usage.get("guards", {}).items():
             runs[spec]["usage"] = usage
@@ -290,8 +295,6 @@ def evaluate_run(path: str, config: EvaluateConfig, run: RunConfig, split: str |
         results["dataset"] = {"path": str(path), "split": used, "fingerprint": summary.fingerprint, "n_rows": len(images)}
         results["release"] = release_outcomes(len(pairs) if pairs is not None else 0, rejected)
         if chosen is not None:
-            rank_config = for_rank(config, device_for_rank(config.device, state.local_process_index))
-            natural_preds = predict(chosen.rows, rank_config)[0]
             results["natural_set"] = chosen.account
             results["natural"] = natural_comparison(preds, natural_preds, _pred_columns(config),
                                                     n_bootstrap=config.n_bootstrap, seed=config.seed)
@@ -300,10 +303,12 @@ def evaluate_run(path: str, config: EvaluateConfig, run: RunConfig, split: str |
         render_report(results, work / "report.html", pairs=pairs)
         return {"results": "results.json", "report": "report.html", "guard_order": order}
 
+    # the natural rows' content is in the input's fingerprint; the setting says there are some
     settings = {**evaluate_settings(config), "dataset": str(path), "split": used,
-                "natural": content_fingerprint(chosen.rows) if chosen is not None else None}
+                "natural": len(chosen.rows) if chosen is not None else None}
     passes = Passes(config.guards, compute, lambda spec: unload_backends())
-    summary = run_stage(images, passes if order == "guard" and len(config.guards) > 1 else compute,
+    rows = with_natural(images, chosen.rows) if chosen is not None else images
+    summary = run_stage(rows, passes if order == "guard" and len(config.guards) > 1 else compute,
                         stage="evaluate", settings=settings, run=run, device=config.device, finalize=finalize,
                         max_pixels=config.max_pixels, usage=usage_counts)
     if summary is None:  # not rank 0: rank 0 scores and writes
@@ -312,6 +317,11 @@ def evaluate_run(path: str, config: EvaluateConfig, run: RunConfig, split: str |
         results.update(json.loads((Path(run.out) / "results.json").read_text(encoding="utf-8")))
     logger.info("wrote %s", Path(run.out) / "report.html")
     return results
+
+
+def _statuses(preds: Dataset, spec: str) -> dict[str, int]:
+    """A guard's status histogram over ``preds`` (most frequent first)."""
+    return dict(Counter(preds[guard_columns(spec)["status"]]).most_common())
 
 
 def _natural_set(natural: Dataset, images: Dataset, config: EvaluateConfig) -> NaturalSet:
