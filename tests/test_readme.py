@@ -45,7 +45,7 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 PLACEHOLDERS = ((re.compile(r"<[^<>\n]+>"), "PLACEHOLDER"), (re.compile(r"(?<!\S)\.\.\.(?!\S)"), "PLACEHOLDER"))
 SLURM = {"$(scontrol show hostnames $SLURM_NODELIST | head -1)": "node0", "$SLURM_NNODES": "2",
-         "$SLURM_JOB_ID": "1234"}
+         "$SLURM_JOB_ID": "1234", "$SLURM_GPUS_ON_NODE": "8", "$SLURM_NODEID": "0"}
 SMALL_RUNS = {"demo_n": "4", "demo_source": "demo:4"}  # `demo --n 4 --no-train`; `--source demo:N` -> demo:4
 PYTHON_SUBSTITUTIONS = {'"ORG/NAME"': '"release"'}
 # Backends whose models ship in wheels (or need none): commands using only these run offline.
@@ -201,6 +201,17 @@ def _pytest_line(text: str) -> str:
     return lines[0]
 
 
+def check_sbatch(code: str, walk: Walk, capsys) -> None:
+    """A ```sh block is an sbatch script: bash parses it, and its one ``srun`` line is checked like a bash line."""
+    import subprocess
+
+    assert code.startswith("#!/bin/bash\n") and "#SBATCH --nodes" in code
+    subprocess.run(["bash", "-n"], input=code, text=True, check=True)
+    runs = [tokens for tokens in shell_commands(code) if tokens[0] == "srun"]
+    assert len(runs) == 1, runs
+    check_command(runs[0], walk, capsys)
+
+
 def test_ci_runs_exactly_the_readme_test_command():
     """`.ci/run` runs the Set-up section's test command, character for character, random order and workers included."""
     setup = README.read_text(encoding="utf-8").split("## Set-up", 1)[1].split("\n## ", 1)[0]
@@ -330,6 +341,8 @@ def readme_walk(tmp_path, monkeypatch, capsys, isolated_registry):
             check_layout(code)
         elif language == "text":
             make_user_folder(code)
+        elif language == "sh":
+            check_sbatch(code, walk, capsys)
         else:
             pytest.fail(f"README.md:{line}: a ```{language} block is not exercised: teach tests/test_readme.py")
     return walk

@@ -13,15 +13,18 @@ from typing import Any, Iterator
 from safetypairs import schema as S
 
 from safetypairs import statuses as ST
+from safetypairs.recipe import builtin
 from safetypairs.utils import status_histogram
 
 logger = logging.getLogger(__name__)
 
-# The validation judge and the guards share rapidocr; the judge runs a more sensitive detector
-# (lower box threshold, wider boxes) so that the evaluated `ocr-lexicon` guard is a different
-# configuration, not the identical model (still not independent: evaluate adds the circularity note).
-DEMO_JUDGE = "ocr-lexicon:box_thresh=0.3,unclip_ratio=2.0"
-DEMO_GUARDS = ("ocr-lexicon", "nudenet")
+# The demo's settings are the built-in recipe `demo` (recipes/demo.yaml: `safetypairs build demo` builds the same
+# rows into run folders). Its judge and guards share rapidocr; the judge runs a more sensitive detector (lower box
+# threshold, wider boxes) so that the evaluated `ocr-lexicon` guard is a different configuration, not the identical
+# model (still not independent: evaluate adds the circularity note).
+DEMO_RECIPE = builtin("demo")
+DEMO_JUDGE = DEMO_RECIPE["validate"]["judge"]
+DEMO_GUARDS = tuple(DEMO_RECIPE["evaluate"]["guard"])
 # The training section: a linear probe on what rapidocr reads (no downloaded weights), four arms.
 DEMO_ENCODER = "ocr-text:max_side=320"
 DEMO_KS = (1, 2, 4, 8)
@@ -149,10 +152,12 @@ def _run_demo(config: DemoConfig, work: Path, out: Path) -> DemoSummary:
     with timer.stage("source", config.n) as rec:
         source = build_demo_source(config.n, config.seed)
         rec["statuses"] = {"ok": len(source)}
-    candidates = source
+    candidates, generate = source, DEMO_RECIPE["generate"]
     for name, run, stage_config in (
-        ("instruct", run_instruct, InstructConfig(instructor="template", num_proc=config.num_proc)),
-        ("edit", run_edit, EditConfig(editor="ocr-inpaint", control=True, seed=config.seed, num_proc=config.num_proc)),
+        ("instruct", run_instruct, InstructConfig(instructor=generate["instructor"], policy=DEMO_RECIPE["policy"],
+                                                  num_proc=config.num_proc)),
+        ("edit", run_edit, EditConfig(editor=generate["editor"], control=generate["control"], seed=config.seed,
+                                      num_proc=config.num_proc)),
         ("validate", run_validate, ValidateConfig(judge=DEMO_JUDGE, num_proc=config.num_proc)),
     ):
         with timer.stage(name, len(candidates)) as rec:

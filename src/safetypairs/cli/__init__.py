@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from safetypairs.cli.build import add_build
 from safetypairs.cli.catalog import add_backends, add_policies
 from safetypairs.cli.common import CLIError, check_inputs
 from safetypairs.cli.evaluation import (
@@ -36,7 +37,7 @@ CATALOG_COMMANDS = ("policies", "backends")
 # Each entry adds one subcommand, in pipeline order, as `safetypairs --help` lists them.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_demo, add_generate, add_calibrate, add_validate, add_review, add_review_stats, add_release,
-    add_evaluate, add_score, add_embed, add_train_probe, add_sample_efficiency, add_policies, add_backends,
+    add_evaluate, add_score, add_embed, add_train_probe, add_sample_efficiency, add_build, add_policies, add_backends,
 ]
 
 

@@ -231,3 +231,47 @@ def write_example_grid(release: Release, out_dir: str | Path, n: int) -> str | N
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path, quality=90)
     return GRID_PATH
+
+
+# The card's YAML key holding the recipe that built the release (`safetypairs build --from-release` reads it).
+RECIPE_KEY = "safetypairs_recipe"
+
+
+def add_provenance(folder: str | Path, recipe: dict[str, Any], command: str) -> Path:
+    """Put the resolved recipe into a release's card: under `RECIPE_KEY` in its YAML header (the Hub keeps keys it
+    does not know) and as a Provenance section saying how to rebuild it. ``README.md`` is rewritten whole.
+
+    Args:
+        folder: a release folder (its ``README.md`` written by `render_card`).
+        recipe: the resolved recipe as plain data (every default filled, versions, model revisions).
+        command: the command that rebuilds the release from its card.
+
+    Returns:
+        The card's path.
+    """
+    import yaml
+
+    path = Path(folder) / "README.md"
+    card = DatasetCard.load(path)
+    card.data[RECIPE_KEY] = recipe
+    body = card.text.split("\n## Provenance\n")[0].rstrip("\n")
+    text = yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True)
+    card.text = (f"{body}\n\n## Provenance\n\nBuilt by `safetypairs build` from this recipe (every default filled "
+                 f"in; library versions and model revisions where known). Rebuild it with `{command}`.\n\n"
+                 f"```yaml\n{text}```\n")
+    tmp = path.with_name(".README.md.tmp")
+    card.save(tmp)
+    tmp.replace(path)
+    return path
+
+
+def recorded_recipe(card_path: str | Path) -> dict[str, Any]:
+    """The recipe a release's card records under `RECIPE_KEY`.
+
+    Raises:
+        ValueError: when the card records none (a release not made by ``safetypairs build``).
+    """
+    data = DatasetCard.load(card_path).data.to_dict()
+    if not isinstance(data.get(RECIPE_KEY), dict):
+        raise ValueError(f"{card_path}: the card records no recipe ({RECIPE_KEY}); was it made by safetypairs build?")
+    return data[RECIPE_KEY]
