@@ -126,15 +126,14 @@ def print_runner_parts(name: str, outs: Sequence[Path], seconds: Mapping[str, Ma
 
 
 def critical_path(meta: Mapping[str, Any]) -> tuple[float, float]:
-    """Chunk seconds (compute + write) of the busiest rank of a finished run: all of them, and "steady" with
+    """Chunk seconds (compute + write) of the busiest rank of a finished run (the chunks it claimed, from
+    run.json's ``timings.chunk_ranks_last_run``): all of them, and "steady" with
     each rank's first chunk (which loads the models: imports, weights, warm-up) counted at the median
     time of the run's other chunks."""
-    sys.path.insert(0, str(ROOT / "src"))
-    from safetypairs.engine.chunks import chunk_ranges
-
     seconds = {int(k): sum(v.values()) for k, v in meta["timings"]["chunk_seconds"].items()}
-    world = meta["num_processes"]
-    spans = [[c for c, _, _ in chunk_ranges(meta["rows_in"], meta["chunk_size"], rank, world)] for rank in range(world)]
+    # which rank computed each chunk (the ranks claim chunks as they go); pieces of passes ("3.pass-000") left out
+    ranks = {int(k): r for k, r in meta["timings"]["chunk_ranks_last_run"].items() if "." not in k}
+    spans = [sorted(c for c, r in ranks.items() if r == rank) for rank in range(meta["num_processes"])]
     later = [seconds[c] for chunks in spans for c in chunks[1:]]
     typical = statistics.median(later) if later else 0.0
     total = max(sum(seconds[c] for c in chunks) for chunks in spans)

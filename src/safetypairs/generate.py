@@ -167,7 +167,7 @@ def run_settings(config: GenerateConfig) -> dict[str, Any]:
 def generate_run(source: Dataset, config: GenerateConfig, run: RunConfig) -> RunSummary | None:
     """Generate candidate rows for ``source`` on the shared runner: sharded over the launched processes, resumable.
 
-    Under ``accelerate launch`` / ``torchrun`` each rank takes a contiguous run of chunks and skips
+    Under ``accelerate launch`` / ``torchrun`` the ranks claim chunks as they go and skip
     chunks an interrupted run finished; rank 0 merges them into ``out/data/`` and writes
     ``out/run.json`` (models, seeds, versions, policy, timings). A row depends only on the run seed,
     the row and the settings, so a resumed or differently sharded run gives the same rows.

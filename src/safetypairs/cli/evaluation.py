@@ -92,7 +92,7 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
         "evaluate", help="evaluate guard models on a released benchmark (metrics, results.json, report.html)",
         description="Run guards over the images config of a release (folder or ORG/NAME) and score them: "
                     "per-image, per-pair and per-category metrics with bootstrap CIs, and a report. Under "
-                    "`accelerate launch` / `torchrun` each rank predicts a contiguous shard; a killed run resumes.",
+                    "`accelerate launch` / `torchrun` the ranks claim chunks of images as they go; a killed run resumes.",
     )
     _add_release_dataset(p)
     p.add_argument("--guard", action="append", required=True,

@@ -103,8 +103,8 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
         "generate", help="write edit instructions and K candidate edits per source (sharded, resumable)",
         description=(
             "Instruct (policy-aware edit instruction) and edit (K candidates with recorded seeds, optional "
-            "artifact control) every source row. Under `accelerate launch` / `torchrun` each rank takes a "
-            "contiguous shard; chunks are written as they finish (OUT/chunks) so a killed run resumes where it "
+            "artifact control) every source row. Under `accelerate launch` / `torchrun` the ranks claim "
+            "chunks as they go; chunks are written as they finish (OUT/chunks) so a killed run resumes where it "
             "stopped; rank 0 merges them into OUT/data/*.parquet and writes OUT/run.json."
         ),
     )
@@ -212,7 +212,7 @@ def add_validate(sub: argparse._SubParsersAction) -> None:
             "the change mask, "
             "SSIM/PSNR (and optionally LPIPS/CLIP) outside it and the judge's labels, decide accepted / "
             "reject_reason, and write a run folder (OUT/data/*.parquet + OUT/run.json). Under `accelerate "
-            "launch` / `torchrun` each rank validates a contiguous shard; a killed run resumes where it stopped."
+            "launch` / `torchrun` the ranks claim chunks as they go; a killed run resumes where it stopped."
         ),
     )
     p.add_argument("input", help="a generate run folder, a datasets.save_to_disk folder or a parquet folder")
