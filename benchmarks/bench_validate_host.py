@@ -8,8 +8,9 @@ once per source), side by side in one run.
 Rows: K candidates per source, each source a real skimage photo resized to side x side, each candidate with its own
 pasted patch; originals and edits are stored as PNG cells, as a run folder holds them. Both sides measure against
 the original with pixel metrics only: the judge, LPIPS, CLIP and the VAE round trip are GPU work (their calls per
-source are counted in tests/test_validate.py). CPU seconds are this process's (one thread), far less distorted
-than wall clock by other processes on the machine. Goal: <= 0.15 s per 1 MP row (was ~0.5 s).
+source are counted in tests/test_validate.py). Neither side includes what `Dataset.map` does after the transform
+(encoding the change-mask PNG, ~8 ms at 1 MP, and writing Arrow). CPU seconds are this process's (one thread), far
+less distorted than wall clock by other processes on the machine. Goal: <= 0.15 s per 1 MP row (was ~0.5 s).
 """
 
 from __future__ import annotations

@@ -655,6 +655,7 @@ def test_an_original_is_decoded_round_tripped_and_judged_once_for_its_candidates
     rows equal those of each candidate validated alone."""
     from safetypairs.backends.diffusion import VAERoundTrip
     from safetypairs.images import image_digest
+    from safetypairs.validate import originals as originals_module
     from safetypairs.validate import pair as pair_module
 
     isolated_registry.REGISTRY["judges"]["red-test"] = "test_validate:RedJudge"
@@ -697,3 +698,7 @@ def test_an_original_is_decoded_round_tripped_and_judged_once_for_its_candidates
     alone = [run_validate(data.select([i]), config)[0] for i in range(8)]
     assert [[row[0] for row in (one[c] for c in columns)] for one in alone] == [
         [out[c][i] for c in columns] for i in range(8)]
+    for size in ("DECODED_ORIGINALS", "ROUND_TRIPS", "REFERENCE_LABS", "VERDICTS"):  # caches smaller than a batch
+        monkeypatch.setattr(originals_module, size, 1)
+    small = run_validate(data, ValidateConfig(judge="red-test", judge_all_rows=True, batch_size=8))[0]
+    assert [[small[c][i] for c in columns] for i in range(8)] == [[out[c][i] for c in columns] for i in range(8)]

@@ -72,18 +72,24 @@ def _disk(radius: int) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
 
 
-def delta_e(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def to_lab(image: np.ndarray) -> np.ndarray:
+    """CIELAB (OpenCV's float conversion) of a float32 ``HxWx3`` RGB array in ``[0, 1]``, ``HxWx3`` float32."""
+    return cv2.cvtColor(image, cv2.COLOR_RGB2Lab)
+
+
+def delta_e(a: np.ndarray, b: np.ndarray, lab_a: np.ndarray | None = None) -> np.ndarray:
     """Per-pixel CIE76 colour difference in CIELAB of two float32 ``HxWx3`` RGB arrays in ``[0, 1]``, ``HxW``
-    (float32, the squares summed L, a, b in that order, as ``((lab_a - lab_b) ** 2).sum(axis=2)`` sums them)."""
-    diff = cv2.cvtColor(a, cv2.COLOR_RGB2Lab)
-    diff -= cv2.cvtColor(b, cv2.COLOR_RGB2Lab)
+    (float32, the squares summed L, a, b in that order, as ``((lab_a - lab_b) ** 2).sum(axis=2)`` sums them).
+    ``lab_a``: `to_lab` of ``a`` when the caller has it (an original measured against several edits)."""
+    diff = cv2.subtract(to_lab(a) if lab_a is None else lab_a, to_lab(b))
     np.square(diff, out=diff)
     total = diff[..., 0] + diff[..., 1]
     total += diff[..., 2]
     return np.sqrt(total, out=total)
 
 
-def change_mask(original: np.ndarray, edited: np.ndarray, params: MaskParams) -> ChangeMask:
+def change_mask(original: np.ndarray, edited: np.ndarray, params: MaskParams,
+                original_lab: np.ndarray | None = None) -> ChangeMask:
     """Threshold the CIELAB difference, clean it up morphologically and add a dilation margin.
 
     Steps: ΔE (CIE76) > ``delta_e``; opening (radius ``open_px``) drops speckle; connected
@@ -99,11 +105,12 @@ def change_mask(original: np.ndarray, edited: np.ndarray, params: MaskParams) ->
         original: float32 ``HxWx3`` in ``[0, 1]``.
         edited: same shape as ``original``.
         params: the mask parameters.
+        original_lab: `to_lab` of ``original`` when the caller has it (computed here otherwise).
 
     Returns:
         The `ChangeMask`.
     """
-    delta = delta_e(original, edited)
+    delta = delta_e(original, edited, original_lab)
     above = (delta > params.delta_e).view(np.uint8)
     changed = np.zeros(delta.shape, np.uint8)
     region = np.zeros(delta.shape, np.uint8)

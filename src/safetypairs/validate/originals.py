@@ -1,5 +1,5 @@
-"""Work done once per original and reused by its K candidates: the decoded original, its VAE round trip and the
-judge's verdict on it.
+"""Work done once per original and reused by its K candidates: the decoded original, its VAE round trip, the CIELAB
+values of the reference they share and the judge's verdict on the original.
 
 The K candidates of a source carry the same original; each candidate row used to decode it, round-trip it through
 the editor's VAE and have the judge classify it again. `Originals` keeps those results for one validation map (one
@@ -20,7 +20,8 @@ from safetypairs.images import image_digest
 V = TypeVar("V")
 
 DECODED_ORIGINALS = 4  # 1 MP: ~15 MB each (RGB + float32 working copy); candidates of a source are usually adjacent
-ROUND_TRIPS = 8  # 1 MP: ~3 MB each
+ROUND_TRIPS = 4  # 1 MP: ~15 MB each (RGB + float32 working copy)
+REFERENCE_LABS = 4  # 1 MP: ~12 MB each
 VERDICTS = 4096
 
 
@@ -55,6 +56,7 @@ class Originals:
     def __init__(self) -> None:
         self.decoded: LRU[tuple[Any, Any]] = LRU(DECODED_ORIGINALS)
         self.roundtrips: LRU[Any] = LRU(ROUND_TRIPS)
+        self.labs: LRU[Any] = LRU(REFERENCE_LABS)
         self.verdicts: LRU[Any] = LRU(VERDICTS)
 
     def decode(self, cell: Any, max_pixels: int, load: Callable[[], tuple[Any, Any]]) -> tuple[str, Any, Any]:

@@ -26,8 +26,9 @@ class PairImages:
 
     ``reference`` is what the edit is compared with: the original, the artifact control (same editor
     and seed, no-op instruction) or the original's round trip through the editor's VAE. ``original_key``
-    names the original in `Originals` (candidates of one source share it); ``original`` and ``original_image``
-    may be shared with those candidates' pairs, so they are never changed in place.
+    names the original in `Originals` (candidates of one source share it), ``reference_key`` the reference
+    when the candidates share it too (the original or its round trip; ``None`` for a control); ``original``,
+    ``original_image`` and a shared reference are shared with those candidates' pairs, never changed in place.
     """
 
     index: int
@@ -42,6 +43,7 @@ class PairImages:
     reference: np.ndarray | None = None
     reference_kind: str = "original"
     original_key: str = ""
+    reference_key: tuple | None = None
 
 
 def row_name(batch: dict[str, list], i: int) -> str:

@@ -42,7 +42,7 @@ def choose_references(c: Any, batch: dict[str, list], pairs: list[PairImages], d
                        originals)
     for pair in pairs:
         if pair.reference is None:
-            pair.reference = pair.original
+            pair.reference, pair.reference_key = pair.original, ("original", pair.original_key)
 
 
 def _load_roundtrip(spec: str, device: str) -> Any | None:
@@ -102,4 +102,4 @@ def vae_references(c: Any, pairs: list[PairImages], editors: list[str | None], w
             originals.roundtrips.put(keys[t], known[keys[t]])
         for k, key in zip(members, keys):
             pairs[k].reference_image, pairs[k].reference = known[key]
-            pairs[k].reference_kind = "vae_roundtrip"
+            pairs[k].reference_kind, pairs[k].reference_key = "vae_roundtrip", ("vae_roundtrip", *key)

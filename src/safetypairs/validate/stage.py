@@ -180,7 +180,7 @@ class ValidateTransform:
 
     @functools.cached_property
     def originals(self) -> Originals:
-        """The decoded originals, round trips and verdicts of this map in this process."""
+        """The decoded originals, round trips, reference CIELAB values and verdicts of this map in this process."""
         return Originals()
 
     @functools.cached_property
@@ -214,7 +214,7 @@ class ValidateTransform:
             row = rows[pair.index]
             row[S.VALIDATE_THRESHOLDS], limits[pair.index] = thresholds_for(c, editors[pair.index])
             row[S.VALIDATE_LIMITS] = limits_json(limits[pair.index])
-            pixel_metrics(c, pair, row, limits[pair.index])
+            pixel_metrics(c, pair, row, limits[pair.index], self.originals)
         encoder_metrics(c, pairs, rows, device)
         for pair in pairs:
             rows[pair.index][S.REJECT_REASON], rows[pair.index][S.REJECT_DETAIL] = decide_pixels(
