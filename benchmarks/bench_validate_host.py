@@ -103,7 +103,8 @@ def after(batch: dict[str, list], config, batch_size: int) -> dict[str, list]:
 
 
 def parts(batch: dict[str, list], config) -> dict[str, float]:
-    """CPU seconds per row of each step of the new path, one row at a time (the original decoded once)."""
+    """CPU seconds per row of each step of the new path, one row at a time (each original decoded and converted to
+    CIELAB once per source, untimed)."""
     from safetypairs import schema as S
     from safetypairs.images import load_image
     from safetypairs.validate import change
@@ -118,10 +119,14 @@ def parts(batch: dict[str, list], config) -> dict[str, float]:
         spent[name] += time.process_time() - start
         return value
 
-    a = change.to_float(load_image(batch[S.IMAGE][0], config.max_pixels))
-    for edited_cell in batch[S.EDITED_IMAGE]:
+    originals, labs = {}, {}
+    for source, original_cell, edited_cell in zip(batch[S.SOURCE_ID], batch[S.IMAGE], batch[S.EDITED_IMAGE]):
+        if source not in originals:  # once per source, as `ValidateTransform` does (not timed: 1/K of a row)
+            originals[source] = a = change.to_float(load_image(original_cell, config.max_pixels))
+            labs[source] = change.to_lab(a)
+        a = originals[source]
         b = timed("decode edit", lambda: change.to_float(load_image(edited_cell, config.max_pixels)))
-        mask = timed("change mask", lambda: change.change_mask(a, b, params))
+        mask = timed("change mask", lambda: change.change_mask(a, b, params, labs[source]))
         timed("ssim", lambda: change.masked_mean(change.ssim_map(a, b), ~mask.region))
         timed("psnr", lambda: change.psnr_where(a, b, ~mask.region))
         timed("mask columns", lambda: (change.bbox(mask.changed), change.masked_mean(mask.delta_e, mask.changed),
@@ -143,7 +148,11 @@ def main() -> None:
     from safetypairs import schema as S
     from safetypairs.validate.stage import ValidateConfig
 
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    import cv2
+
+    threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
+    torch.set_num_threads(threads)
+    cv2.setNumThreads(threads)  # OpenCV's own pool ignores OMP_NUM_THREADS; its idle threads' spinning is CPU time too
     config = ValidateConfig(device="cpu", max_side=args.side)
     batch = rows(args.side, args.sources, args.k)
     n, megapixels = args.sources * args.k, args.side * args.side / 1e6
@@ -153,7 +162,7 @@ def main() -> None:
                            "ValidateTransform (now)": lambda r: after(batch, config, args.batch_size)}, args.rounds)
     print(f"validate host CPU per row, {n} rows ({args.sources} sources x K={args.k}) at {args.side} px "
           f"({megapixels:.2f} MP), pixel metrics vs the original, batch {args.batch_size}, {args.rounds} interleaved "
-          f"rounds ({load_line()}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}):")
+          f"rounds ({load_line()}; {threads} thread(s) for torch and OpenCV):")
     per_mp = {name: statistics.median(s["cpu"]) / n / megapixels for name, s in seconds.items()}
     for name, value in per_mp.items():
         wall = statistics.median(seconds[name]["wall"]) / n
