@@ -43,6 +43,8 @@ SMOKE = {
                       "--side", "32", "--variants", "baseline", "first_block"],
                      ["bench_gpu on", "== tiny-kontext", "x baseline", "edit      baseline", "edit      first_block",
                       "generate  free instr.", "generate  keep instr."]),
+    "bench_validate_host.py": (["--side", "256", "--sources", "1", "--k", "2", "--rounds", "1"],
+                               ["validate host CPU per row", "where a row's host CPU goes"]),
     "bench_served.py": (["--n", "8", "--rounds", "1"],
                         ["throughput 8 in flight / 1 in flight", "rerun of a finished run", "resume after a kill at 50%",
                          "client overhead", "per request:"]),

@@ -273,13 +273,14 @@ def test_judge_flip_decisions(photo, isolated_registry):
     assert out[S.REJECT_REASON] == [None, "original_not_unsafe", "still_unsafe", "judge_unknown", "background_changed"]
     assert out[S.ACCEPTED] == [True, False, False, False, False]
     assert out[S.JUDGE][:4] == ["red-test"] * 4 and out[S.JUDGE][4] is None
-    assert RedJudge.calls == 8  # the blurred row was rejected by the pixels and not judged
+    # 4 edits and 2 originals (rows 0, 2 and 3 share one): the blurred row was rejected by the pixels, not judged
+    assert RedJudge.calls == 6
     raw = json.loads(out[S.JUDGE_ORIGINAL_RAW][0])
     assert raw["label"] == "unsafe" and raw["rationale"].endswith("category O1")
     assert out[S.METRICS_RAN][0][-1] == "judge:red-test"
     RedJudge.calls = 0
     validate_pairs(data, judge="red-test", judge_all_rows=True)
-    assert RedJudge.calls == 10
+    assert RedJudge.calls == 5 + 2
 
 
 def test_real_ocr_lexicon_judge_flips_replaced_text(photo):
@@ -645,3 +646,59 @@ def test_validate_resolves_categories_as_generate_does(photo):
     out = validate_pairs(data)
     assert list(out[S.REJECT_REASON]) == [None, None, None, "unknown_category"]
     assert list(out[S.CATEGORY]) == ["O1", "O2", "O6", "Spam"]
+
+
+def test_an_original_is_decoded_round_tripped_and_judged_once_for_its_candidates(photo, tiny_ip2p, monkeypatch,
+                                                                                   isolated_registry):
+    """K = 4 candidates of each of two sources, interleaved and two to a batch (no batch holds two candidates of one
+    source): each original is decoded once, round-tripped through the editor's VAE once and judged once, and the
+    rows equal those of each candidate validated alone."""
+    from safetypairs.backends.diffusion import VAERoundTrip
+    from safetypairs.images import image_digest
+    from safetypairs.validate import originals as originals_module
+    from safetypairs.validate import pair as pair_module
+
+    isolated_registry.REGISTRY["judges"]["red-test"] = "test_validate:RedJudge"
+    sources = {"a": paste(photo, colour=(255, 0, 0), box=(10, 10, 30, 30)), "b": photo.rotate(20)}
+    order = ["a", "b"] * 4
+    edits = [paste(sources[s], colours, (40 + 10 * k, 60, 70 + 10 * k, 90))
+             for k, (s, colours) in enumerate(zip(order, [(20, 200, 40), (30, 30, 200)] * 4))]
+    data = Dataset.from_dict({S.SOURCE_ID: order, S.IMAGE: [sources[s] for s in order], S.EDITED_IMAGE: edits,
+                              S.EDITOR: [f"diffusers:{tiny_ip2p},resolution=0"] * 8, S.CATEGORY: ["O1"] * 8},
+                             features=Features({S.SOURCE_ID: Value("string"), **CANDIDATE_FEATURES,
+                                                S.EDITOR: Value("string"), S.CATEGORY: Value("string")}))
+    decoded, judged, round_tripped = [], [], []
+    real_load, real_classify, real_roundtrip = pair_module.load_image, RedJudge.classify, VAERoundTrip.__call__
+
+    def load(cell, max_pixels):
+        decoded.append(image_digest(image := real_load(cell, max_pixels)))
+        return image
+
+    def classify(self, images, categories, policy):
+        judged.extend(image_digest(im) for im in images)
+        return real_classify(self, images, categories, policy)
+
+    def roundtrip(self, images, work_sizes=None):
+        round_tripped.extend(image_digest(im) for im in images)
+        return real_roundtrip(self, images, work_sizes)
+
+    monkeypatch.setattr(pair_module, "load_image", load)
+    monkeypatch.setattr(RedJudge, "classify", classify)
+    monkeypatch.setattr(VAERoundTrip, "__call__", roundtrip)
+    config = ValidateConfig(judge="red-test", judge_all_rows=True, batch_size=2)
+    out = run_validate(data, config)[0]
+    originals = {image_digest(im) for im in sources.values()}
+    assert sorted(d for d in decoded if d in originals) == sorted(originals)  # 1 decode per source, not 4
+    assert sorted(d for d in judged if d in originals) == sorted(originals)  # 1 verdict per source, not 4
+    assert len(judged) == 2 + 8 and len(decoded) == 2 + 8
+    assert sorted(round_tripped) == sorted(originals)  # 1 round trip per source, not 4
+    assert out[S.VALIDATE_REFERENCE] == ["vae_roundtrip"] * 8 and out[S.JUDGE_ORIGINAL] == ["unsafe", "safe"] * 4
+    columns = [S.REJECT_REASON, S.SSIM_OUTSIDE, S.PSNR_OUTSIDE, S.CHANGED_FRACTION, S.NOISE_FLOOR_PSNR,
+               S.JUDGE_ORIGINAL, S.JUDGE_EDITED, S.JUDGE_ORIGINAL_RAW]
+    alone = [run_validate(data.select([i]), config)[0] for i in range(8)]
+    assert [[row[0] for row in (one[c] for c in columns)] for one in alone] == [
+        [out[c][i] for c in columns] for i in range(8)]
+    for size in ("DECODED_ORIGINALS", "ROUND_TRIPS", "REFERENCE_LABS", "VERDICTS"):  # caches smaller than a batch
+        monkeypatch.setattr(originals_module, size, 1)
+    small = run_validate(data, ValidateConfig(judge="red-test", judge_all_rows=True, batch_size=8))[0]
+    assert [[small[c][i] for c in columns] for i in range(8)] == [[out[c][i] for c in columns] for i in range(8)]

@@ -10,6 +10,7 @@ from safetypairs.backends.registry import load_backend
 from safetypairs.engine.stage import isolate
 from safetypairs.policy import load_policy
 from safetypairs.validate.decision import decide_judge, judge_failed
+from safetypairs.validate.originals import Originals, split
 from safetypairs.validate.pair import PairImages, row_name
 
 
@@ -20,8 +21,11 @@ def verdict_json(verdict: Any) -> str:
 
 
 def judge_rows(config: Any, batch: dict[str, list], pairs: list[PairImages], rows: list[dict[str, Any]],
-               device: str) -> None:
+               device: str, originals: Originals) -> None:
     """Classify originals and edits with the judge; `decision.decide_judge` records the label flip (in place).
+
+    An original is classified once per category in a run: its other candidates (in this batch or a later one)
+    reuse the verdict from ``originals`` (a verdict without an answer, e.g. ``api_error``, is not kept).
 
     Rows the pixel checks rejected are skipped unless ``config.judge_all_rows``. A row the judge
     raises on gets ``validate_status=judge_error`` (reject reason ``judge_error`` unless the pixels
@@ -33,6 +37,7 @@ def judge_rows(config: Any, batch: dict[str, list], pairs: list[PairImages], row
         pairs: readable pairs (full-resolution PIL images inside).
         rows: output rows, indexed by ``pair.index``.
         device: torch device for model judges.
+        originals: the verdicts on originals given so far in this run.
     """
     targets = [p for p in pairs if config.judge_all_rows or rows[p.index][S.REJECT_REASON] is None]
     if config.judge is None or not targets:
@@ -43,11 +48,17 @@ def judge_rows(config: Any, batch: dict[str, list], pairs: list[PairImages], row
 
     def classify(some: list[PairImages]) -> list[tuple[Any, Any]]:
         categories = [column[p.index] if column else None for p in some]
-        verdicts = judge.classify([p.original_image for p in some] + [p.edited_image for p in some],
-                                  categories + categories, policy)
-        if len(verdicts) != 2 * len(some):
-            raise ValueError(f"the judge returned {len(verdicts)} verdicts for {2 * len(some)} images")
-        return list(zip(verdicts[: len(some)], verdicts[len(some):]))
+        keys = [(p.original_key, category) for p, category in zip(some, categories)]
+        known, todo = split(originals.verdicts, keys)
+        verdicts = judge.classify([some[t].original_image for t in todo] + [p.edited_image for p in some],
+                                  [categories[t] for t in todo] + categories, policy)
+        if len(verdicts) != len(todo) + len(some):
+            raise ValueError(f"the judge returned {len(verdicts)} verdicts for {len(todo) + len(some)} images")
+        for t, verdict in zip(todo, verdicts):
+            known[keys[t]] = verdict
+            if not verdict.status:
+                originals.verdicts.put(keys[t], verdict)
+        return [(known[key], after) for key, after in zip(keys, verdicts[len(todo):])]
 
     for pair, (verdicts, error) in zip(targets, isolate(classify, targets)):
         row = rows[pair.index]

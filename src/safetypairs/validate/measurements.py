@@ -20,7 +20,9 @@ from safetypairs.validate.change import (
     psnr_where,
     resize_mask,
     ssim_map,
+    to_lab,
 )
+from safetypairs.validate.originals import Originals
 from safetypairs.validate.pair import PairImages
 from safetypairs.validate.thresholds import Thresholds
 
@@ -29,7 +31,8 @@ logger = logging.getLogger(__name__)
 _UNAVAILABLE: dict[tuple[str, str], str] = {}  # (encoder spec, device) -> why it could not load here
 
 
-def pixel_metrics(c: Any, pair: PairImages, row: dict[str, Any], thresholds: Thresholds) -> None:
+def pixel_metrics(c: Any, pair: PairImages, row: dict[str, Any], thresholds: Thresholds,
+                  originals: Originals) -> None:
     """Measure one pair against its reference: change mask, its size, spread and colour change, SSIM/PSNR outside.
 
     Args:
@@ -37,8 +40,15 @@ def pixel_metrics(c: Any, pair: PairImages, row: dict[str, Any], thresholds: Thr
         pair: the pair (its ``mask`` is set here).
         row: its output row (metric columns and ``metrics_ran`` filled).
         thresholds: the row's thresholds (``mask_delta_e`` decides what counts as changed).
+        originals: the CIELAB values of references shared by candidates (converted once per reference).
     """
-    mask = change_mask(pair.reference, pair.edited, c.mask_params(thresholds))
+    lab = None
+    if pair.reference_key is not None:
+        lab = originals.labs.get(pair.reference_key)
+        if lab is None:
+            lab = to_lab(pair.reference)
+            originals.labs.put(pair.reference_key, lab)
+    mask = change_mask(pair.reference, pair.edited, c.mask_params(thresholds), lab)
     pair.mask = mask
     outside = ~mask.region
     full = resize_mask(mask.changed, pair.full_size)

@@ -15,6 +15,7 @@ from safetypairs.images import ImageError, load_image
 from safetypairs.policy import Policy
 from safetypairs.validate.change import ChangeMask, to_float
 from safetypairs.validate.decision import stop, upstream_stop
+from safetypairs.validate.originals import Originals
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +25,10 @@ class PairImages:
     """One readable row of a validation batch: float arrays at working resolution, PIL images at full size.
 
     ``reference`` is what the edit is compared with: the original, the artifact control (same editor
-    and seed, no-op instruction) or the original's round trip through the editor's VAE.
+    and seed, no-op instruction) or the original's round trip through the editor's VAE. ``original_key``
+    names the original in `Originals` (candidates of one source share it), ``reference_key`` the reference
+    when the candidates share it too (the original or its round trip; ``None`` for a control); ``original``,
+    ``original_image`` and a shared reference are shared with those candidates' pairs, never changed in place.
     """
 
     index: int
@@ -38,6 +42,8 @@ class PairImages:
     reference_image: Image.Image | None = None
     reference: np.ndarray | None = None
     reference_kind: str = "original"
+    original_key: str = ""
+    reference_key: tuple | None = None
 
 
 def row_name(batch: dict[str, list], i: int) -> str:
@@ -58,7 +64,7 @@ def empty_row() -> dict[str, Any]:
 
 
 def prepare_pair(c: Any, policy: Policy, batch: dict[str, list], i: int, row: dict[str, Any],
-                 images: dict[str, list]) -> PairImages | None:
+                 images: dict[str, list], originals: Originals) -> PairImages | None:
     """Read and size-check one row; on failure fill its status and return ``None``.
 
     Args:
@@ -69,6 +75,7 @@ def prepare_pair(c: Any, policy: Policy, batch: dict[str, list], i: int, row: di
         row: its output row (status filled here).
         images: the two image columns of the output; a cell that cannot be decoded is set to null
             (its bytes are not carried on).
+        originals: the originals decoded so far in this run (the row's original is decoded once per source).
 
     Returns:
         The pair at working resolution, or ``None`` when the row failed.
@@ -86,14 +93,15 @@ def prepare_pair(c: Any, policy: Policy, batch: dict[str, list], i: int, row: di
         return stop(row, ST.UNKNOWN_CATEGORY, f"{name}: category {category!r} is not in policy "
                                              f"{policy.id} (allowed: {', '.join(policy.categories)}, "
                                              "'<code>: <name>', the names or a category's aliases)")
-    decoded = []
-    for column in (c.original_column, c.edited_column):
-        try:
-            decoded.append(load_image(batch[column][i], c.max_pixels))
-        except ImageError as err:
-            images[column][i] = None
-            return stop(row, err.status, f"{name}: {column}: {err}")
-    original, edited = decoded
+    column = c.original_column
+    try:
+        original_cell = batch[column][i]
+        key, original, work_original = originals.decode(original_cell, c.max_pixels, lambda: _read(c, original_cell))
+        column = c.edited_column
+        edited = load_image(batch[column][i], c.max_pixels)
+    except ImageError as err:
+        images[column][i] = None
+        return stop(row, err.status, f"{name}: {column}: {err}")
     if original.size != edited.size:
         if c.size_mismatch == "reject":
             return stop(row, ST.SIZE_MISMATCH, f"{name}: original {original.size} vs edited {edited.size}")
@@ -102,12 +110,15 @@ def prepare_pair(c: Any, policy: Policy, batch: dict[str, list], i: int, row: di
     if min(original.size) < c.min_side:
         return stop(row, ST.TOO_SMALL, f"{name}: size {original.size} below min_side={c.min_side}")
     row[S.VALIDATE_STATUS] = ST.OK  # measured and decided: see accepted / reject_reason
-    work_a, work_b = original, edited
-    if working_scale(c, original.size) < 1.0:
-        work_a, work_b = (im.resize(working_size(c, original.size), Image.Resampling.BOX) for im in (original, edited))
     control = _control(c, batch, i, original.size) if c.reference != "original" or c.composite else None
-    return PairImages(i, to_float(work_a), to_float(work_b), original.size, original, edited,
-                      control_image=control)
+    return PairImages(i, work_original, at_work_size(c, edited), original.size, original, edited,
+                      control_image=control, original_key=key)
+
+
+def _read(c: Any, cell: Any) -> tuple[Image.Image, np.ndarray]:
+    """An original cell decoded, and its float copy at working resolution."""
+    image = load_image(cell, c.max_pixels)
+    return image, at_work_size(c, image)
 
 
 def _control(c: Any, batch: dict[str, list], i: int, size: tuple[int, int]) -> Image.Image | None:
@@ -134,3 +145,10 @@ def working_scale(config: Any, size: tuple[int, int]) -> float:
 def working_size(config: Any, size: tuple[int, int]) -> tuple[int, int]:
     scale = working_scale(config, size)
     return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
+def at_work_size(config: Any, image: Image.Image) -> np.ndarray:
+    """``image`` as the float array it is measured as: box-reduced to ``config.max_side`` when it is larger."""
+    if working_scale(config, image.size) < 1.0:
+        image = image.resize(working_size(config, image.size), Image.Resampling.BOX)
+    return to_float(image)

@@ -23,6 +23,7 @@ from safetypairs.validate.composite import composite_columns
 from safetypairs.validate.decision import accept, decide_pixels, limits_json
 from safetypairs.validate.judge import judge_rows
 from safetypairs.validate.measurements import encoder_metrics, pixel_metrics
+from safetypairs.validate.originals import Originals
 from safetypairs.validate.pair import empty_row, prepare_pair
 from safetypairs.validate.references import REFERENCE_MODES, choose_references
 from safetypairs.validate.thresholds import Thresholds, thresholds_for, thresholds_used
@@ -165,10 +166,22 @@ def _check_ranges(c: ValidateConfig) -> None:
 
 
 class ValidateTransform:
-    """Batched, picklable `Dataset.map` transform; holds only the config, loads models lazily."""
+    """Batched, picklable `Dataset.map` transform; holds only the config, loads models lazily.
+
+    What it computes once per original for its candidates (`Originals`) lives in the process that made it: it is
+    not pickled, so the map fingerprint and the processes of a multi-process map each start without it.
+    """
 
     def __init__(self, config: ValidateConfig) -> None:
         self.config = config
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"config": self.config}
+
+    @functools.cached_property
+    def originals(self) -> Originals:
+        """The decoded originals, round trips, reference CIELAB values and verdicts of this map in this process."""
+        return Originals()
 
     @functools.cached_property
     def policy(self) -> Policy:
@@ -191,21 +204,22 @@ class ValidateTransform:
         n = len(batch[c.original_column])
         rows = [empty_row() for _ in range(n)]
         images = {c.original_column: list(batch[c.original_column]), c.edited_column: list(batch[c.edited_column])}
-        pairs = [p for i in range(n) if (p := prepare_pair(c, self.policy, batch, i, rows[i], images)) is not None]
+        pairs = [p for i in range(n)
+                 if (p := prepare_pair(c, self.policy, batch, i, rows[i], images, self.originals)) is not None]
         device = device_for_rank(c.device, rank)
-        choose_references(c, batch, pairs, device)
+        choose_references(c, batch, pairs, device, self.originals)
         editors = batch.get(c.editor_column) or [None] * n
         limits: dict[int, Thresholds] = {}
         for pair in pairs:
             row = rows[pair.index]
             row[S.VALIDATE_THRESHOLDS], limits[pair.index] = thresholds_for(c, editors[pair.index])
             row[S.VALIDATE_LIMITS] = limits_json(limits[pair.index])
-            pixel_metrics(c, pair, row, limits[pair.index])
+            pixel_metrics(c, pair, row, limits[pair.index], self.originals)
         encoder_metrics(c, pairs, rows, device)
         for pair in pairs:
             rows[pair.index][S.REJECT_REASON], rows[pair.index][S.REJECT_DETAIL] = decide_pixels(
                 limits[pair.index], rows[pair.index])
-        judge_rows(c, batch, pairs, rows, device)
+        judge_rows(c, batch, pairs, rows, device, self.originals)
         for row in rows:
             accept(row)
         out = {**images, **{name: [row[name] for row in rows] for name in S.VALIDATION_FEATURES}}
