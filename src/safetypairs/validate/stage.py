@@ -280,7 +280,7 @@ def _warn_without_judge(config: ValidateConfig) -> None:
 def validate_run(dataset: Dataset, config: ValidateConfig, run: RunConfig) -> RunSummary | None:
     """Validate ``dataset`` on the shared runner: sharded over the launched processes, resumable.
 
-    Under ``accelerate launch`` / ``torchrun`` each rank validates a contiguous run of chunks on its
+    Under ``accelerate launch`` / ``torchrun`` the ranks claim chunks as they go, each on its
     own device; rank 0 merges them into ``run.out/data/`` and writes ``run.json``. Validation is
     deterministic, so a resumed or differently sharded run gives the same rows.
 
