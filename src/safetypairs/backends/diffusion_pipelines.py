@@ -149,7 +149,8 @@ DIFFUSION_OPTIONS = {
 
 
 def check_speed_options(opts: DiffusionOptions) -> None:
-    """Refuse, before any model loads, speed options the installed packages cannot honour.
+    """Refuse, before any model loads, speed options the installed packages cannot honour (diffusers is imported
+    only to check a cache or an attention backend that is asked for).
 
     Raises:
         ValueError: naming the option, the value and what is missing (a diffusers cache or attention backend this
@@ -157,9 +158,9 @@ def check_speed_options(opts: DiffusionOptions) -> None:
     """
     import importlib.util
 
-    import diffusers
+    if opts.cache is not None and opts.cache not in available_caches():  # diffusers imported only here
+        import diffusers
 
-    if opts.cache is not None and not hasattr(diffusers, CACHES[opts.cache]):
         raise ValueError(f"cache={opts.cache} needs diffusers' {CACHES[opts.cache]}, which diffusers "
                          f"{diffusers.__version__} lacks; caches here: {', '.join(available_caches()) or 'none'}")
     if opts.cache_threshold is not None and opts.cache is None:
@@ -172,6 +173,7 @@ def check_speed_options(opts: DiffusionOptions) -> None:
         if opts.offload == "sequential":
             raise ValueError(f"quantize={opts.quantize} cannot be combined with offload=sequential")
     if opts.attention_backend is not None:
+        import diffusers
         from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
 
         names = [b.value for b in AttentionBackendName]
