@@ -115,7 +115,7 @@ def test_two_processes_match_one(setup, reference):
     out = Path(setup["root"]) / "torchrun"
     # with another editor batch and the instructor kept (neither decides the rows, nor the run's fingerprint)
     _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *_cli_args(setup, out),
-          "--edit-batch-size", "1", "--keep-instructor"])
+          "--edit-batch-size", "1", "--keep-instructor", "on"])
     assert _table(out).equals(_table(reference))
     meta = json.loads((out / "run.json").read_text())
     assert meta["num_processes"] == 2
@@ -302,14 +302,15 @@ def watched(monkeypatch):
 def test_the_instructor_is_freed_before_the_editor_runs(watched):
     source = _source(3).filter(lambda r: r[S.CATEGORY] == "O6")  # 2 instructable rows
     out = generate_pairs(source, instructor="model-instructor", editor="watching", candidates=2, device="cpu",
-                         batch_size=1, edit_batch_size=2)
+                         batch_size=1, edit_batch_size=2, keep_instructor=False)
     assert ModelInstructor.calls == [1, 1]  # the instructor's batch size
     assert WatchingEditor.calls == [(4, 0)]  # 2 rows x 2 candidates in one editor call; no instructor model alive
     assert out[S.EDIT_STATUS] == ["ok", "duplicate_candidate"] * 2
-    WatchingEditor.calls.clear()
-    generate_pairs(source, instructor="model-instructor", editor="watching", candidates=2, device="cpu",
-                   batch_size=1, edit_batch_size=2, keep_instructor=True)
-    assert WatchingEditor.calls == [(4, 1)]  # kept when asked
+    for keep in (True, None):  # kept when asked, and by default on the CPU (no accelerator memory to free)
+        WatchingEditor.calls.clear()
+        generate_pairs(source, instructor="model-instructor", editor="watching", candidates=2, device="cpu",
+                       batch_size=1, edit_batch_size=2, keep_instructor=keep)
+        assert WatchingEditor.calls == [(4, 1)], keep
 
 
 def test_edit_batch_size_and_keep_instructor_do_not_change_the_run_fingerprint():

@@ -19,6 +19,7 @@ from safetypairs.edit import EditConfig, run_edit
 from safetypairs.images import DEFAULT_MAX_PIXELS
 from safetypairs.instruct import InstructConfig, row_status, run_instruct, status_error
 from safetypairs.policy import Policy, load_policy
+from safetypairs.utils import device_for_rank
 from safetypairs.engine.runner import RunConfig, RunSummary, for_rank, run_stage, session
 from safetypairs.engine.stage import StageResult
 
@@ -44,11 +45,13 @@ class GenerateConfig:
         batch_size: source rows per instructor call (and per editor call unless ``edit_batch_size`` is set).
         edit_batch_size: source rows per edit batch (each makes ``candidates`` edits, plus a control); unset:
             ``batch_size``. The diffusers editor also caps the images of one pipeline call (its ``max_batch``).
-        keep_instructor: keep the instructor loaded while the editor runs. Off (the default): each chunk's rows
-            are instructed, every model is freed (and CUDA's cached blocks), the rows are edited and the editor is
-            freed in turn, so only one model is in memory at a time, at the cost of loading both once per chunk
-            (seconds to a minute each for 7B-20B models, against an hour of editing per 64-source chunk). On: both
-            stay loaded across chunks (when they fit together).
+        keep_instructor: keep the instructor loaded while the editor runs. Off: each chunk's rows are
+            instructed, every model is freed (and CUDA's cached blocks), the rows are edited and the editor is
+            freed in turn, so only one model is in the accelerator's memory at a time, at the cost of loading both
+            once per chunk (seconds to a minute each for 7B-20B models, against an hour of editing per 64-source
+            chunk). On: both stay loaded across chunks (when they fit together). ``None`` (the default): off when
+            the models run on an accelerator (a GPU), on for the CPU, where freeing saves no accelerator memory and
+            the reloads would cost each chunk.
         num_proc: `Dataset.map` processes (one machine, several GPUs) for `generate_pairs`.
         instructor_options: ``(key, value)`` options for the instructor backend.
         editor_options: ``(key, value)`` options for the editor backend.
@@ -66,7 +69,7 @@ class GenerateConfig:
     device: str = "auto"
     batch_size: int = 4
     edit_batch_size: int | None = None
-    keep_instructor: bool = False
+    keep_instructor: bool | None = None
     num_proc: int | None = None
     instructor_options: tuple[tuple[str, Any], ...] = ()
     editor_options: tuple[tuple[str, Any], ...] = ()
@@ -140,17 +143,21 @@ def run_generate(dataset: Dataset, config: GenerateConfig, device: str | None = 
     Returns:
         The candidate rows and ``{"instruct": StageResult, "edit": StageResult}``.
 
-    Unless ``config.keep_instructor``, every model is freed after instructing and again after editing
-    (`backends.registry.unload_backends`), so the instructor and the editor are never in memory together.
+    Unless the instructor is kept (``config.keep_instructor``; by default on the CPU only), every model is freed
+    after instructing and again after editing (`backends.registry.unload_backends`), so the instructor and the
+    editor are never in the accelerator's memory together.
     """
     instruct, edit = config.stage_configs
     if device is not None:
         instruct, edit = for_rank(instruct, device), for_rank(edit, device)
+    keep = config.keep_instructor
+    if keep is None:
+        keep = device_for_rank(device or config.device, None) == "cpu"
     instructed, instruct_result = run_instruct(dataset, instruct)
-    if not config.keep_instructor:
+    if not keep:
         unload_backends()
     edited, edit_result = run_edit(instructed, edit)
-    if not config.keep_instructor:  # the next chunk's instructor then loads without the editor beside it
+    if not keep:  # the next chunk's instructor then loads without the editor beside it
         unload_backends()
     return edited, {"instruct": instruct_result, "edit": edit_result}
 

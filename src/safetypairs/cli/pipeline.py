@@ -26,6 +26,9 @@ from safetypairs.cli.options import (
     add_source_split,
 )
 
+# --keep-instructor: the word -> GenerateConfig.keep_instructor (auto: keep it on the CPU, free it on a GPU)
+KEEP_INSTRUCTOR = {"auto": None, "on": True, "off": False}
+
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from safetypairs.demo import DemoConfig, run_demo
@@ -62,7 +65,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     config = GenerateConfig(
         policy=args.policy, instructor=args.instructor, editor=args.editor, candidates=args.candidates,
         control=args.control, seed=args.seed, device=args.device, batch_size=args.batch_size,
-        edit_batch_size=args.edit_batch_size, keep_instructor=args.keep_instructor,
+        edit_batch_size=args.edit_batch_size, keep_instructor=KEEP_INSTRUCTOR[args.keep_instructor],
         instructor_options=spec_options(args.instructor_options) + trust,
         editor_options=spec_options(args.editor_options) + trust, mask_column=args.mask_column,
         max_pixels=args.max_pixels,
@@ -131,8 +134,9 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     add_batch_size(p, 4, "rows per instructor/editor call")
     p.add_argument("--edit-batch-size", type=int, default=None,
                    help="source rows per editor batch, each with its candidates and control (default: --batch-size)")
-    p.add_argument("--keep-instructor", action="store_true",
-                   help="keep the instructor loaded while editing (default: free it, so one model is in memory at a time)")
+    p.add_argument("--keep-instructor", choices=KEEP_INSTRUCTOR, default="auto",
+                   help="keep the instructor loaded while editing: off frees it, so one model is in the GPU's memory "
+                        "at a time (both reload once per chunk); auto (default): off on a GPU, on for the CPU")
     add_device(p)
     add_overwrite(p, run=True)
     p.add_argument("--trust-remote-code", action="store_true",
