@@ -188,3 +188,51 @@ def test_isolate_halves_until_the_batch_fits():
     assert out == [(i * 10, None) if i != 5 else (None, "ValueError: bad item 5") for i in range(8)]
     sizes.clear()
     assert isolate(call, [0, 1, 2]) == [(0, None), (10, None), (20, None)] and sizes == [3, 2, 1]
+
+
+def test_png_level_changes_the_stored_bytes_not_the_pixels_nor_the_fingerprint(flaky_editor):
+    import io
+
+    import numpy as np
+    from PIL import Image as PILImage
+
+    from safetypairs.engine.stage import undecoded
+    from safetypairs.generate import GenerateConfig, run_settings
+    from safetypairs.validate.stage import ValidateConfig
+
+    stored = {}
+    for level in (0, 9, None):  # None: the default
+        config = EditConfig(editor="flaky", device="cpu", **({} if level is None else {"png_level": level}))
+        edited, _ = run_edit(_instructed(2), config)
+        stored[level] = [cell["bytes"] for cell in undecoded(edited)[S.EDITED_IMAGE]]
+    for raw, packed, default in zip(stored[0], stored[9], stored[None]):
+        a, b, c = (PILImage.open(io.BytesIO(png)) for png in (raw, packed, default))
+        assert np.array_equal(np.asarray(a), np.asarray(b)) and np.array_equal(np.asarray(a), np.asarray(c))
+        w, h = a.size
+        assert len(raw) > w * h * 3 > len(packed)  # uncompressed RGB rows vs the zlib-9 stream of a photo
+        # the zlib header's FLEVEL bits (RFC 1950): 0 for levels 0-1, 2 for the default 6, 3 for 7-9
+        assert [_zlib_flevel(png) for png in (raw, packed, default)] == [0, 3, 0]  # default: level 1
+    assert run_settings(GenerateConfig(png_level=9)) == run_settings(GenerateConfig())
+    # validate stores its change masks at its own level
+    from safetypairs.validate.stage import run_validate
+
+    for level, flevel in ((9, 3), (None, 0)):
+        config = ValidateConfig(device="cpu", **({} if level is None else {"png_level": level}))
+        validated, _ = run_validate(edited, config)
+        masks = [cell["bytes"] for cell in undecoded(validated)[S.EDIT_MASK] if cell and cell["bytes"]]
+        assert masks and {_zlib_flevel(png) for png in masks} == {flevel}, level
+    for bad in (10, -1, True):
+        with pytest.raises(ValueError, match="png_level must be an integer from 0"):
+            ValidateConfig(png_level=bad)
+        with pytest.raises(ValueError, match="png_level must be an integer from 0"):
+            EditConfig(png_level=bad)
+
+
+def _zlib_flevel(png: bytes) -> int:
+    """FLEVEL of the zlib stream in a PNG's first IDAT chunk, read from the file's chunk layout."""
+    import struct
+
+    pos = 8
+    while png[pos + 4:pos + 8] != b"IDAT":
+        pos += 12 + struct.unpack(">I", png[pos:pos + 4])[0]
+    return png[pos + 9] >> 6

@@ -16,7 +16,7 @@ from safetypairs import statuses as ST
 from safetypairs.backends.registry import model_info, unload_backends, usage_counts
 from safetypairs.engine.datafiles import DataFiles, read_rows
 from safetypairs.edit import EditConfig, run_edit
-from safetypairs.images import DEFAULT_MAX_PIXELS
+from safetypairs.images import DEFAULT_MAX_PIXELS, RUN_PNG_LEVEL
 from safetypairs.instruct import InstructConfig, row_status, run_instruct, status_error
 from safetypairs.policy import Policy, load_policy
 from safetypairs.utils import device_for_rank
@@ -58,6 +58,8 @@ class GenerateConfig:
         mask_column: a mask column for mask-guided (inpainting) editors.
         max_pixels: images with more pixels are decoded reduced (JPEG) or get status ``too_large``;
             an output image cell that does not decode within it is stored as null.
+        png_level: zlib level (0-9) of the edits' and controls' PNGs in the run folder (`EditConfig`); not
+            part of the fingerprint (the pixels are the same at every level).
     """
 
     policy: str | Policy = "llavaguard"
@@ -75,6 +77,7 @@ class GenerateConfig:
     editor_options: tuple[tuple[str, Any], ...] = ()
     mask_column: str | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
+    png_level: int = RUN_PNG_LEVEL
 
     def __post_init__(self) -> None:
         if self.edit_batch_size is not None and self.edit_batch_size < 1:
@@ -92,7 +95,7 @@ class GenerateConfig:
                           batch_size=self.batch_size if self.edit_batch_size is None else self.edit_batch_size,
                           num_proc=self.num_proc,
                           editor_options=tuple(self.editor_options), mask_column=self.mask_column,
-                          max_pixels=self.max_pixels)
+                          max_pixels=self.max_pixels, png_level=self.png_level)
         return instruct, edit
 
 
@@ -163,7 +166,7 @@ def run_generate(dataset: Dataset, config: GenerateConfig, device: str | None = 
 
 
 # GenerateConfig fields that do not decide the rows (left out of the run fingerprint, so a resume may change them)
-NOT_FINGERPRINTED = ("batch_size", "edit_batch_size", "keep_instructor", "num_proc")
+NOT_FINGERPRINTED = ("batch_size", "edit_batch_size", "keep_instructor", "num_proc", "png_level")
 
 
 def run_settings(config: GenerateConfig) -> dict[str, Any]:

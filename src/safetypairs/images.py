@@ -40,6 +40,12 @@ def check_max_pixels(max_pixels: int) -> None:
                          f"smaller image), got {max_pixels!r}")
 
 
+def check_png_level(level: int) -> None:
+    """Raise ValueError unless ``level`` is a PNG (zlib) compression level, 0 to 9 (a stage config's ``png_level``)."""
+    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 9:
+        raise ValueError(f"png_level must be an integer from 0 (no compression) to 9 (smallest, slowest), got {level!r}")
+
+
 def load_image(value: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Read an image cell (PIL image, ``{"bytes", "path"}`` dict, bytes or path) as RGB, within a pixel cap.
 

@@ -59,6 +59,15 @@ def add_bootstrap(p: Parser) -> None:
     add_seed(p, "bootstrap seed")
 
 
+def add_png_level(p: Parser) -> None:
+    """``--png-level``: the zlib level of the new images a stage stores in its run folder."""
+    from safetypairs.images import RUN_PNG_LEVEL
+
+    p.add_argument("--png-level", type=int, default=RUN_PNG_LEVEL, choices=range(10), metavar="0-9",
+                   help=f"zlib level of the PNGs this stage writes into its run folder (default: {RUN_PNG_LEVEL}, fast; "
+                        "9: smallest); the pixels are the same at every level, so a run may resume with another")
+
+
 def add_max_pixels(p: Parser) -> None:
     """``--max-pixels``: the decoding cap of every image the command reads."""
     from safetypairs.images import DEFAULT_MAX_PIXELS

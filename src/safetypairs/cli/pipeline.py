@@ -21,6 +21,7 @@ from safetypairs.cli.options import (
     add_max_pixels,
     add_out,
     add_overwrite,
+    add_png_level,
     add_policy,
     add_seed,
     add_source_split,
@@ -68,7 +69,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         edit_batch_size=args.edit_batch_size, keep_instructor=KEEP_INSTRUCTOR[args.keep_instructor],
         instructor_options=spec_options(args.instructor_options) + trust,
         editor_options=spec_options(args.editor_options) + trust, mask_column=args.mask_column,
-        max_pixels=args.max_pixels,
+        max_pixels=args.max_pixels, png_level=args.png_level,
     )
     run = run_config(args, args.source)
     return write_summary(generate_from_source(args.source, config, run, split=args.split,
@@ -142,6 +143,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow model repos' own code (off by default; only for repos you trust)")
     add_max_pixels(p)
+    add_png_level(p)
     p.set_defaults(func=_cmd_generate)
 
 
@@ -194,7 +196,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     config = ValidateConfig(original_column=args.original_column, edited_column=args.edited_column,
                             policy=args.policy, judge=args.judge, lpips=args.lpips, clip=args.clip,
                             device=args.device, size_mismatch=args.size_mismatch, batch_size=args.batch_size,
-                            thresholds=args.thresholds, composite=args.composite, max_pixels=args.max_pixels)
+                            thresholds=args.thresholds, composite=args.composite, max_pixels=args.max_pixels,
+                            png_level=args.png_level)
     run = run_config(args, args.input)
 
     def stage(rows: Any) -> Any:
@@ -241,6 +244,7 @@ def add_validate(sub: argparse._SubParsersAction) -> None:
     add_chunk_size(p, 64)
     add_overwrite(p, run=True)
     add_max_pixels(p)
+    add_png_level(p)
     p.set_defaults(func=_cmd_validate)
 
 
