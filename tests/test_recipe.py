@@ -70,14 +70,14 @@ def test_every_shipped_recipe_round_trips_through_resolve_and_dump():
 
 def test_an_option_added_to_a_command_is_a_recipe_field_without_a_second_declaration(monkeypatch):
     """A flag another developer adds to `generate` (here --editor-batch-size) is a recipe field and reaches argv."""
-    from safetypairs import cli
-    from safetypairs.cli import pipeline
+    from safetypairs.cli import build, pipeline
 
     def add_generate(sub):
         pipeline.add_generate(sub)
         sub.choices["generate"].add_argument("--editor-batch-size", type=int, default=1)
 
-    monkeypatch.setattr(cli, "SUBCOMMANDS", [add_generate if f is pipeline.add_generate else f for f in cli.SUBCOMMANDS])
+    monkeypatch.setattr(build, "STAGE_COMMANDS",
+                        tuple(add_generate if f is pipeline.add_generate else f for f in build.STAGE_COMMANDS))
     schema = stage_schema()
     recipe = R.from_mapping({"generate": {"source": "demo:2", "editor_batch_size": 3}}, schema)
     fields = {f.name: f for f in schema["generate"]}

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 from safetypairs.cli.build import add_build
 from safetypairs.cli.catalog import add_backends, add_policies
-from safetypairs.cli.common import CLIError, check_inputs
+from safetypairs.cli.common import RUN_FOLDER_COMMANDS, CLIError, check_inputs
 from safetypairs.cli.evaluation import (
     add_embed,
     add_evaluate,
@@ -30,8 +30,6 @@ from safetypairs.cli.review import add_review, add_review_stats
 
 __all__ = ["CLIError", "build_parser", "main"]
 
-# Commands that write a run folder on the shared runner: an interrupted one resumes from its finished chunks.
-RUN_FOLDER_COMMANDS = ("generate", "validate", "evaluate", "embed")
 # Commands that only list what is built in: they read no data and never import `datasets`.
 CATALOG_COMMANDS = ("policies", "backends")
 # Each entry adds one subcommand, in pipeline order, as `safetypairs --help` lists them.

@@ -16,7 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from safetypairs.cli.common import CLIError, check_inputs
+from safetypairs.cli.common import RUN_FOLDER_COMMANDS, CLIError, check_inputs
+from safetypairs.cli.evaluation import add_evaluate, add_sample_efficiency
+from safetypairs.cli.pipeline import add_generate, add_release, add_validate
 from safetypairs.recipe import (
     LINKS,
     REVIEW,
@@ -45,10 +47,21 @@ def _field(action: argparse.Action) -> Field:
                  choices=tuple(action.choices) if action.choices else None, help=action.help or "")
 
 
-def _stage_parsers() -> dict[str, argparse.ArgumentParser]:
-    from safetypairs.cli import build_parser
+# The stage commands a build runs, added by their own functions (the options a recipe's fields are).
+STAGE_COMMANDS = (add_generate, add_validate, add_release, add_evaluate, add_sample_efficiency)
 
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+
+def _stages_parser() -> argparse.ArgumentParser:
+    """A parser of the stage commands only, as ``safetypairs`` declares them."""
+    parser = argparse.ArgumentParser(prog="safetypairs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in STAGE_COMMANDS:
+        add(sub)
+    return parser
+
+
+def _stage_parsers() -> dict[str, argparse.ArgumentParser]:
+    sub = next(a for a in _stages_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return {stage: sub.choices[stage] for stage in STAGES}
 
 
@@ -172,9 +185,7 @@ def _run_stage(stage: str, recipe: Recipe, fields: dict[str, Field], out: Path, 
     Raises:
         CLIError: when the command ends with a non-zero status.
     """
-    from safetypairs.cli import RUN_FOLDER_COMMANDS, build_parser
-
-    args = build_parser().parse_args(_argv(stage, recipe.fields(stage), fields, out))
+    args = _stages_parser().parse_args(_argv(stage, recipe.fields(stage), fields, out))
     if stage in RUN_FOLDER_COMMANDS or state is None or state.is_main_process:
         check_inputs(args)
         status = int(args.func(args) or 0)

@@ -12,6 +12,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from safetypairs.engine.runner import RunConfig, RunSummary
 
+# Commands that write a run folder on the shared runner: an interrupted one resumes from its finished chunks.
+RUN_FOLDER_COMMANDS = ("generate", "validate", "evaluate", "embed")
+
 
 class CLIError(Exception):
     """A user error the CLI reports as one line and exit status 2 (no traceback)."""
