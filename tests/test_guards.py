@@ -53,3 +53,29 @@ def test_nudenet_calls_clothed_photos_safe():
         build_backend("guards", "nudenet:thresh=0.2")
     assert build_backend("guards", "nudenet:threshold=0.2", threshold="0.7").threshold == 0.7  # keywords win
     assert build_backend("guards", "nudenet").threshold == 0.5
+
+
+@pytest.mark.parametrize("omp, threads", [("1", 1), (None, 0)])  # 0: ONNX Runtime's own default (every core)
+def test_the_onnx_guards_keep_to_the_thread_budget_of_omp_num_threads(omp, threads, monkeypatch):
+    """ONNX Runtime ignores OMP_NUM_THREADS; one-thread processes (torchrun ranks, test workers) would each spin a
+    pool over every core. rapidocr's and NudeNet's sessions take the budget the user set, and their default without."""
+    from safetypairs.backends import guards, ocr
+
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    ocr._engine.cache_clear()
+    guards._nudenet_detector.cache_clear()
+    try:
+        ocr.read_text(_captioned("HELLO"))  # rapidocr loads its models on first use
+        engine = ocr._engine()
+        sessions = {"det": engine.text_det.session.session, "rec": engine.text_rec.session.session,
+                    "nudenet": guards._nudenet_detector().onnx_session}
+        assert {name: s.get_session_options().intra_op_num_threads for name, s in sessions.items()} == \
+            {"det": threads, "rec": threads, "nudenet": threads}
+        verdict, = build_backend("guards", "nudenet").classify([demo_photo("astronaut")], [None], load_policy())
+        assert verdict.label == "safe" and verdict.raw.startswith("[")  # the replaced session detects as before
+    finally:  # the next tests build the engines for their own environment
+        ocr._engine.cache_clear()
+        guards._nudenet_detector.cache_clear()

@@ -24,6 +24,7 @@ Python blocks (the hub repo that folder would be pushed to).
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -355,6 +356,12 @@ def test_readme_runs_from_nothing_to_a_loaded_release_and_a_report(readme_walk, 
         assert command in ran, f"{command} was not run: {ran}"
     assert (tmp_path / "demo_out" / "report.html").is_file() and (tmp_path / "reports" / "run1" / "report.html").is_file()
     assert (tmp_path / "quickstart" / "eval" / "report.html").is_file()
+    # the chain generate -> validate -> release -> evaluate: every released pair's three images were scored
+    assert (tmp_path / "release" / "README.md").is_file()
+    results = json.loads((tmp_path / "reports" / "run1" / "results.json").read_text())
+    n_pairs = len(set(results["images"]["pair_id"]))
+    assert n_pairs >= 2 and results["n_images"] == 3 * n_pairs
+    assert 0 <= results["guards"]["ocr-lexicon"]["metrics"]["pair_accuracy"] <= 1
     assert (tmp_path / "runs" / "validated" / "review.jsonl").is_file()
     assert readme_walk.python_blocks >= 4
     # the GPU and hub commands were parsed (model specs, launchers, the review server, uploads)

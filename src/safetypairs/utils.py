@@ -1,4 +1,4 @@
-"""Shared helpers: progress bars, devices per rank, output folders, status histograms, value ranges."""
+"""Shared helpers: progress bars, devices per rank, CPU thread budget, output folders, status histograms, value ranges."""
 
 from __future__ import annotations
 
@@ -117,6 +117,27 @@ def device_for_rank(device: str, rank: int | None) -> str:
     if torch.cuda.is_available():
         return f"cuda:{(rank or 0) % torch.cuda.device_count()}"
     return "cpu"
+
+
+def cpu_threads() -> int | None:
+    """The CPU threads this process may use, as the user set them with ``OMP_NUM_THREADS``; ``None`` when unset.
+
+    torch follows ``OMP_NUM_THREADS``, ONNX Runtime does not: its pool takes every core and spin-waits. The ONNX
+    backends (rapidocr, NudeNet) pass this on, so that one-thread processes sharing the cores (torchrun ranks on a
+    CPU machine, test workers) do not oversubscribe them.
+    """
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def onnx_session_options() -> Any:
+    """``onnxruntime.SessionOptions`` with its intra-op pool held to `cpu_threads` (ONNX Runtime's default without)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    if threads := cpu_threads():
+        options.intra_op_num_threads = threads
+    return options
 
 
 def status_histogram(values: Iterable[str | None]) -> dict[str, int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ from safetypairs.backends.ocr import OCR_RANGES, OCRConfig, read_text
 from safetypairs.backends.options import Option
 from safetypairs.policy import Policy
 from safetypairs.schema import SAFE, UNSAFE
-from safetypairs.utils import Range
+from safetypairs.utils import Range, cpu_threads, onnx_session_options
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +77,15 @@ EXPOSED_CLASSES = frozenset(
 
 @functools.lru_cache(maxsize=1)
 def _nudenet_detector():
-    from nudenet import NudeDetector
+    import nudenet
+    import onnxruntime
 
-    return NudeDetector()
+    model = str(Path(nudenet.__file__).with_name("320n.onnx"))  # the detector NudeDetector() loads by default
+    detector = nudenet.NudeDetector(model_path=model)
+    if cpu_threads():  # NudeDetector takes no session options: the same model again, within the thread budget
+        detector.onnx_session = onnxruntime.InferenceSession(model, onnx_session_options(),
+                                                             providers=["CPUExecutionProvider"])
+    return detector
 
 
 class NudeNetGuard:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from safetypairs.utils import Range, check_ranges
+from safetypairs.utils import Range, check_ranges, cpu_threads
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +58,12 @@ class OCRConfig:
 def _engine():
     from rapidocr import RapidOCR
 
-    # The angle classifier only matters for upside-down text; skipping it halves the time.
-    return RapidOCR(params={"Global.log_level": "error", "Global.use_cls": False})
+    # The angle classifier only matters for upside-down text; skipping it halves the time. The ONNX sessions keep to
+    # the process's thread budget (OMP_NUM_THREADS) when one is set.
+    params: dict[str, object] = {"Global.log_level": "error", "Global.use_cls": False}
+    if threads := cpu_threads():
+        params["EngineConfig.onnxruntime.intra_op_num_threads"] = threads
+    return RapidOCR(params=params)
 
 
 def read_text(image: Image.Image, config: OCRConfig = OCRConfig()) -> list[TextBox]:
