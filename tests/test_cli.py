@@ -73,7 +73,7 @@ def test_policies_render_shows_each_guards_exact_prompt(capsys, tmp_path):
     [
         (["demo", "--out", "OUT", "--n", "0"], "--n must be at least 1"),
         (["demo", "--out", "FULL"], "is not empty; pass --overwrite"),
-        (["demo", "--out", "FILE/sub"], "cannot write next to output folder"),
+        (["demo", "--out", "FILE/sub"], "cannot write output folder"),
         (["policies", "nope.yaml"], "does not exist"),
     ],
 )

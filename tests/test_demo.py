@@ -1,4 +1,5 @@
-"""The offline demo end to end: real photos, real OCR models, a hub-layout release, a report."""
+"""The offline demo end to end: the built-in recipe `demo` built with real photos and real OCR models, a hub-layout
+release, the training section and a report."""
 
 import json
 import os
@@ -8,8 +9,8 @@ import textwrap
 
 import pytest
 
-from safetypairs.demo import DemoConfig, run_demo
-from safetypairs.engine.folders import OutputDirError
+from safetypairs.cli import main
+from safetypairs.demo import DemoConfig
 
 LOAD_WITHOUT_SAFETYPAIRS = textwrap.dedent(
     """
@@ -30,17 +31,33 @@ LOAD_WITHOUT_SAFETYPAIRS = textwrap.dedent(
 )
 
 
+class Summary:
+    """What `safetypairs demo` printed, and its accepted pair count (from results.json)."""
+
+    def __init__(self, printed: str, accepted: int) -> None:
+        self.printed, self.accepted = printed, accepted
+
+    def render(self) -> str:
+        return self.printed
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
+    import io
+    from contextlib import redirect_stdout
+
     out = tmp_path_factory.mktemp("demo") / "out"
-    summary = run_demo(DemoConfig(out=out, n=4, n_bootstrap=50))
-    return out, summary
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        assert main(["-q", "demo", "--out", str(out), "--n", "4"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    return out, Summary(printed.getvalue(), results["accepted_pairs"])
 
 
 def test_demo_writes_a_loadable_release(demo_run):
     out, summary = demo_run
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_SAFETYPAIRS, str(out / "dataset")],
+    proc = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_SAFETYPAIRS, str(out / "release")],
                           capture_output=True, text=True, env=env, cwd=out, check=True)
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     assert info["n_pairs"] == summary.accepted >= 1
@@ -50,7 +67,7 @@ def test_demo_writes_a_loadable_release(demo_run):
     for column in ("pair_id", "category", "policy", "unsafe_image", "safe_image", "instruction", "source_id",
                    "editor", "seed", "edit_mask", "changed_fraction", "ssim_outside"):
         assert column in info["pair_columns"]
-    card = (out / "dataset" / "README.md").read_text()
+    card = (out / "release" / "README.md").read_text()
     assert card.startswith("---") and "configs:" in card
 
 
@@ -107,20 +124,32 @@ def test_demo_eval_images_share_no_photo_and_no_caption_with_training():
     assert len(set(evaluation["source_id"])) == 6 and evaluation["label"].count(1) == DEMO_EVAL_PER_CLASS
 
 
-def test_output_folder_checks_come_before_any_work(tmp_path):
+def test_output_folder_checks_come_before_any_work(tmp_path, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep me")
-    with pytest.raises(OutputDirError, match="--overwrite"):
-        run_demo(DemoConfig(out=tmp_path / "full", n=1))
+    assert main(["demo", "--out", str(tmp_path / "full"), "--n", "1"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
     assert (tmp_path / "full" / "x").read_text() == "keep me"
     (tmp_path / "file").write_text("")
-    with pytest.raises(OutputDirError, match="not a folder"):
-        run_demo(DemoConfig(out=tmp_path / "file", n=1))
-    with pytest.raises(OutputDirError, match="cannot write"):
-        run_demo(DemoConfig(out=tmp_path / "file" / "sub", n=1))
+    assert main(["demo", "--out", str(tmp_path / "file"), "--n", "1"]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "file" / "sub"), "--n", "1"]) == 2
+    assert "cannot write" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "full"]  # nothing half-written
     with pytest.raises(ValueError, match="at least 1"):
         DemoConfig(out=tmp_path, n=0)
+
+
+def test_a_second_demo_in_its_folder_reuses_every_finished_stage(demo_run, capsys):
+    """The demo is a build: run again in its folder, every stage is reused and the numbers are the same."""
+    out, _ = demo_run
+    before = json.loads((out / "results.json").read_text())
+    runs = {stage: (out / stage / "run.json").read_text() for stage in ("generate", "validate", "evaluate")}
+    assert main(["-q", "demo", "--out", str(out), "--n", "4"]) == 0
+    assert {stage: (out / stage / "run.json").read_text() for stage in runs} == runs  # nothing ran again
+    after = json.loads((out / "results.json").read_text())
+    assert after["funnel"] == before["funnel"] and after["leaderboard"] == before["leaderboard"]
+    assert after["training"]["summary"] == before["training"]["summary"]  # the probes are seeded
 
 
 def test_every_stage_gives_the_rows_it_gave_before_the_house_was_reshaped():

@@ -1,14 +1,17 @@
-"""``safetypairs demo``: the whole pipeline offline, with real models shipped in wheels."""
+"""``safetypairs demo``: the whole pipeline offline, with real models shipped in wheels.
+
+The demo is the built-in recipe ``demo`` (`demo_recipe`), built by ``safetypairs build``'s steps in its output folder
+(the command lives in ``cli/build.py``); this module holds the recipe's demo settings and what the demo adds after
+the build (`finish_demo`): the training section, the report and ``results.json``, and the terminal summary."""
 
 from __future__ import annotations
 
+import copy
 import json
-import logging
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from safetypairs import schema as S
 
@@ -16,10 +19,7 @@ from safetypairs import statuses as ST
 from safetypairs.recipe import builtin
 from safetypairs.utils import status_histogram
 
-logger = logging.getLogger(__name__)
-
-# The demo's settings are the built-in recipe `demo` (recipes/demo.yaml: `safetypairs build demo` builds the same
-# rows into run folders). Its judge and guards share rapidocr; the judge runs a more sensitive detector (lower box
+# The demo's settings are the built-in recipe `demo` (recipes/demo.yaml). Its judge and guards share rapidocr; the judge runs a more sensitive detector (lower box
 # threshold, wider boxes) so that the evaluated `ocr-lexicon` guard is a different configuration, not the identical
 # model (still not independent: evaluate adds the circularity note).
 DEMO_RECIPE = builtin("demo")
@@ -49,11 +49,11 @@ class DemoConfig:
     """Settings of ``safetypairs demo``.
 
     Args:
-        out: output folder (``dataset/``, ``report.html``, ``results.json``).
+        out: output folder: the build of `demo_recipe` (``generate/``, ``validate/``, ``release/``, ``evaluate/``),
+            then ``training/``, ``report.html`` and ``results.json``.
         n: number of source photos.
         overwrite: replace a non-empty output folder.
         seed: seed for captions, styles, placement and edit seeds.
-        num_proc: processes for the map stages.
         n_bootstrap: bootstrap resamples for the guard metrics' confidence intervals.
         train: add the training section (probes on ``ocr-text`` embeddings: base, + pairs, + unpaired, + random).
     """
@@ -62,7 +62,6 @@ class DemoConfig:
     n: int = 24
     overwrite: bool = False
     seed: int = 0
-    num_proc: int | None = None
     n_bootstrap: int = 1000
     train: bool = True
 
@@ -99,92 +98,55 @@ class DemoSummary:
             lines.append(f"guard {row['guard']:<44} pair_acc={fmt(row.get('pair_accuracy'))} "
                          f"f1={fmt(row.get('f1'))} bal_acc={fmt(row.get('balanced_accuracy'))}")
         lines += [f"probe ({DEMO_ENCODER}) {line}" for line in self.training]
-        lines.append(f"wrote {self.out / 'dataset'}, {self.out / 'report.html'}, {self.out / 'results.json'}")
+        lines.append(f"wrote {self.out / 'release'}, {self.out / 'report.html'}, {self.out / 'results.json'}")
         return "\n".join(lines)
 
 
-class _Timer:
-    def __init__(self) -> None:
-        self.stages: list[dict[str, Any]] = []
-
-    @contextmanager
-    def stage(self, name: str, rows_in: int) -> Iterator[dict[str, Any]]:
-        record: dict[str, Any] = {"stage": name, "rows_in": rows_in, "rows_out": rows_in, "statuses": {}}
-        start = time.perf_counter()
-        yield record
-        record["seconds"] = round(time.perf_counter() - start, 2)
-        self.stages.append(record)
-        logger.info("%s done in %.1fs", name, record["seconds"])
+def demo_recipe(config: DemoConfig) -> dict[str, Any]:
+    """The built-in recipe ``demo`` at ``config``'s size, seed and bootstrap resamples (a mapping for
+    `recipe.from_mapping`): what ``safetypairs demo`` builds, stage by stage, in its output folder."""
+    recipe = copy.deepcopy(DEMO_RECIPE)
+    recipe["generate"].update(source=f"demo:{config.n}", seed=config.seed)
+    recipe["evaluate"].update(bootstrap=config.n_bootstrap, seed=config.seed)
+    return recipe
 
 
-def run_demo(config: DemoConfig) -> DemoSummary:
-    """Run the offline demo end to end and write ``dataset/``, ``report.html`` and ``results.json``.
+def finish_demo(config: DemoConfig, out: Path) -> DemoSummary:
+    """The demo's own part after the build of `demo_recipe` in ``out`` (``generate/``, ``validate/``, ``release/``,
+    ``evaluate/``): the training section, ``report.html`` and ``results.json`` over what the stages wrote.
 
     Args:
         config: the demo settings.
+        out: the build folder.
 
     Returns:
         The run summary.
-
-    Raises:
-        safetypairs.engine.folders.OutputDirError: for an unusable output folder (checked before any work).
     """
-    from safetypairs.engine.folders import atomic_dir
-
-    out = Path(config.out)
-    with atomic_dir(out, config.overwrite) as work:  # the folder appears whole, or not at all
-        return _run_demo(config, work, out)
-
-
-def _run_demo(config: DemoConfig, work: Path, out: Path) -> DemoSummary:
-    """Every stage of the demo, written into ``work`` (renamed to ``out`` when it is complete)."""
-    from safetypairs.edit import EditConfig, run_edit
-    from safetypairs.engine.datafiles import load_release
-    from safetypairs.evaluate.stage import EvaluateConfig, run_evaluate
-    from safetypairs.instruct import InstructConfig, run_instruct
-    from safetypairs.release.publish import write_release
-    from safetypairs.release.assemble import ReleaseConfig
+    from safetypairs.engine.datafiles import load_release, read_rows
     from safetypairs.evaluate.report import render_report
-    from safetypairs.sources import build_demo_source
-    from safetypairs.validate.stage import ValidateConfig, run_validate
 
-    timer = _Timer()
-    with timer.stage("source", config.n) as rec:
-        source = build_demo_source(config.n, config.seed)
-        rec["statuses"] = {"ok": len(source)}
-    candidates, generate = source, DEMO_RECIPE["generate"]
-    for name, run, stage_config in (
-        ("instruct", run_instruct, InstructConfig(instructor=generate["instructor"], policy=DEMO_RECIPE["policy"],
-                                                  num_proc=config.num_proc)),
-        ("edit", run_edit, EditConfig(editor=generate["editor"], control=generate["control"], seed=config.seed,
-                                      num_proc=config.num_proc)),
-        ("validate", run_validate, ValidateConfig(judge=DEMO_JUDGE, num_proc=config.num_proc)),
-    ):
-        with timer.stage(name, len(candidates)) as rec:
-            candidates, result = run(candidates, stage_config)
-            rec.update(rows_out=result.rows_out, statuses=result.statuses)
-    funnel = _funnel(timer.stages, candidates)
-    with timer.stage("release", len(candidates)) as rec:
-        dataset_dir = write_release(candidates, work / "dataset", ReleaseConfig(), funnel=funnel, overwrite=True)
-        images, pairs = (load_release(str(dataset_dir), name, "auto") for name in ("images", "pairs"))
-        rec.update(rows_out=len(pairs), statuses={"pairs": len(pairs), "images": len(images)})
-    with timer.stage("evaluate", len(images)) as rec:
-        evaluation = run_evaluate(images, EvaluateConfig(guards=DEMO_GUARDS, n_bootstrap=config.n_bootstrap,
-                                                         seed=config.seed, num_proc=config.num_proc), pairs=pairs)
-        rec["statuses"] = {spec: len(images) for spec in DEMO_GUARDS}
+    runs = {stage: json.loads((out / stage / "run.json").read_text()) for stage in ("generate", "validate")}
+    candidates = read_rows(out / "validate")
+    images, pairs = (load_release(str(out / "release"), name, "auto") for name in ("images", "pairs"))
+    evaluation = json.loads((out / "evaluate" / "results.json").read_text())
+    stages = _stages(runs, len(pairs), len(images))
+    funnel = _funnel(stages, candidates)
     training, sections = {}, []
     if config.train:
-        with timer.stage("train", len(images)) as rec:
-            training = _training(images, config, work / "training")
-            rec["statuses"] = {"runs": len(training.get("runs", [])), **({"skipped": 1} if "skipped_all" in training else {})}
+        start = time.perf_counter()
+        training = _training(images, config, out / "training")
+        stages.append({"stage": "train", "rows_in": len(images), "rows_out": len(images),
+                       "seconds": round(time.perf_counter() - start, 2),
+                       "statuses": {"runs": len(training.get("runs", [])),
+                                    **({"skipped": 1} if "skipped_all" in training else {})}})
         sections = [("Training: sample efficiency of pairs", _training_html(training))]
     notes = {**evaluation.get("notes", {}), "nudenet": NUDENET_NOTE}
-    summary = DemoSummary(out=out, stages=timer.stages, accepted=len(pairs), sources=config.n,
+    summary = DemoSummary(out=out, stages=stages, accepted=len(pairs), sources=config.n,
                           reject_reasons=_reject_reasons(candidates), leaderboard=evaluation.get("leaderboard", []),
                           training=_training_lines(training))
     results = {
         "demo": {**asdict(config), "out": str(out), "judge": DEMO_JUDGE, "guards": list(DEMO_GUARDS)},
-        "stages": timer.stages,
+        "stages": stages,
         "funnel": funnel,
         "accepted_pairs": summary.accepted,
         "acceptance_rate": summary.accepted / config.n,
@@ -194,9 +156,26 @@ def _run_demo(config: DemoConfig, work: Path, out: Path) -> DemoSummary:
         **evaluation,
         "notes": notes,
     }
-    render_report(results, work / "report.html", pairs=pairs, funnel=funnel, notes=notes, sections=sections)
-    (work / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    render_report(results, out / "report.html", pairs=pairs, funnel=funnel, notes=notes, sections=sections)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     return summary
+
+
+def _stages(runs: dict[str, dict[str, Any]], n_pairs: int, n_images: int) -> list[dict[str, Any]]:
+    """Rows, statuses and seconds per step, from the generate and validate run folders' ``run.json``."""
+    generate, validate = runs["generate"], runs["validate"]
+    seconds = {stage: run["timings"].get("wall_seconds_last_run", 0.0) for stage, run in runs.items()}
+    steps = [{"stage": "source", "rows_in": generate["rows_in"], "rows_out": generate["rows_in"], "seconds": 0.0,
+              "statuses": {ST.OK: generate["rows_in"]}}]
+    for name in ("instruct", "edit"):  # generate's two steps (the demo's one candidate per source)
+        steps.append({"stage": name, "rows_in": generate["rows_in"], "rows_out": generate["rows_out"],
+                      "seconds": seconds["generate"] if name == "edit" else 0.0,
+                      "statuses": generate["statuses"][name]})
+    steps.append({"stage": "validate", "rows_in": validate["rows_in"], "rows_out": validate["rows_out"],
+                  "seconds": seconds["validate"], "statuses": validate["statuses"]["decision"]})
+    steps.append({"stage": "release", "rows_in": validate["rows_out"], "rows_out": n_pairs, "seconds": 0.0,
+                  "statuses": {"pairs": n_pairs, "images": n_images}})
+    return steps
 
 
 def _reject_reasons(candidates: Any, edited_only: bool = False) -> dict[str, int]:
@@ -258,7 +237,7 @@ def _training(images: Any, config: DemoConfig, out: Path) -> dict[str, Any]:
     ks = tuple(k for k in DEMO_KS if 2 * k <= n_pairs)
     if not ks:
         return {"skipped_all": f"{n_pairs} accepted pairs: too few for a probe (k=1 needs 2)"}
-    embed = EmbedConfig(encoder=DEMO_ENCODER, num_proc=config.num_proc)
+    embed = EmbedConfig(encoder=DEMO_ENCODER)
     base = _captioned_rows(2 * max(ks), config.seed + 1, "plain", "train-base")
     evaluation = _captioned_rows(DEMO_EVAL_PER_CLASS, config.seed + 2, "benign", "train-eval", heldout=True)
     return run_sample_efficiency(run_embed(base, embed)[0], run_embed(pair_images, embed)[0],

@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from safetypairs.cli.build import add_build
+from safetypairs.cli.build import add_build, add_demo
 from safetypairs.cli.catalog import add_backends, add_policies
 from safetypairs.cli.common import RUN_FOLDER_COMMANDS, CLIError, check_inputs
 from safetypairs.cli.evaluation import (
@@ -21,7 +21,6 @@ from safetypairs.cli.evaluation import (
 )
 from safetypairs.cli.pipeline import (
     add_calibrate,
-    add_demo,
     add_generate,
     add_release,
     add_validate,

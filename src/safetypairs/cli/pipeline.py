@@ -1,4 +1,4 @@
-"""Subcommands that build a benchmark: demo, generate, calibrate, validate, release."""
+"""Subcommands that build a benchmark: generate, calibrate, validate, release."""
 
 from __future__ import annotations
 
@@ -29,34 +29,6 @@ from safetypairs.cli.options import (
 
 # --keep-instructor: the word -> GenerateConfig.keep_instructor (auto: keep it on the CPU, free it on a GPU)
 KEEP_INSTRUCTOR = {"auto": None, "on": True, "off": False}
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from safetypairs.demo import DemoConfig, run_demo
-
-    config = DemoConfig(out=args.out, n=args.n, overwrite=args.overwrite, seed=args.seed, train=not args.no_train)
-    return write_summary(run_demo(config))
-
-
-def add_demo(sub: argparse._SubParsersAction) -> None:
-    """The ``demo`` subcommand."""
-    p = sub.add_parser(
-        "demo",
-        help="build a real benchmark offline from bundled photos (O1 harassment text overlays)",
-        description=(
-            "Run the whole SafetyPairs pipeline offline with real pretrained models that ship in wheels: "
-            "skimage photos with harassing captions -> template instructions -> rapidocr + OpenCV "
-            "inpainting edits (with artifact controls) -> validation (change mask, SSIM/PSNR outside it, "
-            "OCR judge) -> a hub-layout dataset -> guard evaluation (ocr-lexicon, nudenet) -> report.html."
-        ),
-    )
-    add_out(p, "output folder (dataset/, report.html, results.json)")
-    p.add_argument("--n", type=int, default=24, help="number of source images (default: 24)")
-    add_seed(p, "seed for captions, fonts and placement")
-    add_overwrite(p, run=False)
-    p.add_argument("--no-train", action="store_true",
-                   help="skip the training section (ocr-text probes: base, + pairs, + unpaired pair images, + random images)")
-    p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
