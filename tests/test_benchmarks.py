@@ -1,5 +1,6 @@
-"""Every benchmark under benchmarks/ still runs: each, with every part at its smallest size (the 1 vs 2 process
-CLI runs included), exits 0 and prints the lines of each part (the 1 vs 2 process parts of validate and generate with the slow tests).
+"""Every benchmark under benchmarks/ still runs: each, with every part at its smallest size, exits 0 and prints the
+lines of each part. The 1 vs 2 process CLI parts of bench_validate and bench_generate run with the slow tests;
+bench_evaluate's runs here.
 
 Benchmarks are run by hand and print measured ratios; nothing else imports them, so an API change can break
 one silently (bench_evaluate's 2-process part broke unseen while only in-process parts were run here). The

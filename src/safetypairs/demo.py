@@ -19,9 +19,9 @@ from safetypairs import statuses as ST
 from safetypairs.recipe import builtin
 from safetypairs.utils import status_histogram
 
-# The demo's settings are the built-in recipe `demo` (recipes/demo.yaml). Its judge and guards share rapidocr; the judge runs a more sensitive detector (lower box
-# threshold, wider boxes) so that the evaluated `ocr-lexicon` guard is a different configuration, not the identical
-# model (still not independent: evaluate adds the circularity note).
+# The demo's settings are the built-in recipe `demo` (recipes/demo.yaml). Its judge and guards share rapidocr; the
+# judge runs a more sensitive detector (lower box threshold, wider boxes) so that the evaluated `ocr-lexicon` guard is
+# a different configuration, not the identical model (still not independent: evaluate adds the circularity note).
 DEMO_RECIPE = builtin("demo")
 DEMO_JUDGE = DEMO_RECIPE["validate"]["judge"]
 DEMO_GUARDS = tuple(DEMO_RECIPE["evaluate"]["guard"])

@@ -1,4 +1,5 @@
-"""Shared helpers: progress bars, devices per rank, CPU thread budget, output folders, status histograms, value ranges."""
+"""Shared helpers: progress bars, devices per rank, CPU thread budget, output folders, status histograms, value
+ranges."""
 
 from __future__ import annotations
 
@@ -128,16 +129,6 @@ def cpu_threads() -> int | None:
     """
     value = os.environ.get("OMP_NUM_THREADS", "").strip()
     return int(value) if value.isdigit() and int(value) > 0 else None
-
-
-def onnx_session_options() -> Any:
-    """``onnxruntime.SessionOptions`` with its intra-op pool held to `cpu_threads` (ONNX Runtime's default without)."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    if threads := cpu_threads():
-        options.intra_op_num_threads = threads
-    return options
 
 
 def status_histogram(values: Iterable[str | None]) -> dict[str, int]:

@@ -16,7 +16,7 @@ from safetypairs.backends.ocr import OCR_RANGES, OCRConfig, read_text
 from safetypairs.backends.options import Option
 from safetypairs.policy import Policy
 from safetypairs.schema import SAFE, UNSAFE
-from safetypairs.utils import Range, cpu_threads, onnx_session_options
+from safetypairs.utils import Range, cpu_threads
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +82,10 @@ def _nudenet_detector():
 
     model = str(Path(nudenet.__file__).with_name("320n.onnx"))  # the detector NudeDetector() loads by default
     detector = nudenet.NudeDetector(model_path=model)
-    if cpu_threads():  # NudeDetector takes no session options: the same model again, within the thread budget
-        detector.onnx_session = onnxruntime.InferenceSession(model, onnx_session_options(),
-                                                             providers=["CPUExecutionProvider"])
+    if threads := cpu_threads():  # NudeDetector takes no session options: the same model again, within the budget
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        detector.onnx_session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     return detector
 
 

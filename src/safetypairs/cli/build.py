@@ -273,15 +273,12 @@ def _demo_folder(out: Path, overwrite: bool) -> None:
     """
     import shutil
 
-    from safetypairs.engine.folders import OutputDirError
+    from safetypairs.engine.folders import OutputDirError, check_output_folder
 
-    if out.exists() and not out.is_dir():
-        raise OutputDirError(f"output path {str(out)!r} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if overwrite:
-            shutil.rmtree(out)
-        elif not (out / STATE_FILE).is_file():
-            raise OutputDirError(f"output folder {str(out)!r} is not empty; pass --overwrite to replace it")
+    if overwrite or not (out / STATE_FILE).is_file():
+        check_output_folder(out, overwrite)
+    if overwrite and out.is_dir():
+        shutil.rmtree(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -292,9 +289,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     """``safetypairs demo``: build the built-in recipe ``demo`` in ``--out``, then the demo's training and report."""
     from safetypairs import recipe as R
     from safetypairs.demo import DemoConfig, demo_recipe, finish_demo
+    from safetypairs.engine.folders import output_folder
 
     config = DemoConfig(out=args.out, n=args.n, overwrite=args.overwrite, seed=args.seed, train=not args.no_train)
-    out = Path(config.out).expanduser()
+    out = output_folder(Path(config.out).expanduser())  # through a symbolic link, as every command writes
     schema = stage_schema()
     recipe = R.resolve(R.from_mapping(demo_recipe(config), schema, where="demo"), schema)
     _demo_folder(out, config.overwrite)
@@ -325,7 +323,8 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty output folder (an earlier demo build is rebuilt from the start)")
     p.add_argument("--no-train", action="store_true",
-                   help="skip the training section (ocr-text probes: base, + pairs, + unpaired pair images, + random images)")
+                   help="skip the training section (ocr-text probes: base, + pairs, + unpaired pair images, "
+                        "+ random images)")
     p.set_defaults(func=_cmd_demo)
 
 

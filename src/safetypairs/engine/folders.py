@@ -177,6 +177,18 @@ def replace_dir(src: Path, dst: Path, keep: tuple[str, ...] = ()) -> list[str]:
     return kept
 
 
+def check_output_folder(out: Path, overwrite: bool) -> None:
+    """Refuse an output path that is not a folder, or a non-empty folder without ``overwrite``.
+
+    Raises:
+        OutputDirError: naming the path and the way out.
+    """
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"output path {str(out)!r} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputDirError(f"output folder {str(out)!r} is not empty; pass --overwrite to replace it")
+
+
 @contextmanager
 def atomic_dir(out: str | os.PathLike, overwrite: bool, inputs: tuple[str | Path, ...] = ()) -> Iterator[Path]:
     """Write a whole output folder or nothing: yields a locked temporary sibling, renamed into place on success.
@@ -196,10 +208,7 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool, inputs: tuple[str | Path
     """
     out = output_folder(out)
     check_not_input(out, inputs)
-    if out.exists() and not out.is_dir():
-        raise OutputDirError(f"output path {str(out)!r} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputDirError(f"output folder {str(out)!r} is not empty; pass --overwrite to replace it")
+    check_output_folder(out, overwrite)
     tmp = open_partial(out)
     acquire_lock(tmp)
     for stale in tmp.iterdir():  # leftovers of a failed earlier attempt of ours: this folder has no resume
