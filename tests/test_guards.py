@@ -68,7 +68,7 @@ def test_the_onnx_guards_keep_to_the_thread_budget_of_omp_num_threads(omp, threa
     ocr._engine.cache_clear()
     guards._nudenet_detector.cache_clear()
     try:
-        ocr.read_text(_captioned("HELLO"))  # rapidocr loads its models on first use
+        ocr._ocr(_captioned("HELLO"), ocr.OCRConfig())  # rapidocr loads its models on first use (not from the memo)
         engine = ocr._engine()
         sessions = {"det": engine.text_det.session.session, "rec": engine.text_rec.session.session,
                     "nudenet": guards._nudenet_detector().onnx_session}
@@ -79,3 +79,46 @@ def test_the_onnx_guards_keep_to_the_thread_budget_of_omp_num_threads(omp, threa
     finally:  # the next tests build the engines for their own environment
         ocr._engine.cache_clear()
         guards._nudenet_detector.cache_clear()
+
+
+def test_text_is_read_once_per_pixels_and_settings_in_a_process(monkeypatch):
+    """The stages of one process read the same originals again (instructor, text editor, judge, every OCR guard):
+    rapidocr runs once per pixels and settings; a copy of the image is found, other settings or pixels are read."""
+    from safetypairs.backends import ocr
+    from safetypairs.utils import LRU
+
+    calls = []
+    real = ocr._ocr
+    monkeypatch.setattr(ocr, "_ocr", lambda image, config: calls.append(config) or real(image, config))
+    monkeypatch.setattr(ocr, "_read", LRU(2))
+    image = _captioned("HAVE A NICE DAY")
+    first = ocr.read_text(image)
+    read = list(first)
+    assert len(read) == 1 and "NICE" in read[0].text.upper() and len(calls) == 1
+    first.clear()  # the caller's list is its own
+    assert ocr.read_text(image.copy()) == read and len(calls) == 1
+    ocr.read_text(image, ocr.OCRConfig(box_thresh=0.3))
+    ocr.read_text(_captioned("WORTHLESS IDIOT"))
+    assert len(calls) == 3
+    ocr.read_text(image, ocr.OCRConfig(box_thresh=0.3))  # still among the 2 most recent
+    ocr.read_text(image)  # forgotten: the least recently used of 3 entries in an LRU of 2
+    assert len(calls) == 4
+
+
+@pytest.mark.parametrize("omp", ["1", None])
+def test_opencv_keeps_to_the_thread_budget_of_omp_num_threads(omp):
+    """OpenCV ignores OMP_NUM_THREADS too (its pool spans every core); the modules that use it set the budget the
+    user set, and leave OpenCV's own default without one (read from a process that only imports cv2)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | ({"OMP_NUM_THREADS": omp} if omp else {})
+
+    def threads(code):
+        return int(subprocess.run([sys.executable, "-c", code + "; print(cv2.getNumThreads())"], env=env, check=True,
+                                  capture_output=True, text=True).stdout.split()[-1])
+
+    default = threads("import cv2")
+    for module in ("safetypairs.validate.change", "safetypairs.backends.ocr_edit", "safetypairs.validate.calibrate"):
+        assert threads(f"import {module}, cv2") == (int(omp) if omp else default), module

@@ -7,7 +7,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import cv2
 import numpy as np
 from PIL import Image
 
@@ -15,7 +14,9 @@ from safetypairs.backends.options import Option
 from safetypairs.backends.ocr import OCRConfig, TextBox, read_text
 from safetypairs.backends.render import DEFAULT_FONT, TextStyle, draw_text
 from safetypairs.instructions import text_replacements
-from safetypairs.utils import Range
+from safetypairs.utils import Range, opencv
+
+cv2 = opencv()
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 from datasets import Dataset, Features, Value
 from datasets import Image as ImageFeature
@@ -27,9 +26,11 @@ from safetypairs.validate.thresholds import (
     thresholds_for,
     write_thresholds,
 )
-from safetypairs.utils import device_for_rank, progress
+from safetypairs.utils import device_for_rank, opencv, progress
 from safetypairs.validate.decision import decide_pixels
 from safetypairs.validate.stage import ValidateConfig, validate_pairs
+
+cv2 = opencv()
 
 logger = logging.getLogger(__name__)
 

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 from PIL import Image
+
+from safetypairs.utils import opencv
+
+cv2 = opencv()
 
 PSNR_IDENTICAL = 100.0  # dB reported when the compared pixels are identical (instead of infinity)
 

@@ -10,12 +10,12 @@ decoded images and round trips are megabytes each, verdicts are a few hundred by
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, Generic, Hashable, TypeVar
+from typing import Any, Hashable, TypeVar
 
 from safetypairs.engine.imagechecks import bytes_digest
 from safetypairs.images import image_digest
+from safetypairs.utils import LRU
 
 V = TypeVar("V")
 
@@ -23,31 +23,6 @@ DECODED_ORIGINALS = 4  # 1 MP: ~15 MB each (RGB + float32 working copy); candida
 ROUND_TRIPS = 4  # 1 MP: ~15 MB each (RGB + float32 working copy)
 REFERENCE_LABS = 4  # 1 MP: ~12 MB each
 VERDICTS = 4096
-
-
-class LRU(Generic[V]):
-    """A bounded mapping that forgets the least recently used entry first."""
-
-    def __init__(self, maxsize: int) -> None:
-        self.maxsize = maxsize
-        self._items: OrderedDict[Hashable, V] = OrderedDict()
-
-    def get(self, key: Hashable) -> V | None:
-        """The value under ``key`` (now the most recently used), or ``None``."""
-        if key not in self._items:
-            return None
-        self._items.move_to_end(key)
-        return self._items[key]
-
-    def put(self, key: Hashable, value: V) -> None:
-        """Keep ``value`` under ``key``, forgetting the oldest entry past ``maxsize``."""
-        self._items[key] = value
-        self._items.move_to_end(key)
-        while len(self._items) > self.maxsize:
-            self._items.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 class Originals:
