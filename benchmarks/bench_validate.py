@@ -315,7 +315,8 @@ def main() -> None:
     datasets.disable_progress_bars()
     datasets.disable_caching()  # a repeated map recomputes instead of loading the previous round's result
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    print(f"bench_validate ({load_line()}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
+    print(f"bench_validate ({load_line()}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')})")
     with tempfile.TemporaryDirectory(prefix="bench-validate-") as tmp:
         work = Path(tmp)
         _control_and_vae(args, work)

@@ -22,6 +22,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from safetypairs.cli import set_process_defaults
+
+# Every path a benchmark measures, the bare loop as much as the in-process "runner (CLI path)", runs under the
+# settings the safetypairs command sets for its own process before torch loads (PyTorch's huge pages for CPU tensors).
+set_process_defaults()
+
 ROOT = Path(__file__).resolve().parents[1]
 RANK_LINE = re.compile(r" rank (\d+)/(\d+) on ")
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")

@@ -211,3 +211,30 @@ def test_generate_shows_one_bar_per_stage_and_warns_of_a_failed_edit(tmp_path):
     assert len(warnings) == 1 and warnings[0].startswith("WARNING ")
     assert "'images/chelsea.jpg'" in warnings[0] and "cat captions not supported" in warnings[0]
     assert "edit_error=1" in proc.stdout
+
+
+THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+@pytest.mark.skipif(not THP_MODE.exists() or "[never]" in THP_MODE.read_text(), reason="no transparent huge pages")
+def test_the_command_backs_large_cpu_tensors_with_huge_pages_unless_told_not_to():
+    """`set_process_defaults` (the first thing `main` does) turns on PyTorch's huge pages for CPU tensors of 2 MB or
+    more: the kernel then backs a 64 MB tensor with huge pages (AnonHugePages in /proc/self/smaps). A user's
+    THP_MEM_ALLOC_ENABLE=0 wins; once torch is loaded the environment is left alone (torch has read it)."""
+    probe = ("import os, re, torch; t = torch.ones(64 * 2**20, dtype=torch.uint8); "
+             "huge = sum(int(kb) for kb in re.findall(r'AnonHugePages:\\s+(\\d+)', open('/proc/self/smaps').read())); "
+             "print(os.environ.get('THP_MEM_ALLOC_ENABLE'), huge)")
+    defaults = "from safetypairs.cli import set_process_defaults; set_process_defaults(); "
+
+    def run(code, **env):
+        base = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+        out = subprocess.run([sys.executable, "-c", code], env=base | env, check=True, capture_output=True, text=True)
+        value, huge = out.stdout.split()
+        return value, int(huge)
+
+    value, huge = run(defaults + probe)
+    assert value == "1" and huge >= 32 * 1024  # kB: at least half the tensor on huge pages
+    value, huge = run(defaults + probe, THP_MEM_ALLOC_ENABLE="0")
+    assert value == "0" and (huge == 0 or "[always]" in THP_MODE.read_text())
+    value, _ = run("import torch; " + defaults + probe)
+    assert value == "None"
