@@ -71,7 +71,7 @@ def _engine():
 
 # What was read in the images seen last in this process, by (pixel digest, config): the stages of one process (a
 # build, a notebook) read the same originals again (the instructor, the text editor, the judge, each OCR guard of
-# an evaluation); a line list is a few hundred bytes, hashing a 1 MP image ~3 ms against ~0.3 s of OCR.
+# an evaluation); a line list is a few hundred bytes, hashing a 1 MP image ~7 ms against ~0.3 s of OCR.
 READ_CACHE = 4096
 _read: LRU[tuple[TextBox, ...]] = LRU(READ_CACHE)
 _read_lock = threading.Lock()
